@@ -1,0 +1,27 @@
+"""The `lloco` command. Each room registers its own commands; heavy imports happen inside them."""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+app = typer.Typer(help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_help=True, add_completion=False)
+
+# Each module defines `register(app: typer.Typer) -> None`.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+for _module in COMMAND_MODULES:
+    importlib.import_module(_module).register(app)
+
+
+@app.command()
+def version() -> None:
+    """Print the package version."""
+    from lloco import __version__
+
+    typer.echo(__version__)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,170 @@
+"""One typed settings object for the whole platform.
+
+Values come from (highest first) constructor arguments, ``LLOCO_*`` environment variables
+(nested with ``__``, e.g. ``LLOCO_STORE__BUCKET``), an optional YAML file, then the defaults here.
+Defaults live only in this schema.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "lloco"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StoreSettings(_Section):
+    """Where every object of the platform lives: any S3 (AWS, SeaweedFS, MinIO)."""
+
+    endpoint_url: str | None = Field(None, description="S3 endpoint override; None means AWS.")
+    bucket: str = Field("lloco", min_length=3, max_length=63, description="Bucket holding all objects.")
+    prefix: str = Field("", description="Key prefix inside the bucket, for sharing one bucket.")
+    region: str = Field("us-east-1", description="S3 region.")
+    access_key_id: SecretStr | None = Field(None, description="Static access key; None uses the AWS chain.")
+    secret_access_key: SecretStr | None = Field(None, description="Static secret key.")
+    connect_timeout_s: float = Field(2.0, gt=0, le=60, description="Per-attempt connect timeout.")
+    read_timeout_s: float = Field(30.0, gt=0, le=600, description="Per-attempt read timeout.")
+    max_attempts: int = Field(4, ge=1, le=10, description="Attempts on transient errors (with backoff).")
+    multipart_threshold_bytes: int = Field(16 * 2**20, ge=5 * 2**20, description="Multipart above this.")
+
+
+class ModelSettings(_Section):
+    """Which base model and compressor the platform serves."""
+
+    base_model: str = Field(
+        "smollm2-135m-instruct",
+        description="Model spec: 'smollm2-135m-instruct' (default GGUF), a local HF dir, an HF id, or s3://.",
+    )
+    compressor: str = Field("default", description="Compressor spec: 'default' (shipped), a dir, or s3://.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    cache_dir: Path = Field(DEFAULT_DATA_DIR / "models", description="Local cache of converted models.")
+
+
+class LimitSettings(_Section):
+    """Per-tenant limits applied at the edge."""
+
+    max_document_bytes: int = Field(4 * 2**20, ge=1, description="Largest inline document.")
+    max_documents: int = Field(10_000, ge=1, description="Documents a tenant may hold.")
+    max_inflight_requests: int = Field(32, ge=1, description="Queries a tenant may have running at once.")
+    max_query_tokens: int = Field(2048, ge=1, description="Question tokens a query may carry.")
+    max_new_tokens: int = Field(512, ge=1, description="Tokens a query may generate.")
+    max_docs_per_query: int = Field(8, ge=1, description="Documents one query may attach.")
+    online_compress_max_tokens: int = Field(8192, ge=0, description="Ingest compresses at once below this.")
+    max_page_size: int = Field(1000, ge=1, description="Largest page a List call returns.")
+
+
+class LoraSettings(_Section):
+    """Adapter slots on the serving engine."""
+
+    max_rank: int = Field(16, ge=1, le=256, description="Ranks are padded to this in GPU slots.")
+    gpu_slots: int = Field(8, ge=1, le=1024, description="Adapters resident on the accelerator.")
+    cpu_adapters: int = Field(64, ge=1, description="Adapters kept in host memory (LRU).")
+
+
+class EngineSettings(_Section):
+    """Serving engine: batching and caches."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="Rows decoded together.")
+    max_seq_len: int = Field(4096, ge=64, description="Context + prompt + generated tokens per row.")
+    context_cache_gpu_bytes: int = Field(2 * 2**30, ge=0, description="Accelerator tier of the context cache.")
+    context_cache_cpu_bytes: int = Field(8 * 2**30, ge=0, description="Host tier of the context cache.")
+
+
+class ServeSettings(_Section):
+    """The Ray Serve application."""
+
+    host: str = Field("127.0.0.1", description="gRPC bind address for `lloco up`.")
+    grpc_port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
+    engine_replicas: int = Field(1, ge=1, description="Engine replicas.")
+    engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (0 on CPU).")
+    max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once.")
+
+
+class CompressSettings(_Section):
+    """The offline compression job."""
+
+    batch_size: int = Field(64, ge=1, description="Segments per compressor forward.")
+    pool_size: int = Field(1, ge=1, description="Compressor actors (one per GPU).")
+    actor_num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
+    actor_num_cpus: float = Field(0.5, gt=0, description="CPUs per actor; fractional on small machines.")
+    max_document_tokens: int = Field(262_144, ge=1, description="Longer documents are reported and skipped.")
+
+
+class FinetuneSettings(_Section):
+    """Per-tenant LoRA finetuning (paper defaults)."""
+
+    rank: int = Field(8, ge=1, le=256)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: tuple[str, ...] = Field(("q_proj", "k_proj", "v_proj", "o_proj"))
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    num_workers: int = Field(1, ge=1, description="Ray Train workers per tenant.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPU fraction per worker (0 on CPU).")
+    cpus_per_worker: float = Field(0.5, gt=0)
+
+
+class Settings(BaseSettings):
+    """The platform's settings."""
+
+    model_config = SettingsConfigDict(env_prefix="LLOCO_", env_nested_delimiter="__", extra="forbid")
+
+    data_dir: Path = Field(DEFAULT_DATA_DIR, description="Local state: embedded S3 data, caches.")
+    admin_key: SecretStr | None = Field(None, description="Key with admin scope (tenant management).")
+    store: StoreSettings = StoreSettings()
+    model: ModelSettings = ModelSettings()
+    limits: LimitSettings = LimitSettings()
+    lora: LoraSettings = LoraSettings()
+    engine: EngineSettings = EngineSettings()
+    serve: ServeSettings = ServeSettings()
+    compress: CompressSettings = CompressSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _YamlSource(settings_cls)
+
+    @classmethod
+    def load(cls, path: Path | str | None = None, **overrides: Any) -> Settings:
+        """Settings from an optional YAML file (``LLOCO_CONFIG`` when no path is given)."""
+        _YamlSource.path = Path(path) if path else None
+        try:
+            return cls(**overrides)
+        finally:
+            _YamlSource.path = None
+
+
+class _YamlSource(PydanticBaseSettingsSource):
+    path: Path | None = None
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        import os
+
+        path = self.path or (Path(os.environ["LLOCO_CONFIG"]) if os.environ.get("LLOCO_CONFIG") else None)
+        if path is None:
+            return {}
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
+        return data

@@ -1,0 +1,62 @@
+"""Shared fixtures: a real SeaweedFS S3 server, a tiny random Llama, local Ray."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """A running SeaweedFS S3 server for the whole session."""
+    from lloco.storage import EmbeddedS3
+
+    server = EmbeddedS3(tmp_path_factory.mktemp("s3"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def store(s3: object) -> object:
+    """An ObjectStore on a fresh bucket, so tests never see each other's objects."""
+    from lloco.storage import ObjectStore
+
+    bucket = f"t-{uuid.uuid4().hex[:20]}"
+    object_store = ObjectStore(s3.store_settings(bucket=bucket))
+    object_store.ensure_bucket()
+    return object_store
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random HF Llama (GQA, tied embeddings off) with a real tokenizer."""
+    from lloco.model import tiny_llama_dir
+
+    return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the session, on loopback."""
+    import ray
+
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1] / "platform")}},
+    )
+    yield
+    ray.shutdown()
