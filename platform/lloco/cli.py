@@ -15,6 +15,11 @@ for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
 
 
+@app.callback()
+def main() -> None:
+    """Offline context compression, per-tenant LoRA finetuning and multi-tenant serving on Ray."""
+
+
 @app.command()
 def version() -> None:
     """Print the package version."""
