@@ -144,6 +144,11 @@ class LlocoServiceStub:
                 request_serializer=lloco_dot_v1_dot_lloco__pb2.CreateApiKeyRequest.SerializeToString,
                 response_deserializer=lloco_dot_v1_dot_lloco__pb2.CreateApiKeyResponse.FromString,
                 _registered_method=True)
+        self.GetCaller = channel.unary_unary(
+                '/lloco.v1.LlocoService/GetCaller',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.FromString,
+                _registered_method=True)
 
 
 class LlocoServiceServicer:
@@ -350,6 +355,15 @@ class LlocoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCaller(self, request, context):
+        """Says whom the calling key belongs to, so a client holding only a key can build its
+        tenant's resource names.
+        Errors: UNAUTHENTICATED (missing or unknown key), UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlocoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -437,6 +451,11 @@ def add_LlocoServiceServicer_to_server(servicer, server):
                     servicer.CreateApiKey,
                     request_deserializer=lloco_dot_v1_dot_lloco__pb2.CreateApiKeyRequest.FromString,
                     response_serializer=lloco_dot_v1_dot_lloco__pb2.CreateApiKeyResponse.SerializeToString,
+            ),
+            'GetCaller': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCaller,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -923,6 +942,33 @@ class LlocoService:
             '/lloco.v1.LlocoService/CreateApiKey',
             lloco_dot_v1_dot_lloco__pb2.CreateApiKeyRequest.SerializeToString,
             lloco_dot_v1_dot_lloco__pb2.CreateApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCaller(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/GetCaller',
+            lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.FromString,
             options,
             channel_credentials,
             insecure,
