@@ -1,0 +1,413 @@
+"""Client commands of `lloco`: talk to a running lloco server over gRPC with a tenant's API key.
+
+Every command takes ``--target`` (``LLOCO_TARGET``) and ``--tenant-key`` (``LLOCO_API_KEY``).
+Server errors print as ``error: <CODE>: <message>`` and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
+
+    from lloco.api import lloco_pb2
+    from lloco.client import LlocoClient
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+Target = Annotated[str, typer.Option("--target", envvar="LLOCO_TARGET", help="Server address host:port.")]
+TenantKey = Annotated[
+    str,
+    typer.Option(
+        "--tenant-key", envvar="LLOCO_API_KEY", help="API key (tenant or admin).", show_default=False
+    ),
+]
+Timeout = Annotated[float, typer.Option("--timeout", min=0.001, help="Deadline of each call, in seconds.")]
+Tenant = Annotated[
+    str, typer.Option("--tenant", envvar="LLOCO_TENANT", help="Tenant id; needed only with the admin key.")
+]
+
+
+@contextmanager
+def _connect(target: str, key: str, timeout_s: float, tenant: str = "") -> Iterator[LlocoClient]:
+    """A client whose failures end the command with ``error: <CODE>: <message>`` and status 1."""
+    import grpc
+
+    from lloco.client import LlocoClient
+    from lloco.errors import LlocoError
+
+    try:
+        with LlocoClient(target, key, timeout_s=timeout_s, tenant=tenant or None) as client:
+            yield client
+    except grpc.RpcError as error:
+        _fail(f"{error.code().name}: {error.details()}")
+    except LlocoError as error:
+        _fail(f"{error.code.name}: {error}")
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def _label(enum: EnumTypeWrapper, value: int) -> str:
+    """A readable enum value: ContextState COMPRESSED (2) -> "compressed"."""
+    prefix = enum.Name(0).removesuffix("UNSPECIFIED")
+    return enum.Name(value).removeprefix(prefix).lower()
+
+
+def _document_line(document: lloco_pb2.Document) -> str:
+    from lloco.api import lloco_pb2
+
+    state = _label(lloco_pb2.ContextState, document.context_state)
+    context = f" -> {document.context_tokens} vectors" if document.context_tokens else ""
+    return f"{document.name}\t{document.size_bytes} bytes\t{document.tokens} tokens\t{state}{context}"
+
+
+def _job_line(job: lloco_pb2.Job) -> str:
+    from lloco.api import lloco_pb2
+
+    kind = _label(lloco_pb2.JobKind, job.kind)
+    state = _label(lloco_pb2.JobState, job.state)
+    line = f"{job.name}\t{kind}\t{state}"
+    if job.message:
+        line += f"\t{job.message}"
+    if job.HasField("finetune_result"):
+        line += (
+            f"\tpublished {job.finetune_result.adapter_version} (loss {job.finetune_result.final_loss:.4f})"
+        )
+    if job.HasField("compress_result"):
+        result = job.compress_result
+        line += f"\tcompressed {len(result.compressed_documents)}, skipped {len(result.skipped_documents)}"
+    return line
+
+
+def _adapter_line(adapter: lloco_pb2.Adapter) -> str:
+    current = adapter.current_version.name.rsplit("/", 1)[-1] if adapter.current_version.name else "-"
+    return f"{adapter.name}\tcurrent {current}\t{adapter.version_count} versions"
+
+
+def stats_line(finish_reason: int, stats: lloco_pb2.QueryStats) -> str:
+    """One line a person can read: why it stopped, tokens used, compression ratio, adapter, timings."""
+    from lloco.api import lloco_pb2
+
+    reason = _label(lloco_pb2.FinishReason, finish_reason)
+    context = f"context {stats.context_tokens} (from {stats.document_tokens} document tokens"
+    if stats.context_tokens:
+        context += f", {stats.document_tokens / stats.context_tokens:.1f}x"
+    context += ")"
+    ttft_ms = stats.time_to_first_token.ToMilliseconds()
+    total_s = stats.total_time.ToMilliseconds() / 1000
+    adapter = stats.adapter_version or "none"
+    return (
+        f"[{reason}] prompt {stats.prompt_tokens}, {context}, generated {stats.generated_tokens}; "
+        f"adapter {adapter}; ttft {ttft_ms} ms, total {total_s:.2f} s"
+    )
+
+
+def _read_source(path: str) -> bytes:
+    if path == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(path).read_bytes()
+    except OSError as error:
+        _fail(f"cannot read {path}: {error.strerror}")
+
+
+def ingest(
+    files: Annotated[list[str] | None, typer.Argument(help="Text files; '-' or none reads stdin.")] = None,
+    doc_id: Annotated[
+        str, typer.Option("--id", help="Document id (required for stdin; default: the file name's stem).")
+    ] = "",
+    target: Target = DEFAULT_TARGET,
+    key: TenantKey = ...,
+    tenant: Tenant = "",
+    timeout: Timeout = 120.0,
+) -> None:
+    """Store documents (UTF-8 text); small ones are compressed at once, larger ones are left pending."""
+    sources = files or ["-"]
+    if doc_id and len(sources) > 1:
+        raise typer.BadParameter("--id names one document; give one file", param_hint="--id")
+    if "-" in sources and not doc_id:
+        raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
+    from lloco.api import lloco_pb2
+
+    with _connect(target, key, timeout, tenant) as client:
+        for source in sources:
+            name = doc_id or Path(source).stem
+            reply = client.ingest(name, _read_source(source))
+            outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
+            typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
+
+
+def query(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    docs: Annotated[
+        list[str] | None, typer.Option("--doc", "-d", help="Document id (repeat for several).")
+    ] = None,
+    adapter: Annotated[
+        str, typer.Option("--adapter", "-a", help="Adapter NAME or NAME@VERSION; none: base model.")
+    ] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=0, help="0: the server's default.")] = 0,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeatable).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
+    target: Target = DEFAULT_TARGET,
+    key: TenantKey = ...,
+    tenant: Tenant = "",
+    timeout: Timeout = 120.0,
+) -> None:
+    """Ask a question over compressed documents; the answer goes to stdout, the stats line to stderr."""
+    options = {
+        "doc_ids": docs or (),
+        "adapter": adapter,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "stop": stop or (),
+        "seed": seed,
+    }
+    with _connect(target, key, timeout, tenant) as client:
+        if not stream:
+            reply = client.query(question, **options)
+            typer.echo(reply.answer)
+            typer.echo(stats_line(reply.finish_reason, reply.stats), err=True)
+            return
+        messages = client.query_stream(question, **options)
+        try:
+            for message in messages:
+                sys.stdout.write(message.text_delta)
+                sys.stdout.flush()
+                if message.HasField("stats"):
+                    sys.stdout.write("\n")
+                    typer.echo(stats_line(message.finish_reason, message.stats), err=True)
+        finally:
+            messages.close()  # type: ignore[attr-defined]
+
+
+def _docs_app() -> typer.Typer:
+    docs = typer.Typer(help="List, show and delete documents.", no_args_is_help=False)
+
+    @docs.callback(invoke_without_command=True)
+    def list_documents(
+        context: typer.Context,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = "",
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """List the tenant's documents (the default), or run a subcommand."""
+        if context.invoked_subcommand is not None:
+            return
+        if not key:
+            raise typer.BadParameter("missing --tenant-key (or LLOCO_API_KEY)", param_hint="--tenant-key")
+        with _connect(target, key, timeout, tenant) as client:
+            for document in client.list_documents():
+                typer.echo(_document_line(document))
+
+    @docs.command("get")
+    def get_document(
+        doc_id: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """Show one document."""
+        with _connect(target, key, timeout, tenant) as client:
+            document = client.get_document(doc_id)
+            typer.echo(f"{_document_line(document)}\tsha256 {document.sha256}")
+
+    @docs.command("delete")
+    def delete_document(
+        doc_id: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """Delete a document with its compressed contexts and the dataset rows naming it."""
+        with _connect(target, key, timeout, tenant) as client:
+            client.delete_document(doc_id)
+            typer.echo(f"deleted {client.names.document(doc_id)}")
+
+    return docs
+
+
+def _adapters_app() -> typer.Typer:
+    adapters = typer.Typer(help="List adapters, their versions, and pin or roll back the current one.")
+
+    @adapters.callback(invoke_without_command=True)
+    def list_adapters(
+        context: typer.Context,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = "",
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """List the tenant's adapters (the default), or run a subcommand."""
+        if context.invoked_subcommand is not None:
+            return
+        if not key:
+            raise typer.BadParameter("missing --tenant-key (or LLOCO_API_KEY)", param_hint="--tenant-key")
+        with _connect(target, key, timeout, tenant) as client:
+            for adapter in client.list_adapters():
+                typer.echo(_adapter_line(adapter))
+
+    @adapters.command("versions")
+    def list_versions(
+        adapter: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """List an adapter's versions, newest first."""
+        with _connect(target, key, timeout, tenant) as client:
+            for version in client.list_adapter_versions(adapter):
+                marker = "*" if version.current else " "
+                created = version.create_time.ToDatetime().isoformat(timespec="seconds")
+                typer.echo(f"{marker} {version.name}\trank {version.rank}\t{version.base_model}\t{created}")
+
+    @adapters.command("set-current")
+    def set_current(
+        adapter: str,
+        version: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """Make VERSION (e.g. v000002) the adapter's current version (rollback or pin)."""
+        with _connect(target, key, timeout, tenant) as client:
+            typer.echo(_adapter_line(client.set_current_adapter(adapter, version)))
+
+    return adapters
+
+
+def _dataset_app() -> typer.Typer:
+    dataset = typer.Typer(
+        help="Finetuning datasets (JSONL rows doc_ids/question/answer).", no_args_is_help=True
+    )
+
+    @dataset.command("upload")
+    def upload(
+        file: Annotated[str, typer.Argument(help="JSONL file, or '-' for stdin.")],
+        dataset_id: Annotated[
+            str, typer.Option("--id", help="Dataset id (default: the file name's stem).")
+        ] = "",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 120.0,
+    ) -> None:
+        """Upload (or replace) a dataset."""
+        if file == "-" and not dataset_id:
+            raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
+        with _connect(target, key, timeout, tenant) as client:
+            stored = client.upload_dataset(dataset_id or Path(file).stem, _read_source(file))
+            typer.echo(f"{stored.name}\t{stored.row_count} rows")
+
+    @dataset.command("list")
+    def list_datasets(
+        target: Target = DEFAULT_TARGET, key: TenantKey = ..., tenant: Tenant = "", timeout: Timeout = 30.0
+    ) -> None:
+        """List the tenant's datasets."""
+        with _connect(target, key, timeout, tenant) as client:
+            for stored in client.list_datasets():
+                typer.echo(stored.name)
+
+    return dataset
+
+
+def _job_app() -> typer.Typer:
+    job = typer.Typer(help="Compress and finetune jobs.", no_args_is_help=True)
+
+    @job.command("get")
+    def get_job(
+        job_id: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """Show a job's state."""
+        with _connect(target, key, timeout, tenant) as client:
+            typer.echo(_job_line(client.get_job(job_id)))
+
+    @job.command("compress")
+    def compress(
+        doc_ids: Annotated[
+            list[str] | None, typer.Argument(help="Document ids; none: every pending one.")
+        ] = None,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 600.0,
+    ) -> None:
+        """Compress documents: online for small batches, otherwise as a Ray job."""
+        with _connect(target, key, timeout, tenant) as client:
+            typer.echo(_job_line(client.compress(doc_ids or ())))
+
+    @job.command("finetune")
+    def finetune(
+        dataset_id: Annotated[str, typer.Argument(help="Dataset id.")],
+        adapter: Annotated[str, typer.Option(help="Adapter to publish a new version of.")] = "default",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 60.0,
+    ) -> None:
+        """Submit a LoRA finetuning job on a dataset."""
+        with _connect(target, key, timeout, tenant) as client:
+            typer.echo(_job_line(client.submit_finetune(dataset_id, adapter)))
+
+    return job
+
+
+def _admin_app() -> typer.Typer:
+    admin = typer.Typer(help="Tenant administration (admin key).", no_args_is_help=True)
+
+    @admin.command("create-tenant")
+    def create_tenant(
+        tenant_id: str, target: Target = DEFAULT_TARGET, key: TenantKey = ..., timeout: Timeout = 30.0
+    ) -> None:
+        """Create a tenant; prints its first API key (shown only once)."""
+        with _connect(target, key, timeout) as client:
+            reply = client.create_tenant(tenant_id)
+            typer.echo(f"{reply.tenant.name}\t{reply.api_key}")
+
+    @admin.command("create-key")
+    def create_key(
+        tenant_id: Annotated[str, typer.Argument(help="Tenant id; default: the key's own tenant.")] = "",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        timeout: Timeout = 30.0,
+    ) -> None:
+        """Create another API key for a tenant; prints it (shown only once)."""
+        with _connect(target, key, timeout) as client:
+            typer.echo(client.create_api_key(tenant_id or None))
+
+    return admin
+
+
+COMMANDS: tuple[Callable[..., None], ...] = (ingest, query)
+
+
+def register(app: typer.Typer) -> None:
+    for command in COMMANDS:
+        app.command()(command)
+    app.add_typer(_docs_app(), name="docs")
+    app.add_typer(_adapters_app(), name="adapters")
+    app.add_typer(_dataset_app(), name="dataset")
+    app.add_typer(_job_app(), name="job")
+    app.add_typer(_admin_app(), name="admin")
