@@ -13,6 +13,8 @@ from google.protobuf import descriptor_pb2
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "lloco/v1/lloco.proto"
 GENERATED = ("lloco_pb2.py", "lloco_pb2.pyi", "lloco_pb2_grpc.py")
+# The first published v1 API; later changes must be backward compatible (`buf breaking`).
+V1_BASELINE_COMMIT = "34ce756977c3372e1d1086552f6ead49611d5f2f"
 SERVICE_PATH = 6  # FileDescriptorProto.service
 METHOD_PATH = 2  # ServiceDescriptorProto.method
 
@@ -52,6 +54,17 @@ def test_buf_lint_is_clean() -> None:
     buf = Path(sys.executable).parent / "buf"
     result = subprocess.run([str(buf), "lint"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def test_no_breaking_change_since_v1() -> None:
+    if subprocess.run(["git", "cat-file", "-e", V1_BASELINE_COMMIT], cwd=ROOT).returncode != 0:
+        pytest.skip(f"baseline commit {V1_BASELINE_COMMIT[:8]} is not in this clone (shallow?)")
+    buf = Path(sys.executable).parent / "buf"
+    against = f".git#ref={V1_BASELINE_COMMIT}"
+    result = subprocess.run(
+        [str(buf), "breaking", "--against", against], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_buf_lint_reports_a_violation(tmp_path: Path) -> None:
