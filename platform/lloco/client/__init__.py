@@ -101,11 +101,10 @@ class LlocoClient:
             raise InvalidArgument("an API key is required")
         if timeout_s <= 0:
             raise InvalidArgument(f"timeout_s must be > 0, got {timeout_s}")
-        self._channel = (
-            grpc.secure_channel(target, grpc.ssl_channel_credentials())
-            if tls
-            else (grpc.insecure_channel(target))
-        )
+        if tls:
+            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = lloco_pb2_grpc.LlocoServiceStub(self._channel)
         self._metadata = (("authorization", f"Bearer {api_key}"),)
         self._timeout_s = timeout_s
