@@ -1,0 +1,183 @@
+"""The engine's caches against a real S3: byte-bounded LRU tiers, adapter CPU tier, LoRA slot manager."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from lloco.errors import FailedPrecondition
+from lloco.registry import Registry, Tenants
+from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, LruCache, SlotManager
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+COMPRESSOR = "cmp-test"
+DIM = 8
+N_VECTORS = 10
+STORED_BYTES = N_VECTORS * DIM * 2  # bf16 in the CPU tier
+READY_BYTES = N_VECTORS * DIM * 4  # fp32 in the GPU tier
+
+
+@pytest.fixture
+def registry(store: object) -> Registry:
+    Tenants(store).create("acme")
+    return Registry(store, "acme")
+
+
+def _compressed_doc(registry: Registry, doc_id: str, seed: int) -> torch.Tensor:
+    doc, _ = registry.ingest_document(doc_id, f"text of {doc_id}".encode(), max_bytes=1000)
+    vectors = torch.randn(N_VECTORS, DIM, generator=torch.Generator().manual_seed(seed))
+    registry.put_context(doc_id, COMPRESSOR, vectors, doc.sha256, segment_len=16, k=5)
+    return vectors.to(torch.bfloat16)
+
+
+def test_lru_is_bounded_by_size_and_evicts_least_recent() -> None:
+    cache: LruCache[str, bytes] = LruCache(10, len)
+    cache.put("a", b"aaaa")
+    cache.put("b", b"bbbb")
+    assert cache.get("a") == b"aaaa"  # "b" is now the least recent
+    assert cache.put("c", b"cccc") == ["b"]
+    assert cache.used == 8 and "b" not in cache and cache.evictions == 1
+    assert cache.put("huge", b"x" * 11) == []  # larger than the whole budget: not kept
+    assert "huge" not in cache and cache.used == 8
+    assert cache.get("b") is None
+    assert (cache.hits, cache.misses) == (1, 1)
+    disabled: LruCache[str, bytes] = LruCache(0, len)
+    disabled.put("a", b"a")
+    assert len(disabled) == 0
+
+
+def test_context_cache_promotes_from_cpu_and_evicts_gpu_over_budget(registry: Registry) -> None:
+    stored = {d: _compressed_doc(registry, d, seed) for seed, d in enumerate(["d1", "d2", "d3"])}
+    docs = {d: registry.get_document(d) for d in stored}
+    cache = ContextCache(2 * READY_BYTES, 3 * STORED_BYTES, torch.device("cpu"), torch.float32)
+
+    tiers = [cache.get(registry, docs[d], COMPRESSOR)[1] for d in ["d1", "d1", "d2", "d3", "d1"]]
+
+    # d3 pushed d1 out of the GPU tier (two fit); the CPU tier still held it.
+    assert tiers == ["s3", "gpu", "s3", "s3", "cpu"]
+    assert (cache.gpu.hits, cache.cpu.hits, cache.s3_loads) == (1, 1, 3)
+    assert cache.gpu.evictions == 2 and cache.cpu.evictions == 0
+    assert cache.gpu.used == 2 * READY_BYTES and cache.cpu.used == 3 * STORED_BYTES
+    vectors, _ = cache.get(registry, docs["d1"], COMPRESSOR)
+    assert vectors.dtype == torch.float32
+    assert torch.equal(vectors, stored["d1"].float())
+
+
+def test_context_cache_cpu_tier_evicts_and_rereads_s3(registry: Registry) -> None:
+    for seed, doc_id in enumerate(["d1", "d2", "d3"]):
+        _compressed_doc(registry, doc_id, seed)
+    docs = [registry.get_document(d) for d in ["d1", "d2", "d3"]]
+    cache = ContextCache(0, 2 * STORED_BYTES, torch.device("cpu"), torch.float32)
+
+    tiers = [cache.get(registry, doc, COMPRESSOR)[1] for doc in [*docs, docs[2], docs[0]]]
+
+    assert tiers == ["s3", "s3", "s3", "cpu", "s3"]
+    assert cache.cpu.evictions == 2 and cache.cpu.used <= 2 * STORED_BYTES
+    assert len(cache.gpu) == 0
+
+
+def test_missing_or_stale_context_is_a_failed_precondition(registry: Registry) -> None:
+    cache = ContextCache(READY_BYTES, STORED_BYTES, torch.device("cpu"), torch.float32)
+    raw, _ = registry.ingest_document("raw", b"never compressed", max_bytes=1000)
+    with pytest.raises(FailedPrecondition, match="document 'raw' is not compressed yet; run compress"):
+        cache.get(registry, raw, COMPRESSOR)
+
+    _compressed_doc(registry, "doc", 0)
+    old = registry.get_document("doc")
+    cache.get(registry, old, COMPRESSOR)
+    new, changed = registry.ingest_document("doc", b"new text", max_bytes=1000)
+    assert changed
+    with pytest.raises(FailedPrecondition, match="not compressed yet"):
+        cache.get(registry, new, COMPRESSOR)
+
+
+def _adapter_files(seed: int) -> dict[str, bytes]:
+    weights = {
+        "base_model.model.layer.lora_A.weight": torch.randn(
+            2, 4, generator=torch.Generator().manual_seed(seed)
+        )
+    }
+    config = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "peft_type": "LORA"}
+    return {
+        "adapter_config.json": json.dumps(config).encode(),
+        "adapter_model.safetensors": save_safetensors(weights),
+    }
+
+
+def _parse(files: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    return load_safetensors(files["adapter_model.safetensors"])
+
+
+def test_adapter_cpu_tier_is_lru_by_count_and_keyed_by_version(registry: Registry) -> None:
+    for seed, name in enumerate(["a", "b", "c"]):
+        registry.publish_adapter(name, _adapter_files(seed), train={})
+    registry.publish_adapter("a", _adapter_files(10), train={})  # a@v000002
+    cache = AdapterCache(2, _parse)
+    key = {name: AdapterKey("acme", name, "v000001") for name in ["a", "b", "c"]}
+
+    first, cached = cache.get(registry, key["a"])
+    assert not cached
+    assert torch.equal(
+        first["base_model.model.layer.lora_A.weight"],
+        _parse(_adapter_files(0))["base_model.model.layer.lora_A.weight"],
+    )
+    assert cache.get(registry, key["a"]) == (first, True)
+    cache.get(registry, key["b"])
+    cache.get(registry, key["c"])  # evicts a (least recent)
+    assert key["a"] not in cache.tier and key["b"] in cache.tier
+    newer, cached = cache.get(registry, AdapterKey("acme", "a", "v000002"))
+    assert not cached and not torch.equal(
+        newer["base_model.model.layer.lora_A.weight"], first["base_model.model.layer.lora_A.weight"]
+    )
+    assert cache.s3_loads == 4 and cache.tier.evictions == 2
+
+
+def test_slot_manager_evicts_least_recent_unpinned_slot() -> None:
+    a, b, c = (AdapterKey("t", name, "v000001") for name in "abc")
+    slots = SlotManager(2)
+    ga, gb = slots.acquire(a), slots.acquire(b)
+    assert (ga.slot, ga.needs_load, gb.slot, gb.needs_load) == (0, True, 1, True)
+    assert slots.acquire(c) is None  # both pinned by running rows
+
+    again = slots.acquire(a)  # a second row on a: no load, two pins
+    assert (again.slot, again.needs_load, slots.pins(0)) == (0, False, 2)
+    slots.release(0)
+    slots.release(0)
+    gc = slots.acquire(c)
+    assert (gc.slot, gc.needs_load) == (0, True)  # a evicted; b (pinned) kept
+    assert slots.resident() == {c: 0, b: 1} and slots.evictions == 1
+
+    slots.release(1)  # b idle now, c still pinned
+    ga = slots.acquire(a)
+    assert ga.slot == 1 and slots.resident() == {c: 0, a: 1}
+    slots.forget(1)
+    assert slots.slot_of(a) is None
+    with pytest.raises(ValueError):
+        SlotManager(2).release(0)
+
+
+def test_slot_manager_never_evicts_a_pinned_slot() -> None:
+    rng = random.Random(0)
+    keys = [AdapterKey("t", f"a{i}", "v000001") for i in range(6)]
+    slots = SlotManager(3)
+    held: list[tuple[AdapterKey, int]] = []
+    for _ in range(2000):
+        if held and (len(held) >= 5 or rng.random() < 0.5):
+            key, slot = held.pop(rng.randrange(len(held)))
+            slots.release(slot)
+            continue
+        key = rng.choice(keys)
+        grant = slots.acquire(key)
+        pinned_slots = {slot for _, slot in held}
+        if grant is None:
+            assert len(pinned_slots) == 3 and key not in slots.resident()
+            continue
+        if grant.needs_load:
+            assert grant.slot not in pinned_slots
+        held.append((key, grant.slot))
+        for other, slot in held:
+            assert slots.resident().get(other) == slot
+    assert slots.evictions > 0
