@@ -1,0 +1,417 @@
+{{/*
+Names, labels and the pieces every Ray cluster of this chart shares. The RayService and every RayJob
+build their cluster from "lloco.rayClusterSpec", whose head and worker groups all come from the one
+pod template "lloco.rayPodTemplate".
+*/}}
+
+{{- define "lloco.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-scoped name, cut to 63 characters (a DNS label). */}}
+{{- define "lloco.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+A name for a resource of the release: "<fullname>-<suffix>", the fullname cut so the whole name stays
+within `max` characters (KubeRay appends its own suffixes to RayService and RayJob names).
+*/}}
+{{- define "lloco.resourceName" -}}
+{{- $max := default 63 .max }}
+{{- $base := include "lloco.fullname" .root | trunc (int (sub $max (add1 (len .suffix)))) | trimSuffix "-" }}
+{{- printf "%s-%s" $base .suffix }}
+{{- end }}
+
+{{- define "lloco.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "lloco.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lloco.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "lloco.labels" -}}
+helm.sh/chart: {{ include "lloco.chart" . }}
+{{ include "lloco.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: lloco
+{{- end }}
+
+{{- define "lloco.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "lloco.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "lloco.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "lloco.adminSecretName" -}}
+{{- default (include "lloco.resourceName" (dict "root" . "suffix" "admin")) .Values.adminKey.existingSecret }}
+{{- end }}
+
+{{- define "lloco.grpcServiceName" -}}
+{{- include "lloco.resourceName" (dict "root" . "suffix" "grpc") }}
+{{- end }}
+
+{{/*
+The platform's settings (lloco.config.Settings, snake_case, one mapping per section) rendered from the
+values. Every Ray container gets them as LLOCO_* variables; the Serve application also gets the serving
+sections as its args. Secrets are never part of it.
+*/}}
+{{- define "lloco.settings" -}}
+{{- $v := .Values -}}
+data_dir: /cache/lloco
+store:
+  bucket: {{ $v.s3.bucket | quote }}
+  prefix: {{ $v.s3.prefix | quote }}
+  region: {{ $v.s3.region | quote }}
+  {{- with $v.s3.endpointUrl }}
+  endpoint_url: {{ . | quote }}
+  {{- end }}
+model:
+  base_model: {{ $v.model.base | quote }}
+  compressor: {{ $v.model.compressor | quote }}
+  dtype: {{ $v.model.dtype | quote }}
+  cache_dir: /cache/lloco/models
+limits:
+  max_document_bytes: {{ int64 $v.limits.maxDocumentBytes }}
+  max_documents: {{ int64 $v.limits.maxDocuments }}
+  max_inflight_requests: {{ int64 $v.limits.maxInflightRequests }}
+  max_query_tokens: {{ int64 $v.limits.maxQueryTokens }}
+  max_new_tokens: {{ int64 $v.limits.maxNewTokens }}
+  max_docs_per_query: {{ int64 $v.limits.maxDocsPerQuery }}
+  online_compress_max_tokens: {{ int64 $v.limits.onlineCompressMaxTokens }}
+  max_page_size: {{ int64 $v.limits.maxPageSize }}
+lora:
+  max_rank: {{ int64 $v.lora.maxRank }}
+  gpu_slots: {{ int64 $v.lora.gpuSlots }}
+  cpu_adapters: {{ int64 $v.lora.cpuAdapters }}
+engine:
+  max_batch_size: {{ int64 $v.engine.maxBatchSize }}
+  max_seq_len: {{ int64 $v.engine.maxSeqLen }}
+  context_cache_gpu_bytes: {{ int64 $v.engine.contextCacheGpuBytes }}
+  context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
+serve:
+  grpc_port: {{ int64 $v.serve.grpcPort }}
+  engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}
+  engine_num_gpus: {{ $v.serve.engine.numGpus | toJson }}
+  max_ongoing_requests: {{ int64 $v.serve.engine.maxOngoingRequests }}
+compress:
+  batch_size: {{ int64 $v.jobs.compress.batchSize }}
+  pool_size: {{ int64 $v.jobs.compress.poolSize }}
+  actor_num_gpus: {{ $v.jobs.compress.actorNumGpus | toJson }}
+  actor_num_cpus: {{ $v.jobs.compress.actorNumCpus | toJson }}
+  max_document_tokens: {{ int64 $v.jobs.compress.maxDocumentTokens }}
+finetune:
+  rank: {{ int64 $v.jobs.finetune.rank }}
+  alpha: {{ $v.jobs.finetune.alpha | toJson }}
+  dropout: {{ $v.jobs.finetune.dropout | toJson }}
+  target_modules: {{ $v.jobs.finetune.targetModules | toJson }}
+  learning_rate: {{ $v.jobs.finetune.learningRate | toJson }}
+  epochs: {{ $v.jobs.finetune.epochs | toJson }}
+  batch_size: {{ int64 $v.jobs.finetune.batchSize }}
+  grad_accum: {{ int64 $v.jobs.finetune.gradAccum }}
+  warmup_ratio: {{ $v.jobs.finetune.warmupRatio | toJson }}
+  num_workers: {{ int64 $v.jobs.finetune.numWorkers }}
+  gpus_per_worker: {{ $v.jobs.finetune.gpusPerWorker | toJson }}
+  cpus_per_worker: {{ $v.jobs.finetune.cpusPerWorker | toJson }}
+{{- end }}
+
+{{/*
+Environment of every Ray container: the settings as LLOCO_<SECTION>__<FIELD> (pydantic-settings'
+nested delimiter), S3 keys from a secret when one is named, the admin key on serving pods only.
+Args: root, component.
+*/}}
+{{- define "lloco.env" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $settings := include "lloco.settings" $root | fromYaml -}}
+{{- range $section, $fields := $settings }}
+{{- if kindIs "map" $fields }}
+{{- range $field, $value := $fields }}
+- name: {{ printf "LLOCO_%s__%s" $section $field | upper }}
+  value: {{ ternary $value (toJson $value) (kindIs "string" $value) | quote }}
+{{- end }}
+{{- else }}
+- name: {{ printf "LLOCO_%s" $section | upper }}
+  value: {{ ternary $fields (toJson $fields) (kindIs "string" $fields) | quote }}
+{{- end }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ $v.s3.region | quote }}
+- name: AWS_DEFAULT_REGION
+  value: {{ $v.s3.region | quote }}
+{{- with $v.s3.endpointUrl }}
+- name: AWS_ENDPOINT_URL_S3
+  value: {{ . | quote }}
+{{- end }}
+{{- with $v.s3.existingSecret }}
+{{- range $name, $key := dict "LLOCO_STORE__ACCESS_KEY_ID" $v.s3.accessKeyIdKey "LLOCO_STORE__SECRET_ACCESS_KEY" $v.s3.secretAccessKeyKey "AWS_ACCESS_KEY_ID" $v.s3.accessKeyIdKey "AWS_SECRET_ACCESS_KEY" $v.s3.secretAccessKeyKey }}
+- name: {{ $name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.s3.existingSecret }}
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+{{- if eq .component "serve" }}
+- name: LLOCO_ADMIN_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lloco.adminSecretName" $root }}
+      key: {{ $v.adminKey.secretKey }}
+{{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The one Ray pod template: head and worker pods of the serving cluster and of every job cluster.
+Args: root, component (serve|compress|finetune), role (head|worker), group (resources, gpus,
+nodeSelector, tolerations, affinity).
+*/}}
+{{- define "lloco.rayPodTemplate" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $gpus := int64 (default 0 .group.gpus) }}
+{{- $resources := deepCopy (default dict .group.resources) }}
+{{- if gt $gpus 0 }}
+{{- $limits := default dict $resources.limits }}
+{{- $_ := set $limits "nvidia.com/gpu" $gpus }}
+{{- $_ := set $resources "limits" $limits }}
+{{- end -}}
+metadata:
+  labels:
+    {{- include "lloco.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .component }}
+    {{- with $v.podLabels }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $v.podAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+spec:
+  serviceAccountName: {{ include "lloco.serviceAccountName" $root }}
+  {{- with $v.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $v.podSecurityContext | nindent 4 }}
+  {{- with .group.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with .group.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  volumes:
+    - name: cache
+      emptyDir:
+        sizeLimit: {{ $v.cache.sizeLimit }}
+  containers:
+    - name: ray-{{ .role }}
+      image: {{ include "lloco.image" $root }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      securityContext:
+        {{- toYaml $v.securityContext | nindent 8 }}
+      env:
+        {{- include "lloco.env" (dict "root" $root "component" .component) | trim | nindent 8 }}
+      ports:
+        {{- if eq .role "head" }}
+        - name: gcs-server
+          containerPort: 6379
+        - name: dashboard
+          containerPort: 8265
+        - name: client
+          containerPort: 10001
+        {{- end }}
+        - name: metrics
+          containerPort: 8080
+        {{- if eq .component "serve" }}
+        - name: serve
+          containerPort: 8000
+        - name: grpc
+          containerPort: {{ int64 $v.serve.grpcPort }}
+        {{- end }}
+      resources:
+        {{- toYaml $resources | nindent 8 }}
+      volumeMounts:
+        - name: cache
+          mountPath: /cache
+      lifecycle:
+        preStop:
+          exec:
+            command: ["/bin/sh", "-c", "ray stop"]
+{{- end }}
+
+{{/*
+A whole Ray cluster spec: the head plus worker groups, all from "lloco.rayPodTemplate", with the
+in-tree autoscaler. Args: root, component, workerGroups.
+*/}}
+{{- define "lloco.rayClusterSpec" -}}
+{{- $root := .root }}
+{{- $v := $root.Values }}
+{{- $component := .component -}}
+rayVersion: {{ $v.rayVersion | quote }}
+enableInTreeAutoscaling: true
+autoscalerOptions:
+  upscalingMode: {{ $v.autoscaler.upscalingMode }}
+  idleTimeoutSeconds: {{ int64 $v.autoscaler.idleTimeoutSeconds }}
+  imagePullPolicy: {{ $v.image.pullPolicy }}
+  securityContext:
+    {{- toYaml $v.securityContext | nindent 4 }}
+  resources:
+    {{- toYaml $v.autoscaler.resources | nindent 4 }}
+headGroupSpec:
+  rayStartParams:
+    dashboard-host: "0.0.0.0"
+    {{- range $key, $value := $v.head.rayStartParams }}
+    {{ $key }}: {{ $value | quote }}
+    {{- end }}
+  template:
+    {{- include "lloco.rayPodTemplate" (dict "root" $root "component" $component "role" "head" "group" $v.head) | nindent 4 }}
+{{- with .workerGroups }}
+workerGroupSpecs:
+  {{- range $group := . }}
+  - groupName: {{ $group.name }}
+    replicas: {{ int64 $group.minReplicas }}
+    minReplicas: {{ int64 $group.minReplicas }}
+    maxReplicas: {{ int64 $group.maxReplicas }}
+    {{- if hasKey $group "idleTimeoutSeconds" }}
+    idleTimeoutSeconds: {{ int64 $group.idleTimeoutSeconds }}
+    {{- end }}
+    rayStartParams:
+      {{- range $key, $value := $group.rayStartParams }}
+      {{ $key }}: {{ $value | quote }}
+      {{- else }} {}
+      {{- end }}
+    template:
+      {{- include "lloco.rayPodTemplate" (dict "root" $root "component" $component "role" "worker" "group" $group) | nindent 6 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The spec of a RayJob (also the jobTemplate of a RayCronJob): the entrypoint runs on a fresh cluster
+that KubeRay deletes when the job ends. HTTPMode: the operator submits the job to the dashboard,
+so no submitter pod needs a way through the NetworkPolicy. Args: root, job, values, entrypoint.
+*/}}
+{{- define "lloco.rayJobSpec" -}}
+entrypoint: {{ .entrypoint | quote }}
+submissionMode: HTTPMode
+shutdownAfterJobFinishes: true
+ttlSecondsAfterFinished: {{ int64 .values.ttlSecondsAfterFinished }}
+backoffLimit: {{ int64 .values.backoffLimit }}
+{{- with .values.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ int64 . }}
+{{- end }}
+rayClusterSpec:
+  {{- include "lloco.rayClusterSpec" (dict "root" .root "component" .job "workerGroups" .values.workerGroups) | nindent 2 }}
+{{- end }}
+
+{{/*
+Checks the values cannot express in the schema: unique worker group names, min <= max.
+*/}}
+{{- define "lloco.validateWorkerGroups" -}}
+{{- $seen := dict }}
+{{- range $group := .groups }}
+{{- if hasKey $seen $group.name }}
+{{- fail (printf "%s: worker group name %q is used twice" $.path $group.name) }}
+{{- end }}
+{{- $_ := set $seen $group.name true }}
+{{- if gt (int64 $group.minReplicas) (int64 $group.maxReplicas) }}
+{{- fail (printf "%s: worker group %q has minReplicas %d > maxReplicas %d" $.path $group.name (int64 $group.minReplicas) (int64 $group.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Serve config (serveConfigV2): the application, its deployments' autoscaling, and the gRPC
+proxy options with the lloco and grpc.health.v1 servicers.
+*/}}
+{{- define "lloco.serveConfig" -}}
+{{- $v := .Values }}
+{{- $settings := include "lloco.settings" . | fromYaml -}}
+proxy_location: EveryNode
+http_options:
+  host: 0.0.0.0
+  port: 8000
+grpc_options:
+  port: {{ int64 $v.serve.grpcPort }}
+  grpc_servicer_functions:
+    - lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server
+    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
+logging_config:
+  encoding: JSON
+applications:
+  - name: lloco
+    route_prefix: /
+    import_path: lloco.serve.app:app
+    args:
+      {{- pick $settings "store" "model" "limits" "lora" "engine" "serve" | toYaml | nindent 6 }}
+    deployments:
+      {{- range $name, $d := dict "Ingress" $v.serve.ingress "Engine" $v.serve.engine }}
+      - name: {{ $name }}
+        max_ongoing_requests: {{ int64 $d.maxOngoingRequests }}
+        autoscaling_config:
+          min_replicas: {{ int64 $d.minReplicas }}
+          max_replicas: {{ int64 $d.maxReplicas }}
+          target_ongoing_requests: {{ $d.targetOngoingRequests | toJson }}
+        ray_actor_options:
+          num_cpus: {{ $d.numCpus | toJson }}
+          {{- if hasKey $d "numGpus" }}
+          num_gpus: {{ $d.numGpus | toJson }}
+          {{- end }}
+      {{- end }}
+{{- end }}
+
+{{/* The gRPC health probe of the `helm test` pod, run with the image's Python. */}}
+{{- define "lloco.healthProbe" -}}
+import os
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+target = os.environ["GRPC_TARGET"]
+deadline = time.monotonic() + float(os.environ["TIMEOUT_SECONDS"])
+while True:
+    try:
+        with grpc.insecure_channel(target) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    except grpc.RpcError as error:
+        status = error.code().name
+    print(f"grpc.health.v1 Check {target}: {status}", flush=True)
+    if status == "SERVING":
+        sys.exit(0)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        sys.exit(1)
+    time.sleep(min(5.0, remaining))
+{{- end }}
