@@ -1,0 +1,68 @@
+"""API keys against a real SeaweedFS: creation, resolution, revocation, admin scope."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from lloco.auth import KeyRing, Principal
+from lloco.errors import NotFound, Unauthenticated
+from lloco.registry import Tenants
+from lloco.storage import ObjectStore, keys
+from pydantic import SecretStr
+
+ADMIN = "admin-secret-for-tests"
+
+
+@pytest.fixture
+def ring(store: ObjectStore) -> KeyRing:
+    Tenants(store).create("acme")
+    Tenants(store).create("beta")
+    return KeyRing(store, SecretStr(ADMIN))
+
+
+def test_create_resolve_revoke(ring: KeyRing, store: ObjectStore) -> None:
+    key = ring.create_key("acme")
+    other = ring.create_key("beta")
+    assert key.startswith("lloco_") and len(key) >= len("lloco_") + 43 and key != ring.create_key("acme")
+    assert ring.resolve(key) == Principal(tenant="acme", admin=False)
+    assert ring.resolve(other) == Principal(tenant="beta", admin=False)
+
+    stored = [store.get_bytes(k) for k in store.list_keys("auth/")]
+    assert len(stored) == 3
+    assert store.exists(keys.api_key(hashlib.sha256(key.encode()).hexdigest()))
+    assert not any(key.encode() in blob or other.encode() in blob for blob in stored)  # only hashes
+
+    ring.revoke(key)
+    with pytest.raises(Unauthenticated, match="unknown or revoked"):
+        ring.resolve(key)
+    assert ring.resolve(other).tenant == "beta"
+    with pytest.raises(NotFound):
+        ring.revoke(key)
+
+
+def test_admin_key(ring: KeyRing, store: ObjectStore) -> None:
+    assert ring.resolve(ADMIN) == Principal(tenant=None, admin=True)
+    with pytest.raises(Unauthenticated):
+        ring.resolve(ADMIN + "x")
+    without_admin = KeyRing(store, None)
+    with pytest.raises(Unauthenticated):
+        without_admin.resolve(ADMIN)
+    with pytest.raises(Unauthenticated):
+        KeyRing(store, SecretStr("")).resolve("")
+
+
+@pytest.mark.parametrize("wrong", ["", "lloco_", "lloco_" + "A" * 43, "Bearer something", "x" * 10_000])
+def test_wrong_keys_are_unauthenticated(ring: KeyRing, wrong: str) -> None:
+    ring.create_key("acme")
+    with pytest.raises(Unauthenticated):
+        ring.resolve(wrong)
+
+
+def test_keys_of_a_deleted_tenant_stop_working(ring: KeyRing, store: ObjectStore) -> None:
+    key = ring.create_key("beta")
+    Tenants(store).delete("beta")
+    with pytest.raises(Unauthenticated, match="no longer exists"):
+        ring.resolve(key)
+    with pytest.raises(NotFound):
+        ring.create_key("beta")
