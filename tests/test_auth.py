@@ -66,3 +66,7 @@ def test_keys_of_a_deleted_tenant_stop_working(ring: KeyRing, store: ObjectStore
         ring.resolve(key)
     with pytest.raises(NotFound):
         ring.create_key("beta")
+    Tenants(store).create("beta")  # a new tenant of the same name must not inherit the old keys
+    with pytest.raises(Unauthenticated, match="no longer exists"):
+        ring.resolve(key)
+    assert ring.resolve(ring.create_key("beta")).tenant == "beta"

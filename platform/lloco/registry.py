@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import json
 import struct
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -93,12 +94,19 @@ class Tenants:
         """Create ``tenant``; AlreadyExists if it is there."""
         if self.exists(tenant):
             raise AlreadyExists(f"tenant {tenant!r} already exists")
-        meta = {"tenant": tenant, "created": _now().isoformat()}
+        meta = {"tenant": tenant, "created": _now().isoformat(), "uid": uuid.uuid4().hex}
         self._store.put_bytes(keys.tenant_meta(tenant), _json_bytes(meta), "application/json")
         log.info("tenant created", tenant=tenant)
 
     def exists(self, tenant: str) -> bool:
         return self._store.exists(keys.tenant_meta(tenant))
+
+    def uid(self, tenant: str) -> str | None:
+        """What tells this tenant apart from an earlier one of the same name (None: no such tenant)."""
+        try:
+            return str(json.loads(self._store.get_bytes(keys.tenant_meta(tenant)))["uid"])
+        except NotFound:
+            return None
 
     def list(self) -> list[str]:
         return [t for t in self._store.list_children(keys.TENANTS) if self.exists(t)]
