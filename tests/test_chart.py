@@ -666,3 +666,31 @@ def test_cluster_yaml_deploys_the_same_serve_app_as_the_chart() -> None:
     assert {d["name"] for d in vm_config["applications"][0]["deployments"]} == {
         d["name"] for d in chart_config["applications"][0]["deployments"]
     }
+
+
+# ---------------------------------------------------------------- versions the deployment files pin
+
+
+def test_deployment_files_agree_with_the_package() -> None:
+    """Chart appVersion, the chart's Ray version, and the image's Python and torch match pyproject."""
+    import tomllib
+
+    import lloco
+    from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = {Requirement(r).name: Requirement(r) for r in project["dependencies"]}
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert chart["appVersion"] == project["version"] == lloco.__version__
+    assert requirements["ray"].specifier == SpecifierSet(f"=={defaults['rayVersion']}")
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    build_args = dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile, re.MULTILINE))
+    assert SpecifierSet(project["requires-python"]).contains(build_args["PYTHON_VERSION"] + ".0")
+    assert requirements["torch"].specifier.contains(build_args["TORCH_VERSION"])
+    assert 'uv pip install --no-build-isolation ".[gpu]"' in dockerfile
+    final_user = re.findall(r"^USER (\S+)$", dockerfile, re.MULTILINE)[-1]
+    assert final_user.split(":")[0] not in {"0", "root"}
+    assert defaults["podSecurityContext"]["runAsUser"] == int(final_user.split(":")[0])
