@@ -216,6 +216,8 @@ def test_data_survives_a_new_server_on_the_same_dir(tmp_path: Path) -> None:
         store = ObjectStore(first.store_settings(bucket="durable"))
         store.ensure_bucket()
         store.put_bytes("k", b"v" * 1000)
+        sockets = list(Path("/tmp").glob(f"seaweedfs-s3-{first.port}.sock"))
+    assert sockets and not any(path.exists() for path in sockets)  # stop() cleans up weed's sockets
     with EmbeddedS3(tmp_path / "s3") as second:
         assert ObjectStore(second.store_settings(bucket="durable")).get_bytes("k") == b"v" * 1000
 

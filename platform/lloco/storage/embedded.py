@@ -35,6 +35,7 @@ STOP_TIMEOUT_S = 10.0
 _HOST = "127.0.0.1"
 _GRPC_OFFSET = 10_000  # weed's worker dials the admin gRPC port at admin port + 10000, whatever is configured
 _LOG_TAIL_BYTES = 4000
+_SOCKET_DIR = Path("/tmp")
 
 
 def weed_binary() -> Path:
@@ -63,6 +64,7 @@ class EmbeddedS3:
         self.secret_key = secret_key
         self._port = port
         self._process: subprocess.Popen[bytes] | None = None
+        self._ports: list[int] = []
 
     @property
     def port(self) -> int:
@@ -125,6 +127,19 @@ class EmbeddedS3:
             _free_port() for _ in range(7)
         )
         admin = _free_port_pair(_GRPC_OFFSET)
+        admin_grpc = admin + _GRPC_OFFSET
+        self._ports = [
+            self.port,
+            s3_grpc,
+            master,
+            master_grpc,
+            volume,
+            volume_grpc,
+            filer,
+            filer_grpc,
+            admin,
+            admin_grpc,
+        ]
         return [
             f"-dir={data}",
             f"-ip={_HOST}",
@@ -144,7 +159,7 @@ class EmbeddedS3:
             f"-filer.port={filer}",
             f"-filer.port.grpc={filer_grpc}",
             f"-admin.port={admin}",
-            f"-admin.port.grpc={admin + _GRPC_OFFSET}",
+            f"-admin.port.grpc={admin_grpc}",
         ]
 
     def _wait_ready(self) -> None:
@@ -199,7 +214,14 @@ class EmbeddedS3:
                 log.warning("embedded S3 ignored SIGTERM; killing", pid=process.pid)
                 _signal_group(process.pid, signal.SIGKILL)
                 process.wait()
+        self._remove_sockets()
         log.info("embedded S3 stopped", endpoint=self.endpoint_url, code=process.returncode)
+
+    def _remove_sockets(self) -> None:
+        """weed leaves unix sockets named by port in /tmp; remove ours so they do not pile up."""
+        for port in self._ports:
+            for path in _SOCKET_DIR.glob(f"seaweedfs-*-{port}.sock"):
+                path.unlink(missing_ok=True)
 
     def __enter__(self) -> EmbeddedS3:
         self.start()
