@@ -292,6 +292,20 @@ def test_resource_names_fit_for_a_long_release_name() -> None:
     assert len({(d["kind"], d["metadata"]["name"]) for d in docs}) == len(docs)
 
 
+def test_notes_tell_how_to_reach_the_api_and_the_jobs() -> None:
+    with helm.Chart.load(CHART) as chart:
+        notes = chart.render(load_values("gpu-autoscaling"), name=RELEASE, namespace=NAMESPACE)[
+            "lloco/templates/NOTES.txt"
+        ]
+        plain = chart.render({}, name=RELEASE, namespace=NAMESPACE)["lloco/templates/NOTES.txt"]
+    assert "demo-lloco-grpc.lloco.svc:50051" in notes
+    assert "kubectl -n lloco get rayservice demo-lloco-serve" in notes
+    assert "get secret demo-lloco-admin" in notes and "helm test demo -n lloco" in notes
+    assert 'compress: RayCronJob, schedule "15 * * * *"' in notes
+    assert "finetune: RayJob, runs once" in notes and "get rayjob demo-lloco-finetune" in notes
+    assert "Jobs:" not in plain
+
+
 # ---------------------------------------------------------------- values schema
 
 
@@ -398,17 +412,27 @@ def test_schema_and_comments_cover_every_value() -> None:
     walk(schema, defaults, "")
 
     # helm-docs style: every chart-owned key has a `# --` comment right above it.
+    missing = sorted(set(_documented_keys(schema, defaults)) - set(value_comments()))
+    assert not missing, f"values without a `# --` comment: {missing}"
+
+
+def value_comments() -> dict[str, str]:
+    """Dotted key -> its helm-docs `# --` comment in values.yaml (keys of mappings, not list items)."""
     lines = (CHART / "values.yaml").read_text().splitlines()
-    commented: set[str] = set()
+    comments: dict[str, str] = {}
     stack: list[tuple[int, str]] = []
     for number, line in enumerate(lines):
         match = re.match(r"^(\s*)(- )?([A-Za-z][\w.-]*):", line)
-        if not match or match.group(2):
+        if not match:
             continue
         indent = len(match.group(1))
+        if match.group(2):  # a list item: its keys sit one level below the list's "[]"
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            stack.append((indent, "[]"))
+            indent += 2
         while stack and stack[-1][0] >= indent:
             stack.pop()
-        dotted = ".".join([s for _, s in stack] + [match.group(3)])
         stack.append((indent, match.group(3)))
         above = number - 1
         while (
@@ -417,10 +441,49 @@ def test_schema_and_comments_cover_every_value() -> None:
             and not lines[above].strip().startswith("# --")
         ):
             above -= 1
-        if above >= 0 and lines[above].strip().startswith("# --"):
-            commented.add(dotted)
-    missing = sorted(set(_documented_keys(schema, defaults)) - commented)
-    assert not missing, f"values without a `# --` comment: {missing}"
+        if above >= 0 and lines[above].strip().startswith("# --") and "[]" not in (s for _, s in stack):
+            text = [lines[above].strip().removeprefix("# --").strip()]
+            text += [line.strip().removeprefix("#").strip() for line in lines[above + 1 : number]]
+            comments[".".join(s for _, s in stack)] = " ".join(text)
+    return comments
+
+
+def values_table() -> str:
+    """The README's table of values, generated from values.yaml comments, defaults and the schema."""
+    schema, defaults = _chart_schema(), yaml.safe_load((CHART / "values.yaml").read_text())
+    rows = ["| Key | Type | Default | Description |", "| --- | --- | --- | --- |"]
+    for dotted, comment in value_comments().items():
+        node, value = schema, defaults
+        for part in dotted.split("."):
+            node, value = node["properties"][part], value[part]
+        if "$ref" in node:
+            node = schema["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+        kind = node.get("type", "string or number")
+        shown = "" if "properties" in node else f"`{json.dumps(value)}`"
+        description = comment.replace("|", "\\|")
+        rows.append(f"| `{dotted}` | {kind} | {shown} | {description} |")
+    return "\n".join(rows) + "\n"
+
+
+def test_chart_readme_lists_every_value() -> None:
+    """charts/lloco/README.md carries the table generated from values.yaml (helm-docs style)."""
+    readme = (CHART / "README.md").read_text()
+    begin, end = "<!-- values:begin -->\n", "<!-- values:end -->"
+    assert begin in readme and end in readme
+    current = readme.split(begin, 1)[1].split(end, 1)[0]
+    assert current == values_table(), (
+        "charts/lloco/README.md is stale; regenerate its table with:\n"
+        '  .venv/bin/python -c \'import sys; sys.path[:0] = ["tests", "platform"]; '
+        "import test_chart; test_chart.write_readme_table()'"
+    )
+
+
+def write_readme_table() -> None:
+    """Rewrite the values table of charts/lloco/README.md from values.yaml."""
+    path = CHART / "README.md"
+    head, rest = path.read_text().split("<!-- values:begin -->\n", 1)
+    tail = rest.split("<!-- values:end -->", 1)[1]
+    path.write_text(f"{head}<!-- values:begin -->\n{values_table()}<!-- values:end -->{tail}")
 
 
 # ---------------------------------------------------------------- what the pods receive
@@ -505,7 +568,7 @@ def test_serve_config_is_a_valid_ray_serve_config(
         "lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server"
     )
     Settings.model_validate(app["args"])
-    engine = next(d for d in app["deployments"] if d["name"] == "Engine")
+    engine = next(d for d in app["deployments"] if d["name"] == "EngineDeployment")
     expected = {"numGpus": 1, **values.get("serve", {}).get("engine", {})}
     assert engine["ray_actor_options"]["num_gpus"] == expected["numGpus"]
     assert engine["autoscaling_config"]["max_replicas"] == expected.get("maxReplicas", 4)

@@ -351,7 +351,9 @@ Checks the values cannot express in the schema: unique worker group names, min <
 
 {{/*
 The Serve config (serveConfigV2): the application, its deployments' autoscaling, and the gRPC
-proxy options with the lloco and grpc.health.v1 servicers.
+proxy options with the lloco and grpc.health.v1 servicers. The deployment names are those of the
+code (lloco.serve.ingress.Ingress, lloco.serve.engine.EngineDeployment); `num_replicas: auto` makes
+the autoscaling config here replace the fixed replica count the code sets.
 */}}
 {{- define "lloco.serveConfig" -}}
 {{- $v := .Values }}
@@ -374,8 +376,9 @@ applications:
     args:
       {{- pick $settings "store" "model" "limits" "lora" "engine" "serve" | toYaml | nindent 6 }}
     deployments:
-      {{- range $name, $d := dict "Ingress" $v.serve.ingress "Engine" $v.serve.engine }}
+      {{- range $name, $d := dict "Ingress" $v.serve.ingress "EngineDeployment" $v.serve.engine }}
       - name: {{ $name }}
+        num_replicas: auto
         max_ongoing_requests: {{ int64 $d.maxOngoingRequests }}
         autoscaling_config:
           min_replicas: {{ int64 $d.minReplicas }}
