@@ -279,6 +279,60 @@ def test_services_and_policies_select_the_ray_pods(
         assert all(matches(metrics["spec"]["selector"], labels) for labels in all_pods)
 
 
+# What the KubeRay operator's own validation (ValidateRayServiceSpec, ValidateRayJobSpec,
+# ValidateRayCronJobSpec in ray-operator/controllers/ray/utils/validation.go, v1.7) refuses at reconcile
+# time, beyond the CRD schema.
+KUBERAY_NAME_LIMITS = {"RayService": 47, "RayJob": 47, "RayCronJob": 30}
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+CRON = re.compile(r"^(@(annually|yearly|monthly|weekly|daily|midnight|hourly)|(\S+\s+){4}\S+)$")
+
+
+def kuberay_refusals(docs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        if kind not in KUBERAY_NAME_LIMITS:
+            continue
+        if len(name) > KUBERAY_NAME_LIMITS[kind] or not DNS_1035.match(name):
+            problems.append(f"{kind} name {name!r} is not a DNS-1035 label of <= {KUBERAY_NAME_LIMITS[kind]}")
+        if kind == "RayCronJob":
+            spec = doc["spec"]
+            if "TZ" in spec["schedule"] or not CRON.match(spec["schedule"]):
+                problems.append(f"{name}: schedule {spec['schedule']!r}")
+            if spec.get("timeZone", "unset") == "":
+                problems.append(f"{name}: empty timeZone")
+    for spec in ray_job_specs(docs):
+        if spec.get("activeDeadlineSeconds", 1) <= 0 or spec.get("backoffLimit", 0) < 0:
+            problems.append("RayJob deadline or backoffLimit out of range")
+        if spec.get("ttlSecondsAfterFinished", 0) > 0 and not spec.get("shutdownAfterJobFinishes"):
+            problems.append("ttlSecondsAfterFinished without shutdownAfterJobFinishes")
+    for cluster in ray_cluster_specs(docs):
+        v2 = cluster.get("autoscalerOptions", {}).get("version") == "v2"
+        groups = [cluster["headGroupSpec"], *cluster.get("workerGroupSpecs", [])]
+        for group in groups:
+            if any(not isinstance(v, str) for v in group.get("rayStartParams", {}).values()):
+                problems.append("rayStartParams values must be strings")
+            if group.get("resources") and {"num-cpus", "num-gpus", "memory", "resources"} & set(
+                group["rayStartParams"]
+            ):
+                problems.append("resources in both rayStartParams and the group's resources")
+            if v2 and group["template"]["spec"].get("restartPolicy", "Never") != "Never":
+                problems.append("restartPolicy must be Never or unset with autoscaler v2")
+        for group in cluster.get("workerGroupSpecs", []):
+            if "idleTimeoutSeconds" in group and not v2:
+                problems.append(f"group {group['groupName']}: idleTimeoutSeconds needs autoscaler v2")
+            if not 0 <= group["minReplicas"] <= group["maxReplicas"]:
+                problems.append(f"group {group['groupName']}: minReplicas > maxReplicas")
+    return problems
+
+
+def test_kuberay_operator_would_accept_the_resources(
+    case: tuple[str, dict[str, Any], list[dict[str, Any]]],
+) -> None:
+    _, _, docs = case
+    assert not kuberay_refusals(docs)
+
+
 def test_resource_names_fit_for_a_long_release_name() -> None:
     release = "a-release-name-that-is-as-long-as-helm-allows-it-53ch"
     assert len(release) == 53
@@ -286,9 +340,7 @@ def test_resource_names_fit_for_a_long_release_name() -> None:
     for doc in docs:
         name = doc["metadata"]["name"]
         assert DNS_LABEL.match(name) and len(name) <= 63, name
-        if doc["kind"] in KUBERAY_KINDS:
-            # KubeRay derives cluster, pod and service names from these.
-            assert len(name) <= 40, name
+    assert not kuberay_refusals(docs)
     assert len({(d["kind"], d["metadata"]["name"]) for d in docs}) == len(docs)
 
 

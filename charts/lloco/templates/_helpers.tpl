@@ -65,6 +65,15 @@ app.kubernetes.io/part-of: lloco
 {{- default (include "lloco.resourceName" (dict "root" . "suffix" "admin")) .Values.adminKey.existingSecret }}
 {{- end }}
 
+{{/*
+The name of a job's RayJob or RayCronJob. KubeRay derives cluster and pod names from it, and a
+RayCronJob's child RayJobs add a suffix: 40 and 30 characters leave room for both.
+Args: root, job, values.
+*/}}
+{{- define "lloco.jobName" -}}
+{{- include "lloco.resourceName" (dict "root" .root "suffix" .job "max" (ternary 30 40 (not (empty .values.schedule)))) }}
+{{- end }}
+
 {{- define "lloco.grpcServiceName" -}}
 {{- include "lloco.resourceName" (dict "root" . "suffix" "grpc") }}
 {{- end }}
@@ -279,6 +288,7 @@ in-tree autoscaler. Args: root, component, workerGroups.
 rayVersion: {{ $v.rayVersion | quote }}
 enableInTreeAutoscaling: true
 autoscalerOptions:
+  version: v2
   upscalingMode: {{ $v.autoscaler.upscalingMode }}
   idleTimeoutSeconds: {{ int64 $v.autoscaler.idleTimeoutSeconds }}
   imagePullPolicy: {{ $v.image.pullPolicy }}
