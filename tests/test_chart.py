@@ -189,7 +189,7 @@ def _refuse_unknown_fields(schema: Any) -> Any:
 def kuberay_validators() -> dict[str, jsonschema.Draft7Validator]:
     validators = {}
     for kind, plural in KUBERAY_KINDS.items():
-        crd = yaml.safe_load((KUBERAY_SCHEMAS / f"ray.io_{plural}.yaml").read_text())
+        crd = yaml.load((KUBERAY_SCHEMAS / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
         (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
         schema = _refuse_unknown_fields(version["schema"]["openAPIV3Schema"])
         validators[kind] = jsonschema.Draft7Validator(schema)
