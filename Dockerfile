@@ -34,7 +34,8 @@ RUN uv python install ${PYTHON_VERSION} \
     && uv pip install "torch==${TORCH_VERSION}" --index-url ${TORCH_INDEX_URL} \
     && uv pip install packaging ninja psutil setuptools wheel
 WORKDIR /src
-COPY pyproject.toml README.md NOTICE ./
+# README is package metadata only; the wildcard keeps the build working in a checkout without it.
+COPY pyproject.toml README* NOTICE ./
 COPY platform/ platform/
 # First the package and its dependencies (torch stays the CUDA build above), then the `gpu` extra
 # without build isolation, since flash-attn compiles against the installed torch.
