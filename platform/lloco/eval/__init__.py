@@ -1,0 +1,1 @@
+"""Quality evaluation: datasets, baselines, metrics."""
