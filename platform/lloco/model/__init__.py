@@ -1,0 +1,44 @@
+"""Model core: Llama-family forward, multi-LoRA slots, compressor, continuous-batching generation.
+
+Plain PyTorch; nothing here imports Ray or other platform rooms (``lloco.storage`` only lazily, for s3://).
+"""
+
+from lloco.model.compressor import Compressor, CompressorConfig, load_compressor
+from lloco.model.config import LlamaConfig
+from lloco.model.generate import (
+    GenerationRequest,
+    Generator,
+    SamplingParams,
+    StepOutput,
+    generate,
+    truncate_at_stop,
+)
+from lloco.model.llama import KVCache, Llama
+from lloco.model.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_dtype
+from lloco.model.lora import LoraAdapter, LoraBatch, LoraSlots
+from lloco.model.prompt import chat_prompt
+from lloco.model.tiny import tiny_llama_dir
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "Compressor",
+    "CompressorConfig",
+    "GenerationRequest",
+    "Generator",
+    "KVCache",
+    "Llama",
+    "LlamaConfig",
+    "LoadedModel",
+    "LoraAdapter",
+    "LoraBatch",
+    "LoraSlots",
+    "SamplingParams",
+    "StepOutput",
+    "chat_prompt",
+    "generate",
+    "load_compressor",
+    "load_model",
+    "resolve_dtype",
+    "tiny_llama_dir",
+    "truncate_at_stop",
+]

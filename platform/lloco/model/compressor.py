@@ -1,0 +1,278 @@
+"""AutoCompressor-style context encoder: a document becomes k summary vectors per segment.
+
+Segment i of a document runs through the base model as
+``[summary vectors of segments < i (if accumulate)] + segment i tokens + k summary embeddings``
+(contiguous positions from 0), and the final-normed hidden states at the k summary positions are segment
+i's summary vectors. The i-th segments of many documents run as one right-padded batch; a shorter last
+segment just has its summary positions earlier in its row. Without accumulation every segment is encoded
+on its own. An optional LoRA adapter (PEFT files, e.g. from compressor pretraining) is applied through a
+one-slot ``LoraSlots``, so the compressor shares the base weights with the decoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
+from lloco.model.config import LlamaConfig
+from lloco.model.loading import LoadedModel, build_llama, download_prefix, model_id_for, read_state_dict
+from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, LoraSlots, peft_geometry
+
+if TYPE_CHECKING:
+    from lloco.storage import ObjectStore
+
+CONFIG_NAME = "compressor.json"
+EMBEDS_NAME = "summary_embeddings.safetensors"
+FORMAT = "lloco-compressor/1"
+SHIPPED = Path(__file__).parent / "compressors"
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class CompressorConfig:
+    compressor_id: str
+    segment_len: int
+    k: int
+    accumulate: bool
+    base_model: str
+    dim: int
+
+    def __post_init__(self) -> None:
+        if self.segment_len < 1 or self.k < 1:
+            raise InvalidArgument(f"segment_len and k must be >= 1, got {self.segment_len}, {self.k}")
+        if not _ID.fullmatch(self.compressor_id):
+            raise InvalidArgument(f"compressor id {self.compressor_id!r} must match {_ID.pattern}")
+
+
+class Compressor:
+    """Encodes token sequences into summary vectors with a frozen base model.
+
+    Args:
+        base: the base model it runs on.
+        summary_embeds: [k, D] learned summary-token embeddings.
+        segment_len: tokens per segment.
+        accumulate: feed summaries of earlier segments before each segment.
+        adapter_files: optional PEFT adapter (adapter_config.json, adapter_model.safetensors bytes).
+        compressor_id: stable id of these weights; None derives one from the base model, geometry and a
+            digest of the weights.
+    """
+
+    def __init__(
+        self,
+        base: LoadedModel,
+        summary_embeds: Tensor,
+        segment_len: int,
+        accumulate: bool,
+        adapter_files: dict[str, bytes] | None = None,
+        compressor_id: str | None = None,
+    ) -> None:
+        if summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
+            raise FailedPrecondition(
+                f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
+            )
+        k = summary_embeds.shape[0]
+        if compressor_id is None:
+            digest = hashlib.sha256(summary_embeds.detach().float().cpu().numpy().tobytes())
+            for name in sorted(adapter_files or {}):
+                digest.update(adapter_files[name])
+            flag = "-acc" if accumulate else ""
+            compressor_id = f"{base.model_id[:80]}-s{segment_len}-k{k}{flag}-{digest.hexdigest()[:12]}"
+        self.config = CompressorConfig(
+            compressor_id, segment_len, k, accumulate, base.model_id, base.config.dim
+        )
+        self.base = base
+        model = base.model
+        self.summary_embeds = summary_embeds.detach().to(device=model.device, dtype=model.dtype)
+        self.adapter_files = adapter_files
+        self.lora: LoraSlots | None = None
+        if adapter_files is not None:
+            targets, rank = peft_geometry(adapter_files)
+            self.lora = LoraSlots(base.config, 1, rank, targets, model.device, model.dtype)
+            self.lora.load(0, adapter_files)
+
+    compressor_id = property(lambda self: self.config.compressor_id)
+    segment_len = property(lambda self: self.config.segment_len)
+    k = property(lambda self: self.config.k)
+    accumulate = property(lambda self: self.config.accumulate)
+
+    @classmethod
+    def from_base(
+        cls, base: LoadedModel, segment_len: int, k: int, accumulate: bool, seed: int = 0
+    ) -> Compressor:
+        """Fresh summary embeddings: the EOS embedding (as AutoCompressors initialise) plus seeded noise at
+        10% of the embedding table's scale, so the k tokens start distinct. Untrained: for pretraining/tests.
+        """
+        table = base.model.embed(torch.arange(base.config.vocab_size, device=base.model.device)).float()
+        eos = base.config.eos_token_ids[0] if base.config.eos_token_ids else 0
+        generator = torch.Generator().manual_seed(seed)
+        noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.std().item()
+        return cls(base, table[eos].cpu()[None] + noise, segment_len, accumulate)
+
+    @torch.no_grad()
+    def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:
+        """Summary vectors of each document: [ceil(n / segment_len) * k, D] in the model's dtype and device.
+
+        The i-th segments of all documents run together, ``batch_size`` rows per forward.
+        """
+        if batch_size < 1:
+            raise InvalidArgument(f"batch_size must be >= 1, got {batch_size}")
+        model, size = self.base.model, self.segment_len
+        vocab = self.base.config.vocab_size
+        if any(not 0 <= t < vocab for doc in token_ids for t in doc):
+            raise InvalidArgument(f"token ids must be in [0, {vocab})")
+        segments = [[doc[j : j + size] for j in range(0, len(doc), size)] for doc in token_ids]
+        summaries: list[list[Tensor]] = [[] for _ in token_ids]
+        for i in range(max((len(s) for s in segments), default=0)):
+            docs = [d for d, segs in enumerate(segments) if len(segs) > i]
+            for start in range(0, len(docs), batch_size):
+                chunk = docs[start : start + batch_size]
+                outputs = self._encode([segments[d][i] for d in chunk], [summaries[d] for d in chunk])
+                for d, vectors in zip(chunk, outputs, strict=True):
+                    summaries[d].append(vectors)
+        empty = torch.zeros(0, self.base.config.dim, device=model.device, dtype=model.dtype)
+        return [torch.cat(parts) if parts else empty for parts in summaries]
+
+    def _encode(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> Tensor:
+        """One batch of same-index segments -> summary vectors [B, k, D]."""
+        model, k, dim = self.base.model, self.k, self.base.config.dim
+        device = model.device
+        prefix = sum(p.shape[0] for p in earlier[0]) if self.accumulate else 0
+        lengths = [prefix + len(seg) + k for seg in segments]
+        embeds = torch.zeros(len(segments), max(lengths), dim, device=device, dtype=model.dtype)
+        for row, (seg, parts) in enumerate(zip(segments, earlier, strict=True)):
+            if prefix:
+                embeds[row, :prefix] = torch.cat(parts)
+            embeds[row, prefix : prefix + len(seg)] = model.embed(torch.tensor(seg, device=device))
+            embeds[row, prefix + len(seg) : lengths[row]] = self.summary_embeds
+        lora = None
+        if self.lora is not None:
+            lora = self.lora.batch(torch.zeros(len(segments), dtype=torch.int64, device=device))
+        hidden = model.hidden(embeds, lora)
+        starts = torch.tensor([length - k for length in lengths], device=device)
+        index = starts[:, None] + torch.arange(k, device=device)[None, :]
+        return hidden[torch.arange(len(segments), device=device)[:, None], index]
+
+    def save(self, directory: Path | str) -> Path:
+        """Write compressor.json, the summary embeddings and the adapter files (if any) to ``directory``."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2))
+        save_file({"summary_embeds": self.summary_embeds.float().cpu().contiguous()}, directory / EMBEDS_NAME)
+        for name, data in (self.adapter_files or {}).items():
+            (directory / name).write_bytes(data)
+        return directory
+
+    @classmethod
+    def load(cls, directory: Path | str, base: LoadedModel) -> Compressor:
+        """Load what ``save`` wrote, onto ``base``.
+
+        Raises:
+            NotFound: no compressor.json. FailedPrecondition: written for a different model width.
+        """
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file():
+            raise NotFound(f"no {CONFIG_NAME} in {directory}")
+        raw = json.loads((directory / CONFIG_NAME).read_text())
+        if raw.get("format") != FORMAT:
+            raise FailedPrecondition(
+                f"{directory / CONFIG_NAME} has format {raw.get('format')!r}, expected {FORMAT}"
+            )
+        if raw["dim"] != base.config.dim:
+            raise FailedPrecondition(
+                f"compressor {raw['compressor_id']} is for width {raw['dim']}, base model {base.model_id} has "
+                f"{base.config.dim}"
+            )
+        embeds = load_file(directory / EMBEDS_NAME)["summary_embeds"]
+        adapter = None
+        if (directory / CONFIG_FILE).is_file():
+            adapter = {name: (directory / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        return cls(base, embeds, raw["segment_len"], raw["accumulate"], adapter, raw["compressor_id"])
+
+    @classmethod
+    def load_autocompressor(
+        cls,
+        directory: Path | str,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        segment_len: int = 1536,
+    ) -> Compressor:
+        """Load a princeton-nlp AutoCompressor checkpoint: HF Llama weights plus ``embed_summary.weight``
+        [k, D], ``summary_length`` (k) and ``accumulate_summary`` in config.json. It runs on its own weights
+        (its base is the checkpoint itself). ``segment_len`` defaults to the paper's 1536 unless the config
+        names one (``segment_length``).
+
+        Raises:
+            NotFound: not a checkpoint dir. FailedPrecondition: no summary embeddings / summary_length.
+        """
+        from transformers import AutoTokenizer
+
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise NotFound(f"{directory} has no config.json")
+        raw = json.loads((directory / "config.json").read_text())
+        state = read_state_dict(directory)
+        summary = state.pop("embed_summary.weight", None)
+        if summary is None or "summary_length" not in raw:
+            raise FailedPrecondition(f"{directory} is not an AutoCompressor (embed_summary / summary_length)")
+        if summary.shape[0] != raw["summary_length"]:
+            raise FailedPrecondition(
+                f"embed_summary has {summary.shape[0]} rows, summary_length {raw['summary_length']}"
+            )
+        device = torch.device(device)
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        config = LlamaConfig.from_hf(raw)
+        model = build_llama(config, state, dtype, device)
+        tokenizer = (
+            AutoTokenizer.from_pretrained(directory)
+            if (directory / "tokenizer_config.json").is_file()
+            else None
+        )
+        base = LoadedModel(model, tokenizer, config, model_id_for(str(directory.resolve())), directory)
+        segment = int(raw.get("segment_length", segment_len))
+        return cls(base, summary, segment, bool(raw.get("accumulate_summary", True)))
+
+
+def load_compressor(
+    spec: str, base: LoadedModel, cache_dir: Path | None = None, store: ObjectStore | None = None
+) -> Compressor:
+    """A compressor from a spec: "default" (shipped for the base model), a directory, or an s3:// prefix.
+
+    A directory holds either our format (compressor.json) or a princeton-nlp AutoCompressor checkpoint.
+
+    Raises:
+        FailedPrecondition: no compressor is shipped for this base model, or widths differ.
+        NotFound / InvalidArgument: the spec names nothing usable.
+    """
+    if spec == "default":
+        directory = SHIPPED / base.model_id
+        if not (directory / CONFIG_NAME).is_file():
+            raise FailedPrecondition(
+                f"no compressor is shipped for base model {base.model_id!r}; train one "
+                "(`lloco pretrain-compressor`) and pass its directory or s3:// prefix"
+            )
+        return Compressor.load(directory, base)
+    if spec.startswith("s3://"):
+        if cache_dir is None:
+            raise InvalidArgument("an s3:// compressor spec needs a cache_dir")
+        directory = download_prefix(spec, Path(cache_dir), store)
+    else:
+        directory = Path(spec).expanduser()
+    if (directory / CONFIG_NAME).is_file():
+        return Compressor.load(directory, base)
+    if (directory / "config.json").is_file():
+        compressor = Compressor.load_autocompressor(directory, base.model.device, base.model.dtype)
+        if compressor.base.config.dim != base.config.dim:
+            raise FailedPrecondition(
+                f"AutoCompressor width {compressor.base.config.dim} differs from the decoder's {base.config.dim}"
+            )
+        return compressor
+    raise NotFound(f"compressor spec {spec!r}: no {CONFIG_NAME} or AutoCompressor config.json in {directory}")

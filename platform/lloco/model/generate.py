@@ -1,0 +1,477 @@
+"""Continuous batching over a static KV cache: requests join and leave between decode steps.
+
+The hot path (``Generator._decode_body``) has static shapes per (batch bucket, key-length bucket, adapters
+on/off, sampling mode): on CUDA each such shape is captured once as a CUDA graph and replayed; with
+``compile=True`` the layer function inside it is compiled once by ``torch.compile`` (the one compile site).
+Sampling runs on the device from per-row parameters, with noise hashed from (seed, position), so a row's
+tokens do not depend on which other rows share its batch. The host reads the new tokens once per step.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import uuid
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from lloco.model.llama import Block, BlockFn, KVCache, Llama
+from lloco.model.lora import LoraSlots
+
+if TYPE_CHECKING:
+    from lloco.model.loading import LoadedModel
+
+SampleMode = Literal["greedy", "sample", "top_p"]
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; temperature 0 is greedy."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
+        if any(not s for s in self.stop):
+            raise InvalidArgument("stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One new token of one request; ``reason`` ("eos", "stop", "length") when it finished the request."""
+
+    request_id: str
+    token_id: int
+    finished: bool
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """Input of ``generate``: prefix embeddings [P, D] (compressed context) then prompt tokens."""
+
+    prompt_ids: list[int]
+    prefix_embeds: Tensor | None = None
+    slot: int = -1
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class _Row:
+    request_id: str
+    index: int
+    slot: int
+    params: SamplingParams
+    seed: int
+    prefix: Tensor | None
+    prompt_ids: list[int]
+    position: int = 0  # where the next fed token sits (= tokens in the cache)
+    generated: list[int] = field(default_factory=list)
+
+    @property
+    def input_len(self) -> int:
+        return (0 if self.prefix is None else self.prefix.shape[0]) + len(self.prompt_ids)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash on int64 tensors holding values in [0, 2**32) (products stay below 2**63)."""
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    x = ((x >> 16) ^ x) * _MIX & _M32
+    return (x >> 16) ^ x
+
+
+def gumbel_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
+    """Gumbel(0, 1) noise [B, V], a pure function of (seed, position, token id): no RNG state, no host sync."""
+    key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32))
+    key = _mix32(key ^ _mix32(positions & _M32))
+    ids = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64))
+    bits = _mix32(key[:, None] ^ ids[None, :])
+    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)
+    return -torch.log(-torch.log(uniform))
+
+
+def sample(
+    logits: Tensor, temperature: Tensor, top_p: Tensor, seeds: Tensor, positions: Tensor, mode: SampleMode
+) -> Tensor:
+    """Next tokens [B] from fp32 logits [B, V] and per-row temperature/top_p/seed; temperature 0 rows are greedy.
+
+    ``positions`` [B] are the positions of the tokens being sampled (they key the noise).
+    """
+    greedy = logits.argmax(-1)
+    if mode == "greedy":
+        return greedy
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    if mode == "top_p":
+        ordered = scaled.sort(-1, descending=True).values
+        probs = ordered.softmax(-1)
+        kept = (probs.cumsum(-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1)
+        cutoff = ordered.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
+        scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
+    sampled = (scaled + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
+    """Text before the earliest stop string (all of it when none occurs)."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _bucket(n: int, granule: int, cap: int) -> int:
+    return min(-(-n // granule) * granule, cap)
+
+
+def _pow2_bucket(n: int, cap: int) -> int:
+    return min(1 << (n - 1).bit_length(), cap)
+
+
+class Generator:
+    """Continuous batching: ``add`` requests, call ``step`` until they finish; rows are cache rows.
+
+    Args:
+        model: the base model (on its device and dtype).
+        lora: adapter slots, or None for base-model-only serving.
+        max_batch: rows of the KV cache (requests decoded at once).
+        max_seq_len: prefix + prompt + generated tokens per row.
+        device, dtype: must match the model's (None: take the model's).
+        tokenizer: needed for stop strings; its EOS token ends requests.
+        eos_token_ids: tokens that end a request (default: the model config's and the tokenizer's).
+        compile: compile the layer function of the decode step (CUDA; compile time on first use).
+        cuda_graphs: capture decode steps as CUDA graphs (default: on CUDA).
+        max_prefill_tokens: padded tokens per prefill forward; longer batches prefill in several forwards.
+        kv_bucket: key-length granularity of decode shapes (more shapes vs less padding).
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        lora: LoraSlots | None,
+        max_batch: int,
+        max_seq_len: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        tokenizer: Any = None,
+        *,
+        eos_token_ids: Iterable[int] | None = None,
+        compile: bool = False,
+        cuda_graphs: bool | None = None,
+        max_prefill_tokens: int = 16384,
+        kv_bucket: int = 128,
+    ) -> None:
+        self.device = torch.device(device) if device is not None else model.device
+        self.dtype = dtype or model.dtype
+        if self.device != model.device or self.dtype != model.dtype:
+            raise InvalidArgument(
+                f"model is on {model.device}/{model.dtype}, generator asked {self.device}/{self.dtype}"
+            )
+        if max_batch < 1 or max_seq_len < 2:
+            raise InvalidArgument(
+                f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}"
+            )
+        if lora is not None and (lora.device != self.device or lora.dtype != self.dtype):
+            raise InvalidArgument(
+                f"LoRA slots on {lora.device}/{lora.dtype}, model on {self.device}/{self.dtype}"
+            )
+        self.model, self.lora, self.tokenizer = model, lora, tokenizer
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.max_prefill_tokens, self.kv_bucket = max_prefill_tokens, kv_bucket
+        eos = set(model.config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
+        if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_token_ids = frozenset(eos)
+        model.fuse_projections()
+        model.ensure_positions(max_seq_len)
+        self.cache = KVCache.allocate(model.config, max_batch, max_seq_len, self.device, self.dtype)
+        pin = self.device.type == "cuda"
+        # per-row decode inputs: tokens, positions, slots, seeds | temperature, top_p
+        self._host_long = torch.zeros(4, max_batch, dtype=torch.int64, pin_memory=pin)
+        self._host_float = torch.zeros(2, max_batch, dtype=torch.float32, pin_memory=pin)
+        self._long = torch.zeros(4, max_batch, dtype=torch.int64, device=self.device)
+        self._float = torch.zeros(2, max_batch, dtype=torch.float32, device=self.device)
+        self._next = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
+        self._block_fn: BlockFn = torch.compile(Block.infer, dynamic=None) if compile else Block.infer
+        self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
+        self._free = list(range(max_batch))
+        self._rows: dict[str, _Row] = {}
+        self._pending: list[_Row] = []
+        self._seeds = random.Random()
+
+    # -- requests -------------------------------------------------------------------------------------
+
+    def add(
+        self,
+        request_id: str,
+        prefix_embeds: Tensor | None,
+        prompt_ids: Sequence[int],
+        slot: int = -1,
+        params: SamplingParams | None = None,
+    ) -> None:
+        """Queue a request; it is prefilled at the next ``step``.
+
+        Args:
+            request_id: unique among running requests.
+            prefix_embeds: [P, D] embeddings placed before the prompt (compressed contexts), or None.
+            prompt_ids: prompt token ids.
+            slot: LoRA slot, -1 for the base model.
+            params: sampling parameters (default greedy, 256 tokens).
+        Raises:
+            AlreadyExists: the id is running. ResourceExhausted: no free row.
+            InvalidArgument: empty input, too long for max_seq_len, bad slot, token ids or prefix shape.
+        """
+        params = params or SamplingParams()
+        if request_id in self._rows:
+            raise AlreadyExists(f"request {request_id!r} is already running")
+        vocab = self.model.config.vocab_size
+        prompt = [int(t) for t in prompt_ids]
+        if any(not 0 <= t < vocab for t in prompt):
+            raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
+        if prefix_embeds is not None:
+            if prefix_embeds.ndim != 2 or prefix_embeds.shape[1] != self.model.config.dim:
+                raise InvalidArgument(
+                    f"prefix embeddings must be [P, {self.model.config.dim}], got {tuple(prefix_embeds.shape)}"
+                )
+            prefix_embeds = prefix_embeds.to(device=self.device, dtype=self.dtype)
+        row = _Row(request_id, -1, slot, params, 0, prefix_embeds, prompt)
+        if row.input_len == 0:
+            raise InvalidArgument("a request needs prefix embeddings or prompt tokens")
+        if row.input_len + params.max_new_tokens > self.max_seq_len:
+            raise InvalidArgument(
+                f"{row.input_len} input + {params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}"
+            )
+        if slot != -1 and (self.lora is None or not 0 <= slot < self.lora.n_slots):
+            raise InvalidArgument(f"LoRA slot {slot} does not exist")
+        if params.stop and self.tokenizer is None:
+            raise InvalidArgument("stop strings need a generator with a tokenizer")
+        if not self._free:
+            raise ResourceExhausted(f"all {self.max_batch} rows are busy")
+        row.index = heapq.heappop(self._free)
+        row.seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
+        self._rows[request_id] = row
+        self._pending.append(row)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request and free its row; finished or unknown ids are ignored."""
+        row = self._rows.pop(request_id, None)
+        if row is None:
+            return
+        if row in self._pending:
+            self._pending.remove(row)
+        heapq.heappush(self._free, row.index)
+
+    def active(self) -> int:
+        """Requests queued or decoding."""
+        return len(self._rows)
+
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    # -- stepping -------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Decode one token for every running row, then prefill queued rows (their first token)."""
+        outputs: list[StepOutput] = []
+        decoding = [row for row in self._rows.values() if row.generated]
+        if decoding:
+            outputs += self._decode(decoding)
+        while self._pending:
+            outputs += self._prefill(self._take_prefill_chunk())
+        return outputs
+
+    def _take_prefill_chunk(self) -> list[_Row]:
+        chunk: list[_Row] = []
+        longest = 0
+        for row in self._pending:
+            longest = max(longest, row.input_len)
+            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
+                break
+            chunk.append(row)
+        del self._pending[: len(chunk)]
+        return chunk
+
+    def _prefill(self, rows: list[_Row]) -> list[StepOutput]:
+        lengths = [row.input_len for row in rows]
+        embeds = torch.zeros(
+            len(rows), max(lengths), self.model.config.dim, device=self.device, dtype=self.dtype
+        )
+        for i, row in enumerate(rows):
+            parts = [] if row.prefix is None else [row.prefix]
+            if row.prompt_ids:
+                parts.append(self.model.embed(torch.tensor(row.prompt_ids, device=self.device)))
+            embeds[i, : lengths[i]] = torch.cat(parts)
+            row.prefix = None  # in the cache now
+        as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
+        lora = self._lora_batch(as_long([row.slot for row in rows]), [row.slot for row in rows])
+        logits = self.model.prefill(
+            embeds, self.cache, as_long([row.index for row in rows]), as_long(lengths) - 1, lora
+        )
+        params = [row.params for row in rows]
+        tokens = sample(
+            logits,
+            torch.tensor([p.temperature for p in params], device=self.device),
+            torch.tensor([p.top_p for p in params], device=self.device),
+            as_long([row.seed for row in rows]),
+            as_long(lengths),
+            self._mode(params),
+        ).tolist()
+        outputs = []
+        for row, length, token in zip(rows, lengths, tokens, strict=True):
+            row.position = length
+            outputs.append(self._emit(row, token))
+        return outputs
+
+    def _decode(self, rows: list[_Row]) -> list[StepOutput]:
+        batch = _pow2_bucket(max(row.index for row in rows) + 1, self.max_batch)
+        kv_len = _bucket(max(row.position for row in rows) + 1, self.kv_bucket, self.max_seq_len)
+        host_long, host_float = self._host_long.numpy(), self._host_float.numpy()
+        host_long[:, :batch] = 0
+        host_long[2, :batch] = -1
+        host_float[:, :batch] = 0
+        index = [row.index for row in rows]
+        host_long[:, index] = [
+            [row.generated[-1] for row in rows],
+            [row.position for row in rows],
+            [row.slot for row in rows],
+            [row.seed for row in rows],
+        ]
+        host_float[:, index] = [[row.params.temperature for row in rows], [row.params.top_p for row in rows]]
+        self._long[:, :batch].copy_(self._host_long[:, :batch], non_blocking=True)
+        self._float[:, :batch].copy_(self._host_float[:, :batch], non_blocking=True)
+        use_lora = self.lora is not None and any(row.slot >= 0 for row in rows)
+        key = (batch, kv_len, use_lora, self._mode([row.params for row in rows]))
+        if self._use_graphs:
+            self._replay(key)
+        else:
+            self._decode_body(*key)
+        tokens = self._next[:batch].tolist()
+        outputs = []
+        for row in rows:
+            row.position += 1
+            outputs.append(self._emit(row, tokens[row.index]))
+        return outputs
+
+    def _decode_body(self, batch: int, kv_len: int, use_lora: bool, mode: SampleMode) -> None:
+        """The static-shape decode step: reads the per-row input buffers, writes ``_next``."""
+        tokens, positions, slots, seeds = self._long[:, :batch]
+        lora = self.lora.batch(slots) if use_lora else None
+        logits = self.model.decode(tokens, positions, self.cache, kv_len, lora, self._block_fn)
+        temperature, top_p = self._float[:, :batch]
+        self._next[:batch].copy_(sample(logits, temperature, top_p, seeds, positions + 1, mode))
+
+    def _replay(self, key: tuple[int, int, bool, str]) -> None:
+        graph = self._graphs.get(key)
+        if graph is None:
+            # Warm up outside capture (compilation, autotuning); it computes what the replay recomputes.
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._decode_body(*key)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                self._decode_body(*key)
+            self._graphs[key] = graph
+        graph.replay()
+
+    def _lora_batch(self, slots: Tensor, host_slots: list[int]) -> Any:
+        if self.lora is None or all(s < 0 for s in host_slots):
+            return None
+        return self.lora.batch(slots)
+
+    @staticmethod
+    def _mode(params: list[SamplingParams]) -> SampleMode:
+        sampling = [p for p in params if p.temperature > 0]
+        if not sampling:
+            return "greedy"
+        return "top_p" if any(p.top_p < 1 for p in sampling) else "sample"
+
+    def _emit(self, row: _Row, token: int) -> StepOutput:
+        row.generated.append(token)
+        reason = None
+        if token in self.eos_token_ids:
+            reason = "eos"
+        elif row.params.stop and self._hit_stop(row):
+            reason = "stop"
+        elif len(row.generated) >= row.params.max_new_tokens:
+            reason = "length"
+        if reason is not None:
+            self._rows.pop(row.request_id)
+            heapq.heappush(self._free, row.index)
+        return StepOutput(row.request_id, token, reason is not None, reason)
+
+    def _hit_stop(self, row: _Row) -> bool:
+        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        return any(s in text for s in row.params.stop)
+
+
+def generate(
+    gen_or_model: Generator | LoadedModel,
+    requests: Sequence[GenerationRequest],
+    tokenizer: Any = None,
+    max_batch: int = 8,
+) -> list[str]:
+    """Run requests to completion (continuous batching) and return their texts, cut at stop strings.
+
+    Given a ``LoadedModel``, builds a base-model Generator sized for the requests; given an idle Generator,
+    uses its rows and adapters.
+
+    Raises:
+        FailedPrecondition: the Generator is running other requests (their tokens would be lost here).
+    """
+    if isinstance(gen_or_model, Generator):
+        gen = gen_or_model
+        if gen.active():
+            raise FailedPrecondition(f"generate needs an idle Generator; {gen.active()} requests are running")
+        tokenizer = tokenizer or gen.tokenizer
+    else:
+        tokenizer = tokenizer or gen_or_model.tokenizer
+        needed = max(
+            (0 if r.prefix_embeds is None else r.prefix_embeds.shape[0])
+            + len(r.prompt_ids)
+            + r.params.max_new_tokens
+            for r in requests
+        )
+        gen = Generator(gen_or_model.model, None, min(max_batch, len(requests)), needed, tokenizer=tokenizer)
+    if tokenizer is None:
+        raise InvalidArgument("generate needs a tokenizer to return texts")
+    run = uuid.uuid4().hex[:8]
+    ids = {f"{run}-{i}": i for i in range(len(requests))}
+    queue = deque(ids.items())
+    tokens: dict[int, list[int]] = {i: [] for i in ids.values()}
+    finished: set[int] = set()
+    while len(finished) < len(requests):
+        while queue and gen.free_rows():
+            request_id, i = queue.popleft()
+            request = requests[i]
+            gen.add(request_id, request.prefix_embeds, request.prompt_ids, request.slot, request.params)
+        for out in gen.step():
+            i = ids[out.request_id]
+            if out.reason != "eos":
+                tokens[i].append(out.token_id)
+            if out.finished:
+                finished.add(i)
+    return [
+        truncate_at_stop(tokenizer.decode(tokens[i], skip_special_tokens=True), requests[i].params.stop)
+        for i in range(len(requests))
+    ]

@@ -1,0 +1,172 @@
+"""Continuous batching: a mixed batch generates exactly what each request generates alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from lloco.model import (
+    GenerationRequest,
+    Generator,
+    LoraSlots,
+    SamplingParams,
+    chat_prompt,
+    generate,
+    load_model,
+)
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def slots(base, tmp_path_factory: pytest.TempPathFactory) -> LoraSlots:
+    """Two random adapters (peft-written) in slots 0 and 1."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    lora = LoraSlots(base.config, n_slots=3, max_rank=8)
+    for slot, rank in ((0, 4), (1, 8)):
+        torch.manual_seed(slot)
+        hf = LlamaForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        config = LoraConfig(
+            r=rank, lora_alpha=16, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False
+        )
+        out = tmp_path_factory.mktemp(f"adapter{slot}")
+        get_peft_model(hf, config).save_pretrained(out)
+        lora.load(slot, out)
+    return lora
+
+
+def requests(base) -> list[GenerationRequest]:
+    """Rows with prefixes of 0/6/13 embeddings, different prompts, adapters, greedy and sampled."""
+    gen = torch.Generator().manual_seed(7)
+    prefix = lambda n: torch.randn(n, base.config.dim, generator=gen) * 0.05  # noqa: E731
+    tok = base.tokenizer
+    return [
+        GenerationRequest(chat_prompt(tok, "What is the capital of France?"), None, -1, SamplingParams(12)),
+        GenerationRequest(chat_prompt(tok, "Name a river."), prefix(6), 0, SamplingParams(9)),
+        GenerationRequest(
+            chat_prompt(tok, "A long question about the world?"), prefix(13), 1, SamplingParams(14)
+        ),
+        GenerationRequest(
+            chat_prompt(tok, "Tell a story."),
+            prefix(3),
+            1,
+            SamplingParams(10, temperature=0.9, top_p=0.8, seed=5),
+        ),
+        GenerationRequest(chat_prompt(tok, "Hi"), None, 0, SamplingParams(7, temperature=1.3, seed=11)),
+    ]
+
+
+def run_tokens(gen: Generator, batch: list[tuple[str, GenerationRequest]], late: list | None = None) -> dict:
+    """Drive a generator to completion; ``late`` requests join after two steps (continuous batching)."""
+    for request_id, r in batch:
+        gen.add(request_id, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+    tokens: dict[str, list[int]] = {request_id: [] for request_id, _ in batch + (late or [])}
+    steps = 0
+    while gen.active() or late:
+        if steps == 2 and late:
+            for request_id, r in late:
+                gen.add(request_id, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+            late = None
+        for out in gen.step():
+            tokens[out.request_id].append(out.token_id)
+        steps += 1
+    return tokens
+
+
+def test_mixed_batch_equals_rows_alone(base, slots) -> None:
+    reqs = requests(base)
+    named = [(f"r{i}", r) for i, r in enumerate(reqs)]
+    gen = Generator(
+        base.model, slots, max_batch=8, max_seq_len=64, tokenizer=base.tokenizer, eos_token_ids=()
+    )
+    together = run_tokens(gen, named[:3], late=named[3:])
+    for request_id, r in named:
+        alone = Generator(base.model, slots, max_batch=1, max_seq_len=64, eos_token_ids=())
+        assert run_tokens(alone, [(request_id, r)])[request_id] == together[request_id], request_id
+        assert len(together[request_id]) == r.params.max_new_tokens
+    base_only = Generator(base.model, None, 1, 64, eos_token_ids=())
+    plain = GenerationRequest(reqs[1].prompt_ids, reqs[1].prefix_embeds, -1, reqs[1].params)
+    assert run_tokens(base_only, [("x", plain)])["x"] != together["r1"]  # the adapter matters
+
+
+def test_greedy_equals_hf_generate(base, tiny_model_dir: Path) -> None:
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    ids = chat_prompt(base.tokenizer, "What is the capital of France?")
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, eos_token_id=None)[
+        0, len(ids) :
+    ]
+    gen = Generator(base.model, None, 2, 64, eos_token_ids=())
+    assert (
+        run_tokens(gen, [("q", GenerationRequest(ids, params=SamplingParams(16)))])["q"] == expected.tolist()
+    )
+
+
+def test_eos_and_stop_strings_end_requests(base) -> None:
+    ids = chat_prompt(base.tokenizer, "What is the capital of France?")
+    free = run_tokens(
+        Generator(base.model, None, 1, 64, eos_token_ids=()),
+        [("q", GenerationRequest(ids, params=SamplingParams(20)))],
+    )["q"]
+    eos = free[4]
+    gen = Generator(base.model, None, 1, 64, tokenizer=base.tokenizer, eos_token_ids=[eos])
+    gen.add("q", None, ids, params=SamplingParams(20))
+    outs = []
+    while gen.active():
+        outs += gen.step()
+    first = free.index(eos)
+    assert [o.token_id for o in outs] == free[: first + 1]
+    assert outs[-1].finished and outs[-1].reason == "eos" and not any(o.finished for o in outs[:-1])
+    # generate() leaves the EOS token out of the text
+    text = generate(gen, [GenerationRequest(ids, params=SamplingParams(20))])[0]
+    assert text == base.tokenizer.decode(free[:first], skip_special_tokens=True)
+
+    full = base.tokenizer.decode(free, skip_special_tokens=True)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop.strip()
+    gen = Generator(base.model, None, 2, 64, tokenizer=base.tokenizer, eos_token_ids=())
+    text = generate(gen, [GenerationRequest(ids, params=SamplingParams(20, stop=("never-seen", stop)))])[0]
+    assert text == full[: full.index(stop)]
+    gen.add("s", None, ids, params=SamplingParams(20, stop=(stop,)))
+    outs = []
+    while gen.active():
+        outs += gen.step()
+    assert outs[-1].reason == "stop" and len(outs) < 20
+    assert stop in base.tokenizer.decode([o.token_id for o in outs], skip_special_tokens=True)
+
+
+def test_rows_limits_and_cancel(base, slots) -> None:
+    gen = Generator(base.model, slots, max_batch=2, max_seq_len=32)
+    gen.add("a", None, [5, 6, 7], params=SamplingParams(10))
+    with pytest.raises(AlreadyExists):
+        gen.add("a", None, [5], params=SamplingParams(2))
+    gen.add("b", None, [5, 6], params=SamplingParams(10))
+    with pytest.raises(ResourceExhausted):
+        gen.add("c", None, [5], params=SamplingParams(2))
+    gen.step()
+    gen.cancel("a")
+    gen.cancel("a")  # already gone: ignored
+    assert gen.free_rows() == 1 and gen.active() == 1
+    with pytest.raises(InvalidArgument, match="exceed max_seq_len"):
+        gen.add("c", None, list(range(30)), params=SamplingParams(5))
+    with pytest.raises(InvalidArgument, match="slot 7"):
+        gen.add("c", None, [5], slot=7, params=SamplingParams(2))
+    with pytest.raises(InvalidArgument, match="prefix"):
+        gen.add("c", torch.zeros(3, 5), [5], params=SamplingParams(2))
+    with pytest.raises(InvalidArgument, match="stop strings need"):
+        gen.add("c", None, [5], params=SamplingParams(3, stop=("x",)))
+    with pytest.raises(InvalidArgument, match="top_p"):
+        SamplingParams(top_p=0.0)
+    with pytest.raises(FailedPrecondition):
+        generate(gen, [GenerationRequest([5], params=SamplingParams(2))], tokenizer=base.tokenizer)
+    while gen.active():
+        gen.step()
+    assert gen.free_rows() == 2
