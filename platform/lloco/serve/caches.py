@@ -155,15 +155,15 @@ class AdapterKey:
         return f"{self.tenant}/{self.name}@{self.version}"
 
 
-class AdapterCache:
+class AdapterCache(Generic[V]):
     """The CPU tier of adapters: parsed PEFT tensors, LRU by count, filled from S3."""
 
-    def __init__(self, capacity: int, parse: Callable[[dict[str, bytes]], object]) -> None:
-        self.tier: LruCache[AdapterKey, object] = LruCache(capacity, lambda _: 1)
+    def __init__(self, capacity: int, parse: Callable[[dict[str, bytes]], V]) -> None:
+        self.tier: LruCache[AdapterKey, V] = LruCache(capacity, lambda _: 1)
         self.s3_loads = 0
         self._parse = parse
 
-    def get(self, registry: Registry, key: AdapterKey) -> tuple[object, bool]:
+    def get(self, registry: Registry, key: AdapterKey) -> tuple[V, bool]:
         """The parsed adapter and whether it was already in the CPU tier."""
         parsed = self.tier.get(key)
         if parsed is not None:

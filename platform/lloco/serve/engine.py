@@ -1,0 +1,155 @@
+"""The engine as a Ray Serve deployment: a thin shell over `EngineCore` that adds adapter-aware routing
+(`@serve.multiplexed` keyed by "{tenant}/{adapter}", so requests prefer replicas already holding the
+adapter), health checks and Prometheus metrics through Ray, tagged per tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import torch
+from ray import serve
+from ray.serve import metrics
+from ray.serve.deployment import Application
+
+from lloco.config import Settings
+from lloco.errors import Unavailable
+from lloco.logs import get_logger
+from lloco.model import load_compressor, load_model
+from lloco.registry import ContextInfo
+from lloco.serve.caches import ContextTier
+from lloco.serve.engine_core import EngineCore, EngineEvent, EngineObserver, EngineRequest, QueryStats
+from lloco.storage import ObjectStore
+
+log = get_logger(__name__)
+
+_LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+_RATE_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+
+
+def engine_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """GPU in bf16 when there is one, else CPU in fp32; `model.dtype` overrides the dtype."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if settings.model.dtype != "auto":
+        return device, getattr(torch, settings.model.dtype)
+    return device, torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def build_engine_core(settings: Settings, observer: EngineObserver | None = None) -> EngineCore:
+    """Store, base model and compressor from settings, wired into an (unstarted) EngineCore."""
+    store = ObjectStore(settings.store)
+    device, dtype = engine_device(settings)
+    model = load_model(
+        settings.model.base_model, settings.model.cache_dir, store=store, dtype=dtype, device=device
+    )
+    compressor = load_compressor(settings.model.compressor, model)
+    log.info("engine model loaded", model=model.model_id, device=str(device), dtype=str(dtype))
+    return EngineCore(settings, store, model, compressor, observer=observer)
+
+
+class PrometheusObserver(EngineObserver):
+    """Exports the engine's events as Ray metrics (scraped by Prometheus), tagged per tenant."""
+
+    def __init__(self) -> None:
+        self.ttft = metrics.Histogram(
+            "lloco_engine_ttft_seconds", "Time to first token.", _LATENCY_BOUNDARIES, tag_keys=("tenant",)
+        )
+        self.latency = metrics.Histogram(
+            "lloco_engine_query_seconds", "Query time, end to end.", _LATENCY_BOUNDARIES, tag_keys=("tenant",)
+        )
+        self.decode_rate = metrics.Histogram(
+            "lloco_engine_tokens_per_second",
+            "Decode rate of each query.",
+            _RATE_BOUNDARIES,
+            tag_keys=("tenant",),
+        )
+        self.tokens = metrics.Counter(
+            "lloco_engine_generated_tokens", "Tokens generated (rate() gives tokens/s).", tag_keys=("tenant",)
+        )
+        self.queries = metrics.Counter(
+            "lloco_engine_queries", "Finished queries by finish reason.", tag_keys=("tenant", "finish_reason")
+        )
+        self.context_hits = metrics.Counter(
+            "lloco_engine_context_cache_hits",
+            "Contexts served per tier (gpu, cpu; s3 = missed both tiers).",
+            tag_keys=("tenant", "tier"),
+        )
+        self.adapter_loads = metrics.Counter(
+            "lloco_engine_adapter_loads",
+            "Adapter loads: S3 -> CPU tier (cpu), CPU -> slot (gpu).",
+            tag_keys=("tenant", "tier"),
+        )
+        self.queue_depth = metrics.Gauge("lloco_engine_queue_depth", "Queries waiting for a row.")
+        self.batch_size = metrics.Gauge("lloco_engine_batch_size", "Rows in the running batch.")
+
+    def context_lookup(self, tenant: str, tier: ContextTier) -> None:
+        self.context_hits.inc(tags={"tenant": tenant, "tier": tier})
+
+    def adapter_loaded(self, tenant: str, tier: str) -> None:
+        self.adapter_loads.inc(tags={"tenant": tenant, "tier": tier})
+
+    def request_done(self, tenant: str, stats: QueryStats) -> None:
+        tags = {"tenant": tenant}
+        self.ttft.observe(stats.ttft_s, tags=tags)
+        self.latency.observe(stats.total_s, tags=tags)
+        if stats.generated_tokens > 1 and stats.total_s > stats.ttft_s:
+            self.decode_rate.observe((stats.generated_tokens - 1) / (stats.total_s - stats.ttft_s), tags=tags)
+        self.tokens.inc(stats.generated_tokens, tags=tags)
+        self.queries.inc(tags={"tenant": tenant, "finish_reason": stats.finish_reason})
+
+    def scheduled(self, queue_depth: int, batch_size: int) -> None:
+        self.queue_depth.set(queue_depth)
+        self.batch_size.set(batch_size)
+
+
+@serve.deployment
+class EngineDeployment:
+    """One base model per replica serving every tenant; see `EngineCore`."""
+
+    async def __init__(self, settings: Settings) -> None:
+        self._core = await asyncio.to_thread(build_engine_core, settings, PrometheusObserver())
+        await self._core.start()
+
+        async def load_adapter(model_id: str) -> str:
+            tenant, name = model_id.split("/", 1)
+            return await self._core.load_adapter(tenant, name, None)
+
+        # Wired here because the model count comes from settings; Serve then reports which adapters this
+        # replica holds, and routes requests with the same multiplexed id ("tenant/adapter") to it.
+        self.hold_adapter = serve.multiplexed(max_num_models_per_replica=settings.lora.gpu_slots)(
+            load_adapter
+        )
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Stream the answer (call through a handle with `stream=True`, multiplexed id "tenant/adapter")."""
+        if req.adapter is not None:
+            await self.hold_adapter(f"{req.tenant}/{req.adapter}")
+        async for event in self._core.generate(req):
+            yield event
+
+    async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
+        return await self._core.compress(tenant, doc_ids)
+
+    async def compressor_id(self) -> str:
+        """The id under which this engine's contexts are stored (fixed for the replica's life)."""
+        return self._core.compressor_id
+
+    async def health(self) -> dict[str, float]:
+        """The engine's counters; raises Unavailable when its scheduler is not running."""
+        await self.check_health()
+        return self._core.metrics()
+
+    async def check_health(self) -> None:
+        """Serve's replica health probe."""
+        if not self._core.healthy:
+            raise Unavailable("the engine's scheduler is not running")
+
+
+def bind_engine(settings: Settings) -> Application:
+    """The engine deployment with its replicas and GPUs from `settings.serve`."""
+    return EngineDeployment.options(
+        num_replicas=settings.serve.engine_replicas,
+        max_ongoing_requests=settings.serve.max_ongoing_requests,
+        ray_actor_options={"num_gpus": settings.serve.engine_num_gpus},
+    ).bind(settings)

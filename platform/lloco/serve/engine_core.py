@@ -1,0 +1,381 @@
+"""The serving engine, free of Ray: one base model answering every tenant's queries.
+
+A query is `[compressed contexts of its documents, concatenated] + chat_prompt(question)`, decoded with
+the tenant's adapter in a LoRA slot. EngineCore resolves the adapter (its `current` version unless one is
+pinned) and the contexts on every request, so new versions and recompressed documents are picked up
+without a restart, and streams the text as it is generated. `lloco.serve.engine` wraps it in Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lloco.compress.online import compress_online
+from lloco.config import Settings
+from lloco.errors import FailedPrecondition, InvalidArgument
+from lloco.logs import get_logger
+from lloco.model import (
+    Compressor,
+    Generator,
+    LoadedModel,
+    LoraAdapter,
+    LoraSlots,
+    SamplingParams,
+    chat_prompt,
+    truncate_at_stop,
+)
+from lloco.registry import ContextInfo, DocumentInfo, Registry
+from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
+from lloco.serve.scheduler import ScheduledRequest, Scheduler
+from lloco.storage import ObjectStore
+
+log = get_logger(__name__)
+
+# Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
+_FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    request_id: str
+    tenant: str
+    doc_ids: tuple[str, ...]
+    question: str
+    adapter: str | None  # adapter name; None = the base model
+    adapter_version: str | None  # None = the adapter's current version
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class QueryStats:
+    prompt_tokens: int
+    context_tokens: int  # compressed-context vectors the decoder attended to
+    document_tokens: int  # tokens of the original documents they stand for
+    generated_tokens: int
+    adapter_version: str | None
+    ttft_s: float
+    total_s: float
+    finish_reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    text: str  # the new text since the previous event
+    token_ids: tuple[int, ...]
+    final: QueryStats | None = None
+
+
+class EngineObserver:
+    """Receives per-tenant events for metrics; this base records nothing (the Ray deployment exports them)."""
+
+    def context_lookup(self, tenant: str, tier: ContextTier) -> None:
+        """A document's context was served from `tier` ("gpu", "cpu" or "s3")."""
+
+    def adapter_loaded(self, tenant: str, tier: str) -> None:
+        """An adapter was loaded into the CPU tier (from S3, tier "cpu") or into a GPU slot (tier "gpu")."""
+
+    def request_done(self, tenant: str, stats: QueryStats) -> None:
+        """A query finished."""
+
+    def scheduled(self, queue_depth: int, batch_size: int) -> None:
+        """The scheduler finished an iteration."""
+
+
+class TextStream:
+    """Decodes generated ids incrementally into text deltas.
+
+    Text is released only once its bytes form whole characters (a multi-byte character may span
+    tokens), and each new piece is decoded together with the token before it, so tokenizers that drop a
+    leading space at the start of a decode still space correctly. With stop strings, the last
+    `len(longest stop) - 1` characters are held back until the end, when the text is cut before the
+    first stop string: no delta ever shows text the final answer does not contain.
+    """
+
+    def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
+        self._tokenizer = tokenizer
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+        self._sent = 0
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        """Add one token; returns the text it releases (often "", never a partial character)."""
+        self._ids.append(token_id)
+        before = self._decode(self._ids[self._prefix : self._read])
+        now = self._decode(self._ids[self._prefix :])
+        if len(now) > len(before) and not now.endswith("\ufffd"):
+            self.text += now[len(before) :]
+            self._prefix, self._read = self._read, len(self._ids)
+        stop_at = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=len(self.text))
+        return self._release(min(len(self.text) - self._hold, stop_at))
+
+    def finish(self) -> str:
+        """The rest of the text, cut at the first stop string (an incomplete last character is kept
+        as the tokenizer decodes it)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        self.text += self._decode(self._ids[self._prefix :])[len(before) :]
+        self._prefix = self._read = len(self._ids)
+        self.text = truncate_at_stop(self.text, self._stop)
+        return self._release(len(self.text))
+
+    def _release(self, upto: int) -> str:
+        if upto <= self._sent:
+            return ""
+        delta, self._sent = self.text[self._sent : upto], upto
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+
+@dataclass
+class _Prepared:
+    """A request resolved against the registry: everything the scheduler needs, plus stats inputs."""
+
+    prefix_embeds: torch.Tensor | None
+    prompt_ids: list[int]
+    document_tokens: int
+    adapter: AdapterKey | None
+    adapter_weights: LoraAdapter | None
+
+
+class EngineCore:
+    """Continuous-batching, multi-adapter, context-cached generation over one `LoadedModel`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: ObjectStore,
+        model: LoadedModel,
+        compressor: Compressor,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._model = model
+        self._compressor = compressor
+        self._observer = observer or EngineObserver()
+        weight = next(model.model.parameters())
+        self.device, self.dtype = weight.device, weight.dtype
+        engine = settings.engine
+        self.lora = LoraSlots(
+            model.config,
+            settings.lora.gpu_slots,
+            settings.lora.max_rank,
+            settings.finetune.target_modules,
+            self.device,
+            self.dtype,
+        )
+        self.generator = Generator(
+            model.model,
+            self.lora,
+            engine.max_batch_size,
+            engine.max_seq_len,
+            self.device,
+            self.dtype,
+            model.tokenizer,
+        )
+        self.contexts = ContextCache(
+            engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
+        )
+        self.adapters = AdapterCache(settings.lora.cpu_adapters, self._parse_adapter)
+        self._document_tokens: LruCache[tuple[str, str, str], int] = LruCache(4096, lambda _: 1)
+        self.scheduler = Scheduler(
+            self.generator,
+            self.lora,
+            SlotManager(settings.lora.gpu_slots),
+            max_batch=engine.max_batch_size,
+            max_waiting=settings.serve.max_ongoing_requests,
+            on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
+            on_iteration=self._observer.scheduled,
+        )
+        self.requests = 0
+
+    async def start(self) -> None:
+        await self.scheduler.start()
+
+    async def stop(self) -> None:
+        await self.scheduler.stop()
+
+    @property
+    def healthy(self) -> bool:
+        return self.scheduler.alive
+
+    async def generate(self, req: EngineRequest) -> AsyncIterator[EngineEvent]:
+        """Stream the answer to `req`: text deltas, then one event carrying the final `QueryStats`.
+
+        Closing the iterator (or cancelling its consumer) frees the request's row at the next step.
+
+        Raises:
+            NotFound: the tenant, a document or the adapter (version) does not exist.
+            FailedPrecondition: a document is not compressed yet (or only for older text).
+            InvalidArgument: context + prompt + max_new_tokens exceed the engine's max_seq_len.
+            ResourceExhausted: the engine's waiting queue is full.
+        """
+        started = time.perf_counter()
+        self.requests += 1
+        prepared = await asyncio.to_thread(self._prepare, req)
+        scheduled = ScheduledRequest(
+            request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",
+            prefix_embeds=prepared.prefix_embeds,
+            prompt_ids=prepared.prompt_ids,
+            params=req.params,
+            adapter=prepared.adapter,
+            adapter_weights=prepared.adapter_weights,
+        )
+        self.scheduler.submit(scheduled)
+        text = TextStream(self._model.tokenizer, req.params.stop)
+        token_ids: list[int] = []
+        first_token_at: float | None = None
+        finished = False
+        try:
+            while True:
+                event = await scheduled.events.get()
+                if isinstance(event, BaseException):
+                    finished = True
+                    raise event
+                first_token_at = first_token_at or time.perf_counter()
+                fresh: tuple[int, ...] = ()
+                delta = ""
+                if event.token_id is not None and event.reason != "eos":
+                    fresh = (event.token_id,)
+                    token_ids.append(event.token_id)
+                    delta = text.push(event.token_id)
+                if event.finished:
+                    finished = True
+                    break
+                yield EngineEvent(delta, fresh)
+            delta += text.finish()
+            done = time.perf_counter()
+            stats = QueryStats(
+                prompt_tokens=len(prepared.prompt_ids),
+                context_tokens=0 if prepared.prefix_embeds is None else int(prepared.prefix_embeds.shape[0]),
+                document_tokens=prepared.document_tokens,
+                generated_tokens=len(token_ids),
+                adapter_version=prepared.adapter.version if prepared.adapter else None,
+                ttft_s=first_token_at - started,
+                total_s=done - started,
+                finish_reason=_FINISH_REASONS[event.reason or "stop"],
+            )
+            self._observer.request_done(req.tenant, stats)
+            yield EngineEvent(delta, fresh, stats)
+        finally:
+            if not finished:
+                self.scheduler.cancel(scheduled.request_id)
+
+    @property
+    def compressor_id(self) -> str:
+        return self._compressor.compressor_id
+
+    async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
+        """Compress small documents now, on this engine's model, between decode steps.
+
+        Raises:
+            NotFound: the tenant or a document does not exist.
+            InvalidArgument: a document is empty or longer than `limits.online_compress_max_tokens`.
+        """
+        registry = await asyncio.to_thread(Registry, self._store, tenant)
+        max_tokens = self._settings.limits.online_compress_max_tokens
+        return await self.scheduler.run_exclusive(
+            lambda: compress_online(registry, self._compressor, doc_ids, max_tokens)
+        )
+
+    async def load_adapter(self, tenant: str, name: str, version: str | None) -> str:
+        """Bring an adapter into the CPU tier and, when a slot is free of running rows, into a GPU slot.
+
+        Returns the resolved version (the current one when `version` is None).
+        """
+        key, weights = await asyncio.to_thread(
+            self._resolve_adapter, Registry(self._store, tenant), name, version
+        )
+        await self.scheduler.preload(key, weights)
+        return key.version
+
+    def metrics(self) -> dict[str, float]:
+        slots = self.scheduler.slots
+        return {
+            "queue_depth": self.scheduler.waiting(),
+            "batch_size": self.scheduler.active(),
+            "requests": self.requests,
+            "generated_tokens": self.scheduler.generated_tokens,
+            "steps": self.scheduler.steps,
+            "context_cache_gpu_hits": self.contexts.gpu.hits,
+            "context_cache_cpu_hits": self.contexts.cpu.hits,
+            "context_cache_s3_loads": self.contexts.s3_loads,
+            "context_cache_gpu_bytes": self.contexts.gpu.used,
+            "context_cache_cpu_bytes": self.contexts.cpu.used,
+            "context_cache_gpu_evictions": self.contexts.gpu.evictions,
+            "context_cache_cpu_evictions": self.contexts.cpu.evictions,
+            "adapter_cpu_hits": self.adapters.tier.hits,
+            "adapter_s3_loads": self.adapters.s3_loads,
+            "adapter_slot_loads": slots.loads,
+            "adapter_slot_evictions": slots.evictions,
+        }
+
+    def _prepare(self, req: EngineRequest) -> _Prepared:
+        """Blocking half of a request (S3 reads, tokenization), run in a worker thread."""
+        registry = Registry(self._store, req.tenant)
+        adapter, weights = (
+            self._resolve_adapter(registry, req.adapter, req.adapter_version) if req.adapter else (None, None)
+        )
+        docs = [registry.get_document(doc_id) for doc_id in req.doc_ids]
+        contexts = []
+        for doc in docs:
+            vectors, tier = self.contexts.get(registry, doc, self.compressor_id)
+            self._observer.context_lookup(req.tenant, tier)
+            contexts.append(vectors)
+        prompt_ids = chat_prompt(self._model.tokenizer, req.question)
+        document_tokens = sum(self._tokens_of(registry, doc) for doc in docs)
+        prefix = torch.cat(contexts) if contexts else None
+        context_tokens = 0 if prefix is None else prefix.shape[0]
+        needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
+        limit = self._settings.engine.max_seq_len
+        if needed > limit:
+            raise InvalidArgument(
+                f"the query needs {needed} positions (context {context_tokens} + prompt {len(prompt_ids)} "
+                f"+ max_new_tokens {req.params.max_new_tokens}) but the engine holds {limit}; "
+                "attach fewer documents, shorten the question or ask for fewer new tokens"
+            )
+        return _Prepared(prefix, prompt_ids, document_tokens, adapter, weights)
+
+    def _resolve_adapter(
+        self, registry: Registry, name: str, version: str | None
+    ) -> tuple[AdapterKey, LoraAdapter]:
+        info = registry.get_adapter(name, version)
+        if info.rank > self._settings.lora.max_rank:
+            raise FailedPrecondition(
+                f"adapter {name!r} {info.version} has rank {info.rank}; this engine serves ranks up to "
+                f"{self._settings.lora.max_rank} (lora.max_rank)"
+            )
+        key = AdapterKey(registry.tenant, name, info.version)
+        weights, cached = self.adapters.get(registry, key)
+        if not cached:
+            self._observer.adapter_loaded(registry.tenant, "cpu")
+        return key, weights
+
+    def _parse_adapter(self, files: dict[str, bytes]) -> LoraAdapter:
+        """PEFT files -> the slots' layout in host memory (page-locked on CUDA for fast slot loads)."""
+        adapter = self.lora.prepare(files)
+        return adapter.pin_memory() if self.device.type == "cuda" else adapter
+
+    def _tokens_of(self, registry: Registry, doc: DocumentInfo) -> int:
+        """The document's token count: recorded at ingest, else counted once per text version."""
+        if doc.tokens is not None:
+            return doc.tokens
+        key = (registry.tenant, doc.doc_id, doc.sha256)
+        tokens = self._document_tokens.get(key)
+        if tokens is None:
+            text = registry.read_text(doc.doc_id)
+            tokens = len(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
+            self._document_tokens.put(key, tokens)
+        return tokens

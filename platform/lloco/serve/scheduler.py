@@ -1,0 +1,332 @@
+"""Continuous batching over `lloco.model.Generator`.
+
+One asyncio task owns the generator. Each iteration it gathers what the event loop collected since the
+last one (exclusive jobs such as online compression, cancellations, waiting requests that fit a free row
+and a LoRA slot) and hands it to one worker thread that runs, in order: the jobs, the cancellations, the
+slot loads, the new rows, then one `Generator.step()` (prefill of new rows, one decode token for all).
+Only that thread touches the model, so a step never overlaps another step, a slot load or a job, while
+the event loop stays free to accept and stream requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from lloco.errors import Cancelled, Internal, LlocoError, ResourceExhausted
+from lloco.logs import get_logger
+from lloco.model import Generator, LoraAdapter, LoraSlots, SamplingParams, StepOutput
+from lloco.serve.caches import AdapterKey, SlotGrant, SlotManager
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One generated token of a request, or (`token_id` None) its end without a token."""
+
+    token_id: int | None
+    finished: bool
+    reason: str | None
+
+
+@dataclass
+class ScheduledRequest:
+    """A request ready for the model: prefix embeddings `[P, D]` on the device, prompt ids, adapter."""
+
+    request_id: str
+    prefix_embeds: torch.Tensor | None
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterKey | None = None
+    adapter_weights: LoraAdapter | None = None
+    events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
+    grant: SlotGrant | None = None
+
+
+@dataclass
+class _Job:
+    fn: Callable[[], Any]
+    done: asyncio.Future[Any]
+
+
+@dataclass
+class _Iteration:
+    """What one worker-thread call does, and what it reports back."""
+
+    jobs: list[_Job]
+    cancels: list[str]
+    admissions: list[ScheduledRequest]
+    job_results: list[tuple[_Job, Any, BaseException | None]] = field(default_factory=list)
+    rejected: list[tuple[ScheduledRequest, BaseException]] = field(default_factory=list)
+    loaded: list[AdapterKey] = field(default_factory=list)
+    outputs: list[StepOutput] = field(default_factory=list)
+    step_error: Exception | None = None
+
+
+class Scheduler:
+    """Admits requests of any tenant and adapter into free rows between decode steps."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        lora: LoraSlots,
+        slots: SlotManager,
+        max_batch: int,
+        max_waiting: int,
+        on_slot_load: Callable[[AdapterKey], None] = lambda key: None,
+        on_iteration: Callable[[int, int], None] = lambda waiting, active: None,
+    ) -> None:
+        self._generator = generator
+        self._lora = lora
+        self.slots = slots
+        self._max_batch = max_batch
+        self._max_waiting = max_waiting
+        self._on_slot_load = on_slot_load
+        self._on_iteration = on_iteration
+        self._waiting: deque[ScheduledRequest] = deque()
+        self._running: dict[str, ScheduledRequest] = {}
+        self._cancelled: set[str] = set()
+        self._jobs: list[_Job] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.steps = 0
+        self.generated_tokens = 0
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="lloco-scheduler")
+
+    async def stop(self) -> None:
+        """Stop after the step in flight; requests still waiting or running end with reason "cancelled"."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        await self._task
+        self._task = None
+        self._stopping = False
+        for rid, request in self._running.items():
+            self._generator.cancel(rid)
+            self._finish(request)
+        for request in [*self._waiting, *self._running.values()]:
+            request.events.put_nowait(TokenEvent(None, True, "cancelled"))
+        self._waiting.clear()
+        self._running.clear()
+        self._cancelled.clear()
+        for job in self._jobs:
+            job.done.set_exception(Cancelled("the engine is shutting down"))
+        self._jobs.clear()
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done() and not self._stopping
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def active(self) -> int:
+        return len(self._running)
+
+    def submit(self, request: ScheduledRequest) -> None:
+        """Queue a request; its events arrive on `request.events`.
+
+        Raises:
+            ResourceExhausted: the waiting queue is full.
+        """
+        if not self.alive:
+            raise Internal("the engine's scheduler is not running")
+        if len(self._waiting) >= self._max_waiting:
+            raise ResourceExhausted(f"the engine has {len(self._waiting)} queries waiting; retry later")
+        self._waiting.append(request)
+        self._wake.set()
+
+    def cancel(self, request_id: str) -> None:
+        """Drop a request: at once when still waiting, at the next step when it holds a row."""
+        for request in self._waiting:
+            if request.request_id == request_id:
+                self._waiting.remove(request)
+                return
+        if request_id in self._running:
+            self._cancelled.add(request_id)
+            self._wake.set()
+
+    async def run_exclusive(self, fn: Callable[[], T]) -> T:
+        """Run blocking `fn` in the model's worker thread between two steps (never during one)."""
+        if not self.alive:
+            raise Internal("the engine's scheduler is not running")
+        job = _Job(fn, asyncio.get_running_loop().create_future())
+        self._jobs.append(job)
+        self._wake.set()
+        return await job.done
+
+    async def preload(self, key: AdapterKey, weights: LoraAdapter) -> bool:
+        """Load an adapter into a slot ahead of its requests; False when every slot is pinned."""
+        grant = self.slots.acquire(key)
+        if grant is None:
+            return False
+        try:
+            if grant.needs_load:
+                try:
+                    await self.run_exclusive(lambda: self._lora.load(grant.slot, weights))
+                except BaseException:
+                    self.slots.forget(grant.slot)
+                    raise
+                self._on_slot_load(key)
+        finally:
+            self._finish_grant(grant)
+        return True
+
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        except Exception as exc:
+            # A bug, not a request's fault: fail everyone rather than leave streams hanging; `alive` turns
+            # False, so the replica's health check fails and Serve replaces it.
+            log.exception("engine scheduler crashed")
+            for request in [*self._waiting, *self._running.values()]:
+                request.events.put_nowait(_internal(exc))
+            for job in self._jobs:
+                job.done.set_exception(_internal(exc))
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            if not (self._jobs or self._cancelled or self._waiting or self._running):
+                await self._wake.wait()
+                self._wake.clear()
+                continue
+            self._wake.clear()
+            iteration = _Iteration(self._jobs, self._take_cancels(), self._admit())
+            self._jobs = []
+            await asyncio.to_thread(self._iterate, iteration)
+            self._deliver(iteration)
+            self._on_iteration(len(self._waiting), len(self._running))
+
+    def _take_cancels(self) -> list[str]:
+        cancels = [rid for rid in self._cancelled if rid in self._running]
+        self._cancelled.clear()
+        for rid in cancels:
+            self._finish(self._running.pop(rid))
+        return cancels
+
+    def _admit(self) -> list[ScheduledRequest]:
+        """Waiting requests (FIFO) that fit a free row and get a slot; the rest keep their place."""
+        admitted: list[ScheduledRequest] = []
+        kept: deque[ScheduledRequest] = deque()
+        free_rows = self._max_batch - len(self._running)
+        while self._waiting:
+            request = self._waiting.popleft()
+            if free_rows == 0:
+                kept.append(request)
+                continue
+            if request.adapter is not None:
+                request.grant = self.slots.acquire(request.adapter)
+                if request.grant is None:
+                    kept.append(request)
+                    continue
+            admitted.append(request)
+            self._running[request.request_id] = request
+            free_rows -= 1
+        self._waiting = kept
+        return admitted
+
+    def _iterate(self, it: _Iteration) -> None:
+        """The worker-thread half: the only code that touches the model."""
+        for job in it.jobs:
+            try:
+                it.job_results.append((job, job.fn(), None))
+            except Exception as exc:
+                it.job_results.append((job, None, exc))
+        try:
+            for rid in it.cancels:
+                self._generator.cancel(rid)
+        except Exception as exc:
+            it.step_error = exc
+            it.rejected.extend((request, exc) for request in it.admissions)
+            return
+        failed_slots: dict[int, Exception] = {}
+        for request in it.admissions:
+            grant = request.grant
+            try:
+                if grant is not None and grant.slot in failed_slots:
+                    raise failed_slots[grant.slot]
+                if grant is not None and grant.needs_load:
+                    try:
+                        self._lora.load(grant.slot, request.adapter_weights)
+                    except Exception as exc:
+                        failed_slots[grant.slot] = exc
+                        raise
+                    it.loaded.append(grant.key)
+                slot = grant.slot if grant is not None else -1
+                self._generator.add(
+                    request.request_id, request.prefix_embeds, request.prompt_ids, slot, request.params
+                )
+            except Exception as exc:
+                it.rejected.append((request, exc))
+        try:
+            if self._generator.active() > 0:
+                it.outputs = self._generator.step()
+        except Exception as exc:
+            it.step_error = exc
+
+    def _deliver(self, it: _Iteration) -> None:
+        for job, result, error in it.job_results:
+            if job.done.cancelled():
+                continue
+            if error is None:
+                job.done.set_result(result)
+            else:
+                job.done.set_exception(error)
+        for request, error in it.rejected:
+            if request.grant is not None and request.grant.needs_load and request.grant.key not in it.loaded:
+                self.slots.forget(request.grant.slot)
+            self._running.pop(request.request_id, None)
+            self._finish(request)
+            request.events.put_nowait(error if isinstance(error, LlocoError) else _internal(error))
+        for key in it.loaded:
+            self._on_slot_load(key)
+        if it.step_error is not None:
+            self._fail_running(it.step_error)
+            return
+        if it.outputs:
+            self.steps += 1
+        for out in it.outputs:
+            request = self._running.get(out.request_id)
+            if request is None:
+                continue
+            self.generated_tokens += 1
+            request.events.put_nowait(TokenEvent(out.token_id, out.finished, out.reason))
+            if out.finished:
+                del self._running[out.request_id]
+                self._finish(request)
+
+    def _finish(self, request: ScheduledRequest) -> None:
+        if request.grant is not None:
+            self._finish_grant(request.grant)
+            request.grant = None
+
+    def _finish_grant(self, grant: SlotGrant) -> None:
+        """Unpin a slot and wake the loop: a request waiting for a slot may fit now."""
+        self.slots.release(grant.slot)
+        self._wake.set()
+
+    def _fail_running(self, exc: Exception) -> None:
+        """A failed step leaves its rows in an unknown state: end each with an error and drop it."""
+        log.error("engine step failed", error=repr(exc), rows=len(self._running))
+        for rid, request in list(self._running.items()):
+            self._cancelled.add(rid)
+            request.events.put_nowait(_internal(exc))
+
+
+def _internal(exc: BaseException) -> Internal:
+    error = Internal(f"engine error ({type(exc).__name__}); see server logs")
+    error.__cause__ = exc
+    return error

@@ -1,0 +1,431 @@
+"""The engine run alone (no Ray): continuous batching across tenants and adapters, adapter versions picked up
+live, cancellation, errors and backpressure; a tiny random Llama on CPU and a real SeaweedFS S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import torch
+from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
+from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from lloco.model import Compressor, LlamaConfig, LoadedModel, SamplingParams, chat_prompt, load_model
+from lloco.registry import Registry, Tenants
+from lloco.serve.caches import ContextTier
+from lloco.serve.engine_core import EngineCore, EngineObserver, EngineRequest, QueryStats, TextStream
+from safetensors.torch import save as save_safetensors
+
+HANDBOOK = (
+    "The capital of France is Paris. The river in the city is long and the old house is near the water. "
+    "A good company has a great program and the people read the book every week."
+)
+REPORT = "The report says the north country has a large mountain and the south has a small river. " * 2
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("models"), dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def compressor(base: LoadedModel) -> Compressor:
+    return Compressor.from_base(base, segment_len=16, k=4, accumulate=True, seed=0)
+
+
+def settings(
+    max_batch: int = 4, gpu_slots: int = 2, max_waiting: int = 16, max_seq_len: int = 256
+) -> Settings:
+    return Settings(
+        engine=EngineSettings(
+            max_batch_size=max_batch,
+            max_seq_len=max_seq_len,
+            context_cache_gpu_bytes=2**20,
+            context_cache_cpu_bytes=2**20,
+        ),
+        lora=LoraSettings(max_rank=8, gpu_slots=gpu_slots, cpu_adapters=8),
+        serve=ServeSettings(max_ongoing_requests=max_waiting),
+    )
+
+
+def random_adapter(config: LlamaConfig, seed: int, rank: int = 4) -> dict[str, bytes]:
+    """PEFT-format files of a random adapter on q/k/v/o, strong enough to change greedy answers."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {
+        "q_proj": (config.dim, config.q_dim),
+        "k_proj": (config.dim, config.kv_dim),
+        "v_proj": (config.dim, config.kv_dim),
+        "o_proj": (config.q_dim, config.dim),
+    }
+    tensors = {}
+    for layer in range(config.n_layers):
+        for target, (fan_in, fan_out) in shapes.items():
+            prefix = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, fan_in, generator=generator) / math.sqrt(
+                fan_in
+            )
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(fan_out, rank, generator=generator)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(shapes),
+        "base_model_name_or_path": "tiny-llama",
+    }
+    return {
+        "adapter_config.json": json.dumps(peft_config).encode(),
+        "adapter_model.safetensors": save_safetensors(tensors),
+    }
+
+
+@pytest.fixture
+def tenants(store: object, base: LoadedModel) -> dict[str, Registry]:
+    """Two tenants, each with a document (not yet compressed) and an adapter."""
+    admin = Tenants(store)
+    registries = {}
+    for tenant, doc_id, text, adapter, seed in [
+        ("acme", "handbook", HANDBOOK, "support", 1),
+        ("globex", "report", REPORT, "sales", 2),
+    ]:
+        admin.create(tenant)
+        registry = Registry(store, tenant)
+        tokens = len(base.tokenizer(text, add_special_tokens=False)["input_ids"])
+        registry.ingest_document(doc_id, text.encode(), max_bytes=10_000, tokens=tokens)
+        registry.publish_adapter(adapter, random_adapter(base.config, seed), train={"seed": seed})
+        registries[tenant] = registry
+    return registries
+
+
+class Recorder(EngineObserver):
+    """Keeps what the engine reports, to check batching and per-tenant cache tiers."""
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+        self.lookups: list[tuple[str, ContextTier]] = []
+        self.adapter_loads: list[tuple[str, str]] = []
+
+    def context_lookup(self, tenant: str, tier: ContextTier) -> None:
+        self.lookups.append((tenant, tier))
+
+    def adapter_loaded(self, tenant: str, tier: str) -> None:
+        self.adapter_loads.append((tenant, tier))
+
+    def scheduled(self, queue_depth: int, batch_size: int) -> None:
+        self.batch_sizes.append(batch_size)
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout=60))
+
+
+@asynccontextmanager
+async def engine(
+    store: object,
+    base: LoadedModel,
+    compressor: Compressor,
+    config: Settings,
+    observer: EngineObserver | None = None,
+) -> AsyncIterator[EngineCore]:
+    core = EngineCore(config, store, base, compressor, observer=observer)
+    await core.start()
+    try:
+        yield core
+    finally:
+        await core.stop()
+
+
+def request(
+    tenant: str,
+    docs: tuple[str, ...],
+    adapter: str | None,
+    max_new_tokens: int = 16,
+    version: str | None = None,
+    question: str = QUESTION,
+    stop: tuple[str, ...] = (),
+) -> EngineRequest:
+    params = SamplingParams(max_new_tokens=max_new_tokens, stop=stop)
+    return EngineRequest(f"{tenant}-q", tenant, docs, question, adapter, version, params)
+
+
+async def collect(core: EngineCore, req: EngineRequest) -> tuple[list[int], str, QueryStats]:
+    ids: list[int] = []
+    text = ""
+    final = None
+    async for event in core.generate(req):
+        assert final is None, "no event may follow the final one"
+        ids.extend(event.token_ids)
+        text += event.text
+        final = event.final
+    assert final is not None
+    return ids, text, final
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.005)
+
+
+def test_two_tenants_with_different_adapters_in_one_batch_match_each_run_alone(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    requests = [
+        request("acme", ("handbook",), "support"),
+        request("globex", ("report",), "sales"),
+        request("acme", ("handbook",), None),  # the same input on the base model
+    ]
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with engine(store, base, compressor, settings(), recorder) as core:
+            compressed = [
+                *await core.compress("acme", ["handbook"]),
+                *await core.compress("globex", ["report"]),
+            ]
+            alone = [await collect(core, req) for req in requests]
+            assert max(recorder.batch_sizes) == 1
+            # Hold the model thread until all three wait, so they are admitted and decoded in one batch.
+            gate = threading.Event()
+            hold = asyncio.create_task(core.scheduler.run_exclusive(gate.wait))
+            together = [asyncio.create_task(collect(core, req)) for req in requests]
+            await until(lambda: core.scheduler.waiting() == 3)
+            gate.set()
+            await hold
+            batched = await asyncio.gather(*together)
+            assert max(recorder.batch_sizes) == 3
+            metrics = core.metrics()
+
+        assert [ids for ids, _, _ in batched] == [ids for ids, _, _ in alone]
+        assert [text for _, text, _ in batched] == [text for _, text, _ in alone]
+        assert alone[0][0] != alone[2][0], "the adapter must change the greedy answer"
+        assert alone[0][0] != alone[1][0]
+        for (ids, text, stats), req, info in zip(
+            alone, requests, [compressed[0], compressed[1], compressed[0]], strict=True
+        ):
+            doc = tenants[req.tenant].get_document(req.doc_ids[0])
+            assert text == base.tokenizer.decode(ids, skip_special_tokens=True)
+            assert stats.generated_tokens == len(ids) and 0 < len(ids) <= 16
+            assert stats.finish_reason == ("length" if len(ids) == 16 else "stop")
+            assert stats.adapter_version == ("v000001" if req.adapter else None)
+            assert stats.context_tokens == info.n_vectors == math.ceil(doc.tokens / 16) * 4
+            assert stats.document_tokens == doc.tokens
+            assert stats.prompt_tokens == len(chat_prompt(base.tokenizer, QUESTION))
+            assert 0 < stats.ttft_s <= stats.total_s
+        # Contexts: read from S3 once per document, then served from the GPU tier.
+        assert recorder.lookups[:3] == [("acme", "s3"), ("globex", "s3"), ("acme", "gpu")]
+        assert metrics["context_cache_s3_loads"] == 2 and metrics["context_cache_gpu_hits"] == 4
+        assert metrics["adapter_s3_loads"] == 2 and metrics["adapter_slot_loads"] == 2
+        assert metrics["batch_size"] == 0 and metrics["queue_depth"] == 0
+
+    run(scenario)
+
+
+def test_new_adapter_version_is_picked_up_while_running_rows_finish_on_theirs(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    acme = tenants["acme"]
+
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings(gpu_slots=2)) as core:
+            await core.compress("acme", ["handbook"])
+            v1_ids, _, _ = await collect(core, request("acme", ("handbook",), "support", max_new_tokens=24))
+            long_stream = core.generate(request("acme", ("handbook",), "support", max_new_tokens=24))
+            first = await anext(long_stream)  # running on v000001
+            during = [
+                asyncio.create_task(collect(core, request("acme", ("handbook",), "support")))
+                for _ in range(4)
+            ]
+            published = await asyncio.to_thread(
+                acme.publish_adapter, "support", random_adapter(base.config, seed=7), {"seed": 7}
+            )
+            assert published.version == "v000002"
+            later_ids, _, later = await collect(
+                core, request("acme", ("handbook",), "support", max_new_tokens=24)
+            )
+            pinned_ids, _, pinned = await collect(
+                core, request("acme", ("handbook",), "support", max_new_tokens=24, version="v000001")
+            )
+            rest = [event async for event in long_stream]
+            results = await asyncio.gather(*during)  # none fails
+
+        long_ids = [*first.token_ids, *(i for event in rest for i in event.token_ids)]
+        assert rest[-1].final.adapter_version == "v000001"
+        assert long_ids == v1_ids, "a running row keeps its version's slot when a new version is published"
+        assert later.adapter_version == "v000002" and later_ids != v1_ids
+        assert pinned.adapter_version == "v000001" and pinned_ids == v1_ids
+        assert {stats.adapter_version for _, _, stats in results} <= {"v000001", "v000002"}
+
+    run(scenario)
+
+
+def test_cancelled_stream_frees_its_row_for_the_next_request(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings(max_batch=1)) as core:
+            await core.compress("acme", ["handbook"])
+            stream = core.generate(request("acme", ("handbook",), "support", max_new_tokens=200))
+            await anext(stream)
+            assert core.metrics()["batch_size"] == 1
+            waiting = asyncio.create_task(
+                collect(core, request("acme", ("handbook",), None, max_new_tokens=8))
+            )
+            await until(lambda: core.scheduler.waiting() == 1)
+            await stream.aclose()  # the consumer stops iterating
+            _, _, stats = await waiting
+            assert stats.generated_tokens > 0
+            await until(lambda: core.metrics()["batch_size"] == 0)
+
+            consumer = asyncio.create_task(
+                collect(core, request("acme", ("handbook",), "support", max_new_tokens=200))
+            )
+            await until(lambda: core.metrics()["generated_tokens"] > stats.generated_tokens + 3)
+            consumer.cancel()  # the consumer's task is cancelled
+            with pytest.raises(asyncio.CancelledError):
+                await consumer
+            await until(lambda: core.metrics()["batch_size"] == 0)
+            _, _, after = await collect(core, request("globex", (), "sales", max_new_tokens=4))
+            metrics = core.metrics()
+
+        assert after.generated_tokens > 0
+        # Both 200-token rows stopped early: far fewer tokens were generated than they asked for.
+        assert metrics["generated_tokens"] < 200
+        assert metrics["batch_size"] == 0 and metrics["queue_depth"] == 0
+
+    run(scenario)
+
+
+def test_request_errors(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings(max_seq_len=64)) as core:
+            with pytest.raises(NotFound, match="document 'nope' not found"):
+                await collect(core, request("acme", ("nope",), None))
+            with pytest.raises(
+                FailedPrecondition, match="document 'handbook' is not compressed yet; run compress"
+            ):
+                await collect(core, request("acme", ("handbook",), None))
+            await core.compress("acme", ["handbook"])
+            with pytest.raises(NotFound, match="adapter 'missing' not found"):
+                await collect(core, request("acme", ("handbook",), "missing"))
+            with pytest.raises(NotFound, match="tenant 'initech' not found"):
+                await collect(core, request("initech", (), None))
+            with pytest.raises(InvalidArgument, match="the engine holds 64"):
+                await collect(core, request("acme", ("handbook",), None, max_new_tokens=60))
+            # A document from another tenant is simply not found.
+            with pytest.raises(NotFound, match="document 'report' not found"):
+                await collect(core, request("acme", ("report",), None))
+            tenants["acme"].ingest_document(
+                "handbook", b"New text: the old context is stale now.", max_bytes=1000
+            )
+            with pytest.raises(FailedPrecondition, match="not compressed yet"):
+                await collect(core, request("acme", ("handbook",), None))
+            _, _, stats = await collect(core, request("acme", (), None, max_new_tokens=4))
+            assert stats.context_tokens == 0 and stats.document_tokens == 0
+            assert core.metrics()["batch_size"] == 0
+
+    run(scenario)
+
+
+def test_full_waiting_queue_is_resource_exhausted(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings(max_batch=1, max_waiting=1)) as core:
+            running = core.generate(request("acme", (), None, max_new_tokens=200))
+            await anext(running)
+            queued = asyncio.create_task(collect(core, request("acme", (), None, max_new_tokens=2)))
+            await until(lambda: core.scheduler.waiting() == 1)
+            with pytest.raises(ResourceExhausted, match="retry later"):
+                await collect(core, request("globex", (), None))
+            await running.aclose()
+            await queued
+
+    run(scenario)
+
+
+def test_one_slot_serves_two_adapters_in_turn_without_evicting_a_running_one(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    requests = [request("acme", ("handbook",), "support"), request("globex", ("report",), "sales")]
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with engine(store, base, compressor, settings(gpu_slots=1), recorder) as core:
+            await core.compress("acme", ["handbook"])
+            await core.compress("globex", ["report"])
+            assert await core.load_adapter("acme", "support", None) == "v000001"
+            assert recorder.adapter_loads == [("acme", "cpu"), ("acme", "gpu")]
+            alone = [await collect(core, req) for req in requests]
+            loads_alone = core.metrics()["adapter_slot_loads"]
+            recorder.batch_sizes.clear()
+            both = await asyncio.gather(*(collect(core, req) for req in requests))
+            metrics = core.metrics()
+        assert [ids for ids, _, _ in both] == [ids for ids, _, _ in alone]
+        # Four free rows, but one slot: the second adapter waited until the first one's row ended.
+        assert max(recorder.batch_sizes) == 1
+        assert loads_alone == 2  # the preloaded support served its query without a new load
+        assert metrics["adapter_slot_loads"] in (3, 4)
+        assert metrics["adapter_slot_evictions"] == metrics["adapter_slot_loads"] - 1
+
+    run(scenario)
+
+
+def test_stop_strings_cut_the_stream(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            _, full, _ = await collect(core, request("acme", ("handbook",), "support", max_new_tokens=24))
+            stop = full[len(full) // 2 : len(full) // 2 + 3]
+            ids, text, stats = await collect(
+                core, request("acme", ("handbook",), "support", max_new_tokens=24, stop=(stop,))
+            )
+        assert len(stop) == 3 and text == full[: full.find(stop)]
+        assert stats.finish_reason == "stop" and len(ids) < 24
+
+    run(scenario)
+
+
+def test_text_stream_never_splits_a_character(base: LoadedModel) -> None:
+    text = "Paris é 🙂 你好, the capital!"
+    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split()), "multi-byte characters span several byte-level tokens"
+    stream = TextStream(base.tokenizer)
+    deltas = [stream.push(token) for token in ids]
+    deltas.append(stream.finish())
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in delta for delta in deltas)
+
+    stream = TextStream(base.tokenizer, stop=("capital",))
+    deltas = [stream.push(token) for token in ids]
+    deltas.append(stream.finish())
+    assert "".join(deltas) == text[: text.find("capital")]
+
+
+def test_stopping_the_engine_ends_running_streams_as_cancelled(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        core = EngineCore(settings(), store, base, compressor)
+        await core.start()
+        stream = core.generate(request("acme", (), "support", max_new_tokens=200))
+        await anext(stream)
+        await core.stop()
+        rest = [event async for event in stream]
+        assert rest[-1].final is not None and rest[-1].final.finish_reason == "cancelled"
+        assert rest[-1].final.generated_tokens < 200
+        assert not core.healthy and core.generator.active() == 0
+
+    run(scenario)
