@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import torch
 from ray import serve
@@ -134,6 +135,10 @@ class EngineDeployment:
     async def compressor_id(self) -> str:
         """The id under which this engine's contexts are stored (fixed for the replica's life)."""
         return self._core.compressor_id
+
+    async def tokenizer(self) -> Any:
+        """The base model's tokenizer, so the edge counts limits in the tokens the engine sees."""
+        return self._core.tokenizer
 
     async def health(self) -> dict[str, float]:
         """The engine's counters; raises Unavailable when its scheduler is not running."""

@@ -277,6 +277,10 @@ class EngineCore:
     def compressor_id(self) -> str:
         return self._compressor.compressor_id
 
+    @property
+    def tokenizer(self) -> Any:
+        return self._model.tokenizer
+
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         """Compress small documents now, on this engine's model, between decode steps.
 
