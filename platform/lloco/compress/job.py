@@ -1,0 +1,180 @@
+"""The compression job: find the pending documents of some tenants, run the pipeline, report.
+
+Idempotent and resumable by construction: the documents to do are those without a fresh context
+(``Registry.pending_documents``: none stored for this compressor, or one made from other bytes), and
+a context is one whole-object PUT. A rerun therefore skips finished documents, and a job killed at
+any point leaves each context either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lloco.config import Settings
+from lloco.logs import get_logger
+from lloco.registry import DocumentInfo, Registry, Tenants
+from lloco.storage import ObjectStore
+
+log = get_logger(__name__)
+
+SCAN_THREADS = 8  # tenants scanned at once; each scan is a series of small S3 GETs
+SCAN_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class DocumentFailure:
+    tenant: str
+    doc_id: str
+    reason: str
+
+
+@dataclass
+class CompressSummary:
+    """What a job did. ``documents`` = ``compressed`` + ``skipped`` + ``failed``."""
+
+    compressor_id: str
+    tenants: list[str]
+    documents: int = 0
+    compressed: int = 0  # contexts written
+    skipped: int = 0  # context already fresh
+    failed: int = 0
+    tokens: int = 0  # tokens of the compressed documents
+    vectors: int = 0  # summary vectors written
+    seconds: float = 0.0  # pipeline wall time, actor start-up (model loading) included
+    tokens_per_s: float = 0.0
+    steady_tokens_per_s: float | None = None  # start-up excluded; see _collect
+    failures: list[DocumentFailure] = field(default_factory=list)
+
+    def line(self) -> str:
+        """The one-line console summary."""
+        steady = f", steady {self.steady_tokens_per_s:,.0f}" if self.steady_tokens_per_s is not None else ""
+        return (
+            f"compress {self.compressor_id}: {self.documents} docs in {len(self.tenants)} tenants: "
+            f"{self.compressed} compressed ({self.compressed} contexts, {self.vectors:,} vectors, "
+            f"{self.tokens:,} tokens), {self.skipped} skipped, {self.failed} failed; "
+            f"{self.tokens_per_s:,.0f} tokens/s{steady} in {self.seconds:.1f} s"
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def run_compress_job(
+    settings: Settings, tenants: list[str] | None, summary_path: Path | None = None
+) -> CompressSummary:
+    """Compress every pending document of ``tenants`` (None: every tenant) and store the contexts.
+
+    Joins the Ray cluster of this process (see ``connect_ray``). Bad documents are reported in the
+    summary (and logged); they do not stop the others.
+
+    Raises:
+        NotFound: a named tenant does not exist. Errors of loading the model or compressor.
+    """
+    from lloco.compress.pipeline import WorkItem, build_dataset, plan_actors
+    from lloco.model import load_compressor, load_model
+
+    store = ObjectStore(settings.store)
+    names = _resolve_tenants(store, tenants)
+    model = settings.model
+    # The compressor's identity and the tokenizer, without weights in memory (the meta device).
+    base = load_model(model.base_model, model.cache_dir, store, device="meta")
+    compressor = load_compressor(model.compressor, base, model.cache_dir, store).config
+    summary = CompressSummary(compressor.compressor_id, names)
+    with ThreadPoolExecutor(SCAN_THREADS) as pool:
+        scans = list(pool.map(lambda tenant: _scan(store, tenant, compressor.compressor_id), names))
+    items = [WorkItem(doc.tenant, doc.doc_id, doc.bytes) for pending, _ in scans for doc in pending]
+    summary.skipped = sum(max(0, total - len(pending)) for pending, total in scans)
+    summary.documents = summary.skipped + len(items)
+    log.info(
+        "compress job started",
+        compressor=compressor.compressor_id,
+        tenants=len(names),
+        documents=summary.documents,
+        pending=len(items),
+    )
+    if items:
+        import ray
+
+        connect_ray()
+        plan = plan_actors(settings.compress, ray.cluster_resources().get("GPU", 0.0))
+        log.info("compressor pool", **asdict(plan))
+        dataset = build_dataset(items, settings, compressor, base.tokenizer, plan)
+        _collect(dataset, summary)
+    log.info("compress job finished", **{k: v for k, v in summary.to_json().items() if k != "failures"})
+    if summary_path is not None:
+        summary_path = Path(summary_path)
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary
+
+
+def connect_ray() -> None:
+    """Join a Ray cluster: the one this process is in already, the one at ``RAY_ADDRESS``, one running
+    on this machine; else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(include_dashboard=False)
+
+
+def _resolve_tenants(store: ObjectStore, tenants: list[str] | None) -> list[str]:
+    if tenants is None:
+        return sorted(Tenants(store).list())
+    names = list(dict.fromkeys(tenants))
+    for name in names:
+        Registry(store, name)  # NotFound for an unknown tenant, before any work starts
+    return names
+
+
+def _scan(store: ObjectStore, tenant: str, compressor_id: str) -> tuple[list[DocumentInfo], int]:
+    """The tenant's pending documents, and how many documents it has."""
+    registry = Registry(store, tenant)
+    pending = registry.pending_documents(compressor_id)
+    total, token = 0, ""
+    while True:
+        page, token = registry.list_documents(SCAN_PAGE, token)
+        total += len(page)
+        if not token:
+            return pending, total
+
+
+def _collect(dataset: Any, summary: CompressSummary) -> None:
+    """Run the pipeline, folding its result rows into ``summary`` as they stream in.
+
+    Steady throughput: each actor call's documents are done when the last of them is written; the
+    tokens of every call but the first done, over the time from the first done to the last.
+    """
+    start = time.perf_counter()
+    calls: dict[float, list[float]] = {}  # compressed_at -> [tokens, last written_at]
+    for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        for i, error in enumerate(block["error"]):
+            tenant, doc_id = str(block["tenant"][i]), str(block["doc_id"][i])
+            if error:
+                summary.failed += 1
+                summary.failures.append(DocumentFailure(tenant, doc_id, str(error)))
+                log.warning("document failed", tenant=tenant, doc=doc_id, reason=str(error))
+                continue
+            summary.compressed += 1
+            summary.vectors += int(block["n_vectors"][i])
+            summary.tokens += int(block["tokens"][i])
+            call = calls.setdefault(float(block["compressed_at"][i]), [0.0, 0.0])
+            call[0] += int(block["tokens"][i])
+            call[1] = max(call[1], float(block["written_at"][i]))
+    summary.seconds = time.perf_counter() - start
+    summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
+    done = sorted((written, tokens) for tokens, written in calls.values())
+    if len(done) >= 2 and done[-1][0] > done[0][0]:
+        summary.steady_tokens_per_s = sum(tokens for _, tokens in done[1:]) / (done[-1][0] - done[0][0])

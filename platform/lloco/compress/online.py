@@ -1,0 +1,70 @@
+"""Compression inside the serving engine, right after ingest: the job's steps without Ray Data."""
+
+from __future__ import annotations
+
+from lloco.compress.steps import (
+    BadDocument,
+    PreparedDocument,
+    compress_many,
+    prepare,
+    read_document,
+    store_context,
+)
+from lloco.errors import InvalidArgument, LlocoError
+from lloco.logs import get_logger
+from lloco.model import Compressor
+from lloco.registry import ContextInfo, Registry
+
+log = get_logger(__name__)
+
+ONLINE_BATCH_SIZE = 16  # segments per forward; online batches are a few small documents
+
+
+def compress_online(
+    registry: Registry,
+    compressor: Compressor,
+    doc_ids: list[str],
+    max_tokens: int | None = None,
+) -> list[ContextInfo]:
+    """Compress ``doc_ids`` of ``registry``'s tenant now and store their contexts; one ContextInfo per id.
+
+    A document whose context for this compressor is fresh is not compressed again. Every document is
+    read and checked before any is compressed, so a bad one fails the call without partial work.
+
+    Raises:
+        NotFound: a document does not exist.
+        InvalidArgument: a document is empty, not UTF-8, or longer than ``max_tokens`` (None: no cap).
+        FailedPrecondition: a document changed while it was compressed.
+    """
+    config = compressor.config
+    unique = list(dict.fromkeys(doc_ids))
+    fresh: dict[str, ContextInfo] = {}
+    todo: list[PreparedDocument] = []
+    bad: list[BadDocument] = []
+    for doc_id in unique:
+        document = registry.get_document(doc_id)
+        existing = registry.context_info(doc_id, config.compressor_id)
+        if existing is not None and existing.source_sha == document.sha256:
+            fresh[doc_id] = existing
+            continue
+        try:
+            text = read_document(registry, doc_id)
+            tokenizer = compressor.base.tokenizer
+            todo.append(prepare(registry.tenant, doc_id, text, tokenizer, config.segment_len, max_tokens))
+        except BadDocument as error:
+            bad.append(error)
+    if bad:
+        raise InvalidArgument("; ".join(f"document {e.doc_id!r}: {e.reason}" for e in bad))
+    results = compress_many(compressor, [doc.token_ids for doc in todo], ONLINE_BATCH_SIZE)
+    for doc, vectors in zip(todo, results, strict=True):
+        if isinstance(vectors, LlocoError):
+            raise vectors
+        fresh[doc.doc_id] = store_context(registry, config, doc.doc_id, doc.source_sha, doc.segments, vectors)
+        log.info(
+            "document compressed online",
+            tenant=registry.tenant,
+            doc=doc.doc_id,
+            tokens=len(doc.token_ids),
+            vectors=int(vectors.shape[0]),
+        )
+    return [fresh[doc_id] for doc_id in doc_ids]

@@ -1,0 +1,157 @@
+"""The steps that turn one stored document into one stored context.
+
+Both the Ray Data job (``pipeline.py``) and the online path (``online.py``) run exactly these
+functions, so a context does not depend on which of them made it:
+
+1. ``read_document`` + ``prepare``: the stored text (strict UTF-8), its sha256 (the context is
+   labelled with the sha of what was compressed, not of what the metadata said when the job began),
+   token ids, and the checks that make a document bad (empty, undecodable, over the token cap):
+   a bad document raises ``BadDocument`` with a short reason.
+2. ``compress_many``: the compressor over many documents at once (it batches the i-th segments of
+   all of them); a failing batch is retried one document at a time, so one bad input fails alone.
+3. ``store_context``: checks the vector count against the segment count, then writes the context
+   with ``Registry.put_context`` (one whole-object PUT: a reader sees all of it or nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from lloco.errors import Internal, InvalidArgument, LlocoError
+from lloco.model import Compressor, CompressorConfig
+from lloco.registry import ContextInfo, Registry
+
+STORAGE_DTYPE = torch.bfloat16  # what Registry.put_context stores; casting earlier halves the transfer
+
+
+class BadDocument(InvalidArgument):
+    """A document that cannot be compressed as stored; ``reason`` says why in a few words."""
+
+    def __init__(self, tenant: str, doc_id: str, reason: str) -> None:
+        super().__init__(f"document {doc_id!r} of tenant {tenant!r}: {reason}")
+        self.tenant = tenant
+        self.doc_id = doc_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreparedDocument:
+    """A document ready for the compressor."""
+
+    tenant: str
+    doc_id: str
+    source_sha: str
+    token_ids: list[int]
+    segments: int
+
+
+def read_document(registry: Registry, doc_id: str) -> str:
+    """The stored text of a document.
+
+    Raises:
+        BadDocument: the stored bytes are not UTF-8 (ingest checks this; another writer may not have).
+        NotFound: no such document.
+    """
+    try:
+        return registry.read_text(doc_id)
+    except UnicodeDecodeError as error:
+        raise BadDocument(
+            registry.tenant, doc_id, f"not valid UTF-8 (byte {error.start}: {error.reason})"
+        ) from error
+
+
+def tokenize(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a whole document, as the base model's tokenizer encodes a text on its own
+    (a Llama-2 tokenizer prepends BOS, as AutoCompressors saw in training)."""
+    return list(tokenizer(text, verbose=False)["input_ids"])
+
+
+def count_segments(n_tokens: int, segment_len: int) -> int:
+    return math.ceil(n_tokens / segment_len)
+
+
+def prepare(
+    tenant: str, doc_id: str, text: str, tokenizer: Any, segment_len: int, max_tokens: int | None
+) -> PreparedDocument:
+    """Check and tokenize one document's text.
+
+    Raises:
+        BadDocument: empty (no text besides whitespace) or over ``max_tokens`` tokens (None: no cap).
+    """
+    data = text.encode("utf-8")  # decoding was strict, so these are the stored bytes exactly
+    if not text.strip():
+        raise BadDocument(tenant, doc_id, f"empty ({len(data)} bytes, no text)")
+    token_ids = tokenize(tokenizer, text)
+    if max_tokens is not None and len(token_ids) > max_tokens:
+        raise BadDocument(
+            tenant, doc_id, f"too long: {len(token_ids)} tokens, over the limit of {max_tokens}"
+        )
+    return PreparedDocument(
+        tenant,
+        doc_id,
+        hashlib.sha256(data).hexdigest(),
+        token_ids,
+        count_segments(len(token_ids), segment_len),
+    )
+
+
+def compress_many(
+    compressor: Compressor, token_ids: Sequence[list[int]], batch_size: int
+) -> list[torch.Tensor | LlocoError]:
+    """Summary vectors ``[segments * k, dim]`` (bf16, on CPU) of each document, or the error that
+    document alone raised.
+
+    All documents go through one ``Compressor.compress`` call, ``batch_size`` segments per forward.
+    If that call fails (a bad input, or memory for the whole batch), each document is tried alone.
+    """
+    try:
+        vectors = compressor.compress(list(token_ids), batch_size)
+    except (LlocoError, RuntimeError) as error:
+        if len(token_ids) == 1:
+            return [_as_lloco_error(error)]
+        return [_compress_one(compressor, ids, batch_size) for ids in token_ids]
+    return [v.to(device="cpu", dtype=STORAGE_DTYPE) for v in vectors]
+
+
+def _compress_one(compressor: Compressor, ids: list[int], batch_size: int) -> torch.Tensor | LlocoError:
+    try:
+        (vectors,) = compressor.compress([ids], batch_size)
+    except (LlocoError, RuntimeError) as error:
+        return _as_lloco_error(error)
+    return vectors.to(device="cpu", dtype=STORAGE_DTYPE)
+
+
+def _as_lloco_error(error: Exception) -> LlocoError:
+    if isinstance(error, LlocoError):
+        return error
+    return Internal(f"compressor failed: {type(error).__name__}: {error}")
+
+
+def store_context(
+    registry: Registry,
+    compressor: CompressorConfig,
+    doc_id: str,
+    source_sha: str,
+    segments: int,
+    vectors: torch.Tensor,
+) -> ContextInfo:
+    """Write one document's context, computed from the bytes whose sha256 is ``source_sha``.
+
+    Raises:
+        Internal: the vectors do not have ``segments * k`` rows (compressor and segmentation disagree).
+        FailedPrecondition: the document changed since it was read (from ``Registry.put_context``).
+    """
+    if vectors.ndim != 2 or vectors.shape[0] != segments * compressor.k:
+        raise Internal(
+            f"document {doc_id!r}: compressor returned {tuple(vectors.shape)} vectors for "
+            f"{segments} segments of k={compressor.k}"
+        )
+    return registry.put_context(
+        doc_id, compressor.compressor_id, vectors, source_sha, compressor.segment_len, compressor.k
+    )

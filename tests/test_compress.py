@@ -1,0 +1,284 @@
+"""Offline compression on real local Ray, a real SeaweedFS and a tiny random model; and its online path."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lloco.compress import compress_online, run_compress_job
+from lloco.compress.pipeline import ActorPlan, plan_actors
+from lloco.config import CompressSettings, ModelSettings, Settings
+from lloco.errors import InvalidArgument, NotFound
+from lloco.model import Compressor, load_compressor, load_model
+from lloco.registry import Registry, Tenants
+from lloco.storage import ObjectStore, keys
+
+SEGMENT_LEN = 16
+K = 2
+MAX_BYTES = 1 << 20
+WORDS = (
+    "paris",
+    "france",
+    "river",
+    "capital",
+    "tenant",
+    "document",
+    "summary",
+    "vector",
+    "the",
+    "of",
+    "is",
+    "a",
+)
+
+
+@pytest.fixture(scope="module")
+def compressor_dirs(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base model dir, compressor dir): a seeded fresh compressor on the tiny model, saved."""
+    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+    directory = tmp_path_factory.mktemp("compressor")
+    Compressor.from_base(base, SEGMENT_LEN, K, accumulate=True, seed=7).save(directory)
+    return tiny_model_dir, directory
+
+
+@pytest.fixture(scope="module")
+def compressor(compressor_dirs: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Compressor:
+    """The same compressor, loaded here, for direct calls."""
+    base_dir, directory = compressor_dirs
+    base = load_model(str(base_dir), tmp_path_factory.mktemp("cache"))
+    return load_compressor(str(directory), base)
+
+
+def make_settings(store: ObjectStore, dirs: tuple[Path, Path], cache: Path, **compress: object) -> Settings:
+    return Settings(
+        store=store.settings,
+        model=ModelSettings(base_model=str(dirs[0]), compressor=str(dirs[1]), cache_dir=cache),
+        compress=CompressSettings(**compress),
+    )
+
+
+def text_of(seed: int, words: int) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(WORDS) for _ in range(words)) + "."
+
+
+def ingest(store: ObjectStore, docs: dict[tuple[str, str], str]) -> None:
+    tenants = Tenants(store)
+    for tenant in sorted({tenant for tenant, _ in docs}):
+        if not tenants.exists(tenant):
+            tenants.create(tenant)
+    for (tenant, doc_id), text in docs.items():
+        Registry(store, tenant).ingest_document(doc_id, text.encode(), MAX_BYTES)
+
+
+def twelve_documents(words: int = 40) -> dict[tuple[str, str], str]:
+    """7 documents of acme and 5 of globex, of different lengths (1 to ~12 segments)."""
+    return {
+        (tenant, f"doc-{i}"): text_of(i, words + 9 * i)
+        for i, tenant in enumerate(["acme"] * 7 + ["globex"] * 5)
+    }
+
+
+def expected_vectors(compressor: Compressor, text: str) -> torch.Tensor:
+    """A direct compressor call on the document alone, stored the way the registry stores it (bf16)."""
+    ids = compressor.base.tokenizer(text)["input_ids"]
+    return compressor.compress([ids])[0].to(torch.bfloat16)
+
+
+def assert_contexts(store: ObjectStore, compressor: Compressor, docs: dict[tuple[str, str], str]) -> None:
+    """Every document has exactly one context, equal to a direct call on its current text."""
+    cid = compressor.compressor_id
+    for tenant in {tenant for tenant, _ in docs}:
+        names = sorted(store.list_keys(keys.contexts_prefix(tenant, cid)))
+        assert names == sorted(keys.context(tenant, cid, d) for t, d in docs if t == tenant)
+    for (tenant, doc_id), text in docs.items():
+        registry = Registry(store, tenant)
+        vectors, info = registry.get_context(doc_id, cid)
+        assert info.source_sha == registry.get_document(doc_id).sha256
+        assert (info.segment_len, info.k, info.dtype) == (SEGMENT_LEN, K, "bfloat16")
+        expected = expected_vectors(compressor, text)
+        assert vectors.shape == expected.shape and vectors.shape[0] % K == 0
+        assert torch.equal(vectors, expected), f"{tenant}/{doc_id} differs from a direct compressor call"
+
+
+def test_job_compresses_then_skips_then_redoes_only_changed(
+    store: ObjectStore,
+    ray_local: None,
+    compressor_dirs: tuple[Path, Path],
+    compressor: Compressor,
+    tmp_path: Path,
+) -> None:
+    docs = twelve_documents()
+    ingest(store, docs)
+    settings = make_settings(store, compressor_dirs, tmp_path / "cache", batch_size=4)
+
+    summary = run_compress_job(settings, None, tmp_path / "summary.json")
+    assert (summary.documents, summary.compressed, summary.skipped, summary.failed) == (12, 12, 0, 0)
+    tokens = sum(len(compressor.base.tokenizer(text)["input_ids"]) for text in docs.values())
+    assert summary.tokens == tokens and summary.tokens_per_s > 0
+    assert summary.tenants == ["acme", "globex"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary.to_json()
+    assert_contexts(store, compressor, docs)
+
+    again = run_compress_job(settings, None)
+    assert (again.compressed, again.skipped, again.failed, again.tokens) == (0, 12, 0, 0)
+
+    docs["globex", "doc-9"] = text_of(99, 70)
+    ingest(store, {("globex", "doc-9"): docs["globex", "doc-9"]})
+    changed = run_compress_job(settings, None)
+    assert (changed.compressed, changed.skipped, changed.failed) == (1, 11, 0)
+    assert changed.tokens == len(compressor.base.tokenizer(docs["globex", "doc-9"])["input_ids"])
+    assert_contexts(store, compressor, docs)
+
+
+def test_bad_documents_are_reported_and_the_rest_complete(
+    store: ObjectStore,
+    ray_local: None,
+    compressor_dirs: tuple[Path, Path],
+    compressor: Compressor,
+    tmp_path: Path,
+) -> None:
+    good = {("acme", f"good-{i}"): text_of(i, 30 + 10 * i) for i in range(4)}
+    ingest(store, {("globex", "other"): text_of(9, 30)})  # another tenant's document: not in this job
+    ingest(
+        store, {**good, ("acme", "empty"): "x", ("acme", "binary"): "x", ("acme", "long"): text_of(5, 400)}
+    )
+    # Ingest refuses empty and non-UTF-8 text: write them as another tool would, straight to the store.
+    store.put_bytes(keys.doc_source("acme", "empty"), b"")
+    store.put_bytes(keys.doc_source("acme", "binary"), b"caf\xe9 \xff\xfe")
+    settings = make_settings(
+        store, compressor_dirs, tmp_path / "cache", batch_size=8, max_document_tokens=300
+    )
+
+    summary = run_compress_job(settings, ["acme"], tmp_path / "summary.json")
+    assert (summary.documents, summary.compressed, summary.failed, summary.skipped) == (7, 4, 3, 0)
+    reasons = {failure.doc_id: failure.reason for failure in summary.failures}
+    assert {failure.tenant for failure in summary.failures} == {"acme"}
+    assert reasons["empty"].startswith("empty")
+    assert reasons["binary"] == "not valid UTF-8 (byte 3: invalid continuation byte)"
+    assert reasons["long"].startswith("too long") and "over the limit of 300" in reasons["long"]
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert sorted(f["doc_id"] for f in written["failures"]) == ["binary", "empty", "long"]
+    assert_contexts(store, compressor, good)
+    assert Registry(store, "globex").context_info("other", compressor.compressor_id) is None
+
+
+def count_contexts(store: ObjectStore, tenants: list[str]) -> int:
+    return sum(len(list(store.list_keys(keys.contexts_prefix(t)))) for t in tenants)
+
+
+def test_job_killed_halfway_then_rerun_finishes_exactly_once(
+    store: ObjectStore,
+    ray_local: None,
+    compressor_dirs: tuple[Path, Path],
+    compressor: Compressor,
+    tmp_path: Path,
+) -> None:
+    import ray
+
+    docs = twelve_documents(words=600)  # long documents (~40-90 segments each): the job takes seconds
+    ingest(store, docs)
+    settings = make_settings(store, compressor_dirs, tmp_path / "cache", batch_size=1, pool_size=1)
+    config = tmp_path / "lloco.yaml"
+    config.write_text(yaml.safe_dump(json.loads(settings.model_dump_json()) | {"store": store_dict(store)}))
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(PLATFORM)}
+    job = subprocess.Popen(
+        [sys.executable, "-m", "lloco.cli", "compress", "--all", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while count_contexts(store, ["acme", "globex"]) == 0:
+            assert job.poll() is None, f"job ended (status {job.returncode}) before writing a context"
+            assert time.monotonic() < deadline, "no context written within 120 s"
+            time.sleep(0.02)
+        job.send_signal(signal.SIGKILL)
+    finally:
+        job.kill()
+        job.wait()
+    at_kill = count_contexts(store, ["acme", "globex"])
+    assert 0 < at_kill < 12, f"kill landed when {at_kill} of 12 contexts existed"
+
+    summary = run_compress_job(settings, None)
+    assert summary.compressed + summary.skipped == 12 and summary.failed == 0
+    assert summary.skipped >= at_kill
+    assert_contexts(store, compressor, docs)
+
+
+PLATFORM = Path(__file__).parents[1] / "platform"
+
+
+def store_dict(store: ObjectStore) -> dict[str, object]:
+    """The store settings with their secrets in the clear, for a config file."""
+    data = store.settings.model_dump()
+    for name in ("access_key_id", "secret_access_key"):
+        if data[name] is not None:
+            data[name] = data[name].get_secret_value()
+    return data
+
+
+def test_online_compression_matches_the_job_path(
+    store: ObjectStore, compressor: Compressor, tmp_path: Path
+) -> None:
+    docs = {("acme", "a"): text_of(1, 50), ("acme", "b"): text_of(2, 120), ("acme", "bad"): "x"}
+    ingest(store, docs)
+    store.put_bytes(keys.doc_source("acme", "bad"), b"\xc3\x28")
+    registry = Registry(store, "acme")
+
+    infos = compress_online(registry, compressor, ["b", "a"])
+    assert [info.doc_id for info in infos] == ["b", "a"]
+    assert_contexts(store, compressor, {key: docs[key] for key in [("acme", "a"), ("acme", "b")]})
+    stamp = store.get_bytes(keys.context("acme", compressor.compressor_id, "a"))
+    assert compress_online(registry, compressor, ["a"]) == [infos[1]]  # fresh: not compressed again
+    assert store.get_bytes(keys.context("acme", compressor.compressor_id, "a")) == stamp
+
+    with pytest.raises(InvalidArgument, match="'bad': not valid UTF-8"):
+        compress_online(registry, compressor, ["bad"])
+    registry.ingest_document("c", text_of(3, 40).encode(), MAX_BYTES)
+    with pytest.raises(InvalidArgument, match="too long: [0-9]+ tokens, over the limit of 10"):
+        compress_online(registry, compressor, ["c"], max_tokens=10)
+    assert registry.context_info("c", compressor.compressor_id) is None
+    with pytest.raises(NotFound):
+        compress_online(registry, compressor, ["missing"])
+
+
+def test_actor_plan_fills_gpus_unless_told_otherwise() -> None:
+    defaults = CompressSettings()
+    assert plan_actors(defaults, 0) == ActorPlan(1, 0.0, 0.5, 64)
+    assert plan_actors(defaults, 8) == ActorPlan(8, 1.0, 0.5, 64)
+    assert plan_actors(CompressSettings(pool_size=2), 8) == ActorPlan(2, 1.0, 0.5, 64)
+    assert plan_actors(CompressSettings(actor_num_gpus=0.5), 2) == ActorPlan(4, 0.5, 0.5, 64)
+    assert plan_actors(CompressSettings(actor_num_gpus=0, batch_size=8), 8) == ActorPlan(1, 0.0, 0.5, 8)
+
+
+def test_cli_needs_tenants_or_all() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "lloco.cli", "compress"],
+        env={**os.environ, "PYTHONPATH": str(PLATFORM)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--tenant T (one or more) or --all" in done.stderr
+
+
+def test_benchmark_runs_tiny_on_cpu(ray_local: None, tmp_path: Path) -> None:
+    from lloco.bench.compress import main
+
+    result = main(
+        ["--out", str(tmp_path), "--tiny", "--docs", "6", "--doc-tokens", "128", "--batch-size", "2"]
+    )
+    assert result["tokens"] > 6 * 100 and result["bare"]["tokens_per_s"] > 0
+    assert result["pipeline"]["tokens_per_s"] > 0 and result["pipeline"]["steady_tokens_per_s"] > 0
+    assert json.loads((tmp_path / "compress.json").read_text()) == result
