@@ -9,6 +9,7 @@ tokens do not depend on which other rows share its batch. The host reads the new
 
 from __future__ import annotations
 
+import functools
 import heapq
 import random
 import uuid
@@ -136,6 +137,13 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
     return text[:cut]
 
 
+@functools.cache
+def compiled_block() -> BlockFn:
+    """The one ``torch.compile`` site: the layer function of the decode step, shared by all Generators (and
+    all layers: weights are inputs, so one compilation per shape class serves every layer)."""
+    return torch.compile(Block.infer, dynamic=True)
+
+
 def _bucket(n: int, granule: int, cap: int) -> int:
     return min(-(-n // granule) * granule, cap)
 
@@ -208,7 +216,7 @@ class Generator:
         self._long = torch.zeros(4, max_batch, dtype=torch.int64, device=self.device)
         self._float = torch.zeros(2, max_batch, dtype=torch.float32, device=self.device)
         self._next = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
-        self._block_fn: BlockFn = torch.compile(Block.infer, dynamic=None) if compile else Block.infer
+        self._block_fn: BlockFn = compiled_block() if compile else Block.infer
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None

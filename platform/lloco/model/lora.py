@@ -306,8 +306,9 @@ class LoraSlots:
     def batch(self, slots: Tensor) -> LoraBatch:
         """slots [B] long on the slots' device (-1 = no adapter) -> the masks of one forward."""
         one_hot = (slots[:, None] == torch.arange(self.n_slots, device=slots.device)).to(self.dtype)
-        masks = {
-            g: one_hot.repeat_interleave(len(names) * self.max_rank, dim=1)[:, None, :]
+        batch = slots.shape[0]
+        masks = {  # expand + reshape, not repeat_interleave: no host sync, so CUDA graphs can capture it
+            g: one_hot[:, :, None].expand(batch, self.n_slots, len(names) * self.max_rank).reshape(batch, 1, -1)
             for g, names in self.groups.items()
         }
         return LoraBatch(self, masks)
