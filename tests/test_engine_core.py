@@ -357,7 +357,7 @@ def test_full_waiting_queue_is_resource_exhausted(
 def test_one_slot_serves_two_adapters_in_turn_without_evicting_a_running_one(
     store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
 ) -> None:
-    requests = [request("acme", ("handbook",), "support"), request("globex", ("report",), "sales")]
+    support, sales = request("acme", ("handbook",), "support"), request("globex", ("report",), "sales")
 
     async def scenario() -> None:
         recorder = Recorder()
@@ -366,17 +366,36 @@ def test_one_slot_serves_two_adapters_in_turn_without_evicting_a_running_one(
             await core.compress("globex", ["report"])
             assert await core.load_adapter("acme", "support", None) == "v000001"
             assert recorder.adapter_loads == [("acme", "cpu"), ("acme", "gpu")]
-            alone = [await collect(core, req) for req in requests]
-            loads_alone = core.metrics()["adapter_slot_loads"]
+            alone = {req.tenant: await collect(core, req) for req in [support, sales]}
+            assert core.metrics()["adapter_slot_loads"] == 2  # the preloaded support needed no second load
+            await core.load_adapter("acme", "support", None)  # the slot holds support again
             recorder.batch_sizes.clear()
-            both = await asyncio.gather(*(collect(core, req) for req in requests))
+
+            # Queue support, sales, support in this order while the model thread is held.
+            finished: list[str] = []
+
+            async def tagged(tag: str, req: EngineRequest) -> tuple[list[int], str, QueryStats]:
+                result = await collect(core, req)
+                finished.append(tag)
+                return result
+
+            gate = threading.Event()
+            hold = asyncio.create_task(core.scheduler.run_exclusive(gate.wait))
+            tasks = []
+            for tag, req in [("support-1", support), ("sales", sales), ("support-2", support)]:
+                tasks.append(asyncio.create_task(tagged(tag, req)))
+                await until(lambda: core.scheduler.waiting() == len(tasks))
+            gate.set()
+            await hold
+            results = await asyncio.gather(*tasks)
             metrics = core.metrics()
-        assert [ids for ids, _, _ in both] == [ids for ids, _, _ in alone]
-        # Four free rows, but one slot: the second adapter waited until the first one's row ended.
+
+        assert [ids for ids, _, _ in results] == [alone[r.tenant][0] for r in [support, sales, support]]
+        # Four free rows but one slot: sales waited for support-1's row to end, and support-2 (whose adapter
+        # was resident) waited behind sales instead of keeping the slot pinned.
+        assert finished == ["support-1", "sales", "support-2"]
         assert max(recorder.batch_sizes) == 1
-        assert loads_alone == 2  # the preloaded support served its query without a new load
-        assert metrics["adapter_slot_loads"] in (3, 4)
-        assert metrics["adapter_slot_evictions"] == metrics["adapter_slot_loads"] - 1
+        assert metrics["adapter_slot_loads"] == 5 and metrics["adapter_slot_evictions"] == 4
 
     run(scenario)
 

@@ -218,18 +218,24 @@ class Scheduler:
         return cancels
 
     def _admit(self) -> list[ScheduledRequest]:
-        """Waiting requests (FIFO) that fit a free row and get a slot; the rest keep their place."""
+        """Waiting requests (FIFO) that fit a free row and get a slot; the rest keep their place.
+
+        Once a request waits for a slot, later adapter requests wait behind it (base-model ones still
+        join): otherwise a steady flow on resident adapters could keep every slot pinned forever.
+        """
         admitted: list[ScheduledRequest] = []
         kept: deque[ScheduledRequest] = deque()
         free_rows = self._max_batch - len(self._running)
+        slot_blocked = False
         while self._waiting:
             request = self._waiting.popleft()
-            if free_rows == 0:
+            if free_rows == 0 or (request.adapter is not None and slot_blocked):
                 kept.append(request)
                 continue
             if request.adapter is not None:
                 request.grant = self.slots.acquire(request.adapter)
                 if request.grant is None:
+                    slot_blocked = True
                     kept.append(request)
                     continue
             admitted.append(request)
