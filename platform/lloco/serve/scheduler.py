@@ -285,7 +285,7 @@ class Scheduler:
 
     def _deliver(self, it: _Iteration) -> None:
         for job, result, error in it.job_results:
-            if job.done.cancelled():
+            if job.done.done():  # its caller gave up waiting
                 continue
             if error is None:
                 job.done.set_result(result)
