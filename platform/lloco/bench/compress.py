@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import platform
+import random
 import shlex
 import sys
 import time
@@ -104,18 +105,19 @@ def forward_flops(geometry: Geometry, lengths: list[int], accumulate: bool) -> f
 
 def document_text(seed: int, tokenizer: Any, tokens: int) -> str:
     """Deterministic words that tokenize to about ``tokens`` tokens."""
-    import random
+    from lloco.compress.steps import tokenize
 
     rng = random.Random(seed)
     words = [rng.choice(WORDS) for _ in range(tokens)]
-    per_word = len(tokenizer(" ".join(words[:200]))["input_ids"]) / 200
+    per_word = len(tokenize(tokenizer, " ".join(words[:200]))) / 200
     return " ".join(words[: int(tokens / per_word)])
 
 
 def write_random_llama(path: Path, geometry: Geometry, device: torch.device) -> Path:
     """An HF Llama checkpoint with random bf16 weights of ``geometry`` (one shard per layer) + tokenizer."""
-    from lloco.model.tiny import tiny_tokenizer
     from safetensors.torch import save_file
+
+    from lloco.model.tiny import tiny_tokenizer
 
     if (path / "config.json").is_file():
         return path

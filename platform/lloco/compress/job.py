@@ -102,8 +102,15 @@ def run_compress_job(
         import ray
 
         connect_ray()
-        plan = plan_actors(settings.compress, ray.cluster_resources().get("GPU", 0.0))
-        log.info("compressor pool", **asdict(plan))
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        plan = plan_actors(settings.compress, cluster_gpus)
+        log.info("compressor pool", cluster_gpus=cluster_gpus, **asdict(plan))
+        if plan.num_gpus * plan.pool_size > cluster_gpus:
+            log.warning(
+                "the compressor pool needs more GPUs than the cluster has now; it waits for them",
+                needed=plan.num_gpus * plan.pool_size,
+                cluster_gpus=cluster_gpus,
+            )
         dataset = build_dataset(items, settings, compressor, base.tokenizer, plan)
         _collect(dataset, summary)
     log.info("compress job finished", **{k: v for k, v in summary.to_json().items() if k != "failures"})
@@ -154,11 +161,13 @@ def _scan(store: ObjectStore, tenant: str, compressor_id: str) -> tuple[list[Doc
 def _collect(dataset: Any, summary: CompressSummary) -> None:
     """Run the pipeline, folding its result rows into ``summary`` as they stream in.
 
-    Steady throughput: each actor call's documents are done when the last of them is written; the
-    tokens of every call but the first done, over the time from the first done to the last.
+    Steady throughput leaves out the start-up (workers, model loading, the first batch): the tokens of
+    every actor call but the first to end, over the time from that first end until the last context
+    was written.
     """
     start = time.perf_counter()
-    calls: dict[float, list[float]] = {}  # compressed_at -> [tokens, last written_at]
+    call_tokens: dict[float, int] = {}  # actor call end (compressed_at) -> tokens of its documents
+    last_written = 0.0
     for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for i, error in enumerate(block["error"]):
             tenant, doc_id = str(block["tenant"][i]), str(block["doc_id"][i])
@@ -167,14 +176,16 @@ def _collect(dataset: Any, summary: CompressSummary) -> None:
                 summary.failures.append(DocumentFailure(tenant, doc_id, str(error)))
                 log.warning("document failed", tenant=tenant, doc=doc_id, reason=str(error))
                 continue
+            tokens = int(block["tokens"][i])
             summary.compressed += 1
             summary.vectors += int(block["n_vectors"][i])
-            summary.tokens += int(block["tokens"][i])
-            call = calls.setdefault(float(block["compressed_at"][i]), [0.0, 0.0])
-            call[0] += int(block["tokens"][i])
-            call[1] = max(call[1], float(block["written_at"][i]))
+            summary.tokens += tokens
+            ended = float(block["compressed_at"][i])
+            call_tokens[ended] = call_tokens.get(ended, 0) + tokens
+            last_written = max(last_written, float(block["written_at"][i]))
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
-    done = sorted((written, tokens) for tokens, written in calls.values())
-    if len(done) >= 2 and done[-1][0] > done[0][0]:
-        summary.steady_tokens_per_s = sum(tokens for _, tokens in done[1:]) / (done[-1][0] - done[0][0])
+    if len(call_tokens) >= 2:
+        first = min(call_tokens)
+        if last_written > first:
+            summary.steady_tokens_per_s = (summary.tokens - call_tokens[first]) / (last_written - first)

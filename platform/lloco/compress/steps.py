@@ -67,9 +67,9 @@ def read_document(registry: Registry, doc_id: str) -> str:
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of a whole document, as the base model's tokenizer encodes a text on its own
-    (a Llama-2 tokenizer prepends BOS, as AutoCompressors saw in training)."""
-    return list(tokenizer(text, verbose=False)["input_ids"])
+    """Token ids of a whole document: the text alone, no special tokens (as the AutoCompressors encode
+    contexts, as compressor pretraining cuts its segments, and as ingest and the engine count tokens)."""
+    return list(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
 
 
 def count_segments(n_tokens: int, segment_len: int) -> int:
