@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
-from lloco.model.llama import Block, BlockFn, KVCache, Llama
+from lloco.model.llama import Block, BlockFn, KVCache, Llama, resolve_device
 from lloco.model.lora import LoraSlots
 
 if TYPE_CHECKING:
@@ -140,7 +140,12 @@ def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
 @functools.cache
 def compiled_block() -> BlockFn:
     """The one ``torch.compile`` site: the layer function of the decode step, shared by all Generators (and
-    all layers: weights are inputs, so one compilation per shape class serves every layer)."""
+    all layers: weights are inputs, so one compilation per shape class serves every layer).
+
+    Shape classes are few (batch 1 or more, adapters on or off, per model geometry) but can pass dynamo's
+    default of 8 recompilations in a process holding several models; past it dynamo silently runs eager.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     return torch.compile(Block.infer, dynamic=True)
 
 
@@ -185,9 +190,9 @@ class Generator:
         max_prefill_tokens: int = 16384,
         kv_bucket: int = 128,
     ) -> None:
-        self.device = torch.device(device) if device is not None else model.device
+        self.device = resolve_device(device if device is not None else model.device)
         self.dtype = dtype or model.dtype
-        if self.device != model.device or self.dtype != model.dtype:
+        if self.device != resolve_device(model.device) or self.dtype != model.dtype:
             raise InvalidArgument(
                 f"model is on {model.device}/{model.dtype}, generator asked {self.device}/{self.dtype}"
             )

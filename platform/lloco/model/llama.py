@@ -31,6 +31,14 @@ except ImportError:
     flash_attn_func = None
 
 
+def resolve_device(device: torch.device | str) -> torch.device:
+    """A device with its index ("cuda" -> "cuda:N" of the current device), so devices compare equal."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in fp32, cast back before the weight (as HF does)."""
 

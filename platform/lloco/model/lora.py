@@ -31,6 +31,7 @@ from torch import Tensor
 
 from lloco.errors import InvalidArgument
 from lloco.model.config import LlamaConfig
+from lloco.model.llama import resolve_device
 
 GROUPS: dict[str, tuple[str, ...]] = {
     "qkv": ("q_proj", "k_proj", "v_proj"),
@@ -184,7 +185,7 @@ class LoraSlots:
         if unknown or not targets:
             raise InvalidArgument(f"LoRA targets must be among {sorted(MODULE_OF)}, got {targets}")
         self.config, self.n_slots, self.max_rank = config, n_slots, max_rank
-        self.device, self.dtype = torch.device(device), dtype
+        self.device, self.dtype = resolve_device(device), dtype
         self.groups = {g: tuple(t for t in names if t in targets) for g, names in GROUPS.items()}
         self.groups = {g: names for g, names in self.groups.items() if names}
         self.targets = tuple(t for names in self.groups.values() for t in names)
