@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lloco.errors import InvalidArgument
 from lloco.model import KVCache, load_model, tiny_llama_dir
 
 VARIANTS = {
@@ -123,3 +124,13 @@ def test_training_forward_under_peft_matches_hf_peft_keys_and_logits(
     grads = [p.grad for n, p in peft_ours.named_parameters() if "lora_" in n]
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
     assert all(p.grad is None for n, p in peft_ours.named_parameters() if "lora_" not in n)
+
+
+def test_sliding_window_models_refuse_longer_sequences(tmp_path: Path) -> None:
+    """Mistral-style configs load; sequences past the window are refused, never silently full attention."""
+    path = tiny_llama_dir(tmp_path / "windowed", 2, sliding_window=48)
+    loaded = load_model(str(path), tmp_path / "cache")
+    assert loaded.config.sliding_window == 48
+    loaded.model(loaded.model.embed(torch.arange(48)[None]))
+    with pytest.raises(InvalidArgument, match="sliding attention window"):
+        loaded.model(loaded.model.embed(torch.arange(49)[None]))

@@ -111,11 +111,11 @@ class Compressor:
         """Fresh summary embeddings: the EOS embedding (as AutoCompressors initialise) plus seeded noise at
         10% of the embedding table's scale, so the k tokens start distinct. Untrained: for pretraining/tests.
         """
-        table = base.model.embed(torch.arange(base.config.vocab_size, device=base.model.device)).float()
+        table = base.model.get_input_embeddings().weight.detach()
         eos = base.config.eos_token_ids[0] if base.config.eos_token_ids else 0
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.std().item()
-        return cls(base, table[eos].cpu()[None] + noise, segment_len, accumulate)
+        noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.float().std().item()
+        return cls(base, table[eos].float().cpu()[None] + noise, segment_len, accumulate)
 
     @torch.no_grad()
     def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:

@@ -32,6 +32,7 @@ class LlamaConfig:
     attention_bias: bool = False
     mlp_bias: bool = False
     hidden_act: str = "silu"
+    sliding_window: int | None = None  # Mistral-style local attention; longer sequences are refused
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -110,6 +111,7 @@ class LlamaConfig:
                 attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 hidden_act=str(raw.get("hidden_act", "silu")),
+                sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
             )
         except KeyError as exc:
             raise InvalidArgument(f"model config lacks {exc.args[0]!r}: not a Llama-family config") from exc

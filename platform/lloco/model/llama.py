@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lloco.errors import InvalidArgument
 from lloco.model.config import LlamaConfig
 
 if TYPE_CHECKING:
@@ -310,7 +311,14 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def ensure_positions(self, n: int) -> None:
-        """Make the cos/sin tables cover positions [0, n) on the model's device (fp32, as HF computes them)."""
+        """Make the cos/sin tables cover positions [0, n) on the model's device (fp32, as HF computes them).
+
+        Raises:
+            InvalidArgument: n exceeds the model's sliding window (full attention would differ from it).
+        """
+        window = self.config.sliding_window
+        if window is not None and n > window:
+            raise InvalidArgument(f"{n} positions exceed the model's sliding attention window ({window})")
         if self.rope_cos is not None and self.rope_cos.shape[0] >= n and self.rope_cos.device == self.device:
             return
         n = max(n, self.config.max_position_embeddings)

@@ -115,7 +115,7 @@ def build_llama(
     )
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.ensure_positions(config.max_position_embeddings)
+    model.ensure_positions(1)  # tables for max_position_embeddings
     model.fuse_projections()
     return model.eval()
 

@@ -309,7 +309,9 @@ class LoraSlots:
         one_hot = (slots[:, None] == torch.arange(self.n_slots, device=slots.device)).to(self.dtype)
         batch = slots.shape[0]
         masks = {  # expand + reshape, not repeat_interleave: no host sync, so CUDA graphs can capture it
-            g: one_hot[:, :, None].expand(batch, self.n_slots, len(names) * self.max_rank).reshape(batch, 1, -1)
+            g: one_hot[:, :, None]
+            .expand(batch, self.n_slots, len(names) * self.max_rank)
+            .reshape(batch, 1, -1)
             for g, names in self.groups.items()
         }
         return LoraBatch(self, masks)
