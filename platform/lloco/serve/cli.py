@@ -1,0 +1,99 @@
+"""Serving commands of `lloco`: `lloco up` (everything on this machine) and `lloco serve` (a Ray cluster)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+
+DEFAULT_TENANT = "demo"
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
+
+
+def up(
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="Settings YAML (default: LLOCO_CONFIG, else built-ins)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=1, max=65535, help="gRPC port (serve.grpc_port).")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Where S3 data and caches live.")
+    ] = None,
+    tenant: Annotated[
+        str, typer.Option("--tenant", help="Tenant to create (or reuse) and print a key for.")
+    ] = (DEFAULT_TENANT),
+    check: Annotated[
+        bool, typer.Option("--check", help="Start, report health, stop; exit 1 unless SERVING.")
+    ] = False,
+) -> None:
+    """Run lloco on this machine: embedded S3, local Ray and the gRPC app on 127.0.0.1, until Ctrl-C."""
+    from lloco.config import Settings
+    from lloco.errors import LlocoError
+    from lloco.serve.local import EmbeddedStack
+
+    overrides: dict[str, Any] = {}
+    if port is not None:
+        overrides["serve"] = {"grpc_port": port}
+    if data_dir is not None:
+        overrides["data_dir"] = data_dir
+    try:
+        settings = Settings.load(config, **overrides)
+    except (OSError, ValueError) as error:
+        _fail(f"bad settings: {error}")
+    typer.echo(f"starting lloco on 127.0.0.1:{settings.serve.grpc_port} (data in {settings.data_dir}) ...")
+    try:
+        with EmbeddedStack(settings) as stack:
+            key = stack.api_key(tenant)
+            status = stack.health()
+            typer.echo(f"lloco is up on {stack.address}: health {status}")
+            typer.echo(f"tenant: tenants/{tenant}\napi key: {key}   (shown once; only its hash is stored)")
+            typer.echo(
+                "try it:\n"
+                f"  export LLOCO_TARGET={stack.address} LLOCO_API_KEY={key}\n"
+                "  lloco ingest notes.txt\n"
+                "  lloco query 'What do the notes say?' --doc notes"
+            )
+            if check:
+                if status != "SERVING":
+                    raise typer.Exit(1)
+                return
+            typer.echo("press Ctrl-C to stop")
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        typer.echo("stopped")
+    except LlocoError as error:
+        _fail(str(error))
+
+
+def serve_command(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="Serve config YAML (as for `serve deploy`).")
+    ],
+    address: Annotated[
+        str,
+        typer.Option("--address", envvar="RAY_DASHBOARD_ADDRESS", help="The Ray cluster's dashboard URL."),
+    ] = "http://127.0.0.1:8265",
+) -> None:
+    """Deploy a Serve config (applications and gRPC options) to a running Ray cluster, as `serve deploy`."""
+    from lloco.errors import LlocoError
+    from lloco.serve.app import deploy_config
+
+    try:
+        names = deploy_config(config, address)
+    except LlocoError as error:
+        _fail(str(error))
+    typer.echo(f"deployed {', '.join(names)} to the Ray cluster at {address}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("up")(up)
+    app.command("serve")(serve_command)

@@ -1,0 +1,226 @@
+"""The whole platform on one machine: embedded S3 (SeaweedFS), a local Ray, and the Serve app on loopback.
+
+`EmbeddedStack` is what `lloco up`, the demo and the serving tests run. It starts the pieces in order
+and, if any of them fails, or when the block ends, stops what it started, so nothing is left running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from lloco.auth import KeyRing
+from lloco.config import Settings
+from lloco.errors import AlreadyExists, FailedPrecondition, Unavailable
+from lloco.logs import get_logger
+from lloco.registry import Tenants
+from lloco.serve.app import build_app, grpc_options
+from lloco.storage import EmbeddedS3, ObjectStore
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+log = get_logger(__name__)
+
+APP_NAME = "lloco"
+HOST = "127.0.0.1"
+HEALTH_TIMEOUT_S = 60.0
+# Ray on loopback, without telemetry; set before Ray starts so its daemons and workers inherit them.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a server already listens on ``port`` (Serve's gRPC proxy binds every interface)."""
+    for family, address in ((socket.AF_INET, HOST), (socket.AF_INET6, "::")):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((address, port))
+            except OSError as error:
+                if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+                    return True
+    return False
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((HOST, 0))
+        return probe.getsockname()[1]
+
+
+def health_status(address: str, timeout_s: float = 5.0) -> str:
+    """The grpc.health.v1 status name the server at ``address`` reports (e.g. "SERVING")."""
+    with grpc.insecure_channel(address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+class EmbeddedStack:
+    """SeaweedFS + local Ray + the lloco Serve app on 127.0.0.1:`settings.serve.grpc_port`.
+
+    ``jobs`` starts Ray's dashboard (on a free loopback port), which runs Ray's job server, so
+    CompressDocuments and SubmitFinetune can submit Ray jobs. ``num_cpus`` is Ray's logical CPU count.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        data_dir: Path | None = None,
+        num_cpus: float | None = None,
+        jobs: bool = True,
+    ) -> None:
+        self._base_settings = settings
+        self.data_dir = Path(data_dir or settings.data_dir)
+        self._num_cpus = num_cpus
+        self._jobs = jobs
+        self._s3: EmbeddedS3 | None = None
+        self._ray_started = False
+        self._serve_started = False
+        self.settings = settings
+        self.store: ObjectStore | None = None
+        self._ingress: DeploymentHandle | None = None
+
+    @property
+    def address(self) -> str:
+        """Where gRPC clients connect."""
+        return f"{HOST}:{self.settings.serve.grpc_port}"
+
+    def __enter__(self) -> EmbeddedStack:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start S3, Ray and the app, and return once health reports SERVING."""
+        port = self._base_settings.serve.grpc_port
+        if port_in_use(port):
+            raise FailedPrecondition(
+                f"port {port} is already in use (another `lloco up`?); stop that server or pick another port "
+                "with --port or LLOCO_SERVE__GRPC_PORT"
+            )
+        try:
+            self._start_store()
+            self._start_ray()
+            self._start_serve()
+            self._wait_serving()
+        except BaseException:
+            self.stop()
+            raise
+        log.info("lloco is up", address=self.address, data_dir=str(self.data_dir))
+
+    def _start_store(self) -> None:
+        self._s3 = EmbeddedS3(self.data_dir / "s3")
+        self._s3.start()
+        self.settings = self._base_settings.model_copy(update={"store": self._s3.store_settings()})
+        self.store = ObjectStore(self.settings.store)
+        self.store.ensure_bucket()
+
+    def _start_ray(self) -> None:
+        import ray
+
+        for name, value in RAY_ENV.items():
+            os.environ.setdefault(name, value)
+        if ray.is_initialized():
+            return
+        options: dict[str, object] = {"include_dashboard": self._jobs}
+        if self._jobs:
+            options.update(dashboard_host=HOST, dashboard_port=free_port())
+        ray.init(
+            address="local",  # a new instance, never one that `ray start` left running on this machine
+            num_cpus=self._num_cpus,
+            namespace=APP_NAME,
+            configure_logging=False,
+            log_to_driver=False,
+            **options,
+        )
+        self._ray_started = True
+
+    def _start_serve(self) -> None:
+        from ray import serve
+        from ray.serve.config import HTTPOptions
+
+        if serve.status().applications:
+            raise FailedPrecondition("Serve already runs applications in this Ray instance; stop them first")
+        serve.start(
+            http_options=HTTPOptions(host=HOST, port=free_port()),
+            grpc_options=grpc_options(self.settings),
+        )
+        self._serve_started = True
+        # The app needs a route prefix (the default "/"), or the gRPC proxy does not route to it.
+        self._ingress = serve.run(build_app(self.settings), name=APP_NAME)
+
+    def _wait_serving(self) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        status, last_error = "UNKNOWN", ""
+        while time.monotonic() < deadline:
+            try:
+                status = health_status(self.address)
+            except grpc.RpcError as error:
+                last_error = f"{error.code().name}: {error.details()}"
+            if status == "SERVING":
+                return
+            time.sleep(0.5)
+        raise Unavailable(
+            f"lloco on {self.address} did not report SERVING within {HEALTH_TIMEOUT_S:.0f} s "
+            f"(status {status}{', ' + last_error if last_error else ''})"
+        )
+
+    def stop(self) -> None:
+        """Stop what `start` started, newest first; safe to call twice."""
+        if self._serve_started:
+            from ray import serve
+
+            self._serve_started, self._ingress = False, None
+            try:
+                serve.shutdown()
+            except Exception as error:  # noqa: BLE001 - Ray may be gone already; still stop Ray and S3 below
+                log.warning("serve shutdown failed", error=repr(error))
+        if self._ray_started:
+            import ray
+
+            self._ray_started = False
+            ray.shutdown()
+        if self._s3 is not None:
+            s3, self._s3 = self._s3, None
+            s3.stop()
+        log.info("lloco stopped", address=self.address)
+
+    def health(self) -> str:
+        return health_status(self.address)
+
+    @property
+    def compressor_id(self) -> str:
+        """The id under which the running engine stores and finds compressed contexts."""
+        if self._ingress is None:
+            raise FailedPrecondition("the stack is not running; start it first")
+        return self._ingress.compressor_id.remote().result()
+
+    def create_tenant(self, tenant: str) -> str:
+        """Create ``tenant`` and return its first API key (AlreadyExists if it exists)."""
+        store = self._running_store()
+        Tenants(store).create(tenant)
+        return KeyRing(store, self.settings.admin_key).create_key(tenant)
+
+    def api_key(self, tenant: str) -> str:
+        """A new API key for ``tenant``, creating the tenant first if it does not exist yet."""
+        try:
+            return self.create_tenant(tenant)
+        except AlreadyExists:
+            return KeyRing(self._running_store(), self.settings.admin_key).create_key(tenant)
+
+    def _running_store(self) -> ObjectStore:
+        if self.store is None:
+            raise FailedPrecondition("the stack is not running; start it first")
+        return self.store
