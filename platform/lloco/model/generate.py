@@ -334,18 +334,21 @@ class Generator:
                 parts.append(self.model.embed(torch.tensor(row.prompt_ids, device=self.device)))
             embeds[i, : lengths[i]] = torch.cat(parts)
             row.prefix = None  # in the cache now
-        as_long = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
-        lora = self._lora_batch(as_long([row.slot for row in rows]), [row.slot for row in rows])
+        slots = [row.slot for row in rows]
+        lora = None
+        if self.lora is not None and any(slot >= 0 for slot in slots):
+            lora = self.lora.batch(self._long_tensor(slots))
+        last = self._long_tensor(lengths) - 1
         logits = self.model.prefill(
-            embeds, self.cache, as_long([row.index for row in rows]), as_long(lengths) - 1, lora
+            embeds, self.cache, self._long_tensor([row.index for row in rows]), last, lora
         )
         params = [row.params for row in rows]
         tokens = sample(
             logits,
             torch.tensor([p.temperature for p in params], device=self.device),
             torch.tensor([p.top_p for p in params], device=self.device),
-            as_long([row.seed for row in rows]),
-            as_long(lengths),
+            self._long_tensor([row.seed for row in rows]),
+            self._long_tensor(lengths),
             self._mode(params),
         ).tolist()
         outputs = []
@@ -407,10 +410,8 @@ class Generator:
             self._graphs[key] = graph
         graph.replay()
 
-    def _lora_batch(self, slots: Tensor, host_slots: list[int]) -> Any:
-        if self.lora is None or all(s < 0 for s in host_slots):
-            return None
-        return self.lora.batch(slots)
+    def _long_tensor(self, values: list[int]) -> Tensor:
+        return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     @staticmethod
     def _mode(params: list[SamplingParams]) -> SampleMode:
