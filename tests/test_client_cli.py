@@ -7,11 +7,14 @@ arrives (metadata, resource names, cancellations), and answers errors through `l
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -27,6 +30,9 @@ from lloco.errors import (
     to_grpc_status,
 )
 from typer.testing import CliRunner, Result
+
+if TYPE_CHECKING:
+    from lloco.serve.local import EmbeddedStack
 
 KEYS = {"key-acme": "acme", "key-beta": "beta", "key-admin": ""}
 STREAM_WORDS = 200
@@ -298,3 +304,118 @@ def test_cli_parsing(tmp_path: Path) -> None:
         1,
         f"error: cannot read {absent}: No such file or directory\n",
     )
+
+
+# -- end to end: the CLI against the real lloco server (Ray Serve, SeaweedFS, a tiny random Llama) ---------
+
+ADMIN_KEY = "admin-key-for-cli-tests"
+NOTES = "The capital of France is Paris. Paris is a large city on a river in the north of the country. " * 3
+
+
+@pytest.fixture(scope="module")
+def lloco_server(
+    ray_local: None, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
+    """`EmbeddedStack` serving a tiny model with a fresh compressor (32-token segments into 4 vectors)."""
+    from lloco.config import EngineSettings, LimitSettings, ModelSettings, ServeSettings, Settings
+    from lloco.model import Compressor, load_model
+    from lloco.serve.local import EmbeddedStack, free_port
+    from pydantic import SecretStr
+
+    data_dir = tmp_path_factory.mktemp("cli-lloco")
+    base = load_model(str(tiny_model_dir), data_dir / "models", dtype="float32")
+    compressor_dir = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
+        data_dir / "compressor"
+    )
+    settings = Settings(
+        data_dir=data_dir,
+        admin_key=SecretStr(ADMIN_KEY),
+        model=ModelSettings(
+            base_model=str(tiny_model_dir),
+            compressor=str(compressor_dir),
+            dtype="float32",
+            cache_dir=data_dir / "models",
+        ),
+        limits=LimitSettings(max_new_tokens=32, online_compress_max_tokens=1024),
+        engine=EngineSettings(max_batch_size=2, max_seq_len=512),
+        serve=ServeSettings(grpc_port=free_port()),
+    )
+    with EmbeddedStack(settings, jobs=False) as stack:
+        yield stack
+
+
+def _peft_files(tiny_model_dir: Path, seed: int) -> dict[str, bytes]:
+    """A real rank-4 PEFT LoRA on q/v of the tiny model, random non-zero weights."""
+    import tempfile
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        return {
+            p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file() and p.suffix != ".md"
+        }
+
+
+def test_cli_end_to_end(lloco_server: EmbeddedStack, tiny_model_dir: Path, tmp_path: Path) -> None:
+    target = lloco_server.address
+    created = _run("admin", "create-tenant", "cli", "--target", target, "--tenant-key", ADMIN_KEY)
+    assert created.exit_code == 0, created.output
+    tenant_name, key = created.stdout.strip().split("\t")
+    assert tenant_name == "tenants/cli" and key
+    common = ["--target", target, "--tenant-key", key]
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text(NOTES)
+    first = _run("ingest", str(notes), *common)
+    second = _run("ingest", str(notes), *common)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.startswith(f"created\ttenants/cli/documents/notes\t{len(NOTES)} bytes\t")
+    assert "\tcompressed -> " in first.stdout
+    assert second.stdout.startswith("unchanged\ttenants/cli/documents/notes")
+    assert "tenants/cli/documents/notes" in _run("docs", *common).stdout
+
+    question = ["query", "What is the capital of France?", "-d", "notes", "--max-new-tokens", "8", *common]
+    streamed = _run(*question)
+    unary = _run(*question, "--no-stream")
+    assert streamed.exit_code == 0 and unary.exit_code == 0, streamed.output + unary.output
+    assert streamed.stdout == unary.stdout, "greedy: the streamed text is the unary answer"
+    stats = streamed.stderr.strip()
+    assert stats.startswith(("[stop] prompt ", "[length] prompt ")) and "adapter none;" in stats, stats
+    context, document = map(int, re.search(r"context (\d+) \(from (\d+) document tokens", stats).groups())
+    assert context == math.ceil(document / 32) * 4, f"32-token segments into 4 vectors each: {stats}"
+
+    from lloco.registry import Registry
+
+    registry = Registry(lloco_server.store, "cli")
+    for seed in (1, 2):
+        registry.publish_adapter("style", _peft_files(tiny_model_dir, seed), train={"seed": seed})
+    assert "tenants/cli/adapters/style\tcurrent v000002\t2 versions" in _run("adapters", *common).stdout
+    rolled_back = _run("adapters", "set-current", "style", "v000001", *common)
+    assert rolled_back.stdout.strip() == "tenants/cli/adapters/style\tcurrent v000001\t2 versions"
+    versions = _run("adapters", "versions", "style", *common).stdout.splitlines()
+    assert [line.split("\t")[0] for line in versions] == [
+        "  tenants/cli/adapters/style/versions/v000002",
+        "* tenants/cli/adapters/style/versions/v000001",
+    ]
+    current = _run(*question, "--adapter", "style")
+    pinned = _run(*question, "--adapter", "style@v000002")
+    assert "adapter tenants/cli/adapters/style/versions/v000001;" in current.stderr
+    assert "adapter tenants/cli/adapters/style/versions/v000002;" in pinned.stderr
+
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text('{"doc_ids": ["notes"], "question": "Capital?", "answer": "Paris"}\n' * 2)
+    assert _run("dataset", "upload", str(rows), *common).stdout.strip() == "tenants/cli/datasets/qa\t2 rows"
+    assert _run("dataset", "list", *common).stdout.strip() == "tenants/cli/datasets/qa"
+
+    missing = _run("docs", "get", "nope", *common)
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: NOT_FOUND: ")
+    foreign = _run("docs", "get", "tenants/other/documents/x", *common)
+    assert foreign.exit_code == 1 and foreign.stderr.startswith("error: PERMISSION_DENIED: ")
