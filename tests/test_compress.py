@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,16 @@ WORDS = (
     "is",
     "a",
 )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Direct compressor calls on one thread, as Ray runs its fractional-CPU workers (OMP_NUM_THREADS=1):
+    on the shared 2-core machine two contending threads run the tiny model ten times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +127,18 @@ def assert_contexts(store: ObjectStore, compressor: Compressor, docs: dict[tuple
         assert torch.equal(vectors, expected), f"{tenant}/{doc_id} differs from a direct compressor call"
 
 
-def test_job_compresses_then_skips_then_redoes_only_changed(
+def test_job_compresses_skips_redoes_changed_and_reports_bad(
     store: ObjectStore,
     ray_local: None,
     compressor_dirs: tuple[Path, Path],
     compressor: Compressor,
     tmp_path: Path,
 ) -> None:
-    docs = twelve_documents()
+    docs = twelve_documents()  # 70 to 275 tokens each
     ingest(store, docs)
-    settings = make_settings(store, compressor_dirs, tmp_path / "cache", batch_size=4)
+    settings = make_settings(
+        store, compressor_dirs, tmp_path / "cache", batch_size=4, max_document_tokens=500
+    )
 
     summary = run_compress_job(settings, None, tmp_path / "summary.json")
     assert (summary.documents, summary.compressed, summary.skipped, summary.failed) == (12, 12, 0, 0)
@@ -136,45 +150,27 @@ def test_job_compresses_then_skips_then_redoes_only_changed(
 
     again = run_compress_job(settings, None)
     assert (again.compressed, again.skipped, again.failed, again.tokens) == (0, 12, 0, 0)
+    only_globex = run_compress_job(settings, ["globex"])
+    assert (only_globex.tenants, only_globex.documents, only_globex.skipped) == (["globex"], 5, 5)
 
+    # One document changes; three bad ones arrive. Ingest refuses empty and non-UTF-8 text: those are
+    # written as another tool would, straight to the store.
     docs["globex", "doc-9"] = text_of(99, 70)
     ingest(store, {("globex", "doc-9"): docs["globex", "doc-9"]})
-    changed = run_compress_job(settings, None)
-    assert (changed.compressed, changed.skipped, changed.failed) == (1, 11, 0)
-    assert changed.tokens == len(token_ids(compressor, docs["globex", "doc-9"]))
-    assert_contexts(store, compressor, docs)
-
-
-def test_bad_documents_are_reported_and_the_rest_complete(
-    store: ObjectStore,
-    ray_local: None,
-    compressor_dirs: tuple[Path, Path],
-    compressor: Compressor,
-    tmp_path: Path,
-) -> None:
-    good = {("acme", f"good-{i}"): text_of(i, 30 + 10 * i) for i in range(4)}
-    ingest(store, {("globex", "other"): text_of(9, 30)})  # another tenant's document: not in this job
-    ingest(
-        store, {**good, ("acme", "empty"): "x", ("acme", "binary"): "x", ("acme", "long"): text_of(5, 400)}
-    )
-    # Ingest refuses empty and non-UTF-8 text: write them as another tool would, straight to the store.
+    ingest(store, {("acme", "empty"): "x", ("acme", "binary"): "x", ("acme", "long"): text_of(5, 400)})
     store.put_bytes(keys.doc_source("acme", "empty"), b"")
     store.put_bytes(keys.doc_source("acme", "binary"), b"caf\xe9 \xff\xfe")
-    settings = make_settings(
-        store, compressor_dirs, tmp_path / "cache", batch_size=8, max_document_tokens=300
-    )
-
-    summary = run_compress_job(settings, ["acme"], tmp_path / "summary.json")
-    assert (summary.documents, summary.compressed, summary.failed, summary.skipped) == (7, 4, 3, 0)
-    reasons = {failure.doc_id: failure.reason for failure in summary.failures}
-    assert {failure.tenant for failure in summary.failures} == {"acme"}
-    assert reasons["empty"].startswith("empty")
-    assert reasons["binary"] == "not valid UTF-8 (byte 3: invalid continuation byte)"
-    assert reasons["long"].startswith("too long") and "over the limit of 300" in reasons["long"]
+    changed = run_compress_job(settings, None, tmp_path / "summary.json")
+    assert (changed.documents, changed.compressed, changed.skipped, changed.failed) == (15, 1, 11, 3)
+    assert changed.tokens == len(token_ids(compressor, docs["globex", "doc-9"]))
+    reasons = {(failure.tenant, failure.doc_id): failure.reason for failure in changed.failures}
+    assert sorted(reasons) == [("acme", "binary"), ("acme", "empty"), ("acme", "long")]
+    assert reasons["acme", "empty"] == "empty (0 bytes, no text)"
+    assert reasons["acme", "binary"] == "not valid UTF-8 (byte 3: invalid continuation byte)"
+    assert re.fullmatch(r"too long: 6[0-9][0-9] tokens, over the limit of 500", reasons["acme", "long"])
     written = json.loads((tmp_path / "summary.json").read_text())
     assert sorted(f["doc_id"] for f in written["failures"]) == ["binary", "empty", "long"]
-    assert_contexts(store, compressor, good)
-    assert Registry(store, "globex").context_info("other", compressor.compressor_id) is None
+    assert_contexts(store, compressor, docs)  # and none for the bad documents
 
 
 def count_contexts(store: ObjectStore, tenants: list[str]) -> int:
@@ -214,11 +210,10 @@ def test_job_killed_halfway_then_rerun_finishes_exactly_once(
         job.wait()
     at_kill = count_contexts(store, ["acme", "globex"])
     assert 0 < at_kill < 12, f"kill landed when {at_kill} of 12 contexts existed"
-    print(f"killed with {at_kill} of 12 contexts written")
 
     summary = run_compress_job(settings, None)
     assert summary.compressed + summary.skipped == 12 and summary.failed == 0
-    assert summary.skipped >= at_kill
+    assert summary.skipped >= at_kill and summary.compressed >= 1
     assert_contexts(store, compressor, docs)
 
 
@@ -269,14 +264,11 @@ def test_actor_plan_fills_gpus_unless_told_otherwise() -> None:
 
 
 def test_cli_needs_tenants_or_all() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "lloco.cli", "compress"],
-        env={**os.environ, "PYTHONPATH": str(PLATFORM)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 2 and "--tenant T (one or more) or --all" in done.stderr
+    from lloco.cli import app
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(app, ["compress"])
+    assert result.exit_code == 2 and "--tenant T (one or more) or --all" in result.output
 
 
 def test_benchmark_runs_tiny_on_cpu(ray_local: None, tmp_path: Path) -> None:

@@ -7,8 +7,8 @@ Both measure the same documents with the same compressor and batch size:
 - bare: ``Compressor.compress`` on the token ids, ``batch_size`` documents per call (as one actor call
   sees them), after a warm-up, synchronised;
 - pipeline: the documents ingested into a local S3, then ``run_compress_job`` on a local Ray (one actor
-  per GPU): wall tokens/s (start-up and model loading included) and steady tokens/s (from the first
-  finished block to the last), which is the figure to compare with bare.
+  on one GPU, as bare): wall tokens/s (start-up and model loading included) and steady tokens/s (after
+  the first actor call, see ``CompressSummary``), which is the figure to compare with bare.
 Model FLOPs count every position a forward runs (segment tokens, k summary tokens, and the summaries
 of earlier segments fed back), matmuls and causal attention; padding is not counted. Peak: 790
 TFLOP/s, the bf16 dense matmul rate measured on the H200 (see NOTES.md). The goal line is the
@@ -129,12 +129,14 @@ def write_random_llama(path: Path, geometry: Geometry, device: torch.device) -> 
         values = torch.randn(rows, cols, generator=generator, device=device, dtype=torch.bfloat16)
         return (values * 0.02).cpu()
 
-    ones = torch.ones(geometry.dim, dtype=torch.bfloat16)
+    def ones() -> torch.Tensor:
+        return torch.ones(geometry.dim, dtype=torch.bfloat16)
+
     save_file(
         {
             "model.embed_tokens.weight": weight(geometry.vocab_size, geometry.dim),
             "lm_head.weight": weight(geometry.vocab_size, geometry.dim),
-            "model.norm.weight": ones,
+            "model.norm.weight": ones(),
         },
         path / "model-outer.safetensors",
     )
@@ -149,8 +151,8 @@ def write_random_llama(path: Path, geometry: Geometry, device: torch.device) -> 
                 prefix + "mlp.gate_proj.weight": weight(geometry.intermediate_size, geometry.dim),
                 prefix + "mlp.up_proj.weight": weight(geometry.intermediate_size, geometry.dim),
                 prefix + "mlp.down_proj.weight": weight(geometry.dim, geometry.intermediate_size),
-                prefix + "input_layernorm.weight": ones,
-                prefix + "post_attention_layernorm.weight": ones,
+                prefix + "input_layernorm.weight": ones(),
+                prefix + "post_attention_layernorm.weight": ones(),
             },
             path / f"model-layer-{layer:03d}.safetensors",
         )
@@ -200,7 +202,8 @@ def measure_bare(compressor: Any, token_ids: list[list[int]], batch_size: int) -
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    compressor.compress(token_ids[:batch_size], batch_size)  # warm-up: kernels, allocator, rope tables
+    # Warm-up (kernels, allocator, rope tables): a full batch of rows, two segments each.
+    compressor.compress([ids[: 2 * compressor.segment_len] for ids in token_ids[:batch_size]], batch_size)
     sync()
     start = time.perf_counter()
     for first in range(0, len(token_ids), batch_size):
@@ -234,7 +237,7 @@ def measure_pipeline(
             model=ModelSettings(
                 base_model=str(model_dir), compressor=str(compressor_dir), cache_dir=out / "cache"
             ),
-            compress=CompressSettings(batch_size=batch_size),
+            compress=CompressSettings(batch_size=batch_size, pool_size=1),  # one GPU, as bare
         )
         connect_ray()
         summary = run_compress_job(settings, ["bench"], out / "pipeline-summary.json")
@@ -282,15 +285,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = forward_flops(geometry, [len(ids) for ids in token_ids], accumulate=True)
 
     bare_seconds = measure_bare(compressor, token_ids, run.batch_size)
-    del compressor, base
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    pipeline = measure_pipeline(out, model_dir, compressor_dir, texts, run.batch_size)
-
     bare_tps = tokens / bare_seconds
-    steady_tps = pipeline["steady_tokens_per_s"]
-    goal_tps = GOAL_FRACTION * PEAK_FLOPS / (2 * geometry.matmul_params())
-    result = {
+    result: dict[str, Any] = {
         "command": " ".join(["python -m lloco.bench.compress", *map(shlex.quote, argv or sys.argv[1:])]),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -301,27 +297,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "tokens": tokens,
         "model_tflop": flops / 1e12,
         "peak_tflops": PEAK_FLOPS / 1e12,
-        "goal_tokens_per_s": goal_tps,
+        "goal_tokens_per_s": GOAL_FRACTION * PEAK_FLOPS / (2 * geometry.matmul_params()),
         "bare": {
             "seconds": bare_seconds,
             "tokens_per_s": bare_tps,
             "tflops": flops / bare_seconds / 1e12,
             "fraction_of_peak": flops / bare_seconds / PEAK_FLOPS,
         },
-        "pipeline": {
-            "seconds": pipeline["seconds"],
-            "tokens_per_s": pipeline["tokens_per_s"],
-            "steady_tokens_per_s": steady_tps,
-            "steady_fraction_of_peak": (
-                None if steady_tps is None else flops / (tokens / steady_tps) / PEAK_FLOPS
-            ),
-            "steady_vs_bare": None if steady_tps is None else steady_tps / bare_tps,
-            "wall_vs_bare": pipeline["tokens_per_s"] / bare_tps,
-        },
+        "pipeline": None,
     }
-    (out / "compress.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)  # the bare figures survive a pipeline run cut short
+    del compressor, base
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    pipeline = measure_pipeline(out, model_dir, compressor_dir, texts, run.batch_size)
+    steady_tps = pipeline["steady_tokens_per_s"]
+    result["pipeline"] = {
+        "seconds": pipeline["seconds"],
+        "tokens_per_s": pipeline["tokens_per_s"],
+        "steady_tokens_per_s": steady_tps,
+        "steady_fraction_of_peak": None if steady_tps is None else flops / (tokens / steady_tps) / PEAK_FLOPS,
+        "steady_vs_bare": None if steady_tps is None else steady_tps / bare_tps,
+        "wall_vs_bare": pipeline["tokens_per_s"] / bare_tps,
+    }
+    write_result(out, result)
     print(markdown_table(result))
     return result
+
+
+def write_result(out: Path, result: dict[str, Any]) -> None:
+    (out / "compress.json").write_text(json.dumps(result, indent=2) + "\n")
 
 
 def markdown_table(result: dict[str, Any]) -> str:

@@ -162,12 +162,10 @@ def _collect(dataset: Any, summary: CompressSummary) -> None:
     """Run the pipeline, folding its result rows into ``summary`` as they stream in.
 
     Steady throughput leaves out the start-up (workers, model loading, the first batch): the tokens of
-    every actor call but the first to end, over the time from that first end until the last context
-    was written.
+    every actor call but the first to end, over the time from that first end to the last.
     """
     start = time.perf_counter()
-    call_tokens: dict[float, int] = {}  # actor call end (compressed_at) -> tokens of its documents
-    last_written = 0.0
+    call_tokens: dict[float, int] = {}  # actor call end (done_at) -> tokens of its documents
     for block in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         for i, error in enumerate(block["error"]):
             tenant, doc_id = str(block["tenant"][i]), str(block["doc_id"][i])
@@ -180,12 +178,10 @@ def _collect(dataset: Any, summary: CompressSummary) -> None:
             summary.compressed += 1
             summary.vectors += int(block["n_vectors"][i])
             summary.tokens += tokens
-            ended = float(block["compressed_at"][i])
-            call_tokens[ended] = call_tokens.get(ended, 0) + tokens
-            last_written = max(last_written, float(block["written_at"][i]))
+            done_at = float(block["done_at"][i])
+            call_tokens[done_at] = call_tokens.get(done_at, 0) + tokens
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
     if len(call_tokens) >= 2:
-        first = min(call_tokens)
-        if last_written > first:
-            summary.steady_tokens_per_s = (summary.tokens - call_tokens[first]) / (last_written - first)
+        first, last = min(call_tokens), max(call_tokens)
+        summary.steady_tokens_per_s = (summary.tokens - call_tokens[first]) / (last - first)

@@ -36,7 +36,7 @@ def compress_online(
         InvalidArgument: a document is empty, not UTF-8, or longer than ``max_tokens`` (None: no cap).
         FailedPrecondition: a document changed while it was compressed.
     """
-    config = compressor.config
+    config, tokenizer = compressor.config, compressor.base.tokenizer
     unique = list(dict.fromkeys(doc_ids))
     fresh: dict[str, ContextInfo] = {}
     todo: list[PreparedDocument] = []
@@ -49,7 +49,6 @@ def compress_online(
             continue
         try:
             text = read_document(registry, doc_id)
-            tokenizer = compressor.base.tokenizer
             todo.append(prepare(registry.tenant, doc_id, text, tokenizer, config.segment_len, max_tokens))
         except BadDocument as error:
             bad.append(error)
