@@ -1,0 +1,193 @@
+"""Compressor pretraining: the corpus (sources, exclusions, size cap) and the recipe on a tiny random Llama."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lloco.config import Settings
+from lloco.errors import FailedPrecondition
+from lloco.finetune.corpus import (
+    Corpus,
+    Document,
+    build_corpus,
+    evaluation_titles,
+    hotpot_documents,
+    html_to_text,
+    pod_to_text,
+)
+from lloco.finetune.pretrain import RECORD_FILE, PretrainOptions, pretrain, run_pretrain_job
+from lloco.model import load_compressor, load_model
+from typer.testing import CliRunner
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+SPHINX_PAGE = """<html><head><title>json</title><script>var x = 1;</script></head><body>
+<div class="related" role="navigation"><ul><li><a href="index.html">index</a></li></ul></div>
+<div class="body" role="main"><h1>json — JSON encoder<a class="headerlink" href="#">¶</a></h1>
+<p>JSON is a   lightweight <em>data</em> interchange format &amp; more.</p>
+<pre>import json
+json.dumps([1, 2])</pre><p>Unclosed paragraph<p>next one</div>
+<div class="sphinxsidebar"><h3>Previous topic</h3></div><div class="footer">© Copyright</div></body></html>"""
+
+POD_PAGE = """=head1 NAME
+
+perlfoo - B<bold> and C<< $a <=> $b >> and L<the manual|perlfunc/open>
+
+=over 4
+
+=item X<index>sort E<lt>listE<gt>
+
+Sorts I<LIST> with E<0x41> and Z<>nothing.
+
+=back
+
+=begin html
+
+<p>raw html is dropped</p>
+
+=end html
+
+=cut
+
+sub code_outside_pod { 1 }
+"""
+
+
+def test_html_and_pod_become_readable_text_without_page_furniture() -> None:
+    text = html_to_text(SPHINX_PAGE)
+    assert text.splitlines()[0] == "json — JSON encoder"
+    assert "JSON is a lightweight data interchange format & more." in text
+    assert "import json\njson.dumps([1, 2])" in text  # code keeps its lines
+    assert "Unclosed paragraph\n" in text and "next one" in text
+    for furniture in ("index", "¶", "Previous topic", "Copyright", "var x"):
+        assert furniture not in text
+    pod = pod_to_text(POD_PAGE)
+    assert "perlfoo - bold and $a <=> $b and the manual" in pod
+    assert "sort <list>" in pod and "Sorts LIST with A and nothing." in pod
+    assert "raw html" not in pod and "code_outside_pod" not in pod and "=over" not in pod
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
+    return load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str]]:
+    """A small real corpus: HotpotQA train paragraphs (eval titles excluded) and two manual pages."""
+    excluded = evaluation_titles(DATA)
+    documents = [
+        *itertools.islice(hotpot_documents(DATA, excluded), 120),
+        Document("python-doc", "json.html", html_to_text(SPHINX_PAGE) * 20),
+        Document("perl-doc", "perlfoo.pod", pod_to_text(POD_PAGE) * 20),
+    ]
+    path = tmp_path_factory.mktemp("corpus") / "corpus.npz"
+    build_corpus(path, tiny_base.tokenizer, tiny_base.model_id, documents, 10**7, held_out_fraction=0.1)
+    return path, excluded
+
+
+def test_corpus_leaves_out_evaluation_titles_and_keeps_under_its_cap(
+    corpus_file: tuple[Path, set[str]], tiny_base: object, tmp_path: Path
+) -> None:
+    path, excluded = corpus_file
+    assert {"Immune system", "Rhine", "Prime number"} <= excluded  # SQuAD test articles 25, 28, 27
+    corpus = Corpus.load(path)
+    meta = corpus.meta
+    assert meta["model_id"] == tiny_base.model_id and meta["vocab_size"] == len(tiny_base.tokenizer)
+    assert set(meta["sources"]) == {"hotpotqa", "python-doc", "perl-doc"}
+    assert meta["train_documents"] > 0 and meta["held_out_documents"] > 0
+    assert corpus.train_offsets[-1] == len(corpus.train_tokens) == meta["train_tokens"]
+    ends = corpus.train_tokens[corpus.train_offsets[1:] - 1]
+    assert (ends == tiny_base.tokenizer.eos_token_id).all()  # every document ends with EOS
+    text = tiny_base.tokenizer.decode(corpus.train_tokens[:20000].tolist())
+    for paragraph in text.split("\n\n"):
+        assert paragraph.split("\n", 1)[0] not in excluded
+    corpus.check_tokenizer(tiny_base.tokenizer)
+    # a cap below the whole set drops training documents (never held-out ones) until the file fits
+    documents = list(itertools.islice(hotpot_documents(DATA, excluded), 120))
+    capped = tmp_path / "capped.npz"
+    cap = path.stat().st_size // 2
+    small = build_corpus(capped, tiny_base.tokenizer, "tiny", documents, cap, held_out_fraction=0.1)
+    assert capped.stat().st_size <= cap
+    assert 0 < small["train_documents"] < meta["train_documents"] - 2
+
+
+def test_pretraining_lowers_the_loss_and_saves_a_compressor_that_loads(
+    corpus_file: tuple[Path, set[str]], tiny_base: object, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    options = PretrainOptions(
+        corpus=corpus_file[0],
+        output=tmp_path / "compressor",
+        segment_len=16,
+        k=4,
+        segments=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        max_steps=16,
+        eval_windows=8,
+        log_every=4,
+    )
+    record = pretrain(settings, options, command="test")
+    curve = [point["loss"] for point in record["loss_curve"]]
+    assert len(curve) == 4 and curve[-1] < curve[0]
+    perplexity = record["held_out"]["perplexity"]
+    assert perplexity["compressed"] < perplexity["compressed_untrained"]
+    assert perplexity["compressed"] < perplexity["no_context"]
+    assert record["steps"] == 16 and record["command"] == "test"
+    assert record["corpus"]["sources"]["hotpotqa"]["documents"] > 0
+    saved = json.loads((tmp_path / "compressor" / RECORD_FILE).read_text())
+    assert saved["compressor_id"] == record["compressor_id"]
+    compressor = load_compressor(str(tmp_path / "compressor"), tiny_base)
+    assert compressor.compressor_id == record["compressor_id"]
+    assert (compressor.segment_len, compressor.k, compressor.accumulate) == (16, 4, True)
+    assert compressor.lora is not None  # the encoder LoRA travels with the compressor
+    vectors = compressor.compress([list(range(3, 40)), list(range(5, 20))])
+    assert [tuple(v.shape) for v in vectors] == [(12, 64), (4, 64)]
+    assert torch.isfinite(vectors[0]).all()
+
+
+def test_pretraining_needs_held_out_documents_long_enough_to_score(
+    corpus_file: tuple[Path, set[str]], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    options = PretrainOptions(
+        corpus=corpus_file[0], output=tmp_path / "out", segment_len=4096, max_steps=1, eval_segments=8
+    )
+    with pytest.raises(FailedPrecondition, match="held-out"):
+        pretrain(settings, options)
+
+
+def test_pretrain_command_runs_on_ray_train_and_in_process(
+    ray_local: None,
+    corpus_file: tuple[Path, set[str]],
+    tiny_model_dir: Path,
+    tmp_path: Path,
+    tiny_base: object,
+) -> None:
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    options = PretrainOptions(
+        corpus=corpus_file[0], output=tmp_path / "ray", segment_len=16, k=2, segments=3, batch_size=2,
+        max_steps=2, eval_windows=2,
+    )  # fmt: skip
+    record = run_pretrain_job(settings, options, command="ray", cpus_per_worker=0.5)
+    assert record["steps"] == 2
+    assert load_compressor(str(tmp_path / "ray"), tiny_base).compressor_id == record["compressor_id"]
+
+    from lloco.cli import app
+
+    args = [
+        "pretrain-compressor", "--corpus", str(corpus_file[0]), "--output", str(tmp_path / "cli"),
+        "--base-model", str(tiny_model_dir), "--segment-len", "16", "--k", "2", "--segments", "3",
+        "--batch-size", "2", "--max-steps", "2", "--eval-windows", "2", "--no-ray",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args, env={"LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache")})
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "cli" / RECORD_FILE).read_text())
+    assert saved["command"].startswith("lloco ") and saved["options"]["max_steps"] == 2
+    assert json.loads(result.output.strip().splitlines()[-1])["compressor_id"] == saved["compressor_id"]
