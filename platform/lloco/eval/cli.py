@@ -1,0 +1,175 @@
+"""`lloco eval`: answer quality per context token, LLoCO against its baselines, as JSON and a markdown table.
+
+Runs in one process (no Ray): ``python -m lloco.eval.cli`` is the same command without the rest of the
+``lloco`` CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from lloco.finetune.pretrain_cli import command_line
+
+DEFAULT_DATA_DIR = Path("../shared/data")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)
+
+
+def _csv(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
+
+
+def evaluate(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md, predictions.jsonl.")],
+    datasets: Annotated[
+        str, typer.Option(help="Comma list of squad, qmsum, hotpotqa ('' for none).")
+    ] = "squad,qmsum,hotpotqa",
+    modes: Annotated[
+        str, typer.Option(help="Comma list of none, truncated, full, compressed, lloco, full_lora.")
+    ] = "none,truncated,full,compressed,lloco,full_lora",
+    limit: Annotated[int | None, typer.Option(help="Test questions per test set (seeded sample).")] = 50,
+    train_limit: Annotated[int | None, typer.Option(help="Train rows per dataset for the LoRA modes.")] = 400,
+    train_steps: Annotated[int, typer.Option(help="Optimizer steps of each LoRA mode.")] = 100,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="LoRA learning rate (default: settings).")
+    ] = None,
+    train_max_length: Annotated[
+        int | None, typer.Option(help="Longest training example (default: window).")
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Queries decoded together.")] = 32,
+    max_batch_tokens: Annotated[int, typer.Option(help="KV-cache positions per generator.")] = 1 << 20,
+    max_document_tokens: Annotated[
+        int | None, typer.Option(help="Cut documents to N tokens (small hosts).")
+    ] = None,
+    hotpot_lengths: Annotated[
+        str, typer.Option(help="HotpotQA haystack lengths in tokens.")
+    ] = "4096,8192,16384",
+    time_budget: Annotated[
+        float | None, typer.Option(help="Skip work not started after this many seconds.")
+    ] = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model spec (default: settings).")] = None,
+    compressor: Annotated[str | None, typer.Option(help="Compressor spec (default: settings).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
+    data_dir: Annotated[
+        Path, typer.Option(help="SQuAD/QMSum/HotpotQA files (../shared/data).")
+    ] = DEFAULT_DATA_DIR,
+    tenant: Annotated[
+        str | None, typer.Option(help="Also evaluate this tenant's dataset (registry).")
+    ] = None,
+    dataset: Annotated[str | None, typer.Option(help="The tenant's test dataset.")] = None,
+    train_dataset: Annotated[
+        str | None, typer.Option(help="The tenant's train dataset (LoRA modes).")
+    ] = None,
+    tenant_metric: Annotated[str, typer.Option(help="qa (EM/F1) or summary (ROUGE).")] = "qa",
+    seed: Annotated[int, typer.Option(help="Seed of the samples and of training.")] = 0,
+    config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+) -> None:
+    """Evaluate the base model and compressor on long-document QA in every mode; write JSON and markdown."""
+    import torch
+    from pydantic import ValidationError
+
+    from lloco.config import Settings
+    from lloco.errors import InvalidArgument
+    from lloco.eval import tasks
+    from lloco.eval.report import markdown_table, write_report
+    from lloco.eval.run import EvalOptions, Evaluator
+    from lloco.model import load_compressor, load_model
+
+    started = time.perf_counter()
+    settings = Settings.load(config)
+    unknown = set(_csv(datasets)) - set(tasks.DATASETS)
+    if unknown:
+        raise InvalidArgument(f"unknown datasets {sorted(unknown)}; choose from {', '.join(tasks.DATASETS)}")
+    if tenant is not None and dataset is None:
+        raise InvalidArgument("--tenant needs --dataset")
+    if tenant_metric not in ("qa", "summary"):
+        raise InvalidArgument(f"--tenant-metric must be qa or summary, got {tenant_metric!r}")
+    try:
+        options = EvalOptions(
+            modes=tuple(_csv(modes)),
+            train_steps=train_steps,
+            learning_rate=learning_rate,
+            train_max_length=train_max_length,
+            max_batch=max_batch,
+            max_batch_tokens=max_batch_tokens,
+            max_document_tokens=max_document_tokens,
+            time_budget_s=time_budget,
+            seed=seed,
+        )
+    except ValidationError as error:
+        raise InvalidArgument(f"bad eval options: {error}") from error
+    store = None
+    compressor_spec = compressor or settings.model.compressor
+    if tenant is not None or compressor_spec.startswith("s3://"):
+        from lloco.storage import ObjectStore
+
+        store = ObjectStore(settings.store)
+    run_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    base = load_model(
+        base_model or settings.model.base_model,
+        settings.model.cache_dir,
+        store,
+        settings.model.dtype,
+        run_device,
+    )
+    encoder = load_compressor(compressor_spec, base, settings.model.cache_dir, store)
+
+    def count_tokens(text: str) -> int:
+        return len(base.tokenizer.encode(text, add_special_tokens=False))
+
+    chosen = _csv(datasets)
+    suite = []
+    if "squad" in chosen:
+        suite.append(tasks.squad_long(data_dir, limit, train_limit, seed))
+    if "qmsum" in chosen:
+        suite.append(tasks.qmsum(data_dir, limit, train_limit, seed))
+    if "hotpotqa" in chosen:
+        lengths = [int(value) for value in _csv(hotpot_lengths)]
+        suite.append(tasks.hotpotqa_long(data_dir, limit, train_limit, count_tokens, lengths, seed))
+    if tenant is not None:
+        from lloco.registry import Registry
+
+        registry = Registry(store, tenant)
+        suite.append(tasks.tenant_dataset(registry, dataset, train_dataset, tenant_metric, limit, seed))
+    if not suite:
+        raise InvalidArgument("nothing to evaluate: name --datasets or a --tenant")
+    if time_budget is not None:  # the budget counts from the command's start, loading included
+        options = options.model_copy(
+            update={"time_budget_s": max(1e-3, time_budget - (time.perf_counter() - started))}
+        )
+    evaluator = Evaluator(base, encoder, settings.finetune, options)
+    meta = {
+        "command": command_line(ctx, "eval"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "base_model": base.model_id,
+        "compressor_id": encoder.compressor_id,
+        "compressor": {"segment_len": encoder.segment_len, "k": encoder.k, "accumulate": encoder.accumulate},
+        "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
+        "options": json.loads(options.model_dump_json()),
+        "lora": json.loads(settings.finetune.model_dump_json()),
+        "test_sets": {test.name: len(test.qaset.rows) for item in suite for test in item.tests},
+        "train_rows": {item.name: len(item.train.rows) if item.train else 0 for item in suite},
+    }
+
+    def report(results: list) -> None:
+        seconds = round(time.perf_counter() - started, 2)
+        write_report(output, results, {**meta, "costs": evaluator.costs, "seconds": seconds})
+
+    results = evaluator.run(suite, on_result=report)
+    report(results)
+    typer.echo(markdown_table(results))
+
+
+if __name__ == "__main__":
+    _app = typer.Typer(add_completion=False)
+    register(_app)
+    _app()

@@ -1,0 +1,388 @@
+"""The evaluation harness: every test set answered in every mode, scored, timed, token-counted.
+
+Modes (what the decoder sees before ``chat_prompt(question)``; the same base model throughout):
+
+- ``none``: nothing (no context).
+- ``truncated``: the document's tokens cut in the middle to fit the model's window with the prompt and
+  the answer (as LongBench truncates).
+- ``full``: all of the document's tokens, past the window if it is longer.
+- ``compressed``: the document's summary vectors from the compressor; no LoRA.
+- ``lloco``: the summary vectors, with a LoRA trained on the dataset's train rows in that form.
+- ``full_lora``: all of the document's tokens, with a LoRA trained on the train rows with full documents
+  (cut in the middle to ``train_max_length`` for training).
+
+Generation goes through ``lloco.model.Generator`` (continuous batching, greedy), no Ray. Latency is a
+query's time from entering the generator to its last token; compression is offline in LLoCO and is
+timed separately.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+
+from lloco.config import FinetuneSettings
+from lloco.errors import InvalidArgument
+from lloco.eval.adapters import TrainedAdapter, train_adapter
+from lloco.eval.metrics import exact_match, f1_score, rouge
+from lloco.eval.tasks import EvalDataset, TestSet
+from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
+from lloco.logs import get_logger
+from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
+from lloco.registry import DatasetRow
+
+log = get_logger(__name__)
+
+Mode = Literal["none", "truncated", "full", "compressed", "lloco", "full_lora"]
+MODES: tuple[Mode, ...] = ("none", "truncated", "full", "compressed", "lloco", "full_lora")
+MODE_LABELS: dict[str, str] = {
+    "none": "no context",
+    "truncated": "truncated to window",
+    "full": "full document",
+    "compressed": "compressed, no LoRA",
+    "lloco": "LLoCO (compressed + LoRA)",
+    "full_lora": "full-context LoRA",
+}
+ADAPTER_MODE: dict[str, Literal["compressed", "full"]] = {"lloco": "compressed", "full_lora": "full"}
+COMPRESSED_MODES = frozenset({"compressed", "lloco"})
+
+
+class EvalOptions(BaseModel):
+    """How much work the evaluation does, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    modes: tuple[Mode, ...] = Field(MODES, min_length=1, description="Modes to run, in this order.")
+    train_steps: int = Field(100, ge=1, description="Optimizer steps of each LoRA mode's adapter.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="LoRA learning rate; None: settings.finetune."
+    )
+    train_max_length: int | None = Field(
+        None, ge=8, description="Longest training example; None: the model's window."
+    )
+    max_batch: int = Field(32, ge=1, description="Queries decoded together.")
+    max_batch_tokens: int = Field(
+        1 << 20, ge=1, description="KV-cache positions per generator (rows x length)."
+    )
+    max_document_tokens: int | None = Field(
+        None, ge=1, description="Cut documents to their first N tokens (small machines); None: whole."
+    )
+    compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
+    time_budget_s: float | None = Field(None, gt=0, description="Work still to start after this is skipped.")
+    seed: int = Field(0, ge=0)
+
+
+@dataclass
+class ModeResult:
+    """One row of the table: a test set answered in one mode."""
+
+    dataset: str
+    test_set: str
+    mode: str
+    metric: str
+    queries: int = 0
+    scores: dict[str, float] = field(default_factory=dict)
+    context_tokens: float = 0.0  # per query: what the decoder attends to besides the prompt
+    document_tokens: float = 0.0  # per query: the documents' full token count
+    latency_s: float = 0.0  # per query, entering the generator to the last token
+    seconds: float = 0.0  # the whole mode on this test set
+    adapter: dict[str, Any] | None = None
+    skipped: str | None = None
+    predictions: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return MODE_LABELS[self.mode]
+
+
+@dataclass(frozen=True)
+class _Request:
+    prefix: Tensor | None
+    prompt_ids: list[int]
+    context_tokens: int
+    document_tokens: int
+
+
+def middle_cut(tokens: Sequence[int], room: int) -> list[int]:
+    """``tokens`` if they fit in ``room``, else their head and tail (room split evenly)."""
+    if len(tokens) <= room:
+        return list(tokens)
+    if room <= 0:
+        return []
+    return [*tokens[: room // 2], *tokens[len(tokens) - (room - room // 2) :]]
+
+
+class Evaluator:
+    """Runs datasets through every mode with one base model and one compressor.
+
+    Args:
+        base: the decoder (and the compressor's base).
+        compressor: encodes documents for the compressed modes.
+        finetune: LoRA hyperparameters of the LoRA modes (the platform's finetune settings).
+        options: sizes, budget, modes.
+    """
+
+    def __init__(
+        self, base: LoadedModel, compressor: Compressor, finetune: FinetuneSettings, options: EvalOptions
+    ) -> None:
+        self.base, self.compressor, self.finetune, self.options = base, compressor, finetune, options
+        self.tokenizer = base.tokenizer
+        self.window = base.config.max_position_embeddings
+        self.separator = self.tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
+        self.eos = self.tokenizer.eos_token_id
+        if self.eos is None:
+            raise InvalidArgument(f"the tokenizer of {base.model_id} has no EOS token")
+        self.deadline = None if options.time_budget_s is None else time.perf_counter() + options.time_budget_s
+        self.costs: dict[str, dict[str, float]] = {}
+
+    def _out_of_time(self) -> bool:
+        return self.deadline is not None and time.perf_counter() > self.deadline
+
+    # -- documents --------------------------------------------------------------------------------------
+
+    def _tokenize(self, documents: dict[str, str]) -> dict[str, list[int]]:
+        ids = self.tokenizer(list(documents.values()), add_special_tokens=False)["input_ids"]
+        cap = self.options.max_document_tokens
+        return {
+            doc_id: tokens[:cap] if cap else tokens for doc_id, tokens in zip(documents, ids, strict=True)
+        }
+
+    def _compress(self, tokens: dict[str, list[int]]) -> dict[str, Tensor]:
+        vectors = self.compressor.compress(list(tokens.values()), batch_size=self.options.compress_batch_size)
+        return dict(zip(tokens, vectors, strict=True))
+
+    def _joined(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
+        joined: list[int] = []
+        for index, doc_id in enumerate(row.doc_ids):
+            joined += (self.separator if index else []) + tokens[doc_id]
+        return joined
+
+    def _prefix(self, row: DatasetRow, contexts: dict[str, Tensor]) -> Tensor:
+        return torch.cat([contexts[doc_id] for doc_id in row.doc_ids])
+
+    # -- adapters ---------------------------------------------------------------------------------------
+
+    def _train(
+        self, dataset: EvalDataset, mode: Literal["compressed", "full"], tokens: dict, contexts: dict
+    ) -> TrainedAdapter:
+        """The adapter of a LoRA mode, trained on the dataset's train rows in that mode's input form."""
+        max_length = self.options.train_max_length or self.window
+        examples = []
+        for line, row in enumerate(dataset.train.rows, start=1):
+            prompt = chat_prompt(self.tokenizer, dataset.question(row))
+            answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
+            if mode == "compressed":
+                prefix = self._prefix(row, contexts)
+                if prefix.shape[0] + len(prompt) + len(answer) > max_length:
+                    continue
+                examples.append(Example(line, prefix, prompt + answer, len(answer)))
+            else:
+                document = middle_cut(self._joined(row, tokens), max_length - len(prompt) - len(answer))
+                examples.append(Example(line, None, document + prompt + answer, len(answer)))
+        if not examples:
+            raise InvalidArgument(f"no train row of {dataset.name} fits {max_length} positions")
+        return train_adapter(
+            self.base,
+            examples,
+            self.finetune,
+            self.options.train_steps,
+            self.options.learning_rate,
+            self.options.seed,
+        )
+
+    # -- running ----------------------------------------------------------------------------------------
+
+    def run(
+        self, datasets: Sequence[EvalDataset], on_result: Callable[[list[ModeResult]], None] | None = None
+    ) -> list[ModeResult]:
+        """Every mode of every test set of every dataset, in order; work past the time budget is skipped.
+
+        ``on_result`` sees the results so far after each one (to write partial reports).
+        """
+        results: list[ModeResult] = []
+        for dataset in datasets:
+            self._run_dataset(dataset, results, on_result)
+        return results
+
+    def _run_dataset(
+        self,
+        dataset: EvalDataset,
+        results: list[ModeResult],
+        on_result: Callable[[list[ModeResult]], None] | None,
+    ) -> None:
+        """The modes without adapters first, then each LoRA mode (train, answer), so that a spent time
+        budget still leaves the cheap rows; the rows are kept in (test set, mode) order."""
+        modes = self.options.modes
+        first = len(results)
+        order = {
+            (test.name, mode): i
+            for i, (test, mode) in enumerate((t, m) for t in dataset.tests for m in modes)
+        }
+
+        def record(result: ModeResult) -> None:
+            results.append(result)
+            results[first:] = sorted(results[first:], key=lambda r: order[(r.test_set, r.mode)])
+            if on_result is not None:
+                on_result(results)
+            log.info(
+                "eval mode done",
+                test_set=result.test_set,
+                mode=result.mode,
+                skipped=result.skipped,
+                seconds=round(result.seconds, 2),
+                **result.scores,
+            )
+
+        started = time.perf_counter()
+        test_documents = {d: t for test in dataset.tests for d, t in test.qaset.documents.items()}
+        tokens = self._tokenize(test_documents)
+        costs: dict[str, float] = {"tokenize_s": time.perf_counter() - started, "documents": len(tokens)}
+        self.costs[dataset.name] = costs
+        contexts: dict[str, Tensor] = {}
+        if COMPRESSED_MODES & set(modes) and not self._out_of_time():
+            contexts = self._timed_compress(tokens, costs)
+        for test in dataset.tests:
+            for mode in (m for m in modes if m not in ADAPTER_MODE):
+                result = ModeResult(dataset.name, test.name, mode, dataset.metric)
+                if self._out_of_time() or (mode in COMPRESSED_MODES and not contexts):
+                    result.skipped = "time budget spent"
+                else:
+                    self._run_mode(result, dataset, test, tokens, contexts, None)
+                record(result)
+        train_tokens: dict[str, list[int]] | None = None
+        for mode in (m for m in modes if m in ADAPTER_MODE):
+            adapter: TrainedAdapter | None = None
+            reason = None
+            if dataset.train is None:
+                reason = "no train rows"
+            elif self._out_of_time():
+                reason = "time budget spent"
+            else:
+                train_tokens = train_tokens or self._tokenize(dataset.train.documents)
+                if mode == "lloco":
+                    contexts.update(self._timed_compress(train_tokens, costs))
+                adapter = self._train(dataset, ADAPTER_MODE[mode], train_tokens, contexts)
+            for test in dataset.tests:
+                result = ModeResult(dataset.name, test.name, mode, dataset.metric)
+                if reason is not None or self._out_of_time():
+                    result.skipped = reason or "time budget spent"
+                else:
+                    self._run_mode(result, dataset, test, tokens, contexts, adapter)
+                record(result)
+
+    def _timed_compress(self, tokens: dict[str, list[int]], costs: dict[str, float]) -> dict[str, Tensor]:
+        started = time.perf_counter()
+        contexts = self._compress(tokens)
+        costs["compress_s"] = costs.get("compress_s", 0.0) + time.perf_counter() - started
+        costs["compressed_tokens"] = costs.get("compressed_tokens", 0) + sum(map(len, tokens.values()))
+        return contexts
+
+    def _request(
+        self, mode: str, row: DatasetRow, dataset: EvalDataset, tokens: dict, contexts: dict
+    ) -> _Request:
+        prompt = chat_prompt(self.tokenizer, dataset.question(row))
+        document = self._joined(row, tokens)
+        if mode == "none":
+            return _Request(None, prompt, 0, len(document))
+        if mode in COMPRESSED_MODES:
+            prefix = self._prefix(row, contexts)
+            return _Request(prefix, prompt, prefix.shape[0], len(document))
+        if mode == "truncated":
+            document = middle_cut(document, self.window - len(prompt) - dataset.max_new_tokens)
+        return _Request(None, document + prompt, len(document), len(self._joined(row, tokens)))
+
+    def _run_mode(
+        self,
+        result: ModeResult,
+        dataset: EvalDataset,
+        test: TestSet,
+        tokens: dict,
+        contexts: dict,
+        adapter: TrainedAdapter | None,
+    ) -> None:
+        started = time.perf_counter()
+        rows = test.qaset.rows
+        requests = [self._request(result.mode, row, dataset, tokens, contexts) for row in rows]
+        texts, latencies = self._generate(requests, dataset.max_new_tokens, adapter)
+        scores: list[dict[str, float]] = []
+        for row, text in zip(rows, texts, strict=True):
+            if dataset.metric == "qa":
+                scores.append(
+                    {"em": 100 * exact_match(text, [row.answer]), "f1": 100 * f1_score(text, [row.answer])}
+                )
+            else:
+                scores.append({name: 100 * value for name, value in rouge(text, row.answer).items()})
+        count = len(rows)
+        result.queries = count
+        result.scores = {name: sum(s[name] for s in scores) / count for name in scores[0]}
+        result.context_tokens = sum(r.context_tokens for r in requests) / count
+        result.document_tokens = sum(r.document_tokens for r in requests) / count
+        result.latency_s = sum(latencies) / count
+        result.adapter = adapter.summary() if adapter is not None else None
+        result.predictions = [
+            {"question": row.question, "answer": row.answer, "prediction": text}
+            for row, text in zip(rows, texts, strict=True)
+        ]
+        result.seconds = time.perf_counter() - started
+
+    def _generate(
+        self, requests: list[_Request], max_new_tokens: int, adapter: TrainedAdapter | None
+    ) -> tuple[list[str], list[float]]:
+        """Greedy answers and per-query latencies, through one continuous-batching generator."""
+        model = self.base.model
+        longest = max((0 if r.prefix is None else r.prefix.shape[0]) + len(r.prompt_ids) for r in requests)
+        max_seq_len = longest + max_new_tokens
+        rows = max(
+            1, min(self.options.max_batch, len(requests), self.options.max_batch_tokens // max_seq_len)
+        )
+        slots = None
+        if adapter is not None:
+            slots = LoraSlots(
+                self.base.config,
+                1,
+                self.finetune.rank,
+                tuple(self.finetune.target_modules),
+                model.device,
+                model.dtype,
+            )
+            slots.load(0, adapter.files)
+        generator = Generator(model, slots, rows, max_seq_len, tokenizer=self.tokenizer)
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        slot = -1 if adapter is None else 0
+        pending = deque(enumerate(requests))
+        tokens: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+        entered: dict[int, float] = {}
+        latencies = [0.0] * len(requests)
+        finished = 0
+        while finished < len(requests):
+            while pending and generator.free_rows():
+                index, request = pending.popleft()
+                generator.add(str(index), request.prefix, request.prompt_ids, slot, params)
+                entered[index] = time.perf_counter()
+            for out in generator.step():
+                index = int(out.request_id)
+                if out.reason != "eos":
+                    tokens[index].append(out.token_id)
+                if out.finished:
+                    latencies[index] = time.perf_counter() - entered[index]
+                    finished += 1
+        texts = [
+            self.tokenizer.decode(tokens[i], skip_special_tokens=True).strip() for i in range(len(requests))
+        ]
+        return texts, latencies
+
+
+def result_dict(result: ModeResult, with_predictions: bool = False) -> dict[str, Any]:
+    """A result as JSON-ready data (predictions only when asked)."""
+    data = asdict(result)
+    data["label"] = result.label
+    if not with_predictions:
+        data.pop("predictions")
+    return data

@@ -1,0 +1,125 @@
+"""What is evaluated: test sets (documents + questions + golds) and the train rows of their LoRA modes.
+
+Every sample is deterministic. SQuAD-long: test articles 25-34, a seeded sample of ``limit`` answerable
+questions; train rows from articles 0-24. QMSum: a seeded sample of the test queries; train rows from
+its train split. HotpotQA-long: the first ``limit`` questions of the test split (the last 20% of dev),
+each in a haystack of 4k/8k/16k tokens; train rows from the train split, haystack lengths taken in turn.
+The pretraining corpus leaves out every Wikipedia title of that test split (``lloco.finetune.corpus``).
+A tenant's dataset in the registry is a test set too, with an optional train dataset.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from lloco.errors import InvalidArgument
+from lloco.finetune.datasets import QASet, load_hotpotqa_long, load_qmsum, load_squad
+from lloco.registry import DatasetRow, Registry
+
+Metric = Literal["qa", "summary"]
+DATASETS = ("squad", "qmsum", "hotpotqa")
+HOTPOT_LENGTHS = (4096, 8192, 16384)
+QA_INSTRUCTION = "Answer with a short phrase."
+MAX_NEW_TOKENS: dict[Metric, int] = {"qa": 32, "summary": 160}
+
+
+@dataclass(frozen=True)
+class TestSet:
+    """Rows to answer and the documents they name."""
+
+    name: str
+    qaset: QASet
+
+
+@dataclass(frozen=True)
+class EvalDataset:
+    """Test sets that share a metric, an answer length and the LoRA adapters of the LoRA modes.
+
+    ``train`` is None when there is nothing to train the LoRA modes on (they are then skipped).
+    ``instruction`` is appended to every question, in training and testing alike.
+    """
+
+    name: str
+    metric: Metric
+    tests: list[TestSet]
+    train: QASet | None
+    instruction: str = ""
+    max_new_tokens: int = field(default=0)
+
+    def __post_init__(self) -> None:
+        if not self.max_new_tokens:
+            object.__setattr__(self, "max_new_tokens", MAX_NEW_TOKENS[self.metric])
+
+    def question(self, row: DatasetRow) -> str:
+        return f"{row.question}\n\n{self.instruction}" if self.instruction else row.question
+
+
+def sample_rows(qaset: QASet, limit: int | None, seed: int) -> QASet:
+    """A seeded sample of ``limit`` rows (all when None), in their original order, and only their documents."""
+    rows = qaset.rows
+    if limit is not None and limit < len(rows):
+        chosen = sorted(random.Random(seed).sample(range(len(rows)), limit))
+        rows = [rows[i] for i in chosen]
+    named = {doc_id for row in rows for doc_id in row.doc_ids}
+    return QASet({d: text for d, text in qaset.documents.items() if d in named}, list(rows))
+
+
+def squad_long(data_dir: Path, limit: int | None, train_limit: int | None, seed: int) -> EvalDataset:
+    test = sample_rows(load_squad(data_dir, "test"), limit, seed)
+    train = sample_rows(load_squad(data_dir, "train"), train_limit, seed)
+    return EvalDataset("squad-long", "qa", [TestSet("squad-long", test)], train, QA_INSTRUCTION)
+
+
+def qmsum(data_dir: Path, limit: int | None, train_limit: int | None, seed: int) -> EvalDataset:
+    test = sample_rows(load_qmsum(data_dir, "test"), limit, seed)
+    train = sample_rows(load_qmsum(data_dir, "train"), train_limit, seed)
+    return EvalDataset("qmsum", "summary", [TestSet("qmsum", test)], train)
+
+
+def hotpotqa_long(
+    data_dir: Path,
+    limit: int | None,
+    train_limit: int | None,
+    count_tokens: Callable[[str], int],
+    lengths: Sequence[int] = HOTPOT_LENGTHS,
+    seed: int = 0,
+) -> EvalDataset:
+    """One test set per haystack length (the same questions); train question j (of the first ``train_limit``)
+    sits in a haystack of ``lengths[j % len(lengths)]`` tokens."""
+    tests = [
+        TestSet(
+            f"hotpotqa-{length // 1024}k",
+            load_hotpotqa_long(data_dir, "test", length, count_tokens, limit=limit, seed=seed),
+        )
+        for length in lengths
+    ]
+    documents: dict[str, str] = {}
+    rows: list[DatasetRow] = []
+    for turn, length in enumerate(lengths):
+        part = load_hotpotqa_long(data_dir, "train", length, count_tokens, limit=train_limit, seed=seed)
+        documents.update(part.documents)
+        rows += part.rows[turn :: len(lengths)]
+    train = sample_rows(QASet(documents, rows), None, seed)
+    return EvalDataset("hotpotqa-long", "qa", tests, train, QA_INSTRUCTION)
+
+
+def tenant_dataset(
+    registry: Registry, dataset: str, train_dataset: str | None, metric: Metric, limit: int | None, seed: int
+) -> EvalDataset:
+    """A tenant's dataset (and optional train dataset) with the documents they name, read from the registry."""
+
+    def read(name: str, cap: int | None) -> QASet:
+        rows = registry.read_dataset(name)
+        if not rows:
+            raise InvalidArgument(f"tenant {registry.tenant!r} dataset {name!r} has no rows")
+        sampled = sample_rows(QASet({}, rows), cap, seed).rows
+        doc_ids = sorted({doc_id for row in sampled for doc_id in row.doc_ids})
+        return QASet({doc_id: registry.read_text(doc_id) for doc_id in doc_ids}, sampled)
+
+    name = f"{registry.tenant}/{dataset}"
+    train = read(train_dataset, None) if train_dataset else None
+    return EvalDataset(name, metric, [TestSet(name, read(dataset, limit))], train)
