@@ -9,7 +9,12 @@ import typer
 app = typer.Typer(help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_help=True, add_completion=False)
 
 # Each module defines `register(app: typer.Typer) -> None`.
-COMMAND_MODULES: tuple[str, ...] = ("lloco.client.cli", "lloco.compress.cli")
+COMMAND_MODULES: tuple[str, ...] = (
+    "lloco.client.cli",
+    "lloco.compress.cli",
+    "lloco.finetune.pretrain_cli",
+    "lloco.eval.cli",
+)
 
 for _module in COMMAND_MODULES:
     importlib.import_module(_module).register(app)
