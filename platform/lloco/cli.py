@@ -12,6 +12,7 @@ app = typer.Typer(help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_h
 COMMAND_MODULES: tuple[str, ...] = (
     "lloco.client.cli",
     "lloco.compress.cli",
+    "lloco.finetune.cli",
     "lloco.finetune.pretrain_cli",
     "lloco.eval.cli",
 )

@@ -1,0 +1,397 @@
+"""Per-tenant LoRA finetuning: data tensors, learning, the concurrent Ray job, resume after a kill, PEFT output.
+
+Everything real: SeaweedFS S3, local Ray Train, a tiny random Llama whose contexts come from a seeded
+``Compressor.from_base`` and are stored (and read back) through the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from lloco.config import FinetuneSettings, ModelSettings, Settings
+from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from lloco.finetune.data import ExampleBuilder, collate
+from lloco.finetune.datasets import rows_to_jsonl
+from lloco.finetune.job import JobState, get_job, settings_env, submit_finetune_job
+from lloco.finetune.train import LoraFinetune, TrainOptions
+from lloco.model import Compressor, LoraSlots, chat_prompt, load_model, tiny_llama_dir
+from lloco.registry import DatasetRow, Registry, Tenants
+from lloco.storage import ObjectStore, keys
+
+FACTS = [
+    ("paris", "france"),
+    ("london", "england"),
+    ("rome", "italy"),
+    ("berlin", "germany"),
+    ("madrid", "spain"),
+]
+
+
+def caps_rows(prefix: str = "doc") -> list[DatasetRow]:
+    rows = []
+    for i, (city, country) in enumerate(FACTS):
+        rows.append(DatasetRow((f"{prefix}{i}",), f"What country is {city} the capital of?", country))
+        rows.append(DatasetRow((f"{prefix}{i}",), f"Which city is the capital of {country}?", city))
+    return rows
+
+
+@dataclass
+class World:
+    """Tenants with documents, stored compressed contexts and a dataset, plus settings pointing at them."""
+
+    store: ObjectStore
+    settings: Settings
+    compressor: Compressor
+    base_dir: Path
+
+
+def make_world(s3: object, model_dir: Path, tmp: Path, tenants: tuple[str, ...], **finetune: object) -> World:
+    store = ObjectStore(s3.store_settings(bucket=f"ft-{uuid.uuid4().hex[:16]}"))
+    store.ensure_bucket()
+    base = load_model(str(model_dir), tmp / "cache")
+    compressor = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0)
+    compressor_dir = compressor.save(tmp / "compressor")
+    for tenant in tenants:
+        Tenants(store).create(tenant)
+        registry = Registry(store, tenant)
+        for i, (city, country) in enumerate(FACTS):
+            text = f"The city of {city} is the capital of {country}. " * 6
+            info, _ = registry.ingest_document(f"doc{i}", text.encode(), max_bytes=2**20)
+            vectors = compressor.compress([base.tokenizer.encode(text, add_special_tokens=False)])[0]
+            registry.put_context(f"doc{i}", compressor.compressor_id, vectors, info.sha256, 32, 4)
+        registry.put_dataset("caps", rows_to_jsonl(caps_rows()))
+    settings = Settings(
+        data_dir=tmp / "data",
+        store=store.settings,
+        model=ModelSettings(
+            base_model=str(model_dir), compressor=str(compressor_dir), cache_dir=tmp / "cache"
+        ),
+        finetune=FinetuneSettings(batch_size=4, warmup_ratio=0.0, cpus_per_worker=0.5, **finetune),
+    )
+    return World(store, settings, compressor, model_dir)
+
+
+@pytest.fixture(scope="module")
+def world(s3: object, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> World:
+    # a high learning rate, so a few steps move the adapter visibly away from the base model
+    return make_world(
+        s3, tiny_model_dir, tmp_path_factory.mktemp("world"), ("alpha", "beta", "gamma"), learning_rate=1e-2
+    )
+
+
+def test_rows_become_context_prefix_prompt_and_answer_with_loss_on_answer_only(world: World) -> None:
+    registry = Registry(world.store, "alpha")
+    tokenizer = world.compressor.base.tokenizer
+    eos = tokenizer.eos_token_id
+    rows = list(enumerate(registry.read_dataset("caps")[:2], start=1))
+    builder = ExampleBuilder(registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, eos)
+    first, second = builder.build(rows)
+    context, _ = registry.get_context("doc0", world.compressor.compressor_id)
+    prompt = chat_prompt(tokenizer, "What country is paris the capital of?")
+    answer = [*tokenizer.encode("france", add_special_tokens=False), eos]
+    assert torch.equal(first.prefix, context) and first.prefix is second.prefix  # read once, shared
+    assert first.input_ids == prompt + answer and first.answer_len == len(answer)
+
+    embed = world.compressor.base.model.embed
+    batch = collate([first, second], embed, "cpu")
+    length = max(first.length, second.length)
+    assert batch.embeds.shape == (2, length, context.shape[1])
+    assert torch.equal(batch.embeds[0, : context.shape[0]], context.float())
+    assert torch.equal(batch.embeds[0, context.shape[0]], embed(torch.tensor(prompt[:1]))[0])
+    # loss only on the answer: logits at the position before each answer token predict it
+    n0 = len(answer)
+    expected = [first.length - n0 - 1 + j for j in range(n0)]
+    assert batch.target_index[:n0].tolist() == expected
+    assert batch.targets[:n0].tolist() == answer
+    assert batch.targets.numel() == first.answer_len + second.answer_len
+
+    full = ExampleBuilder(registry, tokenizer, "full", None, 60, eos).build(rows[:1])[0]
+    document = tokenizer.encode(registry.read_text("doc0"), add_special_tokens=False)
+    assert (
+        full.prefix is None
+        and full.length == 60
+        and full.input_ids[-len(prompt + answer) :] == prompt + answer
+    )
+    kept = full.input_ids[: 60 - len(prompt + answer)]
+    head = len(kept) // 2
+    assert kept[:head] == document[:head] and kept[head:] == document[len(document) - (len(kept) - head) :]
+
+
+def test_rows_without_context_or_answer_are_rejected_by_line(world: World) -> None:
+    registry = Registry(world.store, "alpha")
+    tokenizer = world.compressor.base.tokenizer
+    builder = ExampleBuilder(
+        registry, tokenizer, "compressed", "other-compressor", 1024, tokenizer.eos_token_id
+    )
+    with pytest.raises(
+        FailedPrecondition, match=r"dataset line 7: document 'doc3' has no compressed context"
+    ):
+        builder.build([(7, DatasetRow(("doc3",), "q?", "a"))])
+    builder = ExampleBuilder(registry, tokenizer, "full", None, 1024, tokenizer.eos_token_id)
+    with pytest.raises(InvalidArgument, match=r"dataset line 2: 'answer' must be a non-empty string"):
+        builder.build([(1, DatasetRow(("doc0",), "q?", "a")), (2, DatasetRow(("doc0",), "q?", "  "))])
+    with pytest.raises(InvalidArgument, match=r"dataset line 5: unknown document 'gone'"):
+        builder.build([(5, DatasetRow(("gone",), "q?", "a"))])
+
+
+def test_dataset_upload_rejects_bad_rows_with_their_line_number(world: World) -> None:
+    registry = Registry(world.store, "beta")
+    good = json.dumps({"doc_ids": ["doc0"], "question": "q?", "answer": "a"})
+    cases = {
+        json.dumps(
+            {"doc_ids": ["nope"], "question": "q?", "answer": "a"}
+        ): r"line 2: unknown document 'nope'",
+        json.dumps(
+            {"doc_ids": ["doc0"], "question": "q?", "answer": ""}
+        ): r"line 2: 'answer' must be a non-empty",
+        '{"doc_ids": ["doc0"], "question": ': r"line 2: not valid JSON",
+    }
+    for bad, message in cases.items():
+        with pytest.raises(InvalidArgument, match=message):
+            registry.put_dataset("bad", f"{good}\n{bad}\n{good}\n".encode())
+    assert "bad" not in registry.list_datasets()
+
+
+def test_training_loss_falls_well_below_its_start(s3: object, tmp_path: Path) -> None:
+    # a wider random init than the shared tiny model, so a rank-8 adapter can move the logits far enough
+    model_dir = tiny_llama_dir(tmp_path / "model", seed=1, initializer_range=0.3)
+    learnable = make_world(s3, model_dir, tmp_path, ("solo",), learning_rate=3e-2)
+    recipe = LoraFinetune(
+        learnable.settings, "solo", "caps", "default", "learn", TrainOptions(max_steps=40, eval_fraction=0.2)
+    )
+    recipe.setup()
+    eval_before = recipe.evaluate()
+    recipe.train()
+    record = recipe.save()
+    recipe.cleanup()
+    losses = [step["loss"] for step in recipe.history]
+    assert len(losses) == 40 and all(step["tokens_per_s"] > 0 and step["lr"] > 0 for step in recipe.history)
+    assert sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
+    assert record["eval_rows"] == 2 and record["train_rows"] == 8 and record["eval_loss"] is not None
+    assert record["first_loss"] == losses[0] and eval_before is not None
+
+
+# a busy 2-core machine can keep the GCS from answering within Ray's default 5 s connect timeout
+RAY_PATIENCE = {"RAY_gcs_rpc_server_connect_timeout_s": "60"}
+
+
+@dataclass
+class RayHead:
+    """A Ray head with its job server (the dashboard), as a cluster that ``ray job submit`` talks to."""
+
+    gcs_address: str
+    job_server: str
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[RayHead]:
+    # its own temp dir, so this head is never the "current cluster" other ray.init() calls find
+    temp_dir = Path(tempfile.mkdtemp(prefix="lloco-ray-", dir="/tmp"))
+    ports = {
+        name: _free_port()
+        for name in (
+            "port", "dashboard-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+            "runtime-env-agent-port", "metrics-export-port", "node-manager-port", "object-manager-port",
+            "ray-client-server-port",
+        )
+    }  # fmt: skip
+    venv_bin = str(Path(sys.executable).parent)
+    env = {
+        **os.environ,
+        **RAY_PATIENCE,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    command = [
+        str(Path(venv_bin) / "ray"), "start", "--head", "--block", "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+        f"--temp-dir={temp_dir}", *(f"--{name}={port}" for name, port in ports.items()),
+    ]  # fmt: skip
+    with (temp_dir / "head.log").open("w") as log:
+        head = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    job_server = f"http://127.0.0.1:{ports['dashboard-port']}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{job_server}/api/version", timeout=2).read()
+            break
+        except OSError:
+            assert head.poll() is None and time.monotonic() < deadline, (temp_dir / "head.log").read_text()[
+                -3000:
+            ]
+            time.sleep(0.5)
+    yield RayHead(gcs_address=f"127.0.0.1:{ports['port']}", job_server=job_server)
+    os.killpg(head.pid, signal.SIGKILL)  # the head and everything it started share its process group
+    head.wait()
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@dataclass
+class KilledAndResumed:
+    """A three-tenant job killed after checkpoints, then resumed under the same id through job submission."""
+
+    job_id: str
+    state: JobState
+    first_log: str
+
+
+@pytest.fixture(scope="module")
+def resumed_job(
+    world: World, ray_head: RayHead, tmp_path_factory: pytest.TempPathFactory
+) -> KilledAndResumed:
+    # gamma's stored dataset (written around put_dataset's checks) names a missing document on line 4
+    rows = caps_rows()
+    rows[3] = DatasetRow(("doc9",), rows[3].question, rows[3].answer)
+    world.store.put_bytes(keys.dataset("gamma", "caps"), rows_to_jsonl(rows))
+
+    job_id = f"job-{uuid.uuid4().hex[:8]}"
+    tenants = ["alpha", "beta", "gamma"]
+    options = TrainOptions(max_steps=400, checkpoint_every_steps=100)
+    env = {**os.environ, **settings_env(world.settings), **RAY_PATIENCE, "RAY_ADDRESS": ray_head.gcs_address}
+    command = [sys.executable, "-m", "lloco.cli", "finetune", "--dataset", "caps", "--adapter", "qa",
+               "--job-id", job_id, "--tenant", "alpha", "--tenant", "beta", "--tenant", "gamma",
+               *options.cli_args()]  # fmt: skip
+    snapshots = [
+        f"{keys.checkpoints_prefix(job_id)}{t}/checkpoint_manager_snapshot.json" for t in ("alpha", "beta")
+    ]
+    first_log = tmp_path_factory.mktemp("first") / "first.log"
+    with first_log.open("w") as log:
+        first = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 180
+        # kill for real once Ray Train has registered a checkpoint of both tenants (their snapshots name one)
+        while not all(world.store.exists(key) for key in snapshots):
+            assert first.poll() is None, first_log.read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "no checkpoints within 180 s: " + first_log.read_text()[-3000:]
+            )
+            time.sleep(0.1)
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    for tenant in tenants:  # a killed run publishes nothing
+        assert Registry(world.store, tenant).list_adapters() == []
+
+    # the same job id again, now through Ray's job submission API (what SubmitFinetune does)
+    assert (
+        submit_finetune_job(ray_head.job_server, tenants, "caps", "qa", world.settings, options, job_id)
+        == job_id
+    )
+    deadline = time.monotonic() + 300
+    while (state := get_job(ray_head.job_server, job_id)).state in ("QUEUED", "RUNNING"):
+        assert time.monotonic() < deadline, "the resumed job did not finish within 300 s"
+        time.sleep(1)
+    return KilledAndResumed(job_id, state, first_log.read_text())
+
+
+def test_killed_job_resumes_from_its_last_checkpoints_and_finishes(
+    world: World, resumed_job: KilledAndResumed
+) -> None:
+    results = resumed_job.state.results
+    assert results is not None and results["alpha"].ok and results["beta"].ok, resumed_job.state.message
+    for tenant in ("alpha", "beta"):
+        train = Registry(world.store, tenant).get_adapter("qa").train
+        assert train["steps"] == 400 and train["job_id"] == resumed_job.job_id
+        assert train["resumed_from_step"] in (100, 200, 300), train  # the step counter started past 0
+        assert results[tenant].metrics["resumed_from_step"] == train["resumed_from_step"]
+    assert "resumed from checkpoint" not in resumed_job.first_log
+
+
+def test_two_tenants_train_concurrently_and_publish_versions(
+    world: World, resumed_job: KilledAndResumed
+) -> None:
+    alpha, beta = resumed_job.state.results["alpha"], resumed_job.state.results["beta"]
+    for result in (alpha, beta):
+        version = Registry(world.store, result.tenant).get_adapter("qa")
+        assert version.version == result.version == "v000001" and version.current
+        assert version.base_model == world.compressor.base.model_id and version.rank == 8
+        train = version.train
+        assert train["dataset"] == "caps" and train["compressor_id"] == world.compressor.compressor_id
+        assert train["eval_loss"] > 0 and train["seconds"] > 0 and train["train_rows"] == 9
+    a, b = alpha.metrics, beta.metrics  # the two trainings overlapped in time
+    assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
+
+
+def test_a_failing_tenant_is_reported_alone_and_fails_the_job(
+    world: World, resumed_job: KilledAndResumed
+) -> None:
+    state = resumed_job.state
+    gamma = state.results["gamma"]
+    assert not gamma.ok and gamma.version is None
+    assert gamma.error == "InvalidArgument: dataset line 4: unknown document 'doc9'", gamma.error
+    assert Registry(world.store, "gamma").list_adapters() == []
+    assert state.state == "FAILED" and "gamma: InvalidArgument: dataset line 4" in state.message
+    assert (
+        state.create_time is not None and state.end_time is not None and state.end_time >= state.create_time
+    )
+
+
+def test_job_api_errors(world: World, ray_head: RayHead, resumed_job: KilledAndResumed) -> None:
+    with pytest.raises(AlreadyExists):
+        submit_finetune_job(
+            ray_head.job_server, ["alpha"], "caps", "qa", world.settings, job_id=resumed_job.job_id
+        )
+    with pytest.raises(NotFound):
+        get_job(ray_head.job_server, "no-such-job")
+    with pytest.raises(InvalidArgument):
+        submit_finetune_job(ray_head.job_server, ["../x"], "caps", "qa", world.settings)
+
+
+def test_published_adapter_loads_in_vanilla_peft_and_in_the_engine_with_equal_logits(
+    world: World, resumed_job: KilledAndResumed, tmp_path: Path
+) -> None:
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    registry = Registry(world.store, "alpha")
+    files = registry.read_adapter_files("qa", resumed_job.state.results["alpha"].version)
+    config = json.loads(files["adapter_config.json"])
+    assert config["base_model_name_or_path"] == world.compressor.base.model_id and config["r"] == 8
+    assert config["lora_alpha"] == 16 and sorted(config["target_modules"]) == [
+        "k_proj",
+        "o_proj",
+        "q_proj",
+        "v_proj",
+    ]
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    hf = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(world.base_dir, dtype=torch.float32), tmp_path
+    )
+    hf.eval()
+
+    engine = load_model(str(world.base_dir), tmp_path / "cache")
+    slots = LoraSlots(engine.config, n_slots=2, max_rank=16)
+    slots.load(1, files)
+    context, _ = registry.get_context("doc0", world.compressor.compressor_id)
+    prompt = torch.tensor([chat_prompt(engine.tokenizer, "What country is paris the capital of?")])
+    with torch.no_grad():
+        embeds = torch.cat([context.float()[None], engine.model.embed(prompt)], dim=1)
+        reference = hf(inputs_embeds=embeds).logits
+        ours = engine.model.lm_head(engine.model.hidden(embeds, slots.batch(torch.tensor([1]))))
+        base = engine.model.lm_head(engine.model.hidden(embeds))
+    assert (base - reference).abs().max() > 1e-2  # the adapter changes the output...
+    torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)  # ...identically in both
