@@ -87,7 +87,7 @@ def test_tiny_run_records_every_figure_and_publishes_both_adapters(
     assert recorded["accelerator"] == "cpu" and recorded["host"]["ray_resources"]["CPU"] >= 1
 
     compression = recorded["compression"]
-    assert set(compression) == {"one", "many", "ratio_steady", "ratio_wall", "steady_bias_bound"}
+    assert set(compression) == {"one", "many", "ratio_steady", "ratio_wall", "steady_bias_estimate"}
     one, many = compression["one"], compression["many"]
     assert set(one) == set(many) == COMPRESSION_RUN
     assert (one["actors"], many["actors"]) == (1, 2)

@@ -8,9 +8,9 @@ One run, same documents and settings on both sides of each ratio:
 - compression: the documents are ingested twice (tenants ``one`` and ``many``); ``run_compress_job``
   compresses ``one`` with a pool of 1 compressor actor and ``many`` with N actors (one GPU each; with a
   single GPU, 2 actors at 0.5 GPU; with ``--tiny``, N actors of 0.5 CPU). Figures: the job's steady
-  tokens/s (from the first actor call's end to the last context write) and its wall tokens/s (start-up
+  tokens/s (start-up and the first actor call to end left out) and its wall tokens/s (start-up
   included). Steady counts the other N-1 actors' first calls inside its window, which favours the N run
-  by at most (C-1)/(C-N) for C actor calls; the table prints that bound.
+  by about (C-1)/(C-N) for C equal actor calls when the actors start together; the table prints it.
 - finetuning: ``run_finetune_job`` trains tenant ``one`` alone, then ``one`` and ``many`` together (one
   GPU each; 0.5 GPU each on a single GPU; 0.5 CPU each with ``--tiny``), each on the same dataset of
   ``--rows`` questions over its compressed contexts, for ``--train-steps`` steps without held-out rows
@@ -421,7 +421,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "many": many,
             "ratio_steady": ratio(many["steady_tokens_per_s"], one["steady_tokens_per_s"]),
             "ratio_wall": ratio(many["tokens_per_s"], one["tokens_per_s"]),
-            "steady_bias_bound": (calls - 1) / (calls - placement.actors)
+            "steady_bias_estimate": (calls - 1) / (calls - placement.actors)
             if calls > placement.actors
             else None,
         },
@@ -470,7 +470,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
     load = host["load_average"]
     where += f"; load average {load['start']:.1f} at the start, {load['end']:.1f} at the end"
-    bias = compression["steady_bias_bound"]
+    bias = compression["steady_bias_estimate"]
     goal = result["goal_ratio"]
     lines = [
         f"Scaling, {result['geometry']['name']}, {result['date']}",
@@ -480,7 +480,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"S={result['geometry']['segment_len']}, k={result['geometry']['k']}, {sizes['batch_size']} documents "
         "per actor call.",
         "",
-        "| compressor actors | per actor | tokens | steady tokens/s | wall tokens/s (start-up included) |",
+        "| compressor actors | resources per actor | tokens | steady tokens/s | wall tokens/s (start-up included) |",
         "|---:|---|---:|---:|---:|",
         f"| 1 | {resources(one['gpus_per_actor'])} | {one['tokens']:,} | "
         f"{number(one['steady_tokens_per_s'], ',.0f')} | {number(one['tokens_per_s'], ',.0f')} |",
@@ -490,13 +490,13 @@ def markdown_table(result: dict[str, Any]) -> str:
         f"{times(compression['ratio_wall'])} |",
         "",
         f"Steady counts {many['actors'] - 1} more first call(s) of the {many['actors']}-actor run in its window: "
-        f"its figure is high by at most {times(bias)} ({many['actor_calls']} calls).",
+        f"its figure is high by about {times(bias)} ({many['actor_calls']} calls).",
         "",
         f"Finetuning ({sizes['rows']} rows per tenant over compressed contexts, batch {sizes['train_batch']}, "
         f"{sizes['train_steps']} steps per tenant, one Ray Train trainer per tenant):",
         "",
-        "| tenants at once | per tenant | samples | samples/s (training span) | per tenant | overlap | "
-        "samples/s (wall, start-up included) | adapters published |",
+        "| tenants at once | resources per tenant | samples | samples/s (training span) | samples/s of each | "
+        "overlap | samples/s (wall, start-up included) | adapters published |",
         "|---:|---|---:|---:|---|---:|---:|---|",
         f"| 1 | {resources(solo['gpus_per_tenant'])} | {solo['samples']} | "
         f"{number(solo['samples_per_s'])} | {per_tenant(solo)} | | {number(solo['wall_samples_per_s'])} | "
