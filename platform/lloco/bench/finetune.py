@@ -1,0 +1,394 @@
+"""Finetuning throughput: LLoCO (compressed contexts) vs full-context LoRA, our loop vs HF transformers + peft.
+
+    python -m lloco.bench.finetune --out DIR           # GPU: LLaMA-2-7B geometry, random bf16 weights
+    python -m lloco.bench.finetune --out DIR --tiny    # CPU smoke run: a small geometry, short documents
+
+A training sample is a question (32 tokens) and its answer (16 tokens) about one document of n tokens
+(8k, 16k, 32k). Compressed: the document enters as its compressed context, ceil(n / 1536) * 50 summary
+vectors (the paper's S = 1536, k = 50) as an embeddings prefix, batch 8. Full context: the document's n
+raw tokens, batch 1, gradient checkpointing. Our loop is the finetune recipe's ``train_step`` (LoRA r=8 on
+q/k/v/o via peft, AdamW, bf16 autocast, logits only at answer positions); the reference is HF
+``LlamaForCausalLM`` + peft with gradient checkpointing on the same weights, as issue 5 measured it.
+Samples/s are host-timed over steps after warm-up, with the device synchronised. Then two tenants train
+at once on one GPU (two processes, each capped at half the memory: a fractional GPU each) against one
+tenant alone. Random weights: speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import multiprocessing
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lloco.bench.engine import GEOMETRIES, hf_twin, random_llama
+from lloco.finetune.data import Example
+from lloco.finetune.train import autocast, train_step
+from lloco.model import Llama, LlamaConfig
+
+SEGMENT_LEN, SUMMARY_K = 1536, 50
+PROMPT_TOKENS, ANSWER_TOKENS = 32, 16
+COMPRESSED_BATCH, FULL_BATCH = 8, 1
+LORA = {
+    "r": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+GOAL_COMPRESSED_VS_FULL_32K = 40.0
+GOAL_OURS_VS_HF = 1.1
+
+
+@dataclass(frozen=True)
+class Run:
+    """What one invocation measures."""
+
+    geometry: str
+    lengths: tuple[int, ...]
+    warmup: int
+    steps: int
+    concurrent_length: int
+    device: str
+    dtype: str
+
+
+def context_vectors(tokens: int) -> int:
+    """Summary vectors of a compressed document of ``tokens`` tokens."""
+    return math.ceil(tokens / SEGMENT_LEN) * SUMMARY_K
+
+
+def samples(
+    config: LlamaConfig, mode: str, tokens: int, count: int, device: torch.device, seed: int
+) -> list[Example]:
+    """Synthetic training rows: random ids (and random prefix vectors when compressed)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for line in range(count):
+        ids = torch.randint(
+            3, config.vocab_size, (PROMPT_TOKENS + ANSWER_TOKENS,), generator=generator
+        ).tolist()
+        if mode == "compressed":
+            prefix = 0.02 * torch.randn(context_vectors(tokens), config.dim, generator=generator)
+            rows.append(Example(line, prefix.to(device), ids, ANSWER_TOKENS))
+        else:
+            document = torch.randint(3, config.vocab_size, (tokens,), generator=generator).tolist()
+            rows.append(Example(line, None, document + ids, ANSWER_TOKENS))
+    return rows
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    step: Callable[[], tuple[int, int]], warmup: int, steps: int, device: torch.device
+) -> dict[str, float]:
+    """Samples/s and tokens/s of ``step`` (which returns samples, positions) over ``steps`` timed calls."""
+    for _ in range(warmup):
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    done_samples = done_tokens = 0
+    for _ in range(steps):
+        batch_samples, batch_tokens = step()
+        done_samples += batch_samples
+        done_tokens += batch_tokens
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    result = {
+        "samples_per_s": done_samples / seconds,
+        "tokens_per_s": done_tokens / seconds,
+        "step_s": seconds / steps,
+    }
+    if device.type == "cuda":
+        result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def lora_config(task_type: str | None) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(**LORA, bias="none", task_type=task_type)
+
+
+def optimizer_for(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any, list[torch.Tensor]]:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0), trainable
+
+
+def ours(model: Llama, run: Run, device: torch.device) -> dict[str, dict[str, Any]]:
+    """Our recipe's step on our Llama, compressed and full, for each document length."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(None))
+    peft_model.train()
+    optimizer, scheduler, trainable = optimizer_for(peft_model)
+    results: dict[str, dict[str, Any]] = {}
+    for tokens in run.lengths:
+        for mode, batch, checkpointing in (
+            ("compressed", COMPRESSED_BATCH, False),
+            ("full", FULL_BATCH, True),
+        ):
+            rows = samples(model.config, mode, tokens, batch, device, seed=tokens)
+
+            def step(rows: list[Example] = rows, checkpointing: bool = checkpointing) -> tuple[int, int]:
+                stats = train_step(model, [rows], optimizer, scheduler, trainable, device, checkpointing)
+                return stats.samples, stats.tokens
+
+            results[f"{mode}/{tokens}"] = {
+                "batch": batch,
+                "checkpointing": checkpointing,
+                "positions": rows[0].length,
+                **measure(step, run.warmup, run.steps, device),
+            }
+            print(f"ours {mode:>10} {tokens:>6}: {results[f'{mode}/{tokens}']}", flush=True)
+            free(device)
+    return results
+
+
+def hf_peft(model: Any, run: Run, device: torch.device, config: LlamaConfig) -> dict[str, dict[str, Any]]:
+    """HF LlamaForCausalLM + peft with gradient checkpointing, the same rows, HF's own loss over labels."""
+    from peft import get_peft_model
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    peft_model = get_peft_model(model, lora_config("CAUSAL_LM"))
+    peft_model.train()
+    optimizer, scheduler, trainable = optimizer_for(peft_model)
+    embed = model.get_input_embeddings()
+    results: dict[str, dict[str, Any]] = {}
+    for tokens in run.lengths:
+        for mode, batch in (("compressed", COMPRESSED_BATCH), ("full", FULL_BATCH)):
+            rows = samples(config, mode, tokens, batch, device, seed=tokens)
+            ids = torch.tensor([row.input_ids for row in rows], device=device)
+            labels = ids.clone()
+            labels[:, : ids.shape[1] - ANSWER_TOKENS] = -100
+            prefix = torch.stack([row.prefix for row in rows]) if mode == "compressed" else None
+
+            def step(
+                ids: torch.Tensor = ids, labels: torch.Tensor = labels, prefix: Any = prefix
+            ) -> tuple[int, int]:
+                with autocast(device):
+                    if prefix is None:
+                        loss = peft_model(input_ids=ids, labels=labels).loss
+                    else:
+                        embeds = torch.cat([prefix.to(embed.weight.dtype), embed(ids)], dim=1)
+                        ignore = torch.full(prefix.shape[:2], -100, device=device, dtype=labels.dtype)
+                        loss = peft_model(
+                            inputs_embeds=embeds, labels=torch.cat([ignore, labels], dim=1)
+                        ).loss
+                loss.backward()
+                loss.item()
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                prefix_len = 0 if prefix is None else prefix.shape[1]
+                return ids.shape[0], ids.shape[0] * (ids.shape[1] + prefix_len)
+
+            results[f"{mode}/{tokens}"] = {
+                "batch": batch,
+                "checkpointing": True,
+                "positions": rows[0].length,
+                **measure(step, run.warmup, run.steps, device),
+            }
+            print(f"hf   {mode:>10} {tokens:>6}: {results[f'{mode}/{tokens}']}", flush=True)
+            free(device)
+    return results
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def tenant_process(
+    run: Run, config: dict[str, Any], memory_fraction: float, barrier: Any, queue: Any
+) -> None:
+    """One tenant's compressed training in its own process (a fractional GPU: half the memory)."""
+    from peft import get_peft_model
+
+    device = torch.device(run.device)
+    if device.type == "cuda":
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+    llama_config = LlamaConfig(**config)
+    model = random_llama(llama_config, device, getattr(torch, run.dtype), seed=0)
+    peft_model = get_peft_model(model, lora_config(None))
+    peft_model.train()
+    optimizer, scheduler, trainable = optimizer_for(peft_model)
+    rows = samples(llama_config, "compressed", run.concurrent_length, COMPRESSED_BATCH, device, seed=1)
+
+    def step() -> tuple[int, int]:
+        stats = train_step(model, [rows], optimizer, scheduler, trainable, device)
+        return stats.samples, stats.tokens
+
+    for _ in range(run.warmup):
+        step()
+    barrier.wait()  # all tenants start their timed steps together
+    queue.put(measure(step, 0, run.steps * 2, device))
+
+
+def tenants_at_once(run: Run, config: dict[str, Any], count: int) -> list[dict[str, float]]:
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(count), context.Queue()
+    processes = [
+        context.Process(target=tenant_process, args=(run, config, 1.0 / 2, barrier, queue))
+        for _ in range(count)
+    ]
+    for process in processes:
+        process.start()
+    results = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+        if process.exitcode != 0:
+            raise RuntimeError(f"a tenant process exited with {process.exitcode}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, required=True, help="Directory for finetune.json and finetune.md."
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="Small geometry and short documents (CPU smoke run)."
+    )
+    parser.add_argument("--steps", type=int, default=None, help="Timed steps per configuration.")
+    parser.add_argument("--warmup", type=int, default=None, help="Warm-up steps per configuration.")
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available() and not args.tiny
+    run = Run(
+        geometry="small" if args.tiny else "llama2-7b",
+        lengths=(512, 1024, 2048) if args.tiny else (8192, 16384, 32768),
+        warmup=args.warmup if args.warmup is not None else (1 if args.tiny else 2),
+        steps=args.steps if args.steps is not None else (2 if args.tiny else 4),
+        concurrent_length=1024 if args.tiny else 8192,
+        device="cuda" if cuda else "cpu",
+        dtype="bfloat16" if cuda else "float32",
+    )
+    device, dtype = torch.device(run.device), getattr(torch, run.dtype)
+    config = dict(GEOMETRIES[run.geometry], max_position_embeddings=4096)
+    llama_config = LlamaConfig(**config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {
+        "command": " ".join(
+            ["python -m lloco.bench.finetune", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "when": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "versions": versions(),
+        "run": asdict(run),
+        "geometry": config,
+    }
+    model = random_llama(llama_config, device, dtype, seed=0)
+    hf = hf_twin(model)  # shares our weight tensors: one copy in memory
+    result["ours"] = ours(model, run, device)
+    free(device)
+    result["hf_peft"] = hf_peft(hf, run, device, llama_config)
+    del model, hf
+    free(device)
+    alone = tenants_at_once(run, config, 1)
+    together = tenants_at_once(run, config, 2)
+    result["tenants"] = {
+        "length": run.concurrent_length,
+        "alone_samples_per_s": alone[0]["samples_per_s"],
+        "concurrent_samples_per_s": [r["samples_per_s"] for r in together],
+        "concurrent_total_samples_per_s": sum(r["samples_per_s"] for r in together),
+    }
+    result["tenants"]["total_vs_alone"] = (
+        result["tenants"]["concurrent_total_samples_per_s"] / alone[0]["samples_per_s"]
+    )
+    result["summary"] = summary(result, run)
+    (args.out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "finetune.md").write_text(markdown(result, run))
+    print(markdown(result, run))
+    return result
+
+
+def summary(result: dict[str, Any], run: Run) -> dict[str, Any]:
+    rows = {}
+    for tokens in run.lengths:
+        ours_c, ours_f = result["ours"][f"compressed/{tokens}"], result["ours"][f"full/{tokens}"]
+        hf_c, hf_f = result["hf_peft"][f"compressed/{tokens}"], result["hf_peft"][f"full/{tokens}"]
+        rows[str(tokens)] = {
+            "ours_compressed_vs_full": ours_c["samples_per_s"] / ours_f["samples_per_s"],
+            "hf_compressed_vs_full": hf_c["samples_per_s"] / hf_f["samples_per_s"],
+            "ours_vs_hf_compressed": ours_c["samples_per_s"] / hf_c["samples_per_s"],
+            "ours_vs_hf_full": ours_f["samples_per_s"] / hf_f["samples_per_s"],
+        }
+    longest = str(run.lengths[-1])
+    return {
+        "by_length": rows,
+        "goal_compressed_vs_full_at_longest": rows[longest]["ours_compressed_vs_full"]
+        >= GOAL_COMPRESSED_VS_FULL_32K,
+        "goal_ours_vs_hf_compressed": all(
+            r["ours_vs_hf_compressed"] >= GOAL_OURS_VS_HF for r in rows.values()
+        ),
+    }
+
+
+def markdown(result: dict[str, Any], run: Run) -> str:
+    lines = [
+        f"# Finetuning throughput ({run.geometry}, random {run.dtype} weights)",
+        "",
+        f"`{result['command']}` on {result['device']}, {result['when']}; {result['versions']}.",
+        "",
+        f"Sample: {PROMPT_TOKENS}-token question + {ANSWER_TOKENS}-token answer about a document of n tokens. "
+        f"Compressed: ceil(n/{SEGMENT_LEN})*{SUMMARY_K} context vectors, batch {COMPRESSED_BATCH}. "
+        f"Full: n tokens, batch {FULL_BATCH}, gradient checkpointing. LoRA r=8 q/k/v/o.",
+        "",
+        "| n | loop | compressed samples/s | full samples/s | compressed / full | compressed peak GB | full peak GB |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for tokens in run.lengths:
+        for name, key in (("ours", "ours"), ("HF+peft", "hf_peft")):
+            c, f = result[key][f"compressed/{tokens}"], result[key][f"full/{tokens}"]
+            lines.append(
+                f"| {tokens} | {name} | {c['samples_per_s']:.2f} | {f['samples_per_s']:.3f} | "
+                f"{c['samples_per_s'] / f['samples_per_s']:.1f}x | {c.get('peak_memory_gb', 0):.1f} | "
+                f"{f.get('peak_memory_gb', 0):.1f} |"
+            )
+    lines += ["", "| n | ours / HF+peft compressed | ours / HF+peft full |", "|---:|---:|---:|"]
+    for tokens, row in result["summary"]["by_length"].items():
+        lines.append(f"| {tokens} | {row['ours_vs_hf_compressed']:.2f}x | {row['ours_vs_hf_full']:.2f}x |")
+    tenants = result["tenants"]
+    lines += [
+        "",
+        f"Two tenants on one device (compressed, n = {tenants['length']}, half the memory each): "
+        f"alone {tenants['alone_samples_per_s']:.2f} samples/s; together "
+        f"{' + '.join(f'{v:.2f}' for v in tenants['concurrent_samples_per_s'])} = "
+        f"{tenants['concurrent_total_samples_per_s']:.2f} samples/s ({tenants['total_vs_alone']:.2f}x alone).",
+        "",
+        f"Goals: compressed / full at n = {run.lengths[-1]} >= {GOAL_COMPRESSED_VS_FULL_32K:.0f}x: "
+        f"{'met' if result['summary']['goal_compressed_vs_full_at_longest'] else 'NOT met'}; "
+        f"ours / HF+peft compressed >= {GOAL_OURS_VS_HF}x: "
+        f"{'met' if result['summary']['goal_ours_vs_hf_compressed'] else 'NOT met'}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def versions() -> str:
+    import peft
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+if __name__ == "__main__":
+    main()
