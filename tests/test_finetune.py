@@ -7,6 +7,7 @@ Everything real: SeaweedFS S3, local Ray Train, a tiny random Llama whose contex
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,7 +29,7 @@ from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Not
 from lloco.finetune.data import ExampleBuilder, collate
 from lloco.finetune.datasets import rows_to_jsonl
 from lloco.finetune.job import JobState, get_job, settings_env, submit_finetune_job
-from lloco.finetune.train import LoraFinetune, TrainOptions
+from lloco.finetune.train import LoraFinetune, TrainOptions, train_step
 from lloco.model import Compressor, LoraSlots, chat_prompt, load_model, tiny_llama_dir
 from lloco.registry import DatasetRow, Registry, Tenants
 from lloco.storage import ObjectStore, keys
@@ -167,6 +168,41 @@ def test_dataset_upload_rejects_bad_rows_with_their_line_number(world: World) ->
     assert "bad" not in registry.list_datasets()
 
 
+def test_gradient_accumulation_equals_one_large_batch(world: World, tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    registry = Registry(world.store, "alpha")
+    tokenizer = world.compressor.base.tokenizer
+    builder = ExampleBuilder(
+        registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, tokenizer.eos_token_id
+    )
+    examples = builder.build(list(enumerate(registry.read_dataset("caps")[:4], start=1)))
+    after = []
+    for micro_batches in ([examples], [examples[:1], examples[1:]]):
+        torch.manual_seed(0)
+        base = load_model(str(world.base_dir), tmp_path / "cache")
+        model = get_peft_model(
+            base.model,
+            LoraConfig(
+                r=8,
+                lora_alpha=16,
+                lora_dropout=0.0,
+                target_modules=["q_proj", "v_proj"],
+                init_lora_weights="gaussian",
+            ),
+        )
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(trainable, lr=0.1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        stats = train_step(base.model, micro_batches, optimizer, scheduler, trainable, torch.device("cpu"))
+        after.append((stats, [p.detach().clone() for p in trainable]))
+    (one, params_one), (accumulated, params_accumulated) = after
+    assert one.samples == accumulated.samples == 4 and one.tokens == accumulated.tokens
+    assert one.loss == pytest.approx(accumulated.loss, rel=1e-5)
+    for a, b in zip(params_one, params_accumulated, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_training_loss_falls_well_below_its_start(s3: object, tmp_path: Path) -> None:
     # a wider random init than the shared tiny model, so a rank-8 adapter can move the logits far enough
     model_dir = tiny_llama_dir(tmp_path / "model", seed=1, initializer_range=0.3)
@@ -184,6 +220,19 @@ def test_training_loss_falls_well_below_its_start(s3: object, tmp_path: Path) ->
     assert sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
     assert record["eval_rows"] == 2 and record["train_rows"] == 8 and record["eval_loss"] is not None
     assert record["first_loss"] == losses[0] and eval_before is not None
+
+    # the full-context baseline: the same loop on the raw document tokens
+    full = LoraFinetune(
+        learnable.settings, "solo", "caps", "full", "learn-full", TrainOptions(mode="full", max_steps=3)
+    )
+    full.setup()
+    full.train()
+    record = full.save()
+    files = full.adapter_files()
+    full.cleanup()
+    assert record["mode"] == "full" and record["compressor_id"] is None and record["steps"] == 3
+    assert all(math.isfinite(step["loss"]) for step in full.history)
+    assert full.history[0]["tokens_per_s"] > 0 and json.loads(files["adapter_config.json"])["r"] == 8
 
 
 # a busy 2-core machine can keep the GCS from answering within Ray's default 5 s connect timeout
