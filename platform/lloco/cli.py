@@ -10,6 +10,8 @@ app = typer.Typer(help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_h
 
 # Each module defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES: tuple[str, ...] = (
+    "lloco.demo",
+    "lloco.serve.cli",
     "lloco.client.cli",
     "lloco.compress.cli",
     "lloco.finetune.cli",
