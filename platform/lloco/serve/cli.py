@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, NoReturn
 
 import typer
 
 DEFAULT_TENANT = "demo"
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> NoReturn:
+    raise KeyboardInterrupt
 
 
 def _fail(message: str) -> NoReturn:
@@ -51,6 +57,8 @@ def up(
     typer.echo(f"starting lloco on 127.0.0.1:{settings.serve.grpc_port} (data in {settings.data_dir}) ...")
     try:
         with EmbeddedStack(settings) as stack:
+            # `kill` stops it as cleanly as Ctrl-C; set after Ray started, which installs its own handler
+            signal.signal(signal.SIGTERM, _interrupt)
             key = stack.api_key(tenant)
             status = stack.health()
             typer.echo(f"lloco is up on {stack.address}: health {status}")

@@ -17,13 +17,15 @@ import binascii
 import functools
 import inspect
 import math
+import shlex
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -62,12 +64,8 @@ MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
 MAX_QUESTION_CHARS = 64 * 1024  # checked before tokenizing, so a huge question costs nothing
 HEALTH_TIMEOUT_S = 5.0
-HEALTH_WATCH_PERIOD_S = 2.0
-RAY_ADDRESS = "auto"  # jobs are submitted to the cluster this replica runs in, through its dashboard
+HEALTH_WATCH_PERIOD_S = 5.0
 _SHOWN_CHARS = 60
-
-Reply = TypeVar("Reply", bound=Message)
-
 
 # -- errors: the one place where exceptions become gRPC statuses ------------------------------------
 
@@ -86,7 +84,7 @@ _REPLY_TYPES = _reply_types()
 
 def domain_error(error: BaseException) -> BaseException:
     """``error`` as the lloco error a caller should see: Ray's wrappers peeled, Ray's failures named."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError, RayTaskError, RpcError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     while isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
@@ -97,6 +95,8 @@ def domain_error(error: BaseException) -> BaseException:
         return ResourceExhausted("the engine is at capacity; retry shortly")
     if isinstance(error, DeploymentUnavailableError | RayActorError):
         return Unavailable("the engine is not available right now; retry shortly")
+    if isinstance(error, RpcError):
+        return Unavailable(f"the Ray cluster did not answer ({error}); retry shortly")
     return error
 
 
@@ -432,14 +432,18 @@ class Ingress:
         """The engine's compressor id, for local tools through a handle (the gRPC proxy never routes here)."""
         return await self._compressor()
 
-    async def _context(self, registry: Registry, doc_id: str) -> ContextInfo | None:
-        """The document's fresh compressed context, or None (pending)."""
+    async def _context(self, registry: Registry, document: DocumentInfo) -> ContextInfo | None:
+        """The document's compressed context if it is of the document's current text, else None (pending)."""
         compressor_id = await self._compressor()
-        info = await asyncio.to_thread(registry.context_info, doc_id, compressor_id)
-        if info is None:
-            return None
-        document = await asyncio.to_thread(registry.get_document, doc_id)
-        return info if info.source_sha == document.sha256 else None
+        info = await asyncio.to_thread(registry.context_info, document.doc_id, compressor_id)
+        return info if info is not None and info.source_sha == document.sha256 else None
+
+    async def _contexts(self, registry: Registry, documents: list[DocumentInfo]) -> list[ContextInfo | None]:
+        return list(await asyncio.gather(*(self._context(registry, d) for d in documents)))
+
+    async def _documents(self, registry: Registry, doc_ids: Iterable[str]) -> list[DocumentInfo]:
+        """The documents of ``doc_ids``; NotFound names the first missing one."""
+        return list(await asyncio.gather(*(asyncio.to_thread(registry.get_document, d) for d in doc_ids)))
 
     async def _compress_now(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         return await self._engine.compress.remote(tenant, doc_ids)
@@ -508,7 +512,7 @@ class Ingress:
             if changed
             else lloco_pb2.INGEST_OUTCOME_UNCHANGED
         )
-        context = await self._context(registry, doc_id)
+        context = await self._context(registry, info)
         if context is None and tokens <= self._limits.online_compress_max_tokens:
             (context,) = await self._compress_now(registry.tenant, [doc_id])
         return lloco_pb2.IngestDocumentResponse(document=document_reply(info, context), outcome=outcome)
@@ -564,7 +568,7 @@ class Ingress:
         registry = await self._registry(tenant)
         info = await asyncio.to_thread(registry.get_document, doc_id)
         return lloco_pb2.GetDocumentResponse(
-            document=document_reply(info, await self._context(registry, doc_id))
+            document=document_reply(info, await self._context(registry, info))
         )
 
     @rpc
@@ -575,7 +579,7 @@ class Ingress:
         registry = await self._tenant(principal, "parent", request.parent)
         size = _page_size(request.page_size, self._limits.max_page_size)
         infos, token = await asyncio.to_thread(registry.list_documents, size, request.page_token)
-        contexts = [await self._context(registry, info.doc_id) for info in infos]
+        contexts = await self._contexts(registry, infos)
         documents = [document_reply(info, context) for info, context in zip(infos, contexts, strict=True)]
         return lloco_pb2.ListDocumentsResponse(documents=documents, next_page_token=token)
 
@@ -602,8 +606,9 @@ class Ingress:
             raise InvalidArgument("documents: a document is named more than once")
         compressor_id = await self._compressor()
         if doc_ids:
-            infos = [await asyncio.to_thread(registry.get_document, d) for d in doc_ids]
-            pending = [i for i in infos if await self._context(registry, i.doc_id) is None]
+            infos = await self._documents(registry, doc_ids)
+            contexts = await self._contexts(registry, infos)
+            pending = [i for i, c in zip(infos, contexts, strict=True) if c is None]
         else:
             pending = await asyncio.to_thread(registry.pending_documents, compressor_id)
             infos = pending
@@ -899,15 +904,16 @@ class Ingress:
         dataset = self._same_tenant(principal, tenant, "dataset", request.dataset, "datasets")
         adapter = _field_id("adapter_id", "adapter", request.adapter_id or "default")
         rows = await asyncio.to_thread(registry.read_dataset, dataset)
-        for doc_id in dict.fromkeys(doc for row in rows for doc in row.doc_ids):
-            if await self._context(registry, doc_id) is None:
+        documents = await self._documents(registry, dict.fromkeys(d for row in rows for d in row.doc_ids))
+        for document, context in zip(documents, await self._contexts(registry, documents), strict=True):
+            if context is None:
                 raise FailedPrecondition(
-                    f"document {doc_id!r} of dataset {dataset!r} has no fresh compressed context; "
+                    f"document {document.doc_id!r} of dataset {dataset!r} has no fresh compressed context; "
                     "call CompressDocuments and wait for it first"
                 )
         created = _now()
         job_id = await asyncio.to_thread(
-            submit_finetune_job, RAY_ADDRESS, [tenant], dataset, adapter, self._settings
+            submit_finetune_job, _ray_address(), [tenant], dataset, adapter, self._settings
         )
         job = lloco_pb2.Job(
             name=job_name(tenant, job_id),
@@ -929,7 +935,7 @@ class Ingress:
         metadata = await asyncio.to_thread(_job_metadata, job_id)
         if tenant not in metadata.get("tenants", "").split(","):
             raise NotFound(f"job {job_id!r} not found")  # another tenant's job: as if it did not exist
-        state = await asyncio.to_thread(get_job, RAY_ADDRESS, job_id)
+        state = await asyncio.to_thread(get_job, _ray_address(), job_id)
         job = lloco_pb2.Job(
             name=job_name(tenant, job_id),
             state=_JOB_STATES[state.state],
@@ -941,7 +947,10 @@ class Ingress:
         if metadata.get("kind") == "compress":
             job.kind = lloco_pb2.JOB_KIND_COMPRESS
             if state.state == "SUCCEEDED":
-                job.compress_result.CopyFrom(await self._compress_result(tenant, metadata))
+                result, missed = await self._compress_result(tenant, metadata)
+                job.compress_result.CopyFrom(result)
+                if missed:
+                    job.message = f"not compressed (changed, deleted or failed): {', '.join(missed)}"
         else:
             job.kind = lloco_pb2.JOB_KIND_FINETUNE
             result = (state.results or {}).get(tenant)
@@ -954,14 +963,17 @@ class Ingress:
                 )
         return lloco_pb2.GetJobResponse(job=job)
 
-    async def _compress_result(self, tenant: str, metadata: dict[str, str]) -> lloco_pb2.CompressResult:
-        """A finished compress job's documents: those with a fresh context now, and those without one."""
+    async def _compress_result(
+        self, tenant: str, metadata: dict[str, str]
+    ) -> tuple[lloco_pb2.CompressResult, list[str]]:
+        """The documents a finished compress job was queued with: those now compressed, and the rest."""
         registry = await self._registry(tenant)
-        compressed, skipped = [], []
+        compressed, missed = [], []
         for doc_id in filter(None, metadata.get("documents", "").split(",")):
-            fresh = await self._context(registry, doc_id) is not None
-            (compressed if fresh else skipped).append(document_name(tenant, doc_id))
-        return lloco_pb2.CompressResult(compressed_documents=compressed, skipped_documents=skipped)
+            document = await asyncio.to_thread(_document_or_none, registry, doc_id)
+            fresh = document is not None and await self._context(registry, document) is not None
+            (compressed if fresh else missed).append(document_name(tenant, doc_id))
+        return lloco_pb2.CompressResult(compressed_documents=compressed), missed
 
     def _submit_compress_job(self, tenant: str, doc_ids: list[str]) -> str:
         """Submit ``lloco compress`` for the tenant (it compresses every pending document) as a Ray job."""
@@ -971,14 +983,15 @@ class Ingress:
 
         job_id = _new_job_id("compress")
         try:
-            JobSubmissionClient(RAY_ADDRESS).submit_job(
-                entrypoint=f"lloco compress --tenant {tenant}",
+            JobSubmissionClient(_ray_address()).submit_job(
+                # this Python, not `lloco` on PATH: the job runs where the venv may not be activated
+                entrypoint=shlex.join([sys.executable, "-m", "lloco.cli", "compress", "--tenant", tenant]),
                 submission_id=job_id,
                 runtime_env={"env_vars": settings_env(self._settings)},
                 metadata={"kind": "compress", "tenants": tenant, "documents": ",".join(doc_ids)},
             )
-        except ConnectionError as error:
-            raise Unavailable(f"Ray's job server is unreachable: {error}") from error
+        except (ConnectionError, RuntimeError) as error:  # RuntimeError: the job server answered an error
+            raise Unavailable(f"Ray's job server did not take the job ({error}); retry shortly") from error
         log.info("compress job submitted", job_id=job_id, tenant=tenant, documents=len(doc_ids))
         return job_id
 
@@ -1005,16 +1018,13 @@ class Ingress:
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The serving status now, then again whenever it changes."""
+        """The serving status now, then every few seconds: a change shows within one period, and each
+        message is also how the replica notices a caller that went away (Serve may miss its cancel)."""
         if request.service not in ("", SERVICE):
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
-        last = None
         while True:
-            status = await self._serving()
-            if status != last:
-                yield health_pb2.HealthCheckResponse(status=status)
-                last = status
+            yield health_pb2.HealthCheckResponse(status=await self._serving())
             await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
 
 
@@ -1034,6 +1044,13 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _ray_address() -> str:
+    """The GCS address of the cluster this replica runs in: jobs go to its job server (the dashboard)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def _new_job_id(kind: str) -> str:
     return f"{kind}-{_now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
 
@@ -1043,7 +1060,7 @@ def _job_metadata(job_id: str) -> dict[str, str]:
     from ray.job_submission import JobSubmissionClient
 
     try:
-        info = JobSubmissionClient(RAY_ADDRESS).get_job_info(job_id)
+        info = JobSubmissionClient(_ray_address()).get_job_info(job_id)
     except ConnectionError as error:
         raise Unavailable(f"Ray's job server is unreachable: {error}") from error
     except RuntimeError:
