@@ -282,7 +282,7 @@ def ray_head() -> Iterator[RayHead]:
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     job_server = f"http://127.0.0.1:{ports['dashboard-port']}"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     while True:
         try:
             urllib.request.urlopen(f"{job_server}/api/version", timeout=2).read()
@@ -331,12 +331,12 @@ def resumed_job(
         first = subprocess.Popen(
             command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 480
         # kill for real once Ray Train has registered a checkpoint of both tenants (their snapshots name one)
         while not all(world.store.exists(key) for key in snapshots):
             assert first.poll() is None, first_log.read_text()[-3000:]
             assert time.monotonic() < deadline, (
-                "no checkpoints within 180 s: " + first_log.read_text()[-3000:]
+                "no checkpoints within 480 s: " + first_log.read_text()[-3000:]
             )
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGKILL)
@@ -349,9 +349,9 @@ def resumed_job(
         submit_finetune_job(ray_head.job_server, tenants, "caps", "qa", world.settings, options, job_id)
         == job_id
     )
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while (state := get_job(ray_head.job_server, job_id)).state in ("QUEUED", "RUNNING"):
-        assert time.monotonic() < deadline, "the resumed job did not finish within 300 s"
+        assert time.monotonic() < deadline, "the resumed job did not finish within 600 s"
         time.sleep(1)
     return KilledAndResumed(job_id, state, first_log.read_text())
 

@@ -96,6 +96,9 @@ class CompressSettings(_Section):
     actor_num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (1 on a GPU cluster).")
     actor_num_cpus: float = Field(0.5, gt=0, description="CPUs per actor; fractional on small machines.")
     max_document_tokens: int = Field(262_144, ge=1, description="Longer documents are reported and skipped.")
+    cpu_threads: int | None = Field(
+        None, ge=1, description="Torch threads of an actor on CPU; None keeps Ray's (one per whole CPU held)."
+    )
 
 
 class FinetuneSettings(_Section):

@@ -8,6 +8,7 @@ over gRPC as each tenant. The data is a small SQuAD subset shipped in ``demo_dat
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import time
@@ -143,6 +144,8 @@ def demo_settings(settings: Settings, options: DemoOptions) -> Settings:
         update={
             "limits": settings.limits.model_copy(update={"online_compress_max_tokens": 0}),
             "engine": settings.engine.model_copy(update={"max_batch_size": 8, "max_seq_len": 2048}),
+            # The engine idles while the job runs: let the one compressor actor use every core.
+            "compress": settings.compress.model_copy(update={"cpu_threads": os.cpu_count()}),
             "finetune": settings.finetune.model_copy(
                 update={"learning_rate": options.learning_rate, "batch_size": 4, "warmup_ratio": 0.1}
             ),

@@ -193,6 +193,8 @@ class CompressorActor:
 
     def __init__(self, settings: Settings, expected: CompressorConfig, batch_size: int) -> None:
         device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
+        if device.type == "cpu" and settings.compress.cpu_threads:
+            torch.set_num_threads(settings.compress.cpu_threads)
         self.store = _object_store(settings.store)
         model = settings.model
         base = load_model(model.base_model, model.cache_dir, self.store, model.dtype, device)
