@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import SecretStr
-
 from lloco.config import ModelSettings, ServeSettings, Settings
 from lloco.demo import DemoOptions, format_table, load_articles, run_demo, split_questions
+from pydantic import SecretStr
 
 
 def test_held_out_questions_are_never_trained_on() -> None:
@@ -33,12 +32,19 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
         data_dir=tmp_path / "data",
         admin_key=SecretStr("demo-admin-key"),
         model=ModelSettings(
-            base_model=str(tiny_model_dir), compressor=str(compressor_dir), dtype="float32", cache_dir=tmp_path / "cache"
+            base_model=str(tiny_model_dir),
+            compressor=str(compressor_dir),
+            dtype="float32",
+            cache_dir=tmp_path / "cache",
         ),
         serve=ServeSettings(grpc_port=free_port()),
     )
     options = DemoOptions(
-        articles_per_tenant=1, train_questions_per_article=8, held_out_per_article=2, max_new_tokens=8, train_steps=3
+        articles_per_tenant=1,
+        train_questions_per_article=8,
+        held_out_per_article=2,
+        max_new_tokens=8,
+        train_steps=3,
     )
     import ray
 

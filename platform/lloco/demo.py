@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, LlocoError
@@ -83,7 +83,12 @@ def load_articles() -> dict[str, list[Article]]:
     raw = json.loads(resources.files("lloco").joinpath("demo_data/squad_demo.json").read_text())
     return {
         tenant: [
-            Article(a["doc_id"], a["title"], a["text"], tuple((q["question"], tuple(q["answers"])) for q in a["qas"]))
+            Article(
+                a["doc_id"],
+                a["title"],
+                a["text"],
+                tuple((q["question"], tuple(q["answers"])) for q in a["qas"]),
+            )
             for a in articles
         ]
         for tenant, articles in raw["tenants"].items()
@@ -231,7 +236,10 @@ def run_demo(
                         for question, golds in split_questions(article, options)[1]:
                             started = time.perf_counter()
                             reply = client.query(
-                                question, [article.doc_id], adapter=ADAPTER, max_new_tokens=options.max_new_tokens
+                                question,
+                                [article.doc_id],
+                                adapter=ADAPTER,
+                                max_new_tokens=options.max_new_tokens,
                             )
                             answer = reply.answer.strip()
                             report.answers.append(
@@ -296,11 +304,19 @@ def register(app: Any) -> None:
 
     @app.command()
     def demo(
-        keep_running: bool = typer.Option(False, "--keep-running", help="Leave the stack up and say how to query it."),
-        config: Path | None = typer.Option(None, "--config", help="YAML settings file."),
-        data_dir: Path | None = typer.Option(None, "--data-dir", help="Local state (S3 data, model cache)."),
-        port: int | None = typer.Option(None, "--port", help="gRPC port (default from settings: 50051)."),
-        train_steps: int = typer.Option(DemoOptions.train_steps, help="Optimizer steps per tenant."),
+        keep_running: Annotated[
+            bool, typer.Option("--keep-running", help="Leave the stack up and say how to query it.")
+        ] = False,
+        config: Annotated[Path | None, typer.Option("--config", help="YAML settings file.")] = None,
+        data_dir: Annotated[
+            Path | None, typer.Option("--data-dir", help="Local state (S3 data, model cache).")
+        ] = None,
+        port: Annotated[
+            int | None, typer.Option("--port", help="gRPC port (default from settings: 50051).")
+        ] = None,
+        train_steps: Annotated[
+            int, typer.Option(help="Optimizer steps per tenant.")
+        ] = DemoOptions.train_steps,
     ) -> None:
         """Run the whole platform end to end on embedded defaults and print an answer table."""
         overrides: dict[str, Any] = {}
@@ -308,7 +324,9 @@ def register(app: Any) -> None:
             overrides["data_dir"] = data_dir
         settings = Settings.load(config, **overrides)
         if port is not None:
-            settings = settings.model_copy(update={"serve": settings.serve.model_copy(update={"grpc_port": port})})
+            settings = settings.model_copy(
+                update={"serve": settings.serve.model_copy(update={"grpc_port": port})}
+            )
         try:
             run_demo(
                 settings,
@@ -324,7 +342,10 @@ def register(app: Any) -> None:
 def _wait_for_interrupt(stack: Any, keys: dict[str, str]) -> None:
     print(f"\nlloco is running on {stack.address}. Query it, e.g.:")
     for tenant, key in keys.items():
-        print(f"  LLOCO_API_KEY={key} lloco query --target {stack.address} --doc <doc-id> --adapter {ADAPTER} 'question?'")
+        print(f"  # as {tenant}:")
+        print(
+            f"  LLOCO_API_KEY={key} lloco query --target {stack.address} --doc <doc-id> --adapter {ADAPTER} 'question?'"
+        )
     print("Press Ctrl-C to stop.")
     try:
         while True:
