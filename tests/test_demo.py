@@ -69,3 +69,13 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert ray.is_initialized() == ray_was_running
     running = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True).stdout
     assert running.strip() == ""
+
+
+def test_demo_command_is_registered() -> None:
+    from typer.testing import CliRunner
+
+    from lloco.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--keep-running" in result.output

@@ -19,6 +19,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
+import typer
+
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, LlocoError
 
@@ -299,9 +301,7 @@ def format_table(report: DemoReport) -> str:
     return "\n".join(lines)
 
 
-def register(app: Any) -> None:
-    import typer
-
+def register(app: typer.Typer) -> None:
     @app.command()
     def demo(
         keep_running: Annotated[
