@@ -38,7 +38,7 @@ class DemoOptions:
     train_questions_per_article: int = 24
     held_out_per_article: int = 2
     max_new_tokens: int = 24
-    train_steps: int = 40
+    train_steps: int = 16
     learning_rate: float = 2e-4
     seed: int = 0
 
@@ -192,7 +192,9 @@ def run_demo(
         load_model(settings.model.base_model, settings.model.cache_dir)
 
     with _stage("start embedded S3, local Ray and the Serve app", 2, total, report, echo):
-        stack = EmbeddedStack(settings, jobs=False)
+        # Ray's CPUs are scheduling tokens: the engine replica holds one, so count at least four to let
+        # the compressor actor and both tenants' trainers run beside it.
+        stack = EmbeddedStack(settings, jobs=False, num_cpus=max(4, os.cpu_count() or 1))
         stack.start()
     try:
         keys: dict[str, str] = {}
