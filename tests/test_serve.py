@@ -559,9 +559,8 @@ def test_new_adapter_version_is_picked_up_while_queries_run(
 def test_cancelled_stream_frees_its_row(
     stack: EmbeddedStack, keys: dict[str, str], ingested: dict[str, lloco_pb2.IngestDocumentResponse]
 ) -> None:
-    candidates = [
-        f"Tell me a long story about {topic}." for topic in ("Paris", "the river", "the city", "a king")
-    ]
+    topics = ("Paris", "the river", "the city", "a king", "the water", "the company", "a book", "the house")
+    candidates = [f"Tell me a long story about {topic}." for topic in topics]
     alone = run_engine_alone(stack, [engine_request("acme", q, None, MAX_NEW_TOKENS) for q in candidates])
     question = next(
         q for q, (_, stats) in zip(candidates, alone, strict=True) if stats.finish_reason == "length"
@@ -594,6 +593,30 @@ def test_serve_config_parses_and_names_importable_builders() -> None:
 
     for path in config.grpc_options.grpc_servicer_functions:
         assert callable(import_attr(path))
+
+
+@pytest.mark.parametrize(
+    ("application", "words"),
+    [
+        ({"name": "x", "import_path": "lloco.serve.nowhere:app"}, "cannot be imported"),
+        (
+            {"name": "x", "import_path": "lloco.serve.app:app", "args": {"limits": {"max_new_tokens": 0}}},
+            "max_new_tokens",
+        ),
+        (
+            {"name": "x", "import_path": "lloco.serve.app:app", "args": {"no_such_section": {}}},
+            "no_such_section",
+        ),
+    ],
+)
+def test_serve_config_problems_are_named(tmp_path: Path, application: dict[str, object], words: str) -> None:
+    from lloco.errors import InvalidArgument
+    from lloco.serve.app import load_serve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump({"applications": [application]}))
+    with pytest.raises(InvalidArgument, match=words):
+        load_serve_config(path)
 
 
 def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack, tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ MAX_STOP_CHARS = 256
 MAX_QUESTION_CHARS = 64 * 1024  # checked before tokenizing, so a huge question costs nothing
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_WATCH_PERIOD_S = 5.0
+HEALTH_WATCH_MAX_S = 30.0
 _SHOWN_CHARS = 60
 
 # -- errors: the one place where exceptions become gRPC statuses ------------------------------------
@@ -1018,13 +1019,17 @@ class Ingress:
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
     ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
-        """The serving status now, then every few seconds: a change shows within one period, and each
-        message is also how the replica notices a caller that went away (Serve may miss its cancel)."""
+        """The serving status now, then every few seconds, for at most `HEALTH_WATCH_MAX_S`; then the stream
+        ends (OK) and the caller watches again. The bound stops a watch whose cancellation Serve's proxy
+        missed (seen when a client cancels between two messages) from running in the replica forever."""
         if request.service not in ("", SERVICE):
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
+        deadline = time.monotonic() + HEALTH_WATCH_MAX_S
         while True:
             yield health_pb2.HealthCheckResponse(status=await self._serving())
+            if time.monotonic() + HEALTH_WATCH_PERIOD_S > deadline:
+                return
             await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
 
 
