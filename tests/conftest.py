@@ -52,6 +52,7 @@ def ray_local() -> Iterator[None]:
     import ray
 
     ray.init(
+        address="local",  # never attach to a cluster someone started with `ray start`
         num_cpus=4,
         include_dashboard=False,
         configure_logging=False,
