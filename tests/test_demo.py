@@ -70,11 +70,16 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
     running = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True).stdout
     assert running.strip() == ""
 
+    # A second run on the same data reuses tenants, documents and contexts, and publishes new versions.
+    again = run_demo(settings, options, echo=lines.append)
+    assert again.compress_summary["compressed"] == 0 and again.compress_summary["skipped"] == 2
+    assert again.adapters == {"acme": "v000002", "globex": "v000002"}
+    assert len(again.answers) == 4 and {row.adapter_version for row in again.answers} == {"v000002"}
+
 
 def test_demo_command_is_registered() -> None:
-    from typer.testing import CliRunner
-
     from lloco.cli import app
+    from typer.testing import CliRunner
 
     result = CliRunner().invoke(app, ["demo", "--help"])
     assert result.exit_code == 0, result.output
