@@ -55,7 +55,7 @@ def test_eval_command_writes_every_mode_of_every_test_set(
         sys.executable, "-m", "lloco.cli", "eval", "--output", str(out), "--datasets", "squad,qmsum,hotpotqa",
         "--limit", "2", "--train-limit", "4", "--train-steps", "2", "--max-document-tokens", "160",
         "--hotpot-lengths", "1024", "--base-model", str(tiny_model_dir), "--compressor", str(compressor_dir),
-        "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2",
+        "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2", "--max-new-tokens", "8",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(

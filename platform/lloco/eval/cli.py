@@ -50,6 +50,9 @@ def evaluate(
     max_document_tokens: Annotated[
         int | None, typer.Option(help="Cut documents to N tokens (small hosts).")
     ] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Answer length (default: 32 for QA, 160 for QMSum).")
+    ] = None,
     hotpot_lengths: Annotated[
         str, typer.Option(help="HotpotQA haystack lengths in tokens.")
     ] = "4096,8192,16384",
@@ -102,6 +105,7 @@ def evaluate(
             max_batch=max_batch,
             max_batch_tokens=max_batch_tokens,
             max_document_tokens=max_document_tokens,
+            max_new_tokens=max_new_tokens,
             time_budget_s=time_budget,
             seed=seed,
         )

@@ -32,7 +32,7 @@ from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval.adapters import TrainedAdapter, train_adapter
 from lloco.eval.metrics import exact_match, f1_score, rouge
-from lloco.eval.tasks import EvalDataset, TestSet
+from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
 from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
@@ -59,7 +59,7 @@ class EvalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    modes: tuple[Mode, ...] = Field(MODES, min_length=1, description="Modes to run, in this order.")
+    modes: tuple[Mode, ...] = Field(MODES, min_length=1, description="Modes to run; rows keep this order.")
     train_steps: int = Field(100, ge=1, description="Optimizer steps of each LoRA mode's adapter.")
     learning_rate: float | None = Field(
         None, gt=0, description="LoRA learning rate; None: settings.finetune."
@@ -73,6 +73,9 @@ class EvalOptions(BaseModel):
     )
     max_document_tokens: int | None = Field(
         None, ge=1, description="Cut documents to their first N tokens (small machines); None: whole."
+    )
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Answer length; None: 32 for QA, 160 for summaries."
     )
     compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
     time_budget_s: float | None = Field(None, gt=0, description="Work still to start after this is skipped.")
@@ -141,6 +144,9 @@ class Evaluator:
             raise InvalidArgument(f"the tokenizer of {base.model_id} has no EOS token")
         self.deadline = None if options.time_budget_s is None else time.perf_counter() + options.time_budget_s
         self.costs: dict[str, dict[str, float]] = {}
+
+    def _answer_tokens(self, dataset: EvalDataset) -> int:
+        return self.options.max_new_tokens or MAX_NEW_TOKENS[dataset.metric]
 
     def _out_of_time(self) -> bool:
         return self.deadline is not None and time.perf_counter() > self.deadline
@@ -295,7 +301,7 @@ class Evaluator:
             prefix = self._prefix(row, contexts)
             return _Request(prefix, prompt, prefix.shape[0], len(document))
         if mode == "truncated":
-            document = middle_cut(document, self.window - len(prompt) - dataset.max_new_tokens)
+            document = middle_cut(document, self.window - len(prompt) - self._answer_tokens(dataset))
         return _Request(None, document + prompt, len(document), len(self._joined(row, tokens)))
 
     def _run_mode(
@@ -310,7 +316,7 @@ class Evaluator:
         started = time.perf_counter()
         rows = test.qaset.rows
         requests = [self._request(result.mode, row, dataset, tokens, contexts) for row in rows]
-        texts, latencies = self._generate(requests, dataset.max_new_tokens, adapter)
+        texts, latencies = self._generate(requests, self._answer_tokens(dataset), adapter)
         scores: list[dict[str, float]] = []
         for row, text in zip(rows, texts, strict=True):
             if dataset.metric == "qa":
