@@ -136,7 +136,15 @@ def test_pretraining_lowers_the_loss_and_saves_a_compressor_that_loads(
     record = pretrain(settings, options, command="test")
     curve = [point["loss"] for point in record["loss_curve"]]
     assert len(curve) == 4 and curve[-1] < curve[0]
+    assert all({"next_loss", "reconstruct_loss"} <= set(point) for point in record["loss_curve"])
     perplexity = record["held_out"]["perplexity"]
+    assert set(perplexity) == {
+        "no_context",
+        "compressed",
+        "compressed_untrained",
+        "full_text",
+        "reconstruction",
+    }
     assert perplexity["compressed"] < perplexity["compressed_untrained"]
     assert perplexity["compressed"] < perplexity["no_context"]
     assert record["steps"] == 16 and record["command"] == "test"
@@ -184,10 +192,11 @@ def test_pretrain_command_runs_on_ray_train_and_in_process(
     args = [
         "pretrain-compressor", "--corpus", str(corpus_file[0]), "--output", str(tmp_path / "cli"),
         "--base-model", str(tiny_model_dir), "--segment-len", "16", "--k", "2", "--segments", "3",
-        "--batch-size", "2", "--max-steps", "2", "--eval-windows", "2", "--no-ray",
+        "--batch-size", "2", "--max-steps", "2", "--eval-windows", "2", "--reconstruction", "0", "--no-ray",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args, env={"LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "cli" / RECORD_FILE).read_text())
     assert saved["command"].startswith("lloco ") and saved["options"]["max_steps"] == 2
+    assert all("reconstruct_loss" not in point for point in saved["loss_curve"])  # next-segment steps only
     assert json.loads(result.output.strip().splitlines()[-1])["compressor_id"] == saved["compressor_id"]

@@ -50,6 +50,7 @@ def evaluate(
     max_document_tokens: Annotated[
         int | None, typer.Option(help="Cut documents to N tokens (small hosts).")
     ] = None,
+    compress_batch_size: Annotated[int, typer.Option(help="Segments per compressor forward.")] = 16,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Answer length (default: 32 for QA, 160 for QMSum).")
     ] = None,
@@ -106,6 +107,7 @@ def evaluate(
             max_batch_tokens=max_batch_tokens,
             max_document_tokens=max_document_tokens,
             max_new_tokens=max_new_tokens,
+            compress_batch_size=compress_batch_size,
             time_budget_s=time_budget,
             seed=seed,
         )

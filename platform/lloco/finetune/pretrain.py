@@ -1,13 +1,17 @@
 """Compressor pretraining: the AutoCompressor objective for a base model that has no compressor yet.
 
 A training sequence is cut at random breakpoints into ``segments`` pieces (lengths uniform in
-``[S(1 - jitter), S(1 + jitter)]``, shared by the rows of a step). For i = 1..n-1:
+``[S(1 - jitter), S(1 + jitter)]``, shared by the rows of a step). Segment by segment:
 
-- encode segment i-1: ``[summaries of segments < i-1] + segment + k summary embeddings`` through the base
+- encode segment i: ``[summaries of segments < i] + segment i + k summary embeddings`` through the base
   model *with* the compressor's LoRA (q/k/v/o); the final-normed hidden states at the k summary positions
-  are segment i-1's summary vectors (summary accumulation, exactly what ``Compressor.compress`` computes);
-- decode segment i: ``[summaries of segments < i] + segment i`` through the base model *without* LoRA,
-  next-token loss on every token of segment i (the first is predicted from the last summary vector).
+  are segment i's summary vectors (summary accumulation, exactly what ``Compressor.compress`` computes);
+- decode segment i through the base model *without* LoRA, next-token loss on every token of the segment
+  (the first is predicted from the last summary vector), after either ``[summaries of segments < i]``
+  (AutoCompressor's next-segment step) or, for a ``reconstruction`` fraction of the segments,
+  ``[summaries of segments <= i]`` (autoencoding, as the In-Context Autoencoder pretrains the same
+  architecture: it makes the summaries hold their segment's content, which is what questions about a
+  compressed document need; next-segment prediction alone gives a weak signal in a short run).
 
 The decoder is the frozen base model because that is what serves queries: the tenant's LoRA slot sits
 on it, and the compressor's LoRA only runs when documents are compressed. Only the LoRA and the k summary
@@ -45,8 +49,6 @@ from torch import Tensor
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, Internal
 from lloco.finetune.corpus import Corpus
-from lloco.finetune.data import Batch
-from lloco.finetune.train import answer_loss
 from lloco.logs import get_logger
 from lloco.model import Compressor, Llama, LoadedModel, load_model
 from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE
@@ -58,6 +60,30 @@ MAX_GRAD_NORM = 1.0
 MIN_LR_FRACTION = 0.1
 
 Report = Callable[[dict[str, Any], Path | None], None]
+
+
+class _LossWindow:
+    """Losses of the steps between two loss-curve points, per kind of decoded segment."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.tokens = 0
+        self.started = time.perf_counter()
+
+    def add(self, sums: dict[str, float], tokens: int) -> None:
+        for key, value in sums.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value
+        self.tokens += tokens
+
+    def means(self) -> dict[str, float]:
+        """Mean loss per token: overall, next-segment, reconstruction (when there were any)."""
+        means = {}
+        total, count = 0.0, 0
+        for kind in ("next", "reconstruct"):
+            if self.sums.get(f"{kind}_tokens"):
+                means[f"{kind}_loss"] = self.sums[kind] / self.sums[f"{kind}_tokens"]
+                total, count = total + self.sums[kind], count + self.sums[f"{kind}_tokens"]
+        return {"loss": total / count, **means} if count else means
 
 
 class PretrainOptions(BaseModel):
@@ -72,6 +98,13 @@ class PretrainOptions(BaseModel):
     segments: int = Field(8, ge=2, description="Segments per training sequence.")
     jitter: float = Field(0.5, ge=0, lt=1, description="Segment lengths are uniform in [S(1-j), S(1+j)].")
     bptt_segments: int = Field(2, ge=1, description="Decoded segments between stop-gradients.")
+    reconstruction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of segments decoded after their own summaries too (autoencoding, as ICAE); "
+        "the others after the earlier summaries only (AutoCompressor's next-segment step).",
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
     learning_rate: float = Field(
         5e-4, gt=0, description="Peak AdamW learning rate (LoRA and summary embeddings)."
@@ -174,31 +207,26 @@ class CompressorPretrain:
     def train(self) -> None:
         """Optimizer steps until ``max_steps`` or the time budget is spent."""
         options = self.options
-        window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
+        window = _LossWindow()
         while not self._done():
             started = time.perf_counter()
             lengths = options.segment_lengths(self.rng)
+            reconstruct = (self.rng.random(len(lengths)) < options.reconstruction).tolist()
             tokens = self._sample_windows(sum(lengths))
             self._set_learning_rate()
-            loss = self._train_step(tokens, lengths)
+            window.add(self._train_step(tokens, lengths, reconstruct), tokens.numel())
             self.step += 1
             self.elapsed_s += time.perf_counter() - started
             self.tokens_seen += tokens.numel()
-            window_loss, window_tokens = window_loss + loss, window_tokens + tokens.numel()
             if self.step % options.log_every == 0 or self._done():
-                steps = (self.step - 1) % options.log_every + 1
-                point = {
-                    "step": self.step,
-                    "elapsed_s": round(self.elapsed_s, 2),
-                    "loss": window_loss / steps,
-                    "lr": self.optimizer.param_groups[0]["lr"],
-                    "tokens_per_s": window_tokens / (time.perf_counter() - window_started),
-                }
+                point = {"step": self.step, "elapsed_s": round(self.elapsed_s, 2), **window.means()}
+                point["lr"] = self.optimizer.param_groups[0]["lr"]
+                point["tokens_per_s"] = window.tokens / (time.perf_counter() - window.started)
                 if self.device.type == "cuda":
                     point["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 self.history.append(point)
                 log.info("pretrain step", **point)
-                window_loss, window_tokens, window_started = 0.0, 0, time.perf_counter()
+                window = _LossWindow()
 
     def _done(self) -> bool:
         options = self.options
@@ -233,31 +261,41 @@ class CompressorPretrain:
     def _autocast(self) -> torch.autocast:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
-    def _train_step(self, tokens: Tensor, lengths: list[int]) -> float:
-        """One optimizer step over [B, sum(lengths)] tokens cut at ``lengths``; mean loss per token."""
+    def _train_step(self, tokens: Tensor, lengths: list[int], reconstruct: list[bool]) -> dict[str, float]:
+        """One optimizer step over [B, sum(lengths)] tokens cut at ``lengths``.
+
+        Segment i is encoded when a later segment needs its summaries or it is reconstructed; it is decoded
+        after the summaries of segments < i (next-segment; not segment 0, which has none) or <= i
+        (``reconstruct[i]``). Returns summed losses and token counts of both kinds.
+        """
         bounds = np.cumsum([0, *lengths]).tolist()
         with torch.no_grad():
             embeds = self.model.embed(tokens)
-        targets = tokens.shape[0] * (bounds[-1] - bounds[1])
+        decoded = [i for i in range(len(lengths)) if i > 0 or reconstruct[i]]
+        targets = tokens.shape[0] * sum(lengths[i] for i in decoded)
+        sums = {"next": 0.0, "next_tokens": 0, "reconstruct": 0.0, "reconstruct_tokens": 0}
         summaries: list[Tensor] = []
-        pending: Tensor | float = 0.0
-        total = 0.0
-        for i in range(1, len(lengths)):
+        pending: list[Tensor] = []
+        for i in range(len(lengths)):
+            segment = slice(bounds[i], bounds[i + 1])
             with self._autocast():
-                summaries.append(self._encode(summaries, embeds[:, bounds[i - 1] : bounds[i]]))
-                with self.peft_model.disable_adapter():
-                    pending = pending + self._segment_loss(
-                        summaries, tokens[:, bounds[i] : bounds[i + 1]], embeds[:, bounds[i] : bounds[i + 1]]
-                    )
-            if i % self.options.bptt_segments == 0 or i == len(lengths) - 1:
-                (pending / targets).backward()
-                total += float(pending.item())
-                pending = 0.0
+                if i < len(lengths) - 1 or reconstruct[i]:
+                    summaries.append(self._encode(summaries[:i], embeds[:, segment]))
+                if i in decoded:
+                    prefix = summaries[: i + 1] if reconstruct[i] else summaries[:i]
+                    pending.append(self._segment_loss(prefix, tokens[:, segment], embeds[:, segment]))
+                    kind = "reconstruct" if reconstruct[i] else "next"
+            if i in decoded:
+                sums[kind] += float(pending[-1].detach())
+                sums[f"{kind}_tokens"] += tokens.shape[0] * lengths[i]
+            if pending and (len(pending) % self.options.bptt_segments == 0 or i == len(lengths) - 1):
+                (torch.stack(pending).sum() / targets).backward()
+                pending = []
                 summaries = [s.detach() for s in summaries]
         torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / targets
+        return sums
 
     def _layers(self, x: Tensor) -> Tensor:
         """The decoder layers (peft-wrapped) over inputs [B, T, D] at positions 0..T-1; before the final norm."""
@@ -277,16 +315,14 @@ class CompressorPretrain:
         return self.model.model.norm(hidden[:, -self.options.k :])
 
     def _segment_loss(self, summaries: list[Tensor], tokens: Tensor, segment: Tensor) -> Tensor:
-        """Summed next-token loss of ``tokens`` [B, L] after the summaries as prefix (base decoder)."""
+        """Summed next-token loss of ``tokens`` [B, L] after ``summaries`` as prefix, on the frozen base
+        decoder's inference path (fused projections, no LoRA): the first token is predicted from the last
+        summary vector."""
         dtype = segment.dtype
         prefix = torch.cat([s.to(dtype) for s in summaries], dim=1)
-        embeds = torch.cat([prefix, segment], dim=1)
-        batch, length, p = tokens.shape[0], embeds.shape[1], prefix.shape[1]
-        index = torch.arange(batch, device=tokens.device)[:, None] * length + torch.arange(
-            p - 1, length - 1, device=tokens.device
-        )
-        flat = Batch(embeds, index.flatten(), tokens.flatten(), tokens.numel(), batch)
-        return answer_loss(self.model, flat)
+        hidden = self.model.hidden(torch.cat([prefix, segment], dim=1))
+        logits = self.model.lm_head(hidden[:, prefix.shape[1] - 1 : -1]).float()
+        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum")
 
     # -- save -------------------------------------------------------------------------------------------
 
@@ -334,8 +370,9 @@ class CompressorPretrain:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "compressor_id": compressor.compressor_id,
             "base_model": self.base.model_id,
-            "objective": "AutoCompressor: summary accumulation, random segment breakpoints, stop-gradient "
-            "every bptt_segments; encoder = base + LoRA, decoder = frozen base",
+            "objective": "AutoCompressor (summary accumulation, random segment breakpoints, stop-gradient "
+            "every bptt_segments) mixed with autoencoding (options.reconstruction); encoder = base + LoRA, "
+            "decoder = frozen base",
             "options": json.loads(self.options.model_dump_json()),
             "corpus": {"file": self.options.corpus.name, **corpus_meta},
             "steps": self.step,
@@ -392,34 +429,37 @@ def _summed_nll(model: Llama, embeds: Tensor, targets: Tensor, first: int) -> fl
 def next_segment_perplexity(
     base: LoadedModel, compressor: Compressor, initial: Compressor, windows: Tensor, batch_size: int
 ) -> dict[str, Any]:
-    """Held-out perplexity of segments 1..n-1 of each window under four prefixes, on the base decoder.
+    """Held-out perplexity of segments 1..n-1 of each window under five prefixes, on the base decoder.
 
     Segment i (S tokens) is scored on its tokens 1..S-1 after: nothing (``no_context``); the trained
     compressor's summaries of segments < i (``compressed``); the untrained summary embeddings'
-    (``compressed_untrained``); all tokens of segments < i (``full_text``, the upper reference).
+    (``compressed_untrained``); all tokens of segments < i (``full_text``, the upper reference); and the
+    trained summaries of segments <= i (``reconstruction``: how much of a segment its own summaries hold).
     """
     model, size, k = base.model, compressor.segment_len, compressor.k
     n = windows.shape[1] // size
-    nll = {"no_context": 0.0, "compressed": 0.0, "compressed_untrained": 0.0, "full_text": 0.0}
-    per_segment = {name: [0.0] * n for name in nll}
+    names = ("no_context", "compressed", "compressed_untrained", "full_text", "reconstruction")
+    nll = dict.fromkeys(names, 0.0)
+    per_segment = {name: [0.0] * n for name in names}
     scored = 0
     for start in range(0, windows.shape[0], batch_size):
         rows = windows[start : start + batch_size].to(model.device)
         embeds = model.embed(rows)
-        documents = rows[:, : (n - 1) * size].tolist()
-        summaries = {
-            "compressed": torch.stack(compressor.compress(documents)),
-            "compressed_untrained": torch.stack(initial.compress(documents)),
-        }
+        documents = rows[:, : n * size].tolist()
+        trained = torch.stack(compressor.compress(documents))
+        untrained = torch.stack(initial.compress(documents))
         for i in range(1, n):
             segment, targets = embeds[:, i * size : (i + 1) * size], rows[:, i * size + 1 : (i + 1) * size]
             prefixes = {
                 "no_context": segment[:, :0],
+                "compressed": trained[:, : i * k],
+                "compressed_untrained": untrained[:, : i * k],
                 "full_text": embeds[:, : i * size],
-                **{name: vectors[:, : i * k].to(segment.dtype) for name, vectors in summaries.items()},
+                "reconstruction": trained[:, : (i + 1) * k],
             }
             for name, prefix in prefixes.items():
-                value = _summed_nll(model, torch.cat([prefix, segment], dim=1), targets, prefix.shape[1])
+                inputs = torch.cat([prefix.to(segment.dtype), segment], dim=1)
+                value = _summed_nll(model, inputs, targets, prefix.shape[1])
                 nll[name] += value
                 per_segment[name][i] += value
         scored += rows.shape[0]

@@ -87,6 +87,9 @@ def pretrain_compressor(
     segments: Annotated[int, typer.Option(help="Segments per training sequence.")] = 8,
     jitter: Annotated[float, typer.Option(help="Segment lengths uniform in [S(1-j), S(1+j)].")] = 0.5,
     bptt_segments: Annotated[int, typer.Option(help="Decoded segments between stop-gradients.")] = 2,
+    reconstruction: Annotated[
+        float, typer.Option(help="Fraction of segments decoded after their own summaries (autoencoding).")
+    ] = 0.5,
     batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
@@ -124,6 +127,7 @@ def pretrain_compressor(
             segments=segments,
             jitter=jitter,
             bptt_segments=bptt_segments,
+            reconstruction=reconstruction,
             batch_size=batch_size,
             learning_rate=learning_rate,
             warmup_steps=warmup_steps,
