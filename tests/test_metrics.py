@@ -3,7 +3,6 @@
 import math
 
 import pytest
-
 from lloco.eval.metrics import exact_match, f1_score, normalize_answer, rouge
 
 

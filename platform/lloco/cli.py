@@ -6,7 +6,9 @@ import importlib
 
 import typer
 
-app = typer.Typer(help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_help=True, add_completion=False
+)
 
 # Each module defines `register(app: typer.Typer) -> None`.
 COMMAND_MODULES: tuple[str, ...] = (

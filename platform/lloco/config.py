@@ -44,7 +44,9 @@ class ModelSettings(_Section):
         description="Model spec: 'smollm2-135m-instruct' (default GGUF), a local HF dir, an HF id, or s3://.",
     )
     compressor: str = Field("default", description="Compressor spec: 'default' (shipped), a dir, or s3://.")
-    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU."
+    )
     cache_dir: Path = Field(DEFAULT_DATA_DIR / "models", description="Local cache of converted models.")
 
 
@@ -74,8 +76,15 @@ class EngineSettings(_Section):
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="Rows decoded together.")
     max_seq_len: int = Field(4096, ge=64, description="Context + prompt + generated tokens per row.")
-    context_cache_gpu_bytes: int = Field(2 * 2**30, ge=0, description="Accelerator tier of the context cache.")
+    context_cache_gpu_bytes: int = Field(
+        2 * 2**30, ge=0, description="Accelerator tier of the context cache."
+    )
     context_cache_cpu_bytes: int = Field(8 * 2**30, ge=0, description="Host tier of the context cache.")
+    compile: bool = Field(
+        True,
+        description="On CUDA, compile the decode step's layer function with torch.compile: about 1.35x "
+        "faster batch-1 decode than CUDA graphs alone, for seconds of compilation per shape class on first use.",
+    )
 
 
 class ServeSettings(_Section):

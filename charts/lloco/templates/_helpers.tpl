@@ -116,6 +116,7 @@ engine:
   max_seq_len: {{ int64 $v.engine.maxSeqLen }}
   context_cache_gpu_bytes: {{ int64 $v.engine.contextCacheGpuBytes }}
   context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
+  compile: {{ $v.engine.compile }}
 serve:
   grpc_port: {{ int64 $v.serve.grpcPort }}
   engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}

@@ -22,6 +22,7 @@ import gc
 import json
 import math
 import multiprocessing
+import queue as queue_module
 import sys
 import time
 from collections.abc import Callable
@@ -225,7 +226,7 @@ def tenant_process(
 
     device = torch.device(run.device)
     if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, torch.cuda.current_device())
     llama_config = LlamaConfig(**config)
     model = random_llama(llama_config, device, getattr(torch, run.dtype), seed=0)
     peft_model = get_peft_model(model, lora_config(None))
@@ -252,11 +253,18 @@ def tenants_at_once(run: Run, config: dict[str, Any], count: int) -> list[dict[s
     ]
     for process in processes:
         process.start()
-    results = [queue.get() for _ in processes]
+    results: list[dict[str, float]] = []
+    while len(results) < count:
+        try:
+            results.append(queue.get(timeout=5))
+        except queue_module.Empty:
+            failed = [p.exitcode for p in processes if p.exitcode not in (None, 0)]
+            if failed:  # a dead tenant never reaches the barrier: stop the others instead of waiting forever
+                for process in processes:
+                    process.kill()
+                raise RuntimeError(f"a tenant process exited with {failed[0]}") from None
     for process in processes:
         process.join()
-        if process.exitcode != 0:
-            raise RuntimeError(f"a tenant process exited with {process.exitcode}")
     return results
 
 
@@ -270,7 +278,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--steps", type=int, default=None, help="Timed steps per configuration.")
     parser.add_argument("--warmup", type=int, default=None, help="Warm-up steps per configuration.")
+    parser.add_argument(
+        "--sections",
+        default="throughput,tenants",
+        help="throughput (ours vs HF+peft, compressed vs full), tenants (two at once vs one alone).",
+    )
     args = parser.parse_args(argv)
+    sections = set(args.sections.split(","))
     cuda = torch.cuda.is_available() and not args.tiny
     run = Run(
         geometry="small" if args.tiny else "llama2-7b",
@@ -295,25 +309,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "run": asdict(run),
         "geometry": config,
     }
-    model = random_llama(llama_config, device, dtype, seed=0)
-    hf = hf_twin(model)  # shares our weight tensors: one copy in memory
-    result["ours"] = ours(model, run, device)
-    free(device)
-    result["hf_peft"] = hf_peft(hf, run, device, llama_config)
-    del model, hf
-    free(device)
-    alone = tenants_at_once(run, config, 1)
-    together = tenants_at_once(run, config, 2)
-    result["tenants"] = {
-        "length": run.concurrent_length,
-        "alone_samples_per_s": alone[0]["samples_per_s"],
-        "concurrent_samples_per_s": [r["samples_per_s"] for r in together],
-        "concurrent_total_samples_per_s": sum(r["samples_per_s"] for r in together),
-    }
-    result["tenants"]["total_vs_alone"] = (
-        result["tenants"]["concurrent_total_samples_per_s"] / alone[0]["samples_per_s"]
-    )
-    result["summary"] = summary(result, run)
+    if "throughput" in sections:
+        model = random_llama(llama_config, device, dtype, seed=0)
+        hf = hf_twin(model)  # shares our weight tensors: one copy in memory
+        result["ours"] = ours(model, run, device)
+        free(device)
+        result["hf_peft"] = hf_peft(hf, run, device, llama_config)
+        del model, hf
+        free(device)
+        result["summary"] = summary(result, run)
+    if "tenants" in sections:
+        alone = tenants_at_once(run, config, 1)
+        together = tenants_at_once(run, config, 2)
+        result["tenants"] = {
+            "length": run.concurrent_length,
+            "alone_samples_per_s": alone[0]["samples_per_s"],
+            "concurrent_samples_per_s": [r["samples_per_s"] for r in together],
+            "concurrent_total_samples_per_s": sum(r["samples_per_s"] for r in together),
+        }
+        result["tenants"]["total_vs_alone"] = (
+            result["tenants"]["concurrent_total_samples_per_s"] / alone[0]["samples_per_s"]
+        )
     (args.out / "finetune.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.out / "finetune.md").write_text(markdown(result, run))
     print(markdown(result, run))
@@ -353,6 +369,23 @@ def markdown(result: dict[str, Any], run: Run) -> str:
         f"Full: n tokens, batch {FULL_BATCH}. LoRA r=8 q/k/v/o. HF+peft uses gradient checkpointing in both "
         "modes (issue 5's reference); ours only in full mode (compressed batches fit without it).",
         "",
+    ]
+    if "summary" in result:
+        lines += throughput_markdown(result, run)
+    if "tenants" in result:
+        tenants = result["tenants"]
+        lines += [
+            f"Two tenants on one device (compressed, n = {tenants['length']}, half the memory each): "
+            f"alone {tenants['alone_samples_per_s']:.2f} samples/s; together "
+            f"{' + '.join(f'{v:.2f}' for v in tenants['concurrent_samples_per_s'])} = "
+            f"{tenants['concurrent_total_samples_per_s']:.2f} samples/s ({tenants['total_vs_alone']:.2f}x alone).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def throughput_markdown(result: dict[str, Any], run: Run) -> list[str]:
+    lines = [
         "| n | loop | compressed samples/s | full samples/s | compressed / full | compressed peak GB | full peak GB |",
         "|---:|---|---:|---:|---:|---:|---:|",
     ]
@@ -367,13 +400,7 @@ def markdown(result: dict[str, Any], run: Run) -> str:
     lines += ["", "| n | ours / HF+peft compressed | ours / HF+peft full |", "|---:|---:|---:|"]
     for tokens, row in result["summary"]["by_length"].items():
         lines.append(f"| {tokens} | {row['ours_vs_hf_compressed']:.2f}x | {row['ours_vs_hf_full']:.2f}x |")
-    tenants = result["tenants"]
     lines += [
-        "",
-        f"Two tenants on one device (compressed, n = {tenants['length']}, half the memory each): "
-        f"alone {tenants['alone_samples_per_s']:.2f} samples/s; together "
-        f"{' + '.join(f'{v:.2f}' for v in tenants['concurrent_samples_per_s'])} = "
-        f"{tenants['concurrent_total_samples_per_s']:.2f} samples/s ({tenants['total_vs_alone']:.2f}x alone).",
         "",
         f"Goals: compressed / full at n = {run.lengths[-1]} >= {GOAL_COMPRESSED_VS_FULL_32K:.0f}x: "
         f"{'met' if result['summary']['goal_compressed_vs_full_at_longest'] else 'NOT met'}; "
@@ -381,7 +408,7 @@ def markdown(result: dict[str, Any], run: Run) -> str:
         f"{'met' if result['summary']['goal_ours_vs_hf_compressed'] else 'NOT met'}.",
         "",
     ]
-    return "\n".join(lines)
+    return lines
 
 
 def versions() -> str:

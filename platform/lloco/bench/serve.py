@@ -43,6 +43,7 @@ from typing import Any
 import torch
 
 from lloco.bench.engine import GEOMETRIES, TARGETS, bench_decode, hf_twin, random_adapter, random_llama
+from lloco.config import EngineSettings
 from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
 
 GOAL_TTFT_SPEEDUP = 30.0
@@ -145,6 +146,11 @@ def context_vectors(model: Llama, doc_tokens: int, plan: Plan, seed: int) -> tor
     return vectors.to(model.dtype)
 
 
+def engine_compiles(model: Llama) -> bool:
+    """Whether the serving engine compiles its decode step here (``engine.compile``, CUDA only)."""
+    return EngineSettings().compile and model.device.type == "cuda"
+
+
 def random_ids(n: int, vocab: int, seed: int) -> list[int]:
     return torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
@@ -173,7 +179,13 @@ def measure_engine(
     """Median TTFT and latency on a generator sized for this query (as the engine would be configured)."""
     length = (0 if prefix is None else prefix.shape[0]) + len(prompt)
     gen = Generator(
-        model, None, 1, length + plan.new_tokens + 8, eos_token_ids=(), max_prefill_tokens=max(length, 16)
+        model,
+        None,
+        1,
+        length + plan.new_tokens + 8,
+        eos_token_ids=(),
+        max_prefill_tokens=max(length, 16),
+        compile=engine_compiles(model),
     )
     time_query(gen, prefix, prompt, plan.new_tokens)  # warm-up: kernels, CUDA graphs of this size
     runs = [time_query(gen, prefix, prompt, plan.new_tokens) for _ in range(plan.repeats)]
@@ -261,8 +273,9 @@ def bench_adapters(model: Llama, hf: Any, plan: Plan) -> dict[str, Any]:
     slots = LoraSlots(config, plan.decode_batch, plan.rank, TARGETS, device, model.dtype)
     for slot in range(plan.decode_batch):
         slots.load(slot, random_adapter(config, plan.rank, seed=slot))
+    mode = "compiled" if engine_compiles(model) else "graphs"
     ours = bench_decode(
-        model, slots, [plan.decode_batch], plan.decode_prompt, plan.decode_new_tokens, ["graphs"], math.inf
+        model, slots, [plan.decode_batch], plan.decode_prompt, plan.decode_new_tokens, [mode], math.inf
     )
     del slots
     free_memory()
@@ -400,7 +413,7 @@ def bench_load(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
 
 
 async def _bench_load(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
-    from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
+    from lloco.config import LoraSettings, ServeSettings, Settings
     from lloco.model import Compressor, LoadedModel
     from lloco.registry import Registry, Tenants
     from lloco.serve.engine_core import EngineCore, EngineRequest

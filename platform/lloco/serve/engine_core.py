@@ -184,6 +184,7 @@ class EngineCore:
             self.device,
             self.dtype,
             model.tokenizer,
+            compile=engine.compile and self.device.type == "cuda",
         )
         self.contexts = ContextCache(
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
