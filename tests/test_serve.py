@@ -269,6 +269,12 @@ def test_pending_documents_and_online_compression(
         assert job.state == lloco_pb2.JOB_STATE_SUCCEEDED and job.kind == lloco_pb2.JOB_KIND_COMPRESS
         assert list(job.compress_result.compressed_documents) == ["tenants/acme/documents/loaded"]
         assert list(job.compress_result.skipped_documents) == ["tenants/acme/documents/notes"]
+        assert client.get_job(job.name.rsplit("/", 1)[-1]) == job  # an online job is polled like a Ray job
+        with grpc.insecure_channel(stack.address) as channel:
+            request = lloco_pb2.GetJobRequest(name=job.name)
+            globex = (("authorization", f"Bearer {keys['globex']}"),)
+            error = rpc_error(lloco_pb2_grpc.LlocoServiceStub(channel).GetJob, request, metadata=globex)
+            assert error.code() == grpc.StatusCode.PERMISSION_DENIED
         loaded = client.get_document("loaded")
         assert loaded.context_state == lloco_pb2.CONTEXT_STATE_COMPRESSED and loaded.context_tokens > 0
         pages = [d.name.rsplit("/", 1)[-1] for d in client.list_documents(page_size=1)]

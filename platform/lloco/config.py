@@ -55,7 +55,9 @@ class LimitSettings(_Section):
 
     max_document_bytes: int = Field(4 * 2**20, ge=1, description="Largest inline document.")
     max_documents: int = Field(10_000, ge=1, description="Documents a tenant may hold.")
-    max_inflight_requests: int = Field(32, ge=1, description="Queries a tenant may have running at once.")
+    max_inflight_requests: int = Field(
+        32, ge=1, description="Queries a tenant may have running at once on one API (ingress) replica."
+    )
     max_query_tokens: int = Field(2048, ge=1, description="Question tokens a query may carry.")
     max_new_tokens: int = Field(512, ge=1, description="Tokens a query may generate.")
     max_docs_per_query: int = Field(8, ge=1, description="Documents one query may attach.")

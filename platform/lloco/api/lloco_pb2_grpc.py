@@ -184,10 +184,9 @@ class LlocoServiceServicer:
         id. Re-ingesting the same text is a no-op (UNCHANGED); different text replaces it
         (UPDATED) and makes its compressed contexts stale. Small documents are compressed at
         once (context_state COMPRESSED); larger ones are left to CompressDocuments (PENDING).
-        Errors: INVALID_ARGUMENT (bad id, empty or non-UTF-8 text, bad URI), NOT_FOUND (the
-        tenant or the URI's object does not exist), RESOURCE_EXHAUSTED (text over the inline
-        size limit or the tenant's document quota), PERMISSION_DENIED, UNAUTHENTICATED,
-        UNAVAILABLE.
+        Errors: INVALID_ARGUMENT (bad id, empty or non-UTF-8 text, text over the size limit,
+        bad URI), NOT_FOUND (the tenant or the URI's object does not exist), RESOURCE_EXHAUSTED
+        (the tenant's document quota), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,11 +223,11 @@ class LlocoServiceServicer:
     def CompressDocuments(self, request, context):
         """Compresses documents into summary embeddings. Small batches run online and the
         returned job has already SUCCEEDED; larger ones are submitted as a Ray job and the
-        returned job is QUEUED or RUNNING: poll it with GetJob. Already fresh documents are
-        skipped.
+        returned job is QUEUED or RUNNING: poll it with GetJob (which knows both kinds). Already
+        fresh documents are skipped; a document the job cannot compress (over the compressor's
+        length limit, say) is named in the finished job's message.
         Errors: NOT_FOUND (a named document does not exist), INVALID_ARGUMENT (malformed
-        names, documents of another parent), RESOURCE_EXHAUSTED (a document is over the
-        compressor's length limit), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
+        names, documents of another parent), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,9 +238,10 @@ class LlocoServiceServicer:
         optional adapter, in one reply.
         Errors: NOT_FOUND (a document or the adapter does not exist), FAILED_PRECONDITION (a
         document has no fresh compressed context yet: call CompressDocuments),
-        INVALID_ARGUMENT (empty question, malformed names, sampling out of range, context plus
-        prompt longer than the model's window), RESOURCE_EXHAUSTED (too many requests in
-        flight for the tenant, too many documents or tokens), PERMISSION_DENIED,
+        INVALID_ARGUMENT (empty or over-long question, malformed names, sampling out of range,
+        context plus prompt longer than the model's window), RESOURCE_EXHAUSTED (too many
+        requests in flight for the tenant on the replica that took the call, or every engine
+        row busy: retry shortly), PERMISSION_DENIED,
         UNAUTHENTICATED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -299,9 +299,9 @@ class LlocoServiceServicer:
     def UploadDataset(self, request, context):
         """Stores a finetuning dataset: JSONL rows {"doc_ids": [...], "question": "...",
         "answer": "..."}. Uploading under an existing id replaces it.
-        Errors: INVALID_ARGUMENT (bad id, empty content, a malformed row: the message names
-        the line), RESOURCE_EXHAUSTED (content over the size limit), PERMISSION_DENIED,
-        UNAUTHENTICATED, UNAVAILABLE.
+        Errors: INVALID_ARGUMENT (bad id, empty content, content over the size limit, a
+        malformed row: the message names the line), PERMISSION_DENIED, UNAUTHENTICATED,
+        UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 import tempfile
 import time
 import uuid
@@ -313,7 +314,9 @@ def submit_finetune_job(
     """
     _check_request(tenants, dataset, adapter)
     job_id = keys.validate_id("job", job_id or new_job_id())
-    command = ["lloco", "finetune", "--dataset", dataset, "--adapter", adapter, "--job-id", job_id]
+    # this Python, not `lloco` on PATH: the job runs where the venv may not be activated
+    command = [sys.executable, "-m", "lloco.cli", "finetune", "--dataset", dataset, "--adapter", adapter]
+    command += ["--job-id", job_id]
     for tenant in tenants:
         command += ["--tenant", tenant]
     command += (options or TrainOptions()).cli_args()

@@ -627,8 +627,9 @@ class Ingress:
             )
             return lloco_pb2.CompressDocumentsResponse(job=job)
         contexts = await self._compress_now(tenant, [i.doc_id for i in pending]) if pending else []
+        job_id = _new_job_id("compress")
         job = lloco_pb2.Job(
-            name=job_name(tenant, _new_job_id("compress")),
+            name=job_name(tenant, job_id),
             kind=lloco_pb2.JOB_KIND_COMPRESS,
             state=lloco_pb2.JOB_STATE_SUCCEEDED,
             message=f"compressed {len(contexts)} documents online",
@@ -639,6 +640,13 @@ class Ingress:
                 compressed_documents=[document_name(tenant, c.doc_id) for c in contexts],
                 skipped_documents=skipped,
             ),
+        )
+        # kept so that GetJob answers for it as for a Ray job; deleted with the tenant
+        await asyncio.to_thread(
+            self._store.put_bytes,
+            keys.job_record(tenant, job_id),
+            job.SerializeToString(),
+            "application/x-protobuf",
         )
         return lloco_pb2.CompressDocumentsResponse(job=job)
 
@@ -933,6 +941,9 @@ class Ingress:
 
         principal = await self._caller(grpc_context)
         tenant, job_id = self._owned(principal, "name", request.name, ("tenants", "jobs"))
+        record = await asyncio.to_thread(self._job_record, tenant, job_id)
+        if record is not None:
+            return lloco_pb2.GetJobResponse(job=record)
         metadata = await asyncio.to_thread(_job_metadata, job_id)
         if tenant not in metadata.get("tenants", "").split(","):
             raise NotFound(f"job {job_id!r} not found")  # another tenant's job: as if it did not exist
@@ -963,6 +974,13 @@ class Ingress:
                     )
                 )
         return lloco_pb2.GetJobResponse(job=job)
+
+    def _job_record(self, tenant: str, job_id: str) -> lloco_pb2.Job | None:
+        """The job as CompressDocuments stored it when it ran online; None for Ray's jobs."""
+        try:
+            return lloco_pb2.Job.FromString(self._store.get_bytes(keys.job_record(tenant, job_id)))
+        except NotFound:
+            return None
 
     async def _compress_result(
         self, tenant: str, metadata: dict[str, str]

@@ -134,6 +134,11 @@ def adapter_current(t: str, name: str) -> str:
     return f"{adapter_prefix(t, name)}current"
 
 
+def job_record(t: str, job_id: str) -> str:
+    """A job that ran inside the API (online compression) rather than as a Ray job."""
+    return f"{tenant_root(t)}jobs/{validate_id('job', job_id)}.pb"
+
+
 def model_prefix(model_id: str) -> str:
     return f"models/{validate_id('model', model_id)}/"
 
