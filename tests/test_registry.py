@@ -16,6 +16,7 @@ import torch
 from lloco.errors import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -218,6 +219,18 @@ def test_datasets_validate_every_line(registry: Registry) -> None:
     assert registry.list_datasets() == ["qa"]
     with pytest.raises(NotFound):
         registry.read_dataset("bad")
+
+
+def test_objects_damaged_by_another_writer_give_typed_errors(registry: Registry, store: ObjectStore) -> None:
+    """Ingest and upload validate; an object rewritten behind the registry's back still fails cleanly."""
+    registry.ingest_document("a", b"alpha", LIMIT)
+    store.put_bytes(keys.doc_source("acme", "a"), b"ok \xff")
+    with pytest.raises(FailedPrecondition, match=r"'a': not valid UTF-8 \(byte 3"):
+        registry.read_text("a")
+    registry.put_dataset("qa", b'{"doc_ids": ["a"], "question": "q", "answer": "x"}\n')
+    store.put_bytes(keys.dataset("acme", "qa"), b'{"doc_ids": ["a"]\n')
+    with pytest.raises(Internal, match="dataset 'qa' is damaged in the store"):
+        registry.read_dataset("qa")
 
 
 def test_delete_document_removes_contexts_and_dataset_rows(registry: Registry) -> None:

@@ -193,10 +193,22 @@ class Registry:
         return info
 
     def read_text(self, doc_id: str) -> str:
+        """The document's text.
+
+        Raises:
+            NotFound: no such document.
+            FailedPrecondition: the stored bytes are not UTF-8 (ingest checks; another writer may not have).
+        """
         try:
-            return self._store.get_bytes(keys.doc_source(self.tenant, doc_id)).decode("utf-8")
+            data = self._store.get_bytes(keys.doc_source(self.tenant, doc_id))
         except NotFound:
             raise NotFound(f"document {doc_id!r} not found") from None
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise FailedPrecondition(
+                f"document {doc_id!r}: not valid UTF-8 (byte {error.start}: {error.reason})"
+            ) from None
 
     def list_documents(self, page_size: int, page_token: str = "") -> tuple[list[DocumentInfo], str]:
         """One page of documents and the token of the next page ("" after the last)."""
@@ -371,18 +383,27 @@ class Registry:
         return len(rows)
 
     def read_dataset(self, name: str) -> list[DatasetRow]:
+        """The rows of a stored dataset.
+
+        Raises:
+            NotFound: no such dataset.
+            Internal: the stored object is not what ``put_dataset`` writes (another writer changed it).
+        """
         try:
             data = self._store.get_bytes(keys.dataset(self.tenant, name))
         except NotFound:
             raise NotFound(f"dataset {name!r} not found") from None
         rows = []
-        for line in data.decode("utf-8").split("\n"):
-            if not line:
-                continue
-            row = json.loads(line)
-            rows.append(
-                DatasetRow(doc_ids=tuple(row["doc_ids"]), question=row["question"], answer=row["answer"])
-            )
+        try:
+            for line in data.decode("utf-8").split("\n"):
+                if not line:
+                    continue
+                row = json.loads(line)
+                rows.append(
+                    DatasetRow(doc_ids=tuple(row["doc_ids"]), question=row["question"], answer=row["answer"])
+                )
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+            raise Internal(f"dataset {name!r} is damaged in the store ({error}); upload it again") from None
         return rows
 
     def list_datasets(self) -> list[str]:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from lloco.errors import Internal, InvalidArgument, LlocoError
+from lloco.errors import FailedPrecondition, Internal, InvalidArgument, LlocoError
 from lloco.model import Compressor, CompressorConfig
 from lloco.registry import ContextInfo, Registry
 
@@ -60,10 +60,10 @@ def read_document(registry: Registry, doc_id: str) -> str:
     """
     try:
         return registry.read_text(doc_id)
-    except UnicodeDecodeError as error:
+    except FailedPrecondition as error:
         raise BadDocument(
-            registry.tenant, doc_id, f"not valid UTF-8 (byte {error.start}: {error.reason})"
-        ) from error
+            registry.tenant, doc_id, str(error).removeprefix(f"document {doc_id!r}: ")
+        ) from None
 
 
 def tokenize(tokenizer: Any, text: str) -> list[int]:
