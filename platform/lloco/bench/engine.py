@@ -8,6 +8,8 @@ depend on their values): prefill tokens/s at 2k/8k/32k tokens, decode tokens/s a
 without 8 rank-8 adapters, each beside HF ``generate``/forward on the same weights in the same run. Times
 are CUDA-event medians after warm-up; warm-up (graph capture, compilation) is reported apart. The memory
 floor of a decode step is (weights read + KV bytes read) / 4.3 TB/s, the copy bandwidth measured on the H200.
+``--profile-batch N`` then profiles 32 decode steps at batch N (the last of ``--modes``): device time per
+kernel name per step, and how much of the step the device sits idle.
 """
 
 from __future__ import annotations
@@ -146,6 +148,66 @@ def run_to_end(
 
 def _step_into(gen: Generator, outputs: list) -> None:
     outputs.extend(gen.step())
+
+
+@torch.no_grad()
+def profile_decode(
+    model: Llama, slots: LoraSlots, batch: int, prompt_len: int, steps: int, mode: str, top: int = 20
+) -> dict[str, Any]:
+    """Where decode steps spend their time: kernels grouped by name, per step, beside the measured step.
+
+    The gap between the step (CUDA events around ``Generator.step``) and the sum of its kernels is time the
+    device waits: host work between steps and launch latency between kernels.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = model.device.type == "cuda"
+    gen = Generator(
+        model,
+        slots,
+        batch,
+        prompt_len + 2 * steps + 8,
+        compile=mode == "compiled",
+        cuda_graphs=mode != "eager" and cuda,
+        eos_token_ids=(),
+    )
+    prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
+    run_to_end(gen, prompts, [-1] * batch, steps)  # warm-up: graph capture, compilation
+    for i, prompt in enumerate(prompts):
+        gen.add(f"p{i}", None, prompt, -1, SamplingParams(steps + 1))
+    gen.step()  # prefill, left out
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    with profile(activities=activities) as prof:
+        step_ms = [timed_ms(gen.step, model.device) for _ in range(steps)]
+    while gen.active():
+        gen.step()
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    kernels = [e for e in prof.key_averages() if e.device_type == kind]
+    attribute = "self_device_time_total" if cuda else "self_cpu_time_total"
+    per_step = sorted(
+        (
+            {
+                "name": e.key[:120],
+                "calls_per_step": e.count / steps,
+                "us_per_step": getattr(e, attribute) / steps,
+            }
+            for e in kernels
+        ),
+        key=lambda row: -row["us_per_step"],
+    )
+    kernel_ms = sum(row["us_per_step"] for row in per_step) / 1e3
+    step = statistics.median(step_ms)
+    return {
+        "mode": mode,
+        "batch": batch,
+        "steps": steps,
+        "step_ms": step,
+        "kernel_ms_per_step": kernel_ms,
+        "kernels_per_step": sum(row["calls_per_step"] for row in per_step),
+        "idle_ms_per_step": step - kernel_ms,
+        "top": per_step[:top],
+    }
 
 
 @torch.no_grad()
@@ -407,6 +469,23 @@ def render_markdown(result: dict[str, Any]) -> str:
             ),
             "",
         ]
+    profiled = result.get("profile")
+    if profiled:
+        lines += [
+            f"## Where a decode step goes ({profiled['mode']}, batch {profiled['batch']}, "
+            f"{profiled['steps']} steps profiled)",
+            "",
+            f"Step {profiled['step_ms']:.2f} ms: kernels {profiled['kernel_ms_per_step']:.2f} ms "
+            f"({profiled['kernels_per_step']:.0f} launches), device idle {profiled['idle_ms_per_step']:.2f} ms.",
+            "",
+            "| kernel | calls per step | us per step |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| `{row['name']}` | {row['calls_per_step']:.0f} | {row['us_per_step']:.1f} |"
+            for row in profiled["top"]
+        ]
+        lines.append("")
     goals = result.get("goals")
     if goals:
         lines += ["## Goals (issue 3)", "", "| goal | value | met |", "|---|---|---|"]
@@ -479,6 +558,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--budget-s", type=float, default=420.0, help="later decode rows are skipped past this"
     )
     parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument(
+        "--profile-batch", type=int, default=0, help="also profile decode steps at this batch (0: no)"
+    )
     parser.add_argument("--name", default="engine-h200", help="output file stem")
     args = parser.parse_args(argv)
     started = time.time()
@@ -535,6 +617,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             model, slots, batches, args.prompt_len, args.new_tokens, modes, started + args.budget_s
         ),
     )
+    if args.profile_batch:
+        section(
+            "profile",
+            lambda: profile_decode(model, slots, args.profile_batch, args.prompt_len, 32, modes[-1]),
+        )
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["goals"] = evaluate_goals(result)
