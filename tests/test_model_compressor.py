@@ -32,15 +32,22 @@ def docs(base) -> list[list[int]]:
 
 @torch.no_grad()
 def reference(
-    decoder, summary_embeds: torch.Tensor, doc: list[int], segment: int, accumulate: bool
+    decoder,
+    summary_embeds: torch.Tensor,
+    doc: list[int],
+    segment: int,
+    accumulate: bool,
+    scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    """One document, one segment at a time, through an HF ``LlamaModel`` (final-normed hidden states)."""
+    """One document, one segment at a time, through an HF ``LlamaModel`` (final-normed hidden states,
+    times the output scale if any)."""
     vectors: list[torch.Tensor] = []
     for start in range(0, len(doc), segment):
         parts = [torch.cat(vectors)] if accumulate and vectors else []
         parts += [decoder.embed_tokens(torch.tensor(doc[start : start + segment])), summary_embeds]
         hidden = decoder(inputs_embeds=torch.cat(parts)[None]).last_hidden_state[0]
-        vectors.append(hidden[-summary_embeds.shape[0] :])
+        summary = hidden[-summary_embeds.shape[0] :]
+        vectors.append(summary if scale is None else summary * scale)
     return torch.cat(vectors) if vectors else torch.zeros(0, summary_embeds.shape[1])
 
 
@@ -49,7 +56,12 @@ def assert_matches(
 ) -> None:
     for doc, out in zip(docs, outputs, strict=True):
         expected = reference(
-            decoder, compressor.summary_embeds, doc, compressor.segment_len, compressor.accumulate
+            decoder,
+            compressor.summary_embeds,
+            doc,
+            compressor.segment_len,
+            compressor.accumulate,
+            compressor.output_scale,
         )
         assert out.shape == (
             -(-len(doc) // compressor.segment_len) * compressor.k,
@@ -81,13 +93,15 @@ def test_adapter_save_load_round_trip(base, docs, tmp_path: Path) -> None:
     peft_model.save_pretrained(tmp_path / "adapter")
     files = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
     fresh = Compressor.from_base(base, SEGMENT, K, True, seed=2)
-    compressor = Compressor(base, fresh.summary_embeds, SEGMENT, True, adapter_files=files)
+    scale = fresh.output_scale * torch.linspace(0.5, 2.0, base.config.dim)
+    compressor = Compressor(base, fresh.summary_embeds, SEGMENT, True, files, scale)
     assert compressor.compressor_id != fresh.compressor_id
     outputs = compressor.compress(docs, batch_size=4)
     assert_matches(outputs, peft_model.eval().base_model.model.model, compressor, docs)
 
     loaded = Compressor.load(compressor.save(tmp_path / "saved"), base)
     assert loaded.config == compressor.config
+    assert torch.equal(loaded.output_scale, compressor.output_scale)
     for a, b in zip(loaded.compress(docs, batch_size=3), outputs, strict=True):
         assert torch.equal(a, b)
     assert load_compressor(str(tmp_path / "saved"), base).compressor_id == compressor.compressor_id
@@ -108,6 +122,7 @@ def test_princeton_autocompressor_layout_loads(tmp_path: Path, docs) -> None:
     compressor = Compressor.load_autocompressor(path, segment_len=SEGMENT)
     assert (compressor.k, compressor.segment_len, compressor.accumulate) == (5, SEGMENT, True)
     assert torch.equal(compressor.summary_embeds, weights["embed_summary.weight"])
+    assert compressor.output_scale is None
     hf = LlamaModel.from_pretrained(path, dtype=torch.float32).eval()
     assert_matches(compressor.compress(docs[:3], batch_size=2), hf, compressor, docs[:3])
 

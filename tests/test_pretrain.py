@@ -155,6 +155,7 @@ def test_pretraining_lowers_the_loss_and_saves_a_compressor_that_loads(
     assert compressor.compressor_id == record["compressor_id"]
     assert (compressor.segment_len, compressor.k, compressor.accumulate) == (16, 4, True)
     assert compressor.lora is not None  # the encoder LoRA travels with the compressor
+    assert compressor.output_scale is not None and compressor.output_scale.shape == (64,)
     vectors = compressor.compress([list(range(3, 40)), list(range(5, 20))])
     assert [tuple(v.shape) for v in vectors] == [(12, 64), (4, 64)]
     assert torch.isfinite(vectors[0]).all()
@@ -193,10 +194,14 @@ def test_pretrain_command_runs_on_ray_train_and_in_process(
         "pretrain-compressor", "--corpus", str(corpus_file[0]), "--output", str(tmp_path / "cli"),
         "--base-model", str(tiny_model_dir), "--segment-len", "16", "--k", "2", "--segments", "3",
         "--batch-size", "2", "--max-steps", "2", "--eval-windows", "2", "--reconstruction", "0", "--no-ray",
+        "--lora-targets", "q_proj,v_proj",
     ]  # fmt: skip
     result = CliRunner().invoke(app, args, env={"LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache")})
     assert result.exit_code == 0, result.output
     saved = json.loads((tmp_path / "cli" / RECORD_FILE).read_text())
     assert saved["command"].startswith("lloco ") and saved["options"]["max_steps"] == 2
+    assert saved["options"]["lora_targets"] == ["q_proj", "v_proj"]
+    bad = CliRunner().invoke(app, [*args[:-1], "q_proj,lm_head"])
+    assert bad.exit_code != 0 and "unknown LoRA targets" in str(bad.exception or bad.output)
     assert all("reconstruct_loss" not in point for point in saved["loss_curve"])  # next-segment steps only
     assert json.loads(result.output.strip().splitlines()[-1])["compressor_id"] == saved["compressor_id"]

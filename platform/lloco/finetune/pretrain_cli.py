@@ -95,6 +95,12 @@ def pretrain_compressor(
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
     lora_rank: Annotated[int, typer.Option(help="Encoder LoRA rank.")] = 16,
     lora_alpha: Annotated[float, typer.Option(help="Encoder LoRA alpha.")] = 32.0,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated encoder projections with LoRA (default: all of attention and MLP)."
+        ),
+    ] = None,
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="Stop after this many seconds of training.")
@@ -118,6 +124,7 @@ def pretrain_compressor(
     from lloco.errors import InvalidArgument
     from lloco.finetune.pretrain import PretrainOptions, pretrain, run_pretrain_job
 
+    targets = {} if lora_targets is None else {"lora_targets": tuple(lora_targets.split(","))}
     try:
         options = PretrainOptions(
             corpus=corpus,
@@ -140,6 +147,7 @@ def pretrain_compressor(
             log_every=log_every,
             device=device,
             seed=seed,
+            **targets,
         )
     except ValidationError as error:
         raise InvalidArgument(f"bad pretraining options: {error}") from error

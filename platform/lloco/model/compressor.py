@@ -2,8 +2,11 @@
 
 Segment i of a document runs through the base model as
 ``[summary vectors of segments < i (if accumulate)] + segment i tokens + k summary embeddings``
-(contiguous positions from 0), and the final-normed hidden states at the k summary positions are segment
-i's summary vectors. The i-th segments of many documents run as one right-padded batch; a shorter last
+(contiguous positions from 0), and the final-normed hidden states at the k summary positions, times a
+per-channel ``output_scale`` when the compressor has one, are segment i's summary vectors. The scale
+exists because the final norm fixes the size of its output (about 15x a token embedding's for SmolLM2),
+which no encoder LoRA can change, while the vectors are read back as input embeddings (by the next
+segment's encoding and by the decoder). The i-th segments of many documents run as one right-padded batch; a shorter last
 segment just has its summary positions earlier in its row. Without accumulation every segment is encoded
 on its own. An optional LoRA adapter (PEFT files, e.g. from compressor pretraining) is applied through a
 one-slot ``LoraSlots``, so the compressor shares the base weights with the decoder.
@@ -62,6 +65,8 @@ class Compressor:
         segment_len: tokens per segment.
         accumulate: feed summaries of earlier segments before each segment.
         adapter_files: optional PEFT adapter (adapter_config.json, adapter_model.safetensors bytes).
+        output_scale: optional [D] factor on the summary vectors (None: the final-normed states as they are,
+            as princeton-nlp AutoCompressors use them).
         compressor_id: stable id of these weights; None derives one from the base model, geometry and a
             digest of the weights.
     """
@@ -73,15 +78,22 @@ class Compressor:
         segment_len: int,
         accumulate: bool,
         adapter_files: dict[str, bytes] | None = None,
+        output_scale: Tensor | None = None,
         compressor_id: str | None = None,
     ) -> None:
         if summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
                 f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
             )
+        if output_scale is not None and tuple(output_scale.shape) != (base.config.dim,):
+            raise FailedPrecondition(
+                f"output scale {tuple(output_scale.shape)} does not fit model dim {base.config.dim}"
+            )
         k = summary_embeds.shape[0]
         if compressor_id is None:
             digest = hashlib.sha256(summary_embeds.detach().float().cpu().numpy().tobytes())
+            if output_scale is not None:
+                digest.update(output_scale.detach().float().cpu().numpy().tobytes())
             for name in sorted(adapter_files or {}):
                 digest.update(adapter_files[name])
             flag = "-acc" if accumulate else ""
@@ -92,6 +104,9 @@ class Compressor:
         self.base = base
         model = base.model
         self.summary_embeds = summary_embeds.detach().to(device=model.device, dtype=model.dtype)
+        self.output_scale = (
+            None if output_scale is None else output_scale.detach().to(device=model.device, dtype=model.dtype)
+        )
         self.adapter_files = adapter_files
         self.lora: LoraSlots | None = None
         if adapter_files is not None:
@@ -109,13 +124,17 @@ class Compressor:
         cls, base: LoadedModel, segment_len: int, k: int, accumulate: bool, seed: int = 0
     ) -> Compressor:
         """Fresh summary embeddings: the EOS embedding (as AutoCompressors initialise) plus seeded noise at
-        10% of the embedding table's scale, so the k tokens start distinct. Untrained: for pretraining/tests.
+        10% of the embedding table's scale, so the k tokens start distinct; an output scale that brings the
+        final norm's output to the embedding table's size. Untrained: for pretraining/tests.
         """
-        table = base.model.get_input_embeddings().weight.detach()
+        table = base.model.get_input_embeddings().weight.detach().float()
         eos = base.config.eos_token_ids[0] if base.config.eos_token_ids else 0
         generator = torch.Generator().manual_seed(seed)
-        noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.float().std().item()
-        return cls(base, table[eos].float().cpu()[None] + noise, segment_len, accumulate)
+        noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.std().item()
+        norm = base.model.model.norm.weight.detach().float()
+        size = table.pow(2).mean().sqrt() / norm.pow(2).mean().sqrt()
+        scale = torch.full((base.config.dim,), size.item())
+        return cls(base, table[eos].cpu()[None] + noise, segment_len, accumulate, output_scale=scale)
 
     @torch.no_grad()
     def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:
@@ -159,14 +178,18 @@ class Compressor:
         hidden = model.hidden(embeds, lora)
         starts = torch.tensor([length - k for length in lengths], device=device)
         index = starts[:, None] + torch.arange(k, device=device)[None, :]
-        return hidden[torch.arange(len(segments), device=device)[:, None], index]
+        vectors = hidden[torch.arange(len(segments), device=device)[:, None], index]
+        return vectors if self.output_scale is None else vectors * self.output_scale
 
     def save(self, directory: Path | str) -> Path:
         """Write compressor.json, the summary embeddings and the adapter files (if any) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2))
-        save_file({"summary_embeds": self.summary_embeds.float().cpu().contiguous()}, directory / EMBEDS_NAME)
+        tensors = {"summary_embeds": self.summary_embeds.float().cpu().contiguous()}
+        if self.output_scale is not None:
+            tensors["output_scale"] = self.output_scale.float().cpu().contiguous()
+        save_file(tensors, directory / EMBEDS_NAME)
         for name, data in (self.adapter_files or {}).items():
             (directory / name).write_bytes(data)
         return directory
@@ -191,11 +214,19 @@ class Compressor:
                 f"compressor {raw['compressor_id']} is for width {raw['dim']}, base model {base.model_id} has "
                 f"{base.config.dim}"
             )
-        embeds = load_file(directory / EMBEDS_NAME)["summary_embeds"]
+        tensors = load_file(directory / EMBEDS_NAME)
         adapter = None
         if (directory / CONFIG_FILE).is_file():
             adapter = {name: (directory / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
-        return cls(base, embeds, raw["segment_len"], raw["accumulate"], adapter, raw["compressor_id"])
+        return cls(
+            base,
+            tensors["summary_embeds"],
+            raw["segment_len"],
+            raw["accumulate"],
+            adapter,
+            tensors.get("output_scale"),
+            raw["compressor_id"],
+        )
 
     @classmethod
     def load_autocompressor(
