@@ -170,3 +170,32 @@ def test_rows_limits_and_cancel(base, slots) -> None:
     while gen.active():
         gen.step()
     assert gen.free_rows() == 2
+
+
+def test_cancel_and_join_mid_stream_leave_other_rows_exact(base, slots) -> None:
+    """Decode steps are pipelined (each launched before the previous one's tokens are read): a request
+    cancelled mid-stream and another that then takes its row change no other row's tokens."""
+    named = [(f"r{i}", r) for i, r in enumerate(requests(base)[:4])]
+    alone = {
+        request_id: run_tokens(Generator(base.model, slots, 1, 64, eos_token_ids=()), [(request_id, r)])[
+            request_id
+        ]
+        for request_id, r in named
+    }
+    gen = Generator(base.model, slots, max_batch=3, max_seq_len=64, eos_token_ids=())
+    for request_id, r in named[:3]:
+        gen.add(request_id, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+    tokens: dict[str, list[int]] = {request_id: [] for request_id, _ in named}
+    steps = 0
+    while gen.active() or steps < 7:
+        if steps == 4:
+            gen.cancel("r1")
+        if steps == 6:
+            request_id, r = named[3]
+            gen.add(request_id, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+        for out in gen.step():
+            tokens[out.request_id].append(out.token_id)
+        steps += 1
+    for request_id in ("r0", "r2", "r3"):
+        assert tokens[request_id] == alone[request_id], request_id
+    assert 0 < len(tokens["r1"]) < len(alone["r1"]) and tokens["r1"] == alone["r1"][: len(tokens["r1"])]

@@ -4,7 +4,15 @@ The hot path (``Generator._decode_body``) has static shapes per (batch bucket, k
 on/off, sampling mode): on CUDA each such shape is captured once as a CUDA graph and replayed; with
 ``compile=True`` the layer function inside it is compiled once by ``torch.compile`` (the one compile site).
 Sampling runs on the device from per-row parameters, with noise hashed from (seed, position), so a row's
-tokens do not depend on which other rows share its batch. The host reads the new tokens once per step.
+tokens do not depend on which other rows share its batch.
+
+Decode steps are pipelined: a step's tokens are read (and emitted) by the next ``step`` call, which first
+launches the following decode step when no request joined or left in between, its input tokens chained
+from the previous step's output on the device. The host's work per step (emitting tokens, stop checks,
+the caller's own, such as the serving scheduler's thread hand-off) then overlaps the GPU's instead of
+leaving it idle. On an H200 (7B geometry) a batch-32 step went from 7.37 to 7.02 ms and a query on a
+32k-token document from 343 to 329 ms end to end; batch 1 stayed at 4.6 ms. A request that ends by EOS or
+a stop string costs its row one wasted decode.
 """
 
 from __future__ import annotations
@@ -74,6 +82,16 @@ class GenerationRequest:
     prefix_embeds: Tensor | None = None
     slot: int = -1
     params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """A decode step on the device whose tokens the host has not read yet."""
+
+    rows: list[_Row]
+    batch: int
+    tokens: Tensor  # pinned host buffer the step's tokens are copied into
+    done: torch.cuda.Event | None  # recorded after that copy (CUDA)
 
 
 @dataclass
@@ -221,6 +239,10 @@ class Generator:
         self._long = torch.zeros(4, max_batch, dtype=torch.int64, device=self.device)
         self._float = torch.zeros(2, max_batch, dtype=torch.float32, device=self.device)
         self._next = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
+        # two launches can be in flight (the one being read, the one chained after it)
+        self._host_next = torch.zeros(2, max_batch, dtype=torch.int64, pin_memory=pin)
+        self._launches = 0
+        self._launched: _Launch | None = None
         self._block_fn: BlockFn = compiled_block() if compile else Block.infer
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
@@ -303,14 +325,32 @@ class Generator:
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Decode one token for every running row, then prefill queued rows (their first token)."""
+        """Advance every request by one token.
+
+        Emits the tokens of the decode step launched by the previous call; before reading them, launches
+        the next decode step chained on the device if the same requests are still running and none is
+        queued. Otherwise launches it from the host's view of the rows after emitting, then prefills the
+        queued rows (their first token).
+        """
         outputs: list[StepOutput] = []
-        decoding = [row for row in self._rows.values() if row.generated]
-        if decoding:
-            outputs += self._decode(decoding)
-        while self._pending:
-            outputs += self._prefill(self._take_prefill_chunk())
+        previous, self._launched = self._launched, None
+        if previous is not None and self._unchanged(previous):
+            self._launched = self._launch(previous.rows, chained=True)
+        if previous is not None:
+            outputs += self._read(previous)
+        if self._launched is None:
+            decoding = [row for row in self._rows.values() if row.generated]
+            if decoding:
+                self._launched = self._launch(decoding, chained=False)
+            while self._pending:
+                outputs += self._prefill(self._take_prefill_chunk())
         return outputs
+
+    def _unchanged(self, launch: _Launch) -> bool:
+        """No request queued, and the launch's rows are exactly the running decoding rows."""
+        if self._pending or any(self._rows.get(row.request_id) is not row for row in launch.rows):
+            return False
+        return sum(1 for row in self._rows.values() if row.generated) == len(launch.rows)
 
     def _take_prefill_chunk(self) -> list[_Row]:
         chunk: list[_Row] = []
@@ -357,9 +397,38 @@ class Generator:
             outputs.append(self._emit(row, token))
         return outputs
 
-    def _decode(self, rows: list[_Row]) -> list[StepOutput]:
+    def _launch(self, rows: list[_Row], chained: bool) -> _Launch:
+        """Start a decode step for ``rows`` without waiting for it.
+
+        Chained: the same rows as the previous launch, each feeding the token that launch produces (still
+        on the device) one position further. Otherwise the inputs come from the host's rows.
+        """
         batch = _pow2_bucket(max(row.index for row in rows) + 1, self.max_batch)
         kv_len = _bucket(max(row.position for row in rows) + 1, self.kv_bucket, self.max_seq_len)
+        if chained:
+            self._long[0, :batch].copy_(self._next[:batch])
+            self._long[1, :batch] += 1
+        else:
+            self._write_inputs(rows, batch)
+        use_lora = self.lora is not None and any(row.slot >= 0 for row in rows)
+        key = (batch, kv_len, use_lora, self._mode([row.params for row in rows]))
+        if self._use_graphs:
+            self._replay(key)
+        else:
+            self._decode_body(*key)
+        tokens = self._host_next[self._launches % 2]
+        self._launches += 1
+        tokens[:batch].copy_(self._next[:batch], non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        for row in rows:
+            row.position += 1
+        return _Launch(rows, batch, tokens, done)
+
+    def _write_inputs(self, rows: list[_Row], batch: int) -> None:
+        """Per-row decode inputs from the host (rows' last tokens, positions, slots, seeds, sampling)."""
         host_long, host_float = self._host_long.numpy(), self._host_float.numpy()
         host_long[:, :batch] = 0
         host_long[2, :batch] = -1
@@ -374,18 +443,15 @@ class Generator:
         host_float[:, index] = [[row.params.temperature for row in rows], [row.params.top_p for row in rows]]
         self._long[:, :batch].copy_(self._host_long[:, :batch], non_blocking=True)
         self._float[:, :batch].copy_(self._host_float[:, :batch], non_blocking=True)
-        use_lora = self.lora is not None and any(row.slot >= 0 for row in rows)
-        key = (batch, kv_len, use_lora, self._mode([row.params for row in rows]))
-        if self._use_graphs:
-            self._replay(key)
-        else:
-            self._decode_body(*key)
-        tokens = self._next[:batch].tolist()
-        outputs = []
-        for row in rows:
-            row.position += 1
-            outputs.append(self._emit(row, tokens[row.index]))
-        return outputs
+
+    def _read(self, launch: _Launch) -> list[StepOutput]:
+        """Wait for a launched step's tokens and emit them for its rows that are still running."""
+        if launch.done is not None:
+            launch.done.synchronize()
+        tokens = launch.tokens[: launch.batch].tolist()
+        return [
+            self._emit(row, tokens[row.index]) for row in launch.rows if self._rows.get(row.request_id) is row
+        ]
 
     def _decode_body(self, batch: int, kv_len: int, use_lora: bool, mode: SampleMode) -> None:
         """The static-shape decode step: reads the per-row input buffers, writes ``_next``."""

@@ -3,7 +3,8 @@
 One asyncio task owns the generator. Each iteration it gathers what the event loop collected since the
 last one (exclusive jobs such as online compression, cancellations, waiting requests that fit a free row
 and a LoRA slot) and hands it to one worker thread that runs, in order: the jobs, the cancellations, the
-slot loads, the new rows, then one `Generator.step()` (prefill of new rows, one decode token for all).
+slot loads, the new rows, then one `Generator.step()` (the tokens of the decode step launched last time,
+the next decode step launched, prefill of new rows).
 Only that thread touches the model, so a step never overlaps another step, a slot load or a job, while
 the event loop stays free to accept and stream requests.
 """
