@@ -170,6 +170,7 @@ def test_rows_limits_and_cancel(base, slots) -> None:
     while gen.active():
         gen.step()
     assert gen.free_rows() == 2
+    assert gen._launched is None  # pipelining launched no step past a request's length
 
 
 def test_cancel_and_join_mid_stream_leave_other_rows_exact(base, slots) -> None:
