@@ -132,6 +132,19 @@ def test_listing_paginates_and_children_resume(store: ObjectStore) -> None:
         store.delete_prefix("")
 
 
+def test_volume_slots_do_not_depend_on_free_disk(s3: EmbeddedS3) -> None:
+    """Each bucket takes a volume; weed's default count (free disk / volume size) ran out mid-suite on a
+    machine with 45 GB free ("no free volumes left"), so the embedded server fixes it."""
+    import json
+    import urllib.request
+
+    from lloco.storage.embedded import MAX_VOLUMES
+
+    with urllib.request.urlopen(f"{s3.master_url}/dir/status", timeout=5) as reply:
+        topology = json.load(reply)["Topology"]
+    assert topology["Max"] == MAX_VOLUMES
+
+
 def test_prefixes_share_a_bucket_without_seeing_each_other(s3: EmbeddedS3) -> None:
     bucket = f"t-{uuid.uuid4().hex[:20]}"
     one = ObjectStore(s3.store_settings(bucket=bucket, prefix="team-one"))

@@ -35,6 +35,10 @@ STOP_TIMEOUT_S = 10.0
 _HOST = "127.0.0.1"
 _GRPC_OFFSET = 10_000  # weed's worker dials the admin gRPC port at admin port + 10000, whatever is configured
 _LOG_TAIL_BYTES = 4000
+# weed sizes its volume count as free disk / volume size (~90 with 45 GB free) and each bucket takes a
+# volume of its own, so a server holding many buckets (a test run makes one per test) could refuse writes
+# with "no free volumes left" depending on the disk; volumes are sparse files, so a fixed cap costs nothing.
+MAX_VOLUMES = 1000
 _SOCKET_DIR = Path("/tmp")
 
 
@@ -75,6 +79,13 @@ class EmbeddedS3:
     @property
     def endpoint_url(self) -> str:
         return f"http://{_HOST}:{self.port}"
+
+    @property
+    def master_url(self) -> str:
+        """The SeaweedFS master's HTTP address (cluster and volume status at ``/dir/status``)."""
+        if not self._ports:
+            raise FailedPrecondition("the embedded S3 has not been started")
+        return f"http://{_HOST}:{self._ports[2]}"
 
     @property
     def running(self) -> bool:
@@ -148,6 +159,7 @@ class EmbeddedS3:
             "-webdav=false",
             "-admin.ui=false",
             "-volume.preStopSeconds=0",
+            f"-volume.max={MAX_VOLUMES}",
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             f"-s3.port={self.port}",
