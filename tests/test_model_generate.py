@@ -16,6 +16,7 @@ from lloco.model import (
     generate,
     load_model,
 )
+from lloco.model import fused as fused_decode
 
 
 @pytest.fixture(scope="module")
@@ -200,3 +201,19 @@ def test_cancel_and_join_mid_stream_leave_other_rows_exact(base, slots) -> None:
     for request_id in ("r0", "r2", "r3"):
         assert tokens[request_id] == alone[request_id], request_id
     assert 0 < len(tokens["r1"]) < len(alone["r1"]) and tokens["r1"] == alone["r1"][: len(tokens["r1"])]
+
+
+@pytest.mark.skipif(not fused_decode.available(), reason="triton is not installed")
+def test_fused_batch1_steps_equal_layer_steps(base, slots) -> None:
+    """Rows alone (batch 1: the Triton kernels) and joining later (batch 2+: the layer path) on one cache."""
+    batch = list(enumerate(requests(base)))
+    first = [(f"r{i}", r) for i, r in batch[:2]]
+    late = [(f"r{i}", r) for i, r in batch[2:]]
+    alone = {f"r{i}": r for i, r in batch}
+    results = {}
+    for fused in (False, True):
+        gen = Generator(base.model, slots, 4, 160, eos_token_ids=(), fused=fused)
+        mixed = run_tokens(gen, first[:1], late[:1])
+        singles = {rid: run_tokens(gen, [(rid, r)])[rid] for rid, r in alone.items()}
+        results[fused] = (mixed, singles)
+    assert results[True] == results[False]

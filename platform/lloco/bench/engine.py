@@ -3,7 +3,7 @@
     PYTHONPATH=platform python -m lloco.bench.engine --out DIR
 
 First checks bf16 correctness against HF on a small geometry (logits, cached decode, greedy tokens, CUDA
-graphs and compiled steps against eager). Then, on LLaMA-2-7B geometry (random weights: speed does not
+graphs, compiled and fused steps against eager). Then, on LLaMA-2-7B geometry (random weights: speed does not
 depend on their values): prefill tokens/s at 2k/8k/32k tokens, decode tokens/s at batch 1/8/32 with and
 without 8 rank-8 adapters, each beside HF ``generate``/forward on the same weights in the same run. Times
 are CUDA-event medians after warm-up; warm-up (graph capture, compilation) is reported apart. The memory
@@ -40,6 +40,16 @@ GEOMETRIES: dict[str, dict[str, int]] = {
 }
 COPY_BANDWIDTH = 4.3e12  # bytes/s, device-to-device copy measured on the H200 (NOTES.md)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MODES: dict[str, dict[str, bool]] = {  # decode variants: Generator options (CUDA graphs only on CUDA)
+    "eager": dict(cuda_graphs=False, fused=False),
+    "graphs": dict(fused=False),
+    "compiled": dict(compile=True, fused=False),
+    "fused": dict(compile=True, fused=True),  # Triton kernels up to fused.MAX_ROWS rows, compiled above
+}
+
+
+def mode_options(mode: str, device: torch.device) -> dict[str, bool]:
+    return MODES[mode] | ({} if device.type == "cuda" else dict(cuda_graphs=False))
 
 
 def timed_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -168,9 +178,8 @@ def profile_decode(
         slots,
         batch,
         prompt_len + 2 * steps + 8,
-        compile=mode == "compiled",
-        cuda_graphs=mode != "eager" and cuda,
         eos_token_ids=(),
+        **mode_options(mode, model.device),
     )
     prompts = [torch.randint(0, model.config.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
     run_to_end(gen, prompts, [-1] * batch, steps)  # warm-up: graph capture, compilation
@@ -240,17 +249,22 @@ def check_correctness(device: torch.device, dtype: torch.dtype, modes: list[str]
     slots.load(0, random_adapter(config, 8, 0))
     slots.load(1, random_adapter(config, 4, 1))
     row_slots = [-1, 0, 1, 0]
-    variants = {"eager": dict(cuda_graphs=False), "graphs": dict(), "compiled": dict(compile=True)}
     outputs = {}
-    for name, options in variants.items():
+    for name in MODES:
         if name == "eager" or name in modes:
-            gen = Generator(model, slots, 4, 256, eos_token_ids=(), **options)
+            gen = Generator(model, slots, 4, 256, eos_token_ids=(), **mode_options(name, device))
             outputs[name] = run_to_end(gen, prompts, row_slots, 24)[0]
     if "graphs" in outputs:
         report["graphs_equal_eager"] = outputs["graphs"] == outputs["eager"]
-    if "compiled" in outputs:
-        report["compiled_token_agreement"] = _agreement(outputs["compiled"], outputs["eager"])
-    base_only = run_to_end(Generator(model, None, 4, 256, eos_token_ids=()), prompts, [-1] * 4, 24)[0]
+    for name in ("compiled", "fused"):
+        if name in outputs:
+            report[f"{name}_token_agreement"] = _agreement(outputs[name], outputs["eager"])
+    base_only = run_to_end(
+        Generator(model, None, 4, 256, eos_token_ids=(), **mode_options("eager", device)),
+        prompts,
+        [-1] * 4,
+        24,
+    )[0]
     hf_tokens = {}
     for i, prompt in enumerate(prompts):
         out = hf.generate(torch.tensor([prompt], device=device), max_new_tokens=24, do_sample=False)
@@ -329,6 +343,8 @@ def bench_decode(
     config, rows = model.config, []
     for mode in modes:
         for batch in batches:
+            if mode == "fused" and batch > 1:  # the fused kernels run batch 1; larger steps are "compiled"
+                continue
             for adapters in (False, True):
                 if time.time() > deadline:
                     rows.append(
@@ -340,9 +356,8 @@ def bench_decode(
                     slots,
                     batch,
                     prompt_len + new_tokens + 8,
-                    compile=mode == "compiled",
-                    cuda_graphs=mode != "eager" and model.device.type == "cuda",
                     eos_token_ids=(),
+                    **mode_options(mode, model.device),
                 )
                 prompts = [torch.randint(0, config.vocab_size, (prompt_len,)).tolist() for _ in range(batch)]
                 row_slots = [i % slots.n_slots if adapters else -1 for i in range(batch)]
@@ -552,7 +567,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--hf-new-tokens", type=int, default=32)
     parser.add_argument("--adapters", type=int, default=8)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--modes", default="graphs,compiled", help="decode variants: eager, graphs, compiled")
+    parser.add_argument("--modes", default="compiled,fused", help=f"decode variants: {', '.join(MODES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument(
         "--budget-s", type=float, default=420.0, help="later decode rows are skipped past this"

@@ -3,6 +3,7 @@
 The hot path (``Generator._decode_body``) has static shapes per (batch bucket, key-length bucket, adapters
 on/off, sampling mode): on CUDA each such shape is captured once as a CUDA graph and replayed; with
 ``compile=True`` the layer function inside it is compiled once by ``torch.compile`` (the one compile site).
+A batch-1 step runs the Triton kernels of ``lloco.model.fused`` instead when they are available (``fused``).
 Sampling runs on the device from per-row parameters, with noise hashed from (seed, position), so a row's
 tokens do not depend on which other rows share its batch.
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from lloco.model import fused as fused_decode
 from lloco.model.llama import Block, BlockFn, KVCache, Llama, resolve_device
 from lloco.model.lora import LoraSlots
 
@@ -188,6 +190,8 @@ class Generator:
         eos_token_ids: tokens that end a request (default: the model config's and the tokenizer's).
         compile: compile the layer function of the decode step (CUDA; compile time on first use).
         cuda_graphs: capture decode steps as CUDA graphs (default: on CUDA).
+        fused: run batch-1 steps through the Triton kernels of ``lloco.model.fused`` (default: on CUDA when
+            Triton is installed).
         max_prefill_tokens: padded tokens per prefill forward; longer batches prefill in several forwards.
         kv_bucket: key-length granularity of decode shapes (more shapes vs less padding).
     """
@@ -205,6 +209,7 @@ class Generator:
         eos_token_ids: Iterable[int] | None = None,
         compile: bool = False,
         cuda_graphs: bool | None = None,
+        fused: bool | None = None,
         max_prefill_tokens: int = 16384,
         kv_bucket: int = 128,
     ) -> None:
@@ -244,6 +249,11 @@ class Generator:
         self._launches = 0
         self._launched: _Launch | None = None
         self._block_fn: BlockFn = compiled_block() if compile else Block.infer
+        if fused and not fused_decode.available():
+            raise InvalidArgument("fused decode needs Triton (pip install triton)")
+        if fused is None:
+            fused = self.device.type == "cuda" and fused_decode.available()
+        self._fused = fused_decode.FusedDecoder(model, self.cache, lora) if fused else None
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
@@ -459,8 +469,11 @@ class Generator:
     def _decode_body(self, batch: int, kv_len: int, use_lora: bool, mode: SampleMode) -> None:
         """The static-shape decode step: reads the per-row input buffers, writes ``_next``."""
         tokens, positions, slots, seeds = self._long[:, :batch]
-        lora = self.lora.batch(slots) if use_lora else None
-        logits = self.model.decode(tokens, positions, self.cache, kv_len, lora, self._block_fn)
+        if self._fused is not None and batch == 1:
+            logits = self._fused.logits_of(tokens, positions, kv_len, slots if use_lora else None)
+        else:
+            lora = self.lora.batch(slots) if use_lora else None
+            logits = self.model.decode(tokens, positions, self.cache, kv_len, lora, self._block_fn)
         temperature, top_p = self._float[:, :batch]
         self._next[:batch].copy_(sample(logits, temperature, top_p, seeds, positions + 1, mode))
 
