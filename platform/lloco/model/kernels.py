@@ -1,8 +1,9 @@
-"""Triton kernels of the small-batch decode step (``lloco.model.fused``): a layer in five launches.
+"""Triton kernels of the batch-1 decode step (``lloco.model.fused``): a layer in five launches.
 
 At batch 1 a decode step only streams weights; what costs beyond the bytes is the number of kernels (each
 one a gap in the CUDA graph) and the small ones between the matmuls. These kernels fold that work into
-the weight streams:
+the weight streams, and on Hopper each one fetches its first weight (or cache) tile before it waits for
+the previous kernel (programmatic dependent launch), so consecutive kernels overlap:
 
 - ``gemv``: ``out = W @ x`` for one row, with RMSNorm folded into the input (the norm's scale
   ``rsqrt(mean(x^2))`` factors out of the dot product, so its sum of squares runs in the same pass),
