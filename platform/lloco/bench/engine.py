@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors
 
+from lloco.bench.report import run_section, write_report
 from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
 from lloco.model.loading import build_llama
 
@@ -598,15 +599,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rank": args.rank,
         "errors": [],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def section(name: str, fn: Callable[[], Any]) -> None:
-        try:
-            result[name] = fn()
-        except Exception as exc:  # a benchmark reports what broke and carries on with the next section
-            result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-            print(f"{name} failed: {exc!r}", flush=True)
-        _free()
+        run_section(result, name, fn, _free)
 
     modes = [m for m in args.modes.split(",") if m]
     if not args.skip_check:
@@ -641,10 +636,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.time() - started
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    markdown = render_markdown(result)
-    (args.out / f"{args.name}.md").write_text(markdown)
-    print(markdown, flush=True)
+    write_report(args.out, args.name, result, render_markdown(result))
     return result
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lloco.bench.engine import GEOMETRIES, TARGETS, bench_decode, random_adapter, random_llama, rel_err
+from lloco.bench.report import run_section, write_report
 from lloco.model import KVCache, Llama, LlamaConfig, LoraSlots, kernels
 from lloco.model.fused import FusedDecoder
 
@@ -304,12 +304,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
 
     def section(name: str, fn: Callable[[], Any]) -> None:
-        try:
-            result[name] = fn()
-        except Exception as exc:  # a benchmark reports what broke and carries on with the next section
-            result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
-            print(f"{name} failed: {exc!r}", flush=True)
-        torch.cuda.empty_cache()
+        run_section(result, name, fn, torch.cuda.empty_cache)
 
     section("accuracy", lambda: check_accuracy(device, "llama2-7b", 4) + check_accuracy(device, "small", 4))
     section("gemv", lambda: bench_gemv(device))
@@ -321,11 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         slots.load(slot, random_adapter(config, 8, seed=slot))
     section("step", lambda: bench_step(model, slots))
     result["wall_s"] = time.time() - started
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2, default=str))
-    markdown = render_markdown(result)
-    (args.out / f"{args.name}.md").write_text(markdown)
-    print(markdown, flush=True)
+    write_report(args.out, args.name, result, render_markdown(result))
     return result
 
 

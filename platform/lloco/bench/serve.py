@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import datetime
 import gc
-import json
 import math
 import statistics
 import sys
@@ -43,6 +42,7 @@ from typing import Any
 import torch
 
 from lloco.bench.engine import GEOMETRIES, TARGETS, bench_decode, hf_twin, random_adapter, random_llama
+from lloco.bench.report import run_section, write_report
 from lloco.config import EngineSettings
 from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
 
@@ -686,17 +686,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "plan": asdict(plan),
         "errors": [],
     }
-    args.out.mkdir(parents=True, exist_ok=True)
 
     def section(key: str, fn: Callable[[], Any]) -> None:
-        if key not in sections:
-            return
-        try:
-            result[key] = fn()
-        except Exception as error:  # noqa: BLE001 - a benchmark reports what broke and carries on
-            result["errors"].append(f"{key}: {type(error).__name__}: {error}")
-            print(f"{key} failed: {error!r}", flush=True)
-        free_memory()
+        if key in sections:
+            run_section(result, key, fn, free_memory)
 
     max_positions = max([*plan.doc_tokens, 4096]) + plan.question_tokens + plan.new_tokens + 64
     config = LlamaConfig(**GEOMETRIES[plan.geometry], max_position_embeddings=max_positions)
@@ -717,10 +710,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.time() - started
-    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str))
-    markdown = render_markdown(result)
-    (args.out / f"{name}.md").write_text(markdown)
-    print(markdown, flush=True)
+    write_report(args.out, name, result, render_markdown(result))
     return result
 
 
