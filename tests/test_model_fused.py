@@ -79,3 +79,13 @@ def test_fused_step_equals_decode(geometry: dict, length: int, slot: int, target
             torch.testing.assert_close(cache.v[layer], reference.v[layer], rtol=1e-5, atol=1e-5)
         token, position = expected.argmax(-1), position + 1
     assert int(fused.attention.count.abs().sum()) == 0
+
+
+def test_generator_refuses_fused_for_an_unsupported_geometry() -> None:
+    from lloco.errors import InvalidArgument
+    from lloco.model import Generator
+
+    config = LlamaConfig(vocab_size=96, dim=48, n_layers=1, n_heads=2, n_kv_heads=2, intermediate_size=64)
+    model = random_model(config, seed=0)  # head_dim 24: the attention kernel needs a power of two
+    with pytest.raises(InvalidArgument, match="head_dim 24"):
+        Generator(model, None, 1, 32, fused=True)

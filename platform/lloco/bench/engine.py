@@ -45,7 +45,7 @@ MODES: dict[str, dict[str, bool]] = {  # decode variants: Generator options (CUD
     "eager": dict(cuda_graphs=False, fused=False),
     "graphs": dict(fused=False),
     "compiled": dict(compile=True, fused=False),
-    "fused": dict(compile=True, fused=True),  # Triton kernels up to fused.MAX_ROWS rows, compiled above
+    "fused": dict(compile=True, fused=True),  # Triton kernels at batch 1, the compiled layers above
 }
 
 

@@ -32,6 +32,14 @@ def available() -> bool:
     return True
 
 
+def supports(model: Llama) -> str | None:
+    """Why the kernels cannot run this model, or None when they can."""
+    head_dim = model.config.head_dim
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        return f"head_dim {head_dim} is not a power of two >= 16"
+    return None
+
+
 class FusedDecoder:
     """Workspace (activations, attention partials, LoRA shrink results) of one Generator's batch-1 steps.
 

@@ -190,8 +190,8 @@ class Generator:
         eos_token_ids: tokens that end a request (default: the model config's and the tokenizer's).
         compile: compile the layer function of the decode step (CUDA; compile time on first use).
         cuda_graphs: capture decode steps as CUDA graphs (default: on CUDA).
-        fused: run batch-1 steps through the Triton kernels of ``lloco.model.fused`` (default: on CUDA when
-            Triton is installed).
+        fused: run batch-1 steps through the Triton kernels of ``lloco.model.fused`` (default: on CUDA for
+            bf16/fp16 models when Triton is installed and the kernels support the geometry).
         max_prefill_tokens: padded tokens per prefill forward; longer batches prefill in several forwards.
         kv_bucket: key-length granularity of decode shapes (more shapes vs less padding).
     """
@@ -251,8 +251,15 @@ class Generator:
         self._block_fn: BlockFn = compiled_block() if compile else Block.infer
         if fused and not fused_decode.available():
             raise InvalidArgument("fused decode needs Triton (pip install triton)")
-        if fused is None:
-            fused = self.device.type == "cuda" and fused_decode.available()
+        if fused and (reason := fused_decode.supports(model)):
+            raise InvalidArgument(f"fused decode cannot run this model: {reason}")
+        if fused is None:  # by default where it was measured: CUDA, 16-bit weights
+            fused = (
+                self.device.type == "cuda"
+                and self.dtype in (torch.bfloat16, torch.float16)
+                and fused_decode.available()
+                and fused_decode.supports(model) is None
+            )
         self._fused = fused_decode.FusedDecoder(model, self.cache, lora) if fused else None
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
