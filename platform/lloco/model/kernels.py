@@ -58,9 +58,8 @@ def _gemv_kernel(
     PDL: tl.constexpr,
 ):
     tile = tl.arange(0, BLOCK_N)
-    if (
-        GATED
-    ):  # rows alternate gate row i and up row n_out + i, so one program holds both halves of its outputs
+    # gated: rows alternate gate row i and up row n_out + i, so a program holds both halves of its outputs
+    if GATED:
         cols = tl.program_id(0) * (BLOCK_N // 2) + tile // 2
         col_ok = cols < n_out
         rows = cols + (tile % 2) * n_out
