@@ -137,7 +137,7 @@ def test_pretraining_lowers_the_loss_and_saves_a_compressor_that_loads(
     curve = [point["loss"] for point in record["loss_curve"]]
     assert len(curve) == 4 and curve[-1] < curve[0]
     assert all({"next_loss", "reconstruct_loss"} <= set(point) for point in record["loss_curve"])
-    perplexity = record["held_out"]["perplexity"]
+    perplexity = record["held_out"]["next_segment"]["perplexity"]
     assert set(perplexity) == {
         "no_context",
         "compressed",

@@ -20,8 +20,7 @@ import torch
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Example, collate
-from lloco.finetune.pretrain import peft_files
-from lloco.finetune.train import MAX_GRAD_NORM, answer_loss
+from lloco.finetune.train import MAX_GRAD_NORM, answer_loss, peft_files
 from lloco.logs import get_logger
 from lloco.model import LoadedModel
 
@@ -104,7 +103,7 @@ def train_adapter(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item() / answer_tokens)
-        files = peft_files(peft_model, base.model_id)
+        files = peft_files(peft_model, base.model_id, torch.float16)
     finally:
         peft_model.unload()
         base.model.eval()

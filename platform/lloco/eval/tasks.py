@@ -18,12 +18,12 @@ from typing import Literal
 
 from lloco.errors import InvalidArgument
 from lloco.finetune.datasets import QASet, load_hotpotqa_long, load_qmsum, load_squad
+from lloco.model.prompt import QA_INSTRUCTION
 from lloco.registry import DatasetRow, Registry
 
 Metric = Literal["qa", "summary"]
 DATASETS = ("squad", "qmsum", "hotpotqa")
 HOTPOT_LENGTHS = (4096, 8192, 16384)
-QA_INSTRUCTION = "Answer with a short phrase."
 MAX_NEW_TOKENS: dict[Metric, int] = {"qa": 32, "summary": 160}  # answers of QMSum run ~65 words
 
 

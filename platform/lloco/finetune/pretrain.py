@@ -1,31 +1,33 @@
-"""Compressor pretraining: the AutoCompressor objective for a base model that has no compressor yet.
+"""Compressor pretraining: summary vectors that carry a document, for a base model that has no compressor.
 
-A training sequence is cut at random breakpoints into ``segments`` pieces (lengths uniform in
-``[S(1 - jitter), S(1 + jitter)]``, shared by the rows of a step). Segment by segment:
+The encoder is the base model with a LoRA (``TrainableLora`` on the inference path), k trainable summary
+embeddings and a per-channel output scale: segment i runs as ``[summaries of segments < i] + segment i +
+k summary embeddings`` and the final-normed states at the summary positions, times the scale, are its
+summary vectors (summary accumulation, exactly what ``Compressor.compress`` computes). The scale exists
+because the final norm fixes the size of its output (~15x a token embedding's for SmolLM2) while the
+vectors are read back as input embeddings. The decoder is the frozen base model, optionally with a
+*reader* LoRA trained alongside (``reader_rank`` > 0), which ships with the compressor and is where every
+tenant adapter starts.
 
-- encode segment i: ``[summaries of segments < i] + segment i + k summary embeddings`` through the base
-  model *with* the compressor's LoRA; the final-normed hidden states at the k summary positions times a
-  learned per-channel output scale are segment i's summary vectors (summary accumulation, exactly what
-  ``Compressor.compress`` computes; the scale starts at the embedding table's size, since the final norm
-  fixes the size of its output at ~15x a token embedding's and the decoder reads the vectors as inputs);
-- decode segment i through the base model *without* LoRA, next-token loss on every token of the segment
-  (the first is predicted from the last summary vector), after either ``[summaries of segments < i]``
-  (AutoCompressor's next-segment step) or, for a ``reconstruction`` fraction of the segments,
-  ``[summaries of segments <= i]`` (autoencoding, as the In-Context Autoencoder pretrains the same
-  architecture: it makes the summaries hold their segment's content, which is what questions about a
-  compressed document need; next-segment prediction alone gives a weak signal in a short run).
+Each optimizer step is one of two tasks (``qa_fraction`` of the steps are QA):
 
-The decoder is the frozen base model because that is what serves queries: the tenant's LoRA slot sits
-on it, and the compressor's LoRA only runs when documents are compressed. Only the LoRA, the k summary
-embeddings and the output scale train. Stop-gradient as in the AutoCompressors paper: every
-``bptt_segments`` decoded segments the loss is backpropagated and the summaries produced so far are
-detached, so memory stays bounded and gradients reach back a bounded number of compression steps.
+- ``lm``: a window of the corpus cut at random breakpoints into ``segments`` pieces (lengths uniform in
+  ``[S(1-jitter), S(1+jitter)]``); segment i is decoded (next-token loss on all its tokens) after
+  ``[summaries of segments < i]`` (AutoCompressor's next-segment step) or, for a ``reconstruction``
+  fraction, after ``[summaries of segments <= i]`` (autoencoding, as ICAE: the summaries must hold their
+  own segment). Stop-gradient every ``bptt_segments`` decoded segments bounds memory.
+- ``qa``: a train-split question's document (``lloco.finetune.pretrain_qa``) is compressed segment by
+  segment at fixed S as at inference, and the decoder sees only its summaries and the chat prompt; the
+  loss is on the answer. Gradients reach every segment's summaries (each encoder pass is recomputed in
+  backward instead of kept).
 
-The recipe is a flat ``setup / train / save / cleanup`` class that knows nothing of Ray; ``pretrain``
-runs it in one process (one GPU, or the CPU) and ``run_pretrain_job`` wraps the same function in a
-Ray Train ``TorchTrainer``. ``save`` writes the compressor (``Compressor.save`` format: summary
-embeddings + the LoRA as PEFT files, kept apart from the base weights) and ``pretrain.json``, the record:
-command, corpus, options, steps, time, loss curve and held-out next-segment perplexities.
+Runs are resumable: ``checkpoint/`` under the output holds the trainable weights (fp32) and AdamW moments
+(bf16) as safetensors shards under 16 MB, the step, clock, data RNG and loss curve; a run continues from
+it (``resume``) and its cosine schedule spans the whole run (``max_steps`` / ``time_budget_s``), while
+``stop_after_s`` ends one invocation (a GPU host's call). ``init_from`` starts a new run from a finished
+compressor's weights (e.g. the shipped one), so training accumulates across sessions; the record keeps
+every earlier run. The recipe is a flat ``setup / train / save / cleanup`` class that knows nothing of
+Ray; ``run_pretrain_job`` wraps it in a Ray Train ``TorchTrainer``.
 """
 
 from __future__ import annotations
@@ -40,33 +42,155 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.utils.checkpoint import checkpoint
 
 from lloco.config import Settings
-from lloco.errors import FailedPrecondition, Internal
+from lloco.errors import FailedPrecondition, Internal, InvalidArgument
 from lloco.finetune.corpus import Corpus
+from lloco.finetune.pretrain_eval import held_out_windows, next_segment_perplexity, qa_probe
+from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
+from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.logs import get_logger
-from lloco.model import Compressor, Llama, LoadedModel, load_model
-from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE
+from lloco.model import Compressor, LoadedModel, TrainableLora, load_model
+from lloco.model.llama import Block
 
 log = get_logger(__name__)
 
 RECORD_FILE = "pretrain.json"
-ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+CHECKPOINT_DIR = "checkpoint"
+STATE_FILE = "state.json"
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MAX_GRAD_NORM = 1.0
 MIN_LR_FRACTION = 0.1
+CE_CHUNK = 8192  # positions per logits chunk: the vocabulary projection is recomputed in backward
+GEOMETRY = (
+    "segment_len",
+    "k",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "reader_rank",
+    "reader_alpha",
+    "reader_targets",
+)
 
 Report = Callable[[dict[str, Any], Path | None], None]
+Task = Literal["lm", "qa"]
+
+
+class PretrainOptions(BaseModel):
+    """What one pretraining run does; the base model comes from ``settings.model``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    corpus: Path = Field(description="Corpus file (`lloco pretrain-corpus`), tokenized for the base model.")
+    output: Path = Field(description="Directory that receives the compressor, pretrain.json and checkpoint/.")
+    init_from: Path | None = Field(
+        None,
+        description="A compressor directory whose weights (and reader) start this run; its record is kept.",
+    )
+    resume: bool = Field(True, description="Continue from output/checkpoint/ when it exists.")
+    segment_len: int = Field(512, ge=8, description="S: tokens per segment (mean of the random lengths).")
+    k: int = Field(32, ge=1, description="Summary vectors per segment (compression S/k).")
+    segments: int = Field(8, ge=2, description="Segments per LM training sequence.")
+    jitter: float = Field(0.5, ge=0, lt=1, description="LM segment lengths are uniform in [S(1-j), S(1+j)].")
+    bptt_segments: int = Field(2, ge=1, description="Decoded LM segments between stop-gradients.")
+    reconstruction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Fraction of LM segments decoded after their own summaries too (autoencoding).",
+    )
+    qa_data: Path | None = Field(None, description="Directory of the QA train splits (SQuAD, HotpotQA).")
+    qa_cache: Path | None = Field(
+        None, description="Tokenized QA examples (.npz): read if present, else written."
+    )
+    qa_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of steps that are QA steps.")
+    qa_max_tokens: int = Field(4096, ge=8, description="QA documents are cut to this many tokens.")
+    batch_size: int = Field(
+        8, ge=1, description="LM sequences per step (QA steps take as many document tokens)."
+    )
+    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    warmup_steps: int = Field(50, ge=0, description="Linear warmup, then cosine decay to 10% of the peak.")
+    lora_rank: int = Field(16, ge=1, le=256, description="Encoder LoRA rank.")
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_targets: tuple[str, ...] = Field(
+        ALL_TARGETS, min_length=1, description="Encoder projections with LoRA."
+    )
+    reader_rank: int = Field(0, ge=0, le=256, description="Decoder-side reader LoRA rank; 0: frozen decoder.")
+    reader_alpha: float = Field(32.0, gt=0)
+    reader_targets: tuple[str, ...] = Field(ALL_TARGETS, min_length=1)
+    max_steps: int | None = Field(None, ge=1, description="The run ends after this many optimizer steps.")
+    time_budget_s: float | None = Field(None, gt=0, description="The run ends after this much training time.")
+    stop_after_s: float | None = Field(
+        None,
+        gt=0,
+        description="This invocation stops (checkpoint + compressor) after this much training time.",
+    )
+    stop_after_steps: int | None = Field(
+        None, ge=1, description="This invocation stops after this many steps."
+    )
+    checkpoint_every_s: float | None = Field(None, gt=0, description="Also checkpoint this often.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each layer in backward (bigger batches)."
+    )
+    compile: bool = Field(False, description="torch.compile the layer function (dynamic shapes; GPU runs).")
+    eval_windows: int = Field(32, ge=1, description="Held-out windows for the perplexity evaluation.")
+    eval_segments: int = Field(4, ge=2, description="Segments per held-out window.")
+    eval_batch_size: int = Field(8, ge=1)
+    eval_qa: int = Field(64, ge=0, description="Held-out QA examples for the answer-NLL probe.")
+    log_every: int = Field(10, ge=1, description="Steps per loss-curve point.")
+    device: str | None = Field(None, description="cuda / cpu; None: cuda when available.")
+    seed: int = Field(0, ge=0)
+
+    @field_validator("lora_targets", "reader_targets")
+    @classmethod
+    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = sorted(set(targets) - set(ALL_TARGETS))
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(ALL_TARGETS)}")
+        return targets
+
+    @model_validator(mode="after")
+    def _bounded(self) -> PretrainOptions:
+        if self.max_steps is None and self.time_budget_s is None:
+            raise ValueError("set max_steps or time_budget_s (or both): training must end")
+        if self.qa_fraction > 0 and self.qa_data is None and self.qa_cache is None:
+            raise ValueError("qa_fraction > 0 needs qa_data or an existing qa_cache")
+        return self
+
+    def segment_lengths(self, rng: np.random.Generator) -> list[int]:
+        """Random breakpoints: ``segments`` lengths around ``segment_len``."""
+        low = max(1, round(self.segment_len * (1 - self.jitter)))
+        high = max(low, round(self.segment_len * (1 + self.jitter)))
+        return rng.integers(low, high + 1, size=self.segments).tolist()
+
+
+class Trainables(nn.Module):
+    """Everything pretraining updates: summary embeddings, output scale, encoder LoRA, optional reader."""
+
+    def __init__(
+        self, summary: Tensor, scale: Tensor, encoder: TrainableLora, reader: TrainableLora | None
+    ) -> None:
+        super().__init__()
+        self.summary = nn.Parameter(summary.detach().float().clone())
+        self.scale = nn.Parameter(scale.detach().float().clone())
+        self.encoder = encoder
+        self.reader = reader
 
 
 class _LossWindow:
-    """Losses of the steps between two loss-curve points, per kind of decoded segment."""
+    """Losses of the steps between two loss-curve points, per kind."""
+
+    KINDS = ("next", "reconstruct", "qa")
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
@@ -79,83 +203,24 @@ class _LossWindow:
         self.tokens += tokens
 
     def means(self) -> dict[str, float]:
-        """Mean loss per token: overall, next-segment, reconstruction (when there were any)."""
-        means = {}
-        total, count = 0.0, 0
-        for kind in ("next", "reconstruct"):
-            if self.sums.get(f"{kind}_tokens"):
-                means[f"{kind}_loss"] = self.sums[kind] / self.sums[f"{kind}_tokens"]
-                total, count = total + self.sums[kind], count + self.sums[f"{kind}_tokens"]
-        return {"loss": total / count, **means} if count else means
-
-
-class PretrainOptions(BaseModel):
-    """What one pretraining run does; the base model comes from ``settings.model``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    corpus: Path = Field(description="Corpus file (`lloco pretrain-corpus`), tokenized for the base model.")
-    output: Path = Field(description="Directory that receives the compressor and pretrain.json.")
-    segment_len: int = Field(512, ge=8, description="S: tokens per segment (mean of the random lengths).")
-    k: int = Field(32, ge=1, description="Summary vectors per segment.")
-    segments: int = Field(8, ge=2, description="Segments per training sequence.")
-    jitter: float = Field(0.5, ge=0, lt=1, description="Segment lengths are uniform in [S(1-j), S(1+j)].")
-    bptt_segments: int = Field(2, ge=1, description="Decoded segments between stop-gradients.")
-    reconstruction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Fraction of segments decoded after their own summaries too (autoencoding, as ICAE); "
-        "the others after the earlier summaries only (AutoCompressor's next-segment step).",
-    )
-    batch_size: int = Field(8, ge=1, description="Sequences per optimizer step.")
-    learning_rate: float = Field(
-        5e-4, gt=0, description="Peak AdamW learning rate (LoRA and summary embeddings)."
-    )
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup, then cosine decay to 10% of the peak.")
-    lora_rank: int = Field(16, ge=1, le=256)
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: tuple[str, ...] = Field(
-        ENCODER_TARGETS, min_length=1, description="Projections of the encoder that get LoRA."
-    )
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    time_budget_s: float | None = Field(None, gt=0, description="Stop after this much training time.")
-    eval_windows: int = Field(32, ge=1, description="Held-out windows for the perplexity evaluation.")
-    eval_segments: int = Field(4, ge=2, description="Segments per held-out window.")
-    eval_batch_size: int = Field(8, ge=1)
-    log_every: int = Field(10, ge=1, description="Steps per loss-curve point.")
-    device: str | None = Field(None, description="cuda / cpu; None: cuda when available.")
-    seed: int = Field(0, ge=0)
-
-    @field_validator("lora_targets")
-    @classmethod
-    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(targets) - set(ENCODER_TARGETS))
-        if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(ENCODER_TARGETS)}")
-        return targets
-
-    @model_validator(mode="after")
-    def _bounded(self) -> PretrainOptions:
-        if self.max_steps is None and self.time_budget_s is None:
-            raise ValueError("set max_steps or time_budget_s (or both): training must end")
-        return self
-
-    def segment_lengths(self, rng: np.random.Generator) -> list[int]:
-        """Random breakpoints: ``segments`` lengths around ``segment_len``."""
-        low = max(1, round(self.segment_len * (1 - self.jitter)))
-        high = max(low, round(self.segment_len * (1 + self.jitter)))
-        return rng.integers(low, high + 1, size=self.segments).tolist()
+        """Mean loss per target token: overall and of each kind that occurred."""
+        kinds = [kind for kind in self.KINDS if self.sums.get(f"{kind}_tokens")]
+        if not kinds:
+            return {}
+        total = sum(self.sums[kind] for kind in kinds) / sum(self.sums[f"{kind}_tokens"] for kind in kinds)
+        return {
+            "loss": total,
+            **{f"{kind}_loss": self.sums[kind] / self.sums[f"{kind}_tokens"] for kind in kinds},
+        }
 
 
 class CompressorPretrain:
-    """Train summary embeddings and an encoder LoRA for ``settings.model.base_model``.
+    """Train a compressor (and optionally its reader) for ``settings.model.base_model``.
 
     Args:
-        settings: platform settings (base model spec, cache dir, dtype).
+        settings: platform settings (base model spec, cache dir).
         options: the run.
-        command: the command line that started the run, for the record.
+        command: the command line that started this invocation, for the record.
         report: receives ``(metrics, directory or None)`` at the end (Ray Train wires it to ``report``).
     """
 
@@ -164,6 +229,7 @@ class CompressorPretrain:
     ) -> None:
         self.settings, self.options, self.command, self.report = settings, options, command, report
         self.history: list[dict[str, float]] = []
+        self.runs: list[dict[str, Any]] = []  # earlier invocations of this run and earlier runs (init_from)
         self.step = 0
         self.elapsed_s = 0.0
         self.tokens_seen = 0
@@ -171,18 +237,19 @@ class CompressorPretrain:
     # -- setup ------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        """Load the base model and corpus, create fresh summary embeddings, wrap LoRA, build the optimizer."""
-        from peft import LoraConfig, get_peft_model
-
+        """Load the model, corpus and QA examples; initialise (or restore) the trainables and optimizer."""
         options = self.options
         torch.manual_seed(options.seed)
         self.rng = np.random.default_rng(options.seed)
-        wanted = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.device = torch.device(wanted)
-        model_settings = self.settings.model
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.base: LoadedModel = load_model(
-            model_settings.base_model, model_settings.cache_dir, None, model_settings.dtype, self.device
+            self.settings.model.base_model, self.settings.model.cache_dir, None, None, self.device
         )
+        self.model = self.base.model
+        self.model.requires_grad_(False)
+        self.model.fuse_projections()
+        self.dtype = self.model.dtype
+        self.block_fn = torch.compile(Block.infer, dynamic=True) if options.compile else Block.infer
         self.corpus = Corpus.load(options.corpus)
         self.corpus.check_tokenizer(self.base.tokenizer)
         window = options.segments * round(options.segment_len * (1 + options.jitter)) + 1
@@ -193,57 +260,134 @@ class CompressorPretrain:
         self.eval_windows = held_out_windows(
             self.corpus, options.eval_segments * options.segment_len, options.eval_windows
         )
+        self.qa_train, self.qa_held_out = self._qa_examples()
+        self.qa_buckets = self._buckets(self.qa_train)
         self.initial = Compressor.from_base(self.base, options.segment_len, options.k, True, options.seed)
-        self.summary = torch.nn.Parameter(self.initial.summary_embeds.float().clone())
-        assert self.initial.output_scale is not None
-        self.scale = torch.nn.Parameter(self.initial.output_scale.float().clone())
-        lora = LoraConfig(
-            r=options.lora_rank,
-            lora_alpha=options.lora_alpha,
-            lora_dropout=options.lora_dropout,
-            target_modules=list(options.lora_targets),
-            bias="none",
+        self.trainables = self._initial_trainables().to(self.device)
+        self.optimizer = torch.optim.AdamW(
+            self.trainables.parameters(), lr=options.learning_rate, weight_decay=0.0
         )
-        self.peft_model = get_peft_model(self.base.model, lora)
-        self.model: Llama = self.peft_model.get_base_model()
-        self.peft_model.train()
-        lora_params = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.trainable = [*lora_params, self.summary, self.scale]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=options.learning_rate, weight_decay=0.0)
+        checkpoint_dir = options.output / CHECKPOINT_DIR
+        if options.resume and (checkpoint_dir / STATE_FILE).is_file():
+            self._restore(checkpoint_dir)
+        self._invocation = {"command": self.command, "started": _now(), "first_step": self.step}
         log.info(
             "pretrain setup",
             model_id=self.base.model_id,
             device=str(self.device),
             train_tokens=len(self.corpus.train_tokens),
-            eval_windows=len(self.eval_windows),
-            trainable_params=sum(p.numel() for p in self.trainable),
+            qa_train=len(self.qa_train) if self.qa_train else 0,
+            step=self.step,
+            trainable_params=sum(p.numel() for p in self.trainables.parameters()),
         )
+
+    def _qa_examples(self) -> tuple[QAExamples | None, QAExamples | None]:
+        options = self.options
+        if options.qa_cache is not None and options.qa_cache.with_suffix(".train.npz").is_file():
+            return (
+                QAExamples.load(options.qa_cache.with_suffix(".train.npz")),
+                QAExamples.load(options.qa_cache.with_suffix(".held_out.npz")),
+            )
+        if options.qa_data is None:
+            return None, None
+        train, held = build_qa_examples(
+            options.qa_data, self.base.tokenizer, options.qa_max_tokens, seed=options.seed
+        )
+        if options.qa_cache is not None:
+            train.save(options.qa_cache.with_suffix(".train.npz"))
+            held.save(options.qa_cache.with_suffix(".held_out.npz"))
+        return train, held
+
+    def _buckets(self, examples: QAExamples | None) -> dict[int, list[int]]:
+        """QA example indices by their number of segments (a QA step takes one bucket)."""
+        buckets: dict[int, list[int]] = {}
+        for index, document in enumerate(examples.documents if examples else []):
+            if len(document):
+                buckets.setdefault(math.ceil(len(document) / self.options.segment_len), []).append(index)
+        return buckets
+
+    def _initial_trainables(self) -> Trainables:
+        """Fresh weights, or those of ``init_from`` (whose record becomes this run's earlier history)."""
+        options, config = self.options, self.base.config
+        if options.init_from is None:
+            encoder = TrainableLora(
+                config, options.lora_rank, options.lora_alpha, options.lora_targets, options.seed
+            )
+            reader = None
+            if options.reader_rank:
+                reader = TrainableLora(
+                    config,
+                    options.reader_rank,
+                    options.reader_alpha,
+                    options.reader_targets,
+                    options.seed + 1,
+                )
+            assert self.initial.output_scale is not None
+            return Trainables(self.initial.summary_embeds, self.initial.output_scale, encoder, reader)
+        start = Compressor.load(options.init_from, self.base)
+        if start.k != options.k or start.segment_len != options.segment_len or start.adapter_files is None:
+            raise InvalidArgument(
+                f"init_from {options.init_from} has S={start.segment_len}, k={start.k}"
+                f"{'' if start.adapter_files else ', no encoder LoRA'}; this run wants S={options.segment_len}, k={options.k}"
+            )
+        encoder = TrainableLora.from_peft_files(config, start.adapter_files)
+        reader = TrainableLora.from_peft_files(config, start.reader_files) if start.reader_files else None
+        if reader is None and options.reader_rank:
+            reader = TrainableLora(
+                config, options.reader_rank, options.reader_alpha, options.reader_targets, options.seed + 1
+            )
+        record_path = options.init_from / RECORD_FILE
+        if record_path.is_file():
+            self.runs = earlier_runs(json.loads(record_path.read_text()))
+        scale = start.output_scale if start.output_scale is not None else torch.ones(config.dim)
+        return Trainables(start.summary_embeds, scale, encoder, reader)
 
     # -- train ------------------------------------------------------------------------------------------
 
     def train(self) -> None:
-        """Optimizer steps until ``max_steps`` or the time budget is spent."""
+        """Optimizer steps until the run ends or this invocation's ``stop_after_s`` is spent."""
         options = self.options
         window = _LossWindow()
-        while not self._done():
+        first_step, started_at = self.step, self.elapsed_s
+        last_checkpoint = time.perf_counter()
+
+        def invocation_over() -> bool:
+            return (
+                options.stop_after_s is not None and self.elapsed_s - started_at >= options.stop_after_s
+            ) or (options.stop_after_steps is not None and self.step - first_step >= options.stop_after_steps)
+
+        while not self._done() and not invocation_over():
             started = time.perf_counter()
-            lengths = options.segment_lengths(self.rng)
-            reconstruct = (self.rng.random(len(lengths)) < options.reconstruction).tolist()
-            tokens = self._sample_windows(sum(lengths))
             self._set_learning_rate()
-            window.add(self._train_step(tokens, lengths, reconstruct), tokens.numel())
+            task: Task = "qa" if self.qa_buckets and self.rng.random() < options.qa_fraction else "lm"
+            sums, tokens = self._qa_step() if task == "qa" else self._lm_step()
+            torch.nn.utils.clip_grad_norm_(self.trainables.parameters(), MAX_GRAD_NORM)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            window.add(sums, tokens)
             self.step += 1
             self.elapsed_s += time.perf_counter() - started
-            self.tokens_seen += tokens.numel()
-            if self.step % options.log_every == 0 or self._done():
-                point = {"step": self.step, "elapsed_s": round(self.elapsed_s, 2), **window.means()}
-                point["lr"] = self.optimizer.param_groups[0]["lr"]
-                point["tokens_per_s"] = window.tokens / (time.perf_counter() - window.started)
-                if self.device.type == "cuda":
-                    point["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-                self.history.append(point)
-                log.info("pretrain step", **point)
+            self.tokens_seen += tokens
+            if self.step % options.log_every == 0:
+                self._log_point(window)
                 window = _LossWindow()
+            if (
+                options.checkpoint_every_s
+                and time.perf_counter() - last_checkpoint > options.checkpoint_every_s
+            ):
+                self.save_checkpoint()
+                last_checkpoint = time.perf_counter()
+        if window.sums:
+            self._log_point(window)
+
+    def _log_point(self, window: _LossWindow) -> None:
+        point = {"step": self.step, "elapsed_s": round(self.elapsed_s, 2), **window.means()}
+        point["lr"] = self.optimizer.param_groups[0]["lr"]
+        point["tokens_per_s"] = window.tokens / max(1e-9, time.perf_counter() - window.started)
+        if self.device.type == "cuda":
+            point["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.history.append(point)
+        log.info("pretrain step", **point)
 
     def _done(self) -> bool:
         options = self.options
@@ -268,141 +412,277 @@ class CompressorPretrain:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _sample_windows(self, length: int) -> Tensor:
-        """``batch_size`` random windows of the packed training stream: [B, length] long."""
+    # -- the two tasks ----------------------------------------------------------------------------------
+
+    def _lm_step(self) -> tuple[dict[str, float], int]:
+        """Backward of one LM step (next-segment and reconstruction losses); returns loss sums and tokens."""
+        options = self.options
+        lengths = options.segment_lengths(self.rng)
+        reconstruct = (self.rng.random(len(lengths)) < options.reconstruction).tolist()
         stream = self.corpus.train_tokens
-        starts = self.rng.integers(0, len(stream) - length, size=self.options.batch_size)
-        rows = np.stack([stream[start : start + length] for start in starts]).astype(np.int64)
-        return torch.from_numpy(rows).to(self.device)
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
-    def _train_step(self, tokens: Tensor, lengths: list[int], reconstruct: list[bool]) -> dict[str, float]:
-        """One optimizer step over [B, sum(lengths)] tokens cut at ``lengths``.
-
-        Segment i is encoded when a later segment needs its summaries or it is reconstructed; it is decoded
-        after the summaries of segments < i (next-segment; not segment 0, which has none) or <= i
-        (``reconstruct[i]``). Returns summed losses and token counts of both kinds.
-        """
+        starts = self.rng.integers(0, len(stream) - sum(lengths), size=options.batch_size)
+        rows = np.stack([stream[start : start + sum(lengths)] for start in starts]).astype(np.int64)
+        tokens = torch.from_numpy(rows).to(self.device)
         bounds = np.cumsum([0, *lengths]).tolist()
-        with torch.no_grad():
-            embeds = self.model.embed(tokens)
+        embeds = self.model.embed(tokens)
         decoded = [i for i in range(len(lengths)) if i > 0 or reconstruct[i]]
         targets = tokens.shape[0] * sum(lengths[i] for i in decoded)
         sums = {"next": 0.0, "next_tokens": 0, "reconstruct": 0.0, "reconstruct_tokens": 0}
         summaries: list[Tensor] = []
         pending: list[Tensor] = []
+
+        def decode(i: int, kind: str) -> None:
+            prefix = torch.cat(summaries[: i + 1] if kind == "reconstruct" else summaries[:i], dim=1)
+            loss = self._decode_loss(
+                prefix, embeds[:, bounds[i] : bounds[i + 1]], tokens[:, bounds[i] : bounds[i + 1]]
+            )
+            pending.append(loss)
+            sums[kind] += float(loss.detach())
+            sums[f"{kind}_tokens"] += tokens.shape[0] * lengths[i]
+
         for i in range(len(lengths)):
-            segment = slice(bounds[i], bounds[i + 1])
-            with self._autocast():
-                if i < len(lengths) - 1 or reconstruct[i]:
-                    summaries.append(self._encode(summaries[:i], embeds[:, segment]))
-                if i in decoded:
-                    prefix = summaries[: i + 1] if reconstruct[i] else summaries[:i]
-                    pending.append(self._segment_loss(prefix, tokens[:, segment], embeds[:, segment]))
-                    kind = "reconstruct" if reconstruct[i] else "next"
-            if i in decoded:
-                sums[kind] += float(pending[-1].detach())
-                sums[f"{kind}_tokens"] += tokens.shape[0] * lengths[i]
-            if pending and (len(pending) % self.options.bptt_segments == 0 or i == len(lengths) - 1):
-                (torch.stack(pending).sum() / targets).backward()
+            if i > 0 and not reconstruct[i]:
+                decode(i, "next")
+            if len(pending) >= options.bptt_segments:  # stop-gradient before the next summary is made, so
+                (torch.stack(pending).sum() / targets).backward()  # every later loss reaches a live one
                 pending = []
                 summaries = [s.detach() for s in summaries]
-        torch.nn.utils.clip_grad_norm_(self.trainable, MAX_GRAD_NORM)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return sums
+            if i < len(lengths) - 1 or reconstruct[i]:
+                earlier = torch.cat(summaries, dim=1) if summaries else None
+                summaries.append(self._encode(earlier, list(embeds[:, bounds[i] : bounds[i + 1]])))
+            if reconstruct[i]:
+                decode(i, "reconstruct")
+        if pending:
+            (torch.stack(pending).sum() / targets).backward()
+        return sums, tokens.numel()
 
-    def _layers(self, x: Tensor) -> Tensor:
-        """The decoder layers (peft-wrapped) over inputs [B, T, D] at positions 0..T-1; before the final norm."""
+    def _qa_step(self) -> tuple[dict[str, float], int]:
+        """Backward of one QA step: documents of one segment count, answers from their summaries alone."""
+        options, size = self.options, self.options.segment_len
+        counts = sorted(self.qa_buckets)
+        weights = np.array([len(self.qa_buckets[n]) for n in counts], dtype=np.float64)
+        n = counts[self.rng.choice(len(counts), p=weights / weights.sum())]
+        rows = max(1, options.batch_size * options.segments // n)
+        chosen = self.rng.choice(self.qa_buckets[n], size=rows, replace=len(self.qa_buckets[n]) < rows)
+        examples = self.qa_train.subset(chosen.tolist())
+        documents = [
+            torch.as_tensor(doc, dtype=torch.int64, device=self.device) for doc in examples.documents
+        ]
+        summaries: Tensor | None = None
+        for i in range(n):
+            segments = [self.model.embed(doc[i * size : (i + 1) * size]) for doc in documents]
+            vectors = checkpoint(self._encode, summaries, segments, use_reentrant=False)
+            summaries = vectors if summaries is None else torch.cat([summaries, vectors], dim=1)
+        assert summaries is not None
+        tails = [
+            torch.tensor([*p, *a], device=self.device)
+            for p, a in zip(examples.prompts, examples.answers, strict=True)
+        ]
+        inputs = torch.cat(
+            [summaries, pad_sequence([self.model.embed(t) for t in tails], batch_first=True)], dim=1
+        )
+        hidden = self._layers(inputs, self.trainables.reader)
+        prefix = summaries.shape[1]
+        positions, targets = [], []
+        for row, (prompt, answer) in enumerate(zip(examples.prompts, examples.answers, strict=True)):
+            first = prefix + len(prompt) - 1
+            positions += [(row, first + j) for j in range(len(answer))]
+            targets += answer
+        index = torch.tensor(positions, device=self.device)
+        loss = self._ce_sum(hidden[index[:, 0], index[:, 1]], torch.tensor(targets, device=self.device))
+        (loss / len(targets)).backward()
+        document_tokens = sum(len(doc) for doc in documents)
+        return {"qa": float(loss.detach()), "qa_tokens": len(targets)}, document_tokens
+
+    # -- model passes -----------------------------------------------------------------------------------
+
+    def _layers(self, x: Tensor, lora: TrainableLora | None) -> Tensor:
+        """Final-normed hidden states of inputs [B, T, D] at positions 0..T-1, through ``lora`` (if any)."""
+        model = self.model
         length = x.shape[1]
-        self.model.ensure_positions(length)
-        cos, sin = self.model.rope(torch.arange(length, device=x.device)[None])
-        for block in self.model.model.layers:
-            x = block(x, cos, sin)
-        return x
+        model.ensure_positions(length)
+        cos, sin = model.rope(torch.arange(length, device=x.device)[None])
+        for i, block in enumerate(model.model.layers):
+            layer_lora = None if lora is None else lora.layer(i, self.dtype)
+            if self.options.activation_checkpointing:
+                x = checkpoint(self.block_fn, block, x, cos, sin, None, None, layer_lora, use_reentrant=False)
+            else:
+                x = self.block_fn(block, x, cos, sin, None, None, layer_lora)
+        return model.model.norm(x)
 
-    def _encode(self, earlier: list[Tensor], segment: Tensor) -> Tensor:
-        """Summary vectors [B, k, D] of ``segment`` [B, L, D] after the summaries ``earlier`` (LoRA on)."""
-        batch, dtype = segment.shape[0], segment.dtype
-        summary = self.summary.to(dtype)[None].expand(batch, -1, -1)
-        x = torch.cat([*(s.to(dtype) for s in earlier), segment, summary], dim=1)
-        hidden = self._layers(x)
-        return self.model.model.norm(hidden[:, -self.options.k :]) * self.scale.to(dtype)
+    def _encode(self, earlier: Tensor | None, segments: list[Tensor]) -> Tensor:
+        """Summary vectors [B, k, D] of each row's ``segments[b]`` [L_b, D] after ``earlier`` [B, P, D]."""
+        k = self.options.k
+        summary = self.trainables.summary.to(self.dtype)
+        rows = [
+            torch.cat([*([] if earlier is None else [earlier[b]]), segment, summary])
+            for b, segment in enumerate(segments)
+        ]
+        lengths = torch.tensor([row.shape[0] for row in rows], device=self.device)
+        hidden = self._layers(pad_sequence(rows, batch_first=True), self.trainables.encoder)
+        index = lengths[:, None] - k + torch.arange(k, device=self.device)[None]
+        vectors = hidden[torch.arange(len(rows), device=self.device)[:, None], index]
+        return vectors * self.trainables.scale.to(self.dtype)
 
-    def _segment_loss(self, summaries: list[Tensor], tokens: Tensor, segment: Tensor) -> Tensor:
-        """Summed next-token loss of ``tokens`` [B, L] after ``summaries`` as prefix, on the frozen base
-        decoder's inference path (fused projections, no LoRA): the first token is predicted from the last
-        summary vector."""
-        dtype = segment.dtype
-        prefix = torch.cat([s.to(dtype) for s in summaries], dim=1)
-        hidden = self.model.hidden(torch.cat([prefix, segment], dim=1))
-        logits = self.model.lm_head(hidden[:, prefix.shape[1] - 1 : -1]).float()
-        return F.cross_entropy(logits.flatten(0, 1), tokens.flatten(), reduction="sum")
+    def _decode_loss(self, prefix: Tensor, segment: Tensor, tokens: Tensor) -> Tensor:
+        """Summed next-token loss of ``tokens`` [B, L] after ``prefix`` [B, P, D] (P >= 1): the first token is
+        predicted from the last prefix vector."""
+        hidden = self._layers(torch.cat([prefix, segment], dim=1), self.trainables.reader)
+        start = prefix.shape[1] - 1
+        return self._ce_sum(hidden[:, start : start + tokens.shape[1]].flatten(0, 1), tokens.flatten())
+
+    def _ce_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
+        """Summed cross-entropy of hidden states [N, D] against [N] targets, logits a chunk at a time."""
+        weight = self.model.lm_head.weight
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], CE_CHUNK):
+            part = slice(start, start + CE_CHUNK)
+            total = total + checkpoint(_chunk_ce, weight, hidden[part], targets[part], use_reentrant=False)
+        return total
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoint/: weights (fp32) and AdamW moments (bf16) in shards under 16 MB, and the state."""
+        directory = self.options.output / CHECKPOINT_DIR
+        weights = {name: p.detach() for name, p in self.trainables.named_parameters()}
+        moments: dict[str, Tensor] = {}
+        names = [name for name, _ in self.trainables.named_parameters()]
+        for name, param in zip(names, self.trainables.parameters(), strict=True):
+            state = self.optimizer.state.get(param)
+            if state:
+                moments[f"{name}.exp_avg"] = state["exp_avg"].to(torch.bfloat16)
+                moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16)
+                moments[f"{name}.step"] = torch.as_tensor(float(state["step"]))
+        save_sharded(weights, directory, "weights")
+        save_sharded(moments, directory, "optimizer")
+        state = {
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "tokens_seen": self.tokens_seen,
+            "history": self.history,
+            "runs": self.runs,
+            "rng": self.rng.bit_generator.state,
+            "options": json.loads(self.options.model_dump_json()),
+        }
+        (directory / STATE_FILE).write_text(json.dumps(state))
+        log.info("pretrain checkpoint", path=str(directory), step=self.step)
+        return directory
+
+    def _restore(self, directory: Path) -> None:
+        """Continue from a checkpoint of this run (same geometry)."""
+        state = json.loads((directory / STATE_FILE).read_text())
+        changed = [
+            name
+            for name in GEOMETRY
+            if state["options"][name] != json.loads(self.options.model_dump_json())[name]
+        ]
+        if changed:
+            raise InvalidArgument(f"checkpoint {directory} was made with other {changed}; start a new output")
+        weights = load_sharded(directory, "weights", str(self.device))
+        self.trainables.load_state_dict(weights)
+        moments = load_sharded(directory, "optimizer", str(self.device))
+        for name, param in self.trainables.named_parameters():
+            if f"{name}.exp_avg" in moments:
+                self.optimizer.state[param] = {
+                    "step": moments[f"{name}.step"].float().cpu(),
+                    "exp_avg": moments[f"{name}.exp_avg"].float(),
+                    "exp_avg_sq": moments[f"{name}.exp_avg_sq"].float(),
+                }
+        self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
+        self.history, self.runs = state["history"], state["runs"]
+        self.rng.bit_generator.state = state["rng"]
+        log.info("pretrain resumed", path=str(directory), step=self.step, elapsed_s=round(self.elapsed_s, 1))
 
     # -- save -------------------------------------------------------------------------------------------
 
-    def save(self, directory: Path | None = None) -> dict[str, Any]:
-        """Write the compressor, then score it and write pretrain.json, to ``directory`` (default:
-        options.output); returns the record.
+    def compressor(self) -> Compressor:
+        """The trained weights as a ``Compressor`` on the inference path (LoRA in slots, not in training form)."""
+        t = self.trainables
+        reader = None if t.reader is None else t.reader.peft_files(self.base.model_id)
+        return Compressor(
+            self.base,
+            t.summary.detach(),
+            self.options.segment_len,
+            True,
+            t.encoder.peft_files(self.base.model_id),
+            t.scale.detach(),
+            reader_files=reader,
+        )
 
-        Unwraps LoRA from the base model first, so the perplexities are measured on the inference path
-        (``Compressor.compress`` and the plain base model) exactly as the platform will use the result.
-        """
+    def save(self, directory: Path | None = None, evaluate: bool = True) -> dict[str, Any]:
+        """Checkpoint, write the compressor and pretrain.json (with held-out scores when ``evaluate``);
+        returns the record."""
         directory = Path(directory or self.options.output)
-        files = peft_files(self.peft_model, self.base.model_id)
-        summary, scale = self.summary.detach(), self.scale.detach()
-        self.peft_model.unload()
-        self.base.model.eval()
-        for name in ("peft_model", "optimizer", "trainable"):
-            self.__dict__.pop(name, None)
-        compressor = Compressor(self.base, summary, self.options.segment_len, True, files, scale)
+        self._invocation.update(
+            ended=_now(),
+            last_step=self.step,
+            elapsed_s=round(self.elapsed_s, 2),
+            tokens_seen=self.tokens_seen,
+        )
+        self.runs.append(self._invocation)
+        self.save_checkpoint()
+        compressor = self.compressor()
         compressor.save(directory)
-        with torch.no_grad():
-            perplexity = next_segment_perplexity(
-                self.base, compressor, self.initial, self.eval_windows, self.options.eval_batch_size
+        held_out: dict[str, Any] = {}
+        if evaluate:
+            windows, batch = self.eval_windows, self.options.eval_batch_size
+            held_out["next_segment"] = next_segment_perplexity(
+                self.base, compressor, windows, batch, self.initial
             )
-        record = self.record(compressor, perplexity)
+            if self.qa_held_out is not None and self.options.eval_qa:
+                probe = self.qa_held_out.subset(range(min(self.options.eval_qa, len(self.qa_held_out))))
+                held_out["qa_probe"] = qa_probe(self.base, compressor, probe, batch)
+        record = self.record(compressor, held_out)
         (directory / RECORD_FILE).write_text(json.dumps(record, indent=2))
+        summary = held_out.get("next_segment", {}).get("perplexity", {})
         log.info(
             "compressor saved",
             path=str(directory),
             compressor_id=compressor.compressor_id,
             steps=self.step,
-            **{f"ppl_{name}": value for name, value in perplexity["perplexity"].items()},
+            gap_closed=held_out.get("next_segment", {}).get("gap_closed"),
+            **{f"ppl_{name}": value for name, value in summary.items()},
         )
         if self.report is not None:
-            self.report({"step": self.step, **perplexity["perplexity"]}, directory)
+            self.report({"step": self.step, **summary}, directory)
         return record
 
-    def record(self, compressor: Compressor, perplexity: dict[str, Any]) -> dict[str, Any]:
-        """pretrain.json: enough to reproduce and judge the run."""
-        import peft
+    def record(self, compressor: Compressor, held_out: dict[str, Any]) -> dict[str, Any]:
+        """pretrain.json: enough to reproduce and judge the run, and every earlier run it continues."""
         import transformers
 
         corpus_meta = {key: value for key, value in self.corpus.meta.items() if key != "tokenizer_sha256"}
+        finished = [run for run in self.runs if run.get("run_end")]
         return {
             "command": self.command,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "created": _now(),
             "compressor_id": compressor.compressor_id,
             "base_model": self.base.model_id,
-            "objective": "AutoCompressor (summary accumulation, random segment breakpoints, stop-gradient "
-            "every bptt_segments) mixed with autoencoding (options.reconstruction); encoder = base + LoRA, "
-            "decoder = frozen base",
+            "objective": "summary accumulation; LM steps: next-segment + autoencoding (options.reconstruction), "
+            "random breakpoints, stop-gradient every bptt_segments; QA steps (options.qa_fraction): answer from "
+            "the summaries alone; encoder = base + LoRA, decoder = frozen base"
+            + (" + reader LoRA" if self.trainables.reader is not None else ""),
             "options": json.loads(self.options.model_dump_json()),
             "corpus": {"file": self.options.corpus.name, **corpus_meta},
+            "qa_examples": {
+                "train": len(self.qa_train) if self.qa_train else 0,
+                "held_out": len(self.qa_held_out) if self.qa_held_out else 0,
+                "sources": sorted(set(self.qa_train.sources)) if self.qa_train else [],
+            },
             "steps": self.step,
             "train_seconds": round(self.elapsed_s, 2),
             "train_tokens_seen": self.tokens_seen,
+            "runs": self.runs,
+            "total_train_seconds": round(sum(run["elapsed_s"] for run in finished) + self.elapsed_s, 2),
+            "total_tokens_seen": sum(run["tokens_seen"] for run in finished) + self.tokens_seen,
             "loss_curve": self.history,
-            "held_out": perplexity,
+            "held_out": held_out,
             "device": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu",
             "versions": {
                 "python": host_platform.python_version(),
                 "torch": torch.__version__,
                 "transformers": transformers.__version__,
-                "peft": peft.__version__,
             },
         }
 
@@ -410,118 +690,36 @@ class CompressorPretrain:
 
     def cleanup(self) -> None:
         """Free the model and accelerator memory."""
-        for name in ("peft_model", "model", "base", "initial", "optimizer", "trainable", "corpus"):
+        for name in ("model", "base", "initial", "optimizer", "trainables", "corpus", "qa_train"):
             self.__dict__.pop(name, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
-def held_out_windows(corpus: Corpus, length: int, count: int) -> Tensor:
-    """Up to ``count`` windows [N, length] lying inside single held-out documents, evenly spread.
-
-    Raises:
-        FailedPrecondition: no held-out document is that long.
-    """
-    offsets = corpus.held_out_offsets
-    starts = [
-        start
-        for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)
-        for start in range(begin, end - length + 1, length)
-    ]
-    if not starts:
-        raise FailedPrecondition(f"no held-out document of the corpus has {length} tokens for evaluation")
-    chosen = [starts[i] for i in np.linspace(0, len(starts) - 1, min(count, len(starts))).round().astype(int)]
-    rows = np.stack([corpus.held_out_tokens[start : start + length] for start in chosen]).astype(np.int64)
-    return torch.from_numpy(rows)
+def _chunk_ce(weight: Tensor, hidden: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, reduction="sum")
 
 
-def _summed_nll(model: Llama, embeds: Tensor, targets: Tensor, first: int) -> float:
-    """Summed NLL of ``targets`` [B, n] predicted at positions first..first+n-1 of ``embeds`` [B, T, D]."""
-    hidden = model.hidden(embeds)[:, first : first + targets.shape[1]]
-    logits = model.lm_head(hidden).float()
-    return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def next_segment_perplexity(
-    base: LoadedModel, compressor: Compressor, initial: Compressor, windows: Tensor, batch_size: int
-) -> dict[str, Any]:
-    """Held-out perplexity of segments 1..n-1 of each window under five prefixes, on the base decoder.
-
-    Segment i (S tokens) is scored on its tokens 1..S-1 after: nothing (``no_context``); the trained
-    compressor's summaries of segments < i (``compressed``); the untrained summary embeddings'
-    (``compressed_untrained``); all tokens of segments < i (``full_text``, the upper reference); and the
-    trained summaries of segments <= i (``reconstruction``: how much of a segment its own summaries hold).
-    """
-    model, size, k = base.model, compressor.segment_len, compressor.k
-    n = windows.shape[1] // size
-    names = ("no_context", "compressed", "compressed_untrained", "full_text", "reconstruction")
-    nll = dict.fromkeys(names, 0.0)
-    per_segment = {name: [0.0] * n for name in names}
-    scored = 0
-    for start in range(0, windows.shape[0], batch_size):
-        rows = windows[start : start + batch_size].to(model.device)
-        embeds = model.embed(rows)
-        documents = rows[:, : n * size].tolist()
-        trained = torch.stack(compressor.compress(documents))
-        untrained = torch.stack(initial.compress(documents))
-        for i in range(1, n):
-            segment, targets = embeds[:, i * size : (i + 1) * size], rows[:, i * size + 1 : (i + 1) * size]
-            prefixes = {
-                "no_context": segment[:, :0],
-                "compressed": trained[:, : i * k],
-                "compressed_untrained": untrained[:, : i * k],
-                "full_text": embeds[:, : i * size],
-                "reconstruction": trained[:, : (i + 1) * k],
+def earlier_runs(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs a finished compressor's pretrain.json lists, each marked as a whole run's end."""
+    runs = record.get("runs")
+    if runs is None:  # a record from before runs were kept: one invocation
+        runs = [
+            {
+                "command": record.get("command", ""),
+                "ended": record.get("created"),
+                "last_step": record.get("steps", 0),
+                "elapsed_s": record.get("train_seconds", 0.0),
+                "tokens_seen": record.get("train_tokens_seen", 0),
             }
-            for name, prefix in prefixes.items():
-                inputs = torch.cat([prefix.to(segment.dtype), segment], dim=1)
-                value = _summed_nll(model, inputs, targets, prefix.shape[1])
-                nll[name] += value
-                per_segment[name][i] += value
-        scored += rows.shape[0]
-    tokens = scored * (n - 1) * (size - 1)
-    return {
-        "windows": scored,
-        "segments_per_window": n,
-        "segment_len": size,
-        "scored_tokens": tokens,
-        "perplexity": {name: math.exp(value / tokens) for name, value in nll.items()},
-        "perplexity_by_segment": {
-            name: [math.exp(v / (scored * (size - 1))) for v in values[1:]]
-            for name, values in per_segment.items()
-        },
-    }
-
-
-def peft_files(peft_model: Any, base_model_id: str) -> dict[str, bytes]:
-    """A peft-wrapped model's adapter in PEFT's format (HF LlamaForCausalLM keys), as ``LoraSlots`` load it.
-
-    Stored in fp16: the compressor ships inside the package, and the default one's held-out perplexity
-    is the same to six digits with fp16 as with fp32 weights (docs/compressor.md)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save
-
-    config = peft_model.peft_config["default"].to_dict()
-    config.update(base_model_name_or_path=base_model_id, task_type="CAUSAL_LM", inference_mode=True)
-    state = {
-        key: value.detach().half().cpu().contiguous()
-        for key, value in get_peft_model_state_dict(peft_model).items()
-    }
-    return {
-        CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True, default=_json_value).encode(),
-        WEIGHTS_FILE: save(state, metadata={"format": "pt"}),
-    }
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, set | frozenset):
-        return sorted(value)
-    if isinstance(value, tuple):
-        return list(value)
-    if hasattr(value, "value"):  # enums (peft's TaskType)
-        return value.value
-    return str(value)
+        ]
+    last = dict(runs[-1], run_end=True, compressor_id=record.get("compressor_id"))
+    return [*runs[:-1], last]
 
 
 def pretrain(
@@ -542,11 +740,13 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray.train
 
     def report(metrics: dict[str, Any], directory: Path | None) -> None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+        checkpoint_ = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
+        ray.train.report(metrics, checkpoint=checkpoint_)
 
     staging = Path(tempfile.mkdtemp(prefix="lloco-pretrain-"))
     options = config["options"].model_copy(update={"output": staging / "compressor"})
+    if config["options"].output.is_dir():  # a resumable run: start from the caller's output
+        shutil.copytree(config["options"].output, options.output)
     try:
         pretrain(config["settings"], options, config["command"], report)
     finally:
@@ -561,7 +761,7 @@ def run_pretrain_job(
     cpus_per_worker: float = 1.0,
     storage_path: str | None = None,
 ) -> dict[str, Any]:
-    """Pretrain on one Ray Train worker and copy its compressor to ``options.output``; returns the record.
+    """Pretrain on one Ray Train worker and copy its output (compressor + checkpoint) to ``options.output``.
 
     ``storage_path`` is where Ray Train keeps the run (a local temporary folder by default; on a
     multi-node cluster give a shared path such as ``s3://bucket/prefix``).

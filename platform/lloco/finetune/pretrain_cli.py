@@ -80,33 +80,61 @@ def pretrain_corpus(
 def pretrain_compressor(
     ctx: typer.Context,
     corpus: Annotated[Path, typer.Option(help="Corpus file from `lloco pretrain-corpus`.")],
-    output: Annotated[Path, typer.Option(help="Directory for the compressor and pretrain.json.")],
+    output: Annotated[
+        Path, typer.Option(help="Directory for the compressor, pretrain.json and checkpoint/.")
+    ],
     base_model: Annotated[str | None, typer.Option(help="Base model spec (default: settings).")] = None,
+    init_from: Annotated[
+        Path | None, typer.Option(help="Start from this compressor's weights (e.g. the shipped one).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUTPUT/checkpoint/ when present.")] = True,
     segment_len: Annotated[int, typer.Option(help="Tokens per segment (S).")] = 512,
     k: Annotated[int, typer.Option(help="Summary vectors per segment.")] = 32,
-    segments: Annotated[int, typer.Option(help="Segments per training sequence.")] = 8,
-    jitter: Annotated[float, typer.Option(help="Segment lengths uniform in [S(1-j), S(1+j)].")] = 0.5,
+    segments: Annotated[int, typer.Option(help="Segments per LM training sequence.")] = 8,
+    jitter: Annotated[float, typer.Option(help="LM segment lengths uniform in [S(1-j), S(1+j)].")] = 0.5,
     bptt_segments: Annotated[int, typer.Option(help="Decoded segments between stop-gradients.")] = 2,
     reconstruction: Annotated[
         float, typer.Option(help="Fraction of segments decoded after their own summaries (autoencoding).")
     ] = 0.5,
-    batch_size: Annotated[int, typer.Option(help="Sequences per step.")] = 8,
+    qa_data: Annotated[
+        Path | None, typer.Option(help="Directory with the SQuAD / HotpotQA files for QA steps.")
+    ] = None,
+    qa_cache: Annotated[
+        Path | None, typer.Option(help="Tokenized QA examples: read if present, else written.")
+    ] = None,
+    qa_fraction: Annotated[float, typer.Option(help="Fraction of steps that are QA steps.")] = 0.0,
+    qa_max_tokens: Annotated[int, typer.Option(help="QA documents cut to this many tokens.")] = 4096,
+    batch_size: Annotated[int, typer.Option(help="LM sequences per step.")] = 8,
     learning_rate: Annotated[float, typer.Option(help="Peak learning rate.")] = 5e-4,
     warmup_steps: Annotated[int, typer.Option(help="Linear warmup steps.")] = 50,
     lora_rank: Annotated[int, typer.Option(help="Encoder LoRA rank.")] = 16,
     lora_alpha: Annotated[float, typer.Option(help="Encoder LoRA alpha.")] = 32.0,
     lora_targets: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated encoder projections with LoRA (default: all of attention and MLP)."
-        ),
+        str | None, typer.Option(help="Comma-separated encoder projections (default: all).")
     ] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
+    reader_rank: Annotated[int, typer.Option(help="Reader (decoder-side) LoRA rank; 0: frozen decoder.")] = 0,
+    reader_alpha: Annotated[float, typer.Option(help="Reader LoRA alpha.")] = 32.0,
+    reader_targets: Annotated[
+        str | None, typer.Option(help="Comma-separated reader projections (default: all).")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="The run ends after this many steps.")] = None,
     time_budget: Annotated[
-        float | None, typer.Option(help="Stop after this many seconds of training.")
+        float | None, typer.Option(help="The run ends after this many seconds of training.")
     ] = None,
+    stop_after: Annotated[
+        float | None, typer.Option(help="This invocation stops after this many seconds (resume later).")
+    ] = None,
+    stop_after_steps: Annotated[
+        int | None, typer.Option(help="This invocation stops after this many steps (resume later).")
+    ] = None,
+    checkpoint_every: Annotated[float | None, typer.Option(help="Checkpoint every N seconds.")] = None,
+    activation_checkpointing: Annotated[
+        bool, typer.Option(help="Recompute layers in backward (less memory, bigger batches).")
+    ] = False,
+    compile: Annotated[bool, typer.Option(help="torch.compile the layer function (GPU runs).")] = False,
     eval_windows: Annotated[int, typer.Option(help="Held-out windows for perplexity.")] = 32,
     eval_segments: Annotated[int, typer.Option(help="Segments per held-out window.")] = 4,
+    eval_qa: Annotated[int, typer.Option(help="Held-out QA examples for the answer-NLL probe.")] = 64,
     log_every: Annotated[int, typer.Option(help="Steps per loss-curve point.")] = 10,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order and initialization.")] = 0,
@@ -118,36 +146,54 @@ def pretrain_compressor(
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
 ) -> None:
-    """Train a compressor (AutoCompressor objective) for the base model; write it and its record."""
+    """Train a compressor (and optionally its reader) for the base model; write it, its record, a checkpoint."""
     from pydantic import ValidationError
 
     from lloco.errors import InvalidArgument
     from lloco.finetune.pretrain import PretrainOptions, pretrain, run_pretrain_job
 
-    targets = {} if lora_targets is None else {"lora_targets": tuple(lora_targets.split(","))}
+    lists = {
+        name: tuple(value.split(","))
+        for name, value in (("lora_targets", lora_targets), ("reader_targets", reader_targets))
+        if value is not None
+    }
     try:
         options = PretrainOptions(
             corpus=corpus,
             output=output,
+            init_from=init_from,
+            resume=resume,
             segment_len=segment_len,
             k=k,
             segments=segments,
             jitter=jitter,
             bptt_segments=bptt_segments,
             reconstruction=reconstruction,
+            qa_data=qa_data,
+            qa_cache=qa_cache,
+            qa_fraction=qa_fraction,
+            qa_max_tokens=qa_max_tokens,
             batch_size=batch_size,
             learning_rate=learning_rate,
             warmup_steps=warmup_steps,
             lora_rank=lora_rank,
             lora_alpha=lora_alpha,
+            reader_rank=reader_rank,
+            reader_alpha=reader_alpha,
             max_steps=max_steps,
             time_budget_s=time_budget,
+            stop_after_s=stop_after,
+            stop_after_steps=stop_after_steps,
+            checkpoint_every_s=checkpoint_every,
+            activation_checkpointing=activation_checkpointing,
+            compile=compile,
             eval_windows=eval_windows,
             eval_segments=eval_segments,
+            eval_qa=eval_qa,
             log_every=log_every,
             device=device,
             seed=seed,
-            **targets,
+            **lists,
         )
     except ValidationError as error:
         raise InvalidArgument(f"bad pretraining options: {error}") from error
@@ -157,7 +203,21 @@ def pretrain_compressor(
         record = run_pretrain_job(settings, options, command, use_gpu=gpu, storage_path=ray_storage)
     else:
         record = pretrain(settings, options, command)
-    typer.echo(json.dumps({"compressor_id": record["compressor_id"], **record["held_out"]["perplexity"]}))
+    next_segment = record["held_out"].get("next_segment", {})
+    typer.echo(
+        json.dumps(
+            {
+                "compressor_id": record["compressor_id"],
+                "steps": record["steps"],
+                "gap_closed": next_segment.get("gap_closed"),
+                **next_segment.get("perplexity", {}),
+                **{
+                    f"qa_nll_{name}": value
+                    for name, value in record["held_out"].get("qa_probe", {}).get("answer_nll", {}).items()
+                },
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -429,18 +429,7 @@ class LoraFinetune:
 
     def adapter_files(self) -> dict[str, bytes]:
         """The adapter in PEFT's format, with the keys peft writes for HF's LlamaForCausalLM."""
-        from peft import get_peft_model_state_dict
-        from safetensors.torch import save
-
-        config = self.peft_model.peft_config["default"].to_dict()
-        config.update(base_model_name_or_path=self.model_id, task_type="CAUSAL_LM", inference_mode=True)
-        state = {
-            k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.peft_model).items()
-        }
-        return {
-            ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True, default=_json_value).encode(),
-            ADAPTER_WEIGHTS: save(state, metadata={"format": "pt"}),
-        }
+        return peft_files(self.peft_model, self.model_id)
 
     def _checkpoint(self, final: bool, record: dict[str, Any] | None = None) -> None:
         """Write the adapter + optimizer state (rank 0) and report it; every rank reports, as Ray requires."""
@@ -504,6 +493,24 @@ class LoraFinetune:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def peft_files(peft_model: Any, base_model_id: str, dtype: torch.dtype | None = None) -> dict[str, bytes]:
+    """A peft-wrapped model's adapter as PEFT files (HF LlamaForCausalLM keys), as ``LoraSlots`` load it;
+    weights in ``dtype`` (None: as trained)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    config = peft_model.peft_config["default"].to_dict()
+    config.update(base_model_name_or_path=base_model_id, task_type="CAUSAL_LM", inference_mode=True)
+    state = {
+        key: (value.detach() if dtype is None else value.detach().to(dtype)).cpu().contiguous()
+        for key, value in get_peft_model_state_dict(peft_model).items()
+    }
+    return {
+        ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True, default=_json_value).encode(),
+        ADAPTER_WEIGHTS: save(state, metadata={"format": "pt"}),
+    }
 
 
 def _json_value(value: object) -> object:

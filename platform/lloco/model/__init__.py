@@ -16,11 +16,13 @@ from lloco.model.generate import (
 from lloco.model.llama import KVCache, Llama
 from lloco.model.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_dtype
 from lloco.model.lora import LoraAdapter, LoraBatch, LoraSlots
-from lloco.model.prompt import chat_prompt
+from lloco.model.prompt import QA_INSTRUCTION, chat_prompt, qa_question
 from lloco.model.tiny import tiny_llama_dir
+from lloco.model.trainable_lora import TrainableLora
 
 __all__ = [
     "DEFAULT_MODEL",
+    "QA_INSTRUCTION",
     "Compressor",
     "CompressorConfig",
     "GenerationRequest",
@@ -34,10 +36,12 @@ __all__ = [
     "LoraSlots",
     "SamplingParams",
     "StepOutput",
+    "TrainableLora",
     "chat_prompt",
     "generate",
     "load_compressor",
     "load_model",
+    "qa_question",
     "resolve_dtype",
     "tiny_llama_dir",
     "truncate_at_stop",

@@ -10,6 +10,10 @@ segment's encoding and by the decoder). The i-th segments of many documents run 
 segment just has its summary positions earlier in its row. Without accumulation every segment is encoded
 on its own. An optional LoRA adapter (PEFT files, e.g. from compressor pretraining) is applied through a
 one-slot ``LoraSlots``, so the compressor shares the base weights with the decoder.
+
+A compressor may also carry a *reader*: a decoder-side LoRA (PEFT files, in ``reader/``) trained with the
+encoder so that the frozen base model reads summary vectors. It never runs inside ``compress``; consumers
+that decode after summary vectors apply it (or start a tenant adapter from it) — see docs/compressor.md.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "compressor.json"
 EMBEDS_NAME = "summary_embeddings.safetensors"
+READER_DIR = "reader"
 FORMAT = "lloco-compressor/1"
 SHIPPED = Path(__file__).parent / "compressors"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -67,6 +72,7 @@ class Compressor:
         adapter_files: optional PEFT adapter (adapter_config.json, adapter_model.safetensors bytes).
         output_scale: optional [D] factor on the summary vectors (None: the final-normed states as they are,
             as princeton-nlp AutoCompressors use them).
+        reader_files: optional decoder-side PEFT adapter trained to read the summary vectors.
         compressor_id: stable id of these weights; None derives one from the base model, geometry and a
             digest of the weights.
     """
@@ -80,6 +86,7 @@ class Compressor:
         adapter_files: dict[str, bytes] | None = None,
         output_scale: Tensor | None = None,
         compressor_id: str | None = None,
+        reader_files: dict[str, bytes] | None = None,
     ) -> None:
         if summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
@@ -96,6 +103,8 @@ class Compressor:
                 digest.update(output_scale.detach().float().cpu().numpy().tobytes())
             for name in sorted(adapter_files or {}):
                 digest.update(adapter_files[name])
+            for name in sorted(reader_files or {}):
+                digest.update(b"reader/" + name.encode() + reader_files[name])
             flag = "-acc" if accumulate else ""
             compressor_id = f"{base.model_id[:80]}-s{segment_len}-k{k}{flag}-{digest.hexdigest()[:12]}"
         self.config = CompressorConfig(
@@ -108,6 +117,9 @@ class Compressor:
             None if output_scale is None else output_scale.detach().to(device=model.device, dtype=model.dtype)
         )
         self.adapter_files = adapter_files
+        self.reader_files = reader_files
+        if reader_files is not None:
+            peft_geometry(reader_files)  # fails early on a malformed reader
         self.lora: LoraSlots | None = None
         if adapter_files is not None:
             targets, rank = peft_geometry(adapter_files)
@@ -192,6 +204,10 @@ class Compressor:
         save_file(tensors, directory / EMBEDS_NAME)
         for name, data in (self.adapter_files or {}).items():
             (directory / name).write_bytes(data)
+        if self.reader_files is not None:
+            (directory / READER_DIR).mkdir(exist_ok=True)
+            for name, data in self.reader_files.items():
+                (directory / READER_DIR / name).write_bytes(data)
         return directory
 
     @classmethod
@@ -215,9 +231,13 @@ class Compressor:
                 f"{base.config.dim}"
             )
         tensors = load_file(directory / EMBEDS_NAME)
-        adapter = None
+        adapter = reader = None
         if (directory / CONFIG_FILE).is_file():
             adapter = {name: (directory / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        if (directory / READER_DIR / CONFIG_FILE).is_file():
+            reader = {
+                name: (directory / READER_DIR / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)
+            }
         return cls(
             base,
             tensors["summary_embeds"],
@@ -226,6 +246,7 @@ class Compressor:
             adapter,
             tensors.get("output_scale"),
             raw["compressor_id"],
+            reader,
         )
 
     @classmethod

@@ -14,3 +14,11 @@ def chat_prompt(tokenizer: Any, question: str) -> list[int]:
         [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
     )
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+QA_INSTRUCTION = "Answer with a short phrase."
+
+
+def qa_question(question: str) -> str:
+    """A short-answer question as finetuning, evaluation and compressor pretraining all ask it."""
+    return f"{question}\n\n{QA_INSTRUCTION}"

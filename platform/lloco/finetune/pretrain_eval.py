@@ -1,0 +1,172 @@
+"""How much of a document a compressor's summaries carry: held-out perplexity and a QA probe.
+
+Both score on the inference path, exactly as the platform decodes: ``Compressor.compress`` for the
+summaries, the base model's ``hidden`` for the decoder, with the compressor's reader adapter (if it has
+one) in a one-slot ``LoraSlots``. The same decoder scores every prefix, so the differences between rows
+are the context's alone.
+
+- ``next_segment_perplexity``: segments 1..n-1 of held-out windows after no context, the compressed
+  earlier segments, the untrained compressor's summaries, the full earlier text, and the summaries of
+  segments up to and including the scored one (reconstruction). ``gap_closed`` =
+  (ppl_none - ppl_compressed) / (ppl_none - ppl_full): the share of what the full text buys that the
+  summaries buy.
+- ``qa_probe``: answer NLL per token of held-out QA examples after no context, the document's summaries,
+  and the document's tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lloco.errors import FailedPrecondition
+from lloco.finetune.corpus import Corpus
+from lloco.finetune.pretrain_qa import QAExamples
+from lloco.model import Compressor, Llama, LoadedModel, LoraBatch, LoraSlots
+from lloco.model.lora import peft_geometry
+
+
+def reader_slots(base: LoadedModel, compressor: Compressor) -> LoraSlots | None:
+    """The compressor's reader in a one-slot ``LoraSlots`` on the base model's device, or None."""
+    if compressor.reader_files is None:
+        return None
+    targets, rank = peft_geometry(compressor.reader_files)
+    model = base.model
+    slots = LoraSlots(base.config, 1, rank, targets, model.device, model.dtype)
+    slots.load(0, compressor.reader_files)
+    return slots
+
+
+def _batch(slots: LoraSlots | None, rows: int) -> LoraBatch | None:
+    if slots is None:
+        return None
+    return slots.batch(torch.zeros(rows, dtype=torch.int64, device=slots.device))
+
+
+def gap_closed(none: float, compressed: float, full: float) -> float | None:
+    """(none - compressed) / (none - full); None when the full text does not beat no context."""
+    return (none - compressed) / (none - full) if none > full else None
+
+
+def held_out_windows(corpus: Corpus, length: int, count: int) -> Tensor:
+    """Up to ``count`` windows [N, length] lying inside single held-out documents, evenly spread.
+
+    Raises:
+        FailedPrecondition: no held-out document is that long.
+    """
+    offsets = corpus.held_out_offsets
+    starts = [
+        start
+        for begin, end in zip(offsets[:-1].tolist(), offsets[1:].tolist(), strict=True)
+        for start in range(begin, end - length + 1, length)
+    ]
+    if not starts:
+        raise FailedPrecondition(f"no held-out document of the corpus has {length} tokens for evaluation")
+    chosen = [starts[i] for i in np.linspace(0, len(starts) - 1, min(count, len(starts))).round().astype(int)]
+    rows = np.stack([corpus.held_out_tokens[start : start + length] for start in chosen]).astype(np.int64)
+    return torch.from_numpy(rows)
+
+
+def _summed_nll(model: Llama, embeds: Tensor, targets: Tensor, first: int, lora: LoraBatch | None) -> float:
+    """Summed NLL of ``targets`` [B, n] predicted at positions first..first+n-1 of ``embeds`` [B, T, D]."""
+    hidden = model.hidden(embeds, lora)[:, first : first + targets.shape[1]]
+    logits = model.lm_head(hidden).float()
+    return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+
+
+@torch.no_grad()
+def next_segment_perplexity(
+    base: LoadedModel,
+    compressor: Compressor,
+    windows: Tensor,
+    batch_size: int,
+    initial: Compressor | None = None,
+) -> dict[str, Any]:
+    """Held-out perplexity of segments 1..n-1 of each window under each prefix (module docstring)."""
+    model, size, k = base.model, compressor.segment_len, compressor.k
+    n = windows.shape[1] // size
+    names = ["no_context", "compressed", "full_text", "reconstruction"]
+    if initial is not None:
+        names.insert(2, "compressed_untrained")
+    nll = dict.fromkeys(names, 0.0)
+    per_segment = {name: [0.0] * n for name in names}
+    slots = reader_slots(base, compressor)
+    scored = 0
+    for start in range(0, windows.shape[0], batch_size):
+        rows = windows[start : start + batch_size].to(model.device)
+        lora = _batch(slots, rows.shape[0])
+        embeds = model.embed(rows)
+        documents = rows[:, : n * size].tolist()
+        trained = torch.stack(compressor.compress(documents))
+        untrained = torch.stack(initial.compress(documents)) if initial is not None else None
+        for i in range(1, n):
+            segment, targets = embeds[:, i * size : (i + 1) * size], rows[:, i * size + 1 : (i + 1) * size]
+            prefixes = {
+                "no_context": segment[:, :0],
+                "compressed": trained[:, : i * k],
+                "full_text": embeds[:, : i * size],
+                "reconstruction": trained[:, : (i + 1) * k],
+            }
+            if untrained is not None:
+                prefixes["compressed_untrained"] = untrained[:, : i * k]
+            for name, prefix in prefixes.items():
+                inputs = torch.cat([prefix.to(segment.dtype), segment], dim=1)
+                value = _summed_nll(model, inputs, targets, prefix.shape[1], lora)
+                nll[name] += value
+                per_segment[name][i] += value
+        scored += rows.shape[0]
+    tokens = scored * (n - 1) * (size - 1)
+    perplexity = {name: math.exp(value / tokens) for name, value in nll.items()}
+    return {
+        "windows": scored,
+        "segments_per_window": n,
+        "segment_len": size,
+        "scored_tokens": tokens,
+        "decoder": "base + reader" if slots is not None else "base",
+        "perplexity": perplexity,
+        "gap_closed": gap_closed(perplexity["no_context"], perplexity["compressed"], perplexity["full_text"]),
+        "perplexity_by_segment": {
+            name: [math.exp(v / (scored * (size - 1))) for v in values[1:]]
+            for name, values in per_segment.items()
+        },
+    }
+
+
+@torch.no_grad()
+def qa_probe(
+    base: LoadedModel, compressor: Compressor, examples: QAExamples, batch_size: int
+) -> dict[str, Any]:
+    """Answer NLL per token of ``examples`` after no context, the summaries, and the document's tokens
+    (one example per forward; ``batch_size`` segments per compressor forward)."""
+    model = base.model
+    device = model.device
+    slots = reader_slots(base, compressor)
+    summaries = compressor.compress([doc.tolist() for doc in examples.documents], batch_size=batch_size)
+    nll = {"no_context": 0.0, "compressed": 0.0, "full_text": 0.0}
+    answer_tokens = 0
+    lora = _batch(slots, 1)
+    for index, vectors in enumerate(summaries):
+        prompt = torch.tensor(examples.prompts[index], device=device)
+        answer = torch.tensor(examples.answers[index], device=device)
+        document = torch.tensor(examples.documents[index], device=device, dtype=torch.int64)
+        tail = model.embed(torch.cat([prompt, answer])[None])
+        prefixes = {
+            "no_context": tail[:, :0],
+            "compressed": vectors[None].to(tail.dtype),
+            "full_text": model.embed(document[None]),
+        }
+        for name, prefix in prefixes.items():
+            first = prefix.shape[1] + len(prompt) - 1
+            nll[name] += _summed_nll(model, torch.cat([prefix, tail], dim=1), answer[None], first, lora)
+        answer_tokens += len(answer)
+    return {
+        "examples": len(examples),
+        "answer_tokens": answer_tokens,
+        "decoder": "base + reader" if slots is not None else "base",
+        "answer_nll": {name: value / max(1, answer_tokens) for name, value in nll.items()},
+    }

@@ -1,0 +1,160 @@
+"""Question-answering examples for the compressor's QA stage: answer from a document's summaries alone.
+
+The LM objectives teach the summaries to predict and reconstruct text; this stage trains them (and the
+reader, when there is one) on what a tenant asks: a document is compressed, the decoder sees only its
+summary vectors and ``chat_prompt(qa_question(question))``, and the loss is on the answer tokens.
+
+Sources, all *train* splits (``lloco.finetune.datasets``): HotpotQA-long (the train 80% of dev, each
+question's gold paragraphs in a haystack of 1k/2k/4k tokens, lengths taken in turn) and SQuAD's train
+articles 0-24 (an article cut into runs of whole paragraphs of at most ``chunk_tokens``, each question
+asked of the first run that contains its answer). Planted-fact documents can be added by the caller
+(``extra``). A seeded hash of each question holds out ``held_out_fraction`` of them for the probe that
+``lloco.finetune.pretrain`` reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lloco.finetune.datasets import load_hotpotqa_long, load_squad
+from lloco.model.prompt import chat_prompt, qa_question
+
+HOTPOT_LENGTHS = (1024, 2048, 4096)
+FORMAT = "lloco-pretrain-qa/1"
+
+
+@dataclass(frozen=True)
+class QAText:
+    """One question about one document, as text."""
+
+    source: str
+    document: str
+    question: str
+    answer: str
+
+
+@dataclass(frozen=True)
+class QAExamples:
+    """Tokenized QA examples: per example the document tokens, the prompt and the answer (+ EOS)."""
+
+    documents: list[np.ndarray]
+    prompts: list[list[int]]
+    answers: list[list[int]]
+    sources: list[str]
+
+    def __len__(self) -> int:
+        return len(self.documents)
+
+    def subset(self, indices: Iterable[int]) -> QAExamples:
+        chosen = list(indices)
+        return QAExamples(
+            [self.documents[i] for i in chosen],
+            [self.prompts[i] for i in chosen],
+            [self.answers[i] for i in chosen],
+            [self.sources[i] for i in chosen],
+        )
+
+    def save(self, path: Path) -> None:
+        """One .npz: documents packed with offsets, prompts and answers as JSON."""
+        offsets = np.cumsum([0, *map(len, self.documents)])
+        packed = np.concatenate(self.documents) if self.documents else np.zeros(0, np.int32)
+        meta = {"format": FORMAT, "prompts": self.prompts, "answers": self.answers, "sources": self.sources}
+        np.savez_compressed(path, tokens=packed.astype(np.int32), offsets=offsets, meta=json.dumps(meta))
+
+    @classmethod
+    def load(cls, path: Path) -> QAExamples:
+        with np.load(path) as data:
+            meta = json.loads(str(data["meta"]))
+            tokens, offsets = data["tokens"], data["offsets"]
+        documents = [tokens[a:b] for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+        return cls(documents, meta["prompts"], meta["answers"], meta["sources"])
+
+
+def hotpot_texts(
+    data_dir: Path, count_tokens: Callable[[str], int], limit: int | None, seed: int
+) -> list[QAText]:
+    """HotpotQA train questions in haystacks of ``HOTPOT_LENGTHS`` tokens, lengths taken in turn."""
+    texts: list[QAText] = []
+    for turn, length in enumerate(HOTPOT_LENGTHS):
+        qaset = load_hotpotqa_long(data_dir, "train", length, count_tokens, limit=limit, seed=seed)
+        for row in qaset.rows[turn :: len(HOTPOT_LENGTHS)]:
+            texts.append(QAText("hotpotqa", qaset.documents[row.doc_ids[0]], row.question, row.answer))
+    return texts
+
+
+def squad_texts(data_dir: Path, count_tokens: Callable[[str], int], chunk_tokens: int) -> list[QAText]:
+    """SQuAD train articles in runs of whole paragraphs; each question goes to the first run holding its answer."""
+    qaset = load_squad(data_dir, "train")
+    texts: list[QAText] = []
+    for doc_id, document in qaset.documents.items():
+        chunks: list[str] = []
+        current: list[str] = []
+        size = 0
+        for paragraph in document.split("\n\n"):
+            cost = count_tokens(paragraph)
+            if current and size + cost > chunk_tokens:
+                chunks.append("\n\n".join(current))
+                current, size = [], 0
+            current.append(paragraph)
+            size += cost
+        if current:
+            chunks.append("\n\n".join(current))
+        for row in qaset.rows:
+            if row.doc_ids[0] != doc_id:
+                continue
+            holder = next((chunk for chunk in chunks if row.answer in chunk), None)
+            if holder is not None:
+                texts.append(QAText("squad", holder, row.question, row.answer))
+    return texts
+
+
+def tokenize(texts: list[QAText], tokenizer: Any, max_document_tokens: int) -> QAExamples:
+    """Token ids of each text (documents without special tokens, cut to ``max_document_tokens``)."""
+    eos = tokenizer.eos_token_id
+    documents = tokenizer([t.document for t in texts], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([t.answer for t in texts], add_special_tokens=False)["input_ids"]
+    return QAExamples(
+        [np.asarray(doc[:max_document_tokens], dtype=np.int32) for doc in documents],
+        [chat_prompt(tokenizer, qa_question(t.question)) for t in texts],
+        [[*answer, eos] for answer in answers],
+        [t.source for t in texts],
+    )
+
+
+def held_out(text: QAText, fraction: float, seed: int) -> bool:
+    """A stable seeded choice by the question's text."""
+    digest = hashlib.sha256(f"{seed}:{text.source}:{text.question}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def build_qa_examples(
+    data_dir: Path,
+    tokenizer: Any,
+    max_document_tokens: int,
+    held_out_fraction: float = 0.05,
+    hotpot_limit: int | None = None,
+    squad_chunk_tokens: int = 1536,
+    extra: Iterable[QAText] = (),
+    seed: int = 0,
+) -> tuple[QAExamples, QAExamples]:
+    """Train and held-out QA examples from the train splits under ``data_dir`` (+ ``extra``)."""
+
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    texts = [
+        *hotpot_texts(data_dir, count_tokens, hotpot_limit, seed),
+        *squad_texts(data_dir, count_tokens, squad_chunk_tokens),
+        *extra,
+    ]
+    examples = tokenize(texts, tokenizer, max_document_tokens)
+    flags = [held_out(text, held_out_fraction, seed) for text in texts]
+    train = examples.subset(i for i, flag in enumerate(flags) if not flag)
+    return train, examples.subset(i for i, flag in enumerate(flags) if flag)
