@@ -30,9 +30,10 @@ from lloco.finetune.data import ExampleBuilder, collate
 from lloco.finetune.datasets import rows_to_jsonl
 from lloco.finetune.job import JobState, get_job, settings_env, submit_finetune_job
 from lloco.finetune.train import LoraFinetune, TrainOptions, train_step
-from lloco.model import Compressor, LoraSlots, chat_prompt, load_model, tiny_llama_dir
+from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
 from lloco.registry import DatasetRow, Registry, Tenants
 from lloco.storage import ObjectStore, keys
+from safetensors.torch import load as load_safetensors_bytes
 
 FACTS = [
     ("paris", "france"),
@@ -61,11 +62,21 @@ class World:
     base_dir: Path
 
 
-def make_world(s3: object, model_dir: Path, tmp: Path, tenants: tuple[str, ...], **finetune: object) -> World:
+def make_world(
+    s3: object,
+    model_dir: Path,
+    tmp: Path,
+    tenants: tuple[str, ...],
+    reader: dict[str, bytes] | None = None,
+    **finetune: object,
+) -> World:
     store = ObjectStore(s3.store_settings(bucket=f"ft-{uuid.uuid4().hex[:16]}"))
     store.ensure_bucket()
     base = load_model(str(model_dir), tmp / "cache")
-    compressor = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0)
+    fresh = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0)
+    compressor = Compressor(
+        base, fresh.summary_embeds, 32, True, output_scale=fresh.output_scale, reader_files=reader
+    )
     compressor_dir = compressor.save(tmp / "compressor")
     for tenant in tenants:
         Tenants(store).create(tenant)
@@ -444,3 +455,32 @@ def test_published_adapter_loads_in_vanilla_peft_and_in_the_engine_with_equal_lo
         base = engine.model.lm_head(engine.model.hidden(embeds))
     assert (base - reference).abs().max() > 1e-2  # the adapter changes the output...
     torch.testing.assert_close(ours, reference, atol=1e-4, rtol=1e-4)  # ...identically in both
+
+
+def test_a_tenant_adapter_starts_from_the_compressors_reader(
+    s3: object, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    base = load_model(str(tiny_model_dir), tmp_path / "cache")
+    reader = TrainableLora(base.config, 4, 8.0, ("q_proj", "k_proj", "v_proj", "o_proj"), seed=3)
+    with torch.no_grad():
+        for b in reader.b.values():
+            b.normal_(std=0.1)
+    files = reader.peft_files(base.model_id, dtype=torch.float32)
+    world = make_world(s3, tiny_model_dir, tmp_path, ("reads",), reader=files)
+    recipe = LoraFinetune(world.settings, "reads", "caps", "default", "init", TrainOptions(max_steps=1))
+    recipe.setup()
+    start = load_safetensors_bytes(recipe.adapter_files()["adapter_model.safetensors"])
+    expected = load_safetensors_bytes(files["adapter_model.safetensors"])
+    assert set(start) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(start[key], value)
+    recipe.train()
+    record = recipe.save()
+    recipe.cleanup()
+    assert record["lora"] == {
+        "r": 4,
+        "alpha": 8.0,
+        "dropout": 0.05,
+        "targets": ["k_proj", "o_proj", "q_proj", "v_proj"],
+        "init": "reader",
+    }

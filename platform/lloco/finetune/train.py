@@ -28,11 +28,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from lloco.config import Settings
+from lloco.config import FinetuneSettings, Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Batch, Example, ExampleBuilder, collate
 from lloco.logs import get_logger
 from lloco.model import Llama, load_compressor, load_model
+from lloco.model.lora import read_peft_files
 from lloco.registry import DatasetRow, Registry
 from lloco.storage import ObjectStore
 
@@ -214,7 +215,6 @@ class LoraFinetune:
 
     def setup(self, resume_from: Path | None = None) -> None:
         """Load the base model and data, wrap LoRA, build the optimizer; restore a checkpoint if given."""
-        from peft import LoraConfig, get_peft_model
         from transformers import get_cosine_schedule_with_warmup
 
         hp = self.settings.finetune
@@ -234,12 +234,14 @@ class LoraFinetune:
         )
         self.model_id, self.tokenizer = base.model_id, base.tokenizer
         self.compressor_id = None
+        reader = None
         if self.options.mode == "compressed":
             compressor = load_compressor(
                 self.settings.model.compressor, base, self.settings.model.cache_dir, store
             )
-            self.compressor_id = compressor.compressor_id
+            self.compressor_id, reader = compressor.compressor_id, compressor.reader_files
             del compressor
+        self.init = "reader" if reader is not None else "fresh"
         eos = (
             self.tokenizer.eos_token_id
             if self.tokenizer.eos_token_id is not None
@@ -261,14 +263,7 @@ class LoraFinetune:
                 f"dataset {self.dataset!r} has {len(self.train_examples)} training rows, fewer than "
                 f"{self.world_size} workers"
             )
-        lora = LoraConfig(
-            r=hp.rank,
-            lora_alpha=hp.alpha,
-            lora_dropout=hp.dropout,
-            target_modules=list(hp.target_modules),
-            bias="none",
-        )
-        self.peft_model = get_peft_model(base.model, lora)
+        self.peft_model = peft_lora(base.model, hp, reader)
         self.model: Llama = self.peft_model.get_base_model()
         self.peft_model.train()
         self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
@@ -395,6 +390,7 @@ class LoraFinetune:
     def record(self, eval_loss: float | None) -> dict[str, Any]:
         """What train.json says about the run."""
         hp = self.settings.finetune
+        lora = self.peft_model.peft_config["default"]
         recent = [m["loss"] for m in self.history[-LOSS_WINDOW:]]
         return {
             "job_id": self.job_id,
@@ -417,10 +413,11 @@ class LoraFinetune:
             "resumed_from_step": self.resumed_from_step,
             "workers": self.world_size,
             "lora": {
-                "r": hp.rank,
-                "alpha": hp.alpha,
-                "dropout": hp.dropout,
-                "targets": list(hp.target_modules),
+                "r": lora.r,
+                "alpha": lora.lora_alpha,
+                "dropout": lora.lora_dropout,
+                "targets": sorted(lora.target_modules),
+                "init": self.init,
             },
             "learning_rate": hp.learning_rate,
             "batch_size": hp.batch_size,
@@ -493,6 +490,35 @@ class LoraFinetune:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         shutil.rmtree(self._workdir, ignore_errors=True)
+
+
+def peft_lora(model: Llama, hp: FinetuneSettings, init_files: dict[str, bytes] | None = None) -> Any:
+    """``model`` wrapped with a trainable LoRA (peft): ``hp``'s rank, alpha and targets, or, when
+    ``init_files`` (PEFT files, e.g. a compressor's reader) are given, their geometry and weights, so the
+    adapter starts from them; dropout from ``hp`` either way."""
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
+    rank, alpha, targets = hp.rank, hp.alpha, list(hp.target_modules)
+    tensors = None
+    if init_files is not None:
+        init_config, tensors = read_peft_files(init_files)
+        rank, alpha, targets = (
+            init_config["r"],
+            init_config["lora_alpha"],
+            list(init_config["target_modules"]),
+        )
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=hp.dropout, target_modules=targets, bias="none"
+    )
+    peft_model = get_peft_model(model, config)
+    if tensors is not None:
+        result = set_peft_model_state_dict(peft_model, tensors)
+        missing = [key for key in result.missing_keys if "lora_" in key]
+        if missing or result.unexpected_keys:
+            raise InvalidArgument(
+                f"the initial adapter does not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
+            )
+    return peft_model
 
 
 def peft_files(peft_model: Any, base_model_id: str, dtype: torch.dtype | None = None) -> dict[str, bytes]:
