@@ -116,7 +116,9 @@ class PretrainOptions(BaseModel):
     qa_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of steps that are QA steps.")
     qa_max_tokens: int = Field(4096, ge=8, description="QA documents are cut to this many tokens.")
     batch_size: int = Field(
-        8, ge=1, description="LM sequences per step (QA steps take as many document tokens)."
+        8,
+        ge=1,
+        description="LM sequences per step (a QA step takes as many document tokens, at most 2x the rows).",
     )
     learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
     warmup_steps: int = Field(50, ge=0, description="Linear warmup, then cosine decay to 10% of the peak.")
@@ -462,7 +464,7 @@ class CompressorPretrain:
         counts = sorted(self.qa_buckets)
         weights = np.array([len(self.qa_buckets[n]) for n in counts], dtype=np.float64)
         n = counts[self.rng.choice(len(counts), p=weights / weights.sum())]
-        rows = max(1, options.batch_size * options.segments // n)
+        rows = max(1, min(2 * options.batch_size, options.batch_size * options.segments // n))
         chosen = self.rng.choice(self.qa_buckets[n], size=rows, replace=len(self.qa_buckets[n]) < rows)
         examples = self.qa_train.subset(chosen.tolist())
         documents = [
