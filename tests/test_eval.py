@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -177,7 +178,8 @@ def test_passkey_facts_sit_at_their_depths(tiny_base: object, count_tokens: obje
     tokenizer = tiny_base.tokenizer
     documents = pk.passkey_documents("test", 8192, 6, count_tokens, seed=0)
     assert [d.asked.depth for d in documents] == [*pk.DEPTHS, pk.DEPTHS[0]]
-    filler = {s for a in pk._filler()["splits"]["test"] for p in a["paragraphs"] for s in p}
+    fixture = json.loads(pk.FILLER_FILE.read_text())
+    filler = {s for a in fixture["splits"]["test"] for p in a["paragraphs"] for s in p}
     for document in documents:
         assert 0.95 * 8192 <= document.tokens <= 8192
         assert document.tokens == len(tokenizer.encode(document.text, add_special_tokens=False))
@@ -201,8 +203,12 @@ def test_passkey_facts_sit_at_their_depths(tiny_base: object, count_tokens: obje
         pk.passkey_documents("dev", 512, 1, count_tokens)
 
 
+def _template_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{subject\}", ".+").replace(r"\{value\}", ".+"))
+
+
 def test_passkey_train_and_test_share_nothing(count_tokens: object) -> None:
-    splits = pk._filler()["splits"]
+    splits = json.loads(pk.FILLER_FILE.read_text())["splits"]
     assert all(25 <= a["squad_index"] < 35 for a in splits["test"])  # SQuAD-long's test articles
     assert all(a["squad_index"] < 25 for a in splits["train"])
     statements = {split: {t.statement for t in pk.TEMPLATES[split]} for split in ("train", "test")}
@@ -216,12 +222,14 @@ def test_passkey_train_and_test_share_nothing(count_tokens: object) -> None:
     assert not answers["train"] & answers["test"]
     paragraphs = {split: {p for d in docs for p in d.text.split("\n\n")} for split, docs in documents.items()}
     assert not paragraphs["train"] & paragraphs["test"]
-    assert all(
-        t.statement.split("{")[0] not in d.text
-        for t in pk.TEMPLATES["train"]
-        for d in documents["test"]
-        if t.statement.split("{")[0]
-    )
+    for split, docs in documents.items():  # every planted sentence follows a template of its own split
+        own = [_template_pattern(t.statement) for t in pk.TEMPLATES[split]]
+        other = [
+            _template_pattern(t.statement) for t in pk.TEMPLATES["test" if split == "train" else "train"]
+        ]
+        for fact in (f for d in docs for f in d.facts):
+            assert any(p.fullmatch(fact.statement) for p in own)
+            assert not any(p.fullmatch(fact.statement) for p in other)
 
 
 def test_lora_none_examples_hold_no_context_and_the_same_rows(

@@ -32,9 +32,9 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from functools import cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, cast
 
-from lloco.errors import InvalidArgument
+from lloco.errors import Internal, InvalidArgument
 
 Split = Literal["train", "test"]
 Kind = Literal["code", "birthday", "city", "leader"]
@@ -201,17 +201,17 @@ class PasskeyDocument:
 
 
 @cache
-def _filler() -> dict:
+def _filler() -> dict[str, Any]:
     data = json.loads(FILLER_FILE.read_text(encoding="utf-8"))
     if data.get("format") != FILLER_FORMAT:
-        raise InvalidArgument(f"{FILLER_FILE} has format {data.get('format')!r}, expected {FILLER_FORMAT}")
+        raise Internal(f"{FILLER_FILE} has format {data.get('format')!r}, expected {FILLER_FORMAT}")
     return data
 
 
 def _check_split(split: str) -> Split:
     if split not in ("train", "test"):
         raise InvalidArgument(f"passkey split must be 'train' or 'test', got {split!r}")
-    return split  # type: ignore[return-value]
+    return cast(Split, split)
 
 
 def _paragraphs(split: Split) -> list[list[str]]:
@@ -253,7 +253,7 @@ class _FactDrawer:
     def _project(self) -> str:
         return self._fresh(lambda: self.rng.choice(self.pools.projects))
 
-    def _in_split(self, draw: Callable[[], str]) -> str:
+    def _of_split(self, draw: Callable[[], str]) -> str:
         while not _in_split(value := draw(), self.split):
             pass
         return value
@@ -265,13 +265,13 @@ class _FactDrawer:
             day = _FIRST_DATE + timedelta(days=self.rng.randint(0, span))
             return f"{_MONTHS[day.month - 1]} {day.day}, {day.year}"
 
-        return self._in_split(draw)
+        return self._of_split(draw)
 
     def fact(self, kind: Kind) -> tuple[Template, str, str]:
         """A template of ``kind`` and its subject and value."""
         template = self.rng.choice([t for t in TEMPLATES[self.split] if t.kind == kind])
         if kind == "code":
-            return template, self._project(), self._in_split(lambda: str(self.rng.randint(10000, 99999)))
+            return template, self._project(), self._of_split(lambda: str(self.rng.randint(10000, 99999)))
         if kind == "birthday":
             return template, self._person(), self._date()
         if kind == "city":
