@@ -1,19 +1,29 @@
-"""The evaluation harness: `lloco eval` on a tiny slice with the tiny random model, every mode, every set."""
+"""The evaluation harness: `lloco eval` on a tiny slice with the tiny random model, every mode, every set;
+the passkey documents, the no-context LoRA's examples, the adapters' shared init, the perplexity gap."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from lloco.config import FinetuneSettings
+from lloco.errors import InvalidArgument
+from lloco.eval import passkey as pk
+from lloco.eval.adapters import state_digest, train_adapter
+from lloco.eval.metrics import gap_closed
 from lloco.eval.run import MODES, EvalOptions, Evaluator, middle_cut
-from lloco.eval.tasks import sample_rows, squad_long, tenant_dataset
+from lloco.eval.tasks import passkey, sample_rows, squad_long, tenant_dataset
 from lloco.finetune.datasets import QASet
-from lloco.model import Compressor, load_model
+from lloco.finetune.pretrain import peft_files
+from lloco.model import Compressor, chat_prompt, load_model
+from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -29,6 +39,11 @@ def tiny_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 def compressor_dir(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An untrained compressor (fresh summary embeddings): the harness's plumbing is under test here."""
     return Compressor.from_base(tiny_base, 32, 4, True, seed=1).save(tmp_path_factory.mktemp("compressor"))
+
+
+@pytest.fixture(scope="module")
+def count_tokens(tiny_base: object) -> object:
+    return lambda text: len(tiny_base.tokenizer.encode(text, add_special_tokens=False))
 
 
 def test_middle_cut_and_samples_are_deterministic() -> None:
@@ -52,41 +67,75 @@ def test_eval_command_writes_every_mode_of_every_test_set(
 ) -> None:
     out = tmp_path / "eval"
     command = [
-        sys.executable, "-m", "lloco.cli", "eval", "--output", str(out), "--datasets", "squad,qmsum,hotpotqa",
-        "--limit", "2", "--train-limit", "4", "--train-steps", "2", "--max-document-tokens", "160",
-        "--hotpot-lengths", "1024", "--base-model", str(tiny_model_dir), "--compressor", str(compressor_dir),
-        "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2", "--max-new-tokens", "8",
+        sys.executable, "-m", "lloco.cli", "eval", "--output", str(out), "--limit", "2", "--train-limit", "4",
+        "--train-steps", "2", "--max-document-tokens", "512", "--hotpot-lengths", "1024", "--passkey-lengths",
+        "512", "--perplexity-windows", "2", "--base-model", str(tiny_model_dir), "--compressor",
+        str(compressor_dir), "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2",
+        "--max-new-tokens", "8",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run(
-        command, cwd=ROOT, env={**env, "PYTHONPATH": str(ROOT / "platform")}, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
+    env = {
+        **os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache"),
+        "LLOCO_FINETUNE__BATCH_SIZE": "2", "PYTHONPATH": str(ROOT / "platform"),
+    }  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((out / "eval.json").read_text())
     assert report["command"].startswith("lloco eval --output")
-    assert report["test_sets"] == {"squad-long": 2, "qmsum": 2, "hotpotqa-1k": 2}
+    test_sets = (
+        "squad-long",
+        "qmsum",
+        "hotpotqa-1k",
+        "passkey-512",
+    )  # the default datasets, passkey included
+    assert report["test_sets"] == dict.fromkeys(test_sets, 2)
     results = report["results"]
     assert [(r["test_set"], r["mode"]) for r in results] == [
-        (test_set, mode) for test_set in ("squad-long", "qmsum", "hotpotqa-1k") for mode in MODES
-    ]
+        (test_set, mode) for test_set in test_sets for mode in MODES
+    ]  # the default modes, lora_none included
     for result in results:
         assert result["skipped"] is None and result["queries"] == 2
         names = {"em", "f1"} if result["metric"] == "qa" else {"rouge1", "rouge2", "rougeL", "rouge_gmean"}
         assert set(result["scores"]) == names
         assert all(0 <= value <= 100 for value in result["scores"].values())
         assert result["latency_s"] > 0
-        assert (result["adapter"] is not None) == (result["mode"] in ("lloco", "full_lora"))
+        assert (result["adapter"] is not None) == (result["mode"] in ("lloco", "lora_none", "full_lora"))
+        if result["test_set"] == "passkey-512":
+            by_depth = result["scores_by_depth"]
+            assert set(by_depth) == {"10%", "30%"} and sum(d["n"] for d in by_depth.values()) == 2
+        else:
+            assert result["scores_by_depth"] is None
+    for test_set in test_sets:
+        by_mode = {r["mode"]: r for r in results if r["test_set"] == test_set}
+        inits = {by_mode[mode]["adapter"]["init_sha256"] for mode in ("lloco", "lora_none", "full_lora")}
+        assert len(inits) == 1  # the three LoRA modes start from the same weights
+        assert by_mode["lora_none"]["context_tokens"] == by_mode["none"]["context_tokens"] == 0
     by_mode = {r["mode"]: r for r in results if r["test_set"] == "squad-long"}
-    assert by_mode["none"]["context_tokens"] == 0
-    assert by_mode["full"]["context_tokens"] == by_mode["full"]["document_tokens"] == 160
-    assert by_mode["compressed"]["context_tokens"] == by_mode["lloco"]["context_tokens"] == 160 / 32 * 4
-    assert by_mode["lloco"]["adapter"]["steps"] == 2
+    assert by_mode["full"]["context_tokens"] == by_mode["full"]["document_tokens"] == 512
+    assert by_mode["compressed"]["context_tokens"] == by_mode["lloco"]["context_tokens"] == 512 / 32 * 4
+    assert by_mode["lloco"]["adapter"]["steps"] == by_mode["lora_none"]["adapter"]["steps"] == 2
+    perplexity = report["perplexity"]
+    assert perplexity["windows"] == 2 and perplexity["segments_per_window"] == 4
+    assert {"no_context", "compressed", "full_text"} <= set(perplexity["perplexity"])
+    ppl = perplexity["perplexity"]
+    assert perplexity["gap_closed"] == gap_closed(ppl["no_context"], ppl["compressed"], ppl["full_text"])
+    ablations = report["ablations"]
+    assert ablations["perplexity_gap_closed"] == perplexity["gap_closed"]
+    assert [row["test_set"] for row in ablations["lloco_vs_baselines"]] == list(test_sets)
+    squad_row = ablations["lloco_vs_baselines"][0]
+    assert squad_row["lloco_minus_lora_none"] == pytest.approx(
+        by_mode["lloco"]["scores"]["f1"] - by_mode["lora_none"]["scores"]["f1"]
+    )
+    assert [(row["test_set"], row["mode"]) for row in ablations["em_by_depth"]] == [
+        ("passkey-512", mode) for mode in MODES
+    ]
     table = (out / "eval.md").read_text()
-    assert table.count("| squad-long |") == len(MODES) and "LLoCO (compressed + LoRA)" in table
-    assert "8.0x" in table  # 160 document tokens read as 4 summary vectors per 32-token segment
+    assert table.count("| squad-long |") == len(MODES) + 1  # + its ablation row
+    assert "LLoCO (compressed + LoRA)" in table and "LoRA, no context" in table
+    assert "8.0x" in table  # 512 document tokens read as 4 summary vectors per 32-token segment
+    assert "## Ablations" in table and "exact match by depth" in table and "Gap closed" in table
     predictions = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == 3 * len(MODES) * 2
+    assert len(predictions) == len(test_sets) * len(MODES) * 2
+    assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
 
 
 def test_tenant_dataset_and_time_budget(store: object, tiny_base: object, compressor_dir: Path) -> None:
@@ -115,3 +164,151 @@ def test_tenant_dataset_and_time_budget(store: object, tiny_base: object, compre
         ("none", "time budget spent"),
         ("full_lora", "no train rows"),
     ]
+
+
+def test_gap_closed_arithmetic() -> None:
+    assert gap_closed(8.48, 8.25, 4.80) == pytest.approx(0.0625)  # the issue's figures: 6% of the gap
+    assert gap_closed(10.0, 10.0, 5.0) == 0.0
+    assert gap_closed(10.0, 5.0, 5.0) == 1.0
+    assert gap_closed(10.0, 12.0, 5.0) == pytest.approx(-0.4)  # worse than nothing
+    assert gap_closed(5.0, 4.0, 5.0) is None and gap_closed(5.0, 4.0, 6.0) is None  # no gap to close
+
+
+def test_passkey_facts_sit_at_their_depths(tiny_base: object, count_tokens: object) -> None:
+    tokenizer = tiny_base.tokenizer
+    documents = pk.passkey_documents("test", 8192, 6, count_tokens, seed=0)
+    assert [d.asked.depth for d in documents] == [*pk.DEPTHS, pk.DEPTHS[0]]
+    fixture = json.loads(pk.FILLER_FILE.read_text())
+    filler = {s for a in fixture["splits"]["test"] for p in a["paragraphs"] for s in p}
+    for document in documents:
+        assert 0.95 * 8192 <= document.tokens <= 8192
+        assert document.tokens == len(tokenizer.encode(document.text, add_special_tokens=False))
+        assert len(document.facts) == pk.FACTS_PER_DOCUMENT
+        assert sorted({f.depth for f in document.facts}) == sorted(f.depth for f in document.facts)
+        assert sum(f.kind == document.asked.kind for f in document.facts) >= 2  # a same-kind distractor
+        for fact in document.facts:
+            assert document.text[fact.char_offset :].startswith(fact.statement)
+            assert document.text.count(fact.statement) == 1 and fact.answer in fact.statement
+            position = len(tokenizer.encode(document.text[: fact.char_offset], add_special_tokens=False))
+            assert abs(position - fact.token_position) <= 2
+            assert abs(position / document.tokens - fact.depth) <= 0.02
+        sentences = [s for s in filler if s in document.text]
+        assert all(document.text.count(s) == 1 for s in sentences)  # filler never repeats in a document
+        assert sum(map(len, sentences)) > 0.8 * len(document.text)
+    again = pk.passkey_documents("test", 8192, 2, count_tokens, seed=0)
+    assert again == documents[:2]  # deterministic, and a smaller count is a prefix
+    with pytest.raises(InvalidArgument, match="too few"):
+        pk.passkey_documents("test", 10**6, 1, count_tokens)
+    with pytest.raises(InvalidArgument, match="split"):
+        pk.passkey_documents("dev", 512, 1, count_tokens)
+
+
+def _template_pattern(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(r"\{subject\}", ".+").replace(r"\{value\}", ".+"))
+
+
+def test_passkey_train_and_test_share_nothing(count_tokens: object) -> None:
+    splits = json.loads(pk.FILLER_FILE.read_text())["splits"]
+    assert all(25 <= a["squad_index"] < 35 for a in splits["test"])  # SQuAD-long's test articles
+    assert all(a["squad_index"] < 25 for a in splits["train"])
+    statements = {split: {t.statement for t in pk.TEMPLATES[split]} for split in ("train", "test")}
+    assert not statements["train"] & statements["test"]
+    for name in ("projects", "first_names", "surnames", "cities"):
+        assert not set(getattr(pk.POOLS["train"], name)) & set(getattr(pk.POOLS["test"], name))
+    documents = {
+        split: pk.passkey_documents(split, 1024, 40, count_tokens, seed=0) for split in ("train", "test")
+    }
+    answers = {split: {f.answer for d in docs for f in d.facts} for split, docs in documents.items()}
+    assert not answers["train"] & answers["test"]
+    paragraphs = {split: {p for d in docs for p in d.text.split("\n\n")} for split, docs in documents.items()}
+    assert not paragraphs["train"] & paragraphs["test"]
+    for split, docs in documents.items():  # every planted sentence follows a template of its own split
+        own = [_template_pattern(t.statement) for t in pk.TEMPLATES[split]]
+        other = [
+            _template_pattern(t.statement) for t in pk.TEMPLATES["test" if split == "train" else "train"]
+        ]
+        for fact in (f for d in docs for f in d.facts):
+            assert any(p.fullmatch(fact.statement) for p in own)
+            assert not any(p.fullmatch(fact.statement) for p in other)
+
+
+def test_lora_none_examples_hold_no_context_and_the_same_rows(
+    tiny_base: object, compressor_dir: Path, count_tokens: object
+) -> None:
+    compressor = Compressor.load(compressor_dir, tiny_base)
+    dataset = passkey(1, 6, count_tokens, lengths=(512, 1024), seed=0)
+    probe = Evaluator(tiny_base, compressor, FinetuneSettings(), EvalOptions())
+    tokens = probe._tokenize(dataset.train.documents)
+    vectors = {doc_id: math.ceil(len(ids) / 32) * 4 for doc_id, ids in tokens.items()}  # S=32, k=4
+    assert max(vectors.values()) - min(vectors.values()) >= 48  # 512- and 1024-token documents
+    tokenizer = tiny_base.tokenizer
+    longest_qa = max(
+        len(chat_prompt(tokenizer, dataset.question(row)))
+        + len(tokenizer.encode(row.answer, add_special_tokens=False))
+        + 1
+        for row in dataset.train.rows
+    )
+    options = EvalOptions(train_max_length=longest_qa + 64)  # room for 64 vectors, not 112
+    evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(), options)
+    contexts = evaluator._compress(tokens)
+    built = {
+        form: evaluator.examples(dataset, form, tokens, contexts) for form in ("compressed", "none", "full")
+    }
+    lines = [e.line for e in built["none"]]
+    assert lines == [e.line for e in built["compressed"]] == [e.line for e in built["full"]]
+    assert lines == [i for i, row in enumerate(dataset.train.rows, 1) if vectors[row.doc_ids[0]] <= 64]
+    assert 0 < len(lines) < len(dataset.train.rows)
+    for example in built["none"]:
+        row = dataset.train.rows[example.line - 1]
+        answer = [*tokenizer.encode(row.answer, add_special_tokens=False), tokenizer.eos_token_id]
+        assert example.prefix is None and example.prefix_len == 0  # zero context tokens
+        assert example.input_ids == chat_prompt(tokenizer, dataset.question(row)) + answer
+        assert example.answer_len == len(answer)
+    for compressed, full in zip(built["compressed"], built["full"], strict=True):
+        assert compressed.prefix_len <= 64 and len(full.input_ids) > len(compressed.input_ids)
+
+
+@pytest.fixture(scope="module")
+def init_files(tiny_base: object) -> dict[str, bytes]:
+    """A tiny 'reader' LoRA (r4 on q/v, nonzero B) in PEFT format, as the compressor may ship one."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(5)
+    model = get_peft_model(
+        tiny_base.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.05)
+        return peft_files(model, tiny_base.model_id)
+    finally:
+        model.unload()
+
+
+def test_lloco_and_lora_none_start_from_the_same_init(
+    tiny_base: object, compressor_dir: Path, count_tokens: object, init_files: dict[str, bytes]
+) -> None:
+    compressor = Compressor.load(compressor_dir, tiny_base)
+    dataset = passkey(1, 4, count_tokens, lengths=(512,), seed=0)
+    options = EvalOptions(modes=("lloco", "lora_none"), train_steps=1, max_new_tokens=4)
+    settings = FinetuneSettings(batch_size=2)
+    given = Evaluator(tiny_base, compressor, settings, options, adapter_init=init_files).run([dataset])
+    digest = state_digest(read_peft_files(init_files)[1])
+    assert [(r.mode, r.adapter["init"], r.adapter["init_sha256"]) for r in given] == [
+        ("lloco", "given", digest),
+        ("lora_none", "given", digest),
+    ]
+    assert given[0].scores_by_depth is not None and given[1].context_tokens == 0
+    default = Evaluator(tiny_base, compressor, settings, options).run([dataset])
+    assert default[0].adapter["init"] == default[1].adapter["init"] == "random (seed 0)"
+    assert default[0].adapter["init_sha256"] == default[1].adapter["init_sha256"] != digest
+    examples = Evaluator(tiny_base, compressor, settings, options).examples(
+        dataset, "none", {d: [] for d in dataset.train.documents}, {}
+    )
+    trained = train_adapter(tiny_base, examples, settings, steps=1, init=init_files)
+    assert peft_geometry(trained.files) == (("q_proj", "v_proj"), 4)  # the init's geometry, not the settings'
+    broken = {**init_files, "adapter_model.safetensors": b"not safetensors"}
+    with pytest.raises(InvalidArgument):
+        Evaluator(tiny_base, compressor, settings, options, adapter_init=broken)

@@ -5,10 +5,16 @@ evaluation runs where there is no store (a lone GPU host), so it drives the reci
 ``Example``/``collate`` (prefix + prompt + answer, loss on the answer) and ``answer_loss`` from
 ``lloco.finetune``, peft LoRA with the platform's ``FinetuneSettings`` (rank, alpha, dropout, targets,
 batch size; learning rate unless overridden), AdamW with linear warmup and cosine decay.
+
+An adapter starts from peft's seeded random init (A random, B zero: the base model exactly), or from
+given PEFT files (``init``: e.g. a "reader" LoRA pretrained with the compressor), whose rank, alpha and
+targets it then keeps. The init's digest is recorded, so two adapters that differ only in their data
+can be shown to have started from the same weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import time
@@ -23,6 +29,7 @@ from lloco.finetune.data import Example, collate
 from lloco.finetune.train import MAX_GRAD_NORM, answer_loss, peft_files
 from lloco.logs import get_logger
 from lloco.model import LoadedModel
+from lloco.model.lora import peft_geometry, read_peft_files
 
 log = get_logger(__name__)
 
@@ -36,14 +43,70 @@ class TrainedAdapter:
     first_loss: float
     last_loss: float
     seconds: float
+    init: str  # "random (seed N)" or "given"
+    init_sha256: str  # state_digest of the LoRA weights before the first step
 
     def summary(self) -> dict[str, Any]:
         return {
+            "init": self.init,
+            "init_sha256": self.init_sha256,
             "steps": self.steps,
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "seconds": round(self.seconds, 2),
         }
+
+
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of LoRA weights in PEFT's key names, as fp32 in key order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        digest.update(key.encode())
+        digest.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def lora_config(hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
+    """peft's ``LoraConfig`` of an adapter: the settings' geometry, or the init files' (rank, alpha,
+    targets, rsLoRA, rank/alpha patterns); dropout from the settings either way.
+
+    Raises:
+        InvalidArgument: init files that are not LoRA weights of Llama projections.
+    """
+    from peft import LoraConfig
+
+    if init is None:
+        geometry: dict[str, Any] = {
+            "r": hp.rank,
+            "lora_alpha": hp.alpha,
+            "target_modules": list(hp.target_modules),
+        }
+    else:
+        config, _ = read_peft_files(init)
+        targets, rank = peft_geometry(init)
+        geometry = {
+            "r": config.get("r", rank),
+            "lora_alpha": config.get("lora_alpha", rank),
+            "target_modules": list(targets),
+        }
+        geometry.update(
+            {key: config[key] for key in ("use_rslora", "rank_pattern", "alpha_pattern") if key in config}
+        )
+    return LoraConfig(**geometry, lora_dropout=hp.dropout, bias="none")
+
+
+def _load_init(peft_model: Any, init: dict[str, bytes]) -> None:
+    """Copy the init's LoRA weights into a fresh peft model; every LoRA weight must come from the init."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    _, tensors = read_peft_files(init)
+    expected = set(get_peft_model_state_dict(peft_model))
+    if set(tensors) != expected:
+        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+        raise InvalidArgument(f"adapter init does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
+    result = set_peft_model_state_dict(peft_model, tensors)
+    if result.unexpected_keys:
+        raise InvalidArgument(f"adapter init has keys peft did not load: {result.unexpected_keys[:3]}")
 
 
 def train_adapter(
@@ -53,39 +116,38 @@ def train_adapter(
     steps: int,
     learning_rate: float | None = None,
     seed: int = 0,
+    init: dict[str, bytes] | None = None,
 ) -> TrainedAdapter:
     """Train a LoRA adapter on ``examples`` for ``steps`` optimizer steps; ``base`` is left unchanged.
 
-    Each step takes ``hp.batch_size`` examples from a seeded shuffle (reshuffled every pass).
+    Each step takes ``hp.batch_size`` examples from a seeded shuffle (reshuffled every pass). The adapter
+    starts from ``init`` (PEFT files, their own geometry) when given, else from peft's init under ``seed``.
 
     Raises:
-        InvalidArgument: no examples or no steps.
+        InvalidArgument: no examples or no steps; init files that do not fit the model.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model, get_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     if not examples or steps < 1:
         raise InvalidArgument(f"adapter training needs examples and steps, got {len(examples)}, {steps}")
     device = base.model.device
+    config = lora_config(hp, init)
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=hp.rank,
-        lora_alpha=hp.alpha,
-        lora_dropout=hp.dropout,
-        target_modules=list(hp.target_modules),
-        bias="none",
-    )
     peft_model = get_peft_model(base.model, config)
     model = peft_model.get_base_model()
-    peft_model.train()
-    trainable = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=learning_rate or hp.learning_rate, weight_decay=0.0)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps), steps)
-    rng = random.Random(seed)
-    order: list[int] = []
-    losses: list[float] = []
     started = time.perf_counter()
     try:
+        if init is not None:
+            _load_init(peft_model, init)
+        init_sha256 = state_digest(get_peft_model_state_dict(peft_model))
+        peft_model.train()
+        trainable = [p for p in peft_model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=learning_rate or hp.learning_rate, weight_decay=0.0)
+        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps), steps)
+        rng = random.Random(seed)
+        order: list[int] = []
+        losses: list[float] = []
         for _ in range(steps):
             batch_examples = []
             for _ in range(min(hp.batch_size, len(examples))):
@@ -115,4 +177,6 @@ def train_adapter(
         last_loss=losses[-1],
         seconds=round(seconds, 2),
     )
-    return TrainedAdapter(files, steps, losses[0], sum(losses[-10:]) / len(losses[-10:]), seconds)
+    init_name = "given" if init is not None else f"random (seed {seed})"
+    last_loss = sum(losses[-10:]) / len(losses[-10:])
+    return TrainedAdapter(files, steps, losses[0], last_loss, seconds, init_name, init_sha256)

@@ -17,6 +17,10 @@ import typer
 from lloco.finetune.pretrain_cli import command_line
 
 DEFAULT_DATA_DIR = Path("../shared/data")
+PERPLEXITY_SOURCE = (
+    "the passkey test filler without facts: the 10 SQuAD 2.0 dev articles of SQuAD-long's test split, "
+    "which the pretraining corpus excludes"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -31,11 +35,12 @@ def evaluate(
     ctx: typer.Context,
     output: Annotated[Path, typer.Option(help="Directory for eval.json, eval.md, predictions.jsonl.")],
     datasets: Annotated[
-        str, typer.Option(help="Comma list of squad, qmsum, hotpotqa ('' for none).")
-    ] = "squad,qmsum,hotpotqa",
+        str, typer.Option(help="Comma list of squad, qmsum, hotpotqa, passkey ('' for none).")
+    ] = "squad,qmsum,hotpotqa,passkey",
     modes: Annotated[
-        str, typer.Option(help="Comma list of none, truncated, full, compressed, lloco, full_lora.")
-    ] = "none,truncated,full,compressed,lloco,full_lora",
+        str,
+        typer.Option(help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora."),
+    ] = "none,truncated,full,compressed,lloco,lora_none,full_lora",
     limit: Annotated[int | None, typer.Option(help="Test questions per test set (seeded sample).")] = 50,
     train_limit: Annotated[int | None, typer.Option(help="Train rows per dataset for the LoRA modes.")] = 400,
     train_steps: Annotated[int, typer.Option(help="Optimizer steps of each LoRA mode.")] = 100,
@@ -57,6 +62,16 @@ def evaluate(
     hotpot_lengths: Annotated[
         str, typer.Option(help="HotpotQA haystack lengths in tokens.")
     ] = "4096,8192,16384",
+    passkey_lengths: Annotated[
+        str, typer.Option(help="Passkey (fact recall) document lengths in tokens.")
+    ] = "2048,4096,8192",
+    perplexity_windows: Annotated[
+        int, typer.Option(help="Held-out windows for the perplexity gap closed.")
+    ] = 32,
+    adapter_init: Annotated[
+        Path | None,
+        typer.Option(help="PEFT adapter directory every LoRA mode starts from (default: peft's init)."),
+    ] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="Skip work not started after this many seconds.")
     ] = None,
@@ -77,16 +92,19 @@ def evaluate(
     seed: Annotated[int, typer.Option(help="Seed of the samples and of training.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
 ) -> None:
-    """Evaluate the base model and compressor on long-document QA in every mode; write JSON and markdown."""
+    """Evaluate the base model and compressor on long-document QA and fact recall in every mode, and the
+    compressor's held-out perplexity gap; write JSON and markdown."""
     import torch
     from pydantic import ValidationError
 
     from lloco.config import Settings
     from lloco.errors import InvalidArgument
-    from lloco.eval import tasks
-    from lloco.eval.report import markdown_table, write_report
+    from lloco.eval import passkey, tasks
+    from lloco.eval.adapters import state_digest
+    from lloco.eval.report import ablation_markdown, markdown_table, write_report
     from lloco.eval.run import EvalOptions, Evaluator
     from lloco.model import load_compressor, load_model
+    from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, peft_geometry, read_peft_files
 
     started = time.perf_counter()
     settings = Settings.load(config)
@@ -108,11 +126,20 @@ def evaluate(
             max_document_tokens=max_document_tokens,
             max_new_tokens=max_new_tokens,
             compress_batch_size=compress_batch_size,
+            perplexity_windows=perplexity_windows,
             time_budget_s=time_budget,
             seed=seed,
         )
     except ValidationError as error:
         raise InvalidArgument(f"bad eval options: {error}") from error
+    init_files = None
+    if adapter_init is not None:
+        try:
+            init_files = {name: (adapter_init / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
+        except OSError as error:
+            raise InvalidArgument(
+                f"--adapter-init needs {CONFIG_FILE} and {WEIGHTS_FILE}: {error}"
+            ) from error
     store = None
     compressor_spec = compressor or settings.model.compressor
     if tenant is not None or compressor_spec.startswith("s3://"):
@@ -141,6 +168,9 @@ def evaluate(
     if "hotpotqa" in chosen:
         lengths = [int(value) for value in _csv(hotpot_lengths)]
         suite.append(tasks.hotpotqa_long(data_dir, limit, train_limit, count_tokens, lengths, seed))
+    if "passkey" in chosen:
+        lengths = [int(value) for value in _csv(passkey_lengths)]
+        suite.append(tasks.passkey(limit, train_limit, count_tokens, lengths, seed))
     if tenant is not None:
         from lloco.registry import Registry
 
@@ -152,7 +182,12 @@ def evaluate(
         options = options.model_copy(
             update={"time_budget_s": max(1e-3, time_budget - (time.perf_counter() - started))}
         )
-    evaluator = Evaluator(base, encoder, settings.finetune, options)
+    evaluator = Evaluator(base, encoder, settings.finetune, options, init_files)
+    init_meta = None
+    if init_files is not None:
+        targets, rank = peft_geometry(init_files)
+        digest = state_digest(read_peft_files(init_files)[1])
+        init_meta = {"path": str(adapter_init), "rank": rank, "targets": list(targets), "sha256": digest}
     meta = {
         "command": command_line(ctx, "eval"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -162,17 +197,19 @@ def evaluate(
         "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
         "options": json.loads(options.model_dump_json()),
         "lora": json.loads(settings.finetune.model_dump_json()),
+        "adapter_init": init_meta,
         "test_sets": {test.name: len(test.qaset.rows) for item in suite for test in item.tests},
         "train_rows": {item.name: len(item.train.rows) if item.train else 0 for item in suite},
     }
 
-    def report(results: list) -> None:
+    def report(results: list) -> dict:
         seconds = round(time.perf_counter() - started, 2)
-        write_report(output, results, {**meta, "costs": evaluator.costs, "seconds": seconds})
+        return write_report(output, results, {**meta, "costs": evaluator.costs, "seconds": seconds})
 
+    meta["perplexity"] = evaluator.held_out_perplexity(passkey.filler_articles("test"), PERPLEXITY_SOURCE)
     results = evaluator.run(suite, on_result=report)
-    report(results)
-    typer.echo(markdown_table(results))
+    final = report(results)
+    typer.echo(markdown_table(results) + "\n\n" + ablation_markdown(final["ablations"], meta["perplexity"]))
 
 
 if __name__ == "__main__":

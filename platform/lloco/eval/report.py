@@ -1,4 +1,9 @@
-"""The evaluation's outputs: eval.json (everything), eval.md (the table), predictions.jsonl."""
+"""The evaluation's outputs: eval.json (everything), eval.md (the tables), predictions.jsonl.
+
+Besides one row per (test set, mode), both carry the ablations that say whether the compressed context
+informs answers: LLoCO against the LoRA trained without context and the full-context LoRA, passkey
+exact match by length and depth, and the held-out perplexity gap the compressor closes.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lloco.eval.run import ModeResult, result_dict
+from lloco.eval.passkey import DEPTHS
+from lloco.eval.run import MODE_LABELS, ModeResult, depth_name, result_dict
 
 JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
@@ -29,8 +35,130 @@ _COLUMNS = (
 )
 
 
+HEADLINE = {"qa": "f1", "summary": "rouge_gmean"}  # the score the ablations compare
+_HEADLINE_NAMES = {"f1": "F1", "rouge_gmean": "R-gmean"}
+_PERPLEXITY_ROWS = (
+    ("no_context", "no context"),
+    ("compressed", "compressed earlier segments"),
+    ("compressed_untrained", "fresh (untrained) summary embeddings"),
+    ("full_text", "full earlier text"),
+    ("reconstruction", "compressed segments up to the scored one"),
+)
+
+
 def _number(scores: dict[str, float], name: str) -> str:
     return f"{scores[name]:.1f}" if name in scores else ""
+
+
+def _score(results: Sequence[ModeResult], test_set: str, mode: str) -> float | None:
+    for result in results:
+        if result.test_set == test_set and result.mode == mode and not result.skipped:
+            return result.scores[HEADLINE[result.metric]]
+    return None
+
+
+def ablations(results: Sequence[ModeResult], perplexity: dict[str, Any] | None) -> dict[str, Any]:
+    """The ablation summary: per test set LLoCO, the no-context LoRA and the full-context LoRA on the
+    headline score, LLoCO minus the no-context LoRA (points) and LLoCO as a percentage of the full-context
+    LoRA (None where a mode did not run or the full-context LoRA scored 0); exact match by depth of every
+    test set that has depths; the perplexity gap closed."""
+    compared = []
+    for test_set, metric in dict.fromkeys((r.test_set, r.metric) for r in results):
+        lloco, lora_none, full_lora = (
+            _score(results, test_set, m) for m in ("lloco", "lora_none", "full_lora")
+        )
+        compared.append(
+            {
+                "test_set": test_set,
+                "score": HEADLINE[metric],
+                "lloco": lloco,
+                "lora_none": lora_none,
+                "full_lora": full_lora,
+                "lloco_minus_lora_none": None if lloco is None or lora_none is None else lloco - lora_none,
+                "lloco_pct_of_full_lora": None if lloco is None or not full_lora else 100 * lloco / full_lora,
+            }
+        )
+    by_depth = [
+        {
+            "test_set": r.test_set,
+            "mode": r.mode,
+            "em": r.scores["em"],
+            "em_by_depth": {depth: scores["em"] for depth, scores in r.scores_by_depth.items()},
+        }
+        for r in results
+        if r.scores_by_depth and not r.skipped
+    ]
+    closed = perplexity.get("gap_closed") if perplexity else None
+    return {"lloco_vs_baselines": compared, "em_by_depth": by_depth, "perplexity_gap_closed": closed}
+
+
+def _cell(value: float | None, form: str = "{:.1f}") -> str:
+    return "" if value is None else form.format(value)
+
+
+def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None) -> str:
+    """The ablations as markdown sections (after the main table)."""
+    lines = [
+        "## Ablations",
+        "",
+        "Does the compressed context inform answers? LLoCO against a LoRA trained on the same rows, steps, "
+        "seed and initial weights with no context at all (LoRA, no context), and against the full-context "
+        "LoRA (F1 for QA, R-gmean for summaries).",
+        "",
+        "| test set | score | LLoCO | LoRA, no context | full-context LoRA | LLoCO - LoRA no context "
+        "| LLoCO / full-context LoRA |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in summary["lloco_vs_baselines"]:
+        cells = [
+            row["test_set"],
+            _HEADLINE_NAMES[row["score"]],
+            _cell(row["lloco"]),
+            _cell(row["lora_none"]),
+            _cell(row["full_lora"]),
+            _cell(row["lloco_minus_lora_none"], "{:+.1f}"),
+            _cell(row["lloco_pct_of_full_lora"], "{:.0f}%"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if summary["em_by_depth"]:
+        depths = [depth_name(depth) for depth in DEPTHS]
+        lines += [
+            "",
+            "### Fact recall (passkey): exact match by depth of the asked fact",
+            "",
+            "| test set | mode | all | " + " | ".join(depths) + " |",
+            "|---|---|---:|" + "---:|" * len(depths),
+        ]
+        for row in summary["em_by_depth"]:
+            cells = [row["test_set"], MODE_LABELS[row["mode"]], _cell(row["em"])]
+            cells += [_cell(row["em_by_depth"].get(depth)) for depth in depths]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "### Held-out perplexity (base decoder, no LoRA)", ""]
+    if not perplexity:
+        lines.append("Not measured.")
+    elif perplexity.get("skipped"):
+        lines.append(f"Skipped: {perplexity['skipped']}.")
+    else:
+        closed = perplexity["gap_closed"]
+        lines += [
+            f"Next-segment perplexity on {perplexity['windows']} windows of {perplexity['segments_per_window']} x "
+            f"{perplexity['segment_len']} tokens of held-out prose ({perplexity['source']}), "
+            f"{perplexity['scored_tokens']} scored tokens.",
+            "",
+            "| prefix | perplexity |",
+            "|---|---:|",
+            *(
+                f"| {label} | {perplexity['perplexity'][name]:.2f} |"
+                for name, label in _PERPLEXITY_ROWS
+                if name in perplexity["perplexity"]
+            ),
+            "",
+            "Gap closed, (none - compressed) / (none - full text): "
+            + (
+                "n/a (the full text is no better than none)" if closed is None else f"**{100 * closed:.1f}%**"
+            ),
+        ]
+    return "\n".join(lines)
 
 
 def markdown_table(results: Sequence[ModeResult]) -> str:
@@ -59,9 +187,12 @@ def markdown_table(results: Sequence[ModeResult]) -> str:
 
 
 def write_report(directory: Path, results: Sequence[ModeResult], meta: dict[str, Any]) -> dict[str, Any]:
-    """Write the three files into ``directory``; returns what eval.json holds."""
+    """Write the three files into ``directory``; returns what eval.json holds (``meta``, the ablations,
+    the results). ``meta["perplexity"]`` is ``Evaluator.held_out_perplexity``'s result, if measured."""
     directory.mkdir(parents=True, exist_ok=True)
-    report = {**meta, "results": [result_dict(result) for result in results]}
+    perplexity = meta.get("perplexity")
+    summary = ablations(results, perplexity)
+    report = {**meta, "ablations": summary, "results": [result_dict(result) for result in results]}
     (directory / JSON_FILE).write_text(json.dumps(report, indent=2))
     header = [
         f"# Evaluation: {meta.get('base_model', '')} with compressor {meta.get('compressor_id', '')}",
@@ -73,7 +204,8 @@ def write_report(directory: Path, results: Sequence[ModeResult], meta: dict[str,
         "generator (continuous batching), compression excluded (offline).",
         "",
     ]
-    (directory / MARKDOWN_FILE).write_text("\n".join(header) + markdown_table(results) + "\n")
+    body = markdown_table(results) + "\n\n" + ablation_markdown(summary, perplexity)
+    (directory / MARKDOWN_FILE).write_text("\n".join(header) + body + "\n")
     with (directory / PREDICTIONS_FILE).open("w", encoding="utf-8") as file:
         for result in results:
             for prediction in result.predictions:

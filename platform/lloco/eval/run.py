@@ -8,8 +8,19 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
 - ``full``: all of the document's tokens, past the window if it is longer.
 - ``compressed``: the document's summary vectors from the compressor; no LoRA.
 - ``lloco``: the summary vectors, with a LoRA trained on the dataset's train rows in that form.
+- ``lora_none``: nothing, with a LoRA trained on the same rows with no context at all (prompt and answer
+  only): what a LoRA learns without the document (the answers' form, the set's priors). LLoCO minus this
+  is what the summary vectors carry.
 - ``full_lora``: all of the document's tokens, with a LoRA trained on the train rows with full documents
   (cut in the middle to ``train_max_length`` for training).
+
+The three LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
+the same steps, hyperparameters, seed and initial weights (peft's seeded init, or ``adapter_init``), so
+that they differ only in the context their examples hold.
+
+The held-out perplexity (``held_out_perplexity``) measures the compressor without any LoRA or question:
+the base decoder's next-segment perplexity after no context, the compressed earlier segments and the
+full earlier text, and the share of the gap between none and full that the compressed prefix closes.
 
 Generation goes through ``lloco.model.Generator`` (continuous batching, greedy), no Ray. Latency is a
 query's time from entering the generator to its last token; compression is offline in LLoCO and is
@@ -18,6 +29,7 @@ timed separately.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -31,27 +43,32 @@ from torch import Tensor
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval.adapters import TrainedAdapter, train_adapter
-from lloco.eval.metrics import exact_match, f1_score, rouge
+from lloco.eval.metrics import exact_match, f1_score, gap_closed, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
+from lloco.finetune.pretrain import next_segment_perplexity
 from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
+from lloco.model.lora import peft_geometry
 from lloco.registry import DatasetRow
 
 log = get_logger(__name__)
 
-Mode = Literal["none", "truncated", "full", "compressed", "lloco", "full_lora"]
-MODES: tuple[Mode, ...] = ("none", "truncated", "full", "compressed", "lloco", "full_lora")
+Mode = Literal["none", "truncated", "full", "compressed", "lloco", "lora_none", "full_lora"]
+MODES: tuple[Mode, ...] = ("none", "truncated", "full", "compressed", "lloco", "lora_none", "full_lora")
 MODE_LABELS: dict[str, str] = {
     "none": "no context",
     "truncated": "truncated to window",
     "full": "full document",
     "compressed": "compressed, no LoRA",
     "lloco": "LLoCO (compressed + LoRA)",
+    "lora_none": "LoRA, no context",
     "full_lora": "full-context LoRA",
 }
-ADAPTER_MODE: dict[str, Literal["compressed", "full"]] = {"lloco": "compressed", "full_lora": "full"}
+ExampleForm = Literal["compressed", "none", "full"]
+ADAPTER_MODE: dict[str, ExampleForm] = {"lloco": "compressed", "lora_none": "none", "full_lora": "full"}
 COMPRESSED_MODES = frozenset({"compressed", "lloco"})
+PERPLEXITY_BATCH = 8  # held-out windows per forward
 
 
 class EvalOptions(BaseModel):
@@ -78,6 +95,10 @@ class EvalOptions(BaseModel):
         None, ge=1, description="Answer length; None: 32 for QA, 160 for summaries."
     )
     compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
+    perplexity_windows: int = Field(32, ge=1, description="Held-out windows of the perplexity gap.")
+    perplexity_segments: int = Field(
+        4, ge=2, description="Segments (of the compressor's S tokens) per held-out window."
+    )
     time_budget_s: float | None = Field(None, gt=0, description="Work still to start after this is skipped.")
     seed: int = Field(0, ge=0)
 
@@ -98,7 +119,9 @@ class ModeResult:
     seconds: float = 0.0  # the whole mode on this test set
     adapter: dict[str, Any] | None = None
     skipped: str | None = None
-    predictions: list[dict[str, str]] = field(default_factory=list)
+    # test sets with depths: depth ("10%") -> the scores of its questions and their count "n"
+    scores_by_depth: dict[str, dict[str, float]] | None = None
+    predictions: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -130,12 +153,27 @@ class Evaluator:
         compressor: encodes documents for the compressed modes.
         finetune: LoRA hyperparameters of the LoRA modes (the platform's finetune settings).
         options: sizes, budget, modes.
+        adapter_init: PEFT files every LoRA mode's adapter starts from (their own rank and targets), e.g.
+            a reader LoRA pretrained with the compressor; None: peft's init under ``options.seed``.
+
+    Raises:
+        InvalidArgument: a tokenizer without EOS; an ``adapter_init`` the platform's LoRA slots cannot
+            serve (checked here, before any work).
     """
 
     def __init__(
-        self, base: LoadedModel, compressor: Compressor, finetune: FinetuneSettings, options: EvalOptions
+        self,
+        base: LoadedModel,
+        compressor: Compressor,
+        finetune: FinetuneSettings,
+        options: EvalOptions,
+        adapter_init: dict[str, bytes] | None = None,
     ) -> None:
         self.base, self.compressor, self.finetune, self.options = base, compressor, finetune, options
+        self.adapter_init = adapter_init
+        if adapter_init is not None:
+            targets, rank = peft_geometry(adapter_init)
+            LoraSlots(base.config, 1, rank, targets, "cpu", torch.float32).prepare(adapter_init)
         self.tokenizer = base.tokenizer
         self.window = base.config.max_position_embeddings
         self.separator = self.tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
@@ -175,25 +213,46 @@ class Evaluator:
 
     # -- adapters ---------------------------------------------------------------------------------------
 
-    def _train(
-        self, dataset: EvalDataset, mode: Literal["compressed", "full"], tokens: dict, contexts: dict
-    ) -> TrainedAdapter:
-        """The adapter of a LoRA mode, trained on the dataset's train rows in that mode's input form."""
+    def _summary_vectors(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
+        """How many summary vectors the row's documents compress to (``Compressor.compress``'s
+        ``ceil(n / S) * k`` per document), known without compressing."""
+        size, k = self.compressor.segment_len, self.compressor.k
+        return sum(math.ceil(len(tokens[doc_id]) / size) * k for doc_id in row.doc_ids)
+
+    def examples(
+        self,
+        dataset: EvalDataset,
+        form: ExampleForm,
+        tokens: dict[str, list[int]],
+        contexts: dict[str, Tensor],
+    ) -> list[Example]:
+        """The training examples of a LoRA mode: ``[context] + chat_prompt(question) + answer + eos``, the
+        context being the summary vectors (``compressed``), nothing (``none``) or the document cut in the
+        middle to fit (``full``). Every form keeps the same rows: those whose compressed form fits
+        ``train_max_length`` (``contexts`` need only hold the train documents for ``compressed``).
+
+        Raises:
+            InvalidArgument: no train row fits.
+        """
         max_length = self.options.train_max_length or self.window
         examples = []
         for line, row in enumerate(dataset.train.rows, start=1):
             prompt = chat_prompt(self.tokenizer, dataset.question(row))
             answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
-            if mode == "compressed":
-                prefix = self._prefix(row, contexts)
-                if prefix.shape[0] + len(prompt) + len(answer) > max_length:
-                    continue
-                examples.append(Example(line, prefix, prompt + answer, len(answer)))
+            if self._summary_vectors(row, tokens) + len(prompt) + len(answer) > max_length:
+                continue
+            if form == "compressed":
+                examples.append(Example(line, self._prefix(row, contexts), prompt + answer, len(answer)))
+            elif form == "none":
+                examples.append(Example(line, None, prompt + answer, len(answer)))
             else:
                 document = middle_cut(self._joined(row, tokens), max_length - len(prompt) - len(answer))
                 examples.append(Example(line, None, document + prompt + answer, len(answer)))
         if not examples:
             raise InvalidArgument(f"no train row of {dataset.name} fits {max_length} positions")
+        return examples
+
+    def _train(self, examples: list[Example]) -> TrainedAdapter:
         return train_adapter(
             self.base,
             examples,
@@ -201,7 +260,46 @@ class Evaluator:
             self.options.train_steps,
             self.options.learning_rate,
             self.options.seed,
+            self.adapter_init,
         )
+
+    # -- held-out perplexity ----------------------------------------------------------------------------
+
+    def held_out_perplexity(self, documents: dict[str, str], source: str) -> dict[str, Any]:
+        """Next-segment perplexity of the base decoder on windows of ``perplexity_segments`` x S tokens
+        inside ``documents`` (held-out text), after no context, the compressed earlier segments, the
+        summaries of a fresh, untrained compressor (a reference), the full earlier text, and the
+        compressed segments up to and including the scored one; plus ``gap_closed`` (compressed between
+        none and full text) and ``source`` (what the text is). ``skipped`` says why when there is no window.
+        """
+        size = self.compressor.segment_len
+        length = self.options.perplexity_segments * size
+        tokens = self._tokenize(documents)
+        starts = [
+            (doc_id, start)
+            for doc_id, ids in tokens.items()
+            for start in range(0, len(ids) - length + 1, length)
+        ]
+        text = {
+            "source": source,
+            "documents": len(documents),
+            "document_tokens": sum(map(len, tokens.values())),
+        }
+        if not starts:
+            return {**text, "skipped": f"no held-out document has {length} tokens"}
+        count = min(self.options.perplexity_windows, len(starts))
+        chosen = [starts[round(i * (len(starts) - 1) / max(1, count - 1))] for i in range(count)]
+        windows = torch.tensor([tokens[doc_id][start : start + length] for doc_id, start in chosen])
+        fresh = Compressor.from_base(
+            self.base, size, self.compressor.k, self.compressor.accumulate, self.options.seed
+        )
+        started = time.perf_counter()
+        with torch.no_grad():
+            result = next_segment_perplexity(self.base, self.compressor, fresh, windows, PERPLEXITY_BATCH)
+        ppl = result["perplexity"]
+        closed = gap_closed(ppl["no_context"], ppl["compressed"], ppl["full_text"])
+        log.info("held-out perplexity", gap_closed=closed, **ppl)
+        return {**text, **result, "gap_closed": closed, "seconds": round(time.perf_counter() - started, 2)}
 
     # -- running ----------------------------------------------------------------------------------------
 
@@ -272,9 +370,9 @@ class Evaluator:
                 reason = "time budget spent"
             else:
                 train_tokens = train_tokens or self._tokenize(dataset.train.documents)
-                if mode == "lloco":
+                if ADAPTER_MODE[mode] == "compressed":
                     contexts.update(self._timed_compress(train_tokens, costs))
-                adapter = self._train(dataset, ADAPTER_MODE[mode], train_tokens, contexts)
+                adapter = self._train(self.examples(dataset, ADAPTER_MODE[mode], train_tokens, contexts))
             for test in dataset.tests:
                 result = ModeResult(dataset.name, test.name, mode, dataset.metric)
                 if reason is not None or self._out_of_time():
@@ -295,7 +393,7 @@ class Evaluator:
     ) -> _Request:
         prompt = chat_prompt(self.tokenizer, dataset.question(row))
         document = self._joined(row, tokens)
-        if mode == "none":
+        if mode in ("none", "lora_none"):
             return _Request(None, prompt, 0, len(document))
         if mode in COMPRESSED_MODES:
             prefix = self._prefix(row, contexts)
@@ -327,7 +425,15 @@ class Evaluator:
                 scores.append({name: 100 * value for name, value in rouge(text, row.answer).items()})
         count = len(rows)
         result.queries = count
-        result.scores = {name: sum(s[name] for s in scores) / count for name in scores[0]}
+        result.scores = _mean(scores)
+        if test.depths is not None:
+            by_depth: dict[float, list[dict[str, float]]] = {}
+            for depth, score in zip(test.depths, scores, strict=True):
+                by_depth.setdefault(depth, []).append(score)
+            result.scores_by_depth = {
+                depth_name(depth): {**_mean(group), "n": len(group)}
+                for depth, group in sorted(by_depth.items())
+            }
         result.context_tokens = sum(r.context_tokens for r in requests) / count
         result.document_tokens = sum(r.document_tokens for r in requests) / count
         result.latency_s = sum(latencies) / count
@@ -336,6 +442,9 @@ class Evaluator:
             {"question": row.question, "answer": row.answer, "prediction": text}
             for row, text in zip(rows, texts, strict=True)
         ]
+        if test.depths is not None:
+            for prediction, depth in zip(result.predictions, test.depths, strict=True):
+                prediction["depth"] = depth
         result.seconds = time.perf_counter() - started
 
     def _generate(
@@ -350,14 +459,8 @@ class Evaluator:
         )
         slots = None
         if adapter is not None:
-            slots = LoraSlots(
-                self.base.config,
-                1,
-                self.finetune.rank,
-                tuple(self.finetune.target_modules),
-                model.device,
-                model.dtype,
-            )
+            targets, rank = peft_geometry(adapter.files)
+            slots = LoraSlots(self.base.config, 1, rank, targets, model.device, model.dtype)
             slots.load(0, adapter.files)
         generator = Generator(model, slots, rows, max_seq_len, tokenizer=self.tokenizer)
         params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -383,6 +486,15 @@ class Evaluator:
             self.tokenizer.decode(tokens[i], skip_special_tokens=True).strip() for i in range(len(requests))
         ]
         return texts, latencies
+
+
+def depth_name(depth: float) -> str:
+    """A depth as the table shows it: 0.1 -> "10%"."""
+    return f"{depth:.0%}"
+
+
+def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
+    return {name: sum(score[name] for score in scores) / len(scores) for name in scores[0]}
 
 
 def result_dict(result: ModeResult, with_predictions: bool = False) -> dict[str, Any]:

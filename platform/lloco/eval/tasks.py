@@ -5,7 +5,9 @@ questions; train rows from articles 0-24. QMSum: a seeded sample of the test que
 its train split. HotpotQA-long: the first ``limit`` questions of the test split (the last 20% of dev),
 each in a haystack of 4k/8k/16k tokens; train rows from the train split, haystack lengths taken in turn.
 The pretraining corpus leaves out every Wikipedia title of that test split (``lloco.finetune.corpus``).
-A tenant's dataset in the registry is a test set too, with an optional train dataset.
+Passkey: generated fact-recall documents (``lloco.eval.passkey``), ``limit`` per length, and ``train_limit``
+train documents from the disjoint train split. A tenant's dataset in the registry is a test set too,
+with an optional train dataset.
 """
 
 from __future__ import annotations
@@ -17,22 +19,27 @@ from pathlib import Path
 from typing import Literal
 
 from lloco.errors import InvalidArgument
+from lloco.eval.passkey import PasskeyDocument, passkey_documents
 from lloco.finetune.datasets import QASet, load_hotpotqa_long, load_qmsum, load_squad
 from lloco.model.prompt import QA_INSTRUCTION
 from lloco.registry import DatasetRow, Registry
 
 Metric = Literal["qa", "summary"]
-DATASETS = ("squad", "qmsum", "hotpotqa")
+DATASETS = ("squad", "qmsum", "hotpotqa", "passkey")
 HOTPOT_LENGTHS = (4096, 8192, 16384)
+PASSKEY_LENGTHS = (2048, 4096, 8192)
+PASSKEY_ALL = 100  # documents per length when there is no limit (the set is generated: it has no end)
 MAX_NEW_TOKENS: dict[Metric, int] = {"qa": 32, "summary": 160}  # answers of QMSum run ~65 words
 
 
 @dataclass(frozen=True)
 class TestSet:
-    """Rows to answer and the documents they name."""
+    """Rows to answer and the documents they name; ``depths``, when given, is where in its document
+    each row's answer sits (a fraction of the tokens before it), for scores by depth."""
 
     name: str
     qaset: QASet
+    depths: tuple[float, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ def hotpotqa_long(
     sits in a haystack of ``lengths[j % len(lengths)]`` tokens."""
     tests = [
         TestSet(
-            f"hotpotqa-{length // 1024}k",
+            length_name("hotpotqa", length),
             load_hotpotqa_long(data_dir, "test", length, count_tokens, limit=limit, seed=seed),
         )
         for length in lengths
@@ -100,6 +107,45 @@ def hotpotqa_long(
         rows += part.rows[turn :: len(lengths)]
     train = sample_rows(QASet(documents, rows), None, seed)
     return EvalDataset("hotpotqa-long", "qa", tests, train, QA_INSTRUCTION)
+
+
+def length_name(prefix: str, length: int) -> str:
+    """``hotpotqa-4k`` for 4096 tokens; ``passkey-300`` for lengths that are not whole k."""
+    return f"{prefix}-{length // 1024}k" if length % 1024 == 0 else f"{prefix}-{length}"
+
+
+def _passkey_qaset(documents: list[PasskeyDocument]) -> QASet:
+    rows = [DatasetRow((doc.doc_id,), doc.asked.question, doc.asked.answer) for doc in documents]
+    return QASet({doc.doc_id: doc.text for doc in documents}, rows)
+
+
+def passkey(
+    limit: int | None,
+    train_limit: int | None,
+    count_tokens: Callable[[str], int],
+    lengths: Sequence[int] = PASSKEY_LENGTHS,
+    seed: int = 0,
+) -> EvalDataset:
+    """One test set per document length (``limit`` documents, ``PASSKEY_ALL`` when None), with each
+    question's depth; train document j (of ``train_limit``) has ``lengths[j % len(lengths)]`` tokens and
+    comes from the train split (other filler, templates, names and values)."""
+    tests = []
+    for length in lengths:
+        documents = passkey_documents(
+            "test", length, PASSKEY_ALL if limit is None else limit, count_tokens, seed
+        )
+        depths = tuple(doc.asked.depth for doc in documents)
+        tests.append(TestSet(length_name("passkey", length), _passkey_qaset(documents), depths))
+    train_count = PASSKEY_ALL if train_limit is None else train_limit
+    train_documents = [
+        document
+        for turn, length in enumerate(lengths)
+        for document in passkey_documents(
+            "train", length, len(range(turn, train_count, len(lengths))), count_tokens, seed
+        )
+    ]
+    train = _passkey_qaset(train_documents) if train_documents else None
+    return EvalDataset("passkey", "qa", tests, train, QA_INSTRUCTION)
 
 
 def tenant_dataset(
