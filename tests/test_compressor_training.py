@@ -12,7 +12,6 @@ from lloco.config import Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
 from lloco.finetune.pretrain import CHECKPOINT_DIR, PretrainOptions, pretrain
-from lloco.finetune.pretrain_eval import gap_closed
 from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
 from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.model import Compressor, LoraSlots, TrainableLora, load_model
@@ -91,13 +90,6 @@ def test_shards_stay_under_their_size_and_read_back(tmp_path: Path) -> None:
     assert set(back) == set(tensors) and all(torch.equal(back[n], t) for n, t in tensors.items())
     save_sharded({"only": torch.zeros(3)}, tmp_path, "weights")  # older shards of the stem go away
     assert set(load_sharded(tmp_path, "weights")) == {"only"}
-
-
-def test_gap_closed_arithmetic() -> None:
-    assert gap_closed(10.0, 8.0, 4.0) == pytest.approx(2 / 6)
-    assert gap_closed(10.0, 10.0, 4.0) == 0.0
-    assert gap_closed(10.0, 11.0, 4.0) == pytest.approx(-1 / 6)
-    assert gap_closed(4.0, 3.0, 5.0) is None  # the full text does not help: nothing to close
 
 
 def test_qa_examples_come_from_train_splits_and_hold_some_out(qa_cache: Path, tiny_base: object) -> None:

@@ -17,11 +17,11 @@ from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
-from lloco.eval.metrics import gap_closed
 from lloco.eval.run import MODES, EvalOptions, Evaluator, middle_cut
 from lloco.eval.tasks import passkey, sample_rows, squad_long, tenant_dataset
 from lloco.finetune.datasets import QASet
-from lloco.finetune.pretrain import peft_files
+from lloco.finetune.pretrain_eval import gap_closed
+from lloco.finetune.train import peft_files
 from lloco.model import Compressor, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
@@ -312,3 +312,21 @@ def test_lloco_and_lora_none_start_from_the_same_init(
     broken = {**init_files, "adapter_model.safetensors": b"not safetensors"}
     with pytest.raises(InvalidArgument):
         Evaluator(tiny_base, compressor, settings, options, adapter_init=broken)
+
+
+def test_a_compressors_reader_is_the_compressed_modes_adapter_and_every_lora_modes_init(
+    tiny_base: object, compressor_dir: Path, count_tokens: object, init_files: dict[str, bytes]
+) -> None:
+    plain = Compressor.load(compressor_dir, tiny_base)
+    compressor = Compressor(
+        tiny_base, plain.summary_embeds, plain.segment_len, True, plain.adapter_files, plain.output_scale,
+        reader_files=init_files,
+    )  # fmt: skip
+    dataset = passkey(1, 4, count_tokens, lengths=(512,), seed=0)
+    options = EvalOptions(modes=("none", "compressed", "lloco", "lora_none"), train_steps=1, max_new_tokens=4)
+    results = Evaluator(tiny_base, compressor, FinetuneSettings(batch_size=2), options).run([dataset])
+    digest = state_digest(read_peft_files(init_files)[1])
+    adapters = {r.mode: r.adapter for r in results}
+    assert adapters["none"] is None
+    assert adapters["compressed"]["init"] == "compressor reader" and adapters["compressed"]["steps"] == 0
+    assert adapters["lloco"]["init_sha256"] == adapters["lora_none"]["init_sha256"] == digest

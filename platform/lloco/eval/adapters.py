@@ -26,10 +26,9 @@ import torch
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Example, collate
-from lloco.finetune.train import MAX_GRAD_NORM, answer_loss, peft_files
+from lloco.finetune.train import MAX_GRAD_NORM, answer_loss, peft_files, peft_lora
 from lloco.logs import get_logger
 from lloco.model import LoadedModel
-from lloco.model.lora import peft_geometry, read_peft_files
 
 log = get_logger(__name__)
 
@@ -66,49 +65,6 @@ def state_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def lora_config(hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
-    """peft's ``LoraConfig`` of an adapter: the settings' geometry, or the init files' (rank, alpha,
-    targets, rsLoRA, rank/alpha patterns); dropout from the settings either way.
-
-    Raises:
-        InvalidArgument: init files that are not LoRA weights of Llama projections.
-    """
-    from peft import LoraConfig
-
-    if init is None:
-        geometry: dict[str, Any] = {
-            "r": hp.rank,
-            "lora_alpha": hp.alpha,
-            "target_modules": list(hp.target_modules),
-        }
-    else:
-        config, _ = read_peft_files(init)
-        targets, rank = peft_geometry(init)
-        geometry = {
-            "r": config.get("r", rank),
-            "lora_alpha": config.get("lora_alpha", rank),
-            "target_modules": list(targets),
-        }
-        geometry.update(
-            {key: config[key] for key in ("use_rslora", "rank_pattern", "alpha_pattern") if key in config}
-        )
-    return LoraConfig(**geometry, lora_dropout=hp.dropout, bias="none")
-
-
-def _load_init(peft_model: Any, init: dict[str, bytes]) -> None:
-    """Copy the init's LoRA weights into a fresh peft model; every LoRA weight must come from the init."""
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-
-    _, tensors = read_peft_files(init)
-    expected = set(get_peft_model_state_dict(peft_model))
-    if set(tensors) != expected:
-        missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-        raise InvalidArgument(f"adapter init does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
-    result = set_peft_model_state_dict(peft_model, tensors)
-    if result.unexpected_keys:
-        raise InvalidArgument(f"adapter init has keys peft did not load: {result.unexpected_keys[:3]}")
-
-
 def train_adapter(
     base: LoadedModel,
     examples: list[Example],
@@ -126,20 +82,17 @@ def train_adapter(
     Raises:
         InvalidArgument: no examples or no steps; init files that do not fit the model.
     """
-    from peft import get_peft_model, get_peft_model_state_dict
+    from peft import get_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     if not examples or steps < 1:
         raise InvalidArgument(f"adapter training needs examples and steps, got {len(examples)}, {steps}")
     device = base.model.device
-    config = lora_config(hp, init)
     torch.manual_seed(seed)
-    peft_model = get_peft_model(base.model, config)
+    peft_model = peft_lora(base.model, hp, init)
     model = peft_model.get_base_model()
     started = time.perf_counter()
     try:
-        if init is not None:
-            _load_init(peft_model, init)
         init_sha256 = state_digest(get_peft_model_state_dict(peft_model))
         peft_model.train()
         trainable = [p for p in peft_model.parameters() if p.requires_grad]

@@ -70,7 +70,10 @@ def evaluate(
     ] = 32,
     adapter_init: Annotated[
         Path | None,
-        typer.Option(help="PEFT adapter directory every LoRA mode starts from (default: peft's init)."),
+        typer.Option(
+            help="PEFT adapter directory every LoRA mode starts from (default: the compressor's reader, else "
+            "peft's init)."
+        ),
     ] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="Skip work not started after this many seconds.")
@@ -184,10 +187,11 @@ def evaluate(
         )
     evaluator = Evaluator(base, encoder, settings.finetune, options, init_files)
     init_meta = None
-    if init_files is not None:
-        targets, rank = peft_geometry(init_files)
-        digest = state_digest(read_peft_files(init_files)[1])
-        init_meta = {"path": str(adapter_init), "rank": rank, "targets": list(targets), "sha256": digest}
+    if evaluator.adapter_init is not None:
+        targets, rank = peft_geometry(evaluator.adapter_init)
+        digest = state_digest(read_peft_files(evaluator.adapter_init)[1])
+        source = str(adapter_init) if init_files is not None else "the compressor's reader"
+        init_meta = {"source": source, "rank": rank, "targets": list(targets), "sha256": digest}
     meta = {
         "command": command_line(ctx, "eval"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

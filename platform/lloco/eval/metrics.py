@@ -72,13 +72,3 @@ def rouge(prediction: str, reference: str) -> dict[str, float]:
     values = [scores["rouge1"], scores["rouge2"], scores["rougeL"]]
     scores["rouge_gmean"] = math.prod(values) ** (1 / 3) if all(values) else 0.0
     return scores
-
-
-def gap_closed(ppl_none: float, ppl_compressed: float, ppl_full: float) -> float | None:
-    """The share of the perplexity gap between no context and the full text that the compressed context
-    closes: ``(ppl_none - ppl_compressed) / (ppl_none - ppl_full)``; 1 is as good as the full text, 0 no
-    better than nothing, negative worse. None when the full text is no better than nothing (no gap).
-    """
-    if ppl_none <= ppl_full:
-        return None
-    return (ppl_none - ppl_compressed) / (ppl_none - ppl_full)

@@ -6,7 +6,8 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
 - ``truncated``: the document's tokens cut in the middle to fit the model's window with the prompt and
   the answer (as LongBench truncates).
 - ``full``: all of the document's tokens, past the window if it is longer.
-- ``compressed``: the document's summary vectors from the compressor; no LoRA.
+- ``compressed``: the document's summary vectors from the compressor; no tenant LoRA (the compressor's
+  reader adapter when it ships one, else none: what a tenant without an adapter gets).
 - ``lloco``: the summary vectors, with a LoRA trained on the dataset's train rows in that form.
 - ``lora_none``: nothing, with a LoRA trained on the same rows with no context at all (prompt and answer
   only): what a LoRA learns without the document (the answers' form, the set's priors). LLoCO minus this
@@ -15,8 +16,9 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
   (cut in the middle to ``train_max_length`` for training).
 
 The three LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
-the same steps, hyperparameters, seed and initial weights (peft's seeded init, or ``adapter_init``), so
-that they differ only in the context their examples hold.
+the same steps, hyperparameters, seed and initial weights (peft's seeded init, or ``adapter_init``, which
+defaults to the compressor's reader when it has one, as tenant finetuning starts from it), so that they
+differ only in the context their examples hold.
 
 The held-out perplexity (``held_out_perplexity``) measures the compressor without any LoRA or question:
 the base decoder's next-segment perplexity after no context, the compressed earlier segments and the
@@ -42,14 +44,14 @@ from torch import Tensor
 
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
-from lloco.eval.adapters import TrainedAdapter, train_adapter
-from lloco.eval.metrics import exact_match, f1_score, gap_closed, rouge
+from lloco.eval.adapters import TrainedAdapter, state_digest, train_adapter
+from lloco.eval.metrics import exact_match, f1_score, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
-from lloco.finetune.pretrain import next_segment_perplexity
+from lloco.finetune.pretrain_eval import next_segment_perplexity
 from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
-from lloco.model.lora import peft_geometry
+from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow
 
 log = get_logger(__name__)
@@ -60,7 +62,7 @@ MODE_LABELS: dict[str, str] = {
     "none": "no context",
     "truncated": "truncated to window",
     "full": "full document",
-    "compressed": "compressed, no LoRA",
+    "compressed": "compressed, no tenant LoRA",
     "lloco": "LLoCO (compressed + LoRA)",
     "lora_none": "LoRA, no context",
     "full_lora": "full-context LoRA",
@@ -153,8 +155,8 @@ class Evaluator:
         compressor: encodes documents for the compressed modes.
         finetune: LoRA hyperparameters of the LoRA modes (the platform's finetune settings).
         options: sizes, budget, modes.
-        adapter_init: PEFT files every LoRA mode's adapter starts from (their own rank and targets), e.g.
-            a reader LoRA pretrained with the compressor; None: peft's init under ``options.seed``.
+        adapter_init: PEFT files every LoRA mode's adapter starts from (their own rank and targets); None:
+            the compressor's reader if it has one, else peft's init under ``options.seed``.
 
     Raises:
         InvalidArgument: a tokenizer without EOS; an ``adapter_init`` the platform's LoRA slots cannot
@@ -170,7 +172,13 @@ class Evaluator:
         adapter_init: dict[str, bytes] | None = None,
     ) -> None:
         self.base, self.compressor, self.finetune, self.options = base, compressor, finetune, options
-        self.adapter_init = adapter_init
+        self.adapter_init = adapter_init if adapter_init is not None else compressor.reader_files
+        self.reader = None  # the compressor's reader as the "compressed" mode's adapter
+        if compressor.reader_files is not None:
+            digest = state_digest(read_peft_files(compressor.reader_files)[1])
+            self.reader = TrainedAdapter(
+                compressor.reader_files, 0, math.nan, math.nan, 0.0, "compressor reader", digest
+            )
         if adapter_init is not None:
             targets, rank = peft_geometry(adapter_init)
             LoraSlots(base.config, 1, rank, targets, "cpu", torch.float32).prepare(adapter_init)
@@ -294,12 +302,9 @@ class Evaluator:
             self.base, size, self.compressor.k, self.compressor.accumulate, self.options.seed
         )
         started = time.perf_counter()
-        with torch.no_grad():
-            result = next_segment_perplexity(self.base, self.compressor, fresh, windows, PERPLEXITY_BATCH)
-        ppl = result["perplexity"]
-        closed = gap_closed(ppl["no_context"], ppl["compressed"], ppl["full_text"])
-        log.info("held-out perplexity", gap_closed=closed, **ppl)
-        return {**text, **result, "gap_closed": closed, "seconds": round(time.perf_counter() - started, 2)}
+        result = next_segment_perplexity(self.base, self.compressor, windows, PERPLEXITY_BATCH, fresh)
+        log.info("held-out perplexity", gap_closed=result["gap_closed"], **result["perplexity"])
+        return {**text, **result, "seconds": round(time.perf_counter() - started, 2)}
 
     # -- running ----------------------------------------------------------------------------------------
 
@@ -358,7 +363,8 @@ class Evaluator:
                 if self._out_of_time() or (mode in COMPRESSED_MODES and not contexts):
                     result.skipped = "time budget spent"
                 else:
-                    self._run_mode(result, dataset, test, tokens, contexts, None)
+                    adapter = self.reader if mode == "compressed" else None
+                    self._run_mode(result, dataset, test, tokens, contexts, adapter)
                 record(result)
         train_tokens: dict[str, list[int]] | None = None
         for mode in (m for m in modes if m in ADAPTER_MODE):

@@ -33,7 +33,7 @@ from lloco.errors import InvalidArgument
 from lloco.finetune.data import Batch, Example, ExampleBuilder, collate
 from lloco.logs import get_logger
 from lloco.model import Llama, load_compressor, load_model
-from lloco.model.lora import read_peft_files
+from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry
 from lloco.storage import ObjectStore
 
@@ -492,32 +492,57 @@ class LoraFinetune:
         shutil.rmtree(self._workdir, ignore_errors=True)
 
 
-def peft_lora(model: Llama, hp: FinetuneSettings, init_files: dict[str, bytes] | None = None) -> Any:
-    """``model`` wrapped with a trainable LoRA (peft): ``hp``'s rank, alpha and targets, or, when
-    ``init_files`` (PEFT files, e.g. a compressor's reader) are given, their geometry and weights, so the
-    adapter starts from them; dropout from ``hp`` either way."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+def lora_config(hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
+    """peft's ``LoraConfig`` of an adapter: the settings' geometry, or the init files' (rank, alpha,
+    targets, rsLoRA, rank/alpha patterns); dropout from the settings either way.
 
-    rank, alpha, targets = hp.rank, hp.alpha, list(hp.target_modules)
-    tensors = None
-    if init_files is not None:
-        init_config, tensors = read_peft_files(init_files)
-        rank, alpha, targets = (
-            init_config["r"],
-            init_config["lora_alpha"],
-            list(init_config["target_modules"]),
+    Raises:
+        InvalidArgument: init files that are not LoRA weights of Llama projections.
+    """
+    from peft import LoraConfig
+
+    if init is None:
+        geometry: dict[str, Any] = {
+            "r": hp.rank,
+            "lora_alpha": hp.alpha,
+            "target_modules": list(hp.target_modules),
+        }
+    else:
+        config, _ = read_peft_files(init)
+        targets, rank = peft_geometry(init)
+        geometry = {
+            "r": config.get("r", rank),
+            "lora_alpha": config.get("lora_alpha", rank),
+            "target_modules": list(targets),
+        }
+        geometry.update(
+            {key: config[key] for key in ("use_rslora", "rank_pattern", "alpha_pattern") if key in config}
         )
-    config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=hp.dropout, target_modules=targets, bias="none"
-    )
-    peft_model = get_peft_model(model, config)
-    if tensors is not None:
+    return LoraConfig(**geometry, lora_dropout=hp.dropout, bias="none")
+
+
+def peft_lora(model: Llama, hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
+    """``model`` wrapped with a trainable LoRA (peft): ``hp``'s geometry, or, when ``init`` (PEFT files, e.g. a
+    compressor's reader) is given, its geometry and weights, so the adapter starts from them. The one LoRA
+    setup of finetuning and evaluation.
+
+    Raises:
+        InvalidArgument: init files that do not fit the model (every LoRA weight must come from them).
+    """
+    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, lora_config(hp, init))
+    if init is not None:
+        _, tensors = read_peft_files(init)
+        expected = set(get_peft_model_state_dict(peft_model))
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            peft_model.unload()
+            raise InvalidArgument(f"adapter init does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
         result = set_peft_model_state_dict(peft_model, tensors)
-        missing = [key for key in result.missing_keys if "lora_" in key]
-        if missing or result.unexpected_keys:
-            raise InvalidArgument(
-                f"the initial adapter does not fit: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}"
-            )
+        if result.unexpected_keys:
+            peft_model.unload()
+            raise InvalidArgument(f"adapter init has keys peft did not load: {result.unexpected_keys[:3]}")
     return peft_model
 
 
