@@ -126,6 +126,7 @@ def test_qa_steps_train_the_reader_and_it_ships_with_the_compressor(
         "compressed",
         "full_text",
     }
+    assert set(probe["answer_nll_by_source"]) == {"hotpotqa", "squad"}  # the probe takes each source in turn
     assert record["held_out"]["next_segment"]["decoder"] == "base + reader"
     compressor = Compressor.load(tmp_path / "out", tiny_base)
     assert compressor.reader_files is not None and peft_geometry(compressor.reader_files)[1] == 4

@@ -633,7 +633,7 @@ class CompressorPretrain:
                 self.base, compressor, windows, batch, self.initial
             )
             if self.qa_held_out is not None and self.options.eval_qa:
-                probe = self.qa_held_out.subset(range(min(self.options.eval_qa, len(self.qa_held_out))))
+                probe = self.qa_held_out.spread(self.options.eval_qa)
                 held_out["qa_probe"] = qa_probe(self.base, compressor, probe, batch)
         record = self.record(compressor, held_out)
         (directory / RECORD_FILE).write_text(json.dumps(record, indent=2))

@@ -147,10 +147,12 @@ def qa_probe(
     device = model.device
     slots = reader_slots(base, compressor)
     summaries = compressor.compress([doc.tolist() for doc in examples.documents], batch_size=batch_size)
-    nll = {"no_context": 0.0, "compressed": 0.0, "full_text": 0.0}
-    answer_tokens = 0
+    names = ("no_context", "compressed", "full_text")
+    nll: dict[str, dict[str, float]] = {}  # source -> prefix -> summed NLL
+    tokens: dict[str, int] = {}
     lora = _batch(slots, 1)
     for index, vectors in enumerate(summaries):
+        source = examples.sources[index]
         prompt = torch.tensor(examples.prompts[index], device=device)
         answer = torch.tensor(examples.answers[index], device=device)
         document = torch.tensor(examples.documents[index], device=device, dtype=torch.int64)
@@ -160,13 +162,19 @@ def qa_probe(
             "compressed": vectors[None].to(tail.dtype),
             "full_text": model.embed(document[None]),
         }
+        sums = nll.setdefault(source, dict.fromkeys(names, 0.0))
         for name, prefix in prefixes.items():
             first = prefix.shape[1] + len(prompt) - 1
-            nll[name] += _summed_nll(model, torch.cat([prefix, tail], dim=1), answer[None], first, lora)
-        answer_tokens += len(answer)
+            sums[name] += _summed_nll(model, torch.cat([prefix, tail], dim=1), answer[None], first, lora)
+        tokens[source] = tokens.get(source, 0) + len(answer)
+    total = max(1, sum(tokens.values()))
     return {
         "examples": len(examples),
-        "answer_tokens": answer_tokens,
+        "answer_tokens": sum(tokens.values()),
         "decoder": "base + reader" if slots is not None else "base",
-        "answer_nll": {name: value / max(1, answer_tokens) for name, value in nll.items()},
+        "answer_nll": {name: sum(sums[name] for sums in nll.values()) / total for name in names},
+        "answer_nll_by_source": {
+            source: {name: value / tokens[source] for name, value in sums.items()}
+            for source, sums in sorted(nll.items())
+        },
     }

@@ -61,6 +61,19 @@ class QAExamples:
             [self.sources[i] for i in chosen],
         )
 
+    def spread(self, count: int) -> QAExamples:
+        """Up to ``count`` examples taken from each source in turn (a probe that covers every source)."""
+        by_source: dict[str, list[int]] = {}
+        for index, source in enumerate(self.sources):
+            by_source.setdefault(source, []).append(index)
+        queues = [list(reversed(indices)) for _, indices in sorted(by_source.items())]
+        chosen: list[int] = []
+        while len(chosen) < count and any(queues):
+            for queue in queues:
+                if queue and len(chosen) < count:
+                    chosen.append(queue.pop())
+        return self.subset(sorted(chosen))
+
     def save(self, path: Path) -> None:
         """One .npz: documents packed with offsets, prompts and answers as JSON."""
         offsets = np.cumsum([0, *map(len, self.documents)])
