@@ -16,7 +16,7 @@ from lloco.finetune.datasets import QASet
 from lloco.model import Compressor, load_model
 from lloco.registry import DatasetRow, Registry, Tenants
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 ROOT = Path(__file__).resolve().parents[1]
 
 
