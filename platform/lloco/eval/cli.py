@@ -16,8 +16,6 @@ import typer
 
 from lloco.finetune.pretrain_cli import command_line
 
-DEFAULT_DATA_DIR = Path("../shared/data")
-
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
@@ -64,8 +62,9 @@ def evaluate(
     compressor: Annotated[str | None, typer.Option(help="Compressor spec (default: settings).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
     data_dir: Annotated[
-        Path, typer.Option(help="SQuAD/QMSum/HotpotQA files (../shared/data).")
-    ] = DEFAULT_DATA_DIR,
+        Path | None,
+        typer.Option(help="SQuAD/QMSum/HotpotQA files (default: settings qa_data_dir; `lloco data fetch`)."),
+    ] = None,
     tenant: Annotated[
         str | None, typer.Option(help="Also evaluate this tenant's dataset (registry).")
     ] = None,
@@ -86,6 +85,7 @@ def evaluate(
     from lloco.eval import tasks
     from lloco.eval.report import markdown_table, write_report
     from lloco.eval.run import EvalOptions, Evaluator
+    from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_compressor, load_model
 
     started = time.perf_counter()
@@ -93,6 +93,8 @@ def evaluate(
     unknown = set(_csv(datasets)) - set(tasks.DATASETS)
     if unknown:
         raise InvalidArgument(f"unknown datasets {sorted(unknown)}; choose from {', '.join(tasks.DATASETS)}")
+    data_dir = data_dir or settings.qa_data_dir
+    require_qa_data(data_dir, _csv(datasets))  # before any model loads
     if tenant is not None and dataset is None:
         raise InvalidArgument("--tenant needs --dataset")
     if tenant_metric not in ("qa", "summary"):
