@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import gzip
 import json
 import os
 import re
@@ -33,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 REPO = Path(__file__).resolve().parents[1]
 CHART = REPO / "charts" / "lloco"
 CLUSTER_YAML = REPO / "cluster.yaml"
-KUBERAY_SCHEMAS = REPO.parent / "shared" / "schemas" / "kuberay"
+KUBERAY_SCHEMAS = REPO / "tests" / "data" / "kuberay"  # vendored v1 schemas (scripts/vendor-kuberay-crds)
 KUBE_VERSION = "1.35.0"
 RELEASE, NAMESPACE = "demo", "lloco"
 VALUE_FILES = {
@@ -189,9 +190,8 @@ def _refuse_unknown_fields(schema: Any) -> Any:
 def kuberay_validators() -> dict[str, jsonschema.Draft7Validator]:
     validators = {}
     for kind, plural in KUBERAY_KINDS.items():
-        crd = yaml.load((KUBERAY_SCHEMAS / f"ray.io_{plural}.yaml").read_text(), Loader=yaml.CSafeLoader)
-        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-        schema = _refuse_unknown_fields(version["schema"]["openAPIV3Schema"])
+        with gzip.open(KUBERAY_SCHEMAS / f"ray.io_{plural}.v1.json.gz", "rt", encoding="utf-8") as file:
+            schema = _refuse_unknown_fields(json.load(file))
         validators[kind] = jsonschema.Draft7Validator(schema)
     return validators
 

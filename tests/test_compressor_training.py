@@ -17,7 +17,7 @@ from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.model import Compressor, LoraSlots, TrainableLora, load_model
 from lloco.model.lora import peft_geometry
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
 
 

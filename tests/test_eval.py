@@ -26,7 +26,7 @@ from lloco.model import Compressor, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 ROOT = Path(__file__).resolve().parents[1]
 
 

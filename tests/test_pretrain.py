@@ -23,7 +23,7 @@ from lloco.finetune.pretrain import RECORD_FILE, PretrainOptions, pretrain, run_
 from lloco.model import load_compressor, load_model
 from typer.testing import CliRunner
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 
 SPHINX_PAGE = """<html><head><title>json</title><script>var x = 1;</script></head><body>
 <div class="related" role="navigation"><ul><li><a href="index.html">index</a></li></ul></div>

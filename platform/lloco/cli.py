@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lloco.finetune.cli",
     "lloco.finetune.pretrain_cli",
     "lloco.eval.cli",
+    "lloco.data.cli",
 )
 
 for _module in COMMAND_MODULES:

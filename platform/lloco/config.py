@@ -136,6 +136,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LLOCO_", env_nested_delimiter="__", extra="forbid")
 
     data_dir: Path = Field(DEFAULT_DATA_DIR, description="Local state: embedded S3 data, caches.")
+    qa_data_dir: Path = Field(
+        DEFAULT_DATA_DIR / "qa-data",
+        description="The public QA sets (SQuAD 2.0 dev, HotpotQA dev, QMSum) that `lloco eval` and "
+        "`lloco pretrain-corpus` read; `lloco data fetch` downloads them here.",
+    )
     admin_key: SecretStr | None = Field(None, description="Key with admin scope (tenant management).")
     store: StoreSettings = StoreSettings()
     model: ModelSettings = ModelSettings()

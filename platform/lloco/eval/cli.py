@@ -16,7 +16,6 @@ import typer
 
 from lloco.finetune.pretrain_cli import command_line
 
-DEFAULT_DATA_DIR = Path("../shared/data")
 PERPLEXITY_SOURCE = (
     "the passkey test filler without facts: the 10 SQuAD 2.0 dev articles of SQuAD-long's test split, "
     "which the pretraining corpus excludes"
@@ -82,8 +81,9 @@ def evaluate(
     compressor: Annotated[str | None, typer.Option(help="Compressor spec (default: settings).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
     data_dir: Annotated[
-        Path, typer.Option(help="SQuAD/QMSum/HotpotQA files (../shared/data).")
-    ] = DEFAULT_DATA_DIR,
+        Path | None,
+        typer.Option(help="SQuAD/QMSum/HotpotQA files (default: settings qa_data_dir; `lloco data fetch`)."),
+    ] = None,
     tenant: Annotated[
         str | None, typer.Option(help="Also evaluate this tenant's dataset (registry).")
     ] = None,
@@ -106,6 +106,7 @@ def evaluate(
     from lloco.eval.adapters import state_digest
     from lloco.eval.report import ablation_markdown, markdown_table, write_report
     from lloco.eval.run import EvalOptions, Evaluator
+    from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_compressor, load_model
     from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, peft_geometry, read_peft_files
 
@@ -114,6 +115,8 @@ def evaluate(
     unknown = set(_csv(datasets)) - set(tasks.DATASETS)
     if unknown:
         raise InvalidArgument(f"unknown datasets {sorted(unknown)}; choose from {', '.join(tasks.DATASETS)}")
+    data_dir = data_dir or settings.qa_data_dir
+    require_qa_data(data_dir, _csv(datasets))  # before any model loads
     if tenant is not None and dataset is None:
         raise InvalidArgument("--tenant needs --dataset")
     if tenant_metric not in ("qa", "summary"):

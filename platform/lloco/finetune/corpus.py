@@ -16,7 +16,6 @@ host takes ~45 MB per call) by dropping documents in a seeded order.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import random
@@ -33,7 +32,13 @@ from typing import Any
 import numpy as np
 
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from lloco.finetune.datasets import HOTPOT_FILE, HOTPOT_TRAIN_FRACTION, SQUAD_FILE, SQUAD_TEST_ARTICLES
+from lloco.finetune.datasets import (
+    HOTPOT_FILE,
+    HOTPOT_TRAIN_FRACTION,
+    SQUAD_FILE,
+    SQUAD_TEST_ARTICLES,
+    read_json,
+)
 from lloco.logs import get_logger
 
 log = get_logger(__name__)
@@ -240,17 +245,17 @@ def _tidy(text: str) -> str:
 
 def evaluation_titles(data_dir: Path) -> set[str]:
     """Wikipedia titles the evaluation may show: the HotpotQA test split's and the SQuAD test articles'."""
-    questions = _read_gz_json(data_dir / HOTPOT_FILE)
+    questions = read_json(data_dir / HOTPOT_FILE)
     cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
     titles = {title for question in questions[cut:] for title, _ in question["context"]}
-    articles = _read_gz_json(data_dir / SQUAD_FILE)["data"]
+    articles = read_json(data_dir / SQUAD_FILE)["data"]
     titles |= {articles[index]["title"].replace("_", " ") for index in SQUAD_TEST_ARTICLES}
     return titles
 
 
 def hotpot_documents(data_dir: Path, excluded_titles: set[str]) -> Iterator[Document]:
     """One document per HotpotQA train-split question: its paragraphs not seen before and not excluded."""
-    questions = _read_gz_json(data_dir / HOTPOT_FILE)
+    questions = read_json(data_dir / HOTPOT_FILE)
     seen: set[str] = set()
     for question in questions[: int(len(questions) * HOTPOT_TRAIN_FRACTION)]:
         paragraphs = []
@@ -262,13 +267,6 @@ def hotpot_documents(data_dir: Path, excluded_titles: set[str]) -> Iterator[Docu
         text = "\n\n".join(paragraphs)
         if len(text) >= MIN_DOCUMENT_CHARS:
             yield Document("hotpotqa", question["_id"], text)
-
-
-def _read_gz_json(path: Path) -> Any:
-    if not path.is_file():
-        raise NotFound(f"data file {path} does not exist")
-    with gzip.open(path, "rt", encoding="utf-8") as file:
-        return json.load(file)
 
 
 # -- the corpus file -------------------------------------------------------------------------------

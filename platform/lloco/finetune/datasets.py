@@ -1,6 +1,8 @@
-"""Loaders that turn the shared QA sets (../shared/data) into tenant documents and dataset rows.
+"""Loaders that turn the public QA sets into tenant documents and dataset rows.
 
-Each loader returns a :class:`QASet`: the documents a tenant ingests (``{doc_id: text}``) and the rows
+The sets live in a QA data directory (settings ``qa_data_dir``, ``--data-dir`` on the commands) in the
+layout ``lloco data fetch`` writes: ``squad-v2-dev.json.gz``, ``hotpotqa-dev-distractor.json.gz`` and
+``qmsum/{train,val,test}/*.json``, the upstream files as published (the two single files gzipped). Each loader returns a :class:`QASet`: the documents a tenant ingests (``{doc_id: text}``) and the rows
 (``doc_ids``, ``question``, ``answer``) of a dataset over them. Splits follow the project's data README:
 SQuAD articles 0-24 train and 25-34 test; QMSum its own train/val/test; HotpotQA (dev only here) its
 first 80% of questions train, the rest test. Every loader is deterministic.
@@ -14,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from lloco.errors import InvalidArgument, NotFound
 from lloco.registry import DatasetRow, Registry
@@ -22,6 +24,9 @@ from lloco.registry import DatasetRow, Registry
 SQUAD_FILE = "squad-v2-dev.json.gz"
 HOTPOT_FILE = "hotpotqa-dev-distractor.json.gz"
 QMSUM_DIR = "qmsum"
+QMSUM_SPLITS = ("train", "val", "test")
+# What each set needs in the QA data directory (the names `lloco eval --datasets` takes).
+DATA_PATHS = {"squad": SQUAD_FILE, "qmsum": QMSUM_DIR, "hotpotqa": HOTPOT_FILE}
 
 SQUAD_TRAIN_ARTICLES = range(0, 25)
 SQUAD_TEST_ARTICLES = range(25, 35)
@@ -69,7 +74,7 @@ def ingest_qaset(
 
 def load_squad(data_dir: Path, split: Split) -> QASet:
     """SQuAD-long: an article (its paragraphs joined) is a document; answerable questions, first gold answer."""
-    articles = _read_json(data_dir / SQUAD_FILE, gzipped=True)["data"]
+    articles = read_json(data_dir / SQUAD_FILE)["data"]
     indices = {"train": SQUAD_TRAIN_ARTICLES, "test": SQUAD_TEST_ARTICLES}[
         _check_split(split, ("train", "test"))
     ]
@@ -91,14 +96,14 @@ def load_squad(data_dir: Path, split: Split) -> QASet:
 
 def load_qmsum(data_dir: Path, split: Literal["train", "val", "test"]) -> QASet:
     """QMSum: a meeting transcript ("speaker: utterance" lines) is a document; every query -> its answer."""
-    folder = data_dir / QMSUM_DIR / _check_split(split, ("train", "val", "test"))
+    folder = data_dir / QMSUM_DIR / _check_split(split, QMSUM_SPLITS)
     files = sorted(folder.glob("*.json"))
     if not files:
-        raise NotFound(f"no QMSum meetings under {folder}")
+        raise _missing(folder)
     documents: dict[str, str] = {}
     rows: list[DatasetRow] = []
     for path in files:
-        meeting = _read_json(path, gzipped=False)
+        meeting = read_json(path)
         doc_id = f"qmsum-{path.stem}"
         documents[doc_id] = "\n".join(
             f"{turn['speaker']}: {turn['content']}" for turn in meeting["meeting_transcripts"]
@@ -127,7 +132,7 @@ def load_hotpotqa_long(
     """
     if target_tokens < 256:
         raise InvalidArgument(f"target_tokens must be at least 256, got {target_tokens}")
-    questions = _read_json(data_dir / HOTPOT_FILE, gzipped=True)
+    questions = read_json(data_dir / HOTPOT_FILE)
     cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
     questions = questions[:cut] if _check_split(split, ("train", "test")) == "train" else questions[cut:]
     pool = _paragraph_pool(questions)
@@ -207,8 +212,28 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> str:
     return split
 
 
-def _read_json(path: Path, gzipped: bool) -> object:
+def require_qa_data(data_dir: Path, names: Iterable[str]) -> None:
+    """Fail early, before any model loads, when a named set (``squad``, ``qmsum``, ``hotpotqa``) is absent."""
+    for name in names:
+        path = data_dir / DATA_PATHS[name]
+        if not path.exists():
+            raise _missing(path)
+
+
+def read_json(path: Path) -> Any:
+    """A JSON file of a QA set (gzipped when its name ends in ``.gz``)."""
     if not path.is_file():
-        raise NotFound(f"data file {path} does not exist")
-    with gzip.open(path, "rt", encoding="utf-8") if gzipped else path.open(encoding="utf-8") as file:
+        raise _missing(path)
+    with (
+        gzip.open(path, "rt", encoding="utf-8")
+        if path.suffix == ".gz"
+        else path.open(encoding="utf-8") as file
+    ):
         return json.load(file)
+
+
+def _missing(path: Path) -> NotFound:
+    return NotFound(
+        f"{path} does not exist: download the QA sets with `lloco data fetch` (into settings qa_data_dir, "
+        "or --dest DIR and then --data-dir DIR), or point --data-dir / LLOCO_QA_DATA_DIR at a copy"
+    )

@@ -17,8 +17,6 @@ import typer
 if TYPE_CHECKING:
     from lloco.config import Settings
 
-DEFAULT_DATA_DIR = Path("../shared/data")
-
 
 def register(app: typer.Typer) -> None:
     app.command("pretrain-corpus")(pretrain_corpus)
@@ -55,9 +53,15 @@ def pretrain_corpus(
     output: Annotated[Path, typer.Option(help="Corpus file to write (.npz).")],
     max_mb: Annotated[float, typer.Option(help="Size cap of the file in MB (10^6 bytes).")] = 30.0,
     work_dir: Annotated[
-        Path | None, typer.Option(help="Where Debian packages are fetched and unpacked (default: data_dir).")
+        Path | None,
+        typer.Option(
+            help="Where Debian packages are fetched and unpacked (default: <data_dir>/corpus-sources)."
+        ),
     ] = None,
-    data_dir: Annotated[Path, typer.Option(help="HotpotQA/SQuAD files (../shared/data).")] = DEFAULT_DATA_DIR,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="HotpotQA/SQuAD files (default: settings qa_data_dir; `lloco data fetch`)."),
+    ] = None,
     base_model: Annotated[
         str | None, typer.Option(help="Model whose tokenizer is used (default: settings).")
     ] = None,
@@ -66,9 +70,12 @@ def pretrain_corpus(
 ) -> None:
     """Fetch the Debian manuals, take HotpotQA's train paragraphs (never evaluation titles), tokenize, pack."""
     from lloco.finetune.corpus import build_corpus, default_documents
+    from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_model
 
     settings = _settings(config, base_model)
+    data_dir = data_dir or settings.qa_data_dir
+    require_qa_data(data_dir, ["squad", "hotpotqa"])  # before the Debian manuals are fetched
     base = load_model(settings.model.base_model, settings.model.cache_dir, None, "float32", "cpu")
     documents, excluded = default_documents(work_dir or settings.data_dir / "corpus-sources", data_dir)
     meta = build_corpus(

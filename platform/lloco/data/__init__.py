@@ -1,0 +1,1 @@
+"""The public QA sets that evaluation and compressor pretraining read: ``lloco data fetch``."""
