@@ -213,8 +213,11 @@ def _check_split(split: str, allowed: tuple[str, ...]) -> str:
 
 
 def require_qa_data(data_dir: Path, names: Iterable[str]) -> None:
-    """Fail early, before any model loads, when a named set (``squad``, ``qmsum``, ``hotpotqa``) is absent."""
+    """Fail early, before any model loads, when a named set (``squad``, ``qmsum``, ``hotpotqa``) is absent;
+    names of sets that are not downloaded (e.g. the generated ``passkey``) are ignored."""
     for name in names:
+        if name not in DATA_PATHS:
+            continue
         path = data_dir / DATA_PATHS[name]
         if not path.exists():
             raise _missing(path)
