@@ -10,9 +10,10 @@ import pytest
 import torch
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition
-from lloco.finetune.corpus import Corpus, build_corpus
-from lloco.finetune.corpus_sources import (
+from lloco.finetune.corpus import (
+    Corpus,
     Document,
+    build_corpus,
     evaluation_titles,
     hotpot_documents,
     html_to_text,

