@@ -12,9 +12,9 @@ articles, which ``lloco eval`` uses, are left out title by title; QMSum gives on
 (Persuasion) is left out. Nothing comes from L-Eval, LongBench, ZeroSCROLLS, NarrativeQA, QuALITY or
 Qasper.
 
-Extraction keeps the text a reader sees: HTML without navigation, sidebars and indexes; POD, reST and
-Vim help without markup; dictionary entries without pronunciation and source tags; Gutenberg books
-without the Project's header and license. Short pages of one manual are joined (in path order) into
+Extraction keeps the text a reader sees: HTML without navigation, sidebars and indexes; POD, reST, man
+pages and Vim help without markup; dictionary entries without pronunciation and source tags; Bible
+modules without OSIS markup and footnotes; Gutenberg books without the Project's header and license. Short pages of one manual are joined (in path order) into
 documents of at least ``TARGET_DOCUMENT_CHARS``, since the compressor trains on windows of thousands of
 tokens. :func:`deduplicate` drops paragraphs seen before and then documents left too short.
 """
@@ -43,9 +43,6 @@ from lloco.finetune.datasets import (
     SQUAD_FILE,
     SQUAD_TEST_ARTICLES,
 )
-from lloco.logs import get_logger
-
-log = get_logger(__name__)
 
 MIN_DOCUMENT_CHARS = 500
 TARGET_DOCUMENT_CHARS = 16_000  # ~4k tokens: what one training window holds
