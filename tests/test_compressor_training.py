@@ -40,7 +40,9 @@ def corpus(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def qa_cache(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """QA examples from the train splits (30 HotpotQA questions, SQuAD train articles), cut to 48 tokens."""
     path = tmp_path_factory.mktemp("qa") / "qa"
-    train, held = build_qa_examples(DATA, tiny_base.tokenizer, 48, held_out_fraction=0.1, hotpot_limit=30)
+    train, held = build_qa_examples(
+        DATA, tiny_base.tokenizer, 48, held_out_fraction=0.1, sources=("squad", "hotpotqa"), hotpot_limit=30
+    )
     train.save(path.with_suffix(".train.npz"))
     held.save(path.with_suffix(".held_out.npz"))
     return path

@@ -427,3 +427,9 @@ def test_the_corpus_command_writes_shards_from_the_chosen_sources(tmp_path: Path
     )
     unknown = CliRunner().invoke(app, [*args[:6], "wikipedia", *args[7:]])
     assert unknown.exit_code != 0 and "unknown corpus sources" in str(unknown.exception or unknown.output)
+
+
+def test_hotpotqa_is_a_source_only_when_named() -> None:
+    # its paragraphs come from HotpotQA's dev set, which LongBench's HotpotQA test task samples
+    assert "hotpotqa" not in {source.name for source in select_sources(None)}
+    assert [source.name for source in select_sources(["hotpotqa"])] == ["hotpotqa"]

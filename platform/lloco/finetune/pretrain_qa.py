@@ -4,12 +4,14 @@ The LM objectives teach the summaries to predict and reconstruct text; this stag
 reader, when there is one) on what a tenant asks: a document is compressed, the decoder sees only its
 summary vectors and ``chat_prompt(qa_question(question))``, and the loss is on the answer tokens.
 
-Sources, all *train* splits (``lloco.finetune.datasets``): HotpotQA-long (the train 80% of dev, each
-question's gold paragraphs in a haystack of 1k/2k/4k tokens, lengths taken in turn) and SQuAD's train
-articles 0-24 (an article cut into runs of whole paragraphs of at most ``chunk_tokens``, each question
-asked of the first run that contains its answer). Planted-fact documents can be added by the caller
-(``extra``). A seeded hash of each question holds out ``held_out_fraction`` of them for the probe that
-``lloco.finetune.pretrain`` reports.
+Sources, all *train* splits (``lloco.finetune.datasets``): SQuAD's train articles 0-24 (an article cut
+into runs of whole paragraphs of at most ``chunk_tokens``, each question asked of the first run that
+contains its answer) and, only when asked for, HotpotQA-long (the train 80% of dev, each question's gold
+paragraphs in a haystack of 1k/2k/4k tokens, lengths taken in turn). HotpotQA is opt-in because the only
+copy here is its dev set, from which LongBench's HotpotQA test task was sampled: a compressor that ships
+must not learn from a published benchmark's test questions. Planted-fact documents can be added by the
+caller (``extra``). A seeded hash of each question holds out ``held_out_fraction`` of them for the probe
+that ``lloco.finetune.pretrain`` reports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from lloco.errors import InvalidArgument
 from lloco.finetune.datasets import load_hotpotqa_long, load_squad
 from lloco.model.prompt import chat_prompt, qa_question
 
@@ -155,19 +158,28 @@ def build_qa_examples(
     tokenizer: Any,
     max_document_tokens: int,
     held_out_fraction: float = 0.05,
+    sources: tuple[str, ...] = ("squad",),
     hotpot_limit: int | None = None,
     squad_chunk_tokens: int = 1536,
     extra: Iterable[QAText] = (),
     seed: int = 0,
 ) -> tuple[QAExamples, QAExamples]:
-    """Train and held-out QA examples from the train splits under ``data_dir`` (+ ``extra``)."""
+    """Train and held-out QA examples from the train splits of ``sources`` ("squad", "hotpotqa") under
+    ``data_dir``, and ``extra``.
+
+    Raises:
+        InvalidArgument: an unknown source.
+    """
+    unknown = set(sources) - {"squad", "hotpotqa"}
+    if unknown:
+        raise InvalidArgument(f"unknown QA sources {sorted(unknown)}; choose from squad, hotpotqa")
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
     texts = [
-        *hotpot_texts(data_dir, count_tokens, hotpot_limit, seed),
-        *squad_texts(data_dir, count_tokens, squad_chunk_tokens),
+        *(hotpot_texts(data_dir, count_tokens, hotpot_limit, seed) if "hotpotqa" in sources else []),
+        *(squad_texts(data_dir, count_tokens, squad_chunk_tokens) if "squad" in sources else []),
         *extra,
     ]
     examples = tokenize(texts, tokenizer, max_document_tokens)
