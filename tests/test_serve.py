@@ -597,13 +597,9 @@ def test_serve_config_parses_and_names_importable_builders() -> None:
     from lloco.serve.app import load_serve_config
 
     config = load_serve_config(REPO / "deploy" / "serve.yaml")
-    raw = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     assert [a.import_path for a in config.applications] == ["lloco.serve.app:app"]
-    assert config.grpc_options.grpc_servicer_functions == raw["grpc_options"]["grpc_servicer_functions"]
-    from ray._common.utils import import_attr
-
-    for path in config.grpc_options.grpc_servicer_functions:
-        assert callable(import_attr(path))
+    assert not config.grpc_options.grpc_servicer_functions  # the Ingress replicas serve gRPC themselves
+    assert config.applications[0].route_prefix is None
 
 
 @pytest.mark.parametrize(
@@ -618,6 +614,7 @@ def test_serve_config_parses_and_names_importable_builders() -> None:
             {"name": "x", "import_path": "lloco.serve.app:app", "args": {"no_such_section": {}}},
             "no_such_section",
         ),
+        ({"name": "x", "import_path": "lloco.serve.app:app"}, "route_prefix: null"),
     ],
 )
 def test_serve_config_problems_are_named(tmp_path: Path, application: dict[str, object], words: str) -> None:
