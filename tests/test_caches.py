@@ -181,3 +181,20 @@ def test_slot_manager_never_evicts_a_pinned_slot() -> None:
         for other, slot in held:
             assert slots.resident().get(other) == slot
     assert slots.evictions > 0
+
+
+def test_a_deleted_tenants_entries_are_dropped() -> None:
+    cache: LruCache[tuple[str, str], int] = LruCache(10, lambda _: 1)
+    for key in [("gone", "a"), ("kept", "a"), ("gone", "b")]:
+        cache.put(key, 1)
+    assert cache.drop(lambda key: key[0] == "gone") == 2
+    assert ("kept", "a") in cache and len(cache) == 1 and cache.used == 1
+
+    gone, busy, kept = (AdapterKey(t, "uid", "a", "v000001") for t in ("gone", "gone2", "kept"))
+    slots = SlotManager(3)
+    for key in (gone, busy, kept):
+        slots.acquire(key)
+    slots.release(slots.slot_of(gone))
+    slots.release(slots.slot_of(kept))
+    assert slots.forget_where(lambda key: key.tenant.startswith("gone")) == [0]  # busy's row still runs
+    assert slots.resident() == {busy: 1, kept: 2}
