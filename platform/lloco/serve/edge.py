@@ -18,7 +18,7 @@ import asyncio
 import functools
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -68,10 +68,12 @@ def _cause(error: BaseException) -> str | None:
 
 
 class TenantWork:
-    """Runs blocking calls on a thread pool, at most ``per_tenant`` of one tenant at a time.
+    """Runs blocking calls on a thread pool, at most ``per_tenant`` of one lane at a time.
 
-    The pool has room for ``tenants_at_full_speed`` busy tenants; calls not made for a tenant
-    (authentication, health) use a lane of their own.
+    A lane is a tenant id, or for work done before the tenant is known, a name that cannot be a tenant
+    id: authentication runs in a lane per presented key (``key:<digest>``), so a flood of calls with one
+    key cannot hold the threads that other callers' authentication needs; health probes use ``None``.
+    The pool has room for ``tenants_at_full_speed`` busy lanes.
     """
 
     def __init__(self, per_tenant: int, tenants_at_full_speed: int = 8) -> None:
@@ -84,8 +86,11 @@ class TenantWork:
         self._lanes: dict[str | None, tuple[asyncio.Semaphore, list[int]]] = {}
 
     async def run(self, tenant: str | None, fn: Callable[..., T], *args: object) -> T:
-        """``fn(*args)`` on the pool once ``tenant`` has a free lane; ``None`` is the untenanted lane."""
-        semaphore, users = self._lanes.setdefault(tenant, (asyncio.Semaphore(self.per_tenant), [0]))
+        """``fn(*args)`` on the pool once the lane ``tenant`` has room."""
+        lane = self._lanes.get(tenant)
+        if lane is None:
+            lane = self._lanes[tenant] = (asyncio.Semaphore(self.per_tenant), [0])
+        semaphore, users = lane
         users[0] += 1
         try:
             async with semaphore:
@@ -97,14 +102,23 @@ class TenantWork:
                 del self._lanes[tenant]
 
     async def map(self, tenant: str, fn: Callable[[U], T], items: Iterable[U]) -> list[T]:
-        """``[fn(item) for item in items]`` through the tenant's lanes; the first failure cancels the
-        calls that have not started and is raised."""
+        """``[fn(item) for item in items]``, at most the tenant's lane count at a time; the first failure
+        stops the rest (none is started after it) and is raised."""
+        todo = list(items)
+        results: list[Any] = [None] * len(todo)
+        positions = iter(range(len(todo)))
+
+        async def worker() -> None:
+            for position in positions:  # one iterator shared by the workers: each item is taken once
+                results[position] = await self.run(tenant, fn, todo[position])
+
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self.run(tenant, fn, item)) for item in items]
+                for _ in range(min(self.per_tenant, len(todo))):
+                    group.create_task(worker())
         except BaseExceptionGroup as failures:
             raise failures.exceptions[0] from None
-        return [task.result() for task in tasks]
+        return results
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

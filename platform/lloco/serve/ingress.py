@@ -17,6 +17,7 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import inspect
 import math
 import shlex
@@ -377,7 +378,9 @@ class Ingress:
         scheme, _, key = value.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthenticated("malformed 'authorization' metadata: expected 'Bearer <api key>'")
-        return await self._work.run(None, self._keys.resolve, key.strip())
+        key = key.strip()
+        lane = f"key:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+        return await self._work.run(lane, self._keys.resolve, key)
 
     async def _caller(self, grpc_context: Any) -> Principal:
         """The caller the server authenticated, or (a call through a handle) the one of its metadata."""
