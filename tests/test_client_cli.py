@@ -420,6 +420,16 @@ def test_cli_end_to_end(lloco_server: EmbeddedStack, tiny_model_dir: Path, tmp_p
     foreign = _run("docs", "get", "tenants/other/documents/x", *common)
     assert foreign.exit_code == 1 and foreign.stderr.startswith("error: PERMISSION_DENIED: ")
 
+    lloco_server.store.put_bytes("tenants/cli/uploads/more.txt", NOTES.encode())
+    uploaded = _run(
+        "ingest", "--uri", lloco_server.store.uri("tenants/cli/uploads/more.txt"), "--id", "more", *common
+    )
+    assert uploaded.stdout.startswith("created\ttenants/cli/documents/more\t"), uploaded.output
+    foreign_uri = _run(
+        "ingest", "--uri", lloco_server.store.uri("tenants/other/uploads/x"), "--id", "x", *common
+    )
+    assert foreign_uri.exit_code == 1 and foreign_uri.stderr.startswith("error: PERMISSION_DENIED: ")
+
     second_key = _run("admin", "create-key", *common).stdout.strip()
     listed = _run("admin", "list-keys", *common).stdout.splitlines()
     assert len(listed) == 2 and all(line.startswith("tenants/cli/apiKeys/") for line in listed)

@@ -640,3 +640,19 @@ def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack,
     assert f"port {port} is already in use" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "s3").exists(), "nothing may start when the port is taken"
+
+
+def test_serve_config_must_not_start_serves_grpc_proxy(tmp_path: Path) -> None:
+    """The Ingress replicas serve gRPC themselves; Serve's proxy on the same port would shadow them."""
+    from lloco.errors import InvalidArgument
+    from lloco.serve.app import load_serve_config
+
+    config = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    config["grpc_options"] = {
+        "port": 50051,
+        "grpc_servicer_functions": ["lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server"],
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(InvalidArgument, match="remove grpc_options"):
+        load_serve_config(path)

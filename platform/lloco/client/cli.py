@@ -136,6 +136,12 @@ def ingest(
     doc_id: Annotated[
         str, typer.Option("--id", help="Document id (required for stdin; default: the file name's stem).")
     ] = "",
+    uri: Annotated[
+        str,
+        typer.Option(
+            "--uri", help="Ingest s3://bucket/.../tenants/{tenant}/uploads/KEY (needs --id) instead of files."
+        ),
+    ] = "",
     target: Target = DEFAULT_TARGET,
     key: TenantKey = ...,
     tenant: Tenant = "",
@@ -144,13 +150,21 @@ def ingest(
     ca: Ca = None,
 ) -> None:
     """Store documents (UTF-8 text); small ones are compressed at once, larger ones are left pending."""
+    from lloco.api import lloco_pb2
+
+    if uri:
+        if files or not doc_id:
+            raise typer.BadParameter("--uri takes no files and needs --id", param_hint="--uri")
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            reply = client.ingest_uri(doc_id, uri)
+            outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
+            typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
+        return
     sources = files or ["-"]
     if doc_id and len(sources) > 1:
         raise typer.BadParameter("--id names one document; give one file", param_hint="--id")
     if "-" in sources and not doc_id:
         raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
-    from lloco.api import lloco_pb2
-
     with _connect(target, key, timeout, tenant, tls, ca) as client:
         for source in sources:
             name = doc_id or Path(source).stem
