@@ -116,7 +116,7 @@ def test_adapter_cpu_tier_is_lru_by_count_and_keyed_by_version(registry: Registr
         registry.publish_adapter(name, _adapter_files(seed), train={})
     registry.publish_adapter("a", _adapter_files(10), train={})  # a@v000002
     cache = AdapterCache(2, _parse)
-    key = {name: AdapterKey("acme", name, "v000001") for name in ["a", "b", "c"]}
+    key = {name: AdapterKey("acme", registry.uid, name, "v000001") for name in ["a", "b", "c"]}
 
     first, cached = cache.get(registry, key["a"])
     assert not cached
@@ -128,7 +128,7 @@ def test_adapter_cpu_tier_is_lru_by_count_and_keyed_by_version(registry: Registr
     cache.get(registry, key["b"])
     cache.get(registry, key["c"])  # evicts a (least recent)
     assert key["a"] not in cache.tier and key["b"] in cache.tier
-    newer, cached = cache.get(registry, AdapterKey("acme", "a", "v000002"))
+    newer, cached = cache.get(registry, AdapterKey("acme", registry.uid, "a", "v000002"))
     assert not cached and not torch.equal(
         newer["base_model.model.layer.lora_A.weight"], first["base_model.model.layer.lora_A.weight"]
     )
@@ -136,7 +136,7 @@ def test_adapter_cpu_tier_is_lru_by_count_and_keyed_by_version(registry: Registr
 
 
 def test_slot_manager_evicts_least_recent_unpinned_slot() -> None:
-    a, b, c = (AdapterKey("t", name, "v000001") for name in "abc")
+    a, b, c = (AdapterKey("t", "uid", name, "v000001") for name in "abc")
     slots = SlotManager(2)
     ga, gb = slots.acquire(a), slots.acquire(b)
     assert (ga.slot, ga.needs_load, gb.slot, gb.needs_load) == (0, True, 1, True)
@@ -161,7 +161,7 @@ def test_slot_manager_evicts_least_recent_unpinned_slot() -> None:
 
 def test_slot_manager_never_evicts_a_pinned_slot() -> None:
     rng = random.Random(0)
-    keys = [AdapterKey("t", f"a{i}", "v000001") for i in range(6)]
+    keys = [AdapterKey("t", "uid", f"a{i}", "v000001") for i in range(6)]
     slots = SlotManager(3)
     held: list[tuple[AdapterKey, int]] = []
     for _ in range(2000):
@@ -181,3 +181,20 @@ def test_slot_manager_never_evicts_a_pinned_slot() -> None:
         for other, slot in held:
             assert slots.resident().get(other) == slot
     assert slots.evictions > 0
+
+
+def test_a_deleted_tenants_entries_are_dropped() -> None:
+    cache: LruCache[tuple[str, str], int] = LruCache(10, lambda _: 1)
+    for key in [("gone", "a"), ("kept", "a"), ("gone", "b")]:
+        cache.put(key, 1)
+    assert cache.drop(lambda key: key[0] == "gone") == 2
+    assert ("kept", "a") in cache and len(cache) == 1 and cache.used == 1
+
+    gone, busy, kept = (AdapterKey(t, "uid", "a", "v000001") for t in ("gone", "gone2", "kept"))
+    slots = SlotManager(3)
+    for key in (gone, busy, kept):
+        slots.acquire(key)
+    slots.release(slots.slot_of(gone))
+    slots.release(slots.slot_of(kept))
+    assert slots.forget_where(lambda key: key.tenant.startswith("gone")) == [0]  # busy's row still runs
+    assert slots.resident() == {busy: 1, kept: 2}

@@ -262,7 +262,7 @@ def test_services_and_policies_select_the_ray_pods(
     assert grpc_targets, "the gRPC Service selects no serving pod"
     for template in grpc_targets:
         ports = {p["name"]: p["containerPort"] for p in template["spec"]["containers"][0]["ports"]}
-        assert ports["grpc"] == serve_config(docs)["grpc_options"]["port"]
+        assert ports["grpc"] == serve_config(docs)["applications"][0]["args"]["serve"]["grpc_port"]
     for policy in of_kind(docs, "NetworkPolicy"):
         assert all(matches(policy["spec"]["podSelector"]["matchLabels"], labels) for labels in all_pods)
     for budget in of_kind(docs, "PodDisruptionBudget"):
@@ -616,10 +616,21 @@ def test_serve_config_is_a_valid_ray_serve_config(
     ServeDeploySchema.model_validate(config)
     (app,) = config["applications"]
     assert app["import_path"] == "lloco.serve.app:app"
-    assert config["grpc_options"]["grpc_servicer_functions"][0] == (
-        "lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server"
+    # the Ingress replicas serve gRPC themselves, on the head (the only node with the edge resource)
+    assert "grpc_options" not in config and app["route_prefix"] is None
+    settings = Settings.model_validate(app["args"])
+    assert settings.serve.host == "0.0.0.0"
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    (cluster,) = [d["spec"]["rayClusterConfig"] for d in of_kind(docs, "RayService")]
+    # as KubeRay documents it: JSON inside literal double quotes (it goes through a shell)
+    head_resources = cluster["headGroupSpec"]["rayStartParams"]["resources"]
+    assert head_resources.startswith('"') and head_resources.endswith('"')
+    edge = json.loads(head_resources[1:-1].replace('\\"', '"'))
+    assert ingress["ray_actor_options"]["resources"] == {"lloco_edge": 1}
+    assert edge == {"lloco_edge": ingress["num_replicas"]}
+    assert not any(
+        "lloco_edge" in g["rayStartParams"].get("resources", "") for g in cluster["workerGroupSpecs"]
     )
-    Settings.model_validate(app["args"])
     engine = next(d for d in app["deployments"] if d["name"] == "EngineDeployment")
     expected = {"numGpus": 1, **values.get("serve", {}).get("engine", {})}
     assert engine["ray_actor_options"]["num_gpus"] == expected["numGpus"]
@@ -634,8 +645,6 @@ def test_serve_config_names_code_that_exists(case: tuple[str, dict[str, Any], li
 
     _, _, docs = case
     config = serve_config(docs)
-    for function in config["grpc_options"]["grpc_servicer_functions"]:
-        assert callable(import_attr(function)), function
     (app,) = config["applications"]
     application = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), app["args"])
     built = build_app(application, name=app["name"])
@@ -721,6 +730,33 @@ def test_helm_test_pod_checks_grpc_health(health_server: tuple[str, health.Healt
     assert "NOT_SERVING" in not_serving.stdout
 
 
+def test_tls_secret_reaches_the_serving_pods_and_the_probe() -> None:
+    """With serve.tls.existingSecret the serving pods mount it and the settings point the server at it;
+    job clusters do not get it; the `helm test` probe trusts its ca.crt."""
+    from lloco.config import Settings
+
+    docs = render(
+        {"serve": {"tls": {"existingSecret": "lloco-tls"}}, "jobs": {"compress": {"enabled": True}}}
+    )
+    settings = Settings.model_validate(serve_config(docs)["applications"][0]["args"])
+    assert settings.serve.tls and str(settings.serve.tls_cert_file) == "/etc/lloco/tls/tls.crt"
+    for where, template in pod_templates(docs):
+        mounts = {m["name"]: m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"]}
+        secrets = [v["secret"]["secretName"] for v in template["spec"]["volumes"] if "secret" in v]
+        serving = template["metadata"]["labels"]["app.kubernetes.io/component"] == "serve"
+        assert (mounts.get("tls") == "/etc/lloco/tls") == serving, where
+        assert secrets == (["lloco-tls"] if serving else []), where
+    (pod,) = of_kind(docs, "Pod")
+    env = {e["name"]: e["value"] for e in pod["spec"]["containers"][0]["env"]}
+    assert env["GRPC_CA_FILE"] == "/etc/lloco/tls/ca.crt"
+    assert pod["spec"]["volumes"][0]["secret"] == {
+        "secretName": "lloco-tls",
+        "items": [{"key": "ca.crt", "path": "ca.crt"}],
+    }
+    plain = render({})
+    assert "GRPC_CA_FILE" not in {e["name"] for e in of_kind(plain, "Pod")[0]["spec"]["containers"][0]["env"]}
+
+
 # ---------------------------------------------------------------- cluster.yaml (ray up)
 
 
@@ -759,7 +795,7 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config() -> None:
 
 
 def test_cluster_yaml_deploys_the_same_serve_app_as_the_chart() -> None:
-    """The Serve config `ray up` deploys names the same app and gRPC servicers as the chart's."""
+    """The Serve config `ray up` deploys names the same app and places the gRPC edge as the chart's."""
     from ray.serve.schema import ServeDeploySchema
 
     config = yaml.safe_load(CLUSTER_YAML.read_text())
@@ -771,10 +807,12 @@ def test_cluster_yaml_deploys_the_same_serve_app_as_the_chart() -> None:
     vm_config = yaml.safe_load(match.group(1))
     ServeDeploySchema.model_validate(vm_config)
     chart_config = serve_config(render({}))
-    assert (
-        vm_config["grpc_options"]["grpc_servicer_functions"]
-        == chart_config["grpc_options"]["grpc_servicer_functions"]
+    assert "grpc_options" not in vm_config and "grpc_options" not in chart_config
+    vm_ingress, chart_ingress = (
+        next(d for d in c["applications"][0]["deployments"] if d["name"] == "Ingress")
+        for c in (vm_config, chart_config)
     )
+    assert vm_ingress["ray_actor_options"]["resources"] == chart_ingress["ray_actor_options"]["resources"]
     assert [a["import_path"] for a in vm_config["applications"]] == [
         a["import_path"] for a in chart_config["applications"]
     ]

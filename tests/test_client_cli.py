@@ -419,3 +419,28 @@ def test_cli_end_to_end(lloco_server: EmbeddedStack, tiny_model_dir: Path, tmp_p
     assert missing.exit_code == 1 and missing.stderr.startswith("error: NOT_FOUND: ")
     foreign = _run("docs", "get", "tenants/other/documents/x", *common)
     assert foreign.exit_code == 1 and foreign.stderr.startswith("error: PERMISSION_DENIED: ")
+
+    lloco_server.store.put_bytes("tenants/cli/uploads/more.txt", NOTES.encode())
+    uploaded = _run(
+        "ingest", "--uri", lloco_server.store.uri("tenants/cli/uploads/more.txt"), "--id", "more", *common
+    )
+    assert uploaded.stdout.startswith("created\ttenants/cli/documents/more\t"), uploaded.output
+    foreign_uri = _run(
+        "ingest", "--uri", lloco_server.store.uri("tenants/other/uploads/x"), "--id", "x", *common
+    )
+    assert foreign_uri.exit_code == 1 and foreign_uri.stderr.startswith("error: PERMISSION_DENIED: ")
+
+    second_key = _run("admin", "create-key", *common).stdout.strip()
+    listed = _run("admin", "list-keys", *common).stdout.splitlines()
+    assert len(listed) == 2 and all(line.startswith("tenants/cli/apiKeys/") for line in listed)
+    hints = {line.split("\t")[1]: line.split("\t")[0] for line in listed}
+    assert set(hints) == {key[:10] + "...", second_key[:10] + "..."}
+    assert _run("admin", "revoke-key", hints[second_key[:10] + "..."], *common).exit_code == 0
+    revoked = _run("docs", "--target", target, "--tenant-key", second_key)
+    assert revoked.exit_code == 1 and revoked.stderr.startswith("error: UNAUTHENTICATED: ")
+    admin = ["--target", target, "--tenant-key", ADMIN_KEY]
+    assert _run("admin", "delete-tenant", "cli", *admin).exit_code == 2  # needs --yes
+    deleted = _run("admin", "delete-tenant", "cli", "--yes", *admin)
+    assert deleted.exit_code == 0 and deleted.stdout.startswith("deleted tenants/cli (")
+    gone = _run("docs", *common)
+    assert gone.exit_code == 1 and gone.stderr.startswith("error: UNAUTHENTICATED: ")

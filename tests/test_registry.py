@@ -19,6 +19,7 @@ from lloco.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    Unauthenticated,
     Unavailable,
     to_grpc_status,
 )
@@ -68,6 +69,42 @@ def test_tenants_lifecycle(store: ObjectStore) -> None:
         tenants.delete("beta")
 
 
+def test_deleting_a_tenant_removes_everything_it_owns(s3: EmbeddedS3) -> None:
+    """Keys (outside the tenant's folder), checkpoints and an uploads folder outside tenants/ go too, and a
+    deletion cut short is finished by the next create, so a new tenant of that name starts empty."""
+    from lloco.auth import KeyRing
+
+    settings = s3.store_settings(bucket=f"t-{os.urandom(8).hex()}").model_copy(
+        update={"uploads_template": "incoming/{tenant}/"}
+    )
+    store = ObjectStore(settings)
+    store.ensure_bucket()
+    tenants = Tenants(store)
+    for tenant in ("acme", "acme2"):
+        tenants.create(tenant)
+        Registry(store, tenant).ingest_document("doc", b"text", LIMIT)
+        store.put_bytes(f"incoming/{tenant}/upload.txt", b"upload")
+        store.put_bytes(f"{keys.tenant_checkpoints('job-1', tenant)}state.bin", b"weights")
+    ring = KeyRing(store, None)
+    key, kept = ring.create_key("acme"), ring.create_key("acme2")
+    assert tenants.delete("acme") == 6  # key record + index, checkpoint, upload, document source + meta
+    assert ring.resolve(kept).tenant == "acme2"
+    left = sorted(store.list_keys(""))
+    assert not [k for k in left if "/acme/" in k or k.startswith(("incoming/acme/", "tenants/acme/"))], left
+    assert len(list(store.list_keys("auth/"))) == 1
+    with pytest.raises(NotFound):
+        tenants.delete("acme")
+
+    # a deletion cut short after the marker: the next create finishes it
+    store.put_bytes(keys.doc_source("acme", "stale"), b"old tenant's text")
+    store.put_bytes("incoming/acme/old.txt", b"old upload")
+    tenants.create("acme")
+    assert list(store.list_keys("incoming/acme/")) == []
+    assert [k for k in store.list_keys(keys.tenant_root("acme"))] == [keys.tenant_meta("acme")]
+    with pytest.raises(Unauthenticated):
+        ring.resolve(key)
+
+
 def test_document_round_trip_and_idempotent_reingest(registry: Registry, store: ObjectStore) -> None:
     text = "Die Lösung steht auf Seite 42.\n".encode()
     info, changed = registry.ingest_document("report", text, LIMIT, tokens=9)
@@ -109,6 +146,12 @@ def test_bad_text_is_rejected(registry: Registry) -> None:
         registry.ingest_document("long", b"x" * 11, 10)
     with pytest.raises(InvalidArgument, match="is empty"):
         registry.ingest_document("empty", b"", LIMIT)
+    for blank in (b" \n\t ", b"\x01\x02\x1f\x7f"):
+        with pytest.raises(InvalidArgument, match="is empty: no character but whitespace"):
+            registry.ingest_document("blank", blank, LIMIT)
+    for nul in (b"\x00" * 64, b"text then \x00 a NUL"):
+        with pytest.raises(InvalidArgument, match="holds a NUL byte"):
+            registry.ingest_document("nul", nul, LIMIT)
     assert registry.list_documents(0)[0] == []
 
 
@@ -212,6 +255,9 @@ def test_datasets_validate_every_line(registry: Registry) -> None:
     for line, message in bad_lines.items():
         with pytest.raises(InvalidArgument, match=message.replace("[", r"\[")):
             registry.put_dataset("bad", f"{first}\n{line}\n".encode())
+    deep = '{"doc_ids": ' + "[" * 100_000 + "]" * 100_000 + ', "question": "q", "answer": "a"}'
+    with pytest.raises(InvalidArgument, match="line 2: JSON nested too deeply"):
+        registry.put_dataset("bad", f"{first}\n{deep}\n".encode())
     with pytest.raises(InvalidArgument, match="no rows"):
         registry.put_dataset("bad", b"\n")
     with pytest.raises(InvalidArgument, match="UTF-8"):

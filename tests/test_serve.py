@@ -597,13 +597,9 @@ def test_serve_config_parses_and_names_importable_builders() -> None:
     from lloco.serve.app import load_serve_config
 
     config = load_serve_config(REPO / "deploy" / "serve.yaml")
-    raw = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
     assert [a.import_path for a in config.applications] == ["lloco.serve.app:app"]
-    assert config.grpc_options.grpc_servicer_functions == raw["grpc_options"]["grpc_servicer_functions"]
-    from ray._common.utils import import_attr
-
-    for path in config.grpc_options.grpc_servicer_functions:
-        assert callable(import_attr(path))
+    assert not config.grpc_options.grpc_servicer_functions  # the Ingress replicas serve gRPC themselves
+    assert config.applications[0].route_prefix is None
 
 
 @pytest.mark.parametrize(
@@ -618,6 +614,7 @@ def test_serve_config_parses_and_names_importable_builders() -> None:
             {"name": "x", "import_path": "lloco.serve.app:app", "args": {"no_such_section": {}}},
             "no_such_section",
         ),
+        ({"name": "x", "import_path": "lloco.serve.app:app"}, "route_prefix: null"),
     ],
 )
 def test_serve_config_problems_are_named(tmp_path: Path, application: dict[str, object], words: str) -> None:
@@ -643,3 +640,19 @@ def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack,
     assert f"port {port} is already in use" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "s3").exists(), "nothing may start when the port is taken"
+
+
+def test_serve_config_must_not_start_serves_grpc_proxy(tmp_path: Path) -> None:
+    """The Ingress replicas serve gRPC themselves; Serve's proxy on the same port would shadow them."""
+    from lloco.errors import InvalidArgument
+    from lloco.serve.app import load_serve_config
+
+    config = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    config["grpc_options"] = {
+        "port": 50051,
+        "grpc_servicer_functions": ["lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server"],
+    }
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(InvalidArgument, match="remove grpc_options"):
+        load_serve_config(path)

@@ -11,6 +11,8 @@ from pathlib import Path
 import boto3
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from lloco.errors import InvalidArgument, NotFound, Unavailable, to_grpc_status
 from lloco.storage import EmbeddedS3, ObjectStore, keys
 
@@ -64,6 +66,98 @@ def test_key_layout_follows_the_design() -> None:
             build()
     with pytest.raises(InvalidArgument, match="adapter version"):
         keys.adapter_file("acme", "default", "../v1", "x")
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        "/a",
+        "a/",
+        "a//b",
+        "a/./b",
+        "a/../b",
+        "..",
+        ".",
+        "a\\b",
+        "a/%2e%2e/b",
+        "a%2Fb",
+        "a\nb",
+        "a\x00b",
+        "a\x7fb",
+    ]
+    + ["x" * 1025],
+)
+def test_normalize_key_refuses_keys_that_read_as_another(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        keys.normalize_key(bad, "source_uri")
+    if bad and not bad.endswith("/"):  # the root and folders are fine as prefixes, the rest never reach S3
+        with pytest.raises(InvalidArgument):
+            keys.physical("", bad)
+
+
+@given(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=6))
+@settings(max_examples=500, deadline=None, derandomize=True)
+def test_a_normalized_key_has_one_reading(segments: list[str]) -> None:
+    """Whatever text comes in, an accepted key splits into plain segments and names no other key."""
+    text = "/".join(segments)
+    try:
+        key = keys.normalize_key(text)
+    except InvalidArgument:
+        return
+    assert key == text
+    for segment in key.split("/"):
+        assert segment not in ("", ".", "..") and "\\" not in segment and "%" not in segment
+        assert all(ord(c) >= 0x20 and c != "\x7f" for c in segment)
+
+
+@given(
+    st.from_regex(keys.ID_PATTERN, fullmatch=True),
+    st.from_regex(keys.ID_PATTERN, fullmatch=True),
+    st.sampled_from(
+        ["tenants/{tenant}/uploads/", "tenants/{tenant}/uploads/in/", "incoming/{tenant}/", "x/{tenant}/y/"]
+    ),
+)
+@settings(max_examples=300, deadline=None, derandomize=True)
+def test_no_tenants_uploads_folder_holds_anothers(one: str, two: str, template: str) -> None:
+    keys.check_uploads_template(template)
+    first, second = keys.uploads_prefix(one, template), keys.uploads_prefix(two, template)
+    assert (first == second) == (one == two)
+    assert one == two or not (first.startswith(second) or second.startswith(first))
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "tenants/{tenant}/",
+        "tenants/{tenant}/docs/",
+        "auth/{tenant}/",
+        "incoming/x{tenant}/",
+        "in/{tenant}",
+        "in/",
+    ]
+    + ["in/{tenant}/{tenant}/", "checkpoints/{tenant}/", "in//{tenant}/"],
+)
+def test_uploads_templates_that_could_reach_other_data_are_refused(template: str, s3: EmbeddedS3) -> None:
+    with pytest.raises(InvalidArgument):
+        keys.check_uploads_template(template)
+    with pytest.raises(InvalidArgument):
+        ObjectStore(s3.store_settings(bucket="any").model_copy(update={"uploads_template": template}))
+
+
+def test_key_of_uri_is_the_inverse_of_uri(s3: EmbeddedS3) -> None:
+    store = ObjectStore(s3.store_settings(bucket="lloco", prefix="team"))
+    assert store.key_of_uri(store.uri("tenants/a/uploads/x.txt")) == "tenants/a/uploads/x.txt"
+    for uri in (
+        "s3://lloco/tenants/a/uploads/x.txt",  # outside the prefix
+        "s3://other/team/tenants/a/x",
+        "s3://lloco/team//tenants/a/x",
+        "s3://lloco/team/tenants/a/./x",
+        "s3://lloco/team/tenants\\a\\x",
+        "s3://lloco/team/",
+    ):
+        with pytest.raises(InvalidArgument, match="source_uri"):
+            store.key_of_uri(uri, "source_uri")
 
 
 def test_object_round_trips(store: ObjectStore, tmp_path: Path) -> None:
@@ -199,12 +293,16 @@ def test_outage_fails_fast_with_unavailable_then_recovers(own_server: EmbeddedS3
         lambda: store.put_bytes("new", b"x"),
         lambda: store.exists("kept"),
         lambda: list(store.list_keys("")),
+        store.check,
     ):
         started = time.monotonic()
         with pytest.raises(Unavailable) as caught:
             call()
         assert time.monotonic() - started < 15
-        assert to_grpc_status(caught.value)[0] == grpc.StatusCode.UNAVAILABLE
+        code, message = to_grpc_status(caught.value)
+        assert code == grpc.StatusCode.UNAVAILABLE
+        # callers see neither the endpoint, nor the key, nor the storage error (the log has them)
+        assert str(own_server.port) not in message and "kept" not in message and "Error" not in message
 
     own_server.start()
     assert store.get_bytes("kept") == b"precious"

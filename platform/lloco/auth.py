@@ -3,7 +3,9 @@
 A tenant key is ``lloco_`` + 32 random bytes (urlsafe base64). Only its sha256 is stored, so a
 leaked bucket yields no usable keys; looking a key up by its hash reveals nothing through timing.
 A key is bound to its tenant's uid, so it dies with the tenant even if the name is created again.
-The admin key comes from settings and is compared in constant time.
+Each key also has a random id (its resource name is ``tenants/{t}/apiKeys/{id}``), kept in an index
+under the tenant's folder: keys are listed and revoked by id, and deleted with their tenant. The
+admin key comes from settings and is compared in constant time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,16 @@ _KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
+class ApiKeyInfo:
+    """What is known of a key besides its secret: its id, the first characters (``hint``), its age."""
+
+    tenant: str
+    key_id: str
+    hint: str
+    created: datetime
+
+
+@dataclass(frozen=True)
 class Principal:
     """Who is calling: a tenant (``admin`` False) or the administrator (``tenant`` None)."""
 
@@ -47,19 +59,47 @@ class KeyRing:
 
     def create_key(self, tenant: str) -> str:
         """A new key for ``tenant``; the plaintext is returned here once and never stored."""
+        return self.issue_key(tenant)[0]
+
+    def issue_key(self, tenant: str) -> tuple[str, ApiKeyInfo]:
+        """A new key for ``tenant`` and its info; NotFound if the tenant does not exist.
+
+        The index entry is written before the record that makes the key work, so every working key
+        can be listed, revoked by id and deleted with its tenant.
+        """
         tenant_uid = self._tenants.uid(tenant)
         if tenant_uid is None:
             raise NotFound(f"tenant {tenant!r} not found")
         key = KEY_PREFIX + secrets.token_urlsafe(_KEY_BYTES)
-        record = {
-            "tenant": tenant,
-            "tenant_uid": tenant_uid,
-            "created": datetime.now(UTC).isoformat(),
-            "hint": key[: len(KEY_PREFIX) + 4],
-        }
-        self._store.put_bytes(keys.api_key(_hash(key)), json.dumps(record).encode(), "application/json")
-        log.info("api key created", tenant=tenant, hint=record["hint"])
-        return key
+        info = ApiKeyInfo(
+            tenant=tenant,
+            key_id=secrets.token_hex(8),
+            hint=key[: len(KEY_PREFIX) + 4],
+            created=datetime.now(UTC),
+        )
+        key_hash = _hash(key)
+        about = {"hint": info.hint, "created": info.created.isoformat()}
+        index = {"hash": key_hash, **about}
+        record = {"tenant": tenant, "tenant_uid": tenant_uid, "key_id": info.key_id, **about}
+        self._store.put_bytes(
+            keys.api_key_index(tenant, info.key_id), json.dumps(index).encode(), "application/json"
+        )
+        self._store.put_bytes(keys.api_key(key_hash), json.dumps(record).encode(), "application/json")
+        log.info("api key created", tenant=tenant, key_id=info.key_id, hint=info.hint)
+        return key, info
+
+    def list_keys(self, tenant: str) -> list[ApiKeyInfo]:
+        """The tenant's keys (not revoked), by id."""
+        found = []
+        for index_key in self._store.list_keys(keys.api_keys_prefix(tenant)):
+            key_id = index_key.rsplit("/", 1)[-1].removesuffix(".json")
+            try:
+                index = json.loads(self._store.get_bytes(index_key))
+            except NotFound:
+                continue  # revoked meanwhile
+            created = datetime.fromisoformat(index["created"])
+            found.append(ApiKeyInfo(tenant=tenant, key_id=key_id, hint=index["hint"], created=created))
+        return sorted(found, key=lambda info: info.key_id)
 
     def resolve(self, key: str) -> Principal:
         """The principal holding ``key``; Unauthenticated for a missing, unknown or revoked key."""
@@ -76,10 +116,24 @@ class KeyRing:
 
     def revoke(self, key: str) -> None:
         """Make ``key`` unusable at once; NotFound if it is not a live key."""
-        if self._record(key) is None:
+        record = self._record(key)
+        if record is None:
             raise NotFound("unknown or already revoked API key")
         self._store.delete(keys.api_key(_hash(key)))
-        log.info("api key revoked", hint=key[: len(KEY_PREFIX) + 4])
+        if "key_id" in record:
+            self._store.delete(keys.api_key_index(record["tenant"], record["key_id"]))
+        log.info("api key revoked", tenant=record["tenant"], key_id=record.get("key_id"))
+
+    def revoke_id(self, tenant: str, key_id: str) -> None:
+        """Make the key ``key_id`` of ``tenant`` unusable at once; NotFound if the tenant has no such key."""
+        index_key = keys.api_key_index(tenant, key_id)
+        try:
+            key_hash = json.loads(self._store.get_bytes(index_key))["hash"]
+        except NotFound:
+            raise NotFound(f"API key {key_id!r} of tenant {tenant!r} not found") from None
+        self._store.delete(keys.api_key(key_hash))
+        self._store.delete(index_key)
+        log.info("api key revoked", tenant=tenant, key_id=key_id)
 
     def _record(self, key: str) -> dict[str, str] | None:
         if not key.startswith(KEY_PREFIX):

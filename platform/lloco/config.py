@@ -1,7 +1,9 @@
 """One typed settings object for the whole platform.
 
 Values come from (highest first) constructor arguments, ``LLOCO_*`` environment variables
-(nested with ``__``, e.g. ``LLOCO_STORE__BUCKET``), an optional YAML file, then the defaults here.
+(nested with ``__``, e.g. ``LLOCO_STORE__BUCKET``), a secrets YAML file named by
+``LLOCO_SECRETS_FILE`` (readable by its owner only: how secrets reach Ray jobs by reference, see
+``lloco.finetune.job.settings_env``), an optional YAML config file, then the defaults here.
 Defaults live only in this schema.
 """
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path.home() / ".local" / "share" / "lloco"
@@ -34,6 +36,12 @@ class StoreSettings(_Section):
     read_timeout_s: float = Field(30.0, gt=0, le=600, description="Per-attempt read timeout.")
     max_attempts: int = Field(4, ge=1, le=10, description="Attempts on transient errors (with backoff).")
     multipart_threshold_bytes: int = Field(16 * 2**20, ge=5 * 2**20, description="Multipart above this.")
+    uploads_template: str = Field(
+        "tenants/{tenant}/uploads/",
+        description="The folder (in this bucket, under `prefix`) from which a tenant may ingest by "
+        "source_uri; '{tenant}' is one whole segment. Checked by the store: the tenant's uploads/ folder "
+        "or a folder outside the platform's own areas.",
+    )
 
 
 class ModelSettings(_Section):
@@ -63,6 +71,26 @@ class LimitSettings(_Section):
     max_docs_per_query: int = Field(8, ge=1, description="Documents one query may attach.")
     online_compress_max_tokens: int = Field(8192, ge=0, description="Ingest compresses at once below this.")
     max_page_size: int = Field(1000, ge=1, description="Largest page a List call returns.")
+    max_message_bytes: int | None = Field(
+        None,
+        ge=4096,
+        description="Largest request message the gRPC server reads (larger ones are refused before they "
+        "are held); None means max_document_bytes + 1 MiB, room for a whole document and its fields.",
+    )
+    max_names_per_call: int = Field(
+        1000, ge=1, description="Resource names one call may carry (CompressDocuments' documents)."
+    )
+    tenant_storage_concurrency: int = Field(
+        8,
+        ge=1,
+        description="Object-store calls a tenant's requests may have running at once on one API replica; "
+        "the rest wait, so one tenant's fan-out cannot hold the store threads other tenants need.",
+    )
+
+    @property
+    def message_bytes(self) -> int:
+        """The gRPC receive limit: `max_message_bytes`, or room for the largest document plus 1 MiB."""
+        return self.max_message_bytes or self.max_document_bytes + 2**20
 
 
 class LoraSettings(_Section):
@@ -93,11 +121,30 @@ class EngineSettings(_Section):
 class ServeSettings(_Section):
     """The Ray Serve application."""
 
-    host: str = Field("127.0.0.1", description="gRPC bind address for `lloco up`.")
+    host: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="Address the gRPC server listens on: loopback for `lloco up`; '0.0.0.0' or '::' for "
+        "every interface (the Helm chart).",
+    )
     grpc_port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain of the gRPC server; with tls_key_file, the API speaks TLS."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     engine_replicas: int = Field(1, ge=1, description="Engine replicas.")
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (0 on CPU).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ServeSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("serve.tls_cert_file and serve.tls_key_file are set together or not at all")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
 
 class CompressSettings(_Section):
@@ -160,7 +207,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _YamlSource(settings_cls)
+        return init_settings, env_settings, _SecretsSource(settings_cls), _YamlSource(settings_cls)
 
     @classmethod
     def load(cls, path: Path | str | None = None, **overrides: Any) -> Settings:
@@ -170,6 +217,16 @@ class Settings(BaseSettings):
             return cls(**overrides)
         finally:
             _YamlSource.path = None
+
+
+SECRETS_FILE_VARIABLE = "LLOCO_SECRETS_FILE"
+
+
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a mapping, got {type(data).__name__}")
+    return data
 
 
 class _YamlSource(PydanticBaseSettingsSource):
@@ -182,9 +239,22 @@ class _YamlSource(PydanticBaseSettingsSource):
         import os
 
         path = self.path or (Path(os.environ["LLOCO_CONFIG"]) if os.environ.get("LLOCO_CONFIG") else None)
-        if path is None:
+        return _read_mapping(path, "config file") if path else {}
+
+
+class _SecretsSource(PydanticBaseSettingsSource):
+    """Settings (secrets) from the YAML file ``LLOCO_SECRETS_FILE`` names, which only its owner may read."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        import os
+
+        name = os.environ.get(SECRETS_FILE_VARIABLE)
+        if not name:
             return {}
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-        return data
+        path = Path(name)
+        if path.stat().st_mode & 0o077:
+            raise ValueError(f"secrets file {path} is readable by others: chmod 600 it")
+        return _read_mapping(path, "secrets file")

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 import struct
 import uuid
 from collections.abc import Iterator
@@ -84,51 +85,116 @@ class AdapterVersion:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TenantInfo:
+    """A tenant as created: ``uid`` tells it apart from an earlier tenant of the same name."""
+
+    tenant: str
+    uid: str
+    created: datetime
+
+
 class Tenants:
-    """Tenant lifecycle (admin level). A tenant exists while its ``tenant.json`` does."""
+    """Tenant lifecycle (admin level). A tenant exists while its ``tenant.json`` does.
+
+    Everything a tenant owns lies under its folder, except its API key records (``auth/``, found
+    through the index under its folder), its finetune checkpoints (``checkpoints/{job}/{tenant}/``) and,
+    with an operator's uploads template outside ``tenants/``, its uploads folder. Deletion removes all
+    of them; so does creation, for leftovers of a deletion that was cut short, so a new tenant never
+    inherits an old one's objects.
+    """
 
     def __init__(self, store: ObjectStore) -> None:
         self._store = store
 
-    def create(self, tenant: str) -> None:
+    def create(self, tenant: str) -> TenantInfo:
         """Create ``tenant``; AlreadyExists if it is there."""
         if self.exists(tenant):
             raise AlreadyExists(f"tenant {tenant!r} already exists")
-        meta = {"tenant": tenant, "created": _now().isoformat(), "uid": uuid.uuid4().hex}
+        leftovers = self._purge(tenant)
+        info = TenantInfo(tenant=tenant, uid=uuid.uuid4().hex, created=_now())
+        meta = {"tenant": tenant, "created": info.created.isoformat(), "uid": info.uid}
         self._store.put_bytes(keys.tenant_meta(tenant), _json_bytes(meta), "application/json")
-        log.info("tenant created", tenant=tenant)
+        log.info("tenant created", tenant=tenant, leftovers_removed=leftovers)
+        return info
 
     def exists(self, tenant: str) -> bool:
         return self._store.exists(keys.tenant_meta(tenant))
 
-    def uid(self, tenant: str) -> str | None:
-        """What tells this tenant apart from an earlier one of the same name (None: no such tenant)."""
+    def info(self, tenant: str) -> TenantInfo | None:
+        """The tenant's creation record; None if there is no such tenant."""
         try:
-            return str(json.loads(self._store.get_bytes(keys.tenant_meta(tenant)))["uid"])
+            meta = json.loads(self._store.get_bytes(keys.tenant_meta(tenant)))
+            return TenantInfo(
+                tenant=tenant, uid=str(meta["uid"]), created=datetime.fromisoformat(meta["created"])
+            )
         except NotFound:
             return None
+        except (ValueError, KeyError, TypeError) as error:
+            raise Internal(f"tenant {tenant!r} has a damaged record in the store") from error
+
+    def uid(self, tenant: str) -> str | None:
+        """What tells this tenant apart from an earlier one of the same name (None: no such tenant)."""
+        info = self.info(tenant)
+        return info.uid if info else None
 
     def list(self) -> list[str]:
         return [t for t in self._store.list_children(keys.TENANTS) if self.exists(t)]
 
-    def delete(self, tenant: str) -> None:
-        """Delete ``tenant`` and everything it owns. The marker goes first, so the tenant is gone at once."""
-        if not self.exists(tenant):
+    def delete(self, tenant: str) -> int:
+        """Delete ``tenant`` and everything it owns; returns the number of objects removed.
+
+        The marker goes first, so the tenant (and every key of it) is gone at once; the rest follows.
+        Deleting again finishes a deletion that was cut short. NotFound when there is neither the
+        tenant nor anything left of it.
+        """
+        existed = self.exists(tenant)
+        if existed:
+            self._store.delete(keys.tenant_meta(tenant))
+        removed = self._purge(tenant)
+        if not existed and not removed:
             raise NotFound(f"tenant {tenant!r} not found")
-        self._store.delete(keys.tenant_meta(tenant))
-        removed = self._store.delete_prefix(keys.tenant_root(tenant))
         log.info("tenant deleted", tenant=tenant, objects=removed)
+        return removed
+
+    def _purge(self, tenant: str) -> int:
+        """Remove every object of ``tenant`` (whose marker is gone or not yet written)."""
+        store = self._store
+        removed = 0
+        for index in list(store.list_keys(keys.api_keys_prefix(tenant))):
+            try:
+                key_hash = json.loads(store.get_bytes(index))["hash"]
+                store.delete(keys.api_key(key_hash))
+                removed += 1
+            except (NotFound, ValueError, KeyError, TypeError, InvalidArgument):
+                log.warning(
+                    "api key index entry unreadable; its record is dead with the tenant", tenant=tenant
+                )
+        for job_id in list(store.list_children(keys.CHECKPOINTS)):
+            removed += store.delete_prefix(keys.tenant_checkpoints(job_id, tenant))
+        uploads = keys.uploads_prefix(tenant, store.settings.uploads_template)
+        if not uploads.startswith(keys.tenant_root(tenant)):
+            removed += store.delete_prefix(uploads)
+        return removed + store.delete_prefix(keys.tenant_root(tenant))
 
 
 class Registry:
-    """One tenant's documents, contexts, datasets and adapters."""
+    """One tenant's documents, contexts, datasets and adapters.
+
+    ``uid`` is the tenant's creation uid, read once here: caches of derived state (adapters,
+    contexts) key on it, so a tenant deleted and created again under the same name never meets
+    the old one's entries.
+    """
 
     def __init__(self, store: ObjectStore, tenant: str) -> None:
         keys.validate_id("tenant", tenant)
-        if not store.exists(keys.tenant_meta(tenant)):
+        info = Tenants(store).info(tenant)
+        if info is None:
             raise NotFound(f"tenant {tenant!r} not found")
         self._store = store
         self.tenant = tenant
+        self.uid = info.uid
+        self.created = info.created
 
     # -- documents ----------------------------------------------------------------------------
 
@@ -143,18 +209,11 @@ class Registry:
         keys.validate_id("document", doc_id)
         if not isinstance(text, bytes | bytearray):
             raise InvalidArgument(f"document {doc_id!r}: text must be bytes, got {type(text).__name__}")
-        if len(text) == 0:
-            raise InvalidArgument(f"document {doc_id!r} is empty")
         if len(text) > max_bytes:
             raise InvalidArgument(
                 f"document {doc_id!r} is {len(text)} bytes, over the limit of {max_bytes} bytes"
             )
-        try:
-            bytes(text).decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidArgument(
-                f"document {doc_id!r} is not valid UTF-8 (byte {error.start}: {error.reason})"
-            ) from error
+        document_text(doc_id, text)
         if tokens is not None and tokens < 0:
             raise InvalidArgument(f"document {doc_id!r}: tokens must be >= 0, got {tokens}")
         sha = hashlib.sha256(text).hexdigest()
@@ -402,8 +461,8 @@ class Registry:
                 rows.append(
                     DatasetRow(doc_ids=tuple(row["doc_ids"]), question=row["question"], answer=row["answer"])
                 )
-        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise Internal(f"dataset {name!r} is damaged in the store ({error}); upload it again") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, RecursionError):
+            raise Internal(f"dataset {name!r} is damaged in the store; upload it again") from None
         return rows
 
     def list_datasets(self) -> list[str]:
@@ -540,6 +599,31 @@ class Registry:
 
 # -- helpers ------------------------------------------------------------------------------------
 
+_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f]")
+
+
+def document_text(doc_id: str, text: bytes) -> str:
+    """``text`` decoded, once it is fit to be a document: UTF-8, no NUL byte, some visible character.
+
+    Raises:
+        InvalidArgument: naming the document and what is wrong with its content.
+    """
+    try:
+        decoded = bytes(text).decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InvalidArgument(
+            f"content of document {doc_id!r} is not valid UTF-8 (byte {error.start}: {error.reason})"
+        ) from None
+    if "\x00" in decoded:
+        raise InvalidArgument(
+            f"content of document {doc_id!r} holds a NUL byte (byte {bytes(text).index(0)}); send text"
+        )
+    if not _VISIBLE.search(decoded):
+        raise InvalidArgument(
+            f"content of document {doc_id!r} is empty: no character but whitespace and control characters"
+        )
+    return decoded
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -624,6 +708,8 @@ def _parse_row(number: int, line: str, known_documents: set[str]) -> DatasetRow:
         raise InvalidArgument(
             f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
         ) from error
+    except RecursionError:
+        raise InvalidArgument(f"line {number}: JSON nested too deeply") from None
     if not isinstance(row, dict):
         raise InvalidArgument(f"line {number}: expected a JSON object with {', '.join(_DATASET_FIELDS)}")
     extra = sorted(set(row) - set(_DATASET_FIELDS))
@@ -651,8 +737,8 @@ def _adapter_config(files: dict[str, bytes]) -> dict[str, Any]:
             raise InvalidArgument(f"adapter files must include {required!r}, got {sorted(files)}")
     try:
         config = json.loads(files[ADAPTER_CONFIG])
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise InvalidArgument(f"{ADAPTER_CONFIG} is not valid JSON: {error}") from error
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise InvalidArgument(f"{ADAPTER_CONFIG} is not valid JSON") from error
     if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config["r"] < 1:
         raise InvalidArgument(f"{ADAPTER_CONFIG} must be an object with a positive integer rank 'r'")
     return config

@@ -74,6 +74,16 @@ Args: root, job, values.
 {{- include "lloco.resourceName" (dict "root" .root "suffix" .job "max" (ternary 30 40 (not (empty .values.schedule)))) }}
 {{- end }}
 
+{{/* Where the serving pods mount the gRPC API's TLS secret. */}}
+{{- define "lloco.tlsDir" -}}
+/etc/lloco/tls
+{{- end }}
+
+{{/* The Ray custom resource only the serving cluster's head has: the Ingress replicas (the gRPC edge) need it. */}}
+{{- define "lloco.edgeResource" -}}
+lloco_edge
+{{- end }}
+
 {{- define "lloco.grpcServiceName" -}}
 {{- include "lloco.resourceName" (dict "root" . "suffix" "grpc") }}
 {{- end }}
@@ -118,7 +128,12 @@ engine:
   context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
   compile: {{ $v.engine.compile }}
 serve:
+  host: {{ $v.serve.host | quote }}
   grpc_port: {{ int64 $v.serve.grpcPort }}
+  {{- if $v.serve.tls.existingSecret }}
+  tls_cert_file: {{ printf "%s/tls.crt" (include "lloco.tlsDir" .) | quote }}
+  tls_key_file: {{ printf "%s/tls.key" (include "lloco.tlsDir" .) | quote }}
+  {{- end }}
   engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}
   engine_num_gpus: {{ $v.serve.engine.numGpus | toJson }}
   max_ongoing_requests: {{ int64 $v.serve.engine.maxOngoingRequests }}
@@ -242,6 +257,12 @@ spec:
     - name: cache
       emptyDir:
         sizeLimit: {{ $v.cache.sizeLimit }}
+    {{- if and (eq .component "serve") $v.serve.tls.existingSecret }}
+    - name: tls
+      secret:
+        secretName: {{ $v.serve.tls.existingSecret }}
+        defaultMode: 0400
+    {{- end }}
   containers:
     - name: ray-{{ .role }}
       image: {{ include "lloco.image" $root }}
@@ -272,6 +293,11 @@ spec:
       volumeMounts:
         - name: cache
           mountPath: /cache
+        {{- if and (eq .component "serve") $v.serve.tls.existingSecret }}
+        - name: tls
+          mountPath: {{ include "lloco.tlsDir" $root }}
+          readOnly: true
+        {{- end }}
       lifecycle:
         preStop:
           exec:
@@ -302,6 +328,13 @@ headGroupSpec:
     dashboard-host: "0.0.0.0"
     {{- range $key, $value := $v.head.rayStartParams }}
     {{ $key }}: {{ $value | quote }}
+    {{- end }}
+    {{- if eq $component "serve" }}
+    {{- if hasKey $v.head.rayStartParams "resources" }}
+    {{- fail "head.rayStartParams.resources: the chart sets the serving head's Ray resources (lloco_edge, for the gRPC edge)" }}
+    {{- end }}
+    {{- /* KubeRay passes it as --resources=<value> through a shell: JSON inside literal double quotes */}}
+    resources: {{ printf "\"{\\\"%s\\\": %d}\"" (include "lloco.edgeResource" $root) (int64 $v.serve.ingress.replicas) | quote }}
     {{- end }}
   template:
     {{- include "lloco.rayPodTemplate" (dict "root" $root "component" $component "role" "head" "group" $v.head) | nindent 4 }}
@@ -361,49 +394,50 @@ Checks the values cannot express in the schema: unique worker group names, min <
 {{- end }}
 
 {{/*
-The Serve config (serveConfigV2): the application, its deployments' autoscaling, and the gRPC
-proxy options with the lloco and grpc.health.v1 servicers. The deployment names are those of the
-code (lloco.serve.ingress.Ingress, lloco.serve.engine.EngineDeployment); `num_replicas: auto` makes
-the autoscaling config here replace the fixed replica count the code sets.
+The Serve config (serveConfigV2): the application and its deployments. No grpc_options and no route
+prefix: the Ingress replicas serve the gRPC API themselves (lloco.serve.server: serve.host, TLS,
+message cap), on the head pod, which alone has the `lloco_edge` resource they ask for; Serve's HTTP
+proxy stays for KubeRay's health checks and serves nothing of lloco. The deployment names are those of
+the code (lloco.serve.ingress.Ingress, lloco.serve.engine.EngineDeployment); `num_replicas: auto` makes
+the Engine's autoscaling config here replace the fixed replica count the code sets. The Ingress has a
+fixed count: its calls do not pass through Serve, whose autoscaler would not see them.
 */}}
 {{- define "lloco.serveConfig" -}}
 {{- $v := .Values }}
 {{- $settings := include "lloco.settings" . | fromYaml -}}
+{{- $engine := $v.serve.engine -}}
 proxy_location: EveryNode
 http_options:
   host: 0.0.0.0
   port: 8000
-grpc_options:
-  port: {{ int64 $v.serve.grpcPort }}
-  grpc_servicer_functions:
-    - lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server
-    - grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server
 logging_config:
   encoding: JSON
 applications:
   - name: lloco
-    route_prefix: /
+    route_prefix: null
     import_path: lloco.serve.app:app
     args:
       {{- pick $settings "store" "model" "limits" "lora" "engine" "serve" | toYaml | nindent 6 }}
     deployments:
-      {{- range $name, $d := dict "Ingress" $v.serve.ingress "EngineDeployment" $v.serve.engine }}
-      - name: {{ $name }}
-        num_replicas: auto
-        max_ongoing_requests: {{ int64 $d.maxOngoingRequests }}
-        autoscaling_config:
-          min_replicas: {{ int64 $d.minReplicas }}
-          max_replicas: {{ int64 $d.maxReplicas }}
-          target_ongoing_requests: {{ $d.targetOngoingRequests | toJson }}
+      - name: Ingress
+        num_replicas: {{ int64 $v.serve.ingress.replicas }}
         ray_actor_options:
-          num_cpus: {{ $d.numCpus | toJson }}
-          {{- if hasKey $d "numGpus" }}
-          num_gpus: {{ $d.numGpus | toJson }}
-          {{- end }}
-      {{- end }}
+          num_cpus: {{ $v.serve.ingress.numCpus | toJson }}
+          resources:
+            {{ include "lloco.edgeResource" . }}: 1
+      - name: EngineDeployment
+        num_replicas: auto
+        max_ongoing_requests: {{ int64 $engine.maxOngoingRequests }}
+        autoscaling_config:
+          min_replicas: {{ int64 $engine.minReplicas }}
+          max_replicas: {{ int64 $engine.maxReplicas }}
+          target_ongoing_requests: {{ $engine.targetOngoingRequests | toJson }}
+        ray_actor_options:
+          num_cpus: {{ $engine.numCpus | toJson }}
+          num_gpus: {{ $engine.numGpus | toJson }}
 {{- end }}
 
-{{/* The gRPC health probe of the `helm test` pod, run with the image's Python. */}}
+{{/* The gRPC health probe of the `helm test` pod, run with the image's Python (over TLS when GRPC_CA_FILE is set). */}}
 {{- define "lloco.healthProbe" -}}
 import os
 import sys
@@ -413,10 +447,16 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 target = os.environ["GRPC_TARGET"]
+ca_file = os.environ.get("GRPC_CA_FILE")
 deadline = time.monotonic() + float(os.environ["TIMEOUT_SECONDS"])
 while True:
     try:
-        with grpc.insecure_channel(target) as channel:
+        if ca_file:
+            with open(ca_file, "rb") as ca:
+                channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca.read()))
+        else:
+            channel = grpc.insecure_channel(target)
+        with channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as error:

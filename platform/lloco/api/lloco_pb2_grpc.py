@@ -36,17 +36,23 @@ class LlocoServiceStub:
     tenants/{tenant}/adapters/{adapter}/versions/{version} one immutable AdapterVersion
     tenants/{tenant}/datasets/{dataset}                   a finetuning Dataset (JSONL)
     tenants/{tenant}/jobs/{job}                           a long-running Job (compress, finetune)
+    tenants/{tenant}/apiKeys/{api_key}                    an ApiKey (its secret is never stored)
     Every id segment matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
 
     Authentication: every call carries `authorization: Bearer <api key>` metadata. A key
     belongs to one tenant; the admin key may act on any tenant and is the only key that can
-    create tenants.
+    create and delete tenants. The server checks the key before it reads the request message.
 
     Errors common to every RPC (each RPC lists its own as well):
-    UNAUTHENTICATED    the key is missing, malformed or unknown.
+    UNAUTHENTICATED    the key is missing, malformed, unknown or revoked.
     PERMISSION_DENIED  the key's tenant is not the tenant named in the request.
-    INVALID_ARGUMENT   a field is missing, malformed or out of range; the message names it.
+    INVALID_ARGUMENT   a field is missing, malformed or out of range, or the request is not
+    a valid message of its type (e.g. a string that is not UTF-8); the
+    message names the field.
+    RESOURCE_EXHAUSTED the request message is over the server's size limit, or the server
+    is at its limit of concurrent calls; retry later.
     UNAVAILABLE        a backing service (object store, Ray) cannot be reached; retry later.
+    Error messages name the caller's own resources only, never internal endpoints or keys.
 
     Pagination (AIP-158), in every List call: page_size 0 means the server default, a
     negative page_size is INVALID_ARGUMENT, a page_size over the server maximum is lowered
@@ -149,6 +155,21 @@ class LlocoServiceStub:
                 request_serializer=lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.SerializeToString,
                 response_deserializer=lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.FromString,
                 _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/lloco.v1.LlocoService/DeleteTenant',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.DeleteTenantResponse.FromString,
+                _registered_method=True)
+        self.ListApiKeys = channel.unary_unary(
+                '/lloco.v1.LlocoService/ListApiKeys',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.ListApiKeysRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.ListApiKeysResponse.FromString,
+                _registered_method=True)
+        self.RevokeApiKey = channel.unary_unary(
+                '/lloco.v1.LlocoService/RevokeApiKey',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.FromString,
+                _registered_method=True)
 
 
 class LlocoServiceServicer:
@@ -162,17 +183,23 @@ class LlocoServiceServicer:
     tenants/{tenant}/adapters/{adapter}/versions/{version} one immutable AdapterVersion
     tenants/{tenant}/datasets/{dataset}                   a finetuning Dataset (JSONL)
     tenants/{tenant}/jobs/{job}                           a long-running Job (compress, finetune)
+    tenants/{tenant}/apiKeys/{api_key}                    an ApiKey (its secret is never stored)
     Every id segment matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
 
     Authentication: every call carries `authorization: Bearer <api key>` metadata. A key
     belongs to one tenant; the admin key may act on any tenant and is the only key that can
-    create tenants.
+    create and delete tenants. The server checks the key before it reads the request message.
 
     Errors common to every RPC (each RPC lists its own as well):
-    UNAUTHENTICATED    the key is missing, malformed or unknown.
+    UNAUTHENTICATED    the key is missing, malformed, unknown or revoked.
     PERMISSION_DENIED  the key's tenant is not the tenant named in the request.
-    INVALID_ARGUMENT   a field is missing, malformed or out of range; the message names it.
+    INVALID_ARGUMENT   a field is missing, malformed or out of range, or the request is not
+    a valid message of its type (e.g. a string that is not UTF-8); the
+    message names the field.
+    RESOURCE_EXHAUSTED the request message is over the server's size limit, or the server
+    is at its limit of concurrent calls; retry later.
     UNAVAILABLE        a backing service (object store, Ray) cannot be reached; retry later.
+    Error messages name the caller's own resources only, never internal endpoints or keys.
 
     Pagination (AIP-158), in every List call: page_size 0 means the server default, a
     negative page_size is INVALID_ARGUMENT, a page_size over the server maximum is lowered
@@ -180,13 +207,18 @@ class LlocoServiceServicer:
     """
 
     def IngestDocument(self, request, context):
-        """Stores a document's UTF-8 text (inline, or read from an s3:// URI) under a caller-chosen
-        id. Re-ingesting the same text is a no-op (UNCHANGED); different text replaces it
-        (UPDATED) and makes its compressed contexts stale. Small documents are compressed at
-        once (context_state COMPRESSED); larger ones are left to CompressDocuments (PENDING).
-        Errors: INVALID_ARGUMENT (bad id, empty or non-UTF-8 text, text over the size limit,
-        bad URI), NOT_FOUND (the tenant or the URI's object does not exist), RESOURCE_EXHAUSTED
-        (the tenant's document quota), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
+        """Stores a document's UTF-8 text (inline, or read from an s3:// URI in the tenant's
+        uploads folder) under a caller-chosen id. Re-ingesting the same text is a no-op
+        (UNCHANGED); different text replaces it (UPDATED) and makes its compressed contexts
+        stale. Small documents are compressed at once (context_state COMPRESSED); larger ones
+        are left to CompressDocuments (PENDING).
+        Errors: INVALID_ARGUMENT (bad id, text that is empty, only whitespace or control
+        characters, holds a NUL byte, is not UTF-8 or is over the size limit; a URI that is not
+        s3:// in the platform's bucket, or whose key has an empty, '.' or '..' segment, a
+        backslash, a '%' escape or a control character), PERMISSION_DENIED (the URI is outside
+        the caller's uploads folder, tenants/{tenant}/uploads/ unless the operator configured
+        another), NOT_FOUND (the tenant or the URI's object does not exist), RESOURCE_EXHAUSTED
+        (the tenant's document quota), UNAUTHENTICATED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -227,7 +259,8 @@ class LlocoServiceServicer:
         fresh documents are skipped; a document the job cannot compress (over the compressor's
         length limit, say) is named in the finished job's message.
         Errors: NOT_FOUND (a named document does not exist), INVALID_ARGUMENT (malformed
-        names, documents of another parent), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
+        names, documents of another parent, more names than the server's per-call limit, 1000
+        by default), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -364,6 +397,39 @@ class LlocoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTenant(self, request, context):
+        """Admin: deletes a tenant and everything it owns: documents, contexts, datasets,
+        adapters, jobs, uploads, finetune checkpoints and API keys. The tenant and its keys stop
+        working at once; a tenant created later under the same id starts empty and never sees
+        the old one's data or cached state. Calling it again finishes a deletion that was cut
+        short.
+        Errors: NOT_FOUND (no such tenant), INVALID_ARGUMENT (malformed name),
+        PERMISSION_DENIED (not the admin key), UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListApiKeys(self, request, context):
+        """Lists a tenant's API keys (id, first characters, creation time; never the secret) in
+        id order. Allowed to the admin key and to the tenant's own keys.
+        Errors: NOT_FOUND (no such tenant), INVALID_ARGUMENT (malformed parent, negative
+        page_size, unknown page_token), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeApiKey(self, request, context):
+        """Revokes an API key: it stops working at once. Allowed to the admin key and to the
+        tenant's own keys (a key may revoke itself).
+        Errors: NOT_FOUND (no such key), INVALID_ARGUMENT (malformed name),
+        PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlocoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -457,6 +523,21 @@ def add_LlocoServiceServicer_to_server(servicer, server):
                     request_deserializer=lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.FromString,
                     response_serializer=lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.SerializeToString,
             ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.DeleteTenantResponse.SerializeToString,
+            ),
+            'ListApiKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApiKeys,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.ListApiKeysRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.ListApiKeysResponse.SerializeToString,
+            ),
+            'RevokeApiKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeApiKey,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'lloco.v1.LlocoService', rpc_method_handlers)
@@ -476,17 +557,23 @@ class LlocoService:
     tenants/{tenant}/adapters/{adapter}/versions/{version} one immutable AdapterVersion
     tenants/{tenant}/datasets/{dataset}                   a finetuning Dataset (JSONL)
     tenants/{tenant}/jobs/{job}                           a long-running Job (compress, finetune)
+    tenants/{tenant}/apiKeys/{api_key}                    an ApiKey (its secret is never stored)
     Every id segment matches [A-Za-z0-9][A-Za-z0-9._-]{0,127}.
 
     Authentication: every call carries `authorization: Bearer <api key>` metadata. A key
     belongs to one tenant; the admin key may act on any tenant and is the only key that can
-    create tenants.
+    create and delete tenants. The server checks the key before it reads the request message.
 
     Errors common to every RPC (each RPC lists its own as well):
-    UNAUTHENTICATED    the key is missing, malformed or unknown.
+    UNAUTHENTICATED    the key is missing, malformed, unknown or revoked.
     PERMISSION_DENIED  the key's tenant is not the tenant named in the request.
-    INVALID_ARGUMENT   a field is missing, malformed or out of range; the message names it.
+    INVALID_ARGUMENT   a field is missing, malformed or out of range, or the request is not
+    a valid message of its type (e.g. a string that is not UTF-8); the
+    message names the field.
+    RESOURCE_EXHAUSTED the request message is over the server's size limit, or the server
+    is at its limit of concurrent calls; retry later.
     UNAVAILABLE        a backing service (object store, Ray) cannot be reached; retry later.
+    Error messages name the caller's own resources only, never internal endpoints or keys.
 
     Pagination (AIP-158), in every List call: page_size 0 means the server default, a
     negative page_size is INVALID_ARGUMENT, a page_size over the server maximum is lowered
@@ -969,6 +1056,87 @@ class LlocoService:
             '/lloco.v1.LlocoService/GetCaller',
             lloco_dot_v1_dot_lloco__pb2.GetCallerRequest.SerializeToString,
             lloco_dot_v1_dot_lloco__pb2.GetCallerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/DeleteTenant',
+            lloco_dot_v1_dot_lloco__pb2.DeleteTenantRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListApiKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/ListApiKeys',
+            lloco_dot_v1_dot_lloco__pb2.ListApiKeysRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.ListApiKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeApiKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/RevokeApiKey',
+            lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.FromString,
             options,
             channel_credentials,
             insecure,

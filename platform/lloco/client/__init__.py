@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import grpc
@@ -65,6 +66,9 @@ class ResourceNames:
     def job(self, job_id: str) -> str:
         return self._child("jobs", job_id)
 
+    def api_key(self, key_id: str) -> str:
+        return self._child("apiKeys", key_id)
+
     def adapter(self, adapter_id: str) -> str:
         """``name`` -> tenants/{t}/adapters/{name}; a ``@version`` suffix is rejected here."""
         if "@" in adapter_id:
@@ -86,7 +90,8 @@ class LlocoClient:
     """One channel to a lloco server, acting for the tenant the API key belongs to.
 
     ``tenant`` is needed only with the admin key (which belongs to no tenant); otherwise the
-    client asks the server once (GetCaller).
+    client asks the server once (GetCaller). ``tls`` speaks TLS, trusting the system's roots, or
+    ``ca`` (a PEM file of the server's CA or self-signed certificate; implies ``tls``).
     """
 
     def __init__(
@@ -96,13 +101,14 @@ class LlocoClient:
         timeout_s: float = 120.0,
         tenant: str | None = None,
         tls: bool = False,
+        ca: Path | str | None = None,
     ) -> None:
         if not api_key:
             raise InvalidArgument("an API key is required")
         if timeout_s <= 0:
             raise InvalidArgument(f"timeout_s must be > 0, got {timeout_s}")
-        if tls:
-            self._channel = grpc.secure_channel(target, grpc.ssl_channel_credentials())
+        if tls or ca:
+            self._channel = grpc.secure_channel(target, channel_credentials(ca))
         else:
             self._channel = grpc.insecure_channel(target)
         self._stub = lloco_pb2_grpc.LlocoServiceStub(self._channel)
@@ -157,10 +163,34 @@ class LlocoClient:
         """Admin only: the new tenant and its first API key (shown only now)."""
         return self._call(self._stub.CreateTenant, lloco_pb2.CreateTenantRequest(tenant_id=tenant_id))
 
-    def create_api_key(self, tenant_id: str | None = None) -> str:
-        """Another key for ``tenant_id`` (default: the caller's tenant)."""
-        parent = ResourceNames(tenant_id).tenant if tenant_id else self.names.tenant
-        return self._call(self._stub.CreateApiKey, lloco_pb2.CreateApiKeyRequest(parent=parent)).api_key
+    def create_api_key(self, tenant_id: str | None = None) -> lloco_pb2.CreateApiKeyResponse:
+        """Another key for ``tenant_id`` (default: the caller's tenant): the secret (shown only now) and
+        the key's resource (its name revokes it)."""
+        parent = self._tenant_names(tenant_id).tenant
+        return self._call(self._stub.CreateApiKey, lloco_pb2.CreateApiKeyRequest(parent=parent))
+
+    def list_api_keys(self, tenant_id: str | None = None, page_size: int = 0) -> Iterator[lloco_pb2.ApiKey]:
+        """The keys of ``tenant_id`` (default: the caller's tenant): names and hints, never secrets."""
+        return self._pages(
+            self._stub.ListApiKeys,
+            lloco_pb2.ListApiKeysRequest,
+            self._tenant_names(tenant_id).tenant,
+            lambda page: page.api_keys,
+            page_size,
+        )
+
+    def revoke_api_key(self, key: str, tenant_id: str | None = None) -> None:
+        """Revokes a key, named by its id or its full name (tenants/{t}/apiKeys/{id})."""
+        name = self._tenant_names(tenant_id).api_key(key)
+        self._call(self._stub.RevokeApiKey, lloco_pb2.RevokeApiKeyRequest(name=name))
+
+    def delete_tenant(self, tenant_id: str) -> int:
+        """Admin only: deletes the tenant and everything it owns; returns the objects removed."""
+        request = lloco_pb2.DeleteTenantRequest(name=ResourceNames(tenant_id).tenant)
+        return self._call(self._stub.DeleteTenant, request).deleted_objects
+
+    def _tenant_names(self, tenant_id: str | None) -> ResourceNames:
+        return ResourceNames(tenant_id.removeprefix(TENANTS)) if tenant_id else self.names
 
     # documents
 
@@ -319,6 +349,16 @@ class LlocoClient:
 
     def get_job(self, job_id: str) -> lloco_pb2.Job:
         return self._call(self._stub.GetJob, lloco_pb2.GetJobRequest(name=self.names.job(job_id))).job
+
+
+def channel_credentials(ca: Path | str | None = None) -> grpc.ChannelCredentials:
+    """TLS credentials trusting ``ca`` (a PEM file), or the system's roots when there is none."""
+    if ca is None:
+        return grpc.ssl_channel_credentials()
+    try:
+        return grpc.ssl_channel_credentials(Path(ca).read_bytes())
+    except OSError as error:
+        raise InvalidArgument(f"cannot read the CA file {ca}: {error.strerror}") from error
 
 
 def _cancel_on_close(call: _StreamCall[Item]) -> Iterator[Item]:

@@ -1,6 +1,7 @@
 """Client commands of `lloco`: talk to a running lloco server over gRPC with a tenant's API key.
 
-Every command takes ``--target`` (``LLOCO_TARGET``) and ``--tenant-key`` (``LLOCO_API_KEY``).
+Every command takes ``--target`` (``LLOCO_TARGET``), ``--tenant-key`` (``LLOCO_API_KEY``) and, for a
+server that speaks TLS, ``--tls`` (``LLOCO_TLS``) with an optional ``--ca`` PEM file (``LLOCO_CA``).
 Server errors print as ``error: <CODE>: <message>`` and exit with status 1.
 """
 
@@ -33,10 +34,19 @@ Timeout = Annotated[float, typer.Option("--timeout", min=0.001, help="Deadline o
 Tenant = Annotated[
     str, typer.Option("--tenant", envvar="LLOCO_TENANT", help="Tenant id; needed only with the admin key.")
 ]
+Tls = Annotated[bool, typer.Option("--tls/--no-tls", envvar="LLOCO_TLS", help="Speak TLS to the server.")]
+Ca = Annotated[
+    Path | None,
+    typer.Option(
+        "--ca", envvar="LLOCO_CA", help="PEM file of the server's CA (implies --tls).", show_default=False
+    ),
+]
 
 
 @contextmanager
-def _connect(target: str, key: str, timeout_s: float, tenant: str = "") -> Iterator[LlocoClient]:
+def _connect(
+    target: str, key: str, timeout_s: float, tenant: str = "", tls: bool = False, ca: Path | None = None
+) -> Iterator[LlocoClient]:
     """A client whose failures end the command with ``error: <CODE>: <message>`` and status 1."""
     import grpc
 
@@ -44,7 +54,7 @@ def _connect(target: str, key: str, timeout_s: float, tenant: str = "") -> Itera
     from lloco.errors import LlocoError
 
     try:
-        with LlocoClient(target, key, timeout_s=timeout_s, tenant=tenant or None) as client:
+        with LlocoClient(target, key, timeout_s=timeout_s, tenant=tenant or None, tls=tls, ca=ca) as client:
             yield client
     except grpc.RpcError as error:
         _fail(f"{error.code().name}: {error.details()}")
@@ -126,20 +136,36 @@ def ingest(
     doc_id: Annotated[
         str, typer.Option("--id", help="Document id (required for stdin; default: the file name's stem).")
     ] = "",
+    uri: Annotated[
+        str,
+        typer.Option(
+            "--uri", help="Ingest s3://bucket/.../tenants/{tenant}/uploads/KEY (needs --id) instead of files."
+        ),
+    ] = "",
     target: Target = DEFAULT_TARGET,
     key: TenantKey = ...,
     tenant: Tenant = "",
     timeout: Timeout = 120.0,
+    tls: Tls = False,
+    ca: Ca = None,
 ) -> None:
     """Store documents (UTF-8 text); small ones are compressed at once, larger ones are left pending."""
+    from lloco.api import lloco_pb2
+
+    if uri:
+        if files or not doc_id:
+            raise typer.BadParameter("--uri takes no files and needs --id", param_hint="--uri")
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            reply = client.ingest_uri(doc_id, uri)
+            outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
+            typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
+        return
     sources = files or ["-"]
     if doc_id and len(sources) > 1:
         raise typer.BadParameter("--id names one document; give one file", param_hint="--id")
     if "-" in sources and not doc_id:
         raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
-    from lloco.api import lloco_pb2
-
-    with _connect(target, key, timeout, tenant) as client:
+    with _connect(target, key, timeout, tenant, tls, ca) as client:
         for source in sources:
             name = doc_id or Path(source).stem
             reply = client.ingest(name, _read_source(source))
@@ -165,6 +191,8 @@ def query(
     key: TenantKey = ...,
     tenant: Tenant = "",
     timeout: Timeout = 120.0,
+    tls: Tls = False,
+    ca: Ca = None,
 ) -> None:
     """Ask a question over compressed documents; the answer goes to stdout, the stats line to stderr."""
     options = {
@@ -176,7 +204,7 @@ def query(
         "stop": stop or (),
         "seed": seed,
     }
-    with _connect(target, key, timeout, tenant) as client:
+    with _connect(target, key, timeout, tenant, tls, ca) as client:
         if not stream:
             reply = client.query(question, **options)
             typer.echo(reply.answer)
@@ -204,13 +232,15 @@ def _docs_app() -> typer.Typer:
         key: TenantKey = "",
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """List the tenant's documents (the default), or run a subcommand."""
         if context.invoked_subcommand is not None:
             return
         if not key:
             raise typer.BadParameter("missing --tenant-key (or LLOCO_API_KEY)", param_hint="--tenant-key")
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             for document in client.list_documents():
                 typer.echo(_document_line(document))
 
@@ -221,9 +251,11 @@ def _docs_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Show one document."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             document = client.get_document(doc_id)
             typer.echo(f"{_document_line(document)}\tsha256 {document.sha256}")
 
@@ -234,9 +266,11 @@ def _docs_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Delete a document with its compressed contexts and the dataset rows naming it."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             client.delete_document(doc_id)
             typer.echo(f"deleted {client.names.document(doc_id)}")
 
@@ -253,13 +287,15 @@ def _adapters_app() -> typer.Typer:
         key: TenantKey = "",
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """List the tenant's adapters (the default), or run a subcommand."""
         if context.invoked_subcommand is not None:
             return
         if not key:
             raise typer.BadParameter("missing --tenant-key (or LLOCO_API_KEY)", param_hint="--tenant-key")
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             for adapter in client.list_adapters():
                 typer.echo(_adapter_line(adapter))
 
@@ -270,9 +306,11 @@ def _adapters_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """List an adapter's versions, newest first."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             for version in client.list_adapter_versions(adapter):
                 marker = "*" if version.current else " "
                 created = version.create_time.ToDatetime().isoformat(timespec="seconds")
@@ -286,9 +324,11 @@ def _adapters_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Make VERSION (e.g. v000002) the adapter's current version (rollback or pin)."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_adapter_line(client.set_current_adapter(adapter, version)))
 
     return adapters
@@ -309,20 +349,27 @@ def _dataset_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 120.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Upload (or replace) a dataset."""
         if file == "-" and not dataset_id:
             raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             stored = client.upload_dataset(dataset_id or Path(file).stem, _read_source(file))
             typer.echo(f"{stored.name}\t{stored.row_count} rows")
 
     @dataset.command("list")
     def list_datasets(
-        target: Target = DEFAULT_TARGET, key: TenantKey = ..., tenant: Tenant = "", timeout: Timeout = 30.0
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """List the tenant's datasets."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             for stored in client.list_datasets():
                 typer.echo(stored.name)
 
@@ -339,9 +386,11 @@ def _job_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Show a job's state."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.get_job(job_id)))
 
     @job.command("compress")
@@ -353,9 +402,11 @@ def _job_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 600.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Compress documents: online for small batches, otherwise as a Ray job."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.compress(doc_ids or ())))
 
     @job.command("finetune")
@@ -366,9 +417,11 @@ def _job_app() -> typer.Typer:
         key: TenantKey = ...,
         tenant: Tenant = "",
         timeout: Timeout = 60.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Submit a LoRA finetuning job on a dataset."""
-        with _connect(target, key, timeout, tenant) as client:
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.submit_finetune(dataset_id, adapter)))
 
     return job
@@ -379,10 +432,15 @@ def _admin_app() -> typer.Typer:
 
     @admin.command("create-tenant")
     def create_tenant(
-        tenant_id: str, target: Target = DEFAULT_TARGET, key: TenantKey = ..., timeout: Timeout = 30.0
+        tenant_id: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
         """Create a tenant; prints its first API key (shown only once)."""
-        with _connect(target, key, timeout) as client:
+        with _connect(target, key, timeout, "", tls, ca) as client:
             reply = client.create_tenant(tenant_id)
             typer.echo(f"{reply.tenant.name}\t{reply.api_key}")
 
@@ -392,10 +450,61 @@ def _admin_app() -> typer.Typer:
         target: Target = DEFAULT_TARGET,
         key: TenantKey = ...,
         timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
     ) -> None:
-        """Create another API key for a tenant; prints it (shown only once)."""
-        with _connect(target, key, timeout) as client:
-            typer.echo(client.create_api_key(tenant_id or None))
+        """Create another API key for a tenant; prints it (shown only once; `list-keys` shows its name)."""
+        with _connect(target, key, timeout, "", tls, ca) as client:
+            typer.echo(client.create_api_key(tenant_id or None).api_key)
+
+    @admin.command("list-keys")
+    def list_keys(
+        tenant_id: Annotated[str, typer.Argument(help="Tenant id; default: the key's own tenant.")] = "",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """List a tenant's API keys: name, first characters, creation time (never the secrets)."""
+        with _connect(target, key, timeout, "", tls, ca) as client:
+            for api_key in client.list_api_keys(tenant_id or None):
+                created = api_key.create_time.ToDatetime().isoformat(timespec="seconds")
+                typer.echo(f"{api_key.name}\t{api_key.hint}...\t{created}")
+
+    @admin.command("revoke-key")
+    def revoke_key(
+        key_name: Annotated[str, typer.Argument(help="The key's id or name (tenants/{t}/apiKeys/{id}).")],
+        tenant_id: Annotated[str, typer.Option("--tenant", help="Tenant of a bare key id.")] = "",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """Revoke an API key: it stops working at once."""
+        with _connect(target, key, timeout, "", tls, ca) as client:
+            client.revoke_api_key(key_name, tenant_id or None)
+            typer.echo(f"revoked {key_name}")
+
+    @admin.command("delete-tenant")
+    def delete_tenant(
+        tenant_id: str,
+        yes: Annotated[
+            bool, typer.Option("--yes", help="Confirm: everything of the tenant is deleted.")
+        ] = False,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        timeout: Timeout = 300.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """Delete a tenant with its documents, contexts, datasets, adapters, jobs, uploads and keys."""
+        if not yes:
+            raise typer.BadParameter("deleting a tenant cannot be undone: pass --yes", param_hint="--yes")
+        with _connect(target, key, timeout, "", tls, ca) as client:
+            removed = client.delete_tenant(tenant_id)
+            typer.echo(f"deleted tenants/{tenant_id} ({removed} objects)")
 
     return admin
 

@@ -10,7 +10,9 @@ submit`` through :func:`submit_finetune_job`, and :func:`get_job` tracks it.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -22,9 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import SecretStr
 
-from lloco.config import Settings, StoreSettings
+from lloco.config import SECRETS_FILE_VARIABLE, Settings, StoreSettings
 from lloco.errors import AlreadyExists, Internal, InvalidArgument, NotFound, Unavailable
 from lloco.finetune.data import check_rows
 from lloco.finetune.train import ADAPTER_FILES, TRAIN_STATE_FILE, LoraFinetune, TrainOptions
@@ -306,7 +309,8 @@ def submit_finetune_job(
 
     The job id is also Ray's submission id. Passing the id of a killed run (one not submitted under that
     id before) resumes it from its checkpoints. The job runs with the caller's explicitly set settings
-    (secrets included) as ``LLOCO_*`` environment variables, so it reaches the same store and model.
+    as ``LLOCO_*`` environment variables, secrets by reference (`settings_env`), so it reaches the same
+    store and model.
 
     Raises:
         InvalidArgument: bad ids. AlreadyExists: a job with this id was submitted before.
@@ -336,7 +340,8 @@ def submit_finetune_job(
     except RuntimeError as error:
         if "already exists" in str(error):
             raise AlreadyExists(f"finetune job {job_id!r} was already submitted") from error
-        raise Unavailable(f"Ray job server at {ray_address} refused job {job_id!r}: {error}") from error
+        log.warning("finetune job refused", job_id=job_id, ray_address=ray_address, error=repr(error))
+        raise Unavailable(f"Ray's job server refused finetune job {job_id!r}; retry shortly") from error
     log.info("finetune job submitted", job_id=job_id, tenants=tenants, dataset=dataset, adapter=adapter)
     return job_id
 
@@ -347,7 +352,8 @@ def _job_client(ray_address: str) -> Any:
     try:
         return JobSubmissionClient(ray_address)
     except ConnectionError as error:
-        raise Unavailable(f"Ray job server at {ray_address} is unreachable: {error}") from error
+        log.warning("job server unreachable", ray_address=ray_address, error=repr(error))
+        raise Unavailable("Ray's job server is unreachable; retry shortly") from error
 
 
 _STATES: dict[str, JobStatus] = {
@@ -396,20 +402,45 @@ def _time(milliseconds: int | None) -> datetime | None:
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
-    """The explicitly set settings as ``LLOCO_SECTION__FIELD`` environment variables."""
-    env: dict[str, str] = {}
+    """The explicitly set settings as ``LLOCO_SECTION__FIELD`` environment variables for a job.
 
-    def flatten(prefix: str, values: dict[str, Any]) -> None:
+    Secrets never travel in it: a job's environment is recorded with the job and shown by Ray's job
+    API and dashboard. The admin key is left out (jobs do not need it). Store credentials the job's
+    node does not have in its own environment (the Helm chart gives every Ray container them from a
+    Kubernetes Secret) are written to a file readable by this user only, under ``data_dir/secrets``,
+    and only its path is passed (``LLOCO_SECRETS_FILE``), for a job on this machine or a shared disk.
+    """
+    env: dict[str, str] = {}
+    secrets: dict[str, dict[str, str]] = {}
+
+    def flatten(prefix: str, values: dict[str, Any], section: str | None) -> None:
         for name, value in values.items():
             key = f"{prefix}__{name.upper()}" if prefix else f"LLOCO_{name.upper()}"
             if isinstance(value, dict):
-                flatten(key, value)
+                flatten(key, value, name)
             elif isinstance(value, SecretStr):
-                env[key] = value.get_secret_value()
+                if section is not None and os.environ.get(key) != value.get_secret_value():
+                    secrets.setdefault(section, {})[name] = value.get_secret_value()
             elif isinstance(value, str | Path):
                 env[key] = str(value)
             elif value is not None:
                 env[key] = json.dumps(value)
 
-    flatten("", settings.model_dump(exclude_unset=True))
+    flatten("", settings.model_dump(exclude_unset=True), None)
+    if secrets:
+        env[SECRETS_FILE_VARIABLE] = str(_secrets_file(settings.data_dir, secrets))
     return env
+
+
+def _secrets_file(data_dir: Path, secrets: dict[str, dict[str, str]]) -> Path:
+    """``secrets`` as a settings YAML file only its owner can read, named by its content's digest."""
+    text = yaml.safe_dump(secrets, sort_keys=True)
+    folder = data_dir / "secrets"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = folder / f"job-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
+    if not path.exists():
+        partial = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
+        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+            handle.write(text)
+        os.replace(partial, path)
+    return path

@@ -3,6 +3,10 @@
 `build_app(settings)` is for Python callers (`lloco up`, tests); `app` is the application builder that
 serve configs and the Helm chart name as ``lloco.serve.app:app``: its ``args`` are Settings fields
 (``store``, ``model``, ``limits``, ...), plus an optional ``config`` path to a settings YAML file.
+
+The API's gRPC server runs inside each Ingress replica (`lloco.serve.server`), not in Serve's proxies:
+deploy the application without ``grpc_options`` and without a route prefix (nothing of it is reachable
+through Serve's HTTP proxy).
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from ray.serve.config import gRPCOptions
 from ray.serve.deployment import Application
 
 from lloco.config import Settings
@@ -21,15 +24,6 @@ if TYPE_CHECKING:
     from ray.serve.schema import ServeDeploySchema
 
 IMPORT_PATH = "lloco.serve.app:app"
-GRPC_SERVICER_FUNCTIONS = (
-    "lloco.api.lloco_pb2_grpc.add_LlocoServiceServicer_to_server",
-    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
-)
-
-
-def grpc_options(settings: Settings) -> gRPCOptions:
-    """Serve's gRPC proxy options: the lloco service and standard health on `serve.grpc_port`."""
-    return gRPCOptions(port=settings.serve.grpc_port, grpc_servicer_functions=list(GRPC_SERVICER_FUNCTIONS))
 
 
 def build_app(settings: Settings) -> Application:
@@ -59,7 +53,8 @@ def load_serve_config(path: Path) -> ServeDeploySchema:
     """A Serve config file, checked as `serve deploy` would, plus its lloco applications' args.
 
     Every application's import path must resolve; for this package's builder, the args must make
-    valid Settings. Any problem is InvalidArgument naming the file and the application.
+    valid Settings; the config must not start Serve's gRPC proxy on the API's port (the Ingress
+    replicas listen there). Any problem is InvalidArgument naming the file and the application.
     """
     from ray._common.utils import import_attr
     from ray.serve.schema import ServeDeploySchema
@@ -84,6 +79,16 @@ def load_serve_config(path: Path) -> ServeDeploySchema:
             ) from error
         if builder is app:
             _settings(application.args or {})
+            if config.grpc_options.grpc_servicer_functions:
+                raise InvalidArgument(
+                    f"serve config {path}: remove grpc_options.grpc_servicer_functions: the lloco API is "
+                    "served by the Ingress replicas' own gRPC server (serve.host, serve.grpc_port)"
+                )
+            if application.route_prefix is not None:
+                raise InvalidArgument(
+                    f"serve config {path}: application {application.name!r} needs route_prefix: null "
+                    "(the lloco API is gRPC only; nothing of it is served through Serve's HTTP proxy)"
+                )
     return config
 
 

@@ -74,6 +74,14 @@ class LruCache(Generic[K, V]):
             self.used += size
         return evicted
 
+    def drop(self, matches: Callable[[K], bool]) -> int:
+        """Remove every entry whose key ``matches``; returns how many."""
+        with self._lock:
+            doomed = [key for key in self._entries if matches(key)]
+            for key in doomed:
+                self.used -= self._entries.pop(key)[1]
+        return len(doomed)
+
     def __contains__(self, key: object) -> bool:
         with self._lock:
             return key in self._entries
@@ -89,9 +97,11 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 @dataclass(frozen=True)
 class ContextKey:
-    """A compressed context is valid for one source text (sha) under one compressor."""
+    """A compressed context is valid for one source text (sha) under one compressor, of one tenant
+    (by its creation uid: a re-created tenant of the same name is another tenant)."""
 
     tenant: str
+    tenant_uid: str
     doc_id: str
     compressor_id: str
     source_sha: str
@@ -117,7 +127,7 @@ class ContextCache:
         Raises:
             FailedPrecondition: the document has no context for this compressor, or only a stale one.
         """
-        key = ContextKey(registry.tenant, doc.doc_id, compressor_id, doc.sha256)
+        key = ContextKey(registry.tenant, registry.uid, doc.doc_id, compressor_id, doc.sha256)
         ready = self.gpu.get(key)
         if ready is not None:
             return ready, "gpu"
@@ -145,9 +155,11 @@ class ContextCache:
 
 @dataclass(frozen=True)
 class AdapterKey:
-    """Slots and cache entries are keyed by version, so a new `current` never disturbs running rows."""
+    """Slots and cache entries are keyed by version, so a new `current` never disturbs running rows, and
+    by the tenant's creation uid, so a tenant deleted and created again never gets the old weights."""
 
     tenant: str
+    tenant_uid: str
     name: str
     version: str
 
@@ -230,6 +242,17 @@ class SlotManager:
         """Mark a slot empty (its load failed), so no later request trusts its weights."""
         self._holder[slot] = None
         self._recency.move_to_end(slot, last=False)
+
+    def forget_where(self, matches: Callable[[AdapterKey], bool]) -> list[int]:
+        """Empty the unpinned slots whose adapter ``matches`` (a deleted tenant's); returns them."""
+        slots = [
+            s
+            for s, held in enumerate(self._holder)
+            if held is not None and matches(held) and not self._pins[s]
+        ]
+        for slot in slots:
+            self.forget(slot)
+        return slots
 
     def slot_of(self, key: AdapterKey) -> int | None:
         return next((s for s, held in enumerate(self._holder) if held == key), None)

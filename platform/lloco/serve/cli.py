@@ -30,31 +30,39 @@ def up(
     port: Annotated[
         int | None, typer.Option("--port", min=1, max=65535, help="gRPC port (serve.grpc_port).")
     ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Listen address (serve.host; 0.0.0.0 for every interface)."),
+    ] = None,
     data_dir: Annotated[
         Path | None, typer.Option("--data-dir", help="Where S3 data and caches live.")
     ] = None,
     tenant: Annotated[
-        str, typer.Option("--tenant", help="Tenant to create (or reuse) and print a key for.")
+        str, typer.Option("--tenant", help="Tenant to create (or reuse) and print its kept key for.")
     ] = (DEFAULT_TENANT),
     check: Annotated[
         bool, typer.Option("--check", help="Start, report health, stop; exit 1 unless SERVING.")
     ] = False,
 ) -> None:
-    """Run lloco on this machine: embedded S3, local Ray and the gRPC app on 127.0.0.1, until Ctrl-C."""
+    """Run lloco on this machine: embedded S3, local Ray and the gRPC app (on serve.host, 127.0.0.1 by
+    default), until Ctrl-C."""
     from lloco.config import Settings
     from lloco.errors import LlocoError
     from lloco.serve.local import EmbeddedStack
 
     overrides: dict[str, Any] = {}
-    if port is not None:
-        overrides["serve"] = {"grpc_port": port}
+    serve = {name: value for name, value in (("grpc_port", port), ("host", host)) if value is not None}
+    if serve:
+        overrides["serve"] = serve
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     try:
         settings = Settings.load(config, **overrides)
     except (OSError, ValueError) as error:
         _fail(f"bad settings: {error}")
-    typer.echo(f"starting lloco on 127.0.0.1:{settings.serve.grpc_port} (data in {settings.data_dir}) ...")
+    typer.echo(
+        f"starting lloco on {settings.serve.host}:{settings.serve.grpc_port} (data in {settings.data_dir}) ..."
+    )
     try:
         with EmbeddedStack(settings) as stack:
             # `kill` stops it as cleanly as Ctrl-C; set after Ray started, which installs its own handler
@@ -62,10 +70,16 @@ def up(
             key = stack.api_key(tenant)
             status = stack.health()
             typer.echo(f"lloco is up on {stack.address}: health {status}")
-            typer.echo(f"tenant: tenants/{tenant}\napi key: {key}   (shown once; only its hash is stored)")
+            cert = stack.settings.serve.tls_cert_file
+            tls = f" LLOCO_CA={cert}" if cert else ""
+            typer.echo(
+                f"tenant: tenants/{tenant}\napi key: {key}\n"
+                f"  (kept in {stack.key_file(tenant)}, readable by you only, and reused by the next "
+                "`lloco up`; the server stores only its hash; `lloco admin revoke-key` revokes it)"
+            )
             typer.echo(
                 "try it:\n"
-                f"  export LLOCO_TARGET={stack.address} LLOCO_API_KEY={key}\n"
+                f"  export LLOCO_TARGET={stack.address} LLOCO_API_KEY={key}{tls}\n"
                 "  lloco ingest notes.txt\n"
                 "  lloco query 'What do the notes say?' --doc notes"
             )

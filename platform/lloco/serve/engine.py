@@ -132,6 +132,10 @@ class EngineDeployment:
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         return await self._core.compress(tenant, doc_ids)
 
+    async def forget_tenant(self, tenant: str) -> int:
+        """Drop this replica's cached state of a deleted tenant (see `EngineCore.forget_tenant`)."""
+        return await self._core.forget_tenant(tenant)
+
     async def compressor_id(self) -> str:
         """The id under which this engine's contexts are stored (fixed for the replica's life)."""
         return self._core.compressor_id

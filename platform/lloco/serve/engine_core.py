@@ -190,7 +190,7 @@ class EngineCore:
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
         )
         self.adapters = AdapterCache(settings.lora.cpu_adapters, self._parse_adapter)
-        self._document_tokens: LruCache[tuple[str, str, str], int] = LruCache(4096, lambda _: 1)
+        self._document_tokens: LruCache[tuple[str, str, str, str], int] = LruCache(4096, lambda _: 1)
         self.scheduler = Scheduler(
             self.generator,
             self.lora,
@@ -324,6 +324,22 @@ class EngineCore:
         await self.scheduler.preload(key, weights)
         return key.version
 
+    async def forget_tenant(self, tenant: str) -> int:
+        """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, adapters
+        and token counts, and the adapter slots no running row uses (zeroed). Returns the entries dropped.
+
+        Entries are keyed by the tenant's creation uid too, so a re-created tenant of the same name never
+        reads them even before this runs; this frees the memory at once.
+        """
+        mine = lambda key: key.tenant == tenant  # noqa: E731 - one predicate for every cache
+        dropped = self.contexts.gpu.drop(mine) + self.contexts.cpu.drop(mine) + self.adapters.tier.drop(mine)
+        dropped += self._document_tokens.drop(lambda key: key[0] == tenant)
+        for slot in self.scheduler.slots.forget_where(mine):
+            self.lora.unload(slot)
+            dropped += 1
+        log.info("tenant forgotten", tenant=tenant, entries=dropped)
+        return dropped
+
     def metrics(self) -> dict[str, float]:
         slots = self.scheduler.slots
         return {
@@ -380,7 +396,7 @@ class EngineCore:
                 f"adapter {name!r} {info.version} has rank {info.rank}; this engine serves ranks up to "
                 f"{self._settings.lora.max_rank} (lora.max_rank)"
             )
-        key = AdapterKey(registry.tenant, name, info.version)
+        key = AdapterKey(registry.tenant, registry.uid, name, info.version)
         weights, cached = self.adapters.get(registry, key)
         if not cached:
             self._observer.adapter_loaded(registry.tenant, "cpu")
@@ -395,7 +411,7 @@ class EngineCore:
         """The document's token count: recorded at ingest, else counted once per text version."""
         if doc.tokens is not None:
             return doc.tokens
-        key = (registry.tenant, doc.doc_id, doc.sha256)
+        key = (registry.tenant, registry.uid, doc.doc_id, doc.sha256)
         tokens = self._document_tokens.get(key)
         if tokens is None:
             text = registry.read_text(doc.doc_id)

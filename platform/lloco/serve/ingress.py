@@ -1,12 +1,14 @@
 """The gRPC edge of the Serve app: every `lloco.v1.LlocoService` RPC, and `grpc.health.v1` health.
 
-Serve's gRPC proxy calls the method of `Ingress` named like the RPC, with the request message and a
-`grpc_context` (metadata in, status out). Each RPC authenticates the caller's bearer key, resolves the
-resource names it was sent to ids of the caller's own tenant (a name under another tenant is
-PERMISSION_DENIED before anything is read), validates every field, applies the tenant's limits, then
-works through the registry (documents, adapters, datasets) or the engine deployment (compression,
-queries). Errors of all RPCs become gRPC statuses in one place, `rpc`, through
-`lloco.errors.to_grpc_status`.
+Each `Ingress` replica runs the API's gRPC server (`lloco.serve.server`: bind address, TLS, message
+cap, authentication before the message is read), which calls the method of `Ingress` named like the
+RPC with the parsed request and a `CallContext` (the authenticated caller, metadata in, status out).
+Each RPC resolves the resource names it was sent to ids of the caller's own tenant (a name under
+another tenant is PERMISSION_DENIED before anything is read), validates every field, applies the
+tenant's limits, then works through the registry (documents, adapters, datasets) or the engine
+deployment (compression, queries); its object-store work runs through `TenantWork`, at most a few
+calls of one tenant at a time. Errors of all RPCs become gRPC statuses in one place,
+`lloco.serve.edge.grpc_status`, applied by `rpc`.
 """
 
 from __future__ import annotations
@@ -15,13 +17,14 @@ import asyncio
 import base64
 import binascii
 import functools
+import hashlib
 import inspect
 import math
 import shlex
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -37,23 +40,23 @@ from ray.serve import metrics
 from ray.serve.handle import DeploymentHandle
 
 from lloco.api import lloco_pb2
-from lloco.auth import KeyRing, Principal
+from lloco.auth import ApiKeyInfo, KeyRing, Principal
 from lloco.config import Settings
 from lloco.errors import (
     FailedPrecondition,
     InvalidArgument,
-    LlocoError,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unauthenticated,
     Unavailable,
-    to_grpc_status,
 )
 from lloco.logs import get_logger
 from lloco.model import SamplingParams
-from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Tenants
+from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Tenants, document_text
+from lloco.serve.edge import TenantWork, domain_error, grpc_status
 from lloco.serve.engine_core import EngineEvent, EngineRequest, QueryStats
+from lloco.serve.server import start_server
 from lloco.storage import ObjectStore, keys
 
 log = get_logger(__name__)
@@ -66,7 +69,7 @@ MAX_QUESTION_CHARS = 64 * 1024  # checked before tokenizing, so a huge question 
 HEALTH_TIMEOUT_S = 5.0
 HEALTH_WATCH_PERIOD_S = 5.0
 HEALTH_WATCH_MAX_S = 30.0
-_SHOWN_CHARS = 60
+SHUTDOWN_GRACE_S = 5.0
 
 # -- errors: the one place where exceptions become gRPC statuses ------------------------------------
 
@@ -81,34 +84,6 @@ def _reply_types() -> dict[str, type[Message]]:
 
 
 _REPLY_TYPES = _reply_types()
-
-
-def domain_error(error: BaseException) -> BaseException:
-    """``error`` as the lloco error a caller should see: Ray's wrappers peeled, Ray's failures named."""
-    from ray.exceptions import RayActorError, RayTaskError, RpcError
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-
-    while isinstance(error, RayTaskError) and isinstance(error.cause, BaseException):
-        error = error.cause
-    if isinstance(error, LlocoError):
-        return error
-    if isinstance(error, BackPressureError):
-        return ResourceExhausted("the engine is at capacity; retry shortly")
-    if isinstance(error, DeploymentUnavailableError | RayActorError):
-        return Unavailable("the engine is not available right now; retry shortly")
-    if isinstance(error, RpcError):
-        return Unavailable(f"the Ray cluster did not answer ({error}); retry shortly")
-    return error
-
-
-def _status(method: str, error: BaseException) -> tuple[grpc.StatusCode, str]:
-    error = domain_error(error)
-    code, details = to_grpc_status(error)
-    if code == grpc.StatusCode.INTERNAL:
-        log.error("rpc failed", method=method, error=repr(error), exc_info=error)
-    else:
-        log.info("rpc refused", method=method, code=code.name, details=details)
-    return code, details
 
 
 def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -132,13 +107,13 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
                 async for reply in method(self, request, grpc_context):
                     yield reply
             except Exception as error:
-                code, details = _status(name, error)
+                code, details = grpc_status(name, error)
                 if grpc_context is not None:
                     grpc_context.set_code(code)
                     grpc_context.set_details(details)
                 raise
             finally:
-                self._record(name, code, started)
+                self.record(name, code, started)
 
         return streaming
 
@@ -148,24 +123,20 @@ def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
         try:
             reply = await method(self, request, grpc_context)
         except Exception as error:
-            code, details = _status(name, error)
-            self._record(name, code, started)
+            code, details = grpc_status(name, error)
+            self.record(name, code, started)
             if grpc_context is None:
                 raise
             grpc_context.set_code(code)
             grpc_context.set_details(details)
             return reply_type()
-        self._record(name, grpc.StatusCode.OK, started)
+        self.record(name, grpc.StatusCode.OK, started)
         return reply
 
     return unary
 
 
 # -- resource names -----------------------------------------------------------------------------
-
-
-def _show(value: str) -> str:
-    return repr(value) if len(value) <= _SHOWN_CHARS else f"{value[:_SHOWN_CHARS]!r}... ({len(value)} chars)"
 
 
 def parse_name(field: str, value: str, collections: tuple[str, ...]) -> list[str]:
@@ -176,7 +147,7 @@ def parse_name(field: str, value: str, collections: tuple[str, ...]) -> list[str
         raise InvalidArgument(f"{field} is required: a name of the form {template!r}")
     parts = value.split("/")
     if len(parts) != 2 * len(collections) or tuple(parts[0::2]) != collections:
-        raise InvalidArgument(f"{field} {_show(value)} is not a name of the form {template!r}")
+        raise InvalidArgument(f"{field} {keys.show(value)} is not a name of the form {template!r}")
     ids = parts[1::2]
     try:
         for collection, value_id in zip(collections, ids, strict=True):
@@ -209,6 +180,10 @@ def job_name(tenant: str, job_id: str) -> str:
     return f"tenants/{tenant}/jobs/{job_id}"
 
 
+def api_key_name(tenant: str, key_id: str) -> str:
+    return f"tenants/{tenant}/apiKeys/{key_id}"
+
+
 # -- paging ----------------------------------------------------------------------------------------
 
 
@@ -232,7 +207,9 @@ def _after(collection: str, token: str) -> str | None:
     except (binascii.Error, UnicodeError, ValueError):
         kind, last = "", ""
     if kind != collection or not last:
-        raise InvalidArgument(f"page_token {_show(token)} was not issued by this List call; start from ''")
+        raise InvalidArgument(
+            f"page_token {keys.show(token)} was not issued by this List call; start from ''"
+        )
     return last
 
 
@@ -298,6 +275,12 @@ def adapter_reply(tenant: str, name: str, versions: list[AdapterVersion]) -> llo
     )
 
 
+def api_key_reply(info: ApiKeyInfo) -> lloco_pb2.ApiKey:
+    return lloco_pb2.ApiKey(
+        name=api_key_name(info.tenant, info.key_id), hint=info.hint, create_time=_timestamp(info.created)
+    )
+
+
 _FINISH_REASONS = {
     "stop": lloco_pb2.FINISH_REASON_STOP,
     "length": lloco_pb2.FINISH_REASON_LENGTH,
@@ -345,11 +328,17 @@ class _Query:
 class Ingress:
     """Authenticates, validates and limits every call, then serves it from the registry or the engine."""
 
-    def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
+    async def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
         self._engine = engine
         self._settings = settings
         self._limits = settings.limits
         self._store = ObjectStore(settings.store)
+        # health probes: one quick attempt, so a dead store shows as NOT_SERVING in seconds
+        self._probe_store = ObjectStore(
+            settings.store.model_copy(
+                update={"connect_timeout_s": 1.0, "read_timeout_s": 2.0, "max_attempts": 1}
+            )
+        )
         self._keys = KeyRing(self._store, settings.admin_key)
         self._tenants = Tenants(self._store)
         self._inflight: dict[str, int] = {}
@@ -365,22 +354,40 @@ class Ingress:
             [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0],
             tag_keys=("method",),
         )
+        self._work = TenantWork(settings.limits.tenant_storage_concurrency)
+        self._server = await start_server(self, settings)
 
-    def _record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+    async def __del__(self) -> None:
+        """Serve calls this when it stops the replica: finish running calls for a moment, then close."""
+        await self._server.stop(SHUTDOWN_GRACE_S)
+        self._work.close()
+
+    def record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        """Count an answered RPC and its time at the edge (Ray metrics)."""
         self._requests.inc(tags={"method": method, "code": code.name})
         self._latency.observe(time.perf_counter() - started, tags={"method": method})
 
     # -- who is calling, and may it touch this tenant ----------------------------------------------
 
-    async def _caller(self, grpc_context: Any) -> Principal:
-        metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
-        value = metadata.get("authorization", "")
+    async def authenticate(self, metadata: Sequence[tuple[str, Any]]) -> Principal:
+        """The caller holding the bearer key of ``metadata``; Unauthenticated if there is none or it is
+        unknown. The gRPC server calls this before it reads the request message."""
+        value = dict(metadata).get("authorization", "")
         if not value:
             raise Unauthenticated("missing 'authorization: Bearer <api key>' metadata")
         scheme, _, key = value.partition(" ")
         if scheme.lower() != "bearer" or not key.strip():
             raise Unauthenticated("malformed 'authorization' metadata: expected 'Bearer <api key>'")
-        return await asyncio.to_thread(self._keys.resolve, key.strip())
+        key = key.strip()
+        lane = f"key:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
+        return await self._work.run(lane, self._keys.resolve, key)
+
+    async def _caller(self, grpc_context: Any) -> Principal:
+        """The caller the server authenticated, or (a call through a handle) the one of its metadata."""
+        principal = getattr(grpc_context, "principal", None)
+        if principal is not None:
+            return principal
+        return await self.authenticate(grpc_context.invocation_metadata() if grpc_context is not None else ())
 
     @staticmethod
     def _authorize(principal: Principal, tenant: str) -> None:
@@ -396,7 +403,7 @@ class Ingress:
         return ids
 
     async def _registry(self, tenant: str) -> Registry:
-        return await asyncio.to_thread(Registry, self._store, tenant)
+        return await self._work.run(tenant, Registry, self._store, tenant)
 
     async def _tenant(self, principal: Principal, field: str, name: str) -> Registry:
         (tenant,) = self._owned(principal, field, name, ("tenants",))
@@ -406,7 +413,7 @@ class Ingress:
         """The id of a ``tenants/{t}/{collection}/{id}`` name that must lie under ``tenant``."""
         owner, value_id = self._owned(principal, field, name, ("tenants", collection))
         if owner != tenant:
-            raise InvalidArgument(f"{field}: {_show(name)} is not under {tenant_name(tenant)}")
+            raise InvalidArgument(f"{field}: {keys.show(name)} is not under {tenant_name(tenant)}")
         return value_id
 
     # -- tokens and compression ----------------------------------------------------------------------
@@ -435,16 +442,21 @@ class Ingress:
 
     async def _context(self, registry: Registry, document: DocumentInfo) -> ContextInfo | None:
         """The document's compressed context if it is of the document's current text, else None (pending)."""
-        compressor_id = await self._compressor()
-        info = await asyncio.to_thread(registry.context_info, document.doc_id, compressor_id)
-        return info if info is not None and info.source_sha == document.sha256 else None
+        return (await self._contexts(registry, [document]))[0]
 
     async def _contexts(self, registry: Registry, documents: list[DocumentInfo]) -> list[ContextInfo | None]:
-        return list(await asyncio.gather(*(self._context(registry, d) for d in documents)))
+        compressor_id = await self._compressor()
+        infos = await self._work.map(
+            registry.tenant, lambda document: registry.context_info(document.doc_id, compressor_id), documents
+        )
+        return [
+            info if info is not None and info.source_sha == document.sha256 else None
+            for info, document in zip(infos, documents, strict=True)
+        ]
 
     async def _documents(self, registry: Registry, doc_ids: Iterable[str]) -> list[DocumentInfo]:
         """The documents of ``doc_ids``; NotFound names the first missing one."""
-        return list(await asyncio.gather(*(asyncio.to_thread(registry.get_document, d) for d in doc_ids)))
+        return await self._work.map(registry.tenant, registry.get_document, doc_ids)
 
     async def _compress_now(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         return await self._engine.compress.remote(tenant, doc_ids)
@@ -468,9 +480,28 @@ class Ingress:
         if not principal.admin:
             raise PermissionDenied("only the admin key can create tenants")
         tenant = _field_id("tenant_id", "tenant", request.tenant_id)
-        await asyncio.to_thread(self._tenants.create, tenant)
-        key = await asyncio.to_thread(self._keys.create_key, tenant)
-        return lloco_pb2.CreateTenantResponse(tenant=lloco_pb2.Tenant(name=tenant_name(tenant)), api_key=key)
+        await self._work.run(tenant, self._tenants.create, tenant)
+        key, info = await self._work.run(tenant, self._keys.issue_key, tenant)
+        return lloco_pb2.CreateTenantResponse(
+            tenant=lloco_pb2.Tenant(name=tenant_name(tenant)), api_key=key, key=api_key_reply(info)
+        )
+
+    @rpc
+    async def DeleteTenant(
+        self, request: lloco_pb2.DeleteTenantRequest, grpc_context: Any = None
+    ) -> lloco_pb2.DeleteTenantResponse:
+        principal = await self._caller(grpc_context)
+        if not principal.admin:
+            raise PermissionDenied("only the admin key can delete tenants")
+        (tenant,) = parse_name("name", request.name, ("tenants",))
+        removed = await self._work.run(tenant, self._tenants.delete, tenant)
+        try:  # the engine replica this reaches drops its cached state now; the others never match it
+            await self._engine.forget_tenant.remote(tenant)
+        except Exception as error:  # noqa: BLE001 - the tenant is deleted; caches are keyed by its uid
+            log.warning(
+                "engine did not forget a deleted tenant", tenant=tenant, error=repr(domain_error(error))
+            )
+        return lloco_pb2.DeleteTenantResponse(deleted_objects=removed)
 
     @rpc
     async def CreateApiKey(
@@ -478,8 +509,33 @@ class Ingress:
     ) -> lloco_pb2.CreateApiKeyResponse:
         principal = await self._caller(grpc_context)
         (tenant,) = self._owned(principal, "parent", request.parent, ("tenants",))
-        key = await asyncio.to_thread(self._keys.create_key, tenant)
-        return lloco_pb2.CreateApiKeyResponse(api_key=key)
+        key, info = await self._work.run(tenant, self._keys.issue_key, tenant)
+        return lloco_pb2.CreateApiKeyResponse(api_key=key, key=api_key_reply(info))
+
+    @rpc
+    async def ListApiKeys(
+        self, request: lloco_pb2.ListApiKeysRequest, grpc_context: Any = None
+    ) -> lloco_pb2.ListApiKeysResponse:
+        principal = await self._caller(grpc_context)
+        registry = await self._tenant(principal, "parent", request.parent)
+        size = _page_size(request.page_size, self._limits.max_page_size)
+        found = {
+            info.key_id: info
+            for info in await self._work.run(registry.tenant, self._keys.list_keys, registry.tenant)
+        }
+        page, token = paginate("apiKeys", found, size, request.page_token)
+        return lloco_pb2.ListApiKeysResponse(
+            api_keys=[api_key_reply(found[k]) for k in page], next_page_token=token
+        )
+
+    @rpc
+    async def RevokeApiKey(
+        self, request: lloco_pb2.RevokeApiKeyRequest, grpc_context: Any = None
+    ) -> lloco_pb2.RevokeApiKeyResponse:
+        principal = await self._caller(grpc_context)
+        tenant, key_id = self._owned(principal, "name", request.name, ("tenants", "apiKeys"))
+        await self._work.run(tenant, self._keys.revoke_id, tenant, key_id)
+        return lloco_pb2.RevokeApiKeyResponse()
 
     # -- documents -------------------------------------------------------------------------------------
 
@@ -490,21 +546,14 @@ class Ingress:
         principal = await self._caller(grpc_context)
         registry = await self._tenant(principal, "parent", request.parent)
         doc_id = _field_id("document_id", "document", request.document_id)
-        text = await self._source_text(request)
-        try:
-            decoded = text.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise InvalidArgument(
-                f"content of document {doc_id!r} is not valid UTF-8 (byte {error.start}: {error.reason})"
-            ) from None
-        if not decoded.strip():
-            raise InvalidArgument(f"content of document {doc_id!r} is empty")
-        previous = await asyncio.to_thread(_document_or_none, registry, doc_id)
+        text = await self._source_text(registry.tenant, request)
+        decoded = document_text(doc_id, text)
+        previous = await self._work.run(registry.tenant, _document_or_none, registry, doc_id)
         if previous is None:
             await self._check_document_quota(registry)
         tokens = await self._count_tokens(decoded)
-        info, changed = await asyncio.to_thread(
-            registry.ingest_document, doc_id, text, self._limits.max_document_bytes, tokens
+        info, changed = await self._work.run(
+            registry.tenant, registry.ingest_document, doc_id, text, self._limits.max_document_bytes, tokens
         )
         outcome = (
             lloco_pb2.INGEST_OUTCOME_CREATED
@@ -518,7 +567,7 @@ class Ingress:
             (context,) = await self._compress_now(registry.tenant, [doc_id])
         return lloco_pb2.IngestDocumentResponse(document=document_reply(info, context), outcome=outcome)
 
-    async def _source_text(self, request: lloco_pb2.IngestDocumentRequest) -> bytes:
+    async def _source_text(self, tenant: str, request: lloco_pb2.IngestDocumentRequest) -> bytes:
         source = request.WhichOneof("source")
         limit = self._limits.max_document_bytes
         if source is None:
@@ -529,24 +578,30 @@ class Ingress:
                     f"content is {len(request.content)} bytes, over the limit of {limit} bytes"
                 )
             return request.content
-        key = self._uri_key(request.source_uri)
-        return await asyncio.to_thread(self._read_limited, key, limit)
+        key = self._upload_key(tenant, request.source_uri)
+        return await self._work.run(tenant, self._read_limited, key, limit)
 
-    def _uri_key(self, uri: str) -> str:
-        """The store key of an ``s3://`` URI: in the platform's bucket, outside the platform's own areas."""
-        root = self._store.uri("")
-        if not uri.startswith(root) or len(uri) == len(root):
-            raise InvalidArgument(f"source_uri {_show(uri)} must be an object under {root!r}")
-        key = uri[len(root) :]
-        if key.split("/", 1)[0] in _RESERVED_AREAS or ".." in key.split("/"):
-            raise InvalidArgument(
-                f"source_uri {_show(uri)} points into the platform's own data; upload the text elsewhere in the bucket"
+    def _upload_key(self, tenant: str, uri: str) -> str:
+        """The store key of a ``source_uri``, which must name an object in the caller's uploads folder.
+
+        The URI's key is normalised first (no ``//``, ``.``/``..``, backslash, ``%``-escape or control
+        character: INVALID_ARGUMENT), so what is checked is the key the store will read.
+        """
+        key = self._store.key_of_uri(uri, "source_uri")
+        uploads = keys.uploads_prefix(tenant, self._store.settings.uploads_template)
+        if not key.startswith(uploads):
+            raise PermissionDenied(
+                f"source_uri {keys.show(uri)} is outside {tenant_name(tenant)}'s uploads folder: "
+                f"upload the text under {self._store.uri(uploads)!r} and name it there"
             )
         return key
 
     def _read_limited(self, key: str, limit: int) -> bytes:
-        with self._store.open_stream(key) as stream:
-            data = stream.read(limit + 1)
+        try:
+            with self._store.open_stream(key) as stream:
+                data = stream.read(limit + 1)
+        except NotFound:
+            raise NotFound("no object at source_uri") from None
         if len(data) > limit:
             raise InvalidArgument(f"the object at source_uri is over the limit of {limit} bytes")
         return data
@@ -554,7 +609,9 @@ class Ingress:
     async def _check_document_quota(self, registry: Registry) -> None:
         limit = self._limits.max_documents
         prefix = keys.docs_prefix(registry.tenant)
-        held = await asyncio.to_thread(lambda: sum(1 for _ in self._store.list_children(prefix, limit=limit)))
+        held = await self._work.run(
+            registry.tenant, lambda: sum(1 for _ in self._store.list_children(prefix, limit=limit))
+        )
         if held >= limit:
             raise ResourceExhausted(
                 f"{tenant_name(registry.tenant)} holds {held} documents, its limit; delete some first"
@@ -567,7 +624,7 @@ class Ingress:
         principal = await self._caller(grpc_context)
         tenant, doc_id = self._owned(principal, "name", request.name, ("tenants", "documents"))
         registry = await self._registry(tenant)
-        info = await asyncio.to_thread(registry.get_document, doc_id)
+        info = await self._work.run(tenant, registry.get_document, doc_id)
         return lloco_pb2.GetDocumentResponse(
             document=document_reply(info, await self._context(registry, info))
         )
@@ -579,7 +636,9 @@ class Ingress:
         principal = await self._caller(grpc_context)
         registry = await self._tenant(principal, "parent", request.parent)
         size = _page_size(request.page_size, self._limits.max_page_size)
-        infos, token = await asyncio.to_thread(registry.list_documents, size, request.page_token)
+        infos, token = await self._work.run(
+            registry.tenant, registry.list_documents, size, request.page_token
+        )
         contexts = await self._contexts(registry, infos)
         documents = [document_reply(info, context) for info, context in zip(infos, contexts, strict=True)]
         return lloco_pb2.ListDocumentsResponse(documents=documents, next_page_token=token)
@@ -591,7 +650,7 @@ class Ingress:
         principal = await self._caller(grpc_context)
         tenant, doc_id = self._owned(principal, "name", request.name, ("tenants", "documents"))
         registry = await self._registry(tenant)
-        await asyncio.to_thread(registry.delete_document, doc_id)
+        await self._work.run(tenant, registry.delete_document, doc_id)
         return lloco_pb2.DeleteDocumentResponse()
 
     @rpc
@@ -599,10 +658,17 @@ class Ingress:
         self, request: lloco_pb2.CompressDocumentsRequest, grpc_context: Any = None
     ) -> lloco_pb2.CompressDocumentsResponse:
         principal = await self._caller(grpc_context)
+        limit = self._limits.max_names_per_call
+        if len(request.documents) > limit:
+            raise InvalidArgument(
+                f"documents: {len(request.documents)} names given, at most {limit} per call; "
+                "split the work, or name none to compress every pending document"
+            )
         registry = await self._tenant(principal, "parent", request.parent)
         tenant = registry.tenant
-        names = list(request.documents)
-        doc_ids = [self._same_tenant(principal, tenant, "documents", n, "documents") for n in names]
+        doc_ids = [
+            self._same_tenant(principal, tenant, "documents", n, "documents") for n in request.documents
+        ]
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgument("documents: a document is named more than once")
         compressor_id = await self._compressor()
@@ -611,13 +677,15 @@ class Ingress:
             contexts = await self._contexts(registry, infos)
             pending = [i for i, c in zip(infos, contexts, strict=True) if c is None]
         else:
-            pending = await asyncio.to_thread(registry.pending_documents, compressor_id)
+            pending = await self._work.run(tenant, registry.pending_documents, compressor_id)
             infos = pending
         skipped = [document_name(tenant, i.doc_id) for i in infos if i not in pending]
         created = _now()
         tokens = [i.tokens for i in pending]
         if None in tokens or sum(t or 0 for t in tokens) > self._limits.online_compress_max_tokens:
-            job_id = await asyncio.to_thread(self._submit_compress_job, tenant, [i.doc_id for i in pending])
+            job_id = await self._work.run(
+                tenant, self._submit_compress_job, tenant, [i.doc_id for i in pending]
+            )
             job = lloco_pb2.Job(
                 name=job_name(tenant, job_id),
                 kind=lloco_pb2.JOB_KIND_COMPRESS,
@@ -642,7 +710,8 @@ class Ingress:
             ),
         )
         # kept so that GetJob answers for it as for a Ray job; deleted with the tenant
-        await asyncio.to_thread(
+        await self._work.run(
+            tenant,
             self._store.put_bytes,
             keys.job_record(tenant, job_id),
             job.SerializeToString(),
@@ -698,7 +767,7 @@ class Ingress:
         collections = ("tenants", "adapters", "versions") if "/versions/" in name else ("tenants", "adapters")
         ids = self._owned(principal, "adapter", name, collections)
         if ids[0] != tenant:
-            raise InvalidArgument(f"adapter: {_show(name)} is not under {tenant_name(tenant)}")
+            raise InvalidArgument(f"adapter: {keys.show(name)} is not under {tenant_name(tenant)}")
         return ids[1], ids[2] if len(ids) == 3 else None
 
     def _sampling(self, sampling: lloco_pb2.SamplingParams | None) -> SamplingParams:
@@ -808,7 +877,7 @@ class Ingress:
     # -- adapters ---------------------------------------------------------------------------------------
 
     async def _adapter(self, registry: Registry, name: str) -> lloco_pb2.Adapter:
-        versions = await asyncio.to_thread(registry.list_versions, name)
+        versions = await self._work.run(registry.tenant, registry.list_versions, name)
         if not versions:
             raise NotFound(f"adapter {name!r} not found")
         return adapter_reply(registry.tenant, name, versions)
@@ -821,7 +890,10 @@ class Ingress:
         registry = await self._tenant(principal, "parent", request.parent)
         size = _page_size(request.page_size, self._limits.max_page_size)
         names, token = paginate(
-            "adapters", await asyncio.to_thread(registry.list_adapters), size, request.page_token
+            "adapters",
+            await self._work.run(registry.tenant, registry.list_adapters),
+            size,
+            request.page_token,
         )
         adapters = [await self._adapter(registry, name) for name in names]
         return lloco_pb2.ListAdaptersResponse(adapters=adapters, next_page_token=token)
@@ -843,7 +915,7 @@ class Ingress:
         tenant, name = self._owned(principal, "parent", request.parent, ("tenants", "adapters"))
         registry = await self._registry(tenant)
         size = _page_size(request.page_size, self._limits.max_page_size)
-        versions = {v.version: v for v in await asyncio.to_thread(registry.list_versions, name)}
+        versions = {v.version: v for v in await self._work.run(tenant, registry.list_versions, name)}
         if not versions:
             raise NotFound(f"adapter {name!r} not found")
         page, token = paginate("versions", versions, size, request.page_token, newest_first=True)
@@ -860,7 +932,7 @@ class Ingress:
             principal, "version", request.version, ("tenants", "adapters", "versions")
         )
         registry = await self._registry(tenant)
-        await asyncio.to_thread(registry.set_current, name, version)
+        await self._work.run(tenant, registry.set_current, name, version)
         return lloco_pb2.SetCurrentAdapterResponse(adapter=await self._adapter(registry, name))
 
     # -- datasets and jobs -----------------------------------------------------------------------------
@@ -879,7 +951,7 @@ class Ingress:
             )
         if len(request.content) > limit:
             raise InvalidArgument(f"content is {len(request.content)} bytes, over the limit of {limit} bytes")
-        rows = await asyncio.to_thread(registry.put_dataset, dataset, request.content)
+        rows = await self._work.run(registry.tenant, registry.put_dataset, dataset, request.content)
         return lloco_pb2.UploadDatasetResponse(
             dataset=lloco_pb2.Dataset(
                 name=f"{tenant_name(registry.tenant)}/datasets/{dataset}", row_count=rows
@@ -894,7 +966,10 @@ class Ingress:
         registry = await self._tenant(principal, "parent", request.parent)
         size = _page_size(request.page_size, self._limits.max_page_size)
         names, token = paginate(
-            "datasets", await asyncio.to_thread(registry.list_datasets), size, request.page_token
+            "datasets",
+            await self._work.run(registry.tenant, registry.list_datasets),
+            size,
+            request.page_token,
         )
         prefix = tenant_name(registry.tenant)
         return lloco_pb2.ListDatasetsResponse(
@@ -912,7 +987,7 @@ class Ingress:
         tenant = registry.tenant
         dataset = self._same_tenant(principal, tenant, "dataset", request.dataset, "datasets")
         adapter = _field_id("adapter_id", "adapter", request.adapter_id or "default")
-        rows = await asyncio.to_thread(registry.read_dataset, dataset)
+        rows = await self._work.run(tenant, registry.read_dataset, dataset)
         documents = await self._documents(registry, dict.fromkeys(d for row in rows for d in row.doc_ids))
         for document, context in zip(documents, await self._contexts(registry, documents), strict=True):
             if context is None:
@@ -921,8 +996,8 @@ class Ingress:
                     "call CompressDocuments and wait for it first"
                 )
         created = _now()
-        job_id = await asyncio.to_thread(
-            submit_finetune_job, _ray_address(), [tenant], dataset, adapter, self._settings
+        job_id = await self._work.run(
+            tenant, submit_finetune_job, _ray_address(), [tenant], dataset, adapter, self._settings
         )
         job = lloco_pb2.Job(
             name=job_name(tenant, job_id),
@@ -941,13 +1016,16 @@ class Ingress:
 
         principal = await self._caller(grpc_context)
         tenant, job_id = self._owned(principal, "name", request.name, ("tenants", "jobs"))
-        record = await asyncio.to_thread(self._job_record, tenant, job_id)
+        record = await self._work.run(tenant, self._job_record, tenant, job_id)
         if record is not None:
             return lloco_pb2.GetJobResponse(job=record)
-        metadata = await asyncio.to_thread(_job_metadata, job_id)
+        registry = await self._registry(tenant)
+        metadata = await self._work.run(tenant, _job_metadata, job_id)
         if tenant not in metadata.get("tenants", "").split(","):
             raise NotFound(f"job {job_id!r} not found")  # another tenant's job: as if it did not exist
-        state = await asyncio.to_thread(get_job, _ray_address(), job_id)
+        state = await self._work.run(tenant, get_job, _ray_address(), job_id)
+        if state.create_time is not None and state.create_time < registry.created:
+            raise NotFound(f"job {job_id!r} not found")  # a job of a deleted tenant of the same name
         job = lloco_pb2.Job(
             name=job_name(tenant, job_id),
             state=_JOB_STATES[state.state],
@@ -989,7 +1067,7 @@ class Ingress:
         registry = await self._registry(tenant)
         compressed, missed = [], []
         for doc_id in filter(None, metadata.get("documents", "").split(",")):
-            document = await asyncio.to_thread(_document_or_none, registry, doc_id)
+            document = await self._work.run(tenant, _document_or_none, registry, doc_id)
             fresh = document is not None and await self._context(registry, document) is not None
             (compressed if fresh else missed).append(document_name(tenant, doc_id))
         return lloco_pb2.CompressResult(compressed_documents=compressed), missed
@@ -1010,17 +1088,25 @@ class Ingress:
                 metadata={"kind": "compress", "tenants": tenant, "documents": ",".join(doc_ids)},
             )
         except (ConnectionError, RuntimeError) as error:  # RuntimeError: the job server answered an error
-            raise Unavailable(f"Ray's job server did not take the job ({error}); retry shortly") from error
+            log.warning("compress job not submitted", tenant=tenant, error=repr(error))
+            raise Unavailable("Ray's job server did not take the compress job; retry shortly") from error
         log.info("compress job submitted", job_id=job_id, tenant=tenant, documents=len(doc_ids))
         return job_id
 
     # -- grpc.health.v1 ---------------------------------------------------------------------------------
 
     async def _serving(self) -> int:
+        """SERVING when both the engine and the object store answer: without the store every keyed call
+        fails, so a load balancer should send callers elsewhere."""
         try:
             await asyncio.wait_for(self._engine.health.remote(), HEALTH_TIMEOUT_S)
         except Exception as error:  # noqa: BLE001 - any failure of the probe means "not serving"
             log.warning("engine unhealthy", error=repr(domain_error(error)))
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            await asyncio.wait_for(self._work.run(None, self._probe_store.check), HEALTH_TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure of the probe means "not serving"
+            log.warning("object store unreachable", error=repr(error), cause=repr(error.__cause__))
             return health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse.SERVING
 
@@ -1028,9 +1114,9 @@ class Ingress:
     async def Check(
         self, request: health_pb2.HealthCheckRequest, grpc_context: Any = None
     ) -> health_pb2.HealthCheckResponse:
-        """SERVING once the engine answers its health probe; no key needed (load balancers call it)."""
+        """SERVING while the engine and the object store answer; no key needed (load balancers call it)."""
         if request.service not in ("", SERVICE):
-            raise NotFound(f"unknown service {_show(request.service)}; ask for '' or {SERVICE!r}")
+            raise NotFound(f"unknown service {keys.show(request.service)}; ask for '' or {SERVICE!r}")
         return health_pb2.HealthCheckResponse(status=await self._serving())
 
     @rpc
@@ -1049,9 +1135,6 @@ class Ingress:
             if time.monotonic() + HEALTH_WATCH_PERIOD_S > deadline:
                 return
             await asyncio.sleep(HEALTH_WATCH_PERIOD_S)
-
-
-_RESERVED_AREAS = frozenset({"tenants", "auth", "models", "checkpoints"})
 
 
 def _field_id(field: str, kind: str, value: str) -> str:
@@ -1085,7 +1168,8 @@ def _job_metadata(job_id: str) -> dict[str, str]:
     try:
         info = JobSubmissionClient(_ray_address()).get_job_info(job_id)
     except ConnectionError as error:
-        raise Unavailable(f"Ray's job server is unreachable: {error}") from error
+        log.warning("job server unreachable", job_id=job_id, error=repr(error))
+        raise Unavailable("Ray's job server is unreachable; retry shortly") from error
     except RuntimeError:
         raise NotFound(f"job {job_id!r} not found") from None
     return dict(info.metadata or {})

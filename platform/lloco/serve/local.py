@@ -1,4 +1,5 @@
-"""The whole platform on one machine: embedded S3 (SeaweedFS), a local Ray, and the Serve app on loopback.
+"""The whole platform on one machine: embedded S3 (SeaweedFS), a local Ray, and the Serve app (by default
+on loopback: `serve.host`).
 
 `EmbeddedStack` is what `lloco up`, the demo and the serving tests run. It starts the pieces in order
 and, if any of them fails, or when the block ends, stops what it started, so nothing is left running.
@@ -19,11 +20,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from lloco.auth import KeyRing
 from lloco.config import Settings
-from lloco.errors import AlreadyExists, FailedPrecondition, Unavailable
+from lloco.errors import AlreadyExists, FailedPrecondition, Unauthenticated, Unavailable
 from lloco.logs import get_logger
 from lloco.registry import Tenants
-from lloco.serve.app import build_app, grpc_options
-from lloco.storage import EmbeddedS3, ObjectStore
+from lloco.serve.app import build_app
+from lloco.serve.server import address
+from lloco.storage import EmbeddedS3, ObjectStore, keys
 
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
@@ -37,13 +39,16 @@ HEALTH_TIMEOUT_S = 60.0
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-def port_in_use(port: int) -> bool:
-    """Whether a server already listens on ``port`` (Serve's gRPC proxy binds every interface)."""
-    for family, address in ((socket.AF_INET, HOST), (socket.AF_INET6, "::")):
+def port_in_use(port: int, host: str = HOST) -> bool:
+    """Whether a server already listens on ``port`` where ``host`` would bind it (loopback: also on
+    every interface, which includes it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for probe_host in dict.fromkeys((host, wildcard)):
         with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                probe.bind((address, port))
+                probe.bind((probe_host, port))
             except OSError as error:
                 if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
                     return True
@@ -56,15 +61,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def health_status(address: str, timeout_s: float = 5.0) -> str:
-    """The grpc.health.v1 status name the server at ``address`` reports (e.g. "SERVING")."""
-    with grpc.insecure_channel(address) as channel:
+def health_status(target: str, timeout_s: float = 5.0, ca_file: Path | None = None) -> str:
+    """The grpc.health.v1 status name the server at ``target`` reports (e.g. "SERVING"); over TLS,
+    trusting ``ca_file`` (PEM), when one is given."""
+    if ca_file is None:
+        channel = grpc.insecure_channel(target)
+    else:
+        channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(ca_file.read_bytes()))
+    with channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout_s)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 class EmbeddedStack:
-    """SeaweedFS + local Ray + the lloco Serve app on 127.0.0.1:`settings.serve.grpc_port`.
+    """SeaweedFS + local Ray + the lloco Serve app on `settings.serve.host`:`settings.serve.grpc_port`.
+
+    With `serve.tls_cert_file` set, health checks trust that certificate chain (a self-signed
+    certificate, or a chain that ends with its root).
 
     ``jobs`` starts Ray's dashboard (on a free loopback port), which runs Ray's job server, so
     CompressDocuments and SubmitFinetune can submit Ray jobs. ``num_cpus`` is Ray's logical CPU count.
@@ -90,8 +103,10 @@ class EmbeddedStack:
 
     @property
     def address(self) -> str:
-        """Where gRPC clients connect."""
-        return f"{HOST}:{self.settings.serve.grpc_port}"
+        """Where gRPC clients on this machine connect (loopback when the server listens everywhere)."""
+        host = self.settings.serve.host
+        host = {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
+        return address(host, self.settings.serve.grpc_port)
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -105,7 +120,7 @@ class EmbeddedStack:
     def start(self) -> None:
         """Start S3, Ray and the app, and return once health reports SERVING."""
         port = self._base_settings.serve.grpc_port
-        if port_in_use(port):
+        if port_in_use(port, self._base_settings.serve.host):
             raise FailedPrecondition(
                 f"port {port} is already in use (another `lloco up`?); stop that server or pick another port "
                 "with --port or LLOCO_SERVE__GRPC_PORT"
@@ -149,24 +164,21 @@ class EmbeddedStack:
 
     def _start_serve(self) -> None:
         from ray import serve
-        from ray.serve.config import HTTPOptions
+        from ray.serve.config import ProxyLocation
 
         if serve.status().applications:
             raise FailedPrecondition("Serve already runs applications in this Ray instance; stop them first")
-        serve.start(
-            http_options=HTTPOptions(host=HOST, port=free_port()),
-            grpc_options=grpc_options(self.settings),
-        )
+        # No Serve proxies: the Ingress replica runs the API's gRPC server itself (lloco.serve.server).
+        serve.start(proxy_location=ProxyLocation.Disabled)
         self._serve_started = True
-        # The app needs a route prefix (the default "/"), or the gRPC proxy does not route to it.
-        self._ingress = serve.run(build_app(self.settings), name=APP_NAME)
+        self._ingress = serve.run(build_app(self.settings), name=APP_NAME, route_prefix=None)
 
     def _wait_serving(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
         status, last_error = "UNKNOWN", ""
         while time.monotonic() < deadline:
             try:
-                status = health_status(self.address)
+                status = self.health()
             except grpc.RpcError as error:
                 last_error = f"{error.code().name}: {error.details()}"
             if status == "SERVING":
@@ -198,7 +210,7 @@ class EmbeddedStack:
         log.info("lloco stopped", address=self.address)
 
     def health(self) -> str:
-        return health_status(self.address)
+        return health_status(self.address, ca_file=self.settings.serve.tls_cert_file)
 
     @property
     def compressor_id(self) -> str:
@@ -213,12 +225,37 @@ class EmbeddedStack:
         Tenants(store).create(tenant)
         return KeyRing(store, self.settings.admin_key).create_key(tenant)
 
+    def key_file(self, tenant: str) -> Path:
+        """Where `api_key` keeps the tenant's key on this machine (readable by its owner only)."""
+        return self.data_dir / "keys" / f"{keys.validate_id('tenant', tenant)}.key"
+
     def api_key(self, tenant: str) -> str:
-        """A new API key for ``tenant``, creating the tenant first if it does not exist yet."""
+        """The tenant's API key for this machine, creating the tenant first if it does not exist yet.
+
+        The key is minted once and kept in `key_file` (mode 0600), so each `lloco up` or demo run
+        reuses it instead of piling up keys; a kept key that no longer works (revoked, or its tenant
+        deleted) is replaced by a new one.
+        """
+        store = self._running_store()
+        ring = KeyRing(store, self.settings.admin_key)
+        path = self.key_file(tenant)
+        if path.exists():
+            kept = path.read_text().strip()
+            try:
+                if ring.resolve(kept).tenant == tenant:
+                    return kept
+            except Unauthenticated:
+                log.info("kept api key no longer works; minting another", tenant=tenant)
         try:
-            return self.create_tenant(tenant)
+            key = self.create_tenant(tenant)
         except AlreadyExists:
-            return KeyRing(self._running_store(), self.settings.admin_key).create_key(tenant)
+            key = ring.create_key(tenant)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        descriptor = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(key + "\n")
+        os.replace(path.with_suffix(".tmp"), path)
+        return key
 
     def _running_store(self) -> ObjectStore:
         if self.store is None:

@@ -81,6 +81,8 @@ class ObjectStore:
         self.settings = settings
         self.bucket = settings.bucket
         self.prefix = settings.prefix.strip("/")
+        keys.normalize_key(self.prefix, "store prefix", folder_ok=True)
+        keys.check_uploads_template(settings.uploads_template)
         self._where = settings.endpoint_url or "AWS S3"
         session = boto3.session.Session()
         self._client = session.client(
@@ -111,6 +113,17 @@ class ObjectStore:
         """``s3://bucket/prefix/key``, for tools that take URIs (Ray Train storage_path, pyarrow)."""
         return f"s3://{self.bucket}/{keys.physical(self.prefix, key)}"
 
+    def key_of_uri(self, uri: str, what: str = "URI") -> str:
+        """The logical key of ``s3://bucket/prefix/key`` in this store (the inverse of :meth:`uri`).
+
+        InvalidArgument names ``what`` when the URI is of another bucket or outside the prefix, or
+        its key is not plain (:func:`keys.normalize_key`).
+        """
+        root = self.uri("")
+        if not uri.startswith(root):
+            raise InvalidArgument(f"{what} {keys.show(uri)} must be an object under {root!r}")
+        return keys.normalize_key(uri[len(root) :], what)
+
     def _key(self, key: str) -> str:
         return keys.physical(self.prefix, key)
 
@@ -139,6 +152,10 @@ class ObjectStore:
                     raise
 
         self._call("ensure_bucket", self.bucket, ensure)
+
+    def check(self) -> None:
+        """Return when the bucket answers; Unavailable (or NotFound) when it does not. For health probes."""
+        self._call("check", "", lambda: self._client.head_bucket(Bucket=self.bucket))
 
     # -- objects ------------------------------------------------------------------------------
 
@@ -245,8 +262,12 @@ class ObjectStore:
             ),
         )
         if response.get("Errors"):
-            first = response["Errors"][0]
-            raise Internal(f"object store refused to delete {len(response['Errors'])} objects, e.g. {first}")
+            log.error(
+                "object store refused deletes", count=len(response["Errors"]), first=response["Errors"][0]
+            )
+            raise Internal(
+                f"the object store refused to delete {len(response['Errors'])} objects (see server logs)"
+            )
         return len(batch)
 
     # -- listing ------------------------------------------------------------------------------
@@ -331,19 +352,33 @@ class ObjectStore:
         )
 
     def _translate(self, operation: str, key: str, error: Exception) -> LlocoError | None:
+        """The lloco error for a storage failure. Its message is for the API's callers: it never names
+        the endpoint, the key or the storage error, which go to the log instead."""
+        translated: LlocoError | None = None
         if _is_transient(error):
-            return Unavailable(f"object store {self._where} unavailable ({operation} {key}): {_brief(error)}")
-        client_error = next((e for e in _causes(error) if isinstance(e, ClientError)), None)
-        if client_error is not None:
+            translated = Unavailable("the object store is unavailable right now; retry shortly")
+        elif (
+            client_error := next((e for e in _causes(error) if isinstance(e, ClientError)), None)
+        ) is not None:
             code = _code(client_error)
             if code == "NoSuchBucket":
-                return NotFound(f"bucket {self.bucket!r} does not exist at {self._where}")
-            if code in _NOT_FOUND_CODES or _status(client_error) == 404:
+                translated = NotFound("the platform's bucket does not exist (see server logs)")
+            elif code in _NOT_FOUND_CODES or _status(client_error) == 404:
                 return NotFound(f"object {key!r} not found")
-            return Internal(f"object store error ({operation} {key}): {code}: {_brief(client_error)}")
-        if any(isinstance(e, BotoCoreError | Boto3Error) for e in _causes(error)):
-            return Internal(f"object store client error ({operation} {key}): {_brief(error)}")
-        return None
+            else:
+                translated = Internal("the object store refused a request (see server logs)")
+        elif any(isinstance(e, BotoCoreError | Boto3Error) for e in _causes(error)):
+            translated = Internal("the object store client failed (see server logs)")
+        if translated is not None:
+            log.warning(
+                "object store call failed",
+                operation=operation,
+                key=key,
+                endpoint=self._where,
+                bucket=self.bucket,
+                error=_brief(error),
+            )
+        return translated
 
 
 class _BodyReader(io.RawIOBase):
@@ -361,7 +396,8 @@ class _BodyReader(io.RawIOBase):
             data = self._body.read(len(buffer))  # type: ignore[attr-defined]
         except Exception as error:
             if _is_transient(error) or isinstance(error, BotoCoreError):
-                raise Unavailable(f"object store stream broke ({self._where}): {_brief(error)}") from error
+                log.warning("object store stream broke", where=self._where, error=_brief(error))
+                raise Unavailable("the object store stream broke; retry shortly") from error
             raise
         buffer[: len(data)] = data
         return len(data)
