@@ -448,3 +448,31 @@ def test_stopping_the_engine_ends_running_streams_as_cancelled(
         assert not core.healthy and core.generator.active() == 0
 
     run(scenario)
+
+
+def test_a_query_with_documents_and_no_adapter_decodes_with_the_compressors_reader(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    reader = random_adapter(base.config, seed=7)
+    with_reader = Compressor(
+        base, compressor.summary_embeds, 16, True, output_scale=compressor.output_scale, reader_files=reader
+    )
+    registry = tenants["acme"]
+    registry.publish_adapter("copy-of-reader", reader, train={})
+
+    async def scenario() -> None:
+        async with engine(store, base, with_reader, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            plain, _, plain_stats = await collect(core, request("acme", ("handbook",), None))
+            copy, _, _ = await collect(core, request("acme", ("handbook",), "copy-of-reader"))
+            no_docs, _, _ = await collect(core, request("acme", (), None))
+        async with engine(store, base, compressor, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            without_reader, _, _ = await collect(core, request("acme", ("handbook",), None))
+            base_no_docs, _, _ = await collect(core, request("acme", (), None))
+        assert plain == copy  # the reader in a slot, exactly as the same weights published as an adapter
+        assert plain != without_reader
+        assert plain_stats.adapter_version is None  # no tenant adapter was used
+        assert no_docs == base_no_docs  # without documents there is nothing to read: the base model
+
+    run(scenario)

@@ -1,7 +1,9 @@
 """The serving engine, free of Ray: one base model answering every tenant's queries.
 
 A query is `[compressed contexts of its documents, concatenated] + chat_prompt(question)`, decoded with
-the tenant's adapter in a LoRA slot. EngineCore resolves the adapter (its `current` version unless one is
+the tenant's adapter in a LoRA slot (a query with documents and no adapter: the compressor's reader, when it
+ships one, since a tenant adapter starts from it and the base model alone was never taught to read summary
+vectors). EngineCore resolves the adapter (its `current` version unless one is
 pinned) and the contexts on every request, so new versions and recompressed documents are picked up
 without a restart, and streams the text as it is generated. `lloco.serve.engine` wraps it in Ray Serve.
 """
@@ -40,6 +42,7 @@ log = get_logger(__name__)
 
 # Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ class EngineCore:
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
         )
         self.adapters = AdapterCache(settings.lora.cpu_adapters, self._parse_adapter)
+        self._reader = self._prepare_reader(compressor)
         self._document_tokens: LruCache[tuple[str, str, str, str], int] = LruCache(4096, lambda _: 1)
         self.scheduler = Scheduler(
             self.generator,
@@ -281,7 +285,7 @@ class EngineCore:
                 context_tokens=0 if prepared.prefix_embeds is None else int(prepared.prefix_embeds.shape[0]),
                 document_tokens=prepared.document_tokens,
                 generated_tokens=len(token_ids),
-                adapter_version=prepared.adapter.version if prepared.adapter else None,
+                adapter_version=prepared.adapter.version if req.adapter else None,
                 ttft_s=first_token_at - started,
                 total_s=done - started,
                 finish_reason=_FINISH_REASONS[event.reason or "stop"],
@@ -361,12 +365,34 @@ class EngineCore:
             "adapter_slot_evictions": slots.evictions,
         }
 
+    def _prepare_reader(self, compressor: Compressor) -> tuple[AdapterKey, LoraAdapter] | None:
+        """The compressor's reader (a decoder-side LoRA trained to read its summary vectors), laid out for the
+        slots: what a query with documents and no adapter of its own decodes with.
+
+        Raises:
+            FailedPrecondition: the reader's rank or targets do not fit the engine's slots.
+        """
+        if compressor.reader_files is None:
+            return None
+        try:
+            weights = self._parse_adapter(compressor.reader_files)
+        except InvalidArgument as error:
+            raise FailedPrecondition(
+                f"compressor {compressor.compressor_id} has a reader these LoRA slots cannot hold ({error}); "
+                "raise lora.max_rank or serve its targets (finetune.target_modules)"
+            ) from error
+        return AdapterKey("", "", READER_ADAPTER, compressor.compressor_id), weights
+
     def _prepare(self, req: EngineRequest) -> _Prepared:
         """Blocking half of a request (S3 reads, tokenization), run in a worker thread."""
         registry = Registry(self._store, req.tenant)
         adapter, weights = (
             self._resolve_adapter(registry, req.adapter, req.adapter_version) if req.adapter else (None, None)
         )
+        if adapter is None and req.doc_ids and self._reader is not None:
+            adapter, weights = (
+                self._reader
+            )  # no adapter of its own: the compressor's reader reads the context
         docs = [registry.get_document(doc_id) for doc_id in req.doc_ids]
         contexts = []
         for doc in docs:
