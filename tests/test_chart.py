@@ -1068,6 +1068,8 @@ def _check_load_balancer(docs: list[dict[str, Any]]) -> None:
 def _check_monitoring(docs: list[dict[str, Any]]) -> None:
     (rule,) = of_kind(docs, "PrometheusRule")
     alerts = {r["alert"] for group in rule["spec"]["groups"] for r in group["rules"]}
+    readme = (CHART / "README.md").read_text()
+    assert all(f"| `{alert}` |" in readme for alert in alerts), "charts/lloco/README.md lists every alert"
     assert alerts == {
         "LlocoApiDown",
         "LlocoEngineDown",
@@ -1223,7 +1225,10 @@ def test_settings_changes_leave_the_ray_cluster_alone() -> None:
     assert new["spec"]["rayClusterConfig"] == old["spec"]["rayClusterConfig"]
     assert new["spec"]["upgradeStrategy"] == old["spec"]["upgradeStrategy"]
     # the change itself arrives: through the Serve config and the settings file
-    args = yaml.safe_load(new["spec"]["serveConfigV2"])["applications"][0]["args"]
+    (app,) = yaml.safe_load(new["spec"]["serveConfigV2"])["applications"]
+    args = app["args"]
+    # Serve replaces Engine replicas in place, starting replacements before stopping old ones
+    assert next(d for d in app["deployments"] if d["name"] == "EngineDeployment")["max_surge_percent"] == 25
     assert args["limits"]["max_new_tokens"] == 1024 and args["engine"]["max_batch_size"] == 64
     assert args["model"]["base_model"] == "s3://acme-lloco/models/llama-2-7b/"
     assert yaml.safe_load(settings_file(after))["finetune"]["epochs"] == 1.5

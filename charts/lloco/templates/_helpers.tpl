@@ -570,6 +570,7 @@ applications:
       - name: EngineDeployment
         num_replicas: auto
         max_ongoing_requests: {{ int64 $engine.maxOngoingRequests }}
+        max_surge_percent: {{ int64 $engine.maxSurgePercent }}
         autoscaling_config:
           min_replicas: {{ int64 $engine.minReplicas }}
           max_replicas: {{ int64 $engine.maxReplicas }}
