@@ -197,6 +197,12 @@ def test_queue_order_bookkeeping_and_settings() -> None:
     assert queue.service("c").virtual_tokens == 10.0
     queue.clear()
     assert len(queue) == 0 and queue.service("c").waiting == 0
+    tie: FairQueue[str] = FairQueue(1.0, 2.0, {})
+    tie.push("heavy", "h1")
+    tie.push("heavy", "h2")
+    tie.admit("heavy", 0)
+    tie.push("light", "l1")  # lifted to heavy's counter: a tie, and light runs nothing, so it goes first
+    assert tie.next_tenant() == "light"
     with pytest.raises(InvalidArgument, match="weights"):
         FairQueue(1.0, 2.0, {"a": 0.0})
     with pytest.raises(InvalidArgument, match="costs"):

@@ -112,13 +112,14 @@ class FairQueue(Generic[T]):
                 state.queue.clear()
 
     def next_tenant(self, skip: set[str] = frozenset()) -> str | None:
-        """The backlogged tenant (outside ``skip``) with the lowest counter; ties go to the oldest head."""
-        best: tuple[float, int] | None = None
+        """The backlogged tenant (outside ``skip``) with the lowest counter. Ties (a returning tenant lifted
+        to the lowest counter) go to the tenant with fewer requests running, then to the oldest head."""
+        best: tuple[float, int, int] | None = None
         chosen = None
         for tenant, state in self._tenants.items():
             if not state.queue or tenant in skip:
                 continue
-            key = (state.service.virtual_tokens, state.queue[0][0])
+            key = (state.service.virtual_tokens, state.service.running, state.queue[0][0])
             if best is None or key < best:
                 best, chosen = key, tenant
         return chosen
