@@ -203,16 +203,22 @@ class Attention(nn.Module):
     def _chunk_attention(
         self, q: Tensor, k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor], plan: Prefill
     ) -> Tensor:
-        """q/k/v [B, H(kv), T, hd] of chunks at ``plan.positions``: write their keys, attend over the cache."""
+        """q/k/v [B, H(kv), T, hd] of chunks at ``plan.positions``: write their keys, attend over the cache.
+
+        Query heads of a KV head fold into its rows (as in decode), so a masked kernel serves GQA too.
+        """
         k_cache, v_cache = kv
         rows = plan.rows[:, None]
         k_cache[rows, :, plan.positions] = k.transpose(1, 2)
         v_cache[rows, :, plan.positions] = v.transpose(1, 2)
-        length = plan.mask.shape[-1]
-        keys, values = k_cache[plan.rows, :, :length], v_cache[plan.rows, :, :length]
-        return F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=plan.mask, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        batch, _, length, _ = q.shape
+        keys_len = plan.mask.shape[-1]
+        keys, values = k_cache[plan.rows, :, :keys_len], v_cache[plan.rows, :, :keys_len]
+        group = self.n_heads // self.n_kv_heads
+        grouped = q.reshape(batch, self.n_kv_heads, group * length, self.head_dim)
+        mask = plan.mask.expand(batch, group, length, keys_len).reshape(batch, 1, group * length, keys_len)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return out.reshape(batch, self.n_heads, length, self.head_dim)
 
     def _decode_attention(
         self, q: Tensor, k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor], plan: Decode
