@@ -210,6 +210,19 @@ class FinetuneSettings(_Section):
     cpus_per_worker: float = Field(0.5, gt=0)
 
 
+class JobsSettings(_Section):
+    """Where the jobs submitted through the API (CompressDocuments, SubmitFinetune) run."""
+
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray cluster that takes the API's compress and finetune jobs: its job server "
+        "(`http://HOST:8265`, the dashboard) or its GCS address (`HOST:6379`). The Helm chart's jobs "
+        "cluster (`jobsCluster.enabled`) sets it, so jobs neither load the serving cluster nor vanish "
+        "with it in an upgrade. None: the serving cluster's own.",
+    )
+
+
 class Settings(BaseSettings):
     """The platform's settings."""
 
@@ -230,6 +243,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     compress: CompressSettings = CompressSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    jobs: JobsSettings = JobsSettings()
 
     @classmethod
     def settings_customise_sources(
