@@ -35,6 +35,7 @@ from lloco.model import (
 )
 from lloco.registry import ContextInfo, DocumentInfo, Registry
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
+from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
 from lloco.storage import ObjectStore
 
@@ -89,6 +90,10 @@ class EngineObserver:
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         """The scheduler finished an iteration."""
+
+    def tenant_service(self, tenant: str, service: TenantService) -> None:
+        """A tenant's queue or service changed (reported at most every `scheduler.TENANT_REPORT_S` while
+        the engine is busy, and when it goes idle)."""
 
 
 class TextStream:
@@ -188,6 +193,7 @@ class EngineCore:
             self.dtype,
             model.tokenizer,
             compile=engine.compile and self.device.type == "cuda",
+            prefill_chunk_tokens=engine.prefill_chunk_tokens,
         )
         self.contexts = ContextCache(
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
@@ -201,8 +207,10 @@ class EngineCore:
             SlotManager(settings.lora.gpu_slots),
             max_batch=engine.max_batch_size,
             max_waiting=settings.serve.max_ongoing_requests,
+            queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
             on_iteration=self._observer.scheduled,
+            on_tenants=self._report_tenants,
         )
         self.requests = 0
 
@@ -250,6 +258,7 @@ class EngineCore:
         prepared = await asyncio.to_thread(self._prepare, req)
         scheduled = ScheduledRequest(
             request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",
+            tenant=req.tenant,
             prefix_embeds=prepared.prefix_embeds,
             prompt_ids=prepared.prompt_ids,
             params=req.params,
@@ -330,7 +339,8 @@ class EngineCore:
 
     async def forget_tenant(self, tenant: str) -> int:
         """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, adapters
-        and token counts, and the adapter slots no running row uses (zeroed). Returns the entries dropped.
+        and token counts, the adapter slots no running row uses (zeroed), and its fairness counter unless
+        requests of it are still in flight. Returns the entries dropped.
 
         Entries are keyed by the tenant's creation uid too, so a re-created tenant of the same name never
         reads them even before this runs; this frees the memory at once.
@@ -338,6 +348,7 @@ class EngineCore:
         mine = lambda key: key.tenant == tenant  # noqa: E731 - one predicate for every cache
         dropped = self.contexts.gpu.drop(mine) + self.contexts.cpu.drop(mine) + self.adapters.tier.drop(mine)
         dropped += self._document_tokens.drop(lambda key: key[0] == tenant)
+        dropped += self.scheduler.forget(tenant)
         for slot in self.scheduler.slots.forget_where(mine):
             self.lora.unload(slot)
             dropped += 1
@@ -348,6 +359,7 @@ class EngineCore:
         slots = self.scheduler.slots
         return {
             "queue_depth": self.scheduler.waiting(),
+            "tenants_waiting": self.scheduler.backlogged(),
             "batch_size": self.scheduler.active(),
             "requests": self.requests,
             "generated_tokens": self.scheduler.generated_tokens,
@@ -364,6 +376,10 @@ class EngineCore:
             "adapter_slot_loads": slots.loads,
             "adapter_slot_evictions": slots.evictions,
         }
+
+    def _report_tenants(self, services: dict[str, TenantService]) -> None:
+        for tenant, service in services.items():
+            self._observer.tenant_service(tenant, service)
 
     def _prepare_reader(self, compressor: Compressor) -> tuple[AdapterKey, LoraAdapter] | None:
         """The compressor's reader (a decoder-side LoRA trained to read its summary vectors), laid out for the
