@@ -334,20 +334,27 @@ def test_finding_3_a_300mb_message_is_refused_without_being_held(
             (None, {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED}),
             (planted.beta_key, {grpc.StatusCode.RESOURCE_EXHAUSTED}),
         ):
-            Path(f"/proc/{pid}/clear_refs").write_text("5")  # restart the peak-RSS count at the current RSS
-            before = peak_rss(pid)
-            started = time.monotonic()
-            answer = call(channel, "IngestDocument", huge, key)
-            grown = peak_rss(pid) - before
+            # The replica's other threads (Ray's core worker, metrics) allocate too; a message held in
+            # memory would show in every try, so the smallest growth of three tries is the message's.
+            growths = []
+            for _ in range(3):
+                Path(f"/proc/{pid}/clear_refs").write_text(
+                    "5"
+                )  # restart the peak-RSS count at the current RSS
+                before = peak_rss(pid)
+                started = time.monotonic()
+                answer = call(channel, "IngestDocument", huge, key)
+                growths.append(peak_rss(pid) - before)
+                assert answer.code in refusals, answer
+                assert time.monotonic() - started < 30
+            grown = min(growths)
             print(
-                f"refused {answer.code.name}: server peak RSS grew {grown / 2**20:.1f} MiB (cap {cap / 2**20:.1f} MiB)"
+                f"refused {answer.code.name}: server peak RSS grew "
+                f"{', '.join(f'{g / 2**20:.1f}' for g in growths)} MiB (cap {cap / 2**20:.1f} MiB)"
             )
-            assert answer.code in refusals, answer
-            # far below the 300 MB sent; the slack covers allocator and thread noise of a busy machine
-            assert grown <= cap + 32 * 2**20, (
+            assert grown <= cap + 8 * 2**20, (
                 f"server grew {grown / 2**20:.0f} MiB for a refused message (cap {cap})"
             )
-            assert time.monotonic() - started < 30
         fits = call(channel, "GetCaller", lloco_pb2.GetCallerRequest(), planted.beta_key)
         assert fits.code == grpc.StatusCode.OK  # the server is unharmed
     assert stack.settings.limits.message_bytes == cap
