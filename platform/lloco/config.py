@@ -3,7 +3,7 @@
 Values come from (highest first) constructor arguments, ``LLOCO_*`` environment variables
 (nested with ``__``, e.g. ``LLOCO_STORE__BUCKET``), a secrets YAML file named by
 ``LLOCO_SECRETS_FILE`` (readable by its owner only: how secrets reach Ray jobs by reference, see
-``lloco.finetune.job.settings_env``), an optional YAML config file, then the defaults here.
+``lloco.jobs.settings_env``), an optional YAML config file, then the defaults here.
 Defaults live only in this schema.
 """
 

@@ -20,17 +20,17 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from lloco.config import FinetuneSettings, Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Batch, Example, ExampleBuilder, collate
+from lloco.finetune.options import TrainOptions
 from lloco.logs import get_logger
 from lloco.model import Llama, load_compressor, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
@@ -46,41 +46,6 @@ TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 MAX_GRAD_NORM = 1.0
 LOSS_WINDOW = 10
-
-
-class TrainOptions(BaseModel):
-    """What one finetune run does beyond the platform's ``settings.finetune`` (hyperparameters)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["compressed", "full"] = Field(
-        "compressed", description="compressed: LLoCO (summary vectors as prefix); full: raw document tokens."
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Rows held out (seeded) for the evaluation loss."
-    )
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (else epochs)."
-    )
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="Checkpoint period; None: each epoch.")
-    max_length: int | None = Field(
-        None, ge=8, description="Longest example in positions; None: the model's max_position_embeddings."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward (long inputs).")
-    seed: int = Field(0, ge=0, description="Seed of the split, data order and dropout.")
-
-    def cli_args(self) -> list[str]:
-        """The ``lloco finetune`` flags that reproduce these options."""
-        args = ["--mode", self.mode, "--eval-fraction", str(self.eval_fraction), "--seed", str(self.seed)]
-        if self.max_steps is not None:
-            args += ["--max-steps", str(self.max_steps)]
-        if self.checkpoint_every_steps is not None:
-            args += ["--checkpoint-every", str(self.checkpoint_every_steps)]
-        if self.max_length is not None:
-            args += ["--max-length", str(self.max_length)]
-        if self.gradient_checkpointing:
-            args += ["--gradient-checkpointing"]
-        return args
 
 
 Report = Callable[[dict[str, Any], Path | None], None]

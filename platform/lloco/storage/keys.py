@@ -211,9 +211,16 @@ def check_uploads_template(template: str) -> str:
     return template
 
 
+def jobs_prefix(t: str) -> str:
+    return f"{tenant_root(t)}jobs/"
+
+
+JOB_SUFFIX = ".json"
+
+
 def job_record(t: str, job_id: str) -> str:
-    """A job that ran inside the API (online compression) rather than as a Ray job."""
-    return f"{tenant_root(t)}jobs/{validate_id('job', job_id)}.pb"
+    """One job's record under one of the tenants it works for (``lloco.jobs``)."""
+    return f"{jobs_prefix(t)}{validate_id('job', job_id)}{JOB_SUFFIX}"
 
 
 def model_prefix(model_id: str) -> str:
