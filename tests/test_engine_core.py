@@ -20,6 +20,7 @@ from lloco.model import Compressor, LlamaConfig, LoadedModel, SamplingParams, ch
 from lloco.registry import Registry, Tenants
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import EngineCore, EngineObserver, EngineRequest, QueryStats, TextStream
+from lloco.serve.fairness import TenantService
 from safetensors.torch import save as save_safetensors
 
 HANDBOOK = (
@@ -41,7 +42,11 @@ def compressor(base: LoadedModel) -> Compressor:
 
 
 def settings(
-    max_batch: int = 4, gpu_slots: int = 2, max_waiting: int = 16, max_seq_len: int = 256
+    max_batch: int = 4,
+    gpu_slots: int = 2,
+    max_waiting: int = 16,
+    max_seq_len: int = 256,
+    prefill_chunk_tokens: int | None = 2048,
 ) -> Settings:
     return Settings(
         engine=EngineSettings(
@@ -49,6 +54,7 @@ def settings(
             max_seq_len=max_seq_len,
             context_cache_gpu_bytes=2**20,
             context_cache_cpu_bytes=2**20,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         ),
         lora=LoraSettings(max_rank=8, gpu_slots=gpu_slots, cpu_adapters=8),
         serve=ServeSettings(max_ongoing_requests=max_waiting),
@@ -113,6 +119,7 @@ class Recorder(EngineObserver):
         self.batch_sizes: list[int] = []
         self.lookups: list[tuple[str, ContextTier]] = []
         self.adapter_loads: list[tuple[str, str]] = []
+        self.services: list[tuple[str, TenantService]] = []
 
     def context_lookup(self, tenant: str, tier: ContextTier) -> None:
         self.lookups.append((tenant, tier))
@@ -122,6 +129,9 @@ class Recorder(EngineObserver):
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         self.batch_sizes.append(batch_size)
+
+    def tenant_service(self, tenant: str, service: TenantService) -> None:
+        self.services.append((tenant, service))
 
 
 def run(scenario: Callable[[], Awaitable[None]]) -> None:
@@ -446,5 +456,105 @@ def test_stopping_the_engine_ends_running_streams_as_cancelled(
         assert rest[-1].final is not None and rest[-1].final.finish_reason == "cancelled"
         assert rest[-1].final.generated_tokens < 200
         assert not core.healthy and core.generator.active() == 0
+
+    run(scenario)
+
+
+def test_a_query_with_documents_and_no_adapter_decodes_with_the_compressors_reader(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    reader = random_adapter(base.config, seed=7)
+    with_reader = Compressor(
+        base, compressor.summary_embeds, 16, True, output_scale=compressor.output_scale, reader_files=reader
+    )
+    registry = tenants["acme"]
+    registry.publish_adapter("copy-of-reader", reader, train={})
+
+    async def scenario() -> None:
+        async with engine(store, base, with_reader, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            plain, _, plain_stats = await collect(core, request("acme", ("handbook",), None))
+            copy, _, _ = await collect(core, request("acme", ("handbook",), "copy-of-reader"))
+            no_docs, _, _ = await collect(core, request("acme", (), None))
+        async with engine(store, base, compressor, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            without_reader, _, _ = await collect(core, request("acme", ("handbook",), None))
+            base_no_docs, _, _ = await collect(core, request("acme", (), None))
+        assert plain == copy  # the reader in a slot, exactly as the same weights published as an adapter
+        assert plain != without_reader
+        assert plain_stats.adapter_version is None  # no tenant adapter was used
+        assert no_docs == base_no_docs  # without documents there is nothing to read: the base model
+
+    run(scenario)
+
+
+def test_a_flooding_tenant_does_not_keep_other_tenants_waiting(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """One row; acme queues ten queries, then globex one: globex runs second (first come, first served
+    would run it eleventh), and the per-tenant service the observer got adds up."""
+
+    async def scenario() -> None:
+        recorder = Recorder()
+        async with engine(store, base, compressor, settings(max_batch=1), recorder) as core:
+            gate = threading.Event()
+            hold = asyncio.create_task(core.scheduler.run_exclusive(gate.wait))
+            finished: list[str] = []
+            results: dict[str, QueryStats] = {}
+
+            async def tagged(tag: str, req: EngineRequest) -> None:
+                results[tag] = (await collect(core, req))[2]
+                finished.append(tag)
+
+            tasks = [
+                asyncio.create_task(tagged(f"acme-{i}", request("acme", (), None, max_new_tokens=3)))
+                for i in range(10)
+            ]
+            await until(lambda: core.scheduler.waiting() == 10)
+            tasks.append(asyncio.create_task(tagged("globex", request("globex", (), None, max_new_tokens=3))))
+            await until(lambda: core.scheduler.waiting() == 11)
+            assert core.metrics()["tenants_waiting"] == 2
+            gate.set()
+            await hold
+            await asyncio.gather(*tasks)
+            final = {tenant: core.scheduler.service(tenant) for tenant in ("acme", "globex")}
+
+        assert finished.index("globex") == 1, finished
+        assert max(s.waiting for t, s in recorder.services if t == "acme") == 10
+        for tenant, service in final.items():
+            mine = [stats for tag, stats in results.items() if tag.startswith(tenant)]
+            assert service.waiting == 0 and service.running == 0
+            assert service.input_tokens == sum(stats.prompt_tokens for stats in mine)
+            # EOS ends a query without an emitted token; each generated one was charged
+            assert service.output_tokens >= sum(stats.generated_tokens for stats in mine)
+            assert service.virtual_tokens == service.input_tokens + 2 * service.output_tokens
+            assert [s for t, s in recorder.services if t == tenant][-1] == service  # reported when idle
+
+    run(scenario)
+
+
+def test_chunked_prefill_answers_what_whole_prefill_does(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """Contexts + prompts prefilled 5 positions per step, queries joining while others decode."""
+    requests = [
+        request("acme", ("handbook",), "support", max_new_tokens=12),
+        request("globex", ("report",), "sales", max_new_tokens=12),
+        request("acme", ("handbook",), None, max_new_tokens=12),
+    ]
+
+    async def answers(chunk: int | None) -> list[list[int]]:
+        async with engine(store, base, compressor, settings(prefill_chunk_tokens=chunk)) as core:
+            await core.compress("acme", ["handbook"])
+            await core.compress("globex", ["report"])
+            assert core.generator.prefill_chunk_tokens == chunk
+            tasks = []
+            for req in requests:
+                tasks.append(asyncio.create_task(collect(core, req)))
+                await asyncio.sleep(0.01)
+            return [ids for ids, _, _ in await asyncio.gather(*tasks)]
+
+    async def scenario() -> None:
+        assert await answers(5) == await answers(None)
 
     run(scenario)

@@ -350,7 +350,8 @@ def test_finding_3_a_300mb_message_is_refused_without_being_held(
                 f"refused {answer.code.name}: server peak RSS grew {grown / 2**20:.1f} MiB (cap {cap / 2**20:.1f} MiB)"
             )
             assert answer.code in refusals, answer
-            assert grown <= cap + 8 * 2**20, (
+            # far below the 300 MB sent; the slack covers allocator and thread noise of a busy machine
+            assert grown <= cap + 32 * 2**20, (
                 f"server grew {grown / 2**20:.0f} MiB for a refused message (cap {cap})"
             )
             assert time.monotonic() - started < 30

@@ -217,3 +217,90 @@ def test_fused_batch1_steps_equal_layer_steps(base, slots) -> None:
         singles = {rid: run_tokens(gen, [(rid, r)])[rid] for rid, r in alone.items()}
         results[fused] = (mixed, singles)
     assert results[True] == results[False]
+
+
+def long_request(
+    base, prefix_len: int, question: str, slot: int, params: SamplingParams
+) -> GenerationRequest:
+    """A compressed-context-like input: ``prefix_len`` prefix embeddings, then a chat prompt."""
+    gen = torch.Generator().manual_seed(prefix_len)
+    prefix = torch.randn(prefix_len, base.config.dim, generator=gen) * 0.05
+    return GenerationRequest(chat_prompt(base.tokenizer, question), prefix, slot, params)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 16, 64])
+def test_chunked_prefill_generates_what_unchunked_prefill_does(base, slots, chunk: int) -> None:
+    """Prefix embeddings + prompt ids prefilled in chunks of ``chunk`` positions, beside decoding rows and
+    rows joining later, with adapters: every row generates exactly what it generates alone, unchunked."""
+    reqs = [
+        *requests(base),
+        long_request(base, 40, "What does the long report say about rivers?", 1, SamplingParams(9)),
+        long_request(base, 23, "Summarize it.", -1, SamplingParams(8, temperature=0.8, seed=3)),
+    ]
+    named = [(f"r{i}", r) for i, r in enumerate(reqs)]
+    alone = {
+        rid: run_tokens(Generator(base.model, slots, 1, 96, eos_token_ids=()), [(rid, r)])[rid]
+        for rid, r in named
+    }
+    gen = Generator(base.model, slots, 8, 96, eos_token_ids=(), prefill_chunk_tokens=chunk)
+    together = run_tokens(gen, named[:3], late=named[3:])
+    assert together == alone
+
+
+def test_a_row_prefilled_in_chunks_below_decoding_rows_keeps_its_keys(base, slots) -> None:
+    """Decode steps cover every cache row below the highest decoding one; a row part-way through its
+    prefill there (a freed row taken by a long input) must not have its cached keys overwritten."""
+    decoders = [(f"d{i}", r) for i, r in enumerate(requests(base)[:3])]
+    late = ("long", long_request(base, 30, "Which city is the capital?", 0, SamplingParams(16)))
+    alone = run_tokens(Generator(base.model, slots, 1, 96, eos_token_ids=()), [late])["long"]
+    gen = Generator(base.model, slots, 4, 96, eos_token_ids=(), prefill_chunk_tokens=4)
+    for rid, r in decoders:
+        gen.add(rid, r.prefix_embeds, r.prompt_ids, r.slot, SamplingParams(50))
+    started: set[str] = set()
+    while len(started) < 3:
+        started |= {out.request_id for out in gen.step()}
+    gen.cancel("d0")  # frees row 0 while rows 1 and 2 decode
+    rid, r = late
+    gen.add(rid, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+    tokens: list[int] = []
+    while gen.active() > 2 or not tokens:
+        tokens += [out.token_id for out in gen.step() if out.request_id == rid]
+    assert tokens == alone
+
+
+def test_decoding_rows_get_a_token_every_step_while_long_inputs_are_chunked(base) -> None:
+    budget = 8
+    gen = Generator(base.model, None, 4, 128, eos_token_ids=(), prefill_chunk_tokens=budget)
+    for rid in ("a", "b"):
+        gen.add(rid, None, chat_prompt(base.tokenizer, f"Question {rid}?"), params=SamplingParams(60))
+    started: set[str] = set()
+    while started != {"a", "b"}:  # both prefilled (over steps: their prompts exceed the budget)
+        started |= {out.request_id for out in gen.step()}
+    gen.step()  # the first decode step of both
+    first = long_request(base, 41, "A long question about a long document?", -1, SamplingParams(4))
+    second = long_request(base, 19, "Another one?", -1, SamplingParams(4))
+    inputs = {rid: r.prefix_embeds.shape[0] + len(r.prompt_ids) for rid, r in (("x", first), ("y", second))}
+    for rid, r in (("x", first), ("y", second)):
+        gen.add(rid, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+    first_token_step: dict[str, int] = {}
+    for step in range(1, 40):
+        outputs = gen.step()
+        ids = [out.request_id for out in outputs]
+        assert ids.count("a") == 1 and ids.count("b") == 1, f"step {step}: {ids}"
+        for rid in ("x", "y"):
+            if rid in ids and rid not in first_token_step:
+                first_token_step[rid] = step
+        if len(first_token_step) == 2:
+            break
+    # At most `budget` input positions per step, first come first served: x completes after
+    # ceil(|x| / budget) steps, y once both inputs fit the positions of the steps so far.
+    assert first_token_step == {
+        "x": -(-inputs["x"] // budget),
+        "y": -(-(inputs["x"] + inputs["y"]) // budget),
+    }
+    unchunked = Generator(base.model, None, 4, 128, eos_token_ids=())
+    for rid, r in (("x", first), ("y", second)):
+        unchunked.add(rid, r.prefix_embeds, r.prompt_ids, r.slot, r.params)
+    assert {out.request_id for out in unchunked.step()} == {"x", "y"}  # whole inputs in one step
+    with pytest.raises(InvalidArgument, match="prefill_chunk_tokens"):
+        Generator(base.model, None, 1, 64, prefill_chunk_tokens=0)

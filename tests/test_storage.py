@@ -341,3 +341,20 @@ def test_start_failure_reports_the_server_log(tmp_path: Path) -> None:
         with pytest.raises(Unavailable, match="(?s)exited.*not available"):
             server.start()
         assert not server.running
+
+
+def test_start_retries_when_another_process_takes_a_probed_port(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ports are probed, released and then bound by weed: a port taken in between must not fail the start."""
+    from lloco.storage import embedded
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        probes = iter([taken.getsockname()[1]])
+        real_probe = embedded._free_port
+        monkeypatch.setattr(embedded, "_free_port", lambda: next(probes, None) or real_probe())
+        with EmbeddedS3(tmp_path / "s3") as server:
+            assert ObjectStore(server.store_settings(bucket="raced")).ensure_bucket() is None
+            assert taken.getsockname()[1] not in server._ports

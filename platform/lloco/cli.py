@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "lloco.finetune.pretrain_cli",
     "lloco.eval.cli",
     "lloco.data.cli",
+    "lloco.model_cli",
 )
 
 for _module in COMMAND_MODULES:

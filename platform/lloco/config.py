@@ -10,7 +10,7 @@ Defaults live only in this schema.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -116,6 +116,39 @@ class EngineSettings(_Section):
         "faster batch-1 decode than CUDA graphs alone, for a longer replica start (the engine compiles its "
         "shape classes before taking queries: about 27 s for a 7B model on an H200).",
     )
+    prefill_chunk_tokens: int | None = Field(
+        2048,
+        ge=1,
+        description="Input positions (context vectors and prompt tokens) prefilled per engine step, over "
+        "all new requests in admission order: a longer input is prefilled in chunks over several steps, "
+        "each beside a decode step of the running requests, so a burst of long inputs delays their next "
+        "token by one chunk's time per step instead of by the whole burst. Larger chunks bring the first "
+        "token of long inputs sooner and stall decoding longer. None: each new request is prefilled whole.",
+    )
+    input_token_cost: float = Field(
+        1.0,
+        ge=0,
+        description="Fair admission between tenants: the virtual-token cost of one input position (context "
+        "vector or prompt token), charged to a tenant's counter when its request is admitted.",
+    )
+    output_token_cost: float = Field(
+        2.0,
+        ge=0,
+        description="Fair admission between tenants: the virtual-token cost of one generated token, charged "
+        "as it is generated (a decode step costs more per token than prefill).",
+    )
+    tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Fair admission between tenants: a tenant's share while several have queries waiting "
+        "(tenants not listed weigh 1). Costs are divided by the weight, so a tenant weighing twice another "
+        "is served twice its tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _some_cost(self) -> EngineSettings:
+        if self.input_token_cost == 0 and self.output_token_cost == 0:
+            raise ValueError("engine.input_token_cost and engine.output_token_cost must not both be 0")
+        return self
 
 
 class ServeSettings(_Section):
@@ -177,6 +210,19 @@ class FinetuneSettings(_Section):
     cpus_per_worker: float = Field(0.5, gt=0)
 
 
+class JobsSettings(_Section):
+    """Where the jobs submitted through the API (CompressDocuments, SubmitFinetune) run."""
+
+    ray_address: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray cluster that takes the API's compress and finetune jobs: its job server "
+        "(`http://HOST:8265`, the dashboard) or its GCS address (`HOST:6379`). The Helm chart's jobs "
+        "cluster (`jobsCluster.enabled`) sets it, so jobs neither load the serving cluster nor vanish "
+        "with it in an upgrade. None: the serving cluster's own.",
+    )
+
+
 class Settings(BaseSettings):
     """The platform's settings."""
 
@@ -197,6 +243,7 @@ class Settings(BaseSettings):
     serve: ServeSettings = ServeSettings()
     compress: CompressSettings = CompressSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    jobs: JobsSettings = JobsSettings()
 
     @classmethod
     def settings_customise_sources(

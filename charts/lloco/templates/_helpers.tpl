@@ -1,7 +1,12 @@
 {{/*
-Names, labels and the pieces every Ray cluster of this chart shares. The RayService and every RayJob
-build their cluster from "lloco.rayClusterSpec", whose head and worker groups all come from the one
-pod template "lloco.rayPodTemplate".
+Names, labels and the pieces every Ray cluster of this chart shares. The RayService, the jobs cluster and
+every RayJob build their cluster from "lloco.rayClusterSpec", whose head and worker groups all come from
+the one pod template "lloco.rayPodTemplate".
+
+What a pod spec holds never depends on the platform's settings: those reach the processes through the
+settings file (a ConfigMap every Ray pod mounts, `LLOCO_CONFIG`) and the Serve application's args. So a
+`helm upgrade` that changes only settings (limits, engine, LoRA slots, jobs, model) leaves the RayService's
+rayClusterConfig alone, and KubeRay applies it to the running cluster instead of building a new one.
 */}}
 
 {{- define "lloco.name" -}}
@@ -24,7 +29,7 @@ pod template "lloco.rayPodTemplate".
 
 {{/*
 A name for a resource of the release: "<fullname>-<suffix>", the fullname cut so the whole name stays
-within `max` characters (KubeRay appends its own suffixes to RayService and RayJob names).
+within `max` characters (KubeRay appends its own suffixes to RayService, RayCluster and RayJob names).
 */}}
 {{- define "lloco.resourceName" -}}
 {{- $max := default 63 .max }}
@@ -57,12 +62,41 @@ app.kubernetes.io/part-of: lloco
 {{- end }}
 {{- end }}
 
+{{/* The image, pinned by digest when one is given. */}}
 {{- define "lloco.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "lloco.adminSecretName" -}}
 {{- default (include "lloco.resourceName" (dict "root" . "suffix" "admin")) .Values.adminKey.existingSecret }}
+{{- end }}
+
+{{/* The RayService; KubeRay names its head Service "<this>-head-svc" and keeps it on the serving cluster. */}}
+{{- define "lloco.rayServiceName" -}}
+{{- include "lloco.resourceName" (dict "root" . "suffix" "serve" "max" 40) }}
+{{- end }}
+
+{{/* The jobs cluster (a RayCluster: at most 53 characters, KubeRay adds "-head-svc" and pod suffixes). */}}
+{{- define "lloco.jobsClusterName" -}}
+{{- include "lloco.resourceName" (dict "root" . "suffix" "jobs" "max" 40) }}
+{{- end }}
+
+{{/* The job server of the jobs cluster, as the platform's setting `jobs.ray_address`. */}}
+{{- define "lloco.jobsClusterAddress" -}}
+{{- printf "http://%s-head-svc.%s.svc.%s:8265" (include "lloco.jobsClusterName" .) .Release.Namespace .Values.clusterDomain }}
+{{- end }}
+
+{{- define "lloco.settingsConfigMapName" -}}
+{{- include "lloco.resourceName" (dict "root" . "suffix" "settings") }}
+{{- end }}
+
+{{/* Where every Ray pod mounts the settings ConfigMap (a folder, so the kubelet refreshes it in place). */}}
+{{- define "lloco.settingsDir" -}}
+/etc/lloco/config
 {{- end }}
 
 {{/*
@@ -88,10 +122,24 @@ lloco_edge
 {{- include "lloco.resourceName" (dict "root" . "suffix" "grpc") }}
 {{- end }}
 
+{{/* The port clients dial on the gRPC Service: an ExternalName alias maps no port. */}}
+{{- define "lloco.grpcServicePort" -}}
+{{- if eq .Values.serve.service.type "ExternalName" }}
+{{- int64 .Values.serve.grpcPort }}
+{{- else }}
+{{- int64 .Values.serve.service.port }}
+{{- end }}
+{{- end }}
+
+{{/* A number value as JSON: `--set` leaves decimals as strings ("2e-5"), which the schema admits. */}}
+{{- define "lloco.number" -}}
+{{- if kindIs "string" . }}{{ float64 . | toJson }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
 {{/*
 The platform's settings (lloco.config.Settings, snake_case, one mapping per section) rendered from the
-values. Every Ray container gets them as LLOCO_* variables; the Serve application also gets the serving
-sections as its args. Secrets are never part of it.
+values: the content of the settings ConfigMap, and (the serving sections) the Serve application's args.
+Secrets are never part of it.
 */}}
 {{- define "lloco.settings" -}}
 {{- $v := .Values -}}
@@ -135,49 +183,44 @@ serve:
   tls_key_file: {{ printf "%s/tls.key" (include "lloco.tlsDir" .) | quote }}
   {{- end }}
   engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}
-  engine_num_gpus: {{ $v.serve.engine.numGpus | toJson }}
+  engine_num_gpus: {{ include "lloco.number" $v.serve.engine.numGpus }}
   max_ongoing_requests: {{ int64 $v.serve.engine.maxOngoingRequests }}
 compress:
   batch_size: {{ int64 $v.jobs.compress.batchSize }}
   pool_size: {{ int64 $v.jobs.compress.poolSize }}
-  actor_num_gpus: {{ $v.jobs.compress.actorNumGpus | toJson }}
-  actor_num_cpus: {{ $v.jobs.compress.actorNumCpus | toJson }}
+  actor_num_gpus: {{ include "lloco.number" $v.jobs.compress.actorNumGpus }}
+  actor_num_cpus: {{ include "lloco.number" $v.jobs.compress.actorNumCpus }}
   max_document_tokens: {{ int64 $v.jobs.compress.maxDocumentTokens }}
 finetune:
   rank: {{ int64 $v.jobs.finetune.rank }}
-  alpha: {{ $v.jobs.finetune.alpha | toJson }}
-  dropout: {{ $v.jobs.finetune.dropout | toJson }}
+  alpha: {{ include "lloco.number" $v.jobs.finetune.alpha }}
+  dropout: {{ include "lloco.number" $v.jobs.finetune.dropout }}
   target_modules: {{ $v.jobs.finetune.targetModules | toJson }}
-  learning_rate: {{ $v.jobs.finetune.learningRate | toJson }}
-  epochs: {{ $v.jobs.finetune.epochs | toJson }}
+  learning_rate: {{ include "lloco.number" $v.jobs.finetune.learningRate }}
+  epochs: {{ include "lloco.number" $v.jobs.finetune.epochs }}
   batch_size: {{ int64 $v.jobs.finetune.batchSize }}
   grad_accum: {{ int64 $v.jobs.finetune.gradAccum }}
-  warmup_ratio: {{ $v.jobs.finetune.warmupRatio | toJson }}
+  warmup_ratio: {{ include "lloco.number" $v.jobs.finetune.warmupRatio }}
   num_workers: {{ int64 $v.jobs.finetune.numWorkers }}
-  gpus_per_worker: {{ $v.jobs.finetune.gpusPerWorker | toJson }}
-  cpus_per_worker: {{ $v.jobs.finetune.cpusPerWorker | toJson }}
+  gpus_per_worker: {{ include "lloco.number" $v.jobs.finetune.gpusPerWorker }}
+  cpus_per_worker: {{ include "lloco.number" $v.jobs.finetune.cpusPerWorker }}
+{{- if $v.jobsCluster.enabled }}
+jobs:
+  ray_address: {{ include "lloco.jobsClusterAddress" . | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
-Environment of every Ray container: the settings as LLOCO_<SECTION>__<FIELD> (pydantic-settings'
-nested delimiter), S3 keys from a secret when one is named, the admin key on serving pods only.
-Args: root, component.
+Environment of every Ray container: only what does not change with the settings. The settings file
+(LLOCO_CONFIG); S3 region, endpoint and keys (from a secret when one is named); the admin key on serving
+pods only; Hugging Face offline (and its cache on the model volume); pip without a package index unless
+allowed. Args: root, component.
 */}}
 {{- define "lloco.env" -}}
 {{- $root := .root }}
-{{- $v := $root.Values }}
-{{- $settings := include "lloco.settings" $root | fromYaml -}}
-{{- range $section, $fields := $settings }}
-{{- if kindIs "map" $fields }}
-{{- range $field, $value := $fields }}
-- name: {{ printf "LLOCO_%s__%s" $section $field | upper }}
-  value: {{ ternary $value (toJson $value) (kindIs "string" $value) | quote }}
-{{- end }}
-{{- else }}
-- name: {{ printf "LLOCO_%s" $section | upper }}
-  value: {{ ternary $fields (toJson $fields) (kindIs "string" $fields) | quote }}
-{{- end }}
-{{- end }}
+{{- $v := $root.Values -}}
+- name: LLOCO_CONFIG
+  value: {{ printf "%s/settings.yaml" (include "lloco.settingsDir" $root) | quote }}
 - name: AWS_REGION
   value: {{ $v.s3.region | quote }}
 - name: AWS_DEFAULT_REGION
@@ -202,15 +245,49 @@ Args: root, component.
       name: {{ include "lloco.adminSecretName" $root }}
       key: {{ $v.adminKey.secretKey }}
 {{- end }}
+- name: HF_HUB_OFFLINE
+  value: "1"
+{{- with $v.model.hfCache }}
+{{- if not $v.model.volume.existingClaim }}
+{{- fail "model.hfCache names a folder of the model volume: set model.volume.existingClaim too" }}
+{{- end }}
+- name: HF_HUB_CACHE
+  value: {{ printf "/models/%s" (trimPrefix "/" .) | quote }}
+{{- end }}
+{{- if not $v.model.allowPackageIndex }}
+- name: PIP_NO_INDEX
+  value: "1"
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
 
 {{/*
-The one Ray pod template: head and worker pods of the serving cluster and of every job cluster.
-Args: root, component (serve|compress|finetune), role (head|worker), group (resources, gpus,
-nodeSelector, tolerations, affinity).
+The worker groups of one cluster as a YAML list: each group is `workerDefaults` with the group's own
+fields put over it one by one (a shallow merge: a group's `tolerations: []` clears the default ones), and
+a name from its index when it has none (what `--set workerGroups[0].x=y` leaves). Args: root, groups.
+*/}}
+{{- define "lloco.workerGroups" -}}
+{{- $groups := list }}
+{{- range $index, $group := .groups }}
+{{- $merged := deepCopy $.root.Values.workerDefaults }}
+{{- range $key, $value := $group }}
+{{- $_ := set $merged $key $value }}
+{{- end }}
+{{- if not $merged.name }}
+{{- $_ := set $merged "name" (printf "%s-%d" (ternary "gpu" "cpu" (gt (int64 $merged.gpus) 0)) $index) }}
+{{- end }}
+{{- $groups = append $groups $merged }}
+{{- end }}
+{{- toYaml $groups }}
+{{- end }}
+
+{{/*
+The one Ray pod template: head and worker pods of the serving cluster, the jobs cluster and every job
+cluster. Args: root, component (serve|jobs|compress|finetune), role (head|worker), group (resources,
+gpus, gpuProduct, nodeSelector, tolerations, affinity, topologySpreadConstraints, runtimeClassName,
+priorityClassName).
 */}}
 {{- define "lloco.rayPodTemplate" -}}
 {{- $root := .root }}
@@ -221,7 +298,12 @@ nodeSelector, tolerations, affinity).
 {{- $limits := default dict $resources.limits }}
 {{- $_ := set $limits "nvidia.com/gpu" $gpus }}
 {{- $_ := set $resources "limits" $limits }}
-{{- end -}}
+{{- end }}
+{{- $nodeSelector := deepCopy (default dict .group.nodeSelector) }}
+{{- with .group.gpuProduct }}
+{{- $_ := set $nodeSelector "nvidia.com/gpu.product" . }}
+{{- end }}
+{{- $tls := and (eq .component "serve") $v.serve.tls.existingSecret -}}
 metadata:
   labels:
     {{- include "lloco.labels" $root | nindent 4 }}
@@ -241,7 +323,13 @@ spec:
   {{- end }}
   securityContext:
     {{- toYaml $v.podSecurityContext | nindent 4 }}
-  {{- with .group.nodeSelector }}
+  {{- with .group.runtimeClassName }}
+  runtimeClassName: {{ . }}
+  {{- end }}
+  {{- with .group.priorityClassName }}
+  priorityClassName: {{ . }}
+  {{- end }}
+  {{- with $nodeSelector }}
   nodeSelector:
     {{- toYaml . | nindent 4 }}
   {{- end }}
@@ -253,15 +341,31 @@ spec:
   affinity:
     {{- toYaml . | nindent 4 }}
   {{- end }}
+  {{- with .group.topologySpreadConstraints }}
+  topologySpreadConstraints:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
   volumes:
     - name: cache
       emptyDir:
         sizeLimit: {{ $v.cache.sizeLimit }}
-    {{- if and (eq .component "serve") $v.serve.tls.existingSecret }}
+    - name: settings
+      configMap:
+        name: {{ include "lloco.settingsConfigMapName" $root }}
+    {{- with $v.model.volume.existingClaim }}
+    - name: models
+      persistentVolumeClaim:
+        claimName: {{ . }}
+        readOnly: true
+    {{- end }}
+    {{- if $tls }}
     - name: tls
       secret:
         secretName: {{ $v.serve.tls.existingSecret }}
         defaultMode: 0400
+    {{- end }}
+    {{- with $v.volumes }}
+    {{- toYaml . | nindent 4 }}
     {{- end }}
   containers:
     - name: ray-{{ .role }}
@@ -271,6 +375,10 @@ spec:
         {{- toYaml $v.securityContext | nindent 8 }}
       env:
         {{- include "lloco.env" (dict "root" $root "component" .component) | trim | nindent 8 }}
+      {{- with $v.envFrom }}
+      envFrom:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       ports:
         {{- if eq .role "head" }}
         - name: gcs-server
@@ -285,18 +393,34 @@ spec:
         {{- if eq .component "serve" }}
         - name: serve
           containerPort: 8000
+        {{- if eq .role "head" }}
         - name: grpc
           containerPort: {{ int64 $v.serve.grpcPort }}
+        {{- end }}
         {{- end }}
       resources:
         {{- toYaml $resources | nindent 8 }}
       volumeMounts:
         - name: cache
           mountPath: /cache
-        {{- if and (eq .component "serve") $v.serve.tls.existingSecret }}
+        - name: settings
+          mountPath: {{ include "lloco.settingsDir" $root }}
+          readOnly: true
+        {{- with $v.model.volume.existingClaim }}
+        - name: models
+          mountPath: /models
+          readOnly: true
+          {{- with $v.model.volume.subPath }}
+          subPath: {{ . }}
+          {{- end }}
+        {{- end }}
+        {{- if $tls }}
         - name: tls
           mountPath: {{ include "lloco.tlsDir" $root }}
           readOnly: true
+        {{- end }}
+        {{- with $v.volumeMounts }}
+        {{- toYaml . | nindent 8 }}
         {{- end }}
       lifecycle:
         preStop:
@@ -305,13 +429,15 @@ spec:
 {{- end }}
 
 {{/*
-A whole Ray cluster spec: the head plus worker groups, all from "lloco.rayPodTemplate", with the
-in-tree autoscaler. Args: root, component, workerGroups.
+A whole Ray cluster spec: the head plus worker groups (merged over `workerDefaults`), all from
+"lloco.rayPodTemplate", with the in-tree autoscaler; the serving cluster also gets the edge resource on
+its head and, when enabled, GCS fault tolerance. Args: root, component, workerGroups (as in the values).
 */}}
 {{- define "lloco.rayClusterSpec" -}}
 {{- $root := .root }}
 {{- $v := $root.Values }}
-{{- $component := .component -}}
+{{- $component := .component }}
+{{- $groups := include "lloco.workerGroups" (dict "root" $root "groups" .workerGroups) | fromYamlArray -}}
 rayVersion: {{ $v.rayVersion | quote }}
 enableInTreeAutoscaling: true
 autoscalerOptions:
@@ -323,6 +449,17 @@ autoscalerOptions:
     {{- toYaml $v.securityContext | nindent 4 }}
   resources:
     {{- toYaml $v.autoscaler.resources | nindent 4 }}
+{{- if and (eq $component "serve") $v.gcsFaultTolerance.enabled }}
+gcsFaultToleranceOptions:
+  redisAddress: {{ required "gcsFaultTolerance.redisAddress is required when gcsFaultTolerance.enabled" $v.gcsFaultTolerance.redisAddress | quote }}
+  {{- with $v.gcsFaultTolerance.existingSecret }}
+  redisPassword:
+    valueFrom:
+      secretKeyRef:
+        name: {{ . }}
+        key: {{ $v.gcsFaultTolerance.passwordKey }}
+  {{- end }}
+{{- end }}
 headGroupSpec:
   rayStartParams:
     dashboard-host: "0.0.0.0"
@@ -338,7 +475,7 @@ headGroupSpec:
     {{- end }}
   template:
     {{- include "lloco.rayPodTemplate" (dict "root" $root "component" $component "role" "head" "group" $v.head) | nindent 4 }}
-{{- with .workerGroups }}
+{{- with $groups }}
 workerGroupSpecs:
   {{- range $group := . }}
   - groupName: {{ $group.name }}
@@ -378,11 +515,12 @@ rayClusterSpec:
 {{- end }}
 
 {{/*
-Checks the values cannot express in the schema: unique worker group names, min <= max.
+Checks the values cannot express in the schema: unique worker group names, min <= max (after the merge
+over `workerDefaults`). Args: path, root, groups (as in the values).
 */}}
 {{- define "lloco.validateWorkerGroups" -}}
 {{- $seen := dict }}
-{{- range $group := .groups }}
+{{- range $group := include "lloco.workerGroups" (dict "root" .root "groups" .groups) | fromYamlArray }}
 {{- if hasKey $seen $group.name }}
 {{- fail (printf "%s: worker group name %q is used twice" $.path $group.name) }}
 {{- end }}
@@ -401,6 +539,10 @@ proxy stays for KubeRay's health checks and serves nothing of lloco. The deploym
 the code (lloco.serve.ingress.Ingress, lloco.serve.engine.EngineDeployment); `num_replicas: auto` makes
 the Engine's autoscaling config here replace the fixed replica count the code sets. The Ingress has a
 fixed count: its calls do not pass through Serve, whose autoscaler would not see them.
+
+The args carry the settings the deployments run with, so a change to them is a new application version
+that Serve rolls out on the running cluster. The batch jobs' sections (compress, finetune) stay out of
+them: the jobs read those from the settings file, and a change there restarts no replica.
 */}}
 {{- define "lloco.serveConfig" -}}
 {{- $v := .Values }}
@@ -417,24 +559,25 @@ applications:
     route_prefix: null
     import_path: lloco.serve.app:app
     args:
-      {{- pick $settings "store" "model" "limits" "lora" "engine" "serve" | toYaml | nindent 6 }}
+      {{- pick $settings "store" "model" "limits" "lora" "engine" "serve" "jobs" | toYaml | nindent 6 }}
     deployments:
       - name: Ingress
         num_replicas: {{ int64 $v.serve.ingress.replicas }}
         ray_actor_options:
-          num_cpus: {{ $v.serve.ingress.numCpus | toJson }}
+          num_cpus: {{ include "lloco.number" $v.serve.ingress.numCpus }}
           resources:
             {{ include "lloco.edgeResource" . }}: 1
       - name: EngineDeployment
         num_replicas: auto
         max_ongoing_requests: {{ int64 $engine.maxOngoingRequests }}
+        max_surge_percent: {{ int64 $engine.maxSurgePercent }}
         autoscaling_config:
           min_replicas: {{ int64 $engine.minReplicas }}
           max_replicas: {{ int64 $engine.maxReplicas }}
-          target_ongoing_requests: {{ $engine.targetOngoingRequests | toJson }}
+          target_ongoing_requests: {{ include "lloco.number" $engine.targetOngoingRequests }}
         ray_actor_options:
-          num_cpus: {{ $engine.numCpus | toJson }}
-          num_gpus: {{ $engine.numGpus | toJson }}
+          num_cpus: {{ include "lloco.number" $engine.numCpus }}
+          num_gpus: {{ include "lloco.number" $engine.numGpus }}
 {{- end }}
 
 {{/* The gRPC health probe of the `helm test` pod, run with the image's Python (over TLS when GRPC_CA_FILE is set). */}}

@@ -17,7 +17,10 @@ padded to the model's vocabulary, so every generated id decodes.
   (c) adapter load latency, p50, rank-8 adapter: store -> GPU slot (read, parse, copy) and CPU tier ->
       GPU slot (copy from pinned memory), beside peft's ``load_adapter`` from local disk;
   (d) EngineCore under 64 concurrent clients of 16 tenants, each tenant with its own adapter and
-      document: generated tokens/s, queries/s, TTFT and latency p50/p99.
+      document: generated tokens/s, queries/s, TTFT and latency p50/p99;
+  (e), (f) scheduling: decode under a burst of long inputs with and without chunked prefill, and
+      per-tenant TTFT and service under a tenant sending ten times the others' rate
+      (``lloco.bench.scheduling``).
 Each section reports what broke and the run carries on with the next one. JSON and markdown go to --out.
 """
 
@@ -41,6 +44,7 @@ from typing import Any
 
 import torch
 
+from lloco.bench import scheduling
 from lloco.bench.engine import GEOMETRIES, TARGETS, bench_decode, hf_twin, random_adapter, random_llama
 from lloco.bench.report import run_section, write_report
 from lloco.config import EngineSettings
@@ -629,8 +633,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{load['ttft_p99_ms']:.0f} | {load['latency_p50_ms']:.0f} | {load['latency_p99_ms']:.0f} |",
             "",
         ]
+    lines += scheduling.render_markdown(result)
     if result.get("goals"):
-        lines += ["## Goals (issue 6)", "", "| goal | value | met |", "|---|---|---|"]
+        lines += ["## Goals (issues 6 and 19)", "", "| goal | value | met |", "|---|---|---|"]
         lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
         lines.append("")
     if result.get("errors"):
@@ -663,10 +668,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help="small geometry on CPU: a smoke run")
     parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     parser.add_argument("--s3-endpoint", default=None, help="an S3 to use instead of a local SeaweedFS")
-    parser.add_argument("--sections", default="latency,adapters,adapter_loads,load")
+    parser.add_argument("--sections", default="latency,adapters,adapter_loads,load,prefill_burst,fairness")
     parser.add_argument("--name", default=None, help="output file stem (default serve-h200 / serve-tiny)")
     args = parser.parse_args(argv)
     plan = PLANS["tiny" if args.tiny else "h200"]
+    scheduling_plan = scheduling.PLANS["tiny" if args.tiny else "h200"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = args.name or ("serve-tiny" if args.tiny else "serve-h200")
@@ -699,16 +705,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"setup done at {time.time() - started:.0f} s", flush=True)
     section("latency", lambda: bench_latency(model, hf, plan))
     section("adapters", lambda: bench_adapters(model, hf, plan))
+    section("prefill_burst", lambda: scheduling.bench_prefill_burst(model, scheduling_plan))
     with tempfile.TemporaryDirectory(prefix="lloco-bench-serve-") as root:
         try:
             with object_store(args.s3_endpoint, f"bench-{uuid.uuid4().hex[:12]}", Path(root)) as store:
                 section("adapter_loads", lambda: bench_adapter_loads(model, store, plan))
                 section("load", lambda: bench_load(model, store, plan))
+                section("fairness", lambda: scheduling.bench_fairness(model, store, scheduling_plan, plan))
         except Exception as error:  # noqa: BLE001 - no store: the store sections are reported as errors
             result["errors"].append(f"store: {type(error).__name__}: {error}")
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-    result["goals"] = evaluate_goals(result)
+    result["goals"] = evaluate_goals(result) + scheduling.evaluate_goals(result)
     result["wall_s"] = time.time() - started
     write_report(args.out, name, result, render_markdown(result))
     return result

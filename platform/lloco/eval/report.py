@@ -133,7 +133,8 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
             cells = [row["test_set"], MODE_LABELS[row["mode"]], _cell(row["em"])]
             cells += [_cell(row["em_by_depth"].get(depth)) for depth in depths]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "### Held-out perplexity (base decoder, no LoRA)", ""]
+    decoder = (perplexity or {}).get("decoder", "base")
+    lines += ["", f"### Held-out perplexity (decoder: {decoder}; no tenant LoRA)", ""]
     if not perplexity:
         lines.append("Not measured.")
     elif perplexity.get("skipped"):

@@ -14,6 +14,14 @@ the caller's own, such as the serving scheduler's thread hand-off) then overlaps
 leaving it idle. On an H200 (7B geometry) a batch-32 step went from 7.37 to 7.02 ms and a query on a
 32k-token document from 343 to 329 ms end to end; a batch-1 step (compiled layers) stayed at 4.6 ms. A request that ends by EOS or
 a stop string costs its row one wasted decode (one that ends by length none: the chain stops before).
+
+Chunked prefill (``prefill_chunk_tokens``): a step prefills at most that many input positions of the queued
+rows, so a burst of long inputs delays the decoding rows' next token by one bounded chunk per step instead
+of by the whole burst. A chunk writes its keys into the row's cache and attends to the keys its earlier
+chunks wrote, so the row's tokens do not depend on the cut. Steps with prefill work run the decode step as
+usual (CUDA graph, compiled layers or the batch-1 kernels) plus one eager prefill forward, and they are not
+chained on the device (the host reads the first tokens of rows whose input completes); pure decode steps
+are unchanged.
 """
 
 from __future__ import annotations
@@ -103,14 +111,31 @@ class _Row:
     slot: int
     params: SamplingParams
     seed: int
-    prefix: Tensor | None
+    prefix: Tensor | None  # dropped once the whole input is in the cache
     prompt_ids: list[int]
+    input_len: int  # prefix + prompt
     position: int = 0  # where the next fed token sits (= tokens in the cache)
     generated: list[int] = field(default_factory=list)
 
-    @property
-    def input_len(self) -> int:
-        return (0 if self.prefix is None else self.prefix.shape[0]) + len(self.prompt_ids)
+    def input_embeds(self, model: Llama, start: int, end: int) -> Tensor:
+        """Embeddings [end - start, D] of input positions [start, end): prefix vectors, then prompt tokens."""
+        parts = []
+        prefix_len = 0 if self.prefix is None else self.prefix.shape[0]
+        if start < prefix_len:
+            parts.append(self.prefix[start : min(end, prefix_len)])
+        if end > prefix_len:
+            ids = self.prompt_ids[max(start, prefix_len) - prefix_len : end - prefix_len]
+            parts.append(model.embed(torch.tensor(ids, device=model.device)))
+        return torch.cat(parts)
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Input positions [start, start + length) of a row, prefilled in one forward."""
+
+    row: _Row
+    start: int
+    length: int
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -194,6 +219,10 @@ class Generator:
             bf16/fp16 models when Triton is installed and the kernels support the geometry).
         max_prefill_tokens: padded tokens per prefill forward; longer batches prefill in several forwards.
         kv_bucket: key-length granularity of decode shapes (more shapes vs less padding).
+        prefill_chunk_tokens: input positions prefilled per step, over all queued rows in the order they
+            were added; a longer input is prefilled in chunks over several steps, each beside the step's
+            decode of the other rows (chunked prefill). None: every queued row is prefilled whole in the
+            step after it was added.
     """
 
     def __init__(
@@ -212,6 +241,7 @@ class Generator:
         fused: bool | None = None,
         max_prefill_tokens: int = 16384,
         kv_bucket: int = 128,
+        prefill_chunk_tokens: int | None = None,
     ) -> None:
         self.device = resolve_device(device if device is not None else model.device)
         self.dtype = dtype or model.dtype
@@ -223,6 +253,8 @@ class Generator:
             raise InvalidArgument(
                 f"max_batch must be >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}"
             )
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise InvalidArgument(f"prefill_chunk_tokens must be >= 1 or None, got {prefill_chunk_tokens}")
         if lora is not None and (lora.device != self.device or lora.dtype != self.dtype):
             raise InvalidArgument(
                 f"LoRA slots on {lora.device}/{lora.dtype}, model on {self.device}/{self.dtype}"
@@ -230,6 +262,7 @@ class Generator:
         self.model, self.lora, self.tokenizer = model, lora, tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.max_prefill_tokens, self.kv_bucket = max_prefill_tokens, kv_bucket
+        self.prefill_chunk_tokens = prefill_chunk_tokens
         eos = set(model.config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -304,7 +337,8 @@ class Generator:
                     f"prefix embeddings must be [P, {self.model.config.dim}], got {tuple(prefix_embeds.shape)}"
                 )
             prefix_embeds = prefix_embeds.to(device=self.device, dtype=self.dtype)
-        row = _Row(request_id, -1, slot, params, 0, prefix_embeds, prompt)
+        prefix_len = 0 if prefix_embeds is None else prefix_embeds.shape[0]
+        row = _Row(request_id, -1, slot, params, 0, prefix_embeds, prompt, prefix_len + len(prompt))
         if row.input_len == 0:
             raise InvalidArgument("a request needs prefix embeddings or prompt tokens")
         if row.input_len + params.max_new_tokens > self.max_seq_len:
@@ -342,12 +376,15 @@ class Generator:
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
-        """Advance every request by one token.
+        """Advance every decoding request by one token and prefill queued input.
 
         Emits the tokens of the decode step launched by the previous call; before reading them, launches
         the next decode step chained on the device if the same requests are still running and none is
         queued. Otherwise launches it from the host's view of the rows after emitting, then prefills the
-        queued rows (their first token).
+        queued rows in the order they were added, at most ``prefill_chunk_tokens`` input positions in all
+        (every queued row whole without a budget); a row whose whole input is in the cache gets its first
+        token. So while a long input is prefilled chunk by chunk, every decoding row still gets a token
+        per step.
         """
         outputs: list[StepOutput] = []
         previous, self._launched = self._launched, None
@@ -359,8 +396,9 @@ class Generator:
             decoding = [row for row in self._rows.values() if row.generated]
             if decoding:
                 self._launched = self._launch(decoding, chained=False)
-            while self._pending:
-                outputs += self._prefill(self._take_prefill_chunk())
+            chunks = self._prefill_chunks()
+            while chunks:
+                outputs += self._prefill(self._take_forward(chunks))
         return outputs
 
     def _can_chain(self, launch: _Launch) -> bool:
@@ -372,50 +410,82 @@ class Generator:
             return False
         return sum(1 for row in self._rows.values() if row.generated) == len(launch.rows)
 
-    def _take_prefill_chunk(self) -> list[_Row]:
-        chunk: list[_Row] = []
-        longest = 0
+    def _prefill_chunks(self) -> list[_Chunk]:
+        """This step's prefill work: the queued rows' next input positions, in the order the rows were
+        added, within the step's budget (the last row taken may get only part of its rest)."""
+        budget = self.prefill_chunk_tokens
+        chunks = []
         for row in self._pending:
-            longest = max(longest, row.input_len)
-            if chunk and longest * (len(chunk) + 1) > self.max_prefill_tokens:
-                break
-            chunk.append(row)
-        del self._pending[: len(chunk)]
-        return chunk
+            length = row.input_len - row.position
+            if budget is not None:
+                if budget == 0:
+                    break
+                length = min(length, budget)
+                budget -= length
+            chunks.append(_Chunk(row, row.position, length))
+        return chunks
 
-    def _prefill(self, rows: list[_Row]) -> list[StepOutput]:
-        lengths = [row.input_len for row in rows]
+    def _take_forward(self, chunks: list[_Chunk]) -> list[_Chunk]:
+        """The leading chunks that fit one forward of ``max_prefill_tokens`` padded tokens (at least one)."""
+        group: list[_Chunk] = []
+        longest = 0
+        for chunk in chunks:
+            longest = max(longest, chunk.length)
+            if group and longest * (len(group) + 1) > self.max_prefill_tokens:
+                break
+            group.append(chunk)
+        del chunks[: len(group)]
+        return group
+
+    def _prefill(self, chunks: list[_Chunk]) -> list[StepOutput]:
+        """One prefill forward over ``chunks``; rows whose input is then complete sample their first token.
+
+        Chunks that all start at position 0 attend over the batch alone (no cache read); others read
+        their rows' cached keys. Either way a row's keys and first token do not depend on how its input
+        was cut into chunks, nor on the other rows of the forward.
+        """
+        lengths = [chunk.length for chunk in chunks]
         embeds = torch.zeros(
-            len(rows), max(lengths), self.model.config.dim, device=self.device, dtype=self.dtype
+            len(chunks), max(lengths), self.model.config.dim, device=self.device, dtype=self.dtype
         )
-        for i, row in enumerate(rows):
-            parts = [] if row.prefix is None else [row.prefix]
-            if row.prompt_ids:
-                parts.append(self.model.embed(torch.tensor(row.prompt_ids, device=self.device)))
-            embeds[i, : lengths[i]] = torch.cat(parts)
-            row.prefix = None  # in the cache now
+        for i, chunk in enumerate(chunks):
+            embeds[i, : chunk.length] = chunk.row.input_embeds(
+                self.model, chunk.start, chunk.start + chunk.length
+            )
+        rows = [chunk.row for chunk in chunks]
         slots = [row.slot for row in rows]
         lora = None
         if self.lora is not None and any(slot >= 0 for slot in slots):
             lora = self.lora.batch(self._long_tensor(slots))
         last = self._long_tensor(lengths) - 1
-        logits = self.model.prefill(
-            embeds, self.cache, self._long_tensor([row.index for row in rows]), last, lora
-        )
+        indexes = self._long_tensor([row.index for row in rows])
+        if any(chunk.start for chunk in chunks):
+            starts = self._long_tensor([chunk.start for chunk in chunks])
+            kv_len = max(chunk.start + chunk.length for chunk in chunks)
+            logits = self.model.prefill(embeds, self.cache, indexes, last, lora, starts, kv_len)
+        else:
+            logits = self.model.prefill(embeds, self.cache, indexes, last, lora)
+        complete = []
+        for i, chunk in enumerate(chunks):
+            chunk.row.position += chunk.length
+            if chunk.row.position == chunk.row.input_len:
+                complete.append(i)
+        if not complete:
+            return []
+        rows = [rows[i] for i in complete]
+        for row in rows:
+            self._pending.remove(row)
+            row.prefix = None  # in the cache now
         params = [row.params for row in rows]
         tokens = sample(
-            logits,
+            logits[self._long_tensor(complete)],
             torch.tensor([p.temperature for p in params], device=self.device),
             torch.tensor([p.top_p for p in params], device=self.device),
             self._long_tensor([row.seed for row in rows]),
-            self._long_tensor(lengths),
+            self._long_tensor([row.input_len for row in rows]),
             self._mode(params),
         ).tolist()
-        outputs = []
-        for row, length, token in zip(rows, lengths, tokens, strict=True):
-            row.position = length
-            outputs.append(self._emit(row, token))
-        return outputs
+        return [self._emit(row, token) for row, token in zip(rows, tokens, strict=True)]
 
     def _launch(self, rows: list[_Row], chained: bool) -> _Launch:
         """Start a decode step for ``rows`` without waiting for it.
@@ -460,6 +530,12 @@ class Generator:
             [row.slot for row in rows],
             [row.seed for row in rows],
         ]
+        # Every row below `batch` is decoded; one that is not decoding writes a key at its position. A row
+        # part-way through its prefill gets the position its next chunk writes first, so its cached
+        # keys stay intact (free rows and rows not started yet take position 0).
+        for row in self._pending:
+            if row.index < batch:
+                host_long[1, row.index] = row.position
         host_float[:, index] = [[row.params.temperature for row in rows], [row.params.top_p for row in rows]]
         self._long[:, :batch].copy_(self._host_long[:, :batch], non_blocking=True)
         self._float[:, :batch].copy_(self._host_float[:, :batch], non_blocking=True)

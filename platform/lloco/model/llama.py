@@ -123,9 +123,16 @@ class KVCache:
 
 @dataclass(frozen=True)
 class Prefill:
-    """New rows start at position 0: causal attention over the batch, keys/values written to ``rows``."""
+    """A chunk of each row's input: keys/values written to cache ``rows``.
+
+    ``positions`` None: every chunk starts at position 0, so causal attention over the batch alone. Else
+    each token sits at ``positions`` and attends to its row's cached keys up to its own position (those
+    of earlier chunks and the causal part of its chunk), as ``mask`` says.
+    """
 
     rows: Tensor  # [B] long: cache row of each batch row
+    positions: Tensor | None = None  # [B, T] long: cache position of each token
+    mask: Tensor | None = None  # [B, 1, T, L] bool: key visible to query (L keys read from the cache)
 
 
 @dataclass(frozen=True)
@@ -179,6 +186,8 @@ class Attention(nn.Module):
         v = self._heads(v, self.n_kv_heads)
         if isinstance(plan, Decode):
             out = self._decode_attention(q, k, v, kv, plan)
+        elif isinstance(plan, Prefill) and plan.positions is not None:
+            out = self._chunk_attention(q, k, v, kv, plan)
         else:
             if isinstance(plan, Prefill):
                 k_cache, v_cache = kv
@@ -190,6 +199,26 @@ class Attention(nn.Module):
         if lora is not None:
             o = lora.add(o, "o", out)
         return o
+
+    def _chunk_attention(
+        self, q: Tensor, k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor], plan: Prefill
+    ) -> Tensor:
+        """q/k/v [B, H(kv), T, hd] of chunks at ``plan.positions``: write their keys, attend over the cache.
+
+        Query heads of a KV head fold into its rows (as in decode), so a masked kernel serves GQA too.
+        """
+        k_cache, v_cache = kv
+        rows = plan.rows[:, None]
+        k_cache[rows, :, plan.positions] = k.transpose(1, 2)
+        v_cache[rows, :, plan.positions] = v.transpose(1, 2)
+        batch, _, length, _ = q.shape
+        keys_len = plan.mask.shape[-1]
+        keys, values = k_cache[plan.rows, :, :keys_len], v_cache[plan.rows, :, :keys_len]
+        group = self.n_heads // self.n_kv_heads
+        grouped = q.reshape(batch, self.n_kv_heads, group * length, self.head_dim)
+        mask = plan.mask.expand(batch, group, length, keys_len).reshape(batch, 1, group * length, keys_len)
+        out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+        return out.reshape(batch, self.n_heads, length, self.head_dim)
 
     def _decode_attention(
         self, q: Tensor, k: Tensor, v: Tensor, kv: tuple[Tensor, Tensor], plan: Decode
@@ -372,22 +401,44 @@ class Llama(nn.Module):
         return self.model.norm(x)
 
     def prefill(
-        self, embeds: Tensor, cache: KVCache, rows: Tensor, last: Tensor, lora: LoraBatch | None = None
+        self,
+        embeds: Tensor,
+        cache: KVCache,
+        rows: Tensor,
+        last: Tensor,
+        lora: LoraBatch | None = None,
+        starts: Tensor | None = None,
+        kv_len: int = 0,
     ) -> Tensor:
-        """Run new rows from position 0 and fill their cache rows.
+        """Run a chunk of each row's input (all of it, or a part: chunked prefill) and fill its cache row.
 
         Args:
-            embeds: [B, T, D] right-padded inputs (prefix embeddings + prompt token embeddings).
-            cache: the static cache; rows ``rows`` get keys/values for positions [0, T).
+            embeds: [B, T, D] right-padded chunks of the rows' inputs (prefix embeddings + prompt token
+                embeddings).
+            cache: the static cache; row ``rows[b]`` gets keys/values for positions [start, start + length).
             rows: [B] long, cache row of each batch row.
-            last: [B] long, index of each row's last real position (length - 1).
+            last: [B] long, index in the chunk of each row's last real token (chunk length - 1).
             lora: per-row adapters, or None.
+            starts: [B] long, position of each chunk's first token: the row's keys [0, start) are in the
+                cache from its earlier chunks, and the chunk attends to them. None: every chunk starts at 0
+                (attention over the batch alone, no cache read). A padding token is written at its row's
+                next position (start + length), which a later chunk or decode step overwrites before any
+                query reads it; that position must lie inside the cache.
+            kv_len: with ``starts``, keys read from the cache: >= max(start + length).
         Returns:
-            fp32 logits [B, V] at each row's last real position.
+            fp32 logits [B, V] at each row's last real token.
         """
         length = embeds.shape[1]
-        cos, sin = self.rope(torch.arange(length, device=embeds.device)[None])
-        plan = Prefill(rows=rows)
+        steps = torch.arange(length, device=embeds.device)
+        if starts is None:
+            cos, sin = self.rope(steps[None])
+            plan = Prefill(rows=rows)
+        else:
+            positions = starts[:, None] + torch.minimum(steps[None, :], last[:, None] + 1)
+            cos, sin = self.rope(positions)
+            keys = torch.arange(kv_len, device=embeds.device)
+            mask = keys[None, None, None, :] <= positions[:, None, :, None]
+            plan = Prefill(rows=rows, positions=positions, mask=mask)
         x = embeds
         for i, block in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i])

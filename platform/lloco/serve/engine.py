@@ -21,6 +21,7 @@ from lloco.model import load_compressor, load_model
 from lloco.registry import ContextInfo
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import EngineCore, EngineEvent, EngineObserver, EngineRequest, QueryStats
+from lloco.serve.fairness import TenantService
 from lloco.storage import ObjectStore
 
 log = get_logger(__name__)
@@ -83,6 +84,23 @@ class PrometheusObserver(EngineObserver):
         )
         self.queue_depth = metrics.Gauge("lloco_engine_queue_depth", "Queries waiting for a row.")
         self.batch_size = metrics.Gauge("lloco_engine_batch_size", "Rows in the running batch.")
+        self.tenant_waiting = metrics.Gauge(
+            "lloco_engine_tenant_queue_depth", "A tenant's queries waiting for a row.", tag_keys=("tenant",)
+        )
+        self.tenant_running = metrics.Gauge(
+            "lloco_engine_tenant_running", "A tenant's queries holding a row.", tag_keys=("tenant",)
+        )
+        self.tenant_counter = metrics.Gauge(
+            "lloco_engine_tenant_virtual_tokens",
+            "A tenant's fair-admission counter: weighted tokens served, after lifts.",
+            tag_keys=("tenant",),
+        )
+        self.tenant_tokens = metrics.Counter(
+            "lloco_engine_tenant_tokens_served",
+            "Tokens served to a tenant: input positions admitted (kind input), tokens generated (output).",
+            tag_keys=("tenant", "kind"),
+        )
+        self._served: dict[str, TenantService] = {}
 
     def context_lookup(self, tenant: str, tier: ContextTier) -> None:
         self.context_hits.inc(tags={"tenant": tenant, "tier": tier})
@@ -102,6 +120,21 @@ class PrometheusObserver(EngineObserver):
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         self.queue_depth.set(queue_depth)
         self.batch_size.set(batch_size)
+
+    def tenant_service(self, tenant: str, service: TenantService) -> None:
+        tags = {"tenant": tenant}
+        self.tenant_waiting.set(service.waiting, tags=tags)
+        self.tenant_running.set(service.running, tags=tags)
+        self.tenant_counter.set(service.virtual_tokens, tags=tags)
+        before = self._served.get(tenant, TenantService())
+        for kind, now, then in (
+            ("input", service.input_tokens, before.input_tokens),
+            ("output", service.output_tokens, before.output_tokens),
+        ):
+            served = now - then if now >= then else now  # a forgotten tenant's service restarts at 0
+            if served:
+                self.tenant_tokens.inc(served, tags={"tenant": tenant, "kind": kind})
+        self._served[tenant] = service
 
 
 @serve.deployment

@@ -1,7 +1,9 @@
 """The serving engine, free of Ray: one base model answering every tenant's queries.
 
 A query is `[compressed contexts of its documents, concatenated] + chat_prompt(question)`, decoded with
-the tenant's adapter in a LoRA slot. EngineCore resolves the adapter (its `current` version unless one is
+the tenant's adapter in a LoRA slot (a query with documents and no adapter: the compressor's reader, when it
+ships one, since a tenant adapter starts from it and the base model alone was never taught to read summary
+vectors). EngineCore resolves the adapter (its `current` version unless one is
 pinned) and the contexts on every request, so new versions and recompressed documents are picked up
 without a restart, and streams the text as it is generated. `lloco.serve.engine` wraps it in Ray Serve.
 """
@@ -33,6 +35,7 @@ from lloco.model import (
 )
 from lloco.registry import ContextInfo, DocumentInfo, Registry
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
+from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
 from lloco.storage import ObjectStore
 
@@ -40,6 +43,7 @@ log = get_logger(__name__)
 
 # Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,10 @@ class EngineObserver:
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         """The scheduler finished an iteration."""
+
+    def tenant_service(self, tenant: str, service: TenantService) -> None:
+        """A tenant's queue or service changed (reported at most every `scheduler.TENANT_REPORT_S` while
+        the engine is busy, and when it goes idle)."""
 
 
 class TextStream:
@@ -185,11 +193,13 @@ class EngineCore:
             self.dtype,
             model.tokenizer,
             compile=engine.compile and self.device.type == "cuda",
+            prefill_chunk_tokens=engine.prefill_chunk_tokens,
         )
         self.contexts = ContextCache(
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
         )
         self.adapters = AdapterCache(settings.lora.cpu_adapters, self._parse_adapter)
+        self._reader = self._prepare_reader(compressor)
         self._document_tokens: LruCache[tuple[str, str, str, str], int] = LruCache(4096, lambda _: 1)
         self.scheduler = Scheduler(
             self.generator,
@@ -197,8 +207,10 @@ class EngineCore:
             SlotManager(settings.lora.gpu_slots),
             max_batch=engine.max_batch_size,
             max_waiting=settings.serve.max_ongoing_requests,
+            queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
             on_iteration=self._observer.scheduled,
+            on_tenants=self._report_tenants,
         )
         self.requests = 0
 
@@ -246,6 +258,7 @@ class EngineCore:
         prepared = await asyncio.to_thread(self._prepare, req)
         scheduled = ScheduledRequest(
             request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",
+            tenant=req.tenant,
             prefix_embeds=prepared.prefix_embeds,
             prompt_ids=prepared.prompt_ids,
             params=req.params,
@@ -281,7 +294,7 @@ class EngineCore:
                 context_tokens=0 if prepared.prefix_embeds is None else int(prepared.prefix_embeds.shape[0]),
                 document_tokens=prepared.document_tokens,
                 generated_tokens=len(token_ids),
-                adapter_version=prepared.adapter.version if prepared.adapter else None,
+                adapter_version=prepared.adapter.version if req.adapter else None,
                 ttft_s=first_token_at - started,
                 total_s=done - started,
                 finish_reason=_FINISH_REASONS[event.reason or "stop"],
@@ -326,7 +339,8 @@ class EngineCore:
 
     async def forget_tenant(self, tenant: str) -> int:
         """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, adapters
-        and token counts, and the adapter slots no running row uses (zeroed). Returns the entries dropped.
+        and token counts, the adapter slots no running row uses (zeroed), and its fairness counter unless
+        requests of it are still in flight. Returns the entries dropped.
 
         Entries are keyed by the tenant's creation uid too, so a re-created tenant of the same name never
         reads them even before this runs; this frees the memory at once.
@@ -334,6 +348,7 @@ class EngineCore:
         mine = lambda key: key.tenant == tenant  # noqa: E731 - one predicate for every cache
         dropped = self.contexts.gpu.drop(mine) + self.contexts.cpu.drop(mine) + self.adapters.tier.drop(mine)
         dropped += self._document_tokens.drop(lambda key: key[0] == tenant)
+        dropped += self.scheduler.forget(tenant)
         for slot in self.scheduler.slots.forget_where(mine):
             self.lora.unload(slot)
             dropped += 1
@@ -344,6 +359,7 @@ class EngineCore:
         slots = self.scheduler.slots
         return {
             "queue_depth": self.scheduler.waiting(),
+            "tenants_waiting": self.scheduler.backlogged(),
             "batch_size": self.scheduler.active(),
             "requests": self.requests,
             "generated_tokens": self.scheduler.generated_tokens,
@@ -361,12 +377,38 @@ class EngineCore:
             "adapter_slot_evictions": slots.evictions,
         }
 
+    def _report_tenants(self, services: dict[str, TenantService]) -> None:
+        for tenant, service in services.items():
+            self._observer.tenant_service(tenant, service)
+
+    def _prepare_reader(self, compressor: Compressor) -> tuple[AdapterKey, LoraAdapter] | None:
+        """The compressor's reader (a decoder-side LoRA trained to read its summary vectors), laid out for the
+        slots: what a query with documents and no adapter of its own decodes with.
+
+        Raises:
+            FailedPrecondition: the reader's rank or targets do not fit the engine's slots.
+        """
+        if compressor.reader_files is None:
+            return None
+        try:
+            weights = self._parse_adapter(compressor.reader_files)
+        except InvalidArgument as error:
+            raise FailedPrecondition(
+                f"compressor {compressor.compressor_id} has a reader these LoRA slots cannot hold ({error}); "
+                "raise lora.max_rank or serve its targets (finetune.target_modules)"
+            ) from error
+        return AdapterKey("", "", READER_ADAPTER, compressor.compressor_id), weights
+
     def _prepare(self, req: EngineRequest) -> _Prepared:
         """Blocking half of a request (S3 reads, tokenization), run in a worker thread."""
         registry = Registry(self._store, req.tenant)
         adapter, weights = (
             self._resolve_adapter(registry, req.adapter, req.adapter_version) if req.adapter else (None, None)
         )
+        if adapter is None and req.doc_ids and self._reader is not None:
+            adapter, weights = (
+                self._reader
+            )  # no adapter of its own: the compressor's reader reads the context
         docs = [registry.get_document(doc_id) for doc_id in req.doc_ids]
         contexts = []
         for doc in docs:

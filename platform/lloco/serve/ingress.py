@@ -67,7 +67,7 @@ class Ingress:
         self._keys = KeyRing(self._store, settings.admin_key)
         self._tenants = Tenants(self._store)
         # jobs go to the job server (the dashboard) of the cluster this replica runs in
-        self._jobs = Jobs(settings, self._store, ray.get_runtime_context().gcs_address)
+        self._jobs = Jobs(settings, self._store, settings.jobs.ray_address or ray.get_runtime_context().gcs_address)
         self._facts: tuple[Any, str] | None = None
         self._engine_facts_lock = asyncio.Lock()
         self._metrics = EdgeMetrics()

@@ -1,18 +1,22 @@
-"""Continuous batching over `lloco.model.Generator`.
+"""Continuous batching over `lloco.model.Generator`, with per-tenant fair admission.
 
 One asyncio task owns the generator. Each iteration it gathers what the event loop collected since the
 last one (exclusive jobs such as online compression, cancellations, waiting requests that fit a free row
 and a LoRA slot) and hands it to one worker thread that runs, in order: the jobs, the cancellations, the
 slot loads, the new rows, then one `Generator.step()` (the tokens of the decode step launched last time,
-the next decode step launched, prefill of new rows).
+the next decode step launched, the step's chunks of prefill).
 Only that thread touches the model, so a step never overlaps another step, a slot load or a job, while
 the event loop stays free to accept and stream requests.
+
+Waiting requests are queued per tenant and admitted in the order of the tenants' virtual token counters
+(`lloco.serve.fairness`): when rows are scarce, a tenant flooding the engine gets its share, not the
+batch. Counters are charged for a request's input when it is admitted and for each token it generates.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -23,10 +27,13 @@ from lloco.errors import Cancelled, Internal, LlocoError, ResourceExhausted
 from lloco.logs import get_logger
 from lloco.model import Generator, LoraAdapter, LoraSlots, SamplingParams, StepOutput
 from lloco.serve.caches import AdapterKey, SlotGrant, SlotManager
+from lloco.serve.fairness import FairQueue, TenantService
 
 log = get_logger(__name__)
 
 T = TypeVar("T")
+
+TENANT_REPORT_S = 1.0  # per-tenant service is reported at most this often while the engine is busy
 
 
 @dataclass(frozen=True)
@@ -40,9 +47,11 @@ class TokenEvent:
 
 @dataclass
 class ScheduledRequest:
-    """A request ready for the model: prefix embeddings `[P, D]` on the device, prompt ids, adapter."""
+    """A tenant's request ready for the model: prefix embeddings `[P, D]` on the device, prompt ids,
+    adapter."""
 
     request_id: str
+    tenant: str
     prefix_embeds: torch.Tensor | None
     prompt_ids: list[int]
     params: SamplingParams
@@ -50,6 +59,11 @@ class ScheduledRequest:
     adapter_weights: LoraAdapter | None = None
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     grant: SlotGrant | None = None
+
+    @property
+    def input_tokens(self) -> int:
+        """Input positions: context vectors + prompt tokens."""
+        return (0 if self.prefix_embeds is None else self.prefix_embeds.shape[0]) + len(self.prompt_ids)
 
 
 @dataclass
@@ -73,7 +87,18 @@ class _Iteration:
 
 
 class Scheduler:
-    """Admits requests of any tenant and adapter into free rows between decode steps."""
+    """Admits requests of any tenant and adapter into free rows between decode steps.
+
+    Args:
+        generator, lora, slots: the model's generator, its adapter slots and their bookkeeping.
+        max_batch: rows (requests running at once).
+        max_waiting: requests queued at most, all tenants; more are refused (ResourceExhausted).
+        queue: the per-tenant queues and their counters (costs and weights from settings).
+        on_slot_load: an adapter was copied into a slot.
+        on_iteration: (requests waiting, requests running) after each iteration.
+        on_tenants: the service of the tenants whose queue or service changed, at most every
+            ``TENANT_REPORT_S`` while busy, and when the engine goes idle.
+    """
 
     def __init__(
         self,
@@ -82,8 +107,10 @@ class Scheduler:
         slots: SlotManager,
         max_batch: int,
         max_waiting: int,
+        queue: FairQueue[ScheduledRequest],
         on_slot_load: Callable[[AdapterKey], None] = lambda key: None,
         on_iteration: Callable[[int, int], None] = lambda waiting, active: None,
+        on_tenants: Callable[[dict[str, TenantService]], None] = lambda services: None,
     ) -> None:
         self._generator = generator
         self._lora = lora
@@ -92,7 +119,10 @@ class Scheduler:
         self._max_waiting = max_waiting
         self._on_slot_load = on_slot_load
         self._on_iteration = on_iteration
-        self._waiting: deque[ScheduledRequest] = deque()
+        self._on_tenants = on_tenants
+        self._queue = queue
+        self._waiting: dict[str, ScheduledRequest] = {}  # by request id, for cancellation
+        self._reported_at = 0.0
         self._running: dict[str, ScheduledRequest] = {}
         self._cancelled: set[str] = set()
         self._jobs: list[_Job] = []
@@ -118,8 +148,9 @@ class Scheduler:
         for rid, request in self._running.items():
             self._generator.cancel(rid)
             self._finish(request)
-        for request in [*self._waiting, *self._running.values()]:
+        for request in [*self._queue.items(), *self._running.values()]:
             request.events.put_nowait(TokenEvent(None, True, "cancelled"))
+        self._queue.clear()
         self._waiting.clear()
         self._running.clear()
         self._cancelled.clear()
@@ -137,6 +168,18 @@ class Scheduler:
     def active(self) -> int:
         return len(self._running)
 
+    def backlogged(self) -> int:
+        """Tenants with requests waiting."""
+        return self._queue.backlogged()
+
+    def service(self, tenant: str) -> TenantService:
+        """A tenant's queue and service on this engine."""
+        return self._queue.service(tenant)
+
+    def forget(self, tenant: str) -> bool:
+        """Drop a deleted tenant's counter (kept while it still has requests in flight)."""
+        return self._queue.forget(tenant)
+
     def submit(self, request: ScheduledRequest) -> None:
         """Queue a request; its events arrive on `request.events`.
 
@@ -147,15 +190,16 @@ class Scheduler:
             raise Internal("the engine's scheduler is not running")
         if len(self._waiting) >= self._max_waiting:
             raise ResourceExhausted(f"the engine has {len(self._waiting)} queries waiting; retry later")
-        self._waiting.append(request)
+        self._queue.push(request.tenant, request)
+        self._waiting[request.request_id] = request
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
         """Drop a request: at once when still waiting, at the next step when it holds a row."""
-        for request in self._waiting:
-            if request.request_id == request_id:
-                self._waiting.remove(request)
-                return
+        request = self._waiting.pop(request_id, None)
+        if request is not None:
+            self._queue.remove(request.tenant, request)
+            return
         if request_id in self._running:
             self._cancelled.add(request_id)
             self._wake.set()
@@ -193,7 +237,7 @@ class Scheduler:
             # A bug, not a request's fault: fail everyone rather than leave streams hanging; `alive` turns
             # False, so the replica's health check fails and Serve replaces it.
             log.exception("engine scheduler crashed")
-            for request in [*self._waiting, *self._running.values()]:
+            for request in [*self._waiting.values(), *self._running.values()]:
                 request.events.put_nowait(_internal(exc))
             for job in self._jobs:
                 job.done.set_exception(_internal(exc))
@@ -210,6 +254,16 @@ class Scheduler:
             await asyncio.to_thread(self._iterate, iteration)
             self._deliver(iteration)
             self._on_iteration(len(self._waiting), len(self._running))
+            self._report_tenants()
+
+    def _report_tenants(self) -> None:
+        now = time.monotonic()
+        idle = not (self._waiting or self._running)
+        if idle or now - self._reported_at >= TENANT_REPORT_S:
+            changes = self._queue.take_changes()
+            if changes:
+                self._on_tenants(changes)
+                self._reported_at = now
 
     def _take_cancels(self) -> list[str]:
         cancels = [rid for rid in self._cancelled if rid in self._running]
@@ -219,30 +273,33 @@ class Scheduler:
         return cancels
 
     def _admit(self) -> list[ScheduledRequest]:
-        """Waiting requests (FIFO) that fit a free row and get a slot; the rest keep their place.
+        """Waiting requests for the free rows: each the oldest of the backlogged tenant with the lowest
+        counter (FIFO within a tenant) that can get a slot; the rest keep their place.
 
-        Once a request waits for a slot, later adapter requests wait behind it (base-model ones still
-        join): otherwise a steady flow on resident adapters could keep every slot pinned forever.
+        Once a request waits for a slot, adapter requests of the other tenants wait too (base-model ones
+        still join): otherwise a steady flow on resident adapters could keep every slot pinned forever.
         """
         admitted: list[ScheduledRequest] = []
-        kept: deque[ScheduledRequest] = deque()
         free_rows = self._max_batch - len(self._running)
         slot_blocked = False
-        while self._waiting:
-            request = self._waiting.popleft()
-            if free_rows == 0 or (request.adapter is not None and slot_blocked):
-                kept.append(request)
-                continue
+        skipped: set[str] = set()
+        while free_rows > 0:
+            tenant = self._queue.next_tenant(skipped)
+            if tenant is None:
+                break
+            request = self._queue.head(tenant)
             if request.adapter is not None:
-                request.grant = self.slots.acquire(request.adapter)
-                if request.grant is None:
-                    slot_blocked = True
-                    kept.append(request)
+                if not slot_blocked:
+                    request.grant = self.slots.acquire(request.adapter)
+                    slot_blocked = request.grant is None
+                if slot_blocked:
+                    skipped.add(tenant)
                     continue
+            self._queue.admit(tenant, request.input_tokens)
+            del self._waiting[request.request_id]
             admitted.append(request)
             self._running[request.request_id] = request
             free_rows -= 1
-        self._waiting = kept
         return admitted
 
     def _iterate(self, it: _Iteration) -> None:
@@ -310,12 +367,15 @@ class Scheduler:
             if request is None:
                 continue
             self.generated_tokens += 1
+            self._queue.generated(request.tenant)
             request.events.put_nowait(TokenEvent(out.token_id, out.finished, out.reason))
             if out.finished:
                 del self._running[out.request_id]
                 self._finish(request)
 
     def _finish(self, request: ScheduledRequest) -> None:
+        """A running request left its row (finished, cancelled, rejected or failed)."""
+        self._queue.finished(request.tenant)
         if request.grant is not None:
             self._finish_grant(request.grant)
             request.grant = None

@@ -35,6 +35,9 @@ STOP_TIMEOUT_S = 10.0
 _HOST = "127.0.0.1"
 _GRPC_OFFSET = 10_000  # weed's worker dials the admin gRPC port at admin port + 10000, whatever is configured
 _LOG_TAIL_BYTES = 4000
+_START_ATTEMPTS = 3
+# weed refuses a port it finds taken at start ("is not available") or fails to bind it later
+_PORT_CONFLICTS = ("is not available", "address already in use")
 # weed sizes its volume count as free disk / volume size (~90 with 45 GB free) and each bucket takes a
 # volume of its own, so a server holding many buckets (a test run makes one per test) could refuse writes
 # with "no free volumes left" depending on the disk; volumes are sparse files, so a fixed cap costs nothing.
@@ -69,6 +72,7 @@ class EmbeddedS3:
         self._port = port
         self._process: subprocess.Popen[bytes] | None = None
         self._ports: list[int] = []
+        self._port_is_fixed = port is not None
 
     @property
     def port(self) -> int:
@@ -102,15 +106,48 @@ class EmbeddedS3:
         )
 
     def start(self) -> None:
-        """Start the server and return once a real S3 request succeeds."""
+        """Start the server and return once a real S3 request succeeds.
+
+        Ports are probed free and then handed to weed, so another process can take one in between;
+        a start that fails with "address already in use" is retried on fresh ports (the S3 port too,
+        unless the caller chose it or clients already know it from an earlier start).
+        """
         if self.running:
             return
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            log_offset = self._launch()
+            try:
+                self._wait_ready()
+            except Unavailable:
+                self.stop()
+                if attempt == _START_ATTEMPTS or not self._lost_port_race(self.log_tail(since=log_offset)):
+                    raise
+                log.info("embedded S3 lost a port race; retrying on fresh ports", attempt=attempt)
+                if not self._port_is_fixed:
+                    self._port = None
+                continue
+            except BaseException:
+                self.stop()
+                raise
+            self._port_is_fixed = True  # clients made from now on keep this endpoint across restarts
+            log.info("embedded S3 ready", endpoint=self.endpoint_url)
+            return
+
+    def _lost_port_race(self, log_tail: str) -> bool:
+        """Whether a failed start was a port taken by someone else, which fresh ports can avoid."""
+        if self._port_is_fixed and f"port {self.port} " in log_tail:
+            return False  # the S3 port itself is taken and may not change
+        return any(conflict in log_tail for conflict in _PORT_CONFLICTS)
+
+    def _launch(self) -> int:
+        """Start weed on freshly probed ports; returns where this start's console output begins."""
         data, logs = self.data_dir / "data", self.data_dir / "logs"
         data.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
         command = [str(weed_binary()), f"-logdir={logs}", "mini", *self._flags(data)]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(logs / "console.log", "ab") as console:
+            log_offset = console.tell()
             self._process = subprocess.Popen(
                 command,
                 env=env,
@@ -126,12 +163,7 @@ class EmbeddedS3:
             data_dir=str(self.data_dir),
             pid=self._process.pid,
         )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        log.info("embedded S3 ready", endpoint=self.endpoint_url)
+        return log_offset
 
     def _flags(self, data: Path) -> list[str]:
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = (
@@ -203,13 +235,13 @@ class EmbeddedS3:
             f"(last error: {last_error!r}); log tail:\n{self.log_tail()}"
         )
 
-    def log_tail(self) -> str:
-        """The end of the server's console output, for error messages."""
+    def log_tail(self, since: int = 0) -> str:
+        """The end of the server's console output (from byte ``since`` on), for error messages."""
         path = self.data_dir / "logs" / "console.log"
         if not path.exists():
             return "(no log)"
         with open(path, "rb") as console:
-            console.seek(max(0, path.stat().st_size - _LOG_TAIL_BYTES))
+            console.seek(max(since, path.stat().st_size - _LOG_TAIL_BYTES))
             return console.read().decode("utf-8", "replace")
 
     def stop(self) -> None:
