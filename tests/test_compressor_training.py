@@ -11,7 +11,8 @@ import torch
 from lloco.config import Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
-from lloco.finetune.pretrain import CHECKPOINT_DIR, PretrainOptions, pretrain
+from lloco.finetune.pretrain import CHECKPOINT_DIR, pretrain
+from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
 from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.model import Compressor, LoraSlots, TrainableLora, load_model

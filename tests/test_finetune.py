@@ -29,7 +29,8 @@ from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Not
 from lloco.finetune.data import ExampleBuilder, collate
 from lloco.finetune.datasets import rows_to_jsonl
 from lloco.finetune.options import TrainOptions
-from lloco.finetune.train import LoraFinetune, train_step
+from lloco.finetune.steps import train_step
+from lloco.finetune.train import LoraFinetune
 from lloco.jobs import JobRecord, Jobs, settings_env
 from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
 from lloco.registry import DatasetRow, Registry, Tenants
@@ -181,32 +182,24 @@ def test_dataset_upload_rejects_bad_rows_with_their_line_number(world: World) ->
 
 
 def test_gradient_accumulation_equals_one_large_batch(world: World, tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
     registry = Registry(world.store, "alpha")
     tokenizer = world.compressor.base.tokenizer
     builder = ExampleBuilder(
         registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, tokenizer.eos_token_id
     )
     examples = builder.build(list(enumerate(registry.read_dataset("caps")[:4], start=1)))
+    base = load_model(str(world.base_dir), tmp_path / "cache")
+    base.model.requires_grad_(False)
     after = []
     for micro_batches in ([examples], [examples[:1], examples[1:]]):
-        torch.manual_seed(0)
-        base = load_model(str(world.base_dir), tmp_path / "cache")
-        model = get_peft_model(
-            base.model,
-            LoraConfig(
-                r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"],
-                init_lora_weights="gaussian",
-            ),
-        )
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        lora = TrainableLora(base.config, 8, 16, ("q_proj", "v_proj"), seed=0)
+        with torch.no_grad():  # B nonzero too, so that A's gradient is compared as well
+            for b in lora.b.values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        trainable = list(lora.parameters())
         optimizer = torch.optim.SGD(trainable, lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        stats = train_step(base.model, micro_batches, optimizer, scheduler, trainable, torch.device("cpu"))
+        stats = train_step(base.model, lora, micro_batches, optimizer, scheduler, torch.device("cpu"))
         after.append((stats, [p.detach().clone() for p in trainable]))
     (one, params_one), (accumulated, params_accumulated) = after
     assert one.samples == accumulated.samples == 4 and one.tokens == accumulated.tokens

@@ -26,7 +26,7 @@ import torch
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Example
-from lloco.finetune.steps import adapter_lora, train_step
+from lloco.finetune.steps import tenant_lora, train_step
 from lloco.logs import get_logger
 from lloco.model import LoadedModel
 
@@ -88,7 +88,7 @@ def train_adapter(
         raise InvalidArgument(f"adapter training needs examples and steps, got {len(examples)}, {steps}")
     device = base.model.device
     torch.manual_seed(seed)  # LoRA dropout
-    lora = adapter_lora(base.config, hp, init, seed).to(device)
+    lora = tenant_lora(base.config, hp, init, seed).to(device)
     init_sha256 = state_digest(lora.peft_state())
     base.model.requires_grad_(False)
     lora.train()

@@ -49,7 +49,7 @@ from lloco.eval.metrics import exact_match, f1_score, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
 from lloco.finetune.pretrain_eval import next_segment_perplexity
-from lloco.finetune.steps import adapter_lora
+from lloco.finetune.steps import tenant_lora
 from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
 from lloco.model.lora import peft_geometry, read_peft_files
@@ -183,7 +183,7 @@ class Evaluator:
         if adapter_init is not None:
             targets, rank = peft_geometry(adapter_init)
             LoraSlots(base.config, 1, rank, targets, "cpu", torch.float32).prepare(adapter_init)
-            adapter_lora(base.config, finetune, adapter_init)  # and that training can start from
+            tenant_lora(base.config, finetune, adapter_init)  # and that training can start from
         self.tokenizer = base.tokenizer
         self.window = base.config.max_position_embeddings
         self.separator = self.tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)

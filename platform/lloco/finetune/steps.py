@@ -1,11 +1,13 @@
 """The one LoRA setup and the one train step of every LoRA training in lloco.
 
-A tenant's finetune (``LoraFinetune``) and the evaluation's LoRA modes (``lloco.eval.adapters``) build their
-adapter with :func:`adapter_lora` and take optimizer steps with :func:`train_step`: rows become
+Every trainable LoRA starts in :func:`start_lora`. A tenant's finetune (``LoraFinetune``) and the evaluation's
+LoRA modes (``lloco.eval.adapters``) build theirs with :func:`tenant_lora` and take optimizer steps with
+:func:`train_step`: rows become
 ``[prefix] + prompt + answer`` (``lloco.finetune.data``), the frozen base model runs its inference path with
 the adapter (``TrainableLora``: no peft wrapping, fused projections), and the loss is the cross-entropy of
-the answer tokens only. Compressor pretraining trains the same ``TrainableLora`` (its own geometry) and
-applies its gradients with :func:`apply_gradients`, so clipping and stepping are one piece of code.
+the answer tokens only. Compressor pretraining starts its encoder and reader LoRAs with :func:`start_lora`
+(its own geometry), runs them with ``lora_hidden`` and applies its gradients with :func:`apply_gradients`, so
+clipping and stepping are one piece of code.
 """
 
 from __future__ import annotations
@@ -25,20 +27,34 @@ from lloco.model.trainable_lora import lora_hidden
 MAX_GRAD_NORM = 1.0
 
 
-def adapter_lora(
-    config: LlamaConfig, hp: FinetuneSettings, init: dict[str, bytes] | None = None, seed: int = 0
+def start_lora(
+    config: LlamaConfig,
+    rank: int,
+    alpha: float,
+    targets: Sequence[str],
+    init: dict[str, bytes] | None = None,
+    seed: int = 0,
+    dropout: float = 0.0,
 ) -> TrainableLora:
-    """A tenant-style adapter to train: ``hp``'s rank, alpha and targets with A drawn from ``seed`` (B is
-    zero: the base model exactly), or, given ``init`` (PEFT files, e.g. the compressor's reader), their
-    geometry and weights; LoRA dropout from ``hp`` either way.
+    """An adapter to train: ``rank``, ``alpha`` and ``targets`` with A drawn from ``seed`` and B zero (the base
+    model exactly), or, given ``init`` (PEFT files: a compressor's reader, a finished compressor's encoder),
+    their geometry and weights; ``dropout`` is this training's either way.
 
     Raises:
-        InvalidArgument: init files a ``TrainableLora`` cannot hold (rank/alpha patterns, rsLoRA, DoRA, bias)
-            or that do not fit the model.
+        InvalidArgument: a bad geometry; init files a ``TrainableLora`` cannot hold (rank/alpha patterns,
+            rsLoRA, DoRA, bias) or that do not fit the model.
     """
     if init is not None:
-        return TrainableLora.from_peft_files(config, init, dropout=hp.dropout)
-    return TrainableLora(config, hp.rank, hp.alpha, tuple(hp.target_modules), seed, dropout=hp.dropout)
+        return TrainableLora.from_peft_files(config, init, dropout=dropout)
+    return TrainableLora(config, rank, alpha, tuple(targets), seed, dropout=dropout)
+
+
+def tenant_lora(
+    config: LlamaConfig, hp: FinetuneSettings, init: dict[str, bytes] | None = None, seed: int = 0
+) -> TrainableLora:
+    """A tenant adapter (finetune, the evaluation's LoRA modes): ``start_lora`` with the platform's finetune
+    geometry and dropout."""
+    return start_lora(config, hp.rank, hp.alpha, hp.target_modules, init, seed, hp.dropout)
 
 
 def autocast(device: torch.device) -> torch.autocast:

@@ -28,7 +28,7 @@ from lloco.config import Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.data import Example, ExampleBuilder, collate
 from lloco.finetune.options import TrainOptions
-from lloco.finetune.steps import StepStats, adapter_lora, answer_loss, autocast, train_step
+from lloco.finetune.steps import StepStats, answer_loss, autocast, tenant_lora, train_step
 from lloco.logs import get_logger
 from lloco.model import Llama, TrainableLora, load_compressor, load_model
 from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE
@@ -148,7 +148,7 @@ class LoraFinetune:
                 f"{self.world_size} workers"
             )
         self.model: Llama = base.model.requires_grad_(False)
-        self.lora: TrainableLora = adapter_lora(base.config, hp, reader, self.options.seed).to(self.device)
+        self.lora: TrainableLora = tenant_lora(base.config, hp, reader, self.options.seed).to(self.device)
         self.lora.train()
         self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=hp.learning_rate, weight_decay=0.0)
         per_step = hp.batch_size * hp.grad_accum
