@@ -334,7 +334,9 @@ def test_the_source_table_names_a_license_for_every_source_and_no_benchmark() ->
 def test_a_sources_file_is_checked_field_by_field(tmp_path: Path) -> None:
     entry = 'name = "m"\norigin = "debian"\npackage = "m-doc"\nformat = "html"\ngenre = "technical"\nlicense = "MIT"\n'
     path = tmp_path / "sources.toml"
-    path.write_text(f"page_junk = 'index\\.html$'\n[[source]]\n{entry}page_junk = true\nexclude = '/_static/'\n")
+    path.write_text(
+        f"page_junk = 'index\\.html$'\n[[source]]\n{entry}page_junk = true\nexclude = '/_static/'\n"
+    )
     assert load_sources(path)[0].exclude == r"index\.html$|/_static/"
     for bad, reason in (
         (entry.replace('"html"', '"pdf"'), "format"),  # not one of the formats
