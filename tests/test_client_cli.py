@@ -290,7 +290,7 @@ def test_cli_shows_errors_without_traceback(server: tuple[RecordingServicer, str
 
 def test_cli_parsing(tmp_path: Path) -> None:
     top = _run("--help")
-    for command in ("ingest", "query", "docs", "adapters", "dataset", "job", "admin"):
+    for command in ("ingest", "query", "docs", "adapters", "dataset", "jobs", "admin"):
         assert command in top.stdout
     no_id = _run("ingest", "--tenant-key", "k", stdin="text")
     assert no_id.exit_code == 2 and "reading stdin needs --id" in no_id.stderr

@@ -11,11 +11,13 @@ import torch
 from lloco.config import Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
-from lloco.finetune.pretrain import CHECKPOINT_DIR, PretrainOptions, pretrain
+from lloco.finetune.pretrain import CHECKPOINT_DIR, pretrain
+from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
 from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.model import Compressor, LoraSlots, TrainableLora, load_model
 from lloco.model.lora import peft_geometry
+from lloco.model.trainable_lora import lora_hidden
 
 DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 TARGETS = ("q_proj", "v_proj", "o_proj", "gate_proj", "down_proj")
@@ -82,6 +84,27 @@ def test_trainable_lora_matches_the_serving_slots_and_round_trips_through_peft_f
     ).encode()
     with pytest.raises(InvalidArgument, match="shapes"):
         TrainableLora.from_peft_files(config, wrong_rank)
+
+
+def test_lora_dropout_acts_in_training_only_and_is_recorded(tiny_base: object) -> None:
+    model, config = tiny_base.model, tiny_base.config
+    plain = _random_lora(config)
+    dropping = TrainableLora(config, 4, 8.0, TARGETS, dropout=0.5)
+    dropping.load_state_dict(plain.state_dict())
+    embeds = torch.randn(2, 7, config.dim)
+    dropping.eval()
+    assert torch.equal(lora_hidden(model, embeds, dropping), lora_hidden(model, embeds, plain))
+    dropping.train()
+    torch.manual_seed(0)
+    dropped = lora_hidden(model, embeds, dropping)
+    assert not torch.allclose(dropped, lora_hidden(model, embeds, plain), atol=1e-4)
+    torch.manual_seed(0)
+    assert torch.equal(dropped, lora_hidden(model, embeds, dropping))  # the seed decides the mask
+    files = dropping.peft_files(tiny_base.model_id)
+    assert json.loads(files["adapter_config.json"])["lora_dropout"] == 0.5
+    assert TrainableLora.from_peft_files(config, files, dropout=0.1).dropout == 0.1  # this training's
+    with pytest.raises(InvalidArgument, match="dropout"):
+        TrainableLora(config, 4, 8.0, TARGETS, dropout=1.0)
 
 
 def test_shards_stay_under_their_size_and_read_back(tmp_path: Path) -> None:

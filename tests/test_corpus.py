@@ -25,15 +25,14 @@ from lloco.finetune.corpus_sources import (
     deduplicate,
     dictd_documents,
     gutenberg_tarball_documents,
-    man_to_text,
+    load_sources,
     read_source,
-    rst_to_text,
     select_sources,
     strip_gutenberg_boilerplate,
     sword_documents,
-    vimhelp_to_text,
 )
 from lloco.finetune.datasets import HOTPOT_FILE, SQUAD_FILE
+from lloco.finetune.markup import man_to_text, rst_to_text, vimhelp_to_text
 from lloco.model.tiny import tiny_llama_dir, tiny_tokenizer
 from typer.testing import CliRunner
 
@@ -330,6 +329,24 @@ def test_the_source_table_names_a_license_for_every_source_and_no_benchmark() ->
     assert not any(forbidden.search(f"{source.name} {source.package}") for source in SOURCES)
     with pytest.raises(InvalidArgument, match="unknown corpus sources"):
         select_sources(["python-doc", "wikipedia-dump"])
+
+
+def test_a_sources_file_is_checked_field_by_field(tmp_path: Path) -> None:
+    entry = 'name = "m"\norigin = "debian"\npackage = "m-doc"\nformat = "html"\ngenre = "technical"\nlicense = "MIT"\n'
+    path = tmp_path / "sources.toml"
+    path.write_text(
+        f"page_junk = 'index\\.html$'\n[[source]]\n{entry}page_junk = true\nexclude = '/_static/'\n"
+    )
+    assert load_sources(path)[0].exclude == r"index\.html$|/_static/"
+    for bad, reason in (
+        (entry.replace('"html"', '"pdf"'), "format"),  # not one of the formats
+        (entry + 'notice = "x"\n', "notice"),  # a field Source does not have
+        (entry.replace('license = "MIT"\n', ""), "license"),  # the license is required
+        (entry + f"[[source]]\n{entry}", "named twice"),
+    ):
+        path.write_text(f"[[source]]\n{bad}")
+        with pytest.raises(InvalidArgument, match=reason):
+            load_sources(path)
 
 
 def _documents(count: int, seed: int = 0) -> list[Document]:

@@ -21,8 +21,7 @@ from lloco.eval.run import MODES, EvalOptions, Evaluator, middle_cut
 from lloco.eval.tasks import passkey, sample_rows, squad_long, tenant_dataset
 from lloco.finetune.datasets import QASet
 from lloco.finetune.pretrain_eval import gap_closed
-from lloco.finetune.train import peft_files
-from lloco.model import Compressor, chat_prompt, load_model
+from lloco.model import Compressor, TrainableLora, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
 
@@ -271,20 +270,12 @@ def test_lora_none_examples_hold_no_context_and_the_same_rows(
 @pytest.fixture(scope="module")
 def init_files(tiny_base: object) -> dict[str, bytes]:
     """A tiny 'reader' LoRA (r4 on q/v, nonzero B) in PEFT format, as the compressor may ship one."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(5)
-    model = get_peft_model(
-        tiny_base.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    try:
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                if "lora_B" in name:
-                    param.normal_(0, 0.05)
-        return peft_files(model, tiny_base.model_id)
-    finally:
-        model.unload()
+    lora = TrainableLora(tiny_base.config, 4, 8, ("q_proj", "v_proj"), seed=5)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.normal_(0, 0.05, generator=generator)
+    return lora.peft_files(tiny_base.model_id, torch.float32)
 
 
 def test_lloco_and_lora_none_start_from_the_same_init(

@@ -28,8 +28,10 @@ from lloco.config import FinetuneSettings, ModelSettings, Settings
 from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from lloco.finetune.data import ExampleBuilder, collate
 from lloco.finetune.datasets import rows_to_jsonl
-from lloco.finetune.job import JobState, get_job, settings_env, submit_finetune_job
-from lloco.finetune.train import LoraFinetune, TrainOptions, train_step
+from lloco.finetune.options import TrainOptions
+from lloco.finetune.steps import train_step
+from lloco.finetune.train import LoraFinetune
+from lloco.jobs import JobRecord, Jobs, settings_env
 from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
 from lloco.registry import DatasetRow, Registry, Tenants
 from lloco.storage import ObjectStore, keys
@@ -180,32 +182,24 @@ def test_dataset_upload_rejects_bad_rows_with_their_line_number(world: World) ->
 
 
 def test_gradient_accumulation_equals_one_large_batch(world: World, tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
     registry = Registry(world.store, "alpha")
     tokenizer = world.compressor.base.tokenizer
     builder = ExampleBuilder(
         registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, tokenizer.eos_token_id
     )
     examples = builder.build(list(enumerate(registry.read_dataset("caps")[:4], start=1)))
+    base = load_model(str(world.base_dir), tmp_path / "cache")
+    base.model.requires_grad_(False)
     after = []
     for micro_batches in ([examples], [examples[:1], examples[1:]]):
-        torch.manual_seed(0)
-        base = load_model(str(world.base_dir), tmp_path / "cache")
-        model = get_peft_model(
-            base.model,
-            LoraConfig(
-                r=8,
-                lora_alpha=16,
-                lora_dropout=0.0,
-                target_modules=["q_proj", "v_proj"],
-                init_lora_weights="gaussian",
-            ),
-        )
-        trainable = [p for p in model.parameters() if p.requires_grad]
+        lora = TrainableLora(base.config, 8, 16, ("q_proj", "v_proj"), seed=0)
+        with torch.no_grad():  # B nonzero too, so that A's gradient is compared as well
+            for b in lora.b.values():
+                b.normal_(0, 0.05, generator=torch.Generator().manual_seed(1))
+        trainable = list(lora.parameters())
         optimizer = torch.optim.SGD(trainable, lr=0.1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-        stats = train_step(base.model, micro_batches, optimizer, scheduler, trainable, torch.device("cpu"))
+        stats = train_step(base.model, lora, micro_batches, optimizer, scheduler, torch.device("cpu"))
         after.append((stats, [p.detach().clone() for p in trainable]))
     (one, params_one), (accumulated, params_accumulated) = after
     assert one.samples == accumulated.samples == 4 and one.tokens == accumulated.tokens
@@ -311,10 +305,12 @@ def ray_head() -> Iterator[RayHead]:
 
 @dataclass
 class KilledAndResumed:
-    """A three-tenant job killed after checkpoints, then resumed under the same id through job submission."""
+    """A three-tenant job killed after checkpoints, then resumed under the same id through job submission:
+    each tenant's record of it, once the job has ended."""
 
     job_id: str
-    state: JobState
+    records: dict[str, JobRecord]
+    running_after_kill: dict[str, str]  # the records' states after the kill, before the resubmission
     first_log: str
 
 
@@ -352,72 +348,81 @@ def resumed_job(
             time.sleep(0.1)
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
+    jobs = Jobs(world.settings, world.store, ray_head.job_server)
+    killed = {tenant: jobs.records.get(tenant, job_id).state for tenant in tenants}
     for tenant in tenants:  # a killed run publishes nothing
         assert Registry(world.store, tenant).list_adapters() == []
 
     # the same job id again, now through Ray's job submission API (what SubmitFinetune does)
-    assert (
-        submit_finetune_job(ray_head.job_server, tenants, "caps", "qa", world.settings, options, job_id)
-        == job_id
-    )
+    submitted = jobs.submit_finetune(tenants, "caps", "qa", options, job_id)
+    assert [(r.job_id, r.state, r.shared) for r in submitted] == [(job_id, "QUEUED", True)] * 3
     deadline = time.monotonic() + 600
-    while (state := get_job(ray_head.job_server, job_id)).state in ("QUEUED", "RUNNING"):
+    while not all((records := {t: jobs.get(t, job_id) for t in tenants})[t].done for t in tenants):
         assert time.monotonic() < deadline, "the resumed job did not finish within 600 s"
         time.sleep(1)
-    return KilledAndResumed(job_id, state, first_log.read_text())
+    return KilledAndResumed(job_id, records, killed, first_log.read_text())
 
 
 def test_killed_job_resumes_from_its_last_checkpoints_and_finishes(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
-    results = resumed_job.state.results
-    assert results is not None and results["alpha"].ok and results["beta"].ok, resumed_job.state.message
+    # the killed run had recorded itself (the job writes its records, not its submitter): alpha and beta
+    # RUNNING when it was killed, gamma FAILED at once
+    assert resumed_job.running_after_kill == {"alpha": "RUNNING", "beta": "RUNNING", "gamma": "FAILED"}
+    records = resumed_job.records
+    assert records["alpha"].state == records["beta"].state == "SUCCEEDED", records
     for tenant in ("alpha", "beta"):
         train = Registry(world.store, tenant).get_adapter("qa").train
         assert train["steps"] == 400 and train["job_id"] == resumed_job.job_id
         assert train["resumed_from_step"] in (100, 200, 300), train  # the step counter started past 0
-        assert results[tenant].metrics["resumed_from_step"] == train["resumed_from_step"]
+        assert records[tenant].result["metrics"]["resumed_from_step"] == train["resumed_from_step"]
     assert "resumed from checkpoint" not in resumed_job.first_log
 
 
 def test_two_tenants_train_concurrently_and_publish_versions(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
-    alpha, beta = resumed_job.state.results["alpha"], resumed_job.state.results["beta"]
-    for result in (alpha, beta):
-        version = Registry(world.store, result.tenant).get_adapter("qa")
-        assert version.version == result.version == "v000001" and version.current
+    alpha, beta = resumed_job.records["alpha"], resumed_job.records["beta"]
+    for record in (alpha, beta):
+        version = Registry(world.store, record.tenant).get_adapter("qa")
+        assert version.version == record.result["version"] == "v000001" and version.current
+        assert record.result["adapter"] == "qa" and record.message == "published adapter 'qa' version v000001"
         assert version.base_model == world.compressor.base.model_id and version.rank == 8
         train = version.train
         assert train["dataset"] == "caps" and train["compressor_id"] == world.compressor.compressor_id
         assert train["eval_loss"] > 0 and train["seconds"] > 0 and train["train_rows"] == 9
-    a, b = alpha.metrics, beta.metrics  # the two trainings overlapped in time
+    a, b = alpha.result["metrics"], beta.result["metrics"]  # the two trainings overlapped in time
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
 
 
 def test_a_failing_tenant_is_reported_alone_and_fails_the_job(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
-    state = resumed_job.state
-    gamma = state.results["gamma"]
-    assert not gamma.ok and gamma.version is None
+    gamma = resumed_job.records["gamma"]
+    assert gamma.state == "FAILED" and gamma.result is None
     assert gamma.error == "InvalidArgument: dataset line 4: unknown document 'doc9'", gamma.error
+    assert gamma.message == gamma.error
     assert Registry(world.store, "gamma").list_adapters() == []
-    assert state.state == "FAILED" and "gamma: InvalidArgument: dataset line 4" in state.message
     assert (
-        state.create_time is not None and state.end_time is not None and state.end_time >= state.create_time
+        gamma.started is not None
+        and gamma.ended is not None
+        and gamma.created <= gamma.started <= gamma.ended
     )
 
 
 def test_job_api_errors(world: World, ray_head: RayHead, resumed_job: KilledAndResumed) -> None:
+    jobs = Jobs(world.settings, world.store, ray_head.job_server)
     with pytest.raises(AlreadyExists):
-        submit_finetune_job(
-            ray_head.job_server, ["alpha"], "caps", "qa", world.settings, job_id=resumed_job.job_id
-        )
+        jobs.submit_finetune(["alpha"], "caps", "qa", job_id=resumed_job.job_id)
+    assert jobs.get("alpha", resumed_job.job_id).state == "SUCCEEDED"  # the refused resubmission left it
     with pytest.raises(NotFound):
-        get_job(ray_head.job_server, "no-such-job")
+        jobs.get("alpha", "no-such-job")
     with pytest.raises(InvalidArgument):
-        submit_finetune_job(ray_head.job_server, ["../x"], "caps", "qa", world.settings)
+        jobs.submit_finetune(["../x"], "caps", "qa")
+    with pytest.raises(FailedPrecondition, match="already SUCCEEDED"):
+        jobs.cancel("alpha", resumed_job.job_id)
+    listed, token = jobs.list("beta", 10, "")
+    assert [r.job_id for r in listed] == [resumed_job.job_id] and token == ""
 
 
 def test_published_adapter_loads_in_vanilla_peft_and_in_the_engine_with_equal_logits(
@@ -427,7 +432,7 @@ def test_published_adapter_loads_in_vanilla_peft_and_in_the_engine_with_equal_lo
     from transformers import LlamaForCausalLM
 
     registry = Registry(world.store, "alpha")
-    files = registry.read_adapter_files("qa", resumed_job.state.results["alpha"].version)
+    files = registry.read_adapter_files("qa", resumed_job.records["alpha"].result["version"])
     config = json.loads(files["adapter_config.json"])
     assert config["base_model_name_or_path"] == world.compressor.base.model_id and config["r"] == 8
     assert config["lora_alpha"] == 16 and sorted(config["target_modules"]) == [

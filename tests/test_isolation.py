@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 from lloco.api import lloco_pb2
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.jobs import JobRecord, JobRecords
 from lloco.registry import Registry, Tenants
 from lloco.serve.local import EmbeddedStack, free_port
 from lloco.storage import keys
@@ -132,6 +133,12 @@ def planted(stack: EmbeddedStack) -> Planted:
     store.put_bytes("tenants/alpha/uploads/private.txt", secrets["upload"].encode())
     secrets["checkpoint"] = marker("checkpoint")
     store.put_bytes(f"{keys.checkpoints_prefix('job-alpha')}alpha/state.json", secrets["checkpoint"].encode())
+    secrets["job"] = marker("job")
+    uid = Tenants(store).uid("alpha")
+    record = JobRecord(
+        "job-alpha", "alpha", uid, "compress", "SUCCEEDED", datetime.now(UTC), message=secrets["job"]
+    )
+    JobRecords(store).put(record)
     secrets["operator"] = marker("operator")
     store.put_bytes("staging/operator.txt", secrets["operator"].encode())
 
@@ -693,7 +700,7 @@ def test_finding_9_malformed_input_is_invalid_argument(stack: EmbeddedStack, pla
 
 
 def test_finding_11_jobs_get_no_secrets_in_their_environment(stack: EmbeddedStack, tmp_path: Path) -> None:
-    from lloco.finetune.job import settings_env
+    from lloco.jobs import settings_env
 
     store = stack.settings.store.model_copy(
         update={
@@ -762,7 +769,7 @@ BUILDERS: list[Callable[[str], tuple[str, object]]] = [
     lambda s: ("GetDocument", lloco_pb2.GetDocumentRequest(name=s)),
     lambda s: ("ListDocuments", lloco_pb2.ListDocumentsRequest(parent=s)),
     lambda s: ("ListDocuments", lloco_pb2.ListDocumentsRequest(parent=BETA, page_token=s)),
-    lambda s: ("ListDocuments", lloco_pb2.ListDocumentsRequest(parent=BETA, page_token=_token(json.dumps({"after": s})))),
+    lambda s: ("ListDocuments", lloco_pb2.ListDocumentsRequest(parent=BETA, page_token=_token(json.dumps({"list": "documents", "after": s})))),
     lambda s: ("DeleteDocument", lloco_pb2.DeleteDocumentRequest(name=s)),
     lambda s: ("CompressDocuments", lloco_pb2.CompressDocumentsRequest(parent=s)),
     lambda s: ("CompressDocuments", lloco_pb2.CompressDocumentsRequest(parent=BETA, documents=[s])),
@@ -772,7 +779,7 @@ BUILDERS: list[Callable[[str], tuple[str, object]]] = [
     lambda s: ("QueryStream", lloco_pb2.QueryStreamRequest(tenant=BETA, documents=[s], question="What?", sampling=ONE_TOKEN)),
     lambda s: ("QueryStream", lloco_pb2.QueryStreamRequest(tenant=BETA, adapter=s, question="What?", sampling=ONE_TOKEN)),
     lambda s: ("ListAdapters", lloco_pb2.ListAdaptersRequest(parent=s)),
-    lambda s: ("ListAdapters", lloco_pb2.ListAdaptersRequest(parent=BETA, page_token=_token(f"adapters:{s}"))),
+    lambda s: ("ListAdapters", lloco_pb2.ListAdaptersRequest(parent=BETA, page_token=_token(json.dumps({"list": "adapters", "after": s})))),
     lambda s: ("GetAdapter", lloco_pb2.GetAdapterRequest(name=s)),
     lambda s: ("ListAdapterVersions", lloco_pb2.ListAdapterVersionsRequest(parent=s)),
     lambda s: ("SetCurrentAdapter", lloco_pb2.SetCurrentAdapterRequest(version=s)),
@@ -780,16 +787,19 @@ BUILDERS: list[Callable[[str], tuple[str, object]]] = [
     lambda s: ("UploadDataset", lloco_pb2.UploadDatasetRequest(parent=BETA, dataset_id=s, content=b'{"doc_ids": ["notes"], "question": "q", "answer": "a"}')),
     lambda s: ("UploadDataset", lloco_pb2.UploadDatasetRequest(parent=BETA, dataset_id="d", content=json.dumps({"doc_ids": [s], "question": "q", "answer": "a"}).encode())),
     lambda s: ("ListDatasets", lloco_pb2.ListDatasetsRequest(parent=s)),
-    lambda s: ("ListDatasets", lloco_pb2.ListDatasetsRequest(parent=BETA, page_token=_token(f"datasets:{s}"))),
+    lambda s: ("ListDatasets", lloco_pb2.ListDatasetsRequest(parent=BETA, page_token=_token(json.dumps({"list": "datasets", "after": s})))),
     lambda s: ("SubmitFinetune", lloco_pb2.SubmitFinetuneRequest(parent=BETA, dataset=s)),
     lambda s: ("SubmitFinetune", lloco_pb2.SubmitFinetuneRequest(parent=BETA, dataset="tenants/alpha/datasets/qa", adapter_id=s)),
     lambda s: ("GetJob", lloco_pb2.GetJobRequest(name=s)),
+    lambda s: ("ListJobs", lloco_pb2.ListJobsRequest(parent=s)),
+    lambda s: ("ListJobs", lloco_pb2.ListJobsRequest(parent=BETA, page_token=_token(json.dumps({"list": "jobs", "after": s})))),
+    lambda s: ("CancelJob", lloco_pb2.CancelJobRequest(name=s)),
     lambda s: ("CreateTenant", lloco_pb2.CreateTenantRequest(tenant_id=s)),
     lambda s: ("CreateApiKey", lloco_pb2.CreateApiKeyRequest(parent=s)),
     lambda s: ("GetCaller", lloco_pb2.GetCallerRequest()),
     lambda s: ("DeleteTenant", lloco_pb2.DeleteTenantRequest(name=s)),
     lambda s: ("ListApiKeys", lloco_pb2.ListApiKeysRequest(parent=s)),
-    lambda s: ("ListApiKeys", lloco_pb2.ListApiKeysRequest(parent=BETA, page_token=_token(f"apiKeys:{s}"))),
+    lambda s: ("ListApiKeys", lloco_pb2.ListApiKeysRequest(parent=BETA, page_token=_token(json.dumps({"list": "apiKeys", "after": s})))),
     lambda s: ("RevokeApiKey", lloco_pb2.RevokeApiKeyRequest(name=s)),
 ]  # fmt: skip
 CALLS = st.tuples(st.sampled_from(range(len(BUILDERS))), st.one_of(NAME, URI))

@@ -19,7 +19,9 @@ from lloco.finetune.corpus import (
     html_to_text,
     pod_to_text,
 )
-from lloco.finetune.pretrain import RECORD_FILE, PretrainOptions, pretrain, run_pretrain_job
+from lloco.finetune.pretrain import RECORD_FILE, pretrain
+from lloco.finetune.pretrain_job import run_pretrain_job
+from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.model import load_compressor, load_model
 from typer.testing import CliRunner
 

@@ -3,7 +3,7 @@
 Values come from (highest first) constructor arguments, ``LLOCO_*`` environment variables
 (nested with ``__``, e.g. ``LLOCO_STORE__BUCKET``), a secrets YAML file named by
 ``LLOCO_SECRETS_FILE`` (readable by its owner only: how secrets reach Ray jobs by reference, see
-``lloco.finetune.job.settings_env``), an optional YAML config file, then the defaults here.
+``lloco.jobs.settings_env``), an optional YAML config file, then the defaults here.
 Defaults live only in this schema.
 """
 
@@ -112,9 +112,9 @@ class EngineSettings(_Section):
     context_cache_cpu_bytes: int = Field(8 * 2**30, ge=0, description="Host tier of the context cache.")
     compile: bool = Field(
         True,
-        description="On CUDA, compile the decode step's layer function with torch.compile: about 1.35x "
-        "faster batch-1 decode than CUDA graphs alone, for a longer replica start (the engine compiles its "
-        "shape classes before taking queries: about 27 s for a 7B model on an H200).",
+        description="On CUDA, compile the decode step's layer function with torch.compile: faster decode "
+        "than CUDA graphs alone, for a longer replica start (the engine compiles its shape classes before "
+        "taking queries; docs/benchmarks has both figures).",
     )
     prefill_chunk_tokens: int | None = Field(
         2048,

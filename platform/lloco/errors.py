@@ -49,6 +49,12 @@ class Unavailable(LlocoError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class DeadlineExceeded(LlocoError):
+    """Waiting for something (a job to end) took longer than the caller allowed."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class Cancelled(LlocoError):
     code = grpc.StatusCode.CANCELLED
 

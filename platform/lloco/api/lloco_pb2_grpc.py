@@ -140,6 +140,16 @@ class LlocoServiceStub:
                 request_serializer=lloco_dot_v1_dot_lloco__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=lloco_dot_v1_dot_lloco__pb2.GetJobResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/lloco.v1.LlocoService/ListJobs',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/lloco.v1.LlocoService/CancelJob',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
         self.CreateTenant = channel.unary_unary(
                 '/lloco.v1.LlocoService/CreateTenant',
                 request_serializer=lloco_dot_v1_dot_lloco__pb2.CreateTenantRequest.SerializeToString,
@@ -361,9 +371,34 @@ class LlocoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetJob(self, request, context):
-        """Returns the state of a compress or finetune job.
+        """Returns the state of a compress or finetune job. Jobs are recorded in the object store
+        by the jobs themselves, so a finished job answers after the server restarts; a job whose
+        Ray cluster lost it before it finished is FAILED.
         Errors: NOT_FOUND (no such job), INVALID_ARGUMENT (malformed name), PERMISSION_DENIED,
         UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Lists a tenant's jobs (compress and finetune, online ones included) in id order, one
+        page at a time.
+        Errors: INVALID_ARGUMENT (malformed parent, negative page_size, a page_token this call
+        did not issue), NOT_FOUND (no such tenant), PERMISSION_DENIED, UNAUTHENTICATED,
+        UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a QUEUED or RUNNING job; it ends CANCELLED. What it published before it stopped
+        stays published. Cancelling a CANCELLED job returns it unchanged.
+        Errors: NOT_FOUND (no such job), FAILED_PRECONDITION (the job already SUCCEEDED or
+        FAILED, or an operator started it for several tenants at once), INVALID_ARGUMENT
+        (malformed name), PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE (Ray's job server did
+        not answer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -507,6 +542,16 @@ def add_LlocoServiceServicer_to_server(servicer, server):
                     servicer.GetJob,
                     request_deserializer=lloco_dot_v1_dot_lloco__pb2.GetJobRequest.FromString,
                     response_serializer=lloco_dot_v1_dot_lloco__pb2.GetJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.ListJobsRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.ListJobsResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.CancelJobRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.CancelJobResponse.SerializeToString,
             ),
             'CreateTenant': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateTenant,
@@ -975,6 +1020,60 @@ class LlocoService:
             '/lloco.v1.LlocoService/GetJob',
             lloco_dot_v1_dot_lloco__pb2.GetJobRequest.SerializeToString,
             lloco_dot_v1_dot_lloco__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/ListJobs',
+            lloco_dot_v1_dot_lloco__pb2.ListJobsRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.ListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/CancelJob',
+            lloco_dot_v1_dot_lloco__pb2.CancelJobRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -6,8 +6,8 @@
 A training sample is a question (32 tokens) and its answer (16 tokens) about one document of n tokens
 (8k, 16k, 32k). Compressed: the document enters as its compressed context, ceil(n / 1536) * 50 summary
 vectors (the paper's S = 1536, k = 50) as an embeddings prefix, batch 8. Full context: the document's n
-raw tokens, batch 1, gradient checkpointing. Our loop is the finetune recipe's ``train_step`` (LoRA r=8 on
-q/k/v/o via peft, AdamW, bf16 autocast, logits only at answer positions); the reference is HF
+raw tokens, batch 1, gradient checkpointing. Our loop is the finetune recipe's ``train_step`` (the
+``TrainableLora`` r=8 on q/k/v/o, AdamW, bf16 autocast, logits only at answer positions); the reference is HF
 ``LlamaForCausalLM`` + peft with gradient checkpointing on the same weights, as issue 5 measured it.
 Samples/s are host-timed over steps after warm-up, with the device synchronised. Then two tenants train
 at once on one GPU (two processes, each capped at half the memory: a fractional GPU each) against one
@@ -34,8 +34,8 @@ import torch
 
 from lloco.bench.engine import GEOMETRIES, hf_twin, random_llama
 from lloco.finetune.data import Example
-from lloco.finetune.train import autocast, train_step
-from lloco.model import Llama, LlamaConfig
+from lloco.finetune.steps import autocast, start_lora, train_step
+from lloco.model import Llama, LlamaConfig, TrainableLora
 
 SEGMENT_LEN, SUMMARY_K = 1536, 50
 PROMPT_TOKENS, ANSWER_TOKENS = 32, 16
@@ -125,6 +125,15 @@ def lora_config(task_type: str | None) -> Any:
     return LoraConfig(**LORA, bias="none", task_type=task_type)
 
 
+def our_lora(model: Llama) -> TrainableLora:
+    """The recipe's adapter (``TrainableLora``, LORA's geometry) on the frozen ``model``, in training mode."""
+    model.requires_grad_(False)
+    lora = start_lora(
+        model.config, LORA["r"], LORA["lora_alpha"], LORA["target_modules"], dropout=LORA["lora_dropout"]
+    )
+    return lora.to(model.device).train()
+
+
 def optimizer_for(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any, list[torch.Tensor]]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=2e-5, weight_decay=0.0)
@@ -133,11 +142,8 @@ def optimizer_for(model: torch.nn.Module) -> tuple[torch.optim.Optimizer, Any, l
 
 def ours(model: Llama, run: Run, device: torch.device) -> dict[str, dict[str, Any]]:
     """Our recipe's step on our Llama, compressed and full, for each document length."""
-    from peft import get_peft_model
-
-    peft_model = get_peft_model(model, lora_config(None))
-    peft_model.train()
-    optimizer, scheduler, trainable = optimizer_for(peft_model)
+    lora = our_lora(model)
+    optimizer, scheduler, _ = optimizer_for(lora)
     results: dict[str, dict[str, Any]] = {}
     for tokens in run.lengths:
         for mode, batch, checkpointing in (
@@ -147,7 +153,7 @@ def ours(model: Llama, run: Run, device: torch.device) -> dict[str, dict[str, An
             rows = samples(model.config, mode, tokens, batch, device, seed=tokens)
 
             def step(rows: list[Example] = rows, checkpointing: bool = checkpointing) -> tuple[int, int]:
-                stats = train_step(model, [rows], optimizer, scheduler, trainable, device, checkpointing)
+                stats = train_step(model, lora, [rows], optimizer, scheduler, device, checkpointing)
                 return stats.samples, stats.tokens
 
             results[f"{mode}/{tokens}"] = {
@@ -222,20 +228,17 @@ def tenant_process(
     run: Run, config: dict[str, Any], memory_fraction: float, barrier: Any, queue: Any
 ) -> None:
     """One tenant's compressed training in its own process (a fractional GPU: half the memory)."""
-    from peft import get_peft_model
-
     device = torch.device(run.device)
     if device.type == "cuda":
         torch.cuda.set_per_process_memory_fraction(memory_fraction, torch.cuda.current_device())
     llama_config = LlamaConfig(**config)
     model = random_llama(llama_config, device, getattr(torch, run.dtype), seed=0)
-    peft_model = get_peft_model(model, lora_config(None))
-    peft_model.train()
-    optimizer, scheduler, trainable = optimizer_for(peft_model)
+    lora = our_lora(model)
+    optimizer, scheduler, _ = optimizer_for(lora)
     rows = samples(llama_config, "compressed", run.concurrent_length, COMPRESSED_BATCH, device, seed=1)
 
     def step() -> tuple[int, int]:
-        stats = train_step(model, [rows], optimizer, scheduler, trainable, device)
+        stats = train_step(model, lora, [rows], optimizer, scheduler, device)
         return stats.samples, stats.tokens
 
     for _ in range(run.warmup):

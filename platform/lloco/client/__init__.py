@@ -7,6 +7,7 @@ with every call. gRPC failures surface as ``grpc.RpcError`` with the server's st
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from lloco.api import lloco_pb2, lloco_pb2_grpc
-from lloco.errors import InvalidArgument
+from lloco.errors import DeadlineExceeded, InvalidArgument
 
 TENANTS = "tenants/"
 
@@ -349,6 +350,38 @@ class LlocoClient:
 
     def get_job(self, job_id: str) -> lloco_pb2.Job:
         return self._call(self._stub.GetJob, lloco_pb2.GetJobRequest(name=self.names.job(job_id))).job
+
+    def list_jobs(self, page_size: int = 0) -> Iterator[lloco_pb2.Job]:
+        """Every job of the tenant, in id order, fetching pages as the iteration goes."""
+        return self._pages(
+            self._stub.ListJobs,
+            lloco_pb2.ListJobsRequest,
+            self.names.tenant,
+            lambda page: page.jobs,
+            page_size,
+        )
+
+    def cancel_job(self, job_id: str) -> lloco_pb2.Job:
+        """Stops a QUEUED or RUNNING job; returns it CANCELLED."""
+        request = lloco_pb2.CancelJobRequest(name=self.names.job(job_id))
+        return self._call(self._stub.CancelJob, request).job
+
+    def wait_job(self, job_id: str, timeout_s: float, poll_s: float = 2.0) -> lloco_pb2.Job:
+        """Polls GetJob until the job has ended (SUCCEEDED, FAILED or CANCELLED) and returns it.
+
+        Raises:
+            DeadlineExceeded: the job is still QUEUED or RUNNING after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while (job := self.get_job(job_id)).state in (
+            lloco_pb2.JOB_STATE_QUEUED,
+            lloco_pb2.JOB_STATE_RUNNING,
+        ):
+            if time.monotonic() + poll_s > deadline:
+                state = lloco_pb2.JobState.Name(job.state)
+                raise DeadlineExceeded(f"job {job.name} is still {state} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        return job
 
 
 def channel_credentials(ca: Path | str | None = None) -> grpc.ChannelCredentials:

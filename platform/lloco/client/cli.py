@@ -376,10 +376,25 @@ def _dataset_app() -> typer.Typer:
     return dataset
 
 
-def _job_app() -> typer.Typer:
-    job = typer.Typer(help="Compress and finetune jobs.", no_args_is_help=True)
+def _jobs_app() -> typer.Typer:
+    jobs = typer.Typer(help="Compress and finetune jobs: start, list, follow, cancel.", no_args_is_help=True)
 
-    @job.command("get")
+    @jobs.command("list")
+    def list_jobs(
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """List the tenant's jobs, oldest first."""
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            found = sorted(client.list_jobs(), key=lambda job: (job.create_time.ToNanoseconds(), job.name))
+            for job in found:
+                typer.echo(_job_line(job))
+
+    @jobs.command("get")
     def get_job(
         job_id: str,
         target: Target = DEFAULT_TARGET,
@@ -393,7 +408,43 @@ def _job_app() -> typer.Typer:
         with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.get_job(job_id)))
 
-    @job.command("compress")
+    @jobs.command("wait")
+    def wait_job(
+        job_id: str,
+        wait: Annotated[
+            float, typer.Option("--wait", min=1, help="Give up after this many seconds.")
+        ] = 3600.0,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 30.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """Wait until a job ends and show it; exit status 1 unless it SUCCEEDED."""
+        from lloco.api import lloco_pb2
+
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            job = client.wait_job(job_id, wait)
+            typer.echo(_job_line(job))
+        if job.state != lloco_pb2.JOB_STATE_SUCCEEDED:
+            raise typer.Exit(1)
+
+    @jobs.command("cancel")
+    def cancel_job(
+        job_id: str,
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 60.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """Stop a queued or running job."""
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            typer.echo(_job_line(client.cancel_job(job_id)))
+
+    @jobs.command("compress")
     def compress(
         doc_ids: Annotated[
             list[str] | None, typer.Argument(help="Document ids; none: every pending one.")
@@ -409,7 +460,7 @@ def _job_app() -> typer.Typer:
         with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.compress(doc_ids or ())))
 
-    @job.command("finetune")
+    @jobs.command("finetune")
     def finetune(
         dataset_id: Annotated[str, typer.Argument(help="Dataset id.")],
         adapter: Annotated[str, typer.Option(help="Adapter to publish a new version of.")] = "default",
@@ -424,7 +475,7 @@ def _job_app() -> typer.Typer:
         with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_job_line(client.submit_finetune(dataset_id, adapter)))
 
-    return job
+    return jobs
 
 
 def _admin_app() -> typer.Typer:
@@ -518,5 +569,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(_docs_app(), name="docs")
     app.add_typer(_adapters_app(), name="adapters")
     app.add_typer(_dataset_app(), name="dataset")
-    app.add_typer(_job_app(), name="job")
+    app.add_typer(_jobs_app(), name="jobs")
     app.add_typer(_admin_app(), name="admin")

@@ -20,6 +20,9 @@ def compress(
     ] = None,
     all_tenants: Annotated[bool, typer.Option("--all", help="Compress every tenant.")] = False,
     summary: Annotated[Path | None, typer.Option(help="Write the job summary as JSON here.")] = None,
+    job_id: Annotated[
+        str | None, typer.Option(help="Job id the job records itself under (default: a new one).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
 ) -> None:
     """Compress every pending document of the tenants into contexts (Ray Data; joins the Ray cluster at
@@ -32,7 +35,7 @@ def compress(
     from lloco.errors import LlocoError
 
     try:
-        result = run_compress_job(Settings.load(config), None if all_tenants else tenant, summary)
+        result = run_compress_job(Settings.load(config), None if all_tenants else tenant, summary, job_id)
     except LlocoError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from lloco.config import Settings
+from lloco.jobs import JobRun, new_job_id
 from lloco.logs import get_logger
 from lloco.registry import DocumentInfo, Registry, Tenants
-from lloco.storage import ObjectStore
+from lloco.storage import ObjectStore, keys
 
 log = get_logger(__name__)
 
@@ -66,21 +67,51 @@ class CompressSummary:
 
 
 def run_compress_job(
-    settings: Settings, tenants: list[str] | None, summary_path: Path | None = None
+    settings: Settings,
+    tenants: list[str] | None,
+    summary_path: Path | None = None,
+    job_id: str | None = None,
 ) -> CompressSummary:
     """Compress every pending document of ``tenants`` (None: every tenant) and store the contexts.
 
     Joins the Ray cluster of this process (see ``connect_ray``). Bad documents are reported in the
-    summary (and logged); they do not stop the others.
+    summary (and logged); they do not stop the others. The job records itself (``lloco.jobs.JobRun``)
+    under each named tenant, or with ``tenants=None`` under each tenant that had pending documents.
 
     Raises:
         NotFound: a named tenant does not exist. Errors of loading the model or compressor.
     """
+    store = ObjectStore(settings.store)
+    names = _resolve_tenants(store, tenants)
+    run = JobRun(store, keys.validate_id("job", job_id or new_job_id("compress")), "compress", {})
+    if tenants is not None:
+        run.start(names)
+    try:
+        summary, done = _compress(settings, store, names, run if tenants is None else None)
+    except BaseException as error:
+        run.fail_unfinished(f"{type(error).__name__}: {error}")
+        raise
+    for tenant, outcome in done.items():
+        failed = outcome["failed"]
+        message = f"compressed {len(outcome['compressed'])} documents"
+        if failed:
+            message += "; not compressed: " + "; ".join(f"{doc} ({reason})" for doc, reason in failed.items())
+        run.succeed(tenant, outcome, message)
+    if summary_path is not None:
+        summary_path = Path(summary_path)
+        summary_path.parent.mkdir(parents=True, exist_ok=True)
+        summary_path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
+    return summary
+
+
+def _compress(
+    settings: Settings, store: ObjectStore, names: list[str], run: JobRun | None
+) -> tuple[CompressSummary, dict[str, dict[str, Any]]]:
+    """Scan, then compress every pending document of ``names``: the summary, and per tenant the documents
+    compressed and failed (``run``, when given, is started for the tenants with pending documents)."""
     from lloco.compress.pipeline import WorkItem, build_dataset, plan_actors
     from lloco.model import load_compressor, load_model
 
-    store = ObjectStore(settings.store)
-    names = _resolve_tenants(store, tenants)
     model = settings.model
     # The compressor's identity and the tokenizer, without weights in memory (the meta device).
     base = load_model(model.base_model, model.cache_dir, store, device="meta")
@@ -91,6 +122,14 @@ def run_compress_job(
     items = [WorkItem(doc.tenant, doc.doc_id, doc.bytes) for pending, _ in scans for doc in pending]
     summary.skipped = sum(max(0, total - len(pending)) for pending, total in scans)
     summary.documents = summary.skipped + len(items)
+    working = (
+        names
+        if run is None
+        else [tenant for tenant, (pending, _) in zip(names, scans, strict=True) if pending]
+    )
+    if run is not None:
+        run.start(working)
+    done: dict[str, dict[str, Any]] = {t: {"compressed": [], "skipped": [], "failed": {}} for t in working}
     log.info(
         "compress job started",
         compressor=compressor.compressor_id,
@@ -112,13 +151,9 @@ def run_compress_job(
                 cluster_gpus=cluster_gpus,
             )
         dataset = build_dataset(items, settings, compressor, base.tokenizer, plan)
-        _collect(dataset, summary)
+        _collect(dataset, summary, done)
     log.info("compress job finished", **{k: v for k, v in summary.to_json().items() if k != "failures"})
-    if summary_path is not None:
-        summary_path = Path(summary_path)
-        summary_path.parent.mkdir(parents=True, exist_ok=True)
-        summary_path.write_text(json.dumps(summary.to_json(), indent=2) + "\n")
-    return summary
+    return summary, done
 
 
 def connect_ray() -> None:
@@ -158,8 +193,9 @@ def _scan(store: ObjectStore, tenant: str, compressor_id: str) -> tuple[list[Doc
             return pending, total
 
 
-def _collect(dataset: Any, summary: CompressSummary) -> None:
-    """Run the pipeline, folding its result rows into ``summary`` as they stream in.
+def _collect(dataset: Any, summary: CompressSummary, done: dict[str, dict[str, Any]]) -> None:
+    """Run the pipeline, folding its result rows into ``summary`` and each tenant's outcome in ``done``
+    (``compressed`` ids, ``failed`` id -> reason) as they stream in.
 
     Steady throughput leaves out the start-up (workers, model loading, the first batch): the tokens of
     every actor call but the first to end, over the time from that first end to the last.
@@ -172,9 +208,11 @@ def _collect(dataset: Any, summary: CompressSummary) -> None:
             if error:
                 summary.failed += 1
                 summary.failures.append(DocumentFailure(tenant, doc_id, str(error)))
+                done[tenant]["failed"][doc_id] = str(error)
                 log.warning("document failed", tenant=tenant, doc=doc_id, reason=str(error))
                 continue
             tokens = int(block["tokens"][i])
+            done[tenant]["compressed"].append(doc_id)
             summary.compressed += 1
             summary.vectors += int(block["n_vectors"][i])
             summary.tokens += tokens

@@ -10,15 +10,15 @@ Every stage runs the shared steps of ``lloco.compress.steps``. A bad document tr
 with its ``error`` set, so one document never fails a batch. Contexts are written by the actor that
 computed them: a context lands as soon as its batch is done, the summary vectors never cross the
 object store (where bf16 has no Arrow type), and the PUTs of a batch (64 x 3.3 MB for 7B documents of
-8 segments) take well under a second next to the ~30 s its forwards take on an H200.
+8 segments) are small next to the time its forwards take.
 
 Sizing (defaults of ``settings.compress``): a compressor forward of LLaMA-2-7B over 64 segments is
 64 x (1536 + 50) ~ 100k positions, ~1.3 PFLOP: matmuls with M = 100k rows are far into the compute-
 bound regime of an H200, and its activations (a few GB per layer, freed layer by layer) fit next to
 the 13.5 GB of weights in 141 GB; at the longest documents (``max_document_tokens`` 262k: 171
 segments, so late rows carry ~8.5k summary positions before their segment) the MLP activations of
-one layer peak near 30 GB, still inside the card. Smaller
-batches (16: 25k positions) already saturate the matmuls; 64 leaves room for documents of unequal
+one layer peak near 30 GB, still inside the card. Smaller batches (16: 25k positions) already
+saturate the matmuls; 64 leaves room for documents of unequal
 length, whose later segments fill fewer rows. One actor per GPU: a 7B model uses one H200 fully, and
 a second actor on the same GPU would only duplicate the weights.
 """

@@ -1,15 +1,15 @@
 """LoRA adapters for the evaluation's LoRA modes, trained in-process on examples the harness builds.
 
 The finetune recipe (``LoraFinetune``) reads its rows and contexts from a tenant registry in S3; the
-evaluation runs where there is no store (a lone GPU host), so it drives the recipe's parts directly:
-``Example``/``collate`` (prefix + prompt + answer, loss on the answer) and ``answer_loss`` from
-``lloco.finetune``, peft LoRA with the platform's ``FinetuneSettings`` (rank, alpha, dropout, targets,
-batch size; learning rate unless overridden), AdamW with linear warmup and cosine decay.
+evaluation runs where there is no store (a lone GPU host), so it takes the recipe's parts directly: the
+examples (``Example``: prefix + prompt + answer, loss on the answer), the LoRA setup and the train step of
+``lloco.finetune.steps`` with the platform's ``FinetuneSettings`` (rank, alpha, dropout, targets, batch size;
+learning rate unless overridden), AdamW with linear warmup and cosine decay.
 
-An adapter starts from peft's seeded random init (A random, B zero: the base model exactly), or from
-given PEFT files (``init``: e.g. a "reader" LoRA pretrained with the compressor), whose rank, alpha and
-targets it then keeps. The init's digest is recorded, so two adapters that differ only in their data
-can be shown to have started from the same weights.
+An adapter starts from a seeded random init (A random, B zero: the base model exactly), or from given PEFT
+files (``init``: e.g. a "reader" LoRA pretrained with the compressor), whose rank, alpha and targets it then
+keeps. The init's digest is recorded, so two adapters that differ only in their data can be shown to have
+started from the same weights.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
-from lloco.finetune.data import Example, collate
-from lloco.finetune.train import MAX_GRAD_NORM, answer_loss, peft_files, peft_lora
+from lloco.finetune.data import Example
+from lloco.finetune.steps import tenant_lora, train_step
 from lloco.logs import get_logger
 from lloco.model import LoadedModel
 
@@ -77,51 +77,36 @@ def train_adapter(
     """Train a LoRA adapter on ``examples`` for ``steps`` optimizer steps; ``base`` is left unchanged.
 
     Each step takes ``hp.batch_size`` examples from a seeded shuffle (reshuffled every pass). The adapter
-    starts from ``init`` (PEFT files, their own geometry) when given, else from peft's init under ``seed``.
+    starts from ``init`` (PEFT files, their own geometry) when given, else from a random init under ``seed``.
 
     Raises:
         InvalidArgument: no examples or no steps; init files that do not fit the model.
     """
-    from peft import get_peft_model_state_dict
     from transformers import get_cosine_schedule_with_warmup
 
     if not examples or steps < 1:
         raise InvalidArgument(f"adapter training needs examples and steps, got {len(examples)}, {steps}")
     device = base.model.device
-    torch.manual_seed(seed)
-    peft_model = peft_lora(base.model, hp, init)
-    model = peft_model.get_base_model()
+    torch.manual_seed(seed)  # LoRA dropout
+    lora = tenant_lora(base.config, hp, init, seed).to(device)
+    init_sha256 = state_digest(lora.peft_state())
+    base.model.requires_grad_(False)
+    lora.train()
     started = time.perf_counter()
-    try:
-        init_sha256 = state_digest(get_peft_model_state_dict(peft_model))
-        peft_model.train()
-        trainable = [p for p in peft_model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(trainable, lr=learning_rate or hp.learning_rate, weight_decay=0.0)
-        scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps), steps)
-        rng = random.Random(seed)
-        order: list[int] = []
-        losses: list[float] = []
-        for _ in range(steps):
-            batch_examples = []
-            for _ in range(min(hp.batch_size, len(examples))):
-                if not order:
-                    order = list(range(len(examples)))
-                    rng.shuffle(order)
-                batch_examples.append(examples[order.pop()])
-            batch = collate(batch_examples, model.embed, device)
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = answer_loss(model, batch)
-            answer_tokens = sum(example.answer_len for example in batch_examples)
-            (loss / answer_tokens).backward()
-            torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item() / answer_tokens)
-        files = peft_files(peft_model, base.model_id, torch.float16)
-    finally:
-        peft_model.unload()
-        base.model.eval()
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=learning_rate or hp.learning_rate, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps), steps)
+    rng = random.Random(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    for _ in range(steps):
+        batch_examples = []
+        for _ in range(min(hp.batch_size, len(examples))):
+            if not order:
+                order = list(range(len(examples)))
+                rng.shuffle(order)
+            batch_examples.append(examples[order.pop()])
+        losses.append(train_step(base.model, lora, [batch_examples], optimizer, scheduler, device).loss)
+    files = lora.peft_files(base.model_id, torch.float16)
     seconds = time.perf_counter() - started
     log.info(
         "eval adapter trained",

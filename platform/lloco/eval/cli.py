@@ -71,7 +71,7 @@ def evaluate(
         Path | None,
         typer.Option(
             help="PEFT adapter directory every LoRA mode starts from (default: the compressor's reader, else "
-            "peft's init)."
+            "a seeded random init)."
         ),
     ] = None,
     time_budget: Annotated[

@@ -16,7 +16,7 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
   (cut in the middle to ``train_max_length`` for training).
 
 The three LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
-the same steps, hyperparameters, seed and initial weights (peft's seeded init, or ``adapter_init``, which
+the same steps, hyperparameters, seed and initial weights (a seeded random init, or ``adapter_init``, which
 defaults to the compressor's reader when it has one, as tenant finetuning starts from it), so that they
 differ only in the context their examples hold.
 
@@ -49,6 +49,7 @@ from lloco.eval.metrics import exact_match, f1_score, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
 from lloco.finetune.pretrain_eval import next_segment_perplexity
+from lloco.finetune.steps import tenant_lora
 from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
 from lloco.model.lora import peft_geometry, read_peft_files
@@ -156,11 +157,11 @@ class Evaluator:
         finetune: LoRA hyperparameters of the LoRA modes (the platform's finetune settings).
         options: sizes, budget, modes.
         adapter_init: PEFT files every LoRA mode's adapter starts from (their own rank and targets); None:
-            the compressor's reader if it has one, else peft's init under ``options.seed``.
+            the compressor's reader if it has one, else a random init under ``options.seed``.
 
     Raises:
         InvalidArgument: a tokenizer without EOS; an ``adapter_init`` the platform's LoRA slots cannot
-            serve (checked here, before any work).
+            serve or its training cannot start from (checked here, before any work).
     """
 
     def __init__(
@@ -182,6 +183,7 @@ class Evaluator:
         if adapter_init is not None:
             targets, rank = peft_geometry(adapter_init)
             LoraSlots(base.config, 1, rank, targets, "cpu", torch.float32).prepare(adapter_init)
+            tenant_lora(base.config, finetune, adapter_init)  # and that training can start from
         self.tokenizer = base.tokenizer
         self.window = base.config.max_position_embeddings
         self.separator = self.tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)

@@ -36,8 +36,8 @@ def finetune(
 ) -> None:
     """Train a LoRA adapter per tenant concurrently on Ray Train and publish each as a new version."""
     from lloco.config import Settings
-    from lloco.finetune.job import format_results, results_line, run_finetune_job
-    from lloco.finetune.train import TrainOptions
+    from lloco.finetune.job import format_results, run_finetune_job
+    from lloco.finetune.options import TrainOptions
 
     chosen = {
         "mode": mode,
@@ -53,6 +53,5 @@ def finetune(
         Settings.load(config), tenant, dataset, adapter=adapter, job_id=job_id, options=options
     )
     typer.echo(format_results(results))
-    typer.echo(results_line(results))
     if not all(result.ok for result in results.values()):
         raise typer.Exit(1)

@@ -35,11 +35,10 @@ from lloco.finetune.corpus_sources import (
     deduplicate,
     evaluation_titles,
     hotpot_documents,
-    html_to_text,
-    pod_to_text,
     select_sources,
     source_documents,
 )
+from lloco.finetune.markup import html_to_text, pod_to_text
 from lloco.logs import get_logger
 
 log = get_logger(__name__)

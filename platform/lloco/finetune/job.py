@@ -4,40 +4,32 @@ Each tenant's trainer checkpoints to ``checkpoints/{job_id}/{tenant}`` in the ob
 restores a run whose storage folder already holds a checkpoint snapshot, so rerunning a killed job
 with the same job id resumes every tenant from its last checkpoint. A tenant whose training
 succeeded gets its adapter published as a new version (``current`` flips); a failed tenant publishes
-nothing and its error is reported in the per-tenant result. The same job runs under ``ray job
-submit`` through :func:`submit_finetune_job`, and :func:`get_job` tracks it.
+nothing and its error is reported in the per-tenant result. The job records itself under each tenant
+(``lloco.jobs.JobRun``): RUNNING at the start, then each tenant's published version or error.
+``lloco.jobs.Jobs.submit_finetune`` submits it to a Ray cluster.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shlex
-import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import yaml
-from pydantic import SecretStr
-
-from lloco.config import SECRETS_FILE_VARIABLE, Settings, StoreSettings
-from lloco.errors import AlreadyExists, Internal, InvalidArgument, NotFound, Unavailable
+from lloco.config import Settings, StoreSettings
+from lloco.errors import Internal, InvalidArgument
 from lloco.finetune.data import check_rows
-from lloco.finetune.train import ADAPTER_FILES, TRAIN_STATE_FILE, LoraFinetune, TrainOptions
+from lloco.finetune.options import TrainOptions
+from lloco.finetune.train import ADAPTER_FILES, TRAIN_STATE_FILE, LoraFinetune
+from lloco.jobs import JobRun, new_job_id
 from lloco.logs import get_logger
 from lloco.registry import Registry
 from lloco.storage import ObjectStore, keys
 
 log = get_logger(__name__)
-
-RESULTS_MARKER = "lloco-finetune-results"
 
 
 @dataclass(frozen=True)
@@ -53,26 +45,6 @@ class TenantResult:
     seconds: float = 0.0
 
 
-JobStatus = Literal["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
-
-
-@dataclass(frozen=True)
-class JobState:
-    """A submitted finetune job as the API reports it; ``results`` once the job has finished."""
-
-    job_id: str
-    state: JobStatus
-    message: str
-    create_time: datetime | None
-    start_time: datetime | None
-    end_time: datetime | None
-    results: dict[str, TenantResult] | None
-
-
-def new_job_id() -> str:
-    return f"finetune-{datetime.now(UTC):%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-
-
 def run_finetune_job(
     settings: Settings,
     tenants: list[str],
@@ -85,18 +57,27 @@ def run_finetune_job(
     import ray
 
     _check_request(tenants, dataset, adapter)
-    job_id = keys.validate_id("job", job_id or new_job_id())
+    job_id = keys.validate_id("job", job_id or new_job_id("finetune"))
     options = options or TrainOptions()
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    log.info("finetune job started", job_id=job_id, tenants=tenants, dataset=dataset, adapter=adapter)
     store = ObjectStore(settings.store)
-    with ThreadPoolExecutor(max_workers=len(tenants), thread_name_prefix="finetune") as pool:
-        futures = {
-            tenant: pool.submit(_run_tenant, settings, store, tenant, dataset, adapter, job_id, options)
-            for tenant in tenants
-        }
-        results = {tenant: future.result() for tenant, future in futures.items()}
+    args = {"dataset": dataset, "adapter": adapter, "options": options.model_dump()}
+    run = JobRun(store, job_id, "finetune", args)
+    run.start(tenants)
+    try:
+        if not ray.is_initialized():
+            ray.init(configure_logging=False)
+        log.info("finetune job started", job_id=job_id, tenants=tenants, dataset=dataset, adapter=adapter)
+        with ThreadPoolExecutor(max_workers=len(tenants), thread_name_prefix="finetune") as pool:
+            futures = {
+                tenant: pool.submit(
+                    _run_tenant, settings, store, tenant, dataset, adapter, job_id, options, run
+                )
+                for tenant in tenants
+            }
+            results = {tenant: future.result() for tenant, future in futures.items()}
+    except BaseException as error:
+        run.fail_unfinished(f"{type(error).__name__}: {error}")
+        raise
     log.info(
         "finetune job finished",
         job_id=job_id,
@@ -125,8 +106,10 @@ def _run_tenant(
     adapter: str,
     job_id: str,
     options: TrainOptions,
+    run: JobRun,
 ) -> TenantResult:
-    """Train and publish one tenant; every failure becomes an unsuccessful result, never an exception."""
+    """Train and publish one tenant, and record it; every failure becomes an unsuccessful result, never an
+    exception."""
     started = time.perf_counter()
     try:
         registry = Registry(store, tenant)
@@ -137,8 +120,11 @@ def _run_tenant(
     except Exception as error:  # noqa: BLE001 - every tenant's failure is reported, not raised
         message = _describe(error)
         log.error("finetune failed", job_id=job_id, tenant=tenant, error=message)
+        run.fail(tenant, message)
         return TenantResult(tenant, False, adapter, error=message, seconds=time.perf_counter() - started)
     log.info("tenant finished", job_id=job_id, tenant=tenant, adapter=adapter, version=version)
+    result = {"adapter": adapter, "version": version, "metrics": metrics}
+    run.succeed(tenant, result, f"published adapter {adapter!r} version {version}")
     return TenantResult(
         tenant, True, adapter, version=version, metrics=metrics, seconds=time.perf_counter() - started
     )
@@ -287,160 +273,5 @@ def format_results(results: dict[str, TenantResult]) -> str:
     return "\n".join(lines)
 
 
-def results_line(results: dict[str, TenantResult]) -> str:
-    """One machine-readable line that :func:`get_job` finds in the job's log."""
-    return f"{RESULTS_MARKER} {json.dumps({t: asdict(r) for t, r in results.items()}, default=str)}"
-
-
 def _number(value: object) -> str:
     return f"{value:.4f}" if isinstance(value, int | float) else "-"
-
-
-def submit_finetune_job(
-    ray_address: str,
-    tenants: list[str],
-    dataset: str,
-    adapter: str,
-    settings: Settings,
-    options: TrainOptions | None = None,
-    job_id: str | None = None,
-) -> str:
-    """Submit ``lloco finetune`` through Ray's job submission API; returns the job id.
-
-    The job id is also Ray's submission id. Passing the id of a killed run (one not submitted under that
-    id before) resumes it from its checkpoints. The job runs with the caller's explicitly set settings
-    as ``LLOCO_*`` environment variables, secrets by reference (`settings_env`), so it reaches the same
-    store and model.
-
-    Raises:
-        InvalidArgument: bad ids. AlreadyExists: a job with this id was submitted before.
-        Unavailable: Ray's job server cannot be reached.
-    """
-    _check_request(tenants, dataset, adapter)
-    job_id = keys.validate_id("job", job_id or new_job_id())
-    # this Python, not `lloco` on PATH: the job runs where the venv may not be activated
-    command = [sys.executable, "-m", "lloco.cli", "finetune", "--dataset", dataset, "--adapter", adapter]
-    command += ["--job-id", job_id]
-    for tenant in tenants:
-        command += ["--tenant", tenant]
-    command += (options or TrainOptions()).cli_args()
-    client = _job_client(ray_address)
-    try:
-        client.submit_job(
-            entrypoint=shlex.join(command),
-            submission_id=job_id,
-            runtime_env={"env_vars": settings_env(settings)},
-            metadata={
-                "kind": "finetune",
-                "tenants": ",".join(tenants),
-                "dataset": dataset,
-                "adapter": adapter,
-            },
-        )
-    except RuntimeError as error:
-        if "already exists" in str(error):
-            raise AlreadyExists(f"finetune job {job_id!r} was already submitted") from error
-        log.warning("finetune job refused", job_id=job_id, ray_address=ray_address, error=repr(error))
-        raise Unavailable(f"Ray's job server refused finetune job {job_id!r}; retry shortly") from error
-    log.info("finetune job submitted", job_id=job_id, tenants=tenants, dataset=dataset, adapter=adapter)
-    return job_id
-
-
-def _job_client(ray_address: str) -> Any:
-    from ray.job_submission import JobSubmissionClient
-
-    try:
-        return JobSubmissionClient(ray_address)
-    except ConnectionError as error:
-        log.warning("job server unreachable", ray_address=ray_address, error=repr(error))
-        raise Unavailable("Ray's job server is unreachable; retry shortly") from error
-
-
-_STATES: dict[str, JobStatus] = {
-    "PENDING": "QUEUED",
-    "RUNNING": "RUNNING",
-    "SUCCEEDED": "SUCCEEDED",
-    "FAILED": "FAILED",
-    "STOPPED": "CANCELLED",
-}
-
-
-def get_job(ray_address: str, job_id: str) -> JobState:
-    """The state of a submitted finetune job; per-tenant results once it has finished."""
-    client = _job_client(ray_address)
-    try:
-        info = client.get_job_info(job_id)
-    except RuntimeError as error:
-        raise NotFound(f"no finetune job {job_id!r}") from error
-    state = _STATES[str(info.status)]
-    results = _parse_results(client.get_job_logs(job_id)) if state in ("SUCCEEDED", "FAILED") else None
-    message = info.message or ""
-    if results:
-        failed = [r for r in results.values() if not r.ok]
-        message = "; ".join(f"{r.tenant}: {r.error}" for r in failed) or message
-    return JobState(
-        job_id=job_id,
-        state=state,
-        message=message,
-        create_time=_time(info.start_time),
-        start_time=_time(info.start_time) if state != "QUEUED" else None,
-        end_time=_time(info.end_time),
-        results=results,
-    )
-
-
-def _parse_results(logs: str) -> dict[str, TenantResult] | None:
-    for line in reversed(logs.splitlines()):
-        if line.startswith(RESULTS_MARKER):
-            payload = json.loads(line[len(RESULTS_MARKER) :])
-            return {tenant: TenantResult(**result) for tenant, result in payload.items()}
-    return None
-
-
-def _time(milliseconds: int | None) -> datetime | None:
-    return datetime.fromtimestamp(milliseconds / 1000, UTC) if milliseconds else None
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The explicitly set settings as ``LLOCO_SECTION__FIELD`` environment variables for a job.
-
-    Secrets never travel in it: a job's environment is recorded with the job and shown by Ray's job
-    API and dashboard. The admin key is left out (jobs do not need it). Store credentials the job's
-    node does not have in its own environment (the Helm chart gives every Ray container them from a
-    Kubernetes Secret) are written to a file readable by this user only, under ``data_dir/secrets``,
-    and only its path is passed (``LLOCO_SECRETS_FILE``), for a job on this machine or a shared disk.
-    """
-    env: dict[str, str] = {}
-    secrets: dict[str, dict[str, str]] = {}
-
-    def flatten(prefix: str, values: dict[str, Any], section: str | None) -> None:
-        for name, value in values.items():
-            key = f"{prefix}__{name.upper()}" if prefix else f"LLOCO_{name.upper()}"
-            if isinstance(value, dict):
-                flatten(key, value, name)
-            elif isinstance(value, SecretStr):
-                if section is not None and os.environ.get(key) != value.get_secret_value():
-                    secrets.setdefault(section, {})[name] = value.get_secret_value()
-            elif isinstance(value, str | Path):
-                env[key] = str(value)
-            elif value is not None:
-                env[key] = json.dumps(value)
-
-    flatten("", settings.model_dump(exclude_unset=True), None)
-    if secrets:
-        env[SECRETS_FILE_VARIABLE] = str(_secrets_file(settings.data_dir, secrets))
-    return env
-
-
-def _secrets_file(data_dir: Path, secrets: dict[str, dict[str, str]]) -> Path:
-    """``secrets`` as a settings YAML file only its owner can read, named by its content's digest."""
-    text = yaml.safe_dump(secrets, sort_keys=True)
-    folder = data_dir / "secrets"
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / f"job-{hashlib.sha256(text.encode()).hexdigest()[:16]}.yaml"
-    if not path.exists():
-        partial = path.with_suffix(f".{uuid.uuid4().hex[:8]}.part")
-        with os.fdopen(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
-            handle.write(text)
-        os.replace(partial, path)
-    return path

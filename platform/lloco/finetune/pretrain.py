@@ -27,7 +27,9 @@ it (``resume``) and its cosine schedule spans the whole run (``max_steps`` / ``t
 ``stop_after_s`` ends one invocation (a GPU host's call). ``init_from`` starts a new run from a finished
 compressor's weights (e.g. the shipped one), so training accumulates across sessions; the record keeps
 every earlier run. The recipe is a flat ``setup / train / save / cleanup`` class that knows nothing of
-Ray; ``run_pretrain_job`` wraps it in a Ray Train ``TorchTrainer``.
+Ray; ``lloco.finetune.pretrain_job.run_pretrain_job`` wraps it in a Ray Train ``TorchTrainer``. The options
+are ``lloco.finetune.pretrain_options.PretrainOptions``; the LoRAs start, run and take their optimizer steps
+through ``lloco.finetune.steps`` and ``lloco.model.trainable_lora``, as tenant finetuning's do.
 """
 
 from __future__ import annotations
@@ -36,8 +38,6 @@ import gc
 import json
 import math
 import platform as host_platform
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -47,133 +47,32 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 from torch.utils.checkpoint import checkpoint
 
 from lloco.config import Settings
-from lloco.errors import FailedPrecondition, Internal, InvalidArgument
+from lloco.errors import FailedPrecondition, InvalidArgument
 from lloco.finetune.corpus import Corpus
 from lloco.finetune.pretrain_eval import held_out_windows, next_segment_perplexity, qa_probe
-from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
-from lloco.finetune.shards import load_sharded, save_sharded
+from lloco.finetune.pretrain_options import GEOMETRY, PretrainOptions
+from lloco.finetune.pretrain_qa import QAExamples, cached_qa_examples
+from lloco.finetune.shards import load_training, save_training
+from lloco.finetune.steps import apply_gradients, start_lora
 from lloco.logs import get_logger
 from lloco.model import Compressor, LoadedModel, TrainableLora, load_model
 from lloco.model.llama import Block
+from lloco.model.trainable_lora import lora_hidden
 
 log = get_logger(__name__)
 
 RECORD_FILE = "pretrain.json"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
-ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MAX_GRAD_NORM = 1.0
 MIN_LR_FRACTION = 0.1
 CE_CHUNK = 8192  # positions per logits chunk: the vocabulary projection is recomputed in backward
-GEOMETRY = (
-    "segment_len",
-    "k",
-    "lora_rank",
-    "lora_alpha",
-    "lora_targets",
-    "reader_rank",
-    "reader_alpha",
-    "reader_targets",
-)
-
 Report = Callable[[dict[str, Any], Path | None], None]
 Task = Literal["lm", "qa"]
-
-
-class PretrainOptions(BaseModel):
-    """What one pretraining run does; the base model comes from ``settings.model``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    corpus: Path = Field(description="Corpus file (`lloco pretrain-corpus`), tokenized for the base model.")
-    output: Path = Field(description="Directory that receives the compressor, pretrain.json and checkpoint/.")
-    init_from: Path | None = Field(
-        None,
-        description="A compressor directory whose weights (and reader) start this run; its record is kept.",
-    )
-    resume: bool = Field(True, description="Continue from output/checkpoint/ when it exists.")
-    segment_len: int = Field(512, ge=8, description="S: tokens per segment (mean of the random lengths).")
-    k: int = Field(32, ge=1, description="Summary vectors per segment (compression S/k).")
-    segments: int = Field(8, ge=2, description="Segments per LM training sequence.")
-    jitter: float = Field(0.5, ge=0, lt=1, description="LM segment lengths are uniform in [S(1-j), S(1+j)].")
-    bptt_segments: int = Field(2, ge=1, description="Decoded LM segments between stop-gradients.")
-    reconstruction: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Fraction of LM segments decoded after their own summaries too (autoencoding).",
-    )
-    qa_data: Path | None = Field(None, description="Directory of the QA train splits (SQuAD, HotpotQA).")
-    qa_cache: Path | None = Field(
-        None, description="Tokenized QA examples (.npz): read if present, else written."
-    )
-    qa_fraction: float = Field(0.0, ge=0, le=1, description="Fraction of steps that are QA steps.")
-    qa_max_tokens: int = Field(4096, ge=8, description="QA documents are cut to this many tokens.")
-    batch_size: int = Field(
-        8,
-        ge=1,
-        description="LM sequences per step (a QA step takes as many document tokens, at most 2x the rows).",
-    )
-    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
-    warmup_steps: int = Field(50, ge=0, description="Linear warmup, then cosine decay to 10% of the peak.")
-    lora_rank: int = Field(16, ge=1, le=256, description="Encoder LoRA rank.")
-    lora_alpha: float = Field(32.0, gt=0)
-    lora_targets: tuple[str, ...] = Field(
-        ALL_TARGETS, min_length=1, description="Encoder projections with LoRA."
-    )
-    reader_rank: int = Field(0, ge=0, le=256, description="Decoder-side reader LoRA rank; 0: frozen decoder.")
-    reader_alpha: float = Field(32.0, gt=0)
-    reader_targets: tuple[str, ...] = Field(ALL_TARGETS, min_length=1)
-    max_steps: int | None = Field(None, ge=1, description="The run ends after this many optimizer steps.")
-    time_budget_s: float | None = Field(None, gt=0, description="The run ends after this much training time.")
-    stop_after_s: float | None = Field(
-        None,
-        gt=0,
-        description="This invocation stops (checkpoint + compressor) after this much training time.",
-    )
-    stop_after_steps: int | None = Field(
-        None, ge=1, description="This invocation stops after this many steps."
-    )
-    checkpoint_every_s: float | None = Field(None, gt=0, description="Also checkpoint this often.")
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each layer in backward (bigger batches)."
-    )
-    compile: bool = Field(False, description="torch.compile the layer function (dynamic shapes; GPU runs).")
-    eval_windows: int = Field(32, ge=1, description="Held-out windows for the perplexity evaluation.")
-    eval_segments: int = Field(4, ge=2, description="Segments per held-out window.")
-    eval_batch_size: int = Field(8, ge=1)
-    eval_qa: int = Field(64, ge=0, description="Held-out QA examples for the answer-NLL probe.")
-    log_every: int = Field(10, ge=1, description="Steps per loss-curve point.")
-    device: str | None = Field(None, description="cuda / cpu; None: cuda when available.")
-    seed: int = Field(0, ge=0)
-
-    @field_validator("lora_targets", "reader_targets")
-    @classmethod
-    def _known_targets(cls, targets: tuple[str, ...]) -> tuple[str, ...]:
-        unknown = sorted(set(targets) - set(ALL_TARGETS))
-        if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; choose from {list(ALL_TARGETS)}")
-        return targets
-
-    @model_validator(mode="after")
-    def _bounded(self) -> PretrainOptions:
-        if self.max_steps is None and self.time_budget_s is None:
-            raise ValueError("set max_steps or time_budget_s (or both): training must end")
-        if self.qa_fraction > 0 and self.qa_data is None and self.qa_cache is None:
-            raise ValueError("qa_fraction > 0 needs qa_data or an existing qa_cache")
-        return self
-
-    def segment_lengths(self, rng: np.random.Generator) -> list[int]:
-        """Random breakpoints: ``segments`` lengths around ``segment_len``."""
-        low = max(1, round(self.segment_len * (1 - self.jitter)))
-        high = max(low, round(self.segment_len * (1 + self.jitter)))
-        return rng.integers(low, high + 1, size=self.segments).tolist()
 
 
 class Trainables(nn.Module):
@@ -262,7 +161,9 @@ class CompressorPretrain:
         self.eval_windows = held_out_windows(
             self.corpus, options.eval_segments * options.segment_len, options.eval_windows
         )
-        self.qa_train, self.qa_held_out = self._qa_examples()
+        self.qa_train, self.qa_held_out = cached_qa_examples(
+            options.qa_cache, options.qa_data, self.base.tokenizer, options.qa_max_tokens, options.seed
+        )
         self.qa_buckets = self._buckets(self.qa_train)
         self.initial = Compressor.from_base(self.base, options.segment_len, options.k, True, options.seed)
         self.trainables = self._initial_trainables().to(self.device)
@@ -283,23 +184,6 @@ class CompressorPretrain:
             trainable_params=sum(p.numel() for p in self.trainables.parameters()),
         )
 
-    def _qa_examples(self) -> tuple[QAExamples | None, QAExamples | None]:
-        options = self.options
-        if options.qa_cache is not None and options.qa_cache.with_suffix(".train.npz").is_file():
-            return (
-                QAExamples.load(options.qa_cache.with_suffix(".train.npz")),
-                QAExamples.load(options.qa_cache.with_suffix(".held_out.npz")),
-            )
-        if options.qa_data is None:
-            return None, None
-        train, held = build_qa_examples(
-            options.qa_data, self.base.tokenizer, options.qa_max_tokens, seed=options.seed
-        )
-        if options.qa_cache is not None:
-            train.save(options.qa_cache.with_suffix(".train.npz"))
-            held.save(options.qa_cache.with_suffix(".held_out.npz"))
-        return train, held
-
     def _buckets(self, examples: QAExamples | None) -> dict[int, list[int]]:
         """QA example indices by their number of segments (a QA step takes one bucket)."""
         buckets: dict[int, list[int]] = {}
@@ -311,38 +195,40 @@ class CompressorPretrain:
     def _initial_trainables(self) -> Trainables:
         """Fresh weights, or those of ``init_from`` (whose record becomes this run's earlier history)."""
         options, config = self.options, self.base.config
-        if options.init_from is None:
-            encoder = TrainableLora(
-                config, options.lora_rank, options.lora_alpha, options.lora_targets, options.seed
-            )
-            reader = None
-            if options.reader_rank:
-                reader = TrainableLora(
-                    config,
-                    options.reader_rank,
-                    options.reader_alpha,
-                    options.reader_targets,
-                    options.seed + 1,
+        encoder_init = reader_init = None
+        summary, scale = self.initial.summary_embeds, self.initial.output_scale
+        if options.init_from is not None:
+            start = Compressor.load(options.init_from, self.base)
+            if (
+                start.k != options.k
+                or start.segment_len != options.segment_len
+                or start.adapter_files is None
+            ):
+                raise InvalidArgument(
+                    f"init_from {options.init_from} has S={start.segment_len}, k={start.k}"
+                    f"{'' if start.adapter_files else ', no encoder LoRA'}; this run wants S={options.segment_len}, k={options.k}"
                 )
-            assert self.initial.output_scale is not None
-            return Trainables(self.initial.summary_embeds, self.initial.output_scale, encoder, reader)
-        start = Compressor.load(options.init_from, self.base)
-        if start.k != options.k or start.segment_len != options.segment_len or start.adapter_files is None:
-            raise InvalidArgument(
-                f"init_from {options.init_from} has S={start.segment_len}, k={start.k}"
-                f"{'' if start.adapter_files else ', no encoder LoRA'}; this run wants S={options.segment_len}, k={options.k}"
+            encoder_init, reader_init = start.adapter_files, start.reader_files
+            summary = start.summary_embeds
+            scale = start.output_scale if start.output_scale is not None else torch.ones(config.dim)
+            record_path = options.init_from / RECORD_FILE
+            if record_path.is_file():
+                self.runs = earlier_runs(json.loads(record_path.read_text()))
+        encoder = start_lora(
+            config, options.lora_rank, options.lora_alpha, options.lora_targets, encoder_init, options.seed
+        )
+        reader = None
+        if reader_init is not None or options.reader_rank:
+            reader = start_lora(
+                config,
+                options.reader_rank,
+                options.reader_alpha,
+                options.reader_targets,
+                reader_init,
+                options.seed + 1,
             )
-        encoder = TrainableLora.from_peft_files(config, start.adapter_files)
-        reader = TrainableLora.from_peft_files(config, start.reader_files) if start.reader_files else None
-        if reader is None and options.reader_rank:
-            reader = TrainableLora(
-                config, options.reader_rank, options.reader_alpha, options.reader_targets, options.seed + 1
-            )
-        record_path = options.init_from / RECORD_FILE
-        if record_path.is_file():
-            self.runs = earlier_runs(json.loads(record_path.read_text()))
-        scale = start.output_scale if start.output_scale is not None else torch.ones(config.dim)
-        return Trainables(start.summary_embeds, scale, encoder, reader)
+        assert scale is not None
+        return Trainables(summary, scale, encoder, reader)
 
     # -- train ------------------------------------------------------------------------------------------
 
@@ -363,9 +249,7 @@ class CompressorPretrain:
             self._set_learning_rate()
             task: Task = "qa" if self.qa_buckets and self.rng.random() < options.qa_fraction else "lm"
             sums, tokens = self._qa_step() if task == "qa" else self._lm_step()
-            torch.nn.utils.clip_grad_norm_(self.trainables.parameters(), MAX_GRAD_NORM)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            apply_gradients(self.optimizer, self.trainables.parameters())
             window.add(sums, tokens)
             self.step += 1
             self.elapsed_s += time.perf_counter() - started
@@ -500,17 +384,7 @@ class CompressorPretrain:
 
     def _layers(self, x: Tensor, lora: TrainableLora | None) -> Tensor:
         """Final-normed hidden states of inputs [B, T, D] at positions 0..T-1, through ``lora`` (if any)."""
-        model = self.model
-        length = x.shape[1]
-        model.ensure_positions(length)
-        cos, sin = model.rope(torch.arange(length, device=x.device)[None])
-        for i, block in enumerate(model.model.layers):
-            layer_lora = None if lora is None else lora.layer(i, self.dtype)
-            if self.options.activation_checkpointing:
-                x = checkpoint(self.block_fn, block, x, cos, sin, None, None, layer_lora, use_reentrant=False)
-            else:
-                x = self.block_fn(block, x, cos, sin, None, None, layer_lora)
-        return model.model.norm(x)
+        return lora_hidden(self.model, x, lora, self.options.activation_checkpointing, self.block_fn)
 
     def _encode(self, earlier: Tensor | None, segments: list[Tensor]) -> Tensor:
         """Summary vectors [B, k, D] of each row's ``segments[b]`` [L_b, D] after ``earlier`` [B, P, D]."""
@@ -547,17 +421,7 @@ class CompressorPretrain:
     def save_checkpoint(self) -> Path:
         """Write checkpoint/: weights (fp32) and AdamW moments (bf16) in shards under 16 MB, and the state."""
         directory = self.options.output / CHECKPOINT_DIR
-        weights = {name: p.detach() for name, p in self.trainables.named_parameters()}
-        moments: dict[str, Tensor] = {}
-        names = [name for name, _ in self.trainables.named_parameters()]
-        for name, param in zip(names, self.trainables.parameters(), strict=True):
-            state = self.optimizer.state.get(param)
-            if state:
-                moments[f"{name}.exp_avg"] = state["exp_avg"].to(torch.bfloat16)
-                moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16)
-                moments[f"{name}.step"] = torch.as_tensor(float(state["step"]))
-        save_sharded(weights, directory, "weights")
-        save_sharded(moments, directory, "optimizer")
+        save_training(directory, self.trainables, self.optimizer)
         state = {
             "step": self.step,
             "elapsed_s": self.elapsed_s,
@@ -581,16 +445,7 @@ class CompressorPretrain:
         ]
         if changed:
             raise InvalidArgument(f"checkpoint {directory} was made with other {changed}; start a new output")
-        weights = load_sharded(directory, "weights", str(self.device))
-        self.trainables.load_state_dict(weights)
-        moments = load_sharded(directory, "optimizer", str(self.device))
-        for name, param in self.trainables.named_parameters():
-            if f"{name}.exp_avg" in moments:
-                self.optimizer.state[param] = {
-                    "step": moments[f"{name}.step"].float().cpu(),
-                    "exp_avg": moments[f"{name}.exp_avg"].float(),
-                    "exp_avg_sq": moments[f"{name}.exp_avg_sq"].float(),
-                }
+        load_training(directory, self.trainables, self.optimizer, self.device)
         self.step, self.elapsed_s, self.tokens_seen = state["step"], state["elapsed_s"], state["tokens_seen"]
         self.history, self.runs = state["history"], state["runs"]
         self.rng.bit_generator.state = state["rng"]
@@ -735,64 +590,3 @@ def pretrain(
         return recipe.save()
     finally:
         recipe.cleanup()
-
-
-def _train_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker: the same recipe, its output reported as the run's checkpoint."""
-    import ray.train
-
-    def report(metrics: dict[str, Any], directory: Path | None) -> None:
-        checkpoint_ = ray.train.Checkpoint.from_directory(str(directory)) if directory else None
-        ray.train.report(metrics, checkpoint=checkpoint_)
-
-    staging = Path(tempfile.mkdtemp(prefix="lloco-pretrain-"))
-    options = config["options"].model_copy(update={"output": staging / "compressor"})
-    if config["options"].output.is_dir():  # a resumable run: start from the caller's output
-        shutil.copytree(config["options"].output, options.output)
-    try:
-        pretrain(config["settings"], options, config["command"], report)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def run_pretrain_job(
-    settings: Settings,
-    options: PretrainOptions,
-    command: str = "",
-    use_gpu: bool = False,
-    cpus_per_worker: float = 1.0,
-    storage_path: str | None = None,
-) -> dict[str, Any]:
-    """Pretrain on one Ray Train worker and copy its output (compressor + checkpoint) to ``options.output``.
-
-    ``storage_path`` is where Ray Train keeps the run (a local temporary folder by default; on a
-    multi-node cluster give a shared path such as ``s3://bucket/prefix``).
-    """
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init(configure_logging=False)
-    resources: dict[str, float] = {"CPU": cpus_per_worker}
-    if use_gpu:
-        resources["GPU"] = 1
-    local_storage = None if storage_path else tempfile.mkdtemp(prefix="lloco-pretrain-ray-")
-    trainer = TorchTrainer(
-        train_loop_per_worker=_train_worker,
-        train_loop_config={"settings": settings, "options": options, "command": command},
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name="pretrain-compressor", storage_path=storage_path or local_storage),
-    )
-    try:
-        result = trainer.fit()
-        if result.checkpoint is None:
-            raise Internal("compressor pretraining ended without a saved compressor")
-        result.checkpoint.to_directory(str(options.output))
-    finally:
-        if local_storage:
-            shutil.rmtree(local_storage, ignore_errors=True)
-    record_path = options.output / RECORD_FILE
-    if not record_path.is_file():
-        raise Internal(f"the pretraining checkpoint has no {RECORD_FILE}")
-    return json.loads(record_path.read_text())

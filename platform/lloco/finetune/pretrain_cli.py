@@ -175,7 +175,9 @@ def pretrain_compressor(
     from pydantic import ValidationError
 
     from lloco.errors import InvalidArgument
-    from lloco.finetune.pretrain import PretrainOptions, pretrain, run_pretrain_job
+    from lloco.finetune.pretrain import pretrain
+    from lloco.finetune.pretrain_job import run_pretrain_job
+    from lloco.finetune.pretrain_options import PretrainOptions
 
     lists = {
         name: tuple(value.split(","))

@@ -186,3 +186,21 @@ def build_qa_examples(
     flags = [held_out(text, held_out_fraction, seed) for text in texts]
     train = examples.subset(i for i, flag in enumerate(flags) if not flag)
     return train, examples.subset(i for i, flag in enumerate(flags) if flag)
+
+
+def cached_qa_examples(
+    cache: Path | None, data_dir: Path | None, tokenizer: Any, max_document_tokens: int, seed: int = 0
+) -> tuple[QAExamples | None, QAExamples | None]:
+    """Train and held-out examples from ``cache`` (``.train.npz``/``.held_out.npz`` beside it) when it holds
+    them, else built from ``data_dir`` (and written to ``cache`` when given); (None, None) without either."""
+    if cache is not None and cache.with_suffix(".train.npz").is_file():
+        return QAExamples.load(cache.with_suffix(".train.npz")), QAExamples.load(
+            cache.with_suffix(".held_out.npz")
+        )
+    if data_dir is None:
+        return None, None
+    train, held = build_qa_examples(data_dir, tokenizer, max_document_tokens, seed=seed)
+    if cache is not None:
+        train.save(cache.with_suffix(".train.npz"))
+        held.save(cache.with_suffix(".held_out.npz"))
+    return train, held

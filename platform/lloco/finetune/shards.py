@@ -3,14 +3,17 @@
 A GPU host may hand back only files under a size limit; a training state (LoRA weights and optimizer
 moments) is written as ``{stem}-00000.safetensors``, ``{stem}-00001.safetensors``, ... each at most
 ``max_bytes`` (a tensor larger than that gets a shard of its own), and read back as one dict.
+``save_training``/``load_training`` keep a module's weights (as they are) and its AdamW moments (bf16, half
+the bytes; the moments tolerate the rounding) in two such stems, ``weights`` and ``optimizer``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
-from torch import Tensor
+from torch import Tensor, nn
 
 from lloco.errors import NotFound
 
@@ -55,3 +58,36 @@ def load_sharded(directory: Path, stem: str, device: str = "cpu") -> dict[str, T
     for path in paths:
         tensors.update(load_file(path, device=device))
     return tensors
+
+
+def save_training(directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Write ``module``'s parameters and the AdamW state of each (``exp_avg``, ``exp_avg_sq``, ``step``)."""
+    weights = {name: param.detach() for name, param in module.named_parameters()}
+    moments: dict[str, Tensor] = {}
+    for name, param in module.named_parameters():
+        state = optimizer.state.get(param)
+        if state:
+            moments[f"{name}.exp_avg"] = state["exp_avg"].to(torch.bfloat16)
+            moments[f"{name}.exp_avg_sq"] = state["exp_avg_sq"].to(torch.bfloat16)
+            moments[f"{name}.step"] = torch.as_tensor(float(state["step"]))
+    save_sharded(weights, directory, "weights")
+    save_sharded(moments, directory, "optimizer")
+
+
+def load_training(
+    directory: Path, module: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device
+) -> None:
+    """Load what ``save_training`` wrote into ``module`` (strict) and ``optimizer`` (fp32 moments on ``device``).
+
+    Raises:
+        NotFound: no weights or optimizer shards in ``directory``.
+    """
+    module.load_state_dict(load_sharded(directory, "weights", str(device)))
+    moments = load_sharded(directory, "optimizer", str(device))
+    for name, param in module.named_parameters():
+        if f"{name}.exp_avg" in moments:
+            optimizer.state[param] = {
+                "step": moments[f"{name}.step"].float().cpu(),
+                "exp_avg": moments[f"{name}.exp_avg"].float(),
+                "exp_avg_sq": moments[f"{name}.exp_avg_sq"].float(),
+            }

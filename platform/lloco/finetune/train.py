@@ -1,8 +1,9 @@
 """The LoRA finetuning recipe: one flat ``setup / train / save / cleanup`` class (STYLE rule 3).
 
 One tenant, one dataset: rows become ``[compressed context] + chat prompt + answer`` (or the raw document
-tokens in ``full`` mode), LoRA (peft) on the base model's attention projections, AdamW with a cosine
-schedule after a linear warmup, gradient accumulation, bf16 autocast on GPU, loss on answer tokens only.
+tokens in ``full`` mode), a ``TrainableLora`` on the frozen base model (``lloco.finetune.steps``: the setup
+and train step the evaluation shares), AdamW with a cosine schedule after a linear warmup, gradient
+accumulation, bf16 autocast on GPU, loss on answer tokens only.
 The recipe knows nothing of Ray: it takes its rank and world size, and a ``report`` callback that receives
 metrics and (from rank 0) a checkpoint directory, which the job wires to ``ray.train.report``.
 A checkpoint is a loadable PEFT adapter plus the optimizer, scheduler and step, so a resumed run
@@ -18,148 +19,31 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
-from lloco.config import FinetuneSettings, Settings
+from lloco.config import Settings
 from lloco.errors import InvalidArgument
-from lloco.finetune.data import Batch, Example, ExampleBuilder, collate
+from lloco.finetune.data import Example, ExampleBuilder, collate
+from lloco.finetune.options import TrainOptions
+from lloco.finetune.steps import StepStats, answer_loss, autocast, tenant_lora, train_step
 from lloco.logs import get_logger
-from lloco.model import Llama, load_compressor, load_model
-from lloco.model.lora import peft_geometry, read_peft_files
+from lloco.model import Llama, TrainableLora, load_compressor, load_model
+from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE
 from lloco.registry import DatasetRow, Registry
 from lloco.storage import ObjectStore
 
 log = get_logger(__name__)
 
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 TRAIN_STATE_FILE = "train_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
-MAX_GRAD_NORM = 1.0
 LOSS_WINDOW = 10
 
 
-class TrainOptions(BaseModel):
-    """What one finetune run does beyond the platform's ``settings.finetune`` (hyperparameters)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    mode: Literal["compressed", "full"] = Field(
-        "compressed", description="compressed: LLoCO (summary vectors as prefix); full: raw document tokens."
-    )
-    eval_fraction: float = Field(
-        0.1, ge=0, lt=1, description="Rows held out (seeded) for the evaluation loss."
-    )
-    max_steps: int | None = Field(
-        None, ge=1, description="Stop after this many optimizer steps (else epochs)."
-    )
-    checkpoint_every_steps: int | None = Field(None, ge=1, description="Checkpoint period; None: each epoch.")
-    max_length: int | None = Field(
-        None, ge=8, description="Longest example in positions; None: the model's max_position_embeddings."
-    )
-    gradient_checkpointing: bool = Field(False, description="Recompute each layer in backward (long inputs).")
-    seed: int = Field(0, ge=0, description="Seed of the split, data order and dropout.")
-
-    def cli_args(self) -> list[str]:
-        """The ``lloco finetune`` flags that reproduce these options."""
-        args = ["--mode", self.mode, "--eval-fraction", str(self.eval_fraction), "--seed", str(self.seed)]
-        if self.max_steps is not None:
-            args += ["--max-steps", str(self.max_steps)]
-        if self.checkpoint_every_steps is not None:
-            args += ["--checkpoint-every", str(self.checkpoint_every_steps)]
-        if self.max_length is not None:
-            args += ["--max-length", str(self.max_length)]
-        if self.gradient_checkpointing:
-            args += ["--gradient-checkpointing"]
-        return args
-
-
 Report = Callable[[dict[str, Any], Path | None], None]
-
-
-def answer_loss(model: Llama, batch: Batch, gradient_checkpointing: bool = False) -> Tensor:
-    """Summed cross-entropy of the answer tokens of ``batch``.
-
-    Runs the layers of ``model`` (peft-wrapped projections included) over the batch's input embeddings and
-    projects to the vocabulary only the positions that predict an answer token, so long prefixes cost no
-    logits. ``gradient_checkpointing`` recomputes each layer during backward instead of keeping its
-    activations.
-    """
-    length = batch.embeds.shape[1]
-    model.ensure_positions(length)
-    cos, sin = model.rope(torch.arange(length, device=batch.embeds.device)[None])
-    x = batch.embeds
-    for block in model.model.layers:
-        x = (
-            checkpoint(block, x, cos, sin, use_reentrant=False)
-            if gradient_checkpointing
-            else block(x, cos, sin)
-        )
-    hidden = model.model.norm(x.flatten(0, 1)[batch.target_index])
-    logits = model.lm_head(hidden).float()
-    return F.cross_entropy(logits, batch.targets, reduction="sum")
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """One optimizer step: mean loss per answer token, positions and rows processed."""
-
-    loss: float
-    tokens: int
-    samples: int
-
-
-def autocast(device: torch.device) -> torch.autocast:
-    """bf16 autocast on GPU; a no-op elsewhere (CPU trains in fp32)."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def train_step(
-    model: Llama,
-    micro_batches: Sequence[Sequence[Example]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    trainable: Sequence[Tensor],
-    device: torch.device,
-    gradient_checkpointing: bool = False,
-    world_size: int = 1,
-) -> StepStats:
-    """One optimizer step over gradient-accumulated micro-batches; the loss is a mean per answer token.
-
-    With ``world_size > 1`` (a torch.distributed group is up) the LoRA gradients are averaged across
-    workers before clipping: they are small, so one all-reduce per parameter is cheap.
-    """
-    answer_tokens = sum(example.answer_len for batch in micro_batches for example in batch)
-    total_loss, tokens, samples = 0.0, 0, 0
-    for examples in micro_batches:
-        batch = collate(examples, model.embed, device)
-        with autocast(device):
-            loss = answer_loss(model, batch, gradient_checkpointing)
-        (loss / answer_tokens).backward()
-        total_loss += loss.item()
-        tokens, samples = tokens + batch.tokens, samples + batch.samples
-    if world_size > 1:
-        import torch.distributed as dist
-
-        for param in trainable:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad)
-            param.grad /= world_size
-    torch.nn.utils.clip_grad_norm_(trainable, MAX_GRAD_NORM)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return StepStats(total_loss / answer_tokens, tokens, samples)
 
 
 def split_rows(rows: Sequence[DatasetRow], eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -214,7 +98,7 @@ class LoraFinetune:
     # -- setup ------------------------------------------------------------------------------------------
 
     def setup(self, resume_from: Path | None = None) -> None:
-        """Load the base model and data, wrap LoRA, build the optimizer; restore a checkpoint if given."""
+        """Load the base model and data, build the LoRA and the optimizer; restore a checkpoint if given."""
         from transformers import get_cosine_schedule_with_warmup
 
         hp = self.settings.finetune
@@ -263,11 +147,10 @@ class LoraFinetune:
                 f"dataset {self.dataset!r} has {len(self.train_examples)} training rows, fewer than "
                 f"{self.world_size} workers"
             )
-        self.peft_model = peft_lora(base.model, hp, reader)
-        self.model: Llama = self.peft_model.get_base_model()
-        self.peft_model.train()
-        self.trainable = [p for p in self.peft_model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.trainable, lr=hp.learning_rate, weight_decay=0.0)
+        self.model: Llama = base.model.requires_grad_(False)
+        self.lora: TrainableLora = tenant_lora(base.config, hp, reader, self.options.seed).to(self.device)
+        self.lora.train()
+        self.optimizer = torch.optim.AdamW(self.lora.parameters(), lr=hp.learning_rate, weight_decay=0.0)
         per_step = hp.batch_size * hp.grad_accum
         self.steps_per_epoch = math.ceil(self._shard_size() / per_step)
         self.total_steps = self.options.max_steps or max(1, math.ceil(hp.epochs * self.steps_per_epoch))
@@ -288,7 +171,7 @@ class LoraFinetune:
             eval_rows=len(self.eval_examples),
             total_steps=self.total_steps,
             start_step=self.step,
-            trainable_params=sum(p.numel() for p in self.trainable),
+            trainable_params=sum(p.numel() for p in self.lora.parameters()),
         )
 
     def _use_gpu(self) -> bool:
@@ -347,10 +230,10 @@ class LoraFinetune:
     def _train_step(self, micro_batches: list[list[Example]]) -> StepStats:
         return train_step(
             self.model,
+            self.lora,
             micro_batches,
             self.optimizer,
             self.scheduler,
-            self.trainable,
             self.device,
             self.options.gradient_checkpointing,
             self.world_size,
@@ -361,16 +244,16 @@ class LoraFinetune:
         """Mean loss per answer token on the held-out rows (None when nothing is held out)."""
         if not self.eval_examples:
             return None
-        self.peft_model.eval()
+        self.lora.eval()
         total, count = 0.0, 0
         size = self.settings.finetune.batch_size
         for start in range(0, len(self.eval_examples), size):
             examples = self.eval_examples[start : start + size]
             batch = collate(examples, self.model.embed, self.device)
             with autocast(self.device):
-                total += answer_loss(self.model, batch).item()
+                total += answer_loss(self.model, self.lora, batch).item()
             count += sum(example.answer_len for example in examples)
-        self.peft_model.train()
+        self.lora.train()
         return total / count
 
     # -- save -------------------------------------------------------------------------------------------
@@ -390,7 +273,6 @@ class LoraFinetune:
     def record(self, eval_loss: float | None) -> dict[str, Any]:
         """What train.json says about the run."""
         hp = self.settings.finetune
-        lora = self.peft_model.peft_config["default"]
         recent = [m["loss"] for m in self.history[-LOSS_WINDOW:]]
         return {
             "job_id": self.job_id,
@@ -413,10 +295,10 @@ class LoraFinetune:
             "resumed_from_step": self.resumed_from_step,
             "workers": self.world_size,
             "lora": {
-                "r": lora.r,
-                "alpha": lora.lora_alpha,
-                "dropout": lora.lora_dropout,
-                "targets": sorted(lora.target_modules),
+                "r": self.lora.rank,
+                "alpha": self.lora.alpha,
+                "dropout": self.lora.dropout,
+                "targets": sorted(self.lora.targets),
                 "init": self.init,
             },
             "learning_rate": hp.learning_rate,
@@ -425,8 +307,8 @@ class LoraFinetune:
         }
 
     def adapter_files(self) -> dict[str, bytes]:
-        """The adapter in PEFT's format, with the keys peft writes for HF's LlamaForCausalLM."""
-        return peft_files(self.peft_model, self.model_id)
+        """The adapter in PEFT's format (fp32, as trained), with the keys peft writes for HF's LlamaForCausalLM."""
+        return self.lora.peft_files(self.model_id, torch.float32)
 
     def _checkpoint(self, final: bool, record: dict[str, Any] | None = None) -> None:
         """Write the adapter + optimizer state (rank 0) and report it; every rank reports, as Ray requires."""
@@ -454,7 +336,7 @@ class LoraFinetune:
                 "history": self.history,
                 "record": record,
             }
-            (directory / TRAIN_STATE_FILE).write_text(json.dumps(state, default=_json_value))
+            (directory / TRAIN_STATE_FILE).write_text(json.dumps(state))
         if self.report is not None:
             self.report(metrics, directory)
             if directory is not None:
@@ -465,12 +347,9 @@ class LoraFinetune:
 
     def _restore(self, directory: Path) -> None:
         """Continue from a checkpoint: adapter weights, optimizer, scheduler, step, loss history."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        set_peft_model_state_dict(
-            self.peft_model, load_file(directory / ADAPTER_WEIGHTS, device=str(self.device))
-        )
+        files = {name: (directory / name).read_bytes() for name in ADAPTER_FILES}
+        restored = TrainableLora.from_peft_files(self.model.config, files, self.lora.dropout)
+        self.lora.load_state_dict(restored.state_dict())
         state = torch.load(directory / OPTIMIZER_FILE, map_location=self.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -484,89 +363,9 @@ class LoraFinetune:
 
     def cleanup(self) -> None:
         """Free the model and its accelerator memory, remove local checkpoint files."""
-        for name in ("peft_model", "model", "optimizer", "scheduler", "trainable"):
+        for name in ("lora", "model", "optimizer", "scheduler"):
             self.__dict__.pop(name, None)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         shutil.rmtree(self._workdir, ignore_errors=True)
-
-
-def lora_config(hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
-    """peft's ``LoraConfig`` of an adapter: the settings' geometry, or the init files' (rank, alpha,
-    targets, rsLoRA, rank/alpha patterns); dropout from the settings either way.
-
-    Raises:
-        InvalidArgument: init files that are not LoRA weights of Llama projections.
-    """
-    from peft import LoraConfig
-
-    if init is None:
-        geometry: dict[str, Any] = {
-            "r": hp.rank,
-            "lora_alpha": hp.alpha,
-            "target_modules": list(hp.target_modules),
-        }
-    else:
-        config, _ = read_peft_files(init)
-        targets, rank = peft_geometry(init)
-        geometry = {
-            "r": config.get("r", rank),
-            "lora_alpha": config.get("lora_alpha", rank),
-            "target_modules": list(targets),
-        }
-        geometry.update(
-            {key: config[key] for key in ("use_rslora", "rank_pattern", "alpha_pattern") if key in config}
-        )
-    return LoraConfig(**geometry, lora_dropout=hp.dropout, bias="none")
-
-
-def peft_lora(model: Llama, hp: FinetuneSettings, init: dict[str, bytes] | None = None) -> Any:
-    """``model`` wrapped with a trainable LoRA (peft): ``hp``'s geometry, or, when ``init`` (PEFT files, e.g. a
-    compressor's reader) is given, its geometry and weights, so the adapter starts from them. The one LoRA
-    setup of finetuning and evaluation.
-
-    Raises:
-        InvalidArgument: init files that do not fit the model (every LoRA weight must come from them).
-    """
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-
-    peft_model = get_peft_model(model, lora_config(hp, init))
-    if init is not None:
-        _, tensors = read_peft_files(init)
-        expected = set(get_peft_model_state_dict(peft_model))
-        if set(tensors) != expected:
-            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            peft_model.unload()
-            raise InvalidArgument(f"adapter init does not fit: missing {missing[:3]}, unexpected {extra[:3]}")
-        result = set_peft_model_state_dict(peft_model, tensors)
-        if result.unexpected_keys:
-            peft_model.unload()
-            raise InvalidArgument(f"adapter init has keys peft did not load: {result.unexpected_keys[:3]}")
-    return peft_model
-
-
-def peft_files(peft_model: Any, base_model_id: str, dtype: torch.dtype | None = None) -> dict[str, bytes]:
-    """A peft-wrapped model's adapter as PEFT files (HF LlamaForCausalLM keys), as ``LoraSlots`` load it;
-    weights in ``dtype`` (None: as trained)."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import save
-
-    config = peft_model.peft_config["default"].to_dict()
-    config.update(base_model_name_or_path=base_model_id, task_type="CAUSAL_LM", inference_mode=True)
-    state = {
-        key: (value.detach() if dtype is None else value.detach().to(dtype)).cpu().contiguous()
-        for key, value in get_peft_model_state_dict(peft_model).items()
-    }
-    return {
-        ADAPTER_CONFIG: json.dumps(config, indent=2, sort_keys=True, default=_json_value).encode(),
-        ADAPTER_WEIGHTS: save(state, metadata={"format": "pt"}),
-    }
-
-
-def _json_value(value: object) -> object:
-    if isinstance(value, set | frozenset | tuple):
-        return sorted(value) if isinstance(value, set | frozenset) else list(value)
-    if hasattr(value, "value"):  # enums (peft's TaskType)
-        return value.value
-    return str(value)

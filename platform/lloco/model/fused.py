@@ -3,9 +3,9 @@
 A decode step of one row only streams weights, so what it costs beyond their bytes is kernels: each one a
 gap, and the small ones between the matmuls (norms, RoPE, cache writes, SiLU, residual adds). Here they
 fold into the weight streams, and each kernel starts while the previous one drains (programmatic
-dependent launch on Hopper). On an H200 with 7B geometry: 3.79 ms per step against 4.57 ms for the
-compiled layer path (docs/benchmarks/engine-h200-fused.md). Two or more rows go through the compiled
-path, where cuBLAS wins (per-row accumulators in these kernels measured 1.5x slower than it at batch 2).
+dependent launch on Hopper); docs/benchmarks/engine-h200-fused.md compares it with the compiled layer
+path. Two or more rows go through the compiled path, where cuBLAS wins (per-row accumulators in these
+kernels are slower than it from batch 2 on).
 
 Same weights (the fused q|k|v and gate|up views), cache and LoRA slots as ``Llama.decode``, so both paths
 serve one Generator.

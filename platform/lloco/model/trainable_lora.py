@@ -16,21 +16,29 @@ their output columns of the fused projection (the ``LoraSlots`` layout with one 
     delta = (x @ A[group][i].T) @ B_block[group][i]
 
 Files are PEFT's (``adapter_config.json`` + ``adapter_model.safetensors`` with HF LlamaForCausalLM keys),
-so what trains here loads into ``LoraSlots`` and into vanilla ``peft``.
+so what trains here loads into ``LoraSlots`` and into vanilla ``peft``. This is the one trainable LoRA of the
+platform: tenant finetunes, the evaluation's LoRA modes and compressor pretraining all train it.
+
+LoRA dropout (peft's ``lora_dropout``) drops input features of the adapter path only, in training mode:
+``delta = (dropout(x) @ A.T) @ B``. The projections of one group share one dropout mask (peft draws one per
+projection); it is a regulariser either way, and inference is unchanged.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lloco.errors import InvalidArgument
 from lloco.model.config import LlamaConfig
+from lloco.model.llama import Block, BlockFn, Llama
 from lloco.model.lora import (
     CONFIG_FILE,
     GROUPS,
@@ -51,20 +59,28 @@ class TrainableLora(nn.Module):
         alpha: scaling numerator (scaling = alpha / R, as peft without rsLoRA).
         targets: projections that get the adapter (names of ``lloco.model.lora.MODULE_OF``).
         seed: seed of A's initialisation.
+        dropout: LoRA dropout probability while training (``module.train()``).
     Raises:
-        InvalidArgument: rank < 1, or unknown / no targets.
+        InvalidArgument: rank < 1, unknown / no targets, dropout outside [0, 1).
     """
 
     def __init__(
-        self, config: LlamaConfig, rank: int, alpha: float, targets: tuple[str, ...], seed: int = 0
+        self,
+        config: LlamaConfig,
+        rank: int,
+        alpha: float,
+        targets: tuple[str, ...],
+        seed: int = 0,
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
         unknown = set(targets) - set(MODULE_OF)
-        if rank < 1 or unknown or not targets:
+        if rank < 1 or unknown or not targets or not 0 <= dropout < 1:
             raise InvalidArgument(
-                f"LoRA needs rank >= 1 and targets among {sorted(MODULE_OF)}, got {rank}, {targets}"
+                f"LoRA needs rank >= 1, targets among {sorted(MODULE_OF)} and dropout in [0, 1), got {rank}, "
+                f"{targets}, {dropout}"
             )
-        self.config, self.rank, self.alpha = config, rank, float(alpha)
+        self.config, self.rank, self.alpha, self.dropout = config, rank, float(alpha), float(dropout)
         self.groups = {g: tuple(t for t in names if t in targets) for g, names in GROUPS.items()}
         self.groups = {g: names for g, names in self.groups.items() if names}
         self.targets = tuple(t for names in self.groups.values() for t in names)
@@ -104,7 +120,10 @@ class TrainableLora(nn.Module):
             a, b = self.a[group][index], torch.cat(blocks)
             weights[group] = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
         one = self.a[next(iter(self.groups))].new_ones(())
-        return LayerLora(weights, dict.fromkeys(self.groups, one if dtype is None else one.to(dtype)))
+        masks = dict.fromkeys(self.groups, one if dtype is None else one.to(dtype))
+        if self.training and self.dropout:
+            return _DroppingLayerLora(weights, masks, self.dropout)
+        return LayerLora(weights, masks)
 
     def bind(self, dtype: torch.dtype) -> _Bound:
         """This adapter for one forward in ``dtype``: what ``Llama.hidden(embeds, lora)`` takes."""
@@ -112,8 +131,8 @@ class TrainableLora(nn.Module):
 
     # -- PEFT files -------------------------------------------------------------------------------------
 
-    def peft_files(self, base_model_id: str, dtype: torch.dtype = torch.float16) -> dict[str, bytes]:
-        """The adapter as PEFT files (HF LlamaForCausalLM keys, B unscaled, ``lora_alpha`` in the config)."""
+    def peft_state(self, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
+        """The weights as peft names them for HF's LlamaForCausalLM (B unscaled), on the CPU in ``dtype``."""
         state = {}
         for group, names in self.groups.items():
             a = self.a[group].detach()
@@ -126,13 +145,18 @@ class TrainableLora(nn.Module):
                     state[f"{key}.lora_B.weight"] = (
                         self.b[target][layer].detach().t().to(dtype).cpu().contiguous()
                     )
+        return state
+
+    def peft_files(self, base_model_id: str, dtype: torch.dtype = torch.float16) -> dict[str, bytes]:
+        """The adapter as PEFT files (HF LlamaForCausalLM keys, B unscaled, ``lora_alpha`` in the config)."""
+        state = self.peft_state(dtype)
         config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_id,
             "r": self.rank,
             "lora_alpha": self.alpha,
-            "lora_dropout": 0.0,
+            "lora_dropout": self.dropout,
             "target_modules": sorted(self.targets),
             "bias": "none",
             "use_rslora": False,
@@ -145,8 +169,11 @@ class TrainableLora(nn.Module):
         }
 
     @classmethod
-    def from_peft_files(cls, config: LlamaConfig, files: dict[str, bytes]) -> TrainableLora:
-        """An adapter initialised from PEFT files (continue training, or start a new adapter from it).
+    def from_peft_files(
+        cls, config: LlamaConfig, files: dict[str, bytes], dropout: float = 0.0
+    ) -> TrainableLora:
+        """An adapter initialised from PEFT files (continue training, or start a new adapter from it), with
+        their rank, alpha and targets; ``dropout`` is this training's.
 
         Raises:
             InvalidArgument: rank/alpha patterns, rsLoRA, DoRA or bias (not representable here), or tensors
@@ -163,7 +190,9 @@ class TrainableLora(nn.Module):
         targets = peft_config.get("target_modules") or []
         if isinstance(targets, str):
             raise InvalidArgument(f"adapter target_modules must be a list, got {targets!r}")
-        lora = cls(config, int(peft_config["r"]), float(peft_config["lora_alpha"]), tuple(targets))
+        lora = cls(
+            config, int(peft_config["r"]), float(peft_config["lora_alpha"]), tuple(targets), dropout=dropout
+        )
         expected = {
             f"base_model.model.model.layers.{layer}.{MODULE_OF[t]}.{t}.lora_{which}.weight"
             for layer in range(config.n_layers)
@@ -193,6 +222,18 @@ class TrainableLora(nn.Module):
         return lora
 
 
+@dataclass(frozen=True)
+class _DroppingLayerLora(LayerLora):
+    """A training layer's adapter with LoRA dropout on the adapter path's input."""
+
+    dropout: float
+
+    def add(self, out: Tensor, group: str, x: Tensor) -> Tensor:
+        if group not in self.weights:
+            return out
+        return super().add(out, group, F.dropout(x, self.dropout, training=True))
+
+
 class _Bound:
     """A ``TrainableLora`` bound to a dtype: ``layer(i)`` as ``Llama.hidden`` calls it on a ``LoraBatch``."""
 
@@ -206,3 +247,27 @@ class _Bound:
 def lora_parameters(*adapters: TrainableLora | None) -> list[Tensor]:
     """The trainable tensors of the given adapters (None skipped)."""
     return [p for adapter in adapters if adapter is not None for p in adapter.parameters()]
+
+
+def lora_hidden(
+    model: Llama,
+    x: Tensor,
+    lora: TrainableLora | None,
+    checkpointing: bool = False,
+    block_fn: BlockFn = Block.infer,
+) -> Tensor:
+    """Final-normed hidden states [B, T, D] of right-padded inputs ``x`` [B, T, D] at positions 0..T-1,
+    through ``lora`` (None: the base model), on the inference path with its fused projections; causal, no
+    cache, differentiable. ``checkpointing`` recomputes each layer in backward instead of keeping its
+    activations; ``block_fn`` is ``Block.infer`` or a compiled version of it."""
+    model.fuse_projections()
+    length = x.shape[1]
+    model.ensure_positions(length)
+    cos, sin = model.rope(torch.arange(length, device=x.device)[None])
+    for i, block in enumerate(model.model.layers):
+        layer_lora = None if lora is None else lora.layer(i, model.dtype)
+        if checkpointing:
+            x = checkpoint(block_fn, block, x, cos, sin, None, None, layer_lora, use_reentrant=False)
+        else:
+            x = block_fn(block, x, cos, sin, None, None, layer_lora)
+    return model.model.norm(x)

@@ -1,9 +1,11 @@
 """Helpers of the API edge shared by the gRPC server and the handlers: the status a caller sees for an
-error, and fair scheduling of blocking object-store work.
+error, per-method metrics, the bearer key of a call, health, and fair scheduling of blocking object-store
+work.
 
 Statuses: `grpc_status` is the one place where an exception becomes a gRPC code and message (through
 `lloco.errors.to_grpc_status`, after Ray's wrappers are peeled); messages of lloco errors are written
-for callers, anything else is INTERNAL with no detail, and the full error goes to the log.
+for callers, anything else is INTERNAL with no detail, and the full error goes to the log. The `rpc`
+decorator applies it to every RPC method and counts the method's calls and time (`EdgeMetrics`).
 
 Store work: the edge answers every tenant from one event loop; its object-store calls (boto3, blocking) run on a
 thread pool. Left alone, one tenant's fan-out (thousands of names in a call, or many calls at once)
@@ -16,13 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Iterable
+import hashlib
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
-from lloco.errors import LlocoError, ResourceExhausted, Unavailable, to_grpc_status
+from lloco.api import lloco_pb2
+from lloco.config import StoreSettings
+from lloco.errors import LlocoError, ResourceExhausted, Unauthenticated, Unavailable, to_grpc_status
 from lloco.logs import get_logger
 
 log = get_logger(__name__)
@@ -61,10 +70,113 @@ def grpc_status(method: str, error: BaseException) -> tuple[grpc.StatusCode, str
     return code, details
 
 
+class EdgeMetrics:
+    """RPCs answered by method and status code, and their time at the edge (Ray metrics)."""
+
+    LATENCY_BOUNDS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+    def __init__(self) -> None:
+        from ray.serve import metrics
+
+        self._requests = metrics.Counter(
+            "lloco_edge_requests", "RPCs answered, by method and status code.", tag_keys=("method", "code")
+        )
+        self._latency = metrics.Histogram(
+            "lloco_edge_request_seconds",
+            "Time at the edge per RPC (streams: until the last message).",
+            self.LATENCY_BOUNDS_S,
+            tag_keys=("method",),
+        )
+
+    def record(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self._requests.inc(tags={"method": method, "code": code.name})
+        self._latency.observe(time.perf_counter() - started, tags={"method": method})
+
+
+class Recorder(Protocol):
+    """What `rpc` needs of the object whose methods it wraps."""
+
+    def record(self, method: str, code: grpc.StatusCode, started: float) -> None: ...
+
+
+def _reply_types() -> dict[str, type[Message]]:
+    """The reply message class of every RPC the edge serves, by method name."""
+    types: dict[str, type[Message]] = {}
+    for module, service in ((lloco_pb2, "LlocoService"), (health_pb2, "Health")):
+        for method in module.DESCRIPTOR.services_by_name[service].methods:
+            types[method.name] = getattr(module, method.output_type.name)
+    return types
+
+
+_REPLY_TYPES = _reply_types()
+
+
+def rpc(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Run an RPC method, turning any exception into the gRPC status and message the caller sees.
+
+    Unary methods answer an empty reply with the status set; streaming methods set the status and
+    re-raise, which ends the stream with it. Cancellation passes through untouched. Each call is
+    counted with its final status (``self.record``).
+    """
+    name = method.__name__
+    reply_type = _REPLY_TYPES[name]
+
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def streaming(
+            self: Recorder, request: Message, grpc_context: Any = None
+        ) -> AsyncIterator[Message]:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                async for reply in method(self, request, grpc_context):
+                    yield reply
+            except Exception as error:
+                code, details = grpc_status(name, error)
+                if grpc_context is not None:
+                    grpc_context.set_code(code)
+                    grpc_context.set_details(details)
+                raise
+            finally:
+                self.record(name, code, started)
+
+        return streaming
+
+    @functools.wraps(method)
+    async def unary(self: Recorder, request: Message, grpc_context: Any = None) -> Message:
+        started = time.perf_counter()
+        try:
+            reply = await method(self, request, grpc_context)
+        except Exception as error:
+            code, details = grpc_status(name, error)
+            self.record(name, code, started)
+            if grpc_context is None:
+                raise
+            grpc_context.set_code(code)
+            grpc_context.set_details(details)
+            return reply_type()
+        self.record(name, grpc.StatusCode.OK, started)
+        return reply
+
+    return unary
+
+
 def _cause(error: BaseException) -> str | None:
     """What lies under an error whose message was written for callers (a storage error, say), for the log."""
     cause = error.__cause__ or error.__context__
     return repr(cause)[:500] if cause is not None else None
+
+
+def bearer_key(metadata: Sequence[tuple[str, Any]]) -> str:
+    """The API key of ``authorization: Bearer <key>`` metadata; Unauthenticated if missing or malformed."""
+    value = dict(metadata).get("authorization", "")
+    if not value:
+        raise Unauthenticated("missing 'authorization: Bearer <api key>' metadata")
+    scheme, _, key = value.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise Unauthenticated("malformed 'authorization' metadata: expected 'Bearer <api key>'")
+    return key.strip()
 
 
 class TenantWork:
@@ -84,6 +196,11 @@ class TenantWork:
             max_workers=per_tenant * (tenants_at_full_speed + 1), thread_name_prefix="edge-store"
         )
         self._lanes: dict[str | None, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @staticmethod
+    def key_lane(key: str) -> str:
+        """The lane of authenticating ``key``: never a tenant id, and one per key."""
+        return f"key:{hashlib.sha256(key.encode('utf-8', 'surrogatepass')).hexdigest()[:16]}"
 
     async def run(self, tenant: str | None, fn: Callable[..., T], *args: object) -> T:
         """``fn(*args)`` on the pool once the lane ``tenant`` has room."""
@@ -122,3 +239,31 @@ class TenantWork:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class HealthProbe:
+    """grpc.health.v1's status: SERVING when both the engine and the object store answer, since without
+    the store every keyed call fails and a load balancer should send callers elsewhere. The store is
+    probed with one quick attempt, so a dead store shows as NOT_SERVING in seconds."""
+
+    TIMEOUT_S = 5.0
+
+    def __init__(self, engine: Any, store: StoreSettings, work: TenantWork) -> None:
+        from lloco.storage import ObjectStore
+
+        self._engine, self._work = engine, work
+        quick = {"connect_timeout_s": 1.0, "read_timeout_s": 2.0, "max_attempts": 1}
+        self._store = ObjectStore(store.model_copy(update=quick))
+
+    async def status(self) -> int:
+        try:
+            await asyncio.wait_for(self._engine.health.remote(), self.TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure of the probe means "not serving"
+            log.warning("engine unhealthy", error=repr(domain_error(error)))
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            await asyncio.wait_for(self._work.run(None, self._store.check), self.TIMEOUT_S)
+        except Exception as error:  # noqa: BLE001 - any failure of the probe means "not serving"
+            log.warning("object store unreachable", error=repr(error), cause=repr(error.__cause__))
+            return health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse.SERVING

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lloco.compress.online import compress_online
+from lloco.compress import compress_online
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, InvalidArgument
 from lloco.logs import get_logger

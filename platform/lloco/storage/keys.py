@@ -24,12 +24,17 @@ _SHOWN_CHARS = 40
 
 def validate_id(kind: str, value: object) -> str:
     """``value`` if it is a valid id, else InvalidArgument naming ``kind`` and the bad value."""
-    if not isinstance(value, str) or not _ID.fullmatch(value):
+    if not is_id(value):
         raise InvalidArgument(
             f"invalid {kind} id {show(value)}: must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return value
+
+
+def is_id(value: object) -> bool:
+    """Whether ``value`` is a valid id (what :func:`validate_id` accepts)."""
+    return isinstance(value, str) and _ID.fullmatch(value) is not None
 
 
 def show(value: object) -> str:
@@ -206,9 +211,16 @@ def check_uploads_template(template: str) -> str:
     return template
 
 
+def jobs_prefix(t: str) -> str:
+    return f"{tenant_root(t)}jobs/"
+
+
+JOB_SUFFIX = ".json"
+
+
 def job_record(t: str, job_id: str) -> str:
-    """A job that ran inside the API (online compression) rather than as a Ray job."""
-    return f"{tenant_root(t)}jobs/{validate_id('job', job_id)}.pb"
+    """One job's record under one of the tenants it works for (``lloco.jobs``)."""
+    return f"{jobs_prefix(t)}{validate_id('job', job_id)}{JOB_SUFFIX}"
 
 
 def model_prefix(model_id: str) -> str:

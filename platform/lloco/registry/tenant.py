@@ -1,4 +1,4 @@
-"""What the platform knows about each tenant: documents, compressed contexts, datasets, adapters.
+"""One tenant's registry: its documents, compressed contexts, datasets and versioned adapters.
 
 A ``Registry`` is bound to one tenant and builds every key from that tenant, so no call on it can
 reach another tenant's objects. Writes are whole-object PUTs; where several objects make one
@@ -9,173 +9,42 @@ the manifest. A reader therefore sees a complete version or none.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
-import re
-import struct
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from lloco.errors import AlreadyExists, FailedPrecondition, Internal, InvalidArgument, LlocoError, NotFound
+from lloco.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from lloco.logs import get_logger
+from lloco.registry import pages
+from lloco.registry.records import (
+    ADAPTER_MANIFEST,
+    CONTEXT_DTYPE,
+    CONTEXT_TENSOR,
+    AdapterVersion,
+    ContextInfo,
+    DatasetRow,
+    DocumentInfo,
+    adapter_config,
+    adapter_version,
+    context_metadata,
+    document_from_json,
+    document_json,
+    document_text,
+    json_bytes,
+    now,
+    parse_row,
+    safetensors_metadata,
+    safetensors_metadata_from_stream,
+)
+from lloco.registry.tenants import Tenants
 from lloco.storage import ObjectStore, keys
 
 log = get_logger(__name__)
-
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-CONTEXT_TENSOR = "vectors"
-CONTEXT_DTYPE = torch.bfloat16
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
-ADAPTER_MANIFEST = "train.json"
-_DATASET_FIELDS = ("doc_ids", "question", "answer")
-_SAFETENSORS_HEADER_LIMIT = 100 * 2**20
-
-
-@dataclass(frozen=True)
-class DocumentInfo:
-    tenant: str
-    doc_id: str
-    sha256: str
-    bytes: int
-    tokens: int | None
-    created: datetime
-    updated: datetime
-
-
-@dataclass(frozen=True)
-class ContextInfo:
-    tenant: str
-    doc_id: str
-    compressor_id: str
-    source_sha: str
-    segment_len: int
-    k: int
-    dtype: str
-    n_vectors: int
-    dim: int
-
-
-@dataclass(frozen=True)
-class DatasetRow:
-    doc_ids: tuple[str, ...]
-    question: str
-    answer: str
-
-
-@dataclass(frozen=True)
-class AdapterVersion:
-    tenant: str
-    name: str
-    version: str
-    created: datetime
-    base_model: str
-    rank: int
-    current: bool
-    train: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class TenantInfo:
-    """A tenant as created: ``uid`` tells it apart from an earlier tenant of the same name."""
-
-    tenant: str
-    uid: str
-    created: datetime
-
-
-class Tenants:
-    """Tenant lifecycle (admin level). A tenant exists while its ``tenant.json`` does.
-
-    Everything a tenant owns lies under its folder, except its API key records (``auth/``, found
-    through the index under its folder), its finetune checkpoints (``checkpoints/{job}/{tenant}/``) and,
-    with an operator's uploads template outside ``tenants/``, its uploads folder. Deletion removes all
-    of them; so does creation, for leftovers of a deletion that was cut short, so a new tenant never
-    inherits an old one's objects.
-    """
-
-    def __init__(self, store: ObjectStore) -> None:
-        self._store = store
-
-    def create(self, tenant: str) -> TenantInfo:
-        """Create ``tenant``; AlreadyExists if it is there."""
-        if self.exists(tenant):
-            raise AlreadyExists(f"tenant {tenant!r} already exists")
-        leftovers = self._purge(tenant)
-        info = TenantInfo(tenant=tenant, uid=uuid.uuid4().hex, created=_now())
-        meta = {"tenant": tenant, "created": info.created.isoformat(), "uid": info.uid}
-        self._store.put_bytes(keys.tenant_meta(tenant), _json_bytes(meta), "application/json")
-        log.info("tenant created", tenant=tenant, leftovers_removed=leftovers)
-        return info
-
-    def exists(self, tenant: str) -> bool:
-        return self._store.exists(keys.tenant_meta(tenant))
-
-    def info(self, tenant: str) -> TenantInfo | None:
-        """The tenant's creation record; None if there is no such tenant."""
-        try:
-            meta = json.loads(self._store.get_bytes(keys.tenant_meta(tenant)))
-            return TenantInfo(
-                tenant=tenant, uid=str(meta["uid"]), created=datetime.fromisoformat(meta["created"])
-            )
-        except NotFound:
-            return None
-        except (ValueError, KeyError, TypeError) as error:
-            raise Internal(f"tenant {tenant!r} has a damaged record in the store") from error
-
-    def uid(self, tenant: str) -> str | None:
-        """What tells this tenant apart from an earlier one of the same name (None: no such tenant)."""
-        info = self.info(tenant)
-        return info.uid if info else None
-
-    def list(self) -> list[str]:
-        return [t for t in self._store.list_children(keys.TENANTS) if self.exists(t)]
-
-    def delete(self, tenant: str) -> int:
-        """Delete ``tenant`` and everything it owns; returns the number of objects removed.
-
-        The marker goes first, so the tenant (and every key of it) is gone at once; the rest follows.
-        Deleting again finishes a deletion that was cut short. NotFound when there is neither the
-        tenant nor anything left of it.
-        """
-        existed = self.exists(tenant)
-        if existed:
-            self._store.delete(keys.tenant_meta(tenant))
-        removed = self._purge(tenant)
-        if not existed and not removed:
-            raise NotFound(f"tenant {tenant!r} not found")
-        log.info("tenant deleted", tenant=tenant, objects=removed)
-        return removed
-
-    def _purge(self, tenant: str) -> int:
-        """Remove every object of ``tenant`` (whose marker is gone or not yet written)."""
-        store = self._store
-        removed = 0
-        for index in list(store.list_keys(keys.api_keys_prefix(tenant))):
-            try:
-                key_hash = json.loads(store.get_bytes(index))["hash"]
-                store.delete(keys.api_key(key_hash))
-                removed += 1
-            except (NotFound, ValueError, KeyError, TypeError, InvalidArgument):
-                log.warning(
-                    "api key index entry unreadable; its record is dead with the tenant", tenant=tenant
-                )
-        for job_id in list(store.list_children(keys.CHECKPOINTS)):
-            removed += store.delete_prefix(keys.tenant_checkpoints(job_id, tenant))
-        uploads = keys.uploads_prefix(tenant, store.settings.uploads_template)
-        if not uploads.startswith(keys.tenant_root(tenant)):
-            removed += store.delete_prefix(uploads)
-        return removed + store.delete_prefix(keys.tenant_root(tenant))
 
 
 class Registry:
@@ -220,19 +89,19 @@ class Registry:
         previous = self._document_or_none(doc_id)
         if previous is not None and previous.sha256 == sha:
             return previous, False
-        now = _now()
+        moment = now()
         info = DocumentInfo(
             tenant=self.tenant,
             doc_id=doc_id,
             sha256=sha,
             bytes=len(text),
             tokens=tokens,
-            created=previous.created if previous else now,
-            updated=now,
+            created=previous.created if previous else moment,
+            updated=moment,
         )
         self._store.put_bytes(keys.doc_source(self.tenant, doc_id), bytes(text), "text/plain; charset=utf-8")
         self._store.put_bytes(
-            keys.doc_meta(self.tenant, doc_id), _json_bytes(_document_json(info)), "application/json"
+            keys.doc_meta(self.tenant, doc_id), json_bytes(document_json(info)), "application/json"
         )
         if previous is not None:
             self._delete_contexts(doc_id)
@@ -271,15 +140,15 @@ class Registry:
 
     def list_documents(self, page_size: int, page_token: str = "") -> tuple[list[DocumentInfo], str]:
         """One page of documents and the token of the next page ("" after the last)."""
-        if page_size < 0:
-            raise InvalidArgument(f"page_size must be >= 0, got {page_size}")
-        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-        after = _decode_page_token(page_token)
+        size = pages.page_size(page_size)
+        after = pages.after("documents", page_token)
+        if after is not None and not keys.is_id(after):  # it becomes part of a store listing's start key
+            raise InvalidArgument(f"page_token {keys.show(page_token)} was not issued by this List call")
         names = list(
             self._store.list_children(keys.docs_prefix(self.tenant), start_after=after, limit=size + 1)
         )
         documents = [info for info in map(self._document_or_none, names[:size]) if info is not None]
-        next_token = _encode_page_token(names[size - 1]) if len(names) > size else ""
+        next_token = pages.page_token("documents", names[size - 1]) if len(names) > size else ""
         return documents, next_token
 
     def delete_document(self, doc_id: str) -> None:
@@ -304,7 +173,7 @@ class Registry:
             data = self._store.get_bytes(keys.doc_meta(self.tenant, doc_id))
         except NotFound:
             return None
-        return _document_from_json(self.tenant, json.loads(data))
+        return document_from_json(self.tenant, json.loads(data))
 
     def _document_ids(self) -> Iterator[str]:
         return self._store.list_children(keys.docs_prefix(self.tenant))
@@ -349,7 +218,7 @@ class Registry:
             dim=int(vectors.shape[1]),
         )
         tensor = vectors.detach().to(device="cpu", dtype=CONTEXT_DTYPE).contiguous()
-        data = save_safetensors({CONTEXT_TENSOR: tensor}, metadata=_context_metadata(info))
+        data = save_safetensors({CONTEXT_TENSOR: tensor}, metadata=context_metadata(info))
         self._store.put_bytes(
             keys.context(self.tenant, compressor_id, doc_id), data, "application/octet-stream"
         )
@@ -361,7 +230,7 @@ class Registry:
             data = self._store.get_bytes(keys.context(self.tenant, compressor_id, doc_id))
         except NotFound:
             raise NotFound(f"no context of document {doc_id!r} for compressor {compressor_id!r}") from None
-        info = self._context_from_metadata(doc_id, _safetensors_metadata(data))
+        info = self._context_from_metadata(doc_id, safetensors_metadata(data))
         current = self.get_document(doc_id).sha256
         if info.source_sha != current:
             raise FailedPrecondition(
@@ -375,7 +244,7 @@ class Registry:
         key = keys.context(self.tenant, compressor_id, doc_id)
         try:
             with self._store.open_stream(key) as stream:
-                metadata = _safetensors_metadata_from_stream(stream)
+                metadata = safetensors_metadata_from_stream(stream)
         except NotFound:
             return None
         return self._context_from_metadata(doc_id, metadata)
@@ -431,7 +300,7 @@ class Registry:
             raise InvalidArgument(f"dataset {name!r} is not valid UTF-8 (byte {error.start})") from error
         known = set(self._document_ids())
         rows = [
-            _parse_row(number, line, known)
+            parse_row(number, line, known)
             for number, line in enumerate(text.split("\n"), start=1)
             if line.strip()
         ]
@@ -493,7 +362,7 @@ class Registry:
         ``current`` pointer. One publisher per adapter at a time.
         """
         keys.validate_id("adapter", name)
-        config = _adapter_config(files)
+        config = adapter_config(files)
         for filename in files:
             keys.validate_id("adapter file", filename)
             if filename == ADAPTER_MANIFEST:
@@ -508,7 +377,7 @@ class Registry:
             self._store.put_bytes(keys.adapter_file(self.tenant, name, version, filename), bytes(data))
         manifest = {
             "version": version,
-            "created": _now().isoformat(),
+            "created": now().isoformat(),
             "base_model": str(config.get("base_model_name_or_path") or ""),
             "rank": int(config["r"]),
             "files": {filename: hashlib.sha256(data).hexdigest() for filename, data in files.items()},
@@ -516,12 +385,12 @@ class Registry:
         }
         self._store.put_bytes(
             keys.adapter_file(self.tenant, name, version, ADAPTER_MANIFEST),
-            _json_bytes(manifest),
+            json_bytes(manifest),
             "application/json",
         )
         self._store.put_bytes(keys.adapter_current(self.tenant, name), version.encode(), "text/plain")
         log.info("adapter published", tenant=self.tenant, adapter=name, version=version)
-        return _adapter_version(self.tenant, name, manifest, current=True)
+        return adapter_version(self.tenant, name, manifest, current=True)
 
     def list_adapters(self) -> list[str]:
         """Adapters with a current version."""
@@ -535,7 +404,7 @@ class Registry:
         """Every complete version of ``name``, oldest first."""
         current = self._current_version(name)
         return [
-            _adapter_version(self.tenant, name, self._manifest(name, version), current=version == current)
+            adapter_version(self.tenant, name, self._manifest(name, version), current=version == current)
             for version in self._version_names(name)
         ]
 
@@ -547,7 +416,7 @@ class Registry:
                 raise NotFound(f"adapter {name!r} not found")
             version = current
         manifest = self._manifest(name, keys.validate_version(version))
-        return _adapter_version(self.tenant, name, manifest, current=version == current)
+        return adapter_version(self.tenant, name, manifest, current=version == current)
 
     def read_adapter_files(self, name: str, version: str) -> dict[str, bytes]:
         """The PEFT files of one version, checked against its manifest."""
@@ -565,7 +434,7 @@ class Registry:
         manifest = self._manifest(name, keys.validate_version(version))
         self._store.put_bytes(keys.adapter_current(self.tenant, name), version.encode(), "text/plain")
         log.info("adapter current set", tenant=self.tenant, adapter=name, version=version)
-        return _adapter_version(self.tenant, name, manifest, current=True)
+        return adapter_version(self.tenant, name, manifest, current=True)
 
     def _current_version(self, name: str) -> str:
         current = self._current_or_none(name)
@@ -595,163 +464,3 @@ class Registry:
             if key.endswith(f"/{ADAPTER_MANIFEST}")
         )
         return sorted(manifests, key=keys.version_number)
-
-
-# -- helpers ------------------------------------------------------------------------------------
-
-_VISIBLE = re.compile(r"[^\s\x00-\x1f\x7f]")
-
-
-def document_text(doc_id: str, text: bytes) -> str:
-    """``text`` decoded, once it is fit to be a document: UTF-8, no NUL byte, some visible character.
-
-    Raises:
-        InvalidArgument: naming the document and what is wrong with its content.
-    """
-    try:
-        decoded = bytes(text).decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise InvalidArgument(
-            f"content of document {doc_id!r} is not valid UTF-8 (byte {error.start}: {error.reason})"
-        ) from None
-    if "\x00" in decoded:
-        raise InvalidArgument(
-            f"content of document {doc_id!r} holds a NUL byte (byte {bytes(text).index(0)}); send text"
-        )
-    if not _VISIBLE.search(decoded):
-        raise InvalidArgument(
-            f"content of document {doc_id!r} is empty: no character but whitespace and control characters"
-        )
-    return decoded
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True).encode("utf-8")
-
-
-def _document_json(info: DocumentInfo) -> dict[str, Any]:
-    return {
-        "doc_id": info.doc_id,
-        "sha256": info.sha256,
-        "bytes": info.bytes,
-        "tokens": info.tokens,
-        "created": info.created.isoformat(),
-        "updated": info.updated.isoformat(),
-    }
-
-
-def _document_from_json(tenant: str, data: dict[str, Any]) -> DocumentInfo:
-    return DocumentInfo(
-        tenant=tenant,
-        doc_id=data["doc_id"],
-        sha256=data["sha256"],
-        bytes=data["bytes"],
-        tokens=data["tokens"],
-        created=datetime.fromisoformat(data["created"]),
-        updated=datetime.fromisoformat(data["updated"]),
-    )
-
-
-def _encode_page_token(last: str) -> str:
-    return base64.urlsafe_b64encode(json.dumps({"after": last}).encode()).decode()
-
-
-def _decode_page_token(token: str) -> str | None:
-    if not token:
-        return None
-    try:
-        after = json.loads(base64.urlsafe_b64decode(token.encode()))["after"]
-        return keys.validate_id("document", after)
-    except (binascii.Error, ValueError, KeyError, TypeError, LlocoError) as error:
-        raise InvalidArgument(f"invalid page_token {token[:40]!r}") from error
-
-
-def _context_metadata(info: ContextInfo) -> dict[str, str]:
-    return {
-        "compressor_id": info.compressor_id,
-        "source_sha": info.source_sha,
-        "segment_len": str(info.segment_len),
-        "k": str(info.k),
-        "dtype": info.dtype,
-        "n_vectors": str(info.n_vectors),
-        "dim": str(info.dim),
-    }
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob: an 8-byte little-endian header length, then JSON."""
-    (length,) = struct.unpack("<Q", data[:8])
-    return _header_metadata(data[8 : 8 + length])
-
-
-def _safetensors_metadata_from_stream(stream: Any) -> dict[str, str]:
-    """Like ``_safetensors_metadata`` but reads only the header, not the tensors."""
-    (length,) = struct.unpack("<Q", stream.read(8))
-    if length > _SAFETENSORS_HEADER_LIMIT:
-        raise Internal(f"safetensors header of {length} bytes is implausible")
-    return _header_metadata(stream.read(length))
-
-
-def _header_metadata(header: bytes) -> dict[str, str]:
-    return dict(json.loads(header).get("__metadata__", {}))
-
-
-def _parse_row(number: int, line: str, known_documents: set[str]) -> DatasetRow:
-    """One dataset line as a row; InvalidArgument("line N: ...") says what is wrong with it."""
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise InvalidArgument(
-            f"line {number}: not valid JSON ({error.msg} at column {error.colno})"
-        ) from error
-    except RecursionError:
-        raise InvalidArgument(f"line {number}: JSON nested too deeply") from None
-    if not isinstance(row, dict):
-        raise InvalidArgument(f"line {number}: expected a JSON object with {', '.join(_DATASET_FIELDS)}")
-    extra = sorted(set(row) - set(_DATASET_FIELDS))
-    if extra:
-        raise InvalidArgument(f"line {number}: unknown field(s) {', '.join(map(repr, extra))}")
-    for name in _DATASET_FIELDS:
-        if name not in row:
-            raise InvalidArgument(f"line {number}: missing field {name!r}")
-    doc_ids = row["doc_ids"]
-    if not isinstance(doc_ids, list) or not doc_ids or not all(isinstance(d, str) for d in doc_ids):
-        raise InvalidArgument(f"line {number}: 'doc_ids' must be a non-empty list of document ids")
-    for doc_id in doc_ids:
-        if doc_id not in known_documents:
-            raise InvalidArgument(f"line {number}: unknown document {doc_id[:128]!r}")
-    for name in ("question", "answer"):
-        if not isinstance(row[name], str) or not row[name].strip():
-            raise InvalidArgument(f"line {number}: {name!r} must be a non-empty string")
-    return DatasetRow(doc_ids=tuple(doc_ids), question=row["question"], answer=row["answer"])
-
-
-def _adapter_config(files: dict[str, bytes]) -> dict[str, Any]:
-    """The parsed ``adapter_config.json``; InvalidArgument unless the files make a PEFT adapter."""
-    for required in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if required not in files:
-            raise InvalidArgument(f"adapter files must include {required!r}, got {sorted(files)}")
-    try:
-        config = json.loads(files[ADAPTER_CONFIG])
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
-        raise InvalidArgument(f"{ADAPTER_CONFIG} is not valid JSON") from error
-    if not isinstance(config, dict) or not isinstance(config.get("r"), int) or config["r"] < 1:
-        raise InvalidArgument(f"{ADAPTER_CONFIG} must be an object with a positive integer rank 'r'")
-    return config
-
-
-def _adapter_version(tenant: str, name: str, manifest: dict[str, Any], current: bool) -> AdapterVersion:
-    return AdapterVersion(
-        tenant=tenant,
-        name=name,
-        version=manifest["version"],
-        created=datetime.fromisoformat(manifest["created"]),
-        base_model=manifest["base_model"],
-        rank=manifest["rank"],
-        current=current,
-        train=manifest["train"],
-    )

@@ -1,0 +1,157 @@
+"""Queries at the edge: a Query or QueryStream request checked into an engine request, within the
+tenant's limits, and each tenant's queries in flight counted against its limit."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lloco.api import lloco_pb2
+from lloco.auth import Principal
+from lloco.config import LimitSettings
+from lloco.errors import InvalidArgument, ResourceExhausted
+from lloco.model import SamplingParams
+from lloco.serve.engine_core import EngineEvent, EngineRequest
+from lloco.serve.names import owned, owned_under, tenant_name
+from lloco.storage import keys
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
+
+MAX_STOP_SEQUENCES = 8
+MAX_STOP_CHARS = 256
+MAX_QUESTION_CHARS = 64 * 1024  # checked before tokenizing, so a huge question costs nothing
+
+
+@dataclass(frozen=True)
+class Query:
+    """A checked query, ready for the engine: its request and the deployment's multiplexed model id."""
+
+    request: EngineRequest
+    multiplexed_model_id: str
+
+
+class Queries:
+    """Checks queries against ``limits``; questions are counted in the engine's tokens (``count_tokens``)."""
+
+    def __init__(self, limits: LimitSettings, count_tokens: Callable[[str], Awaitable[int]]) -> None:
+        self._limits = limits
+        self._count_tokens = count_tokens
+        self._inflight: dict[str, int] = {}
+
+    async def check(
+        self, principal: Principal, request: lloco_pb2.QueryRequest | lloco_pb2.QueryStreamRequest
+    ) -> Query:
+        """The engine request of ``request``, once every field is valid and the caller owns every name."""
+        (tenant,) = owned(principal, "tenant", request.tenant, ("tenants",))
+        limit = self._limits.max_docs_per_query
+        if len(request.documents) > limit:
+            raise InvalidArgument(
+                f"documents: {len(request.documents)} given, a query may attach at most {limit}"
+            )
+        doc_ids = tuple(
+            owned_under(principal, tenant, "documents", n, "documents") for n in request.documents
+        )
+        if len(set(doc_ids)) != len(doc_ids):
+            raise InvalidArgument("documents: a document is attached more than once")
+        question = await self._question(request.question)
+        adapter, version = self._adapter(principal, tenant, request.adapter)
+        params = self._sampling(request.sampling if request.HasField("sampling") else None)
+        engine_request = EngineRequest(
+            request_id=uuid.uuid4().hex,
+            tenant=tenant,
+            doc_ids=doc_ids,
+            question=question,
+            adapter=adapter,
+            adapter_version=version,
+            params=params,
+        )
+        return Query(engine_request, f"{tenant}/{adapter}" if adapter else "")
+
+    @asynccontextmanager
+    async def in_flight(self, tenant: str) -> AsyncIterator[None]:
+        """Count the tenant's running queries against its limit (per ingress replica)."""
+        running = self._inflight.get(tenant, 0)
+        limit = self._limits.max_inflight_requests
+        if running >= limit:
+            raise ResourceExhausted(
+                f"{tenant_name(tenant)} already has {running} queries in flight, its limit; retry when one finishes"
+            )
+        self._inflight[tenant] = running + 1
+        try:
+            yield
+        finally:
+            self._inflight[tenant] -= 1
+            if not self._inflight[tenant]:
+                del self._inflight[tenant]
+
+    async def events(self, engine: DeploymentHandle, query: Query) -> AsyncIterator[EngineEvent]:
+        """The engine's events for ``query``, counted in flight; leaving before the last one (the caller
+        went away) cancels the request in the engine, which frees its batch row at the next step."""
+        handle = engine.options(stream=True, multiplexed_model_id=query.multiplexed_model_id)
+        async with self.in_flight(query.request.tenant):
+            response = handle.generate.remote(query.request)
+            complete = False
+            try:
+                async for event in response:
+                    complete = event.final is not None
+                    yield event
+            finally:
+                if not complete:
+                    response.cancel()
+
+    async def _question(self, question: str) -> str:
+        if not question.strip():
+            raise InvalidArgument("question is required and must not be blank")
+        limit = self._limits.max_query_tokens
+        if len(question) > MAX_QUESTION_CHARS:
+            raise InvalidArgument(f"question is {len(question)} characters; keep it under {limit} tokens")
+        tokens = await self._count_tokens(question)
+        if tokens > limit:
+            raise InvalidArgument(f"question is {tokens} tokens, over the limit of {limit}; shorten it")
+        return question
+
+    @staticmethod
+    def _adapter(principal: Principal, tenant: str, name: str) -> tuple[str | None, str | None]:
+        """(adapter, pinned version) of ``tenants/{t}/adapters/{a}[/versions/{v}]``; (None, None) for ""."""
+        if not name:
+            return None, None
+        collections = ("tenants", "adapters", "versions") if "/versions/" in name else ("tenants", "adapters")
+        ids = owned(principal, "adapter", name, collections)
+        if ids[0] != tenant:
+            raise InvalidArgument(f"adapter: {keys.show(name)} is not under {tenant_name(tenant)}")
+        return ids[1], ids[2] if len(ids) == 3 else None
+
+    def _sampling(self, sampling: lloco_pb2.SamplingParams | None) -> SamplingParams:
+        sampling = sampling or lloco_pb2.SamplingParams()
+        limit = self._limits.max_new_tokens
+        if sampling.max_new_tokens < 0 or sampling.max_new_tokens > limit:
+            raise InvalidArgument(
+                f"sampling.max_new_tokens must be 0 (default) to {limit}, got {sampling.max_new_tokens}"
+            )
+        if not math.isfinite(sampling.temperature) or sampling.temperature < 0:
+            raise InvalidArgument(
+                f"sampling.temperature must be a finite number >= 0, got {sampling.temperature}"
+            )
+        if not math.isfinite(sampling.top_p) or not 0 <= sampling.top_p <= 1:
+            raise InvalidArgument(f"sampling.top_p must be in (0, 1] (0 means 1), got {sampling.top_p}")
+        if len(sampling.stop) > MAX_STOP_SEQUENCES:
+            raise InvalidArgument(
+                f"sampling.stop: at most {MAX_STOP_SEQUENCES} sequences, got {len(sampling.stop)}"
+            )
+        for stop in sampling.stop:
+            if not stop or len(stop) > MAX_STOP_CHARS:
+                raise InvalidArgument(
+                    f"sampling.stop: each sequence must be 1 to {MAX_STOP_CHARS} characters"
+                )
+        return SamplingParams(
+            max_new_tokens=sampling.max_new_tokens or limit,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p or 1.0,
+            stop=tuple(sampling.stop),
+            seed=sampling.seed if sampling.HasField("seed") else None,
+        )
