@@ -338,3 +338,33 @@ def test_transport_refusals(stack: EmbeddedStack, keys: dict[str, str]) -> None:
     assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "invalid_argument"
     admin = raw(stack, ADMIN_KEY, "GET", "/models")
     assert admin.status_code == 400 and "no tenant" in admin.json()["error"]["message"]
+
+
+def test_tls_with_the_grpc_certificate(stack: EmbeddedStack, keys: dict[str, str], tmp_path: Path) -> None:
+    """A second Ingress (its own Serve app, same engine and store) with TLS: HTTPS on the HTTP port."""
+    import ssl
+
+    from lloco.serve.ingress import Ingress
+    from ray import serve
+    from test_isolation import self_signed_certificate
+
+    chain, private = self_signed_certificate(tmp_path)
+    serve_tls = {
+        "grpc_port": free_port(),
+        "http_port": free_port(),
+        "tls_cert_file": chain,
+        "tls_key_file": private,
+    }
+    settings = stack.settings.model_copy(update={"serve": stack.settings.serve.model_copy(update=serve_tls)})
+    engine = serve.get_deployment_handle("EngineDeployment", "lloco")
+    serve.run(Ingress.bind(engine, settings), name="lloco-tls", route_prefix=None)
+    base_url = f"https://127.0.0.1:{serve_tls['http_port']}/v1"
+    try:
+        trusting = httpx2.Client(verify=ssl.create_default_context(cafile=str(chain)))
+        client = openai.OpenAI(base_url=base_url, api_key=keys["acme"], max_retries=0, http_client=trusting)
+        assert [m.id for m in client.models.list()][0] == "tenants/acme"
+        for url in (base_url, base_url.replace("https:", "http:")):  # the system's CAs, or plain text
+            with pytest.raises(openai.APIConnectionError):
+                openai.OpenAI(base_url=url, api_key=keys["acme"], max_retries=0, timeout=10).models.list()
+    finally:
+        serve.delete("lloco-tls")
