@@ -162,11 +162,11 @@ class ServeSettings(_Section):
     )
     grpc_port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
     http_port: int | None = Field(
-        8000,
+        8100,
         ge=1,
         le=65535,
         description="Port of the OpenAI-compatible HTTP API (/v1/...), on the same host and with the same "
-        "TLS files as gRPC; None turns it off.",
+        "TLS files as gRPC (not 8000: Ray Serve's own HTTP proxy takes that one on a cluster); None turns it off.",
     )
     tls_cert_file: Path | None = Field(
         None,
