@@ -8,6 +8,8 @@ Answers over HTTP are compared with the gRPC `Query` answers for the same greedy
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,3 +370,25 @@ def test_tls_with_the_grpc_certificate(stack: EmbeddedStack, keys: dict[str, str
                 openai.OpenAI(base_url=url, api_key=keys["acme"], max_retries=0, timeout=10).models.list()
     finally:
         serve.delete("lloco-tls")
+
+
+def test_http_and_grpc_ports_must_differ() -> None:
+    with pytest.raises(ValueError, match="must differ"):
+        ServeSettings(grpc_port=9000, http_port=9000)
+    assert ServeSettings(http_port=None).http_port is None
+
+
+def test_lloco_up_refuses_a_taken_http_port(stack: EmbeddedStack, tmp_path: Path) -> None:
+    port = stack.settings.serve.http_port
+    result = subprocess.run(
+        [sys.executable, "-m", "lloco.cli", "up", "--port", str(free_port()), "--http-port", str(port)]
+        + ["--data-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 1
+    assert f"port {port} is already in use" in result.stderr and "--http-port" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (tmp_path / "s3").exists(), "nothing may start when the port is taken"

@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from lloco.auth import Principal
 from lloco.config import LimitSettings
-from lloco.errors import InvalidArgument, LlocoError, NotFound, ResourceExhausted, Unavailable
+from lloco.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lloco.registry import Registry
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import TenantWork, http_error, openai_error_body
@@ -67,10 +67,10 @@ ROUTES = {
 
 
 class Refusal(Exception):
-    """A refusal with an OpenAI error body: ``error`` (a lloco error, whose code gives the HTTP status)
-    about the request parameter ``param``, or the HTTP layer's own refusal with ``status``."""
+    """A refusal with an OpenAI error body: ``error`` (its status code, through `http_error`, gives the
+    HTTP status) about the request parameter ``param``, or the HTTP layer's own refusal with ``status``."""
 
-    def __init__(self, error: LlocoError, param: str | None = None, status: int | None = None) -> None:
+    def __init__(self, error: BaseException, param: str | None = None, status: int | None = None) -> None:
         super().__init__(str(error))
         self.error, self.param, self.status = error, param, status
 
@@ -138,7 +138,7 @@ class OpenAIApi:
             except Refusal as refusal:
                 return self._refused(method, started, refusal)
             except Exception as error:  # noqa: BLE001 - every failure becomes a status and an error body
-                return self._refused(method, started, Refusal(error))  # type: ignore[arg-type]
+                return self._refused(method, started, Refusal(error))
             if isinstance(response, StreamingResponse) and isinstance(response.body_iterator, EventStream):
                 response.body_iterator = self._recorded(method, started, response.body_iterator)
             else:
