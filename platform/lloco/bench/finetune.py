@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from lloco.bench.engine import GEOMETRIES, hf_twin, random_llama
+from lloco.bench.common import GEOMETRIES, hf_twin, random_llama
 from lloco.finetune.data import Example
 from lloco.finetune.train import autocast, train_step
 from lloco.model import Llama, LlamaConfig
