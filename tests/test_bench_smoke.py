@@ -6,6 +6,7 @@ their own test_bench_* files."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,12 @@ def test_serve_runs_every_section(tmp_path: Path) -> None:
     for row in result["latency"]:
         assert {h["cache"] for h in row["hf_compressed"]} == {"dynamic", "static"}
         assert row["full"]["ttft_ms"] > 0 and row["vs_hf_cache"] in ("dynamic", "static")
-    assert result["adapters"]["mixed_vs_none"] > 0 and result["adapters"]["peft_mixed"]["tok_s"] > 0
+    # peft's step is a difference of two host-timed generate calls: only its presence is checked on a busy CPU
+    assert result["adapters"]["mixed_vs_none"] > 0 and math.isfinite(result["adapters"]["peft_mixed"]["step_ms"])
     assert result["adapter_loads"]["store_to_gpu_p50_ms"] > 0
     load = result["load"]
     assert load["queries"] > 0 and load["ttft_p50_ms"] <= load["latency_p99_ms"]
-    assert [g["goal"] for g in result["goals"]] == ["8 distinct adapters at batch 8 >= 0.93x of no adapters"]
+    assert [g["goal"] for g in result["goals"]] == ["4 distinct adapters at batch 4 >= 0.93x of no adapters"]
 
 
 def test_finetune_runs_both_loops_with_checkpointing_off_and_on(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ class E2EPlan:
 
 PLANS = {
     "h200": E2EPlan("llama2-7b", 16, 64, 8, 8192, 32768, 64, LLAMA2_7B.segment_len, LLAMA2_7B.k, 8, 3, 64),
-    "tiny": E2EPlan("tiny", 2, 4, 2, 200, 400, 4, 32, 4, 8, 2, 4),
+    "tiny": E2EPlan("tiny", 2, 4, 2, 200, 400, 4, 32, 4, 8, 1, 4),
 }
 
 
