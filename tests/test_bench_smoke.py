@@ -50,7 +50,9 @@ def test_serve_runs_every_section(tmp_path: Path) -> None:
         assert {h["cache"] for h in row["hf_compressed"]} == {"dynamic", "static"}
         assert row["full"]["ttft_ms"] > 0 and row["vs_hf_cache"] in ("dynamic", "static")
     # peft's step is a difference of two host-timed generate calls: only its presence is checked on a busy CPU
-    assert result["adapters"]["mixed_vs_none"] > 0 and math.isfinite(result["adapters"]["peft_mixed"]["step_ms"])
+    assert result["adapters"]["mixed_vs_none"] > 0 and math.isfinite(
+        result["adapters"]["peft_mixed"]["step_ms"]
+    )
     assert result["adapter_loads"]["store_to_gpu_p50_ms"] > 0
     load = result["load"]
     assert load["queries"] > 0 and load["ttft_p50_ms"] <= load["latency_p99_ms"]
