@@ -108,6 +108,13 @@ class EmbeddedStack:
         host = {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
         return address(host, self.settings.serve.grpc_port)
 
+    @property
+    def s3(self) -> EmbeddedS3:
+        """The embedded S3 server (its metrics count what the app asked of the store)."""
+        if self._s3 is None:
+            raise FailedPrecondition("the stack has not been started")
+        return self._s3
+
     def __enter__(self) -> EmbeddedStack:
         self.start()
         return self
