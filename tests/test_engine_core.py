@@ -568,15 +568,15 @@ def test_chunked_prefill_answers_what_whole_prefill_does(
     run(scenario)
 
 
-def s3_requests(s3: object) -> int:
-    """S3 requests the server has answered so far (its own Prometheus counter), whoever sent them."""
+def s3_requests(s3: object, bucket: str) -> int:
+    """Requests for ``bucket`` the server has answered so far (its own Prometheus counter), whoever sent them."""
     import urllib.request
 
     with urllib.request.urlopen(s3.metrics_url, timeout=5) as reply:
         lines = reply.read().decode().splitlines()
-    return int(
-        sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("SeaweedFS_s3_request_total"))
-    )
+    label = f'bucket="{bucket}"'
+    counted = [line for line in lines if line.startswith("SeaweedFS_s3_request_total{") and label in line]
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in counted))
 
 
 def test_a_resolved_request_reads_nothing_once_its_context_and_adapter_are_held(
@@ -598,13 +598,13 @@ def test_a_resolved_request_reads_nothing_once_its_context_and_adapter_are_held(
                 prompt_ids=tuple(chat_prompt(base.tokenizer, other_question)),
             )
             await collect(core, given)  # misses: the context and the adapter's files are read once
-            before = s3_requests(s3)
+            before = s3_requests(s3, store.settings.bucket)
             ids, _, stats = await collect(core, given)
-            assert s3_requests(s3) == before, (
+            assert s3_requests(s3, store.settings.bucket) == before, (
                 "a request resolved by its caller and fully cached read the store"
             )
             unresolved = await collect(core, request("acme", ("handbook",), "support"))
-            assert s3_requests(s3) > before, "the engine alone resolves from the store"
+            assert s3_requests(s3, store.settings.bucket) > before, "the engine alone resolves from the store"
             asked, _, _ = await collect(
                 core, request("acme", ("handbook",), "support", question=other_question)
             )

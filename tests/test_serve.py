@@ -570,14 +570,15 @@ def test_new_adapter_version_is_picked_up_while_queries_run(
 
 
 def s3_requests(stack: EmbeddedStack) -> int:
-    """S3 requests the stack's SeaweedFS has answered so far (its own Prometheus counter), from any process."""
+    """Requests for the platform's bucket that the stack's SeaweedFS has answered so far (its own Prometheus
+    counter), from any process. (weed itself now and then lists buckets, outside any bucket.)"""
     import urllib.request
 
     with urllib.request.urlopen(stack.s3.metrics_url, timeout=5) as reply:
         lines = reply.read().decode().splitlines()
-    return int(
-        sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("SeaweedFS_s3_request_total"))
-    )
+    label = f'bucket="{stack.settings.store.bucket}"'
+    counted = [line for line in lines if line.startswith("SeaweedFS_s3_request_total{") and label in line]
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in counted))
 
 
 def test_a_repeated_query_reads_nothing_from_the_store(
