@@ -121,6 +121,13 @@ class EmbeddedStack:
         host = self.settings.serve.host
         return {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
 
+    @property
+    def s3(self) -> EmbeddedS3:
+        """The embedded S3 server (its metrics count what the app asked of the store)."""
+        if self._s3 is None:
+            raise FailedPrecondition("the stack has not been started")
+        return self._s3
+
     def __enter__(self) -> EmbeddedStack:
         self.start()
         return self
