@@ -43,6 +43,7 @@ from lloco.registry import Registry, Tenants, document_text, pages
 from lloco.serve import replies
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import EdgeMetrics, HealthProbe, TenantWork, bearer_key, domain_error, rpc
+from lloco.serve.engine_facts import EngineFacts
 from lloco.serve.http import HttpServer, start_http_server
 from lloco.serve.lookups import EdgeLookups
 from lloco.serve.names import dataset_name, field_id, owned, owned_under, parse_name, tenant_name
@@ -76,16 +77,15 @@ class Ingress:
         self._jobs = Jobs(
             settings, self._store, settings.jobs.ray_address or ray.get_runtime_context().gcs_address
         )
-        self._facts: tuple[Any, str] | None = None
-        self._engine_facts_lock = asyncio.Lock()
+        self._facts = EngineFacts(engine)
         self._metrics = EdgeMetrics()
         self._work = TenantWork(settings.limits.tenant_storage_concurrency)
         self._health = HealthProbe(engine, settings.store, self._work)
         self._lookups = EdgeLookups(
             self._store, self._keys, settings.serve, self._work, self._metrics.cache_lookup
         )
-        self._documents = EdgeDocuments(self._store, self._limits, self._work, self._compressor)
-        self._queries = Queries(self._limits, self._lookups, self._tokenizer)
+        self._documents = EdgeDocuments(self._store, self._limits, self._work, self._facts.compressor_id)
+        self._queries = Queries(self._limits, self._lookups, self._facts.tokenizer)
         self._server = await start_server(self, settings)
         self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
 
@@ -134,35 +134,9 @@ class Ingress:
         (tenant,) = owned(principal, field, name, ("tenants",))
         return principal, await self._lookups.registry(tenant, principal)
 
-    # -- what the engine tells once ------------------------------------------------------------------
-
-    async def _engine_facts(self) -> tuple[Any, str]:
-        """The engine's tokenizer and compressor id, fetched once (fixed for the app's life)."""
-        async with self._engine_facts_lock:
-            if self._facts is None:
-                self._facts = (
-                    await self._engine.tokenizer.remote(),
-                    await self._engine.compressor_id.remote(),
-                )
-        return self._facts
-
-    async def _tokenizer(self) -> Any:
-        """The engine's tokenizer, so limits count the tokens the engine will see (and queries are
-        tokenized once, here)."""
-        return (await self._engine_facts())[0]
-
-    async def _count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` as the engine counts them."""
-        tokenizer = await self._tokenizer()
-        return await asyncio.to_thread(lambda: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-
-    async def _compressor(self) -> str:
-        """The id the engine's contexts are stored under."""
-        return (await self._engine_facts())[1]
-
     async def compressor_id(self) -> str:
         """The engine's compressor id, for local tools through a handle."""
-        return await self._compressor()
+        return await self._facts.compressor_id()
 
     # -- identity and administration -------------------------------------------------------------------
 
@@ -252,7 +226,7 @@ class Ingress:
         previous = await self._documents.get_or_none(registry, doc_id)
         if previous is None:
             await self._documents.check_quota(registry)
-        tokens = await self._count_tokens(decoded)
+        tokens = await self._facts.count_tokens(decoded)
         info, changed = await self._work.run(
             registry.tenant, registry.ingest_document, doc_id, text, self._limits.max_document_bytes, tokens
         )
