@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 
@@ -55,14 +56,26 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ray_local() -> Iterator[None]:
     """One local Ray instance for the session, on loopback."""
     import ray
+    from lloco.serve.local import free_port
+    from ray._private.parameter import RayParams
 
-    ray.init(
-        address="local",  # never attach to a cluster someone started with `ray start`
-        num_cpus=4,
-        include_dashboard=False,
-        configure_logging=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1] / "platform")}},
-    )
+    # Every Ray node's dashboard agent binds port 52365 unless told otherwise, and ray.init cannot tell it.
+    # A `lloco up` started by a test (tests/test_jobs.py) needs that port for its own agent, without which
+    # its job server takes no job ("No available agent"): this session's node takes another one.
+    init_params = RayParams.__init__
+
+    def with_free_agent_port(params: RayParams, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        init_params(params, *args, **kwargs)
+
+    with patch.object(RayParams, "__init__", with_free_agent_port):
+        ray.init(
+            address="local",  # never attach to a cluster someone started with `ray start`
+            num_cpus=4,
+            include_dashboard=False,
+            configure_logging=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1] / "platform")}},
+        )
     yield
     ray.shutdown()
