@@ -43,7 +43,7 @@ def test_prefill_burst_section_chunks_the_burst_beside_every_decoding_row(model)
 
 def test_fairness_section_runs_every_scenario(model, store) -> None:
     plan = replace(
-        scheduling.PLANS["tiny"], tenants=2, rows=2, doc_tokens=256, new_tokens=3, seconds=0.6, load=0.5
+        scheduling.PLANS["tiny"], tenants=2, rows=2, doc_tokens=256, new_tokens=3, seconds=2.0, load=0.5
     )
     result = scheduling.bench_fairness(model, store, plan)
     assert result["context_vectors"] == 16 and result["capacity_queries_per_s"] > 0
