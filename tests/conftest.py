@@ -54,7 +54,11 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
-    """One local Ray instance for the session, on loopback."""
+    """One local Ray instance for the session, on loopback.
+
+    Patches RayParams.__init__ (the one mock here) only to give this node's dashboard agent a free port:
+    ray.init has no argument for it, and the default 52365 must stay free for the `lloco up` that
+    tests/test_jobs.py starts, whose job server takes no job without its agent."""
     import ray
     from lloco.serve.local import free_port
     from ray._private.parameter import RayParams
