@@ -7,6 +7,9 @@ over gRPC are compared with the engine run alone (`EngineCore` in this process, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -722,6 +725,38 @@ def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack,
     assert f"port {port} is already in use" in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
     assert not (tmp_path / "s3").exists(), "nothing may start when the port is taken"
+
+
+def test_lloco_up_refuses_when_rays_job_agent_port_is_taken(tmp_path: Path) -> None:
+    """Another Ray node on the machine holds the dashboard agent's port: `lloco up` would start but run no job."""
+    from lloco.serve.local import port_in_use
+    from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as agent_port
+
+    with contextlib.ExitStack() as held:
+        if not port_in_use(agent_port):
+            holder = held.enter_context(socket.socket())
+            holder.bind(("127.0.0.1", agent_port))
+            holder.listen()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "lloco.cli",
+                "up",
+                "--port",
+                str(free_port()),
+                "--data-dir",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            env={**os.environ, "LLOCO_SERVE__HTTP_PORT": str(free_port())},
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"port {agent_port} (the dashboard agent" in result.stderr and "ray stop" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def test_serve_config_must_not_start_serves_grpc_proxy(tmp_path: Path) -> None:

@@ -168,6 +168,7 @@ class EmbeddedStack:
 
     def _start_ray(self) -> None:
         import ray
+        from ray._private import ray_constants
 
         for name, value in RAY_ENV.items():
             os.environ.setdefault(name, value)
@@ -175,6 +176,15 @@ class EmbeddedStack:
             return
         options: dict[str, object] = {"include_dashboard": self._jobs}
         if self._jobs:
+            # ray.init cannot move a node's dashboard agent off its default port, and Ray's job server runs
+            # no job without its agent: refuse here rather than accept jobs that never start.
+            agent_port = ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+            if port_in_use(agent_port):
+                raise FailedPrecondition(
+                    f"port {agent_port} (the dashboard agent through which Ray runs jobs) is already in use, "
+                    "most likely by another Ray node on this machine: stop it first (`ray stop` stops one "
+                    "that `ray start` left running)"
+                )
             options.update(dashboard_host=HOST, dashboard_port=free_port())
         ray.init(
             address="local",  # a new instance, never one that `ray start` left running on this machine
