@@ -35,6 +35,7 @@ from lloco.model import (
     Generator,
     LoadedModel,
     LoraAdapter,
+    LoraFit,
     LoraSlots,
     SamplingParams,
     chat_prompt,
@@ -384,6 +385,12 @@ class EngineCore:
     @property
     def tokenizer(self) -> Any:
         return self._model.tokenizer
+
+    @property
+    def lora_fit(self) -> LoraFit:
+        """What an adapter must fit to be served here: the model's geometry and id, the slots' rank and
+        targets (``lloco.model.lora.check_peft_files``)."""
+        return dataclasses.replace(self.lora.fit, model_id=self._model.model_id)
 
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         """Compress small documents now, on this engine's model, between decode steps.
