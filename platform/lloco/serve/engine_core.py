@@ -471,7 +471,7 @@ class EngineCore:
             return None
         try:
             weights = self._parse_adapter(compressor.reader_files)
-        except InvalidArgument as error:
+        except (InvalidArgument, FailedPrecondition) as error:
             raise FailedPrecondition(
                 f"compressor {compressor.compressor_id} has a reader these LoRA slots cannot hold ({error}); "
                 "raise lora.max_rank or serve its targets (finetune.target_modules)"
