@@ -88,12 +88,18 @@ def _in_out(config: LlamaConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
-def read_peft_files(source: dict[str, bytes] | Path) -> tuple[dict, dict[str, Tensor]]:
+def read_peft_files(
+    source: dict[str, bytes] | Path, max_tensors: int | None = None
+) -> tuple[dict, dict[str, Tensor]]:
     """adapter_config.json and adapter_model.safetensors, from a directory or from their bytes.
 
+    Args:
+        max_tensors: refuse weights with more tensors than this, counted in the safetensors header before
+            any tensor is built (a file of many tiny tensors costs far more to load than its size says).
     Raises:
         InvalidArgument: a file is missing or unreadable, the weights are a pickle (a PyTorch ``.bin``), or
             the config is not a JSON object.
+        FailedPrecondition: more tensors than ``max_tensors``.
     """
     try:
         if isinstance(source, dict):
@@ -114,10 +120,29 @@ def read_peft_files(source: dict[str, bytes] | Path) -> tuple[dict, dict[str, Te
         raise InvalidArgument(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise InvalidArgument(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
+    count = _tensor_count(weight_bytes)
+    if max_tensors is not None and count is not None and count > max_tensors:
+        raise FailedPrecondition(
+            f"{WEIGHTS_FILE} holds {count} tensors; a LoRA of the served model has at most {max_tensors} "
+            "(lora_A and lora_B of each projection of each layer)"
+        )
     try:
         return config, load_safetensors_bytes(weight_bytes)
     except (ValueError, SafetensorError) as exc:
         raise InvalidArgument(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+
+
+def _tensor_count(data: bytes) -> int | None:
+    """Entries of a safetensors header (its 8-byte little-endian length, then JSON); None when the header does
+    not parse (the safetensors reader then says why)."""
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > len(data) - 8:
+        return None
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (ValueError, RecursionError):
+        return None
+    return len(header) - ("__metadata__" in header) if isinstance(header, dict) else None
 
 
 def _is_pickle(data: bytes) -> bool:
@@ -204,9 +229,10 @@ def check_peft_files(source: dict[str, bytes] | Path, fit: LoraFit) -> PeftLora:
             modules_to_save, ...), tensors that are not LoRA weights of Llama projections, non-float or
             non-finite weights, lora_A/lora_B that do not pair up or disagree with the config's rank.
         FailedPrecondition: files that do not fit ``fit``: another base model (name, layer count or
-            shapes), a projection the slots do not adapt, a rank above ``fit.max_rank``.
+            shapes), a projection the slots do not adapt, a rank above ``fit.max_rank``, more tensors than
+            a LoRA of the model can have (counted before any is loaded).
     """
-    peft_config, tensors = read_peft_files(source)
+    peft_config, tensors = read_peft_files(source, max_tensors=2 * fit.config.n_layers * len(MODULE_OF))
     rank_of, alpha_of, rslora = _lora_config(peft_config)
     pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
     for key, tensor in tensors.items():

@@ -5,6 +5,9 @@ engine serves (``lloco.model.lora.check_peft_files`` on the engine's ``LoraFit``
 applies when it loads a version) before anything is stored, then published through the registry as the
 adapter's next version, as a finetune publishes. Only the two PEFT files are stored, byte for byte.
 
+Imports of one adapter through one replica run one at a time (the registry takes one publisher per adapter
+at a time); imports of one adapter sent to several replicas at once are not serialised.
+
 Sizes are bounded before parsing: the config by ``MAX_CONFIG_BYTES``, the weights by the largest file an
 adapter that fits can be (``LoraFit.max_weights_bytes``), so no setting is needed and nothing larger is
 read from the store.
@@ -13,6 +16,7 @@ read from the store.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable
 
 from lloco.api import lloco_pb2
@@ -39,6 +43,9 @@ class AdapterImports:
         lora_fit: Callable[[], Awaitable[LoraFit]],
     ) -> None:
         self._store, self._work, self._documents, self._lora_fit = store, work, documents, lora_fit
+        self._publishing: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
 
     async def publish(
         self, registry: Registry, adapter: str, request: lloco_pb2.ImportAdapterRequest
@@ -65,7 +72,9 @@ class AdapterImports:
             "base_model_name_or_path": checked.base_model,
             "targets": ",".join(checked.targets),
         }
-        return await self._work.run(registry.tenant, registry.publish_adapter, adapter, files, train)
+        lock = self._publishing.setdefault((registry.uid, adapter), asyncio.Lock())
+        async with lock:
+            return await self._work.run(registry.tenant, registry.publish_adapter, adapter, files, train)
 
     def _inline(self, given: lloco_pb2.PeftAdapterFiles, fit: LoraFit) -> dict[str, bytes]:
         for field, data in (("adapter_config", given.adapter_config), ("adapter_model", given.adapter_model)):
