@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from unittest.mock import patch
 
@@ -50,6 +50,52 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lloco.model import tiny_llama_dir
 
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def compressor_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh (untrained) compressor for the tiny model: segments of 32 tokens into 4 vectors."""
+    from lloco.model import Compressor, load_model
+
+    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("model-cache"), dtype="float32")
+    return Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
+        tmp_path_factory.mktemp("compressor")
+    )
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_model_dir: Path) -> Callable[[int], dict[str, bytes]]:
+    """Makes the files of a PEFT rank-8 LoRA on q/k/v/o of the tiny model, random non-zero A and B (a seed
+    each), as `save_pretrained` writes them."""
+
+    def make(seed: int) -> dict[str, bytes]:
+        import tempfile
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        config = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        )
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.normal_(0.0, 0.3)
+        with tempfile.TemporaryDirectory() as directory:
+            peft_model.save_pretrained(directory)
+            return {
+                name: (Path(directory) / name).read_bytes()
+                for name in ("adapter_config.json", "adapter_model.safetensors")
+            }
+
+    return make
 
 
 @pytest.fixture(scope="session")
