@@ -6,6 +6,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 from unittest.mock import patch
 
 import pytest
@@ -61,6 +62,26 @@ def compressor_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactor
     return Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
         tmp_path_factory.mktemp("compressor")
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: Path, compressor_dir: Path) -> Callable[..., Any]:
+    """Makes the Settings of a stack serving the tiny model with the ``compressor_dir`` compressor in
+    float32: ``make(data_dir, admin_key, **sections)``, the other sections (limits, lora, engine, serve)
+    as keyword arguments."""
+    from lloco.config import ModelSettings, Settings
+    from pydantic import SecretStr
+
+    def make(data_dir: Path, admin_key: str, **sections: Any) -> Settings:
+        model = ModelSettings(
+            base_model=str(tiny_model_dir),
+            compressor=str(compressor_dir),
+            dtype="float32",
+            cache_dir=data_dir / "models",
+        )
+        return Settings(data_dir=data_dir, admin_key=SecretStr(admin_key), model=model, **sections)
+
+    return make
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,7 @@ from lloco.errors import (
 from typer.testing import CliRunner, Result
 
 if TYPE_CHECKING:
+    from lloco.config import Settings
     from lloco.serve.local import EmbeddedStack
 
 KEYS = {"key-acme": "acme", "key-beta": "beta", "key-admin": ""}
@@ -314,23 +315,16 @@ NOTES = "The capital of France is Paris. Paris is a large city on a river in the
 
 @pytest.fixture(scope="module")
 def lloco_server(
-    ray_local: None, tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_local: None, tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     """`EmbeddedStack` serving a tiny model with a fresh compressor (32-token segments into 4 vectors)."""
-    from lloco.config import EngineSettings, LimitSettings, ModelSettings, ServeSettings, Settings
+    from lloco.config import EngineSettings, LimitSettings, ServeSettings
     from lloco.serve.local import EmbeddedStack, free_port
-    from pydantic import SecretStr
 
     data_dir = tmp_path_factory.mktemp("cli-lloco")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(max_new_tokens=32, online_compress_max_tokens=1024),
         engine=EngineSettings(max_batch_size=2, max_seq_len=512),
         serve=ServeSettings(grpc_port=free_port(), http_port=None),

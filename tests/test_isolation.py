@@ -32,7 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lloco.api import lloco_pb2
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.jobs import JobRecord, JobRecords
 from lloco.registry import Registry, Tenants
 from lloco.serve.local import EmbeddedStack, free_port
@@ -62,18 +62,12 @@ def marker(what: str) -> str:
 
 @pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("isolation")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(
             max_document_bytes=MAX_DOCUMENT_BYTES,
             max_documents=40,

@@ -17,10 +17,9 @@ import httpx2
 import openai
 import pytest
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.registry import Registry
 from lloco.serve.local import EmbeddedStack, free_port
-from pydantic import SecretStr
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,18 +40,12 @@ QUESTIONS = {"acme": "What is the capital of France?", "globex": "Which city is 
 
 @pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("lloco-openai")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(
             max_document_bytes=16 * 1024,
             max_message_bytes=64 * 1024,

@@ -24,11 +24,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lloco.api import lloco_pb2, lloco_pb2_grpc
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.model import SamplingParams
 from lloco.registry import Registry
 from lloco.serve.local import EmbeddedStack, free_port
-from pydantic import SecretStr
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -49,18 +48,12 @@ DOCUMENTS = {
 
 @pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("lloco-data")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(
             max_document_bytes=16 * 1024,
             max_documents=5,
