@@ -119,20 +119,16 @@ def peft_adapter(tiny_model_dir: Path) -> Callable[[int], dict[str, bytes]]:
     return make
 
 
-@pytest.fixture(scope="session")
-def ray_local() -> Iterator[None]:
-    """One local Ray instance for the session, on loopback.
+@pytest.fixture(scope="session", autouse=True)
+def ray_agents_off_the_default_port() -> Iterator[None]:
+    """Every Ray node this test process starts gives its dashboard agent a free port.
 
-    Patches RayParams.__init__ (the one mock here) only to give this node's dashboard agent a free port:
-    ray.init has no argument for it, and the default 52365 must stay free for the `lloco up` that
-    tests/test_jobs.py starts, whose job server takes no job without its agent."""
-    import ray
+    Patches RayParams.__init__ (the one mock here): ray.init has no argument for the agent's port, whose
+    default 52365 must stay free for the `lloco up` subprocesses tests start (tests/test_jobs.py), whose
+    job server takes no job without its agent (and `lloco up` refuses to start when the port is taken)."""
     from lloco.serve.local import free_port
     from ray._private.parameter import RayParams
 
-    # Every Ray node's dashboard agent binds port 52365 unless told otherwise, and ray.init cannot tell it.
-    # A `lloco up` started by a test (tests/test_jobs.py) needs that port for its own agent, without which
-    # its job server takes no job ("No available agent"): this session's node takes another one.
     init_params = RayParams.__init__
 
     def with_free_agent_port(params: RayParams, *args: object, **kwargs: object) -> None:
@@ -140,13 +136,21 @@ def ray_local() -> Iterator[None]:
         init_params(params, *args, **kwargs)
 
     with patch.object(RayParams, "__init__", with_free_agent_port):
-        ray.init(
-            address="local",  # never attach to a cluster someone started with `ray start`
-            num_cpus=4,
-            include_dashboard=False,
-            configure_logging=False,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1] / "platform")}},
-        )
+        yield
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray instance for the session, on loopback."""
+    import ray
+
+    ray.init(
+        address="local",  # never attach to a cluster someone started with `ray start`
+        num_cpus=4,
+        include_dashboard=False,
+        configure_logging=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).parents[1] / "platform")}},
+    )
     yield
     ray.shutdown()
