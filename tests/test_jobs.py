@@ -140,18 +140,17 @@ def crash_left_running(data_dir: Path, tenant: str, job_id: str) -> JobRecord:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_jobs_answer_after_lloco_up_restarts(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from lloco.model import Compressor, load_model
+def test_jobs_answer_after_lloco_up_restarts(
+    tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
+) -> None:
     from lloco.serve.local import free_port
 
-    base = load_model(str(tiny_model_dir), tmp_path / "cache", dtype="float32")
-    compressor = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0)
     settings = {
         "data_dir": str(tmp_path / "data"),
         "admin_key": "admin-key-for-tests",
         "model": {
             "base_model": str(tiny_model_dir),
-            "compressor": str(compressor.save(tmp_path / "compressor")),
+            "compressor": str(compressor_dir),
             "dtype": "float32",
             "cache_dir": str(tmp_path / "cache"),
         },

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,11 +24,10 @@ import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from lloco.api import lloco_pb2, lloco_pb2_grpc
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.model import SamplingParams
 from lloco.registry import Registry
 from lloco.serve.local import EmbeddedStack, free_port
-from pydantic import SecretStr
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -48,30 +47,13 @@ DOCUMENTS = {
 
 
 @pytest.fixture(scope="module")
-def compressor_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fresh (untrained) compressor for the tiny model: segments of 32 tokens into 4 vectors."""
-    from lloco.model import Compressor, load_model
-
-    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("model-cache"), dtype="float32")
-    return Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
-        tmp_path_factory.mktemp("compressor")
-    )
-
-
-@pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("lloco-data")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(
             max_document_bytes=16 * 1024,
             max_documents=5,
@@ -108,42 +90,16 @@ def keys(stack: EmbeddedStack) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def ingested(stack: EmbeddedStack, keys: dict[str, str]) -> dict[str, lloco_pb2.IngestDocumentResponse]:
+def ingested(
+    stack: EmbeddedStack, keys: dict[str, str], peft_adapter: Callable[[int], dict[str, bytes]]
+) -> dict[str, lloco_pb2.IngestDocumentResponse]:
     """Each tenant ingests its document (compressed online at once) and publishes an adapter 'style'."""
     replies = {}
     for seed, (tenant, text) in enumerate(DOCUMENTS.items(), start=1):
         with LlocoClient(stack.address, keys[tenant]) as client:
             replies[tenant] = client.ingest("notes", text)
-        Registry(stack.store, tenant).publish_adapter(
-            "style", adapter_files(stack, seed), train={"seed": seed}
-        )
+        Registry(stack.store, tenant).publish_adapter("style", peft_adapter(seed), train={"seed": seed})
     return replies
-
-
-def adapter_files(stack: EmbeddedStack, seed: int) -> dict[str, bytes]:
-    """A PEFT rank-8 LoRA on q/k/v/o of the tiny model, with random (non-zero) A and B."""
-    import tempfile
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(stack.settings.model.base_model)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0.0, 0.3)
-    with tempfile.TemporaryDirectory() as directory:
-        peft_model.save_pretrained(directory)
-        return {
-            name: (Path(directory) / name).read_bytes()
-            for name in ("adapter_config.json", "adapter_model.safetensors")
-        }
 
 
 def run_engine_alone(stack: EmbeddedStack, requests: list[object]) -> list[tuple[list[int], object]]:
@@ -523,13 +479,16 @@ def test_document_quota_is_resource_exhausted(stack: EmbeddedStack, keys: dict[s
 
 
 def test_new_adapter_version_is_picked_up_while_queries_run(
-    stack: EmbeddedStack, keys: dict[str, str], ingested: dict[str, lloco_pb2.IngestDocumentResponse]
+    stack: EmbeddedStack,
+    keys: dict[str, str],
+    ingested: dict[str, lloco_pb2.IngestDocumentResponse],
+    peft_adapter: Callable[[int], dict[str, bytes]],
 ) -> None:
     """A version published by another writer (here the registry; a finetune job in production) is used by
     every query that starts once the edge's lookups expire (`serve.metadata_cache_ttl_s`)."""
     ttl = stack.settings.serve.metadata_cache_ttl_s
     registry = Registry(stack.store, "acme")
-    registry.publish_adapter("rolling", adapter_files(stack, 11), train={})
+    registry.publish_adapter("rolling", peft_adapter(11), train={})
     published_at: list[float] = []
     results: list[tuple[float, str]] = []
     errors: list[BaseException] = []
@@ -552,7 +511,7 @@ def test_new_adapter_version_is_picked_up_while_queries_run(
         workers = [pool.submit(ask, client) for _ in range(3)]
         while len(results) < 6 and not errors:
             time.sleep(0.05)
-        registry.publish_adapter("rolling", adapter_files(stack, 12), train={})
+        registry.publish_adapter("rolling", peft_adapter(12), train={})
         published_at.append(time.monotonic())
         for worker in workers:
             worker.result()

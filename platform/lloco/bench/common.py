@@ -11,6 +11,7 @@ Benchmarks never import each other: what two of them need lives here.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import functools
 import gc
@@ -84,6 +85,27 @@ def run_info(module: str, argv: Sequence[str] | None, device: torch.device) -> d
 
 
 # -- timing --------------------------------------------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a bench that drives the engine on a random model: where results go, the tiny smoke
+    geometry, the device and an S3 to use."""
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tiny", action="store_true", help="small geometry on CPU: a smoke run")
+    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
+    parser.add_argument("--s3-endpoint", default=None, help="an S3 to use instead of a local SeaweedFS")
+
+
+def goals_and_errors(result: dict[str, Any]) -> list[str]:
+    """The closing sections of a bench's markdown: its goals (met or not) and the errors of its run."""
+    lines: list[str] = []
+    if result.get("goals"):
+        lines += ["## Goals (issue 19)", "", "| goal | value | met |", "|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
+        lines.append("")
+    if result.get("errors"):
+        lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    return lines
 
 
 def sync(device: torch.device) -> None:

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from lloco.bench.checkpoint import LLAMA2_7B, document_text, write_random_llama
-from lloco.bench.common import engine_compiles, free_memory, random_adapter, run_info, sync
+from lloco.bench.common import engine_compiles, free_memory, goals_and_errors, random_adapter, run_info, sync
 from lloco.bench.report import write_report
 from lloco.bench.workload import QuerySample, engine_query, load_summary, tenant_shares
 
@@ -426,12 +426,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             engine = load["engine"]["tenants"][tenant]
             lines.append(f"| {tenant} | {row['queries']} | {row['share']:.1%} | {engine['share']:.1%} |")
         lines.append("")
-    if result.get("goals"):
-        lines += ["## Goals (issue 19)", "", "| goal | value | met |", "|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
-        lines.append("")
-    if result.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    lines += goals_and_errors(result)
     return "\n".join(lines)
 
 

@@ -34,6 +34,7 @@ from lloco.bench.common import (
     TARGETS,
     Floors,
     free_memory,
+    goals_and_errors,
     hf_decode,
     hf_twin,
     measure_decode,
@@ -321,13 +322,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             for row in profiled["top"]
         ]
         lines.append("")
-    goals = result.get("goals")
-    if goals:
-        lines += ["## Goals (issue 19)", "", "| goal | value | met |", "|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in goals]
-        lines.append("")
-    if result.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    lines += goals_and_errors(result)
     return "\n".join(lines)
 
 

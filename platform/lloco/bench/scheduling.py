@@ -36,9 +36,11 @@ from lloco.bench.common import (
     GEOMETRIES,
     PAPER_K,
     PAPER_SEGMENT_LEN,
+    add_run_arguments,
     compressed_length,
     engine_compiles,
     free_memory,
+    goals_and_errors,
     percentile,
     random_ids,
     random_llama,
@@ -457,12 +459,7 @@ def render_full(result: dict[str, Any]) -> str:
         "",
         *render_markdown(result),
     ]
-    if result.get("goals"):
-        lines += ["## Goals (issue 19)", "", "| goal | value | met |", "|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
-        lines.append("")
-    if result.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    lines += goals_and_errors(result)
     return "\n".join(lines)
 
 
@@ -470,10 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="small geometry on CPU: a smoke run")
-    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--s3-endpoint", default=None, help="an S3 to use instead of a local SeaweedFS")
+    add_run_arguments(parser)
     parser.add_argument("--sections", default="prefill_burst,fairness")
     parser.add_argument("--seconds", type=float, default=None, help="length of each fairness run")
     parser.add_argument(

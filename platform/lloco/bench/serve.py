@@ -46,10 +46,12 @@ from lloco.bench.common import (
     TARGETS,
     Floors,
     adapter_dirs,
+    add_run_arguments,
     compressed_length,
     context_vectors,
     engine_compiles,
     free_memory,
+    goals_and_errors,
     hf_generate_ms,
     hf_twin,
     measure_decode,
@@ -479,12 +481,7 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{load['ttft_p99_ms']:.0f} | {load['latency_p50_ms']:.0f} | {load['latency_p99_ms']:.0f} |",
             "",
         ]
-    if result.get("goals"):
-        lines += ["## Goals (issue 19)", "", "| goal | value | met |", "|---|---|---|"]
-        lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'no'} |" for g in result["goals"]]
-        lines.append("")
-    if result.get("errors"):
-        lines += ["## Errors", ""] + [f"- {e}" for e in result["errors"]] + [""]
+    lines += goals_and_errors(result)
     return "\n".join(lines)
 
 
@@ -492,10 +489,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--tiny", action="store_true", help="small geometry on CPU: a smoke run")
-    parser.add_argument("--device", default=None, help="default: cuda when present, else cpu")
-    parser.add_argument("--s3-endpoint", default=None, help="an S3 to use instead of a local SeaweedFS")
+    add_run_arguments(parser)
     parser.add_argument("--sections", default="latency,adapters,adapter_loads,load")
     parser.add_argument("--name", default=None, help="output file stem (default serve-h200 / serve-tiny)")
     args = parser.parse_args(argv)
