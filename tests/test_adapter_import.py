@@ -17,12 +17,11 @@ import torch
 from lloco.api import lloco_pb2
 from lloco.cli import app
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.errors import InvalidArgument
 from lloco.registry import Registry
 from lloco.serve.local import EmbeddedStack, free_port
 from lloco.storage import keys
-from pydantic import SecretStr
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from typer.testing import CliRunner
@@ -40,22 +39,13 @@ CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 @pytest.fixture(scope="module")
-def stack(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedStack]:
+def stack(
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[EmbeddedStack]:
     """The whole platform on the tiny model: adapter slots of rank 8 on q/k/v/o (the finetune targets)."""
-    from lloco.model import Compressor, load_model
-
-    data_dir = tmp_path_factory.mktemp("lloco-data")
-    base = load_model(str(tiny_model_dir), data_dir / "models", dtype="float32")
-    compressor = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0)
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor.save(data_dir / "compressor")),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        tmp_path_factory.mktemp("lloco-data"),
+        ADMIN_KEY,
         limits=LimitSettings(max_document_bytes=16 * 1024, max_new_tokens=64),
         lora=LoraSettings(max_rank=8, gpu_slots=2, cpu_adapters=4),
         engine=EngineSettings(max_batch_size=2, max_seq_len=256),
@@ -89,7 +79,8 @@ PeftFactory = Callable[..., tuple[object, Path]]
 @pytest.fixture(scope="module")
 def make_peft(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> PeftFactory:
     """``make_peft(seed, base=tiny_model_dir, r=8, targets=ATTENTION, safe=True, **LoraConfig fields)`` ->
-    (HF + peft model in eval mode, the folder save_pretrained wrote). A and B are random and nonzero."""
+    (HF + peft model in eval mode, the folder save_pretrained wrote). A and B are random and nonzero, as in
+    conftest's ``peft_adapter``; these tests also need the peft model (the reference) and other shapes."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -289,7 +280,7 @@ def test_adapters_that_cannot_be_served_are_refused_with_their_reason(
         "not a projection": (
             head,
             invalid,
-            "lm_head.lora_",  # lora_A or lora_B, whichever the file lists first
+            "adapter tensor 'base_model.model.lm_head.base_layer.weight' is not a LoRA weight",  # peft saves it
         ),
         "pickle": (
             {**good, WEIGHTS: (pickled_folder / "adapter_model.bin").read_bytes()},
