@@ -570,3 +570,27 @@ class RevokeApiKeyRequest(_message.Message):
 class RevokeApiKeyResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class PeftAdapterFiles(_message.Message):
+    __slots__ = ("adapter_config", "adapter_model")
+    ADAPTER_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    adapter_config: bytes
+    adapter_model: bytes
+    def __init__(self, adapter_config: _Optional[bytes] = ..., adapter_model: _Optional[bytes] = ...) -> None: ...
+
+class ImportAdapterRequest(_message.Message):
+    __slots__ = ("parent", "files", "source_uri")
+    PARENT_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_URI_FIELD_NUMBER: _ClassVar[int]
+    parent: str
+    files: PeftAdapterFiles
+    source_uri: str
+    def __init__(self, parent: _Optional[str] = ..., files: _Optional[_Union[PeftAdapterFiles, _Mapping]] = ..., source_uri: _Optional[str] = ...) -> None: ...
+
+class ImportAdapterResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: AdapterVersion
+    def __init__(self, version: _Optional[_Union[AdapterVersion, _Mapping]] = ...) -> None: ...

@@ -180,6 +180,11 @@ class LlocoServiceStub:
                 request_serializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.FromString,
                 _registered_method=True)
+        self.ImportAdapter = channel.unary_unary(
+                '/lloco.v1.LlocoService/ImportAdapter',
+                request_serializer=lloco_dot_v1_dot_lloco__pb2.ImportAdapterRequest.SerializeToString,
+                response_deserializer=lloco_dot_v1_dot_lloco__pb2.ImportAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class LlocoServiceServicer:
@@ -470,6 +475,30 @@ class LlocoServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAdapter(self, request, context):
+        """Imports a LoRA adapter trained elsewhere, in PEFT format (adapter_config.json and
+        adapter_model.safetensors), as the next version of an adapter, and makes it current:
+        from then on it is served, listed and rolled back like a version lloco trained. The
+        files come inline (within the server's message limit) or from a folder in the caller's
+        uploads folder. The server checks them before anything is stored: a plain LoRA (no
+        DoRA, bias, modules_to_save or other variants) on the base model's q/k/v/o/gate/up/down
+        projections, float weights in safetensors (a pickle, e.g. a PyTorch .bin, is never
+        loaded), trained on the served base model, of a rank and on projections the server's
+        adapter slots serve.
+        Errors: INVALID_ARGUMENT (malformed parent, no files, a file that is not JSON or
+        safetensors, a pickle, a config that is not a plain LoRA, tensors that are not LoRA
+        weights or not finite floats, a source_uri that is not a plain s3:// folder of the
+        platform's bucket, a file over the size an adapter of the served model can have),
+        FAILED_PRECONDITION (the adapter does not fit the served model: another base model
+        by name, layer count or shapes, a projection the adapter slots do not serve, a rank
+        above the slots' rank), PERMISSION_DENIED (the source_uri is outside the caller's
+        uploads folder), NOT_FOUND (no such tenant, or no adapter files under the source_uri),
+        UNAUTHENTICATED, UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LlocoServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -587,6 +616,11 @@ def add_LlocoServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.SerializeToString,
+            ),
+            'ImportAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportAdapter,
+                    request_deserializer=lloco_dot_v1_dot_lloco__pb2.ImportAdapterRequest.FromString,
+                    response_serializer=lloco_dot_v1_dot_lloco__pb2.ImportAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1241,6 +1275,33 @@ class LlocoService:
             '/lloco.v1.LlocoService/RevokeApiKey',
             lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyRequest.SerializeToString,
             lloco_dot_v1_dot_lloco__pb2.RevokeApiKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/lloco.v1.LlocoService/ImportAdapter',
+            lloco_dot_v1_dot_lloco__pb2.ImportAdapterRequest.SerializeToString,
+            lloco_dot_v1_dot_lloco__pb2.ImportAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

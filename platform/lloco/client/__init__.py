@@ -16,9 +16,13 @@ from typing import Protocol, TypeVar
 import grpc
 
 from lloco.api import lloco_pb2, lloco_pb2_grpc
-from lloco.errors import DeadlineExceeded, InvalidArgument
+from lloco.errors import DeadlineExceeded, InvalidArgument, NotFound
 
 TENANTS = "tenants/"
+# the files of a PEFT adapter folder (save_pretrained); the .bin is its pickled form, never sent
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+PEFT_PICKLED_WEIGHTS = "adapter_model.bin"
 
 Item = TypeVar("Item")
 Streamed = TypeVar("Streamed", covariant=True)
@@ -324,6 +328,36 @@ class LlocoClient:
         """Rolls back or pins: ``version`` (e.g. ``v000002``) becomes the adapter's current one."""
         request = lloco_pb2.SetCurrentAdapterRequest(version=self.names.adapter_version(adapter_id, version))
         return self._call(self._stub.SetCurrentAdapter, request).adapter
+
+    def import_adapter(self, adapter_id: str, directory: Path | str) -> lloco_pb2.AdapterVersion:
+        """Imports the PEFT adapter saved in ``directory`` (adapter_config.json and adapter_model.safetensors,
+        as peft's ``save_pretrained`` writes them) as the adapter's next version, now current.
+
+        Raises:
+            NotFound: a file is missing. InvalidArgument: the weights are a pickle (adapter_model.bin);
+                they are never sent.
+        """
+        folder = Path(directory)
+        if not (folder / PEFT_WEIGHTS).is_file() and (folder / PEFT_PICKLED_WEIGHTS).is_file():
+            raise InvalidArgument(
+                f"{folder} holds {PEFT_PICKLED_WEIGHTS}, a pickle, which lloco never loads: save the adapter "
+                f"as {PEFT_WEIGHTS} (peft's save_pretrained does by default)"
+            )
+        try:
+            files = lloco_pb2.PeftAdapterFiles(
+                adapter_config=(folder / PEFT_CONFIG).read_bytes(),
+                adapter_model=(folder / PEFT_WEIGHTS).read_bytes(),
+            )
+        except FileNotFoundError as error:
+            raise NotFound(f"{folder} is not a PEFT adapter folder: no {Path(error.filename).name}") from None
+        request = lloco_pb2.ImportAdapterRequest(parent=self.names.adapter(adapter_id), files=files)
+        return self._call(self._stub.ImportAdapter, request).version
+
+    def import_adapter_uri(self, adapter_id: str, source_uri: str) -> lloco_pb2.AdapterVersion:
+        """Imports the PEFT adapter in a folder of the tenant's uploads folder (s3://bucket/.../uploads/DIR/)
+        as the adapter's next version, now current."""
+        request = lloco_pb2.ImportAdapterRequest(parent=self.names.adapter(adapter_id), source_uri=source_uri)
+        return self._call(self._stub.ImportAdapter, request).version
 
     # datasets and jobs
 

@@ -104,6 +104,12 @@ def _adapter_line(adapter: lloco_pb2.Adapter) -> str:
     return f"{adapter.name}\tcurrent {current}\t{adapter.version_count} versions"
 
 
+def _version_line(version: lloco_pb2.AdapterVersion) -> str:
+    marker = "*" if version.current else " "
+    created = version.create_time.ToDatetime().isoformat(timespec="seconds")
+    return f"{marker} {version.name}\trank {version.rank}\t{version.base_model}\t{created}"
+
+
 def stats_line(finish_reason: int, stats: lloco_pb2.QueryStats) -> str:
     """One line a person can read: why it stopped, tokens used, compression ratio, adapter, timings."""
     from lloco.api import lloco_pb2
@@ -278,7 +284,9 @@ def _docs_app() -> typer.Typer:
 
 
 def _adapters_app() -> typer.Typer:
-    adapters = typer.Typer(help="List adapters, their versions, and pin or roll back the current one.")
+    adapters = typer.Typer(
+        help="List adapters and their versions, import PEFT adapters, and pin or roll back the current one."
+    )
 
     @adapters.callback(invoke_without_command=True)
     def list_adapters(
@@ -312,9 +320,7 @@ def _adapters_app() -> typer.Typer:
         """List an adapter's versions, newest first."""
         with _connect(target, key, timeout, tenant, tls, ca) as client:
             for version in client.list_adapter_versions(adapter):
-                marker = "*" if version.current else " "
-                created = version.create_time.ToDatetime().isoformat(timespec="seconds")
-                typer.echo(f"{marker} {version.name}\trank {version.rank}\t{version.base_model}\t{created}")
+                typer.echo(_version_line(version))
 
     @adapters.command("set-current")
     def set_current(
@@ -330,6 +336,40 @@ def _adapters_app() -> typer.Typer:
         """Make VERSION (e.g. v000002) the adapter's current version (rollback or pin)."""
         with _connect(target, key, timeout, tenant, tls, ca) as client:
             typer.echo(_adapter_line(client.set_current_adapter(adapter, version)))
+
+    @adapters.command("import")
+    def import_adapter(
+        directory: Annotated[
+            Path | None,
+            typer.Argument(help="A PEFT adapter folder (adapter_config.json, adapter_model.safetensors)."),
+        ] = None,
+        adapter: Annotated[
+            str, typer.Option("--adapter", "-a", help="The adapter it becomes a version of.")
+        ] = "",
+        uri: Annotated[
+            str,
+            typer.Option(
+                "--uri", help="Import the folder s3://bucket/.../tenants/{tenant}/uploads/DIR/ instead."
+            ),
+        ] = "",
+        target: Target = DEFAULT_TARGET,
+        key: TenantKey = ...,
+        tenant: Tenant = "",
+        timeout: Timeout = 120.0,
+        tls: Tls = False,
+        ca: Ca = None,
+    ) -> None:
+        """Import a LoRA adapter trained with peft as the adapter's next version (now current)."""
+        if not adapter:
+            raise typer.BadParameter("name the adapter to import into", param_hint="--adapter")
+        if (directory is None) == (not uri):
+            raise typer.BadParameter("give either a folder or --uri", param_hint="DIRECTORY / --uri")
+        with _connect(target, key, timeout, tenant, tls, ca) as client:
+            if uri:
+                version = client.import_adapter_uri(adapter, uri)
+            else:
+                version = client.import_adapter(adapter, directory)
+            typer.echo(_version_line(version))
 
     return adapters
 

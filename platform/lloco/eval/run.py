@@ -160,8 +160,9 @@ class Evaluator:
             the compressor's reader if it has one, else a random init under ``options.seed``.
 
     Raises:
-        InvalidArgument: a tokenizer without EOS; an ``adapter_init`` the platform's LoRA slots cannot
-            serve or its training cannot start from (checked here, before any work).
+        InvalidArgument: a tokenizer without EOS.
+        InvalidArgument / FailedPrecondition: an ``adapter_init`` the platform's LoRA slots cannot serve
+            (``check_peft_files``) or its training cannot start from (checked here, before any work).
     """
 
     def __init__(

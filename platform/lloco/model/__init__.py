@@ -15,7 +15,7 @@ from lloco.model.generate import (
 )
 from lloco.model.llama import KVCache, Llama
 from lloco.model.loading import DEFAULT_MODEL, LoadedModel, load_model, resolve_dtype
-from lloco.model.lora import LoraAdapter, LoraBatch, LoraSlots
+from lloco.model.lora import LoraAdapter, LoraBatch, LoraFit, LoraSlots, check_peft_files
 from lloco.model.prompt import QA_INSTRUCTION, chat_prompt, qa_question
 from lloco.model.tiny import tiny_llama_dir
 from lloco.model.trainable_lora import TrainableLora
@@ -33,11 +33,13 @@ __all__ = [
     "LoadedModel",
     "LoraAdapter",
     "LoraBatch",
+    "LoraFit",
     "LoraSlots",
     "SamplingParams",
     "StepOutput",
     "TrainableLora",
     "chat_prompt",
+    "check_peft_files",
     "generate",
     "load_compressor",
     "load_model",

@@ -21,15 +21,17 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from torch import Tensor
 
-from lloco.errors import InvalidArgument
+from lloco.errors import FailedPrecondition, InvalidArgument
 from lloco.model.config import LlamaConfig
 from lloco.model.llama import resolve_device
 
@@ -45,6 +47,29 @@ MODULE_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn"
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PEFT_DEFAULT_ALPHA = 8  # LoraConfig's lora_alpha when a config leaves it out
+_HEADER_BYTES_PER_TENSOR = 512  # a safetensors header entry: key, dtype, shape, offsets
+# PEFT config fields whose LoRA forward is not W + scaling * B @ A on the projections (or that add weights)
+_UNSUPPORTED_FIELDS = {
+    "use_dora": "DoRA",
+    "modules_to_save": "modules_to_save (whole trained modules)",
+    "fan_in_fan_out": "fan_in_fan_out (transposed weights)",
+    "lora_bias": "lora_bias",
+    "layer_replication": "layer_replication",
+    "trainable_token_indices": "trainable_token_indices",
+    "target_parameters": "target_parameters",
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "use_qalora": "QA-LoRA",
+    "use_bdlora": "BD-LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+    "arrow_config": "Arrow routing",
+    "megatron_config": "megatron_config",
+}
+# rank_pattern / alpha_pattern keys: peft matches them as regular expressions; plain module names only, so a
+# caller's pattern cannot make the match backtrack without end
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_.]{1,200}")
 _KEY = re.compile(
     r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\."
     r"(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.lora_([AB])\.weight$"
@@ -63,11 +88,18 @@ def _in_out(config: LlamaConfig, target: str) -> tuple[int, int]:
     }[target]
 
 
-def read_peft_files(source: dict[str, bytes] | Path) -> tuple[dict, dict[str, Tensor]]:
+def read_peft_files(
+    source: dict[str, bytes] | Path, max_tensors: int | None = None
+) -> tuple[dict, dict[str, Tensor]]:
     """adapter_config.json and adapter_model.safetensors, from a directory or from their bytes.
 
+    Args:
+        max_tensors: refuse weights with more tensors than this, counted in the safetensors header before
+            any tensor is built (a file of many tiny tensors costs far more to load than its size says).
     Raises:
-        InvalidArgument: a file is missing or unreadable.
+        InvalidArgument: a file is missing or unreadable, the weights are a pickle (a PyTorch ``.bin``), or
+            the config is not a JSON object.
+        FailedPrecondition: more tensors than ``max_tensors``.
     """
     try:
         if isinstance(source, dict):
@@ -77,10 +109,50 @@ def read_peft_files(source: dict[str, bytes] | Path) -> tuple[dict, dict[str, Te
             weight_bytes = (Path(source) / WEIGHTS_FILE).read_bytes()
     except (KeyError, FileNotFoundError) as exc:
         raise InvalidArgument(f"adapter files need {CONFIG_FILE} and {WEIGHTS_FILE}: {exc}") from exc
+    if _is_pickle(weight_bytes):
+        raise InvalidArgument(
+            f"{WEIGHTS_FILE} is a pickle (a PyTorch .bin file), which is never loaded: save the adapter as "
+            "safetensors (peft's save_pretrained does by default)"
+        )
     try:
-        return json.loads(config_bytes), load_safetensors_bytes(weight_bytes)
+        config = json.loads(config_bytes)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"{CONFIG_FILE} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"{CONFIG_FILE} must be a JSON object, got {type(config).__name__}")
+    count = _tensor_count(weight_bytes)
+    if max_tensors is not None and count is not None and count > max_tensors:
+        raise FailedPrecondition(
+            f"{WEIGHTS_FILE} holds {count} tensors; a LoRA of the served model has at most {max_tensors} "
+            "(lora_A and lora_B of each projection of each layer)"
+        )
+    try:
+        return config, load_safetensors_bytes(weight_bytes)
     except (ValueError, SafetensorError) as exc:
-        raise InvalidArgument(f"unreadable adapter files: {exc}") from exc
+        raise InvalidArgument(f"{WEIGHTS_FILE} is not a readable safetensors file: {exc}") from exc
+
+
+def _tensor_count(data: bytes) -> int | None:
+    """Entries of a safetensors header (its 8-byte little-endian length, then JSON); None when the header does
+    not parse (the safetensors reader then says why)."""
+    length = int.from_bytes(data[:8], "little")
+    if len(data) < 8 or length > len(data) - 8:
+        return None
+    try:
+        header = json.loads(data[8 : 8 + length])
+    except (ValueError, RecursionError):
+        return None
+    return len(header) - ("__metadata__" in header) if isinstance(header, dict) else None
+
+
+def _is_pickle(data: bytes) -> bool:
+    """torch.save's zip archive or a bare pickle (protocol 2+), not a safetensors file (whose 8-byte header
+    length is followed by the header's opening brace)."""
+    if data[8:9] == b"{":
+        return False
+    return data.startswith(b"PK\x03\x04") or (
+        data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
 
 
 def peft_geometry(source: dict[str, bytes] | Path) -> tuple[tuple[str, ...], int]:
@@ -108,6 +180,202 @@ def _pattern_value(patterns: dict, module_name: str, default: float) -> float:
         if re.match(rf"(.*\.)?({key})$", module_name):
             return value
     return default
+
+
+@dataclass(frozen=True)
+class LoraFit:
+    """What an adapter must fit to be served: the base model's geometry, the slots' largest rank and the
+    projections they adapt, and (when known) the served model's id, which a PEFT config's
+    ``base_model_name_or_path`` must then name."""
+
+    config: LlamaConfig
+    max_rank: int
+    targets: tuple[str, ...]
+    model_id: str | None = None
+
+    @property
+    def max_weights_bytes(self) -> int:
+        """The largest ``adapter_model.safetensors`` that can fit: every target of every layer at max_rank
+        in fp32, plus room for the header. A larger file is refused before it is parsed."""
+        per_layer = sum(self.max_rank * sum(_in_out(self.config, t)) for t in self.targets)
+        tensors = 2 * len(self.targets) * self.config.n_layers
+        return 4 * per_layer * self.config.n_layers + _HEADER_BYTES_PER_TENSOR * tensors + 2**20
+
+
+@dataclass(frozen=True)
+class PeftLora:
+    """PEFT files checked against a ``LoraFit``, in host memory (fp32).
+
+    ``weights[(layer, target)]`` is (A [r, in], B.T * scaling [r, out]): the adapter's delta on that
+    projection is ``(x @ A.T) @ (B.T * scaling)``, whatever the config's alpha, rsLoRA and patterns.
+    """
+
+    rank: int
+    targets: tuple[str, ...]
+    base_model: str
+    weights: dict[tuple[int, str], tuple[Tensor, Tensor]]
+
+
+def check_peft_files(source: dict[str, bytes] | Path, fit: LoraFit) -> PeftLora:
+    """Parse and validate PEFT LoRA files against what the server runs; allocates no slot.
+
+    The files alone must make a plain LoRA (``W + scaling * B @ A`` on Llama projections, float weights);
+    then they must fit ``fit``: the model's layers and projection shapes, the slots' targets and rank,
+    and the model's name when the config gives one.
+
+    Raises:
+        InvalidArgument: the files themselves: missing, not JSON / safetensors (a pickle is refused unread),
+            a config that is not a LoRA one or asks for a variant these slots do not compute (DoRA, bias,
+            modules_to_save, ...), tensors that are not LoRA weights of Llama projections, non-float or
+            non-finite weights, lora_A/lora_B that do not pair up or disagree with the config's rank.
+        FailedPrecondition: files that do not fit ``fit``: another base model (name, layer count or
+            shapes), a projection the slots do not adapt, a rank above ``fit.max_rank``, more tensors than
+            a LoRA of the model can have (counted before any is loaded).
+    """
+    peft_config, tensors = read_peft_files(source, max_tensors=2 * fit.config.n_layers * len(MODULE_OF))
+    rank_of, alpha_of, rslora = _lora_config(peft_config)
+    pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
+    for key, tensor in sorted(tensors.items()):  # the first fault of a file is the same on every run
+        match = _KEY.match(key)
+        if match is None or match[2] != MODULE_OF[match[3]]:
+            raise InvalidArgument(
+                f"adapter tensor {key!r} is not a LoRA weight of a Llama projection "
+                f"(base_model.model.model.layers.N.{{self_attn|mlp}}.{{{'|'.join(MODULE_OF)}}}.lora_{{A|B}}.weight)"
+            )
+        if tensor.dtype not in _WEIGHT_DTYPES:
+            raise InvalidArgument(
+                f"adapter tensor {key!r} is {tensor.dtype}; LoRA weights must be float16, bfloat16 or float32"
+            )
+        if tensor.dim() != 2:
+            raise InvalidArgument(
+                f"adapter tensor {key!r} has shape {tuple(tensor.shape)}; LoRA weights are 2-D"
+            )
+        if not torch.isfinite(tensor).all():
+            raise InvalidArgument(f"adapter tensor {key!r} holds NaN or infinite values")
+        pairs.setdefault((int(match[1]), match[3]), {})[match[4]] = tensor
+    if not pairs:
+        raise InvalidArgument("adapter has no LoRA weights")
+    scales: dict[tuple[int, str], float] = {}
+    for (layer, target), pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            raise InvalidArgument(f"adapter layer {layer} {target} lacks lora_A or lora_B")
+        r = pair["A"].shape[0]
+        if pair["B"].shape[1] != r:
+            raise InvalidArgument(
+                f"adapter layer {layer} {target}: lora_A {tuple(pair['A'].shape)} and lora_B "
+                f"{tuple(pair['B'].shape)} do not share a rank"
+            )
+        name = f"model.layers.{layer}.{MODULE_OF[target]}.{target}"
+        config_rank = rank_of(name)
+        if config_rank != r:
+            raise InvalidArgument(
+                f"adapter layer {layer} {target} has rank {r} but {CONFIG_FILE} gives it rank {config_rank}"
+            )
+        alpha = alpha_of(name)
+        scales[(layer, target)] = alpha / math.sqrt(r) if rslora else alpha / r
+    _check_fit(peft_config, pairs, fit)
+    weights = {key: (pair["A"].float(), pair["B"].float().t() * scales[key]) for key, pair in pairs.items()}
+    return PeftLora(
+        rank=max(a.shape[0] for a, _ in weights.values()),
+        targets=tuple(sorted({t for _, t in pairs})),
+        base_model=str(peft_config.get("base_model_name_or_path") or ""),
+        weights=weights,
+    )
+
+
+def _lora_config(
+    peft_config: dict[str, Any],
+) -> tuple[Callable[[str], int], Callable[[str], float], bool]:
+    """The rank and alpha of a module (by name, after rank/alpha patterns) and rsLoRA, from a PEFT config.
+
+    Raises:
+        InvalidArgument: not a LoRA config, malformed values, or a variant whose forward is not
+            ``W + scaling * B @ A`` (named in the message).
+    """
+    peft_type = peft_config.get("peft_type", "LORA")
+    if peft_type != "LORA":
+        raise InvalidArgument(f"{CONFIG_FILE}: peft_type {peft_type!r} is not a LoRA adapter (LORA)")
+    if peft_config.get("bias", "none") != "none":
+        raise InvalidArgument(f"adapter bias {peft_config.get('bias')!r} is not supported (use 'none')")
+    variants = [name for field, name in _UNSUPPORTED_FIELDS.items() if peft_config.get(field)]
+    if variants:
+        raise InvalidArgument(
+            f"adapter uses {', '.join(variants)}, which these slots do not compute: only a plain LoRA "
+            "(W + scaling * B @ A, optionally rsLoRA and rank/alpha patterns) is served"
+        )
+    rank = peft_config.get("r")
+    alpha = peft_config.get("lora_alpha", PEFT_DEFAULT_ALPHA)
+    rank_pattern = peft_config.get("rank_pattern") or {}
+    alpha_pattern = peft_config.get("alpha_pattern") or {}
+    rslora = peft_config.get("use_rslora", False)
+    if not _positive(rank, int) or not _positive(alpha, float) or not isinstance(rslora, bool):
+        raise InvalidArgument(
+            f"{CONFIG_FILE} needs a positive integer r, a positive lora_alpha and a boolean use_rslora, got "
+            f"{rank!r}, {alpha!r}, {rslora!r}"
+        )
+    for field, patterns, kind in (
+        ("rank_pattern", rank_pattern, int),
+        ("alpha_pattern", alpha_pattern, float),
+    ):
+        if not isinstance(patterns, dict) or not all(
+            isinstance(k, str) and _MODULE_NAME.fullmatch(k) and _positive(v, kind)
+            for k, v in patterns.items()
+        ):
+            raise InvalidArgument(
+                f"{CONFIG_FILE}: {field} must map module names (letters, digits, '_' and '.') to positive "
+                "numbers"
+            )
+    return (
+        lambda name: int(_pattern_value(rank_pattern, name, rank)),
+        lambda name: float(_pattern_value(alpha_pattern, name, alpha)),
+        rslora,
+    )
+
+
+def _positive(value: object, kind: type) -> bool:
+    """An int (kind int) or a real number (kind float) above zero; booleans are neither."""
+    allowed = (int,) if kind is int else (int, float)
+    return isinstance(value, allowed) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+
+
+def _check_fit(
+    peft_config: dict[str, Any], pairs: dict[tuple[int, str], dict[str, Tensor]], fit: LoraFit
+) -> None:
+    """FailedPrecondition unless well-formed LoRA weights fit the served model and slots."""
+    config, served = fit.config, fit.model_id or "the served model"
+    base = str(peft_config.get("base_model_name_or_path") or "")
+    if fit.model_id and base and _model_name(base) != _model_name(fit.model_id):
+        raise FailedPrecondition(
+            f"adapter was trained on {base!r}; this server runs {fit.model_id!r}. If it was trained on this "
+            f"model under another name, set base_model_name_or_path in {CONFIG_FILE} to {fit.model_id!r}"
+        )
+    for (layer, target), pair in sorted(pairs.items()):
+        if layer >= config.n_layers:
+            raise FailedPrecondition(
+                f"adapter has weights for layer {layer}; {served} has {config.n_layers} layers: it was "
+                "trained on another base model"
+            )
+        if target not in fit.targets:
+            raise FailedPrecondition(
+                f"adapter adapts {target}; this server's adapter slots serve {list(fit.targets)}"
+            )
+        fan_in, fan_out = _in_out(config, target)
+        a, b = pair["A"], pair["B"]
+        if a.shape[1] != fan_in or b.shape[0] != fan_out:
+            raise FailedPrecondition(
+                f"adapter layer {layer} {target}: shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
+                f"{served}'s [r, {fan_in}], [{fan_out}, r]: it was trained on another base model"
+            )
+        if a.shape[0] > fit.max_rank:
+            raise FailedPrecondition(
+                f"adapter rank {a.shape[0]} exceeds the slots' max_rank {fit.max_rank} (lora.max_rank)"
+            )
+
+
+def _model_name(name: str) -> str:
+    """A model's name without its owner or folder: "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "/models/SmolLM2-135M-Instruct/" and "smollm2-135m-instruct" are one name."""
+    return re.split(r"/|--", name.rstrip("/"))[-1].lower()
 
 
 @dataclass(frozen=True)
@@ -189,6 +457,7 @@ class LoraSlots:
         self.groups = {g: tuple(t for t in names if t in targets) for g, names in GROUPS.items()}
         self.groups = {g: names for g, names in self.groups.items() if names}
         self.targets = tuple(t for names in self.groups.values() for t in names)
+        self.fit = LoraFit(config, max_rank, self.targets)
         self.a: dict[str, Tensor] = {}
         self.b: dict[str, Tensor] = {}
         self._out_offsets: dict[str, int] = {}
@@ -204,73 +473,28 @@ class LoraSlots:
                 offset += _in_out(config, target)[1]
 
     def prepare(self, source: dict[str, bytes] | Path) -> LoraAdapter:
-        """Parse and validate PEFT files into this geometry's layout (host memory).
+        """Parse and validate PEFT files (``check_peft_files`` against ``self.fit``) into this geometry's
+        layout, in host memory.
 
         Raises:
-            InvalidArgument: unsupported adapter features (DoRA, bias, modules_to_save), a target these slots
-                do not serve, a rank above max_rank, or tensors whose shapes do not fit the model.
+            InvalidArgument / FailedPrecondition: as ``check_peft_files``.
         """
-        peft_config, tensors = read_peft_files(source)
-        if peft_config.get("use_dora"):
-            raise InvalidArgument("DoRA adapters are not supported")
-        if peft_config.get("bias", "none") != "none":
-            raise InvalidArgument(f"adapter bias {peft_config.get('bias')!r} is not supported (use 'none')")
-        if peft_config.get("modules_to_save"):
-            raise InvalidArgument(
-                f"adapter modules_to_save {peft_config['modules_to_save']} is not supported"
-            )
-        pairs: dict[tuple[int, str], dict[str, Tensor]] = {}
-        for key, tensor in tensors.items():
-            match = _KEY.match(key)
-            if match is None:
-                raise InvalidArgument(f"adapter tensor {key!r} is not a LoRA weight of a Llama projection")
-            layer, module, target, which = int(match[1]), match[2], match[3], match[4]
-            if module != MODULE_OF[target] or layer >= self.config.n_layers:
-                raise InvalidArgument(
-                    f"adapter tensor {key!r} does not fit a {self.config.n_layers}-layer model"
-                )
-            if target not in self.targets:
-                raise InvalidArgument(f"adapter targets {target}; these slots serve {self.targets}")
-            pairs.setdefault((layer, target), {})[which] = tensor
-        rank = 0
-        per_target: dict[str, tuple[Tensor, Tensor]] = {}
+        checked = check_peft_files(source, self.fit)
         n_layers, max_rank = self.config.n_layers, self.max_rank
-        for target in self.targets:
-            fan_in, fan_out = _in_out(self.config, target)
-            per_target[target] = (
-                torch.zeros(n_layers, max_rank, fan_in),
-                torch.zeros(n_layers, max_rank, fan_out),
-            )
-        for (layer, target), pair in pairs.items():
-            if set(pair) != {"A", "B"}:
-                raise InvalidArgument(f"adapter layer {layer} {target} lacks lora_A or lora_B")
-            a, b = pair["A"].float(), pair["B"].float()
-            fan_in, fan_out = _in_out(self.config, target)
-            r = a.shape[0]
-            if a.shape != (r, fan_in) or b.shape != (fan_out, r):
-                raise InvalidArgument(
-                    f"adapter layer {layer} {target}: shapes {tuple(a.shape)}, {tuple(b.shape)} do not fit "
-                    f"[r, {fan_in}], [{fan_out}, r]"
-                )
-            if r > max_rank:
-                raise InvalidArgument(f"adapter rank {r} exceeds the slots' max_rank {max_rank}")
-            name = f"model.layers.{layer}.{MODULE_OF[target]}.{target}"
-            config_rank = _pattern_value(peft_config.get("rank_pattern") or {}, name, peft_config.get("r", r))
-            alpha = _pattern_value(
-                peft_config.get("alpha_pattern") or {}, name, peft_config.get("lora_alpha", r)
-            )
-            scaling = alpha / math.sqrt(config_rank) if peft_config.get("use_rslora") else alpha / config_rank
-            per_target[target][0][layer, :r] = a
-            per_target[target][1][layer, :r] = b.t() * scaling
-            rank = max(rank, r)
-        if not pairs:
-            raise InvalidArgument("adapter has no LoRA weights")
+        per_target = {
+            target: (torch.zeros(n_layers, max_rank, fan_in), torch.zeros(n_layers, max_rank, fan_out))
+            for target in self.targets
+            for fan_in, fan_out in [_in_out(self.config, target)]
+        }
+        for (layer, target), (a, b) in checked.weights.items():
+            per_target[target][0][layer, : a.shape[0]] = a
+            per_target[target][1][layer, : b.shape[0]] = b
         a_groups = {
             g: torch.cat([per_target[t][0] for t in names], dim=1).to(self.dtype)
             for g, names in self.groups.items()
         }
         b_targets = {t: per_target[t][1].to(self.dtype) for t in self.targets}
-        return LoraAdapter(rank, tuple(sorted({t for _, t in pairs})), a_groups, b_targets)
+        return LoraAdapter(checked.rank, checked.targets, a_groups, b_targets)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:

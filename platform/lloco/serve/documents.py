@@ -88,8 +88,7 @@ class EdgeDocuments:
                     f"content is {len(request.content)} bytes, over the limit of {limit} bytes"
                 )
             return request.content
-        key = self._upload_key(tenant, request.source_uri)
-        return await self._work.run(tenant, self._read_limited, key, limit)
+        return await self.read_upload(tenant, self.upload_key(tenant, request.source_uri), limit)
 
     async def check_quota(self, registry: Registry) -> None:
         """ResourceExhausted when the tenant holds its limit of documents already."""
@@ -103,29 +102,38 @@ class EdgeDocuments:
                 f"{tenant_name(registry.tenant)} holds {held} documents, its limit; delete some first"
             )
 
-    def _upload_key(self, tenant: str, uri: str) -> str:
-        """The store key of a ``source_uri``, which must name an object in the caller's uploads folder.
+    def upload_key(self, tenant: str, uri: str, folder: bool = False) -> str:
+        """The store key of a ``source_uri``, which must name an object (``folder``: a folder, with or
+        without a trailing '/'; the key returned ends in '/') in the caller's uploads folder.
 
         The URI's key is normalised first (no ``//``, ``.``/``..``, backslash, ``%``-escape or control
         character: INVALID_ARGUMENT), so what is checked is the key the store will read.
         """
-        key = self._store.key_of_uri(uri, "source_uri")
+        key = self._store.key_of_uri(uri.rstrip("/") if folder else uri, "source_uri")
+        key += "/" if folder else ""
         uploads = keys.uploads_prefix(tenant, self._store.settings.uploads_template)
         if not key.startswith(uploads):
             raise PermissionDenied(
                 f"source_uri {keys.show(uri)} is outside {tenant_name(tenant)}'s uploads folder: "
-                f"upload the text under {self._store.uri(uploads)!r} and name it there"
+                f"upload under {self._store.uri(uploads)!r} and name it there"
             )
         return key
 
-    def _read_limited(self, key: str, limit: int) -> bytes:
+    async def read_upload(
+        self, tenant: str, key: str, limit: int, what: str = "the object at source_uri"
+    ) -> bytes:
+        """The object at ``key`` (from ``upload_key``) in the tenant's lane: NotFound when there is none,
+        InvalidArgument naming ``what`` when it is over ``limit`` bytes (read no further)."""
+        return await self._work.run(tenant, self._read_limited, key, limit, what)
+
+    def _read_limited(self, key: str, limit: int, what: str) -> bytes:
         try:
             with self._store.open_stream(key) as stream:
                 data = stream.read(limit + 1)
         except NotFound:
             raise NotFound("no object at source_uri") from None
         if len(data) > limit:
-            raise InvalidArgument(f"the object at source_uri is over the limit of {limit} bytes")
+            raise InvalidArgument(f"{what} is over the limit of {limit} bytes")
         return data
 
 

@@ -17,7 +17,7 @@ from ray.serve.deployment import Application
 from lloco.config import Settings
 from lloco.errors import Unavailable
 from lloco.logs import get_logger
-from lloco.model import load_compressor, load_model
+from lloco.model import LoraFit, load_compressor, load_model
 from lloco.registry import ContextInfo
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import EngineCore, EngineEvent, EngineObserver, EngineRequest, QueryStats
@@ -182,6 +182,11 @@ class EngineDeployment:
     async def tokenizer(self) -> Any:
         """The base model's tokenizer, so the edge counts limits in the tokens the engine sees."""
         return self._core.tokenizer
+
+    async def lora_fit(self) -> LoraFit:
+        """What an adapter must fit to be served (fixed for the replica's life): the edge checks imported
+        adapters against it before it publishes them."""
+        return self._core.lora_fit
 
     async def health(self) -> dict[str, float]:
         """The engine's counters; raises Unavailable when its scheduler is not running."""

@@ -35,6 +35,7 @@ from lloco.model import (
     Generator,
     LoadedModel,
     LoraAdapter,
+    LoraFit,
     LoraSlots,
     SamplingParams,
     chat_prompt,
@@ -385,6 +386,12 @@ class EngineCore:
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
+    @property
+    def lora_fit(self) -> LoraFit:
+        """What an adapter must fit to be served here: the model's geometry and id, the slots' rank and
+        targets (``lloco.model.lora.check_peft_files``)."""
+        return dataclasses.replace(self.lora.fit, model_id=self._model.model_id)
+
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         """Compress small documents now, on this engine's model, between decode steps.
 
@@ -464,7 +471,7 @@ class EngineCore:
             return None
         try:
             weights = self._parse_adapter(compressor.reader_files)
-        except InvalidArgument as error:
+        except (InvalidArgument, FailedPrecondition) as error:
             raise FailedPrecondition(
                 f"compressor {compressor.compressor_id} has a reader these LoRA slots cannot hold ({error}); "
                 "raise lora.max_rank or serve its targets (finetune.target_modules)"

@@ -1,6 +1,7 @@
 """What the edge learns from the engine once: its tokenizer (limits count the tokens the engine will see,
-and queries are tokenized once, at the edge) and its compressor id (the key contexts are stored under).
-Both are fixed for the app's life, so one fetch per replica serves every call."""
+and queries are tokenized once, at the edge), its compressor id (the key contexts are stored under) and
+what an adapter must fit to be served (imported adapters are checked against it before they are
+published). All are fixed for the app's life, so one fetch per replica serves every call."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ray.serve.handle import DeploymentHandle
 
+    from lloco.model import LoraFit
+
 
 class EngineFacts:
-    """The engine's tokenizer and compressor id, fetched on first use."""
+    """The engine's tokenizer, compressor id and adapter fit, fetched on first use."""
 
     def __init__(self, engine: DeploymentHandle) -> None:
         self._engine = engine
         self._facts: tuple[Any, str] | None = None
+        self._lora_fit: LoraFit | None = None
         self._lock = asyncio.Lock()
 
     async def _fetch(self) -> tuple[Any, str]:
@@ -40,3 +44,10 @@ class EngineFacts:
     async def compressor_id(self) -> str:
         """The id the engine's contexts are stored under."""
         return (await self._fetch())[1]
+
+    async def lora_fit(self) -> LoraFit:
+        """What an adapter must fit to be served: the model's geometry and id, the slots' rank and targets."""
+        async with self._lock:
+            if self._lora_fit is None:
+                self._lora_fit = await self._engine.lora_fit.remote()
+        return self._lora_fit

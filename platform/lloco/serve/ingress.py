@@ -41,6 +41,7 @@ from lloco.jobs import JobRecord, Jobs
 from lloco.logs import get_logger
 from lloco.registry import Registry, Tenants, document_text, pages
 from lloco.serve import replies
+from lloco.serve.adapter_import import AdapterImports
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import EdgeMetrics, HealthProbe, TenantWork, bearer_key, domain_error, rpc
 from lloco.serve.engine_facts import EngineFacts
@@ -86,6 +87,7 @@ class Ingress:
         )
         self._documents = EdgeDocuments(self._store, self._limits, self._work, self._facts.compressor_id)
         self._queries = Queries(self._limits, self._lookups, self._facts.tokenizer)
+        self._imports = AdapterImports(self._store, self._work, self._documents, self._facts.lora_fit)
         self._server = await start_server(self, settings)
         self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
 
@@ -406,6 +408,17 @@ class Ingress:
         await self._work.run(tenant, registry.set_current, name, version)
         self._lookups.adapter_changed(tenant, name)
         return lloco_pb2.SetCurrentAdapterResponse(adapter=await self._adapter(registry, name))
+
+    @rpc
+    async def ImportAdapter(
+        self, request: lloco_pb2.ImportAdapterRequest, grpc_context: Any = None
+    ) -> lloco_pb2.ImportAdapterResponse:
+        principal = await self._caller(grpc_context)
+        tenant, name = owned(principal, "parent", request.parent, ("tenants", "adapters"))
+        registry = await self._lookups.registry(tenant, principal)
+        version = await self._imports.publish(registry, name, request)
+        self._lookups.adapter_changed(tenant, name)
+        return lloco_pb2.ImportAdapterResponse(version=replies.version_reply(version))
 
     # -- datasets and jobs -----------------------------------------------------------------------------
 
