@@ -151,7 +151,9 @@ class PrometheusObserver(EngineObserver):
             tag_keys=("tier",),
         )
         self.context_bytes = metrics.Gauge(
-            "lloco_engine_context_cache_bytes", "Bytes of compressed contexts held per tier.", tag_keys=("tier",)
+            "lloco_engine_context_cache_bytes",
+            "Bytes of compressed contexts held per tier.",
+            tag_keys=("tier",),
         )
         self.context_evictions = metrics.Counter(
             "lloco_engine_context_cache_evictions", "Contexts evicted per tier.", tag_keys=("tier",)
