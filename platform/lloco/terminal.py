@@ -59,14 +59,17 @@ def quiet_ray(data_dir: Path, verbose: bool = False) -> Path | None:
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(name)s %(filename)s:%(lineno)d %(message)s")
     )
+    # Ray's loggers hand their records up to the root logger, which writes the file. Handlers on "ray" itself
+    # would not last: ray.init(configure_logging=False) clears them. Other libraries' warnings land there too.
+    logging.getLogger().addHandler(handler)
     ray_loggers = [name for name in logging.root.manager.loggerDict if name.startswith("ray.")]
     for name in ["ray", *ray_loggers]:
         logger = logging.getLogger(name)
         if name == "ray" or logger.handlers:
             for old in logger.handlers:
                 old.close()
-            logger.handlers = [handler]
-            logger.propagate = False
+            logger.handlers = []
+            logger.propagate = True
     _route_cluster_messages(handler)
     _native_stderr_to(log_file)
     # Ray Data's own progress bars (tqdm) draw on stderr when it is a terminal; ours replace them.
