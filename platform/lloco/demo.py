@@ -72,6 +72,7 @@ class DemoReport:
     documents: dict[str, list[str]] = field(default_factory=dict)
     contexts: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)
+    train_steps: dict[str, int] = field(default_factory=dict)  # the last step each trainer reported
     answers: list[AnswerRow] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     compress_summary: dict[str, Any] = field(default_factory=dict)
@@ -226,13 +227,19 @@ def run_demo(
                 with LlocoClient(stack.address, keys[tenant]) as client:
                     client.upload_dataset(DATASET, dataset_jsonl(chosen[tenant], options))
             with progress() as bars:
+                show_step = finetune_bars(bars, list(options.tenants))
+
+                def on_step(tenant: str, metrics: dict[str, Any]) -> None:
+                    report.train_steps[tenant] = metrics["step"]
+                    show_step(tenant, metrics)
+
                 results = run_finetune_job(
                     stack.settings,
                     list(options.tenants),
                     DATASET,
                     ADAPTER,
                     options=TrainOptions(max_steps=options.train_steps, eval_fraction=0.1, seed=options.seed),
-                    on_step=finetune_bars(bars, list(options.tenants)),
+                    on_step=on_step,
                 )
             failed = {t: r.error for t, r in results.items() if not r.ok}
             if failed:

@@ -34,6 +34,13 @@ VERBOSE_HELP = "Show Ray's own logs and lloco's info logs here (else Ray's go to
 _ray_to_terminal = True
 
 
+def quiet_logs(verbose: bool = False) -> None:
+    """lloco's structured logs at info level when ``verbose``, else warnings and errors (LLOCO_LOG_LEVEL wins)."""
+    logging.getLogger("lloco").setLevel(
+        os.environ.get("LLOCO_LOG_LEVEL", "INFO" if verbose else "WARNING").upper()
+    )
+
+
 def quiet_ray(data_dir: Path, verbose: bool = False) -> Path | None:
     """Send Ray's output to ``data_dir/logs/ray.log`` (returned) unless ``verbose``; lloco logs warnings only.
 
@@ -45,13 +52,10 @@ def quiet_ray(data_dir: Path, verbose: bool = False) -> Path | None:
     import ray.data
     import ray.serve  # noqa: F401
 
-    lloco_logger = logging.getLogger("lloco")
+    quiet_logs(verbose)
+    _ray_to_terminal = verbose
     if verbose:
-        _ray_to_terminal = True
-        lloco_logger.setLevel(os.environ.get("LLOCO_LOG_LEVEL", "INFO").upper())
         return None
-    _ray_to_terminal = False
-    lloco_logger.setLevel(os.environ.get("LLOCO_LOG_LEVEL", "WARNING").upper())
     log_file = Path(data_dir).expanduser() / RAY_LOG
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file, encoding="utf-8")
