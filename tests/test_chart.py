@@ -1083,6 +1083,7 @@ def _check_monitoring(docs: list[dict[str, Any]]) -> None:
         "LlocoEngineBacklog",
         "LlocoEngineErrors",
         "LlocoAdapterThrashing",
+        "LlocoSlotThrashing",
     }
     (dashboard,) = [d for d in of_kind(docs, "ConfigMap") if d["metadata"]["name"] == "demo-lloco-dashboard"]
     assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
