@@ -280,3 +280,43 @@ def test_benchmark_runs_tiny_on_cpu(ray_local: None, tmp_path: Path) -> None:
     assert result["tokens"] > 6 * 100 and result["bare"]["tokens_per_s"] > 0
     assert result["pipeline"]["tokens_per_s"] > 0 and result["pipeline"]["steady_tokens_per_s"] > 0
     assert json.loads((tmp_path / "compress.json").read_text()) == result
+
+
+RAY_LINES = re.compile(r"raylet|Running Dataset|Dataset dataset_|core_worker|INFO|\"level\": \"info\"")
+
+
+def test_compress_command_keeps_rays_output_in_a_log_file_unless_verbose(
+    store: ObjectStore, ray_local: None, compressor_dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`lloco compress` in a pipe prints its result line and nothing of Ray's (Ray Data's progress log, raylet
+    warnings, INFO logs): those go to DATA_DIR/logs/ray.log; with --verbose they reach the terminal."""
+    import ray
+
+    settings = make_settings(store, compressor_dirs, tmp_path / "cache")
+    data_dir = tmp_path / "data"
+    config = tmp_path / "lloco.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            json.loads(settings.model_dump_json()) | {"store": store_dict(store), "data_dir": str(data_dir)}
+        )
+    )
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(PLATFORM)}
+
+    def compress(tenant: str, *flags: str) -> subprocess.CompletedProcess[str]:
+        ingest(store, {(tenant, "notes"): text_of(7, 60)})
+        argv = [sys.executable, "-m", "lloco.cli", "compress", "--tenant", tenant, "--config", str(config)]
+        done = subprocess.run([*argv, *flags], env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert "1 compressed" in done.stdout
+        return done
+
+    quiet = compress("quiet")
+    log_file = data_dir / "logs" / "ray.log"
+    assert not RAY_LINES.search(quiet.stdout + quiet.stderr), quiet.stdout + quiet.stderr
+    assert quiet.stderr.strip() == f"Ray's logs: {log_file} (--verbose shows them here)", quiet.stderr
+    logged = log_file.read_text()
+    assert "Starting execution of Dataset" in logged and "DEBUG" not in logged, logged
+
+    loud = compress("loud", "--verbose")
+    assert "Starting execution of Dataset" in loud.stdout + loud.stderr
+    assert '"level": "info"' in loud.stderr  # lloco's own info logs too

@@ -56,6 +56,7 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
     assert report.contexts == {"acme": 1, "globex": 1}
     assert report.compress_summary["compressed"] == 2 and report.compress_summary["failed"] == 0
     assert report.adapters == {"acme": "v000001", "globex": "v000001"}
+    assert report.train_steps == {"acme": 3, "globex": 3}  # every trainer step reached the progress bars
     assert len(report.answers) == 4
     for row in report.answers:
         assert row.adapter_version == "v000001"

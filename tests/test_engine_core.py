@@ -25,6 +25,7 @@ from lloco.serve.engine_core import (
     EngineObserver,
     EngineRequest,
     QueryStats,
+    Residency,
     Resolved,
     TextStream,
 )
@@ -128,6 +129,8 @@ class Recorder(EngineObserver):
         self.lookups: list[tuple[str, ContextTier]] = []
         self.adapter_loads: list[tuple[str, str]] = []
         self.services: list[tuple[str, TenantService]] = []
+        self.done: list[tuple[str, str | None, int]] = []  # (tenant, adapter, generated tokens)
+        self.residencies: list[Residency] = []
 
     def context_lookup(self, tenant: str, tier: ContextTier) -> None:
         self.lookups.append((tenant, tier))
@@ -137,6 +140,12 @@ class Recorder(EngineObserver):
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         self.batch_sizes.append(batch_size)
+
+    def request_done(self, tenant: str, adapter: str | None, stats: QueryStats) -> None:
+        self.done.append((tenant, adapter, stats.generated_tokens))
+
+    def residency(self, residency: Residency) -> None:
+        self.residencies.append(residency)
 
     def tenant_service(self, tenant: str, service: TenantService) -> None:
         self.services.append((tenant, service))
@@ -414,6 +423,17 @@ def test_one_slot_serves_two_adapters_in_turn_without_evicting_a_running_one(
         assert finished == ["support-1", "sales", "support-2"]
         assert max(recorder.batch_sizes) == 1
         assert metrics["adapter_slot_loads"] == 5 and metrics["adapter_slot_evictions"] == 4
+        # Per-adapter metrics see each query's adapter; residency as the replica went idle: one slot held,
+        # both adapters parsed in host memory, every slot eviction counted.
+        assert [(t, a) for t, a, _ in recorder.done[-3:]] == [
+            ("acme", "support"),
+            ("globex", "sales"),
+            ("acme", "support"),
+        ]
+        assert all(tokens > 0 for _, _, tokens in recorder.done)
+        last = recorder.residencies[-1]
+        assert (last.adapters_gpu, last.adapters_cpu, last.adapter_evictions_gpu) == (1, 2, 4)
+        assert last.context_bytes_gpu > 0
 
     run(scenario)
 
@@ -636,3 +656,14 @@ def test_stop_strings_are_found_in_the_new_text_only(base: LoadedModel) -> None:
     out += stream.finish()
     assert out == text[: text.find("end is")] and stream.stopped
     assert max(decoded) <= 4, f"decoded windows of up to {max(decoded)} ids"
+
+
+def test_adapter_labels_are_bounded_per_replica() -> None:
+    from lloco.serve.engine import NO_ADAPTER, OTHER_ADAPTERS, AdapterLabels
+
+    labels = AdapterLabels(limit=2)
+    assert labels.tags("acme", "support") == {"tenant": "acme", "adapter": "support"}
+    assert labels.tags("acme", None) == {"tenant": "acme", "adapter": NO_ADAPTER}
+    # Past the limit a new pair folds into one series; pairs seen before keep theirs.
+    assert labels.tags("globex", "sales") == {"tenant": "globex", "adapter": OTHER_ADAPTERS}
+    assert labels.tags("acme", "support") == {"tenant": "acme", "adapter": "support"}

@@ -328,7 +328,7 @@ def resumed_job(
     options = TrainOptions(max_steps=400, checkpoint_every_steps=100)
     env = {**os.environ, **settings_env(world.settings), **RAY_PATIENCE, "RAY_ADDRESS": ray_head.gcs_address}
     command = [sys.executable, "-m", "lloco.cli", "finetune", "--dataset", "caps", "--adapter", "qa",
-               "--job-id", job_id, "--tenant", "alpha", "--tenant", "beta", "--tenant", "gamma",
+               "--job-id", job_id, "--tenant", "alpha", "--tenant", "beta", "--tenant", "gamma", "--verbose",
                *options.cli_args()]  # fmt: skip
     snapshots = [
         f"{keys.checkpoints_prefix(job_id)}{t}/checkpoint_manager_snapshot.json" for t in ("alpha", "beta")

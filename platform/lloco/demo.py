@@ -23,6 +23,7 @@ import typer
 
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, LlocoError
+from lloco.terminal import VERBOSE_HELP, finetune_bars, progress, quiet_ray
 
 DATASET = "demo-train"
 ADAPTER = "demo"
@@ -71,6 +72,7 @@ class DemoReport:
     documents: dict[str, list[str]] = field(default_factory=dict)
     contexts: dict[str, int] = field(default_factory=dict)
     adapters: dict[str, str] = field(default_factory=dict)
+    train_steps: dict[str, int] = field(default_factory=dict)  # the last step each trainer reported
     answers: list[AnswerRow] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     compress_summary: dict[str, Any] = field(default_factory=dict)
@@ -207,8 +209,13 @@ def run_demo(
                         echo(f"    {tenant}: {article.doc_id} ({reply.document.tokens} tokens)")
                     report.documents[tenant] = [d.name.rsplit("/", 1)[-1] for d in client.list_documents()]
 
-        with _stage("compress documents with the Ray Data job", 4, total, report, echo):
-            summary = run_compress_job(stack.settings, list(options.tenants))
+        with _stage("compress documents with the Ray Data job", 4, total, report, echo), progress() as bars:
+            task = bars.add_task("documents", total=None, detail="")
+            summary = run_compress_job(
+                stack.settings,
+                list(options.tenants),
+                on_progress=lambda now: bars.update(task, total=now.documents, completed=now.finished),
+            )
             if summary.failed:
                 raise FailedPrecondition(f"{summary.failed} documents failed: {summary.failures}")
             report.compress_summary = summary.to_json()
@@ -219,13 +226,21 @@ def run_demo(
             for tenant in options.tenants:
                 with LlocoClient(stack.address, keys[tenant]) as client:
                     client.upload_dataset(DATASET, dataset_jsonl(chosen[tenant], options))
-            results = run_finetune_job(
-                stack.settings,
-                list(options.tenants),
-                DATASET,
-                ADAPTER,
-                options=TrainOptions(max_steps=options.train_steps, eval_fraction=0.1, seed=options.seed),
-            )
+            with progress() as bars:
+                show_step = finetune_bars(bars, list(options.tenants))
+
+                def on_step(tenant: str, metrics: dict[str, Any]) -> None:
+                    report.train_steps[tenant] = metrics["step"]
+                    show_step(tenant, metrics)
+
+                results = run_finetune_job(
+                    stack.settings,
+                    list(options.tenants),
+                    DATASET,
+                    ADAPTER,
+                    options=TrainOptions(max_steps=options.train_steps, eval_fraction=0.1, seed=options.seed),
+                    on_step=on_step,
+                )
             failed = {t: r.error for t, r in results.items() if not r.ok}
             if failed:
                 raise FailedPrecondition(f"finetuning failed for {failed}")
@@ -319,6 +334,7 @@ def register(app: typer.Typer) -> None:
         train_steps: Annotated[
             int, typer.Option(help="Optimizer steps per tenant.")
         ] = DemoOptions.train_steps,
+        verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
     ) -> None:
         """Run the whole platform end to end on embedded defaults and print an answer table."""
         overrides: dict[str, Any] = {}
@@ -329,6 +345,7 @@ def register(app: typer.Typer) -> None:
             settings = settings.model_copy(
                 update={"serve": settings.serve.model_copy(update={"grpc_port": port})}
             )
+        quiet_ray(settings.data_dir, verbose)
         try:
             run_demo(
                 settings,

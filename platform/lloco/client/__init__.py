@@ -400,8 +400,15 @@ class LlocoClient:
         request = lloco_pb2.CancelJobRequest(name=self.names.job(job_id))
         return self._call(self._stub.CancelJob, request).job
 
-    def wait_job(self, job_id: str, timeout_s: float, poll_s: float = 2.0) -> lloco_pb2.Job:
-        """Polls GetJob until the job has ended (SUCCEEDED, FAILED or CANCELLED) and returns it.
+    def wait_job(
+        self,
+        job_id: str,
+        timeout_s: float,
+        poll_s: float = 2.0,
+        on_poll: Callable[[lloco_pb2.Job], None] | None = None,
+    ) -> lloco_pb2.Job:
+        """Polls GetJob until the job has ended (SUCCEEDED, FAILED or CANCELLED) and returns it; ``on_poll``
+        sees the job after each poll (for a spinner).
 
         Raises:
             DeadlineExceeded: the job is still QUEUED or RUNNING after ``timeout_s``.
@@ -411,6 +418,8 @@ class LlocoClient:
             lloco_pb2.JOB_STATE_QUEUED,
             lloco_pb2.JOB_STATE_RUNNING,
         ):
+            if on_poll is not None:
+                on_poll(job)
             if time.monotonic() + poll_s > deadline:
                 state = lloco_pb2.JobState.Name(job.state)
                 raise DeadlineExceeded(f"job {job.name} is still {state} after {timeout_s:.0f} s")

@@ -463,10 +463,16 @@ def _jobs_app() -> typer.Typer:
     ) -> None:
         """Wait until a job ends and show it; exit status 1 unless it SUCCEEDED."""
         from lloco.api import lloco_pb2
+        from lloco.terminal import progress
 
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            job = client.wait_job(job_id, wait)
-            typer.echo(_job_line(job))
+        with _connect(target, key, timeout, tenant, tls, ca) as client, progress(transient=True) as bars:
+            task = bars.add_task(f"job {job_id}", total=None, detail="")
+
+            def show(job: lloco_pb2.Job) -> None:
+                bars.update(task, detail=lloco_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_"))
+
+            job = client.wait_job(job_id, wait, on_poll=show)
+        typer.echo(_job_line(job))
         if job.state != lloco_pb2.JOB_STATE_SUCCEEDED:
             raise typer.Exit(1)
 

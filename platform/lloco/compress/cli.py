@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from lloco.terminal import VERBOSE_HELP, progress, quiet_ray
+
 EXIT_SOME_FAILED = 3  # 1: the job failed; 2: usage error (click)
 
 
@@ -24,18 +26,27 @@ def compress(
         str | None, typer.Option(help="Job id the job records itself under (default: a new one).")
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Compress every pending document of the tenants into contexts (Ray Data; joins the Ray cluster at
     RAY_ADDRESS or one running here, else starts a local one). Exit status 3: some documents failed
     (listed in the summary); the others were compressed."""
     if bool(tenant) == all_tenants:
         raise typer.BadParameter("give --tenant T (one or more) or --all")
-    from lloco.compress.job import run_compress_job
+    from lloco.compress.job import CompressSummary, run_compress_job
     from lloco.config import Settings
     from lloco.errors import LlocoError
 
+    settings = Settings.load(config)
+    quiet_ray(settings.data_dir, verbose)
     try:
-        result = run_compress_job(Settings.load(config), None if all_tenants else tenant, summary, job_id)
+        with progress() as bars:
+            task = bars.add_task("compress", total=None, detail="documents")
+
+            def show(now: CompressSummary) -> None:
+                bars.update(task, total=now.documents, completed=now.finished, detail=f"{now.failed} failed")
+
+            result = run_compress_job(settings, None if all_tenants else tenant, summary, job_id, show)
     except LlocoError as error:
         typer.echo(f"error: {error}", err=True)
         raise typer.Exit(1) from error

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -52,6 +53,11 @@ class CompressSummary:
     steady_tokens_per_s: float | None = None  # start-up excluded; see _collect
     failures: list[DocumentFailure] = field(default_factory=list)
 
+    @property
+    def finished(self) -> int:
+        """Documents settled so far: compressed, skipped or failed."""
+        return self.compressed + self.skipped + self.failed
+
     def line(self) -> str:
         """The one-line console summary."""
         steady = f", steady {self.steady_tokens_per_s:,.0f}" if self.steady_tokens_per_s is not None else ""
@@ -71,11 +77,13 @@ def run_compress_job(
     tenants: list[str] | None,
     summary_path: Path | None = None,
     job_id: str | None = None,
+    on_progress: Callable[[CompressSummary], None] | None = None,
 ) -> CompressSummary:
     """Compress every pending document of ``tenants`` (None: every tenant) and store the contexts.
 
     Joins the Ray cluster of this process (see ``connect_ray``). Bad documents are reported in the
-    summary (and logged); they do not stop the others. The job records itself (``lloco.jobs.JobRun``)
+    summary (and logged); they do not stop the others. ``on_progress(summary)`` is called once the documents
+    are counted and as results stream in (``summary.finished`` of ``summary.documents``: for progress bars). The job records itself (``lloco.jobs.JobRun``)
     under each named tenant, or with ``tenants=None`` under each tenant that had pending documents.
 
     Raises:
@@ -87,7 +95,9 @@ def run_compress_job(
     if tenants is not None:
         run.start(names)
     try:
-        summary, done = _compress(settings, store, names, run if tenants is None else None)
+        summary, done = _compress(
+            settings, store, names, run if tenants is None else None, on_progress or (lambda _: None)
+        )
     except BaseException as error:
         run.fail_unfinished(f"{type(error).__name__}: {error}")
         raise
@@ -105,7 +115,11 @@ def run_compress_job(
 
 
 def _compress(
-    settings: Settings, store: ObjectStore, names: list[str], run: JobRun | None
+    settings: Settings,
+    store: ObjectStore,
+    names: list[str],
+    run: JobRun | None,
+    on_progress: Callable[[CompressSummary], None],
 ) -> tuple[CompressSummary, dict[str, dict[str, Any]]]:
     """Scan, then compress every pending document of ``names``: the summary, and per tenant the documents
     compressed and failed (``run``, when given, is started for the tenants with pending documents)."""
@@ -137,6 +151,7 @@ def _compress(
         documents=summary.documents,
         pending=len(items),
     )
+    on_progress(summary)
     if items:
         import ray
 
@@ -151,7 +166,7 @@ def _compress(
                 cluster_gpus=cluster_gpus,
             )
         dataset = build_dataset(items, settings, compressor, base.tokenizer, plan)
-        _collect(dataset, summary, done)
+        _collect(dataset, summary, done, on_progress)
     log.info("compress job finished", **{k: v for k, v in summary.to_json().items() if k != "failures"})
     return summary, done
 
@@ -161,15 +176,18 @@ def connect_ray() -> None:
     on this machine; else start a local instance."""
     import ray
 
+    from lloco.terminal import ray_log_to_driver
+
     if ray.is_initialized():
         return
+    log_to_driver = ray_log_to_driver()
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(log_to_driver=log_to_driver)
         return
     try:
-        ray.init(address="auto")
+        ray.init(address="auto", log_to_driver=log_to_driver)
     except ConnectionError:
-        ray.init(include_dashboard=False)
+        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
 
 
 def _resolve_tenants(store: ObjectStore, tenants: list[str] | None) -> list[str]:
@@ -193,7 +211,12 @@ def _scan(store: ObjectStore, tenant: str, compressor_id: str) -> tuple[list[Doc
             return pending, total
 
 
-def _collect(dataset: Any, summary: CompressSummary, done: dict[str, dict[str, Any]]) -> None:
+def _collect(
+    dataset: Any,
+    summary: CompressSummary,
+    done: dict[str, dict[str, Any]],
+    on_progress: Callable[[CompressSummary], None],
+) -> None:
     """Run the pipeline, folding its result rows into ``summary`` and each tenant's outcome in ``done``
     (``compressed`` ids, ``failed`` id -> reason) as they stream in.
 
@@ -218,6 +241,7 @@ def _collect(dataset: Any, summary: CompressSummary, done: dict[str, dict[str, A
             summary.tokens += tokens
             done_at = float(block["done_at"][i])
             call_tokens[done_at] = call_tokens.get(done_at, 0) + tokens
+        on_progress(summary)
     summary.seconds = time.perf_counter() - start
     summary.tokens_per_s = summary.tokens / summary.seconds if summary.seconds > 0 else 0.0
     if len(call_tokens) >= 2:

@@ -15,6 +15,7 @@ from typing import Annotated
 import typer
 
 from lloco.finetune.pretrain_cli import command_line
+from lloco.terminal import progress, quiet_logs
 
 PERPLEXITY_SOURCE = (
     "the passkey test filler without facts: the 10 SQuAD 2.0 dev articles of SQuAD-long's test split, "
@@ -94,6 +95,7 @@ def evaluate(
     tenant_metric: Annotated[str, typer.Option(help="qa (EM/F1) or summary (ROUGE).")] = "qa",
     seed: Annotated[int, typer.Option(help="Seed of the samples and of training.")] = 0,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show lloco's info logs.")] = False,
 ) -> None:
     """Evaluate the base model and compressor on long-document QA and fact recall in every mode, and the
     compressor's held-out perplexity gap; write JSON and markdown."""
@@ -111,6 +113,7 @@ def evaluate(
     from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, peft_geometry, read_peft_files
 
     started = time.perf_counter()
+    quiet_logs(verbose)
     settings = Settings.load(config)
     unknown = set(_csv(datasets)) - set(tasks.DATASETS)
     if unknown:
@@ -214,7 +217,18 @@ def evaluate(
         return write_report(output, results, {**meta, "costs": evaluator.costs, "seconds": seconds})
 
     meta["perplexity"] = evaluator.held_out_perplexity(passkey.filler_articles("test"), PERPLEXITY_SOURCE)
-    results = evaluator.run(suite, on_result=report)
+    with progress() as bars:
+        runs = sum(len(item.tests) for item in suite) * len(options.modes)
+        task = bars.add_task("eval", total=runs, detail="(test set, mode) runs")
+
+        def report_and_show(results: list) -> dict:
+            last = results[-1] if results else None
+            if last is not None:
+                detail = f"{last.test_set} {last.mode}: {last.skipped or f'{last.queries} questions'}"
+                bars.update(task, completed=len(results), detail=detail)
+            return report(results)
+
+        results = evaluator.run(suite, on_result=report_and_show)
     final = report(results)
     typer.echo(markdown_table(results) + "\n\n" + ablation_markdown(final["ablations"], meta["perplexity"]))
 

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from lloco.terminal import VERBOSE_HELP, finetune_bars, progress, quiet_ray
+
 
 def register(app: typer.Typer) -> None:
     app.command("finetune")(finetune)
@@ -33,6 +35,7 @@ def finetune(
     gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute layers in backward.")] = False,
     seed: Annotated[int | None, typer.Option(help="Seed of the split, data order and dropout.")] = None,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Train a LoRA adapter per tenant concurrently on Ray Train and publish each as a new version."""
     from lloco.config import Settings
@@ -49,9 +52,18 @@ def finetune(
         "seed": seed,
     }
     options = TrainOptions(**{name: value for name, value in chosen.items() if value is not None})
-    results = run_finetune_job(
-        Settings.load(config), tenant, dataset, adapter=adapter, job_id=job_id, options=options
-    )
+    settings = Settings.load(config)
+    quiet_ray(settings.data_dir, verbose)
+    with progress() as bars:
+        results = run_finetune_job(
+            settings,
+            tenant,
+            dataset,
+            adapter=adapter,
+            job_id=job_id,
+            options=options,
+            on_step=finetune_bars(bars, tenant),
+        )
     typer.echo(format_results(results))
     if not all(result.ok for result in results.values()):
         raise typer.Exit(1)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from lloco.jobs import JobRun, new_job_id
 from lloco.logs import get_logger
 from lloco.registry import Registry
 from lloco.storage import ObjectStore, keys
+from lloco.terminal import ray_log_to_driver
 
 log = get_logger(__name__)
 
@@ -52,8 +55,13 @@ def run_finetune_job(
     adapter: str = "default",
     job_id: str | None = None,
     options: TrainOptions | None = None,
+    on_step: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, TenantResult]:
-    """Train one adapter per tenant concurrently on Ray; publish each success as a new version."""
+    """Train one adapter per tenant concurrently on Ray; publish each success as a new version.
+
+    ``on_step(tenant, metrics)`` is called in this process after each optimizer step of a tenant's trainer
+    (metrics: step, total_steps, epoch, loss, ...), for progress bars; the workers send them through a queue.
+    """
     import ray
 
     _check_request(tenants, dataset, adapter)
@@ -65,12 +73,15 @@ def run_finetune_job(
     run.start(tenants)
     try:
         if not ray.is_initialized():
-            ray.init(configure_logging=False)
+            ray.init(configure_logging=False, log_to_driver=ray_log_to_driver())
         log.info("finetune job started", job_id=job_id, tenants=tenants, dataset=dataset, adapter=adapter)
-        with ThreadPoolExecutor(max_workers=len(tenants), thread_name_prefix="finetune") as pool:
+        with (
+            ThreadPoolExecutor(max_workers=len(tenants), thread_name_prefix="finetune") as pool,
+            _StepFeed(on_step) as steps,
+        ):
             futures = {
                 tenant: pool.submit(
-                    _run_tenant, settings, store, tenant, dataset, adapter, job_id, options, run
+                    _run_tenant, settings, store, tenant, dataset, adapter, job_id, options, run, steps.queue
                 )
                 for tenant in tenants
             }
@@ -85,6 +96,45 @@ def run_finetune_job(
         failed=[t for t, r in results.items() if not r.ok],
     )
     return results
+
+
+class _StepFeed:
+    """Carries the trainers' step metrics to ``on_step`` in the driver: a Ray queue (an actor taking no CPU,
+    so it never waits for one) drained by a thread. Without ``on_step`` there is no queue."""
+
+    def __init__(self, on_step: Callable[[str, dict[str, Any]], None] | None) -> None:
+        self._on_step = on_step
+        self.queue: Any = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _StepFeed:
+        if self._on_step is not None:
+            from ray.util.queue import Queue
+
+            self.queue = Queue(actor_options={"num_cpus": 0})
+            self._thread = threading.Thread(target=self._drain, name="finetune-steps", daemon=True)
+            self._thread.start()
+        return self
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        assert self._on_step is not None and self.queue is not None
+        while True:
+            try:
+                tenant, metrics = self.queue.get(timeout=0.5)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            self._on_step(tenant, metrics)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.queue.shutdown()
 
 
 def _check_request(tenants: list[str], dataset: str, adapter: str) -> None:
@@ -107,6 +157,7 @@ def _run_tenant(
     job_id: str,
     options: TrainOptions,
     run: JobRun,
+    steps: Any = None,
 ) -> TenantResult:
     """Train and publish one tenant, and record it; every failure becomes an unsuccessful result, never an
     exception."""
@@ -115,7 +166,7 @@ def _run_tenant(
         registry = Registry(store, tenant)
         check_rows(registry, registry.read_dataset(dataset))  # fails fast, before any worker starts
         with tempfile.TemporaryDirectory(prefix=f"lloco-adapter-{tenant}-") as scratch:
-            final = _train(settings, store, tenant, dataset, adapter, job_id, options, Path(scratch))
+            final = _train(settings, store, tenant, dataset, adapter, job_id, options, Path(scratch), steps)
             version, metrics = _publish(registry, adapter, job_id, final)
     except Exception as error:  # noqa: BLE001 - every tenant's failure is reported, not raised
         message = _describe(error)
@@ -139,9 +190,10 @@ def _train(
     job_id: str,
     options: TrainOptions,
     scratch: Path,
+    steps: Any = None,
 ) -> Path:
     """Fit the tenant's trainer (resuming when its storage folder has checkpoints); the final checkpoint,
-    downloaded into ``scratch``."""
+    downloaded into ``scratch``. ``steps``: a Ray queue that gets (tenant, metrics) after each step."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -158,6 +210,7 @@ def _train(
             "adapter": adapter,
             "job_id": job_id,
             "options": options,
+            "steps": steps,
         },
         scaling_config=ScalingConfig(
             num_workers=finetune.num_workers,
@@ -199,6 +252,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         rank=rank,
         world_size=world_size,
         report=report,
+        on_step=None
+        if config["steps"] is None
+        else lambda metrics: config["steps"].put((config["tenant"], metrics)),
     )
     try:
         restored = ray.train.get_checkpoint()

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from lloco.terminal import VERBOSE_HELP, quiet_ray
+
 if TYPE_CHECKING:
     from lloco.config import Settings
 
@@ -170,6 +172,7 @@ def pretrain_compressor(
         typer.Option(help="Ray Train storage path (shared, e.g. s3://..., on multi-node clusters)."),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Train a compressor (and optionally its reader) for the base model; write it, its record, a checkpoint."""
     from pydantic import ValidationError
@@ -227,6 +230,7 @@ def pretrain_compressor(
     settings = _settings(config, base_model)
     command = command_line(ctx, "pretrain-compressor")
     if ray:
+        quiet_ray(settings.data_dir, verbose)
         record = run_pretrain_job(settings, options, command, use_gpu=gpu, storage_path=ray_storage)
     else:
         record = pretrain(settings, options, command)

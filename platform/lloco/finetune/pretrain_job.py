@@ -13,6 +13,7 @@ from lloco.config import Settings
 from lloco.errors import Internal
 from lloco.finetune.pretrain import RECORD_FILE, pretrain
 from lloco.finetune.pretrain_options import PretrainOptions
+from lloco.terminal import ray_log_to_driver
 
 
 def _train_worker(config: dict[str, Any]) -> None:
@@ -51,7 +52,7 @@ def run_pretrain_job(
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(configure_logging=False)
+        ray.init(configure_logging=False, log_to_driver=ray_log_to_driver())
     resources: dict[str, float] = {"CPU": cpus_per_worker}
     if use_gpu:
         resources["GPU"] = 1

@@ -44,6 +44,9 @@ LOSS_WINDOW = 10
 
 
 Report = Callable[[dict[str, Any], Path | None], None]
+OnStep = Callable[
+    [dict[str, Any]], None
+]  # a step's metrics (step, total_steps, epoch, loss, ...), rank 0 only
 
 
 def split_rows(rows: Sequence[DatasetRow], eval_fraction: float, seed: int) -> tuple[list, list]:
@@ -82,12 +85,14 @@ class LoraFinetune:
         rank: int = 0,
         world_size: int = 1,
         report: Report | None = None,
+        on_step: OnStep | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise InvalidArgument(f"rank {rank} is outside world size {world_size}")
         self.settings, self.options = settings, options
         self.tenant, self.dataset, self.adapter, self.job_id = tenant, dataset, adapter, job_id
         self.rank, self.world_size, self.report = rank, world_size, report
+        self.on_step = on_step
         self.history: list[dict[str, float]] = []
         self.step = 0
         self.resumed_from_step = 0
@@ -210,6 +215,8 @@ class LoraFinetune:
                     total_steps=self.total_steps,
                     **metrics,
                 )
+                if self.on_step is not None:
+                    self.on_step({**metrics, "total_steps": self.total_steps})
             if self.step % self.checkpoint_every == 0 and self.step < self.total_steps:
                 self._checkpoint(final=False)
 

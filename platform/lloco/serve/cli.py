@@ -10,6 +10,8 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 
+from lloco.terminal import VERBOSE_HELP, quiet_ray
+
 DEFAULT_TENANT = "demo"
 
 
@@ -49,6 +51,7 @@ def up(
     check: Annotated[
         bool, typer.Option("--check", help="Start, report health, stop; exit 1 unless SERVING.")
     ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=VERBOSE_HELP)] = False,
 ) -> None:
     """Run lloco on this machine: embedded S3, local Ray and the app, gRPC and OpenAI-compatible HTTP (on
     serve.host, 127.0.0.1 by default), until Ctrl-C."""
@@ -70,6 +73,7 @@ def up(
     typer.echo(
         f"starting lloco on {settings.serve.host}:{settings.serve.grpc_port} (data in {settings.data_dir}) ..."
     )
+    quiet_ray(settings.data_dir, verbose)
     try:
         with EmbeddedStack(settings) as stack:
             # `kill` stops it as cleanly as Ctrl-C; set after Ray started, which installs its own handler

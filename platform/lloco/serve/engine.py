@@ -1,6 +1,6 @@
 """The engine as a Ray Serve deployment: a thin shell over `EngineCore` that adds adapter-aware routing
 (`@serve.multiplexed` keyed by "{tenant}/{adapter}", so requests prefer replicas already holding the
-adapter), health checks and Prometheus metrics through Ray, tagged per tenant.
+adapter), health checks and Prometheus metrics through Ray: per tenant, per adapter, and what each replica holds.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from lloco.logs import get_logger
 from lloco.model import LoraFit, load_compressor, load_model
 from lloco.registry import ContextInfo
 from lloco.serve.caches import ContextTier
-from lloco.serve.engine_core import EngineCore, EngineEvent, EngineObserver, EngineRequest, QueryStats
+from lloco.serve.engine_core import (
+    EngineCore,
+    EngineEvent,
+    EngineObserver,
+    EngineRequest,
+    QueryStats,
+    Residency,
+)
 from lloco.serve.fairness import TenantService
 from lloco.storage import ObjectStore
 
@@ -28,6 +35,28 @@ log = get_logger(__name__)
 
 _LATENCY_BOUNDARIES = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 _RATE_BOUNDARIES = [1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000]
+ADAPTER_SERIES_LIMIT = 512  # (tenant, adapter) label pairs one replica exports before folding into OTHER
+NO_ADAPTER = "none"  # the adapter label of a query that asked for no adapter of its own
+OTHER_ADAPTERS = "_other"  # the adapter label of every pair past ADAPTER_SERIES_LIMIT
+
+
+class AdapterLabels:
+    """Bounded label values for per-adapter series: the first `limit` (tenant, adapter) pairs a replica
+    sees keep their adapter name; later ones share `OTHER_ADAPTERS`, so a tenant minting adapter names
+    cannot grow Prometheus' series without bound. Versions are never labels (each publish would add one).
+    """
+
+    def __init__(self, limit: int = ADAPTER_SERIES_LIMIT) -> None:
+        self._limit = limit
+        self._known: set[tuple[str, str]] = set()
+
+    def tags(self, tenant: str, adapter: str | None) -> dict[str, str]:
+        pair = (tenant, adapter or NO_ADAPTER)
+        if pair not in self._known:
+            if len(self._known) >= self._limit:
+                return {"tenant": tenant, "adapter": OTHER_ADAPTERS}
+            self._known.add(pair)
+        return {"tenant": pair[0], "adapter": pair[1]}
 
 
 def engine_device(settings: Settings) -> tuple[torch.device, torch.dtype]:
@@ -100,7 +129,38 @@ class PrometheusObserver(EngineObserver):
             "Tokens served to a tenant: input positions admitted (kind input), tokens generated (output).",
             tag_keys=("tenant", "kind"),
         )
+        self.adapter_queries = metrics.Counter(
+            "lloco_engine_adapter_queries",
+            "Finished queries per adapter (adapter none: no adapter of the tenant's; _other: past the "
+            "replica's label limit).",
+            tag_keys=("tenant", "adapter"),
+        )
+        self.adapter_tokens = metrics.Counter(
+            "lloco_engine_adapter_generated_tokens",
+            "Tokens generated per adapter (labels as lloco_engine_adapter_queries).",
+            tag_keys=("tenant", "adapter"),
+        )
+        self.adapters_resident = metrics.Gauge(
+            "lloco_engine_adapters_resident",
+            "Adapters a replica holds: in LoRA slots (tier gpu), parsed in host memory (tier cpu).",
+            tag_keys=("tier",),
+        )
+        self.adapter_evictions = metrics.Counter(
+            "lloco_engine_adapter_evictions",
+            "Adapters evicted from a LoRA slot (tier gpu) or from host memory (tier cpu).",
+            tag_keys=("tier",),
+        )
+        self.context_bytes = metrics.Gauge(
+            "lloco_engine_context_cache_bytes",
+            "Bytes of compressed contexts held per tier.",
+            tag_keys=("tier",),
+        )
+        self.context_evictions = metrics.Counter(
+            "lloco_engine_context_cache_evictions", "Contexts evicted per tier.", tag_keys=("tier",)
+        )
         self._served: dict[str, TenantService] = {}
+        self._adapter_labels = AdapterLabels()
+        self._residency: Residency | None = None
 
     def context_lookup(self, tenant: str, tier: ContextTier) -> None:
         self.context_hits.inc(tags={"tenant": tenant, "tier": tier})
@@ -108,7 +168,7 @@ class PrometheusObserver(EngineObserver):
     def adapter_loaded(self, tenant: str, tier: str) -> None:
         self.adapter_loads.inc(tags={"tenant": tenant, "tier": tier})
 
-    def request_done(self, tenant: str, stats: QueryStats) -> None:
+    def request_done(self, tenant: str, adapter: str | None, stats: QueryStats) -> None:
         tags = {"tenant": tenant}
         self.ttft.observe(stats.ttft_s, tags=tags)
         self.latency.observe(stats.total_s, tags=tags)
@@ -116,6 +176,24 @@ class PrometheusObserver(EngineObserver):
             self.decode_rate.observe((stats.generated_tokens - 1) / (stats.total_s - stats.ttft_s), tags=tags)
         self.tokens.inc(stats.generated_tokens, tags=tags)
         self.queries.inc(tags={"tenant": tenant, "finish_reason": stats.finish_reason})
+        adapter_tags = self._adapter_labels.tags(tenant, adapter)
+        self.adapter_queries.inc(tags=adapter_tags)
+        self.adapter_tokens.inc(stats.generated_tokens, tags=adapter_tags)
+
+    def residency(self, residency: Residency) -> None:
+        before = self._residency
+        for tier in ("gpu", "cpu"):
+            tags = {"tier": tier}
+            self.adapters_resident.set(getattr(residency, f"adapters_{tier}"), tags=tags)
+            self.context_bytes.set(getattr(residency, f"context_bytes_{tier}"), tags=tags)
+            for counter, field in (
+                (self.adapter_evictions, f"adapter_evictions_{tier}"),
+                (self.context_evictions, f"context_evictions_{tier}"),
+            ):
+                evicted = getattr(residency, field) - (getattr(before, field) if before else 0)
+                if evicted > 0:
+                    counter.inc(evicted, tags=tags)
+        self._residency = residency
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         self.queue_depth.set(queue_depth)

@@ -51,6 +51,7 @@ log = get_logger(__name__)
 # Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
+RESIDENCY_REPORT_S = 1.0  # what the replica holds is reported at most this often while busy, and when idle
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,20 @@ class EngineEvent:
     final: QueryStats | None = None
 
 
+@dataclass(frozen=True)
+class Residency:
+    """What one engine replica holds per tier, and its evictions so far (cumulative counts)."""
+
+    adapters_gpu: int  # adapters in LoRA slots (the compressor's reader included)
+    adapters_cpu: int  # parsed adapters in the CPU tier
+    adapter_evictions_gpu: int
+    adapter_evictions_cpu: int
+    context_bytes_gpu: int
+    context_bytes_cpu: int
+    context_evictions_gpu: int
+    context_evictions_cpu: int
+
+
 class EngineObserver:
     """Receives per-tenant events for metrics; this base records nothing (the Ray deployment exports them)."""
 
@@ -121,8 +136,8 @@ class EngineObserver:
     def adapter_loaded(self, tenant: str, tier: str) -> None:
         """An adapter was loaded into the CPU tier (from S3, tier "cpu") or into a GPU slot (tier "gpu")."""
 
-    def request_done(self, tenant: str, stats: QueryStats) -> None:
-        """A query finished."""
+    def request_done(self, tenant: str, adapter: str | None, stats: QueryStats) -> None:
+        """A query finished; ``adapter`` is the tenant's adapter it asked for (None: none)."""
 
     def scheduled(self, queue_depth: int, batch_size: int) -> None:
         """The scheduler finished an iteration."""
@@ -130,6 +145,9 @@ class EngineObserver:
     def tenant_service(self, tenant: str, service: TenantService) -> None:
         """A tenant's queue or service changed (reported at most every `scheduler.TENANT_REPORT_S` while
         the engine is busy, and when it goes idle)."""
+
+    def residency(self, residency: Residency) -> None:
+        """What the replica holds (reported at most every `RESIDENCY_REPORT_S` while busy, and when idle)."""
 
 
 class TextStream:
@@ -260,10 +278,11 @@ class EngineCore:
             max_waiting=settings.serve.max_ongoing_requests,
             queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
-            on_iteration=self._observer.scheduled,
+            on_iteration=self._scheduled,
             on_tenants=self._report_tenants,
         )
         self.requests = 0
+        self._residency_at = float("-inf")
 
     async def start(self) -> None:
         await asyncio.to_thread(self._warm_up)
@@ -360,7 +379,7 @@ class EngineCore:
                 total_s=done - started,
                 finish_reason=_FINISH_REASONS[reason],
             )
-            self._observer.request_done(req.tenant, stats)
+            self._observer.request_done(req.tenant, req.adapter, stats)
             yield EngineEvent(delta, tuple(fresh), stats)
         finally:
             if not row_freed:
@@ -455,6 +474,26 @@ class EngineCore:
             "adapter_slot_loads": slots.loads,
             "adapter_slot_evictions": slots.evictions,
         }
+
+    def residency(self) -> Residency:
+        slots = self.scheduler.slots
+        return Residency(
+            adapters_gpu=len(slots.resident()),
+            adapters_cpu=len(self.adapters.tier),
+            adapter_evictions_gpu=slots.evictions,
+            adapter_evictions_cpu=self.adapters.tier.evictions,
+            context_bytes_gpu=self.contexts.gpu.used,
+            context_bytes_cpu=self.contexts.cpu.used,
+            context_evictions_gpu=self.contexts.gpu.evictions,
+            context_evictions_cpu=self.contexts.cpu.evictions,
+        )
+
+    def _scheduled(self, waiting: int, active: int) -> None:
+        self._observer.scheduled(waiting, active)
+        now = time.monotonic()
+        if not (waiting or active) or now - self._residency_at >= RESIDENCY_REPORT_S:
+            self._residency_at = now
+            self._observer.residency(self.residency())
 
     def _report_tenants(self, services: dict[str, TenantService]) -> None:
         for tenant, service in services.items():
