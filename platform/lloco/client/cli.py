@@ -7,11 +7,13 @@ Server errors print as ``error: <CODE>: <message>`` and exit with status 1.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from lloco.client import LlocoClient
 
 DEFAULT_TARGET = "127.0.0.1:50051"
+Command = Callable[..., None]
 
 Target = Annotated[str, typer.Option("--target", envvar="LLOCO_TARGET", help="Server address host:port.")]
 TenantKey = Annotated[
@@ -60,6 +63,43 @@ def _connect(
         _fail(f"{error.code().name}: {error.details()}")
     except LlocoError as error:
         _fail(f"{error.code.name}: {error}")
+
+
+def connected(timeout_s: float = 30.0, tenant_option: bool = True) -> Callable[[Command], Command]:
+    """A command that talks to the server: it takes the connection options (--target, --tenant-key, --tenant
+    unless ``tenant_option`` is False, --timeout defaulting to ``timeout_s``, --tls, --ca) and is called with a
+    connected client as its first argument, ``client``, whose failures end it as ``_connect`` says."""
+
+    def decorate(command: Command) -> Command:
+        # the client's annotation names a class imported only for type checkers: it is not evaluated here
+        signature = inspect.signature(command, locals={"LlocoClient": None}, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "client"]
+        options = {
+            "target": (Target, DEFAULT_TARGET),
+            "key": (TenantKey, ...),
+            **({"tenant": (Tenant, "")} if tenant_option else {}),
+            "timeout": (Timeout, timeout_s),
+            "tls": (Tls, False),
+            "ca": (Ca, None),
+        }
+        added = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+            for name, (annotation, default) in options.items()
+        ]
+
+        @functools.wraps(command)
+        def run(*args: Any, **kwargs: Any) -> None:
+            target, key, tenant = kwargs.pop("target"), kwargs.pop("key"), kwargs.pop("tenant", "")
+            timeout, tls, ca = kwargs.pop("timeout"), kwargs.pop("tls"), kwargs.pop("ca")
+            with _connect(target, key, timeout, tenant, tls, ca) as client:
+                command(client, *args, **kwargs)
+
+        # typer reads the options from the signature (and its annotations): the command's own, then these
+        run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in (*own, *added)}
+        return run
+
+    return decorate
 
 
 def _fail(message: str) -> NoReturn:
@@ -137,7 +177,9 @@ def _read_source(path: str) -> bytes:
         _fail(f"cannot read {path}: {error.strerror}")
 
 
+@connected(timeout_s=120.0)
 def ingest(
+    client: LlocoClient,
     files: Annotated[list[str] | None, typer.Argument(help="Text files; '-' or none reads stdin.")] = None,
     doc_id: Annotated[
         str, typer.Option("--id", help="Document id (required for stdin; default: the file name's stem).")
@@ -148,12 +190,6 @@ def ingest(
             "--uri", help="Ingest s3://bucket/.../tenants/{tenant}/uploads/KEY (needs --id) instead of files."
         ),
     ] = "",
-    target: Target = DEFAULT_TARGET,
-    key: TenantKey = ...,
-    tenant: Tenant = "",
-    timeout: Timeout = 120.0,
-    tls: Tls = False,
-    ca: Ca = None,
 ) -> None:
     """Store documents (UTF-8 text); small ones are compressed at once, larger ones are left pending."""
     from lloco.api import lloco_pb2
@@ -161,22 +197,20 @@ def ingest(
     if uri:
         if files or not doc_id:
             raise typer.BadParameter("--uri takes no files and needs --id", param_hint="--uri")
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            reply = client.ingest_uri(doc_id, uri)
-            outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
-            typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
+        reply = client.ingest_uri(doc_id, uri)
+        outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
+        typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
         return
     sources = files or ["-"]
     if doc_id and len(sources) > 1:
         raise typer.BadParameter("--id names one document; give one file", param_hint="--id")
     if "-" in sources and not doc_id:
         raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
-    with _connect(target, key, timeout, tenant, tls, ca) as client:
-        for source in sources:
-            name = doc_id or Path(source).stem
-            reply = client.ingest(name, _read_source(source))
-            outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
-            typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
+    for source in sources:
+        name = doc_id or Path(source).stem
+        reply = client.ingest(name, _read_source(source))
+        outcome = _label(lloco_pb2.IngestOutcome, reply.outcome)
+        typer.echo(f"{outcome}\t{_document_line(reply.document)}\tsha256 {reply.document.sha256[:12]}")
 
 
 def query(
@@ -251,34 +285,24 @@ def _docs_app() -> typer.Typer:
                 typer.echo(_document_line(document))
 
     @docs.command("get")
+    @connected()
     def get_document(
+        client: LlocoClient,
         doc_id: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Show one document."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            document = client.get_document(doc_id)
-            typer.echo(f"{_document_line(document)}\tsha256 {document.sha256}")
+        document = client.get_document(doc_id)
+        typer.echo(f"{_document_line(document)}\tsha256 {document.sha256}")
 
     @docs.command("delete")
+    @connected()
     def delete_document(
+        client: LlocoClient,
         doc_id: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Delete a document with its compressed contexts and the dataset rows naming it."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            client.delete_document(doc_id)
-            typer.echo(f"deleted {client.names.document(doc_id)}")
+        client.delete_document(doc_id)
+        typer.echo(f"deleted {client.names.document(doc_id)}")
 
     return docs
 
@@ -308,37 +332,29 @@ def _adapters_app() -> typer.Typer:
                 typer.echo(_adapter_line(adapter))
 
     @adapters.command("versions")
+    @connected()
     def list_versions(
+        client: LlocoClient,
         adapter: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """List an adapter's versions, newest first."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            for version in client.list_adapter_versions(adapter):
-                typer.echo(_version_line(version))
+        for version in client.list_adapter_versions(adapter):
+            typer.echo(_version_line(version))
 
     @adapters.command("set-current")
+    @connected()
     def set_current(
+        client: LlocoClient,
         adapter: str,
         version: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Make VERSION (e.g. v000002) the adapter's current version (rollback or pin)."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            typer.echo(_adapter_line(client.set_current_adapter(adapter, version)))
+        typer.echo(_adapter_line(client.set_current_adapter(adapter, version)))
 
     @adapters.command("import")
+    @connected(timeout_s=120.0)
     def import_adapter(
+        client: LlocoClient,
         directory: Annotated[
             Path | None,
             typer.Argument(help="A PEFT adapter folder (adapter_config.json, adapter_model.safetensors)."),
@@ -352,24 +368,17 @@ def _adapters_app() -> typer.Typer:
                 "--uri", help="Import the folder s3://bucket/.../tenants/{tenant}/uploads/DIR/ instead."
             ),
         ] = "",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 120.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Import a LoRA adapter trained with peft as the adapter's next version (now current)."""
         if not adapter:
             raise typer.BadParameter("name the adapter to import into", param_hint="--adapter")
         if (directory is None) == (not uri):
             raise typer.BadParameter("give either a folder or --uri", param_hint="DIRECTORY / --uri")
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            if uri:
-                version = client.import_adapter_uri(adapter, uri)
-            else:
-                version = client.import_adapter(adapter, directory)
-            typer.echo(_version_line(version))
+        if uri:
+            version = client.import_adapter_uri(adapter, uri)
+        else:
+            version = client.import_adapter(adapter, directory)
+        typer.echo(_version_line(version))
 
     return adapters
 
@@ -380,38 +389,28 @@ def _dataset_app() -> typer.Typer:
     )
 
     @dataset.command("upload")
+    @connected(timeout_s=120.0)
     def upload(
+        client: LlocoClient,
         file: Annotated[str, typer.Argument(help="JSONL file, or '-' for stdin.")],
         dataset_id: Annotated[
             str, typer.Option("--id", help="Dataset id (default: the file name's stem).")
         ] = "",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 120.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Upload (or replace) a dataset."""
         if file == "-" and not dataset_id:
             raise typer.BadParameter("reading stdin needs --id", param_hint="--id")
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            stored = client.upload_dataset(dataset_id or Path(file).stem, _read_source(file))
-            typer.echo(f"{stored.name}\t{stored.row_count} rows")
+        stored = client.upload_dataset(dataset_id or Path(file).stem, _read_source(file))
+        typer.echo(f"{stored.name}\t{stored.row_count} rows")
 
     @dataset.command("list")
+    @connected()
     def list_datasets(
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
+        client: LlocoClient,
     ) -> None:
         """List the tenant's datasets."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            for stored in client.list_datasets():
-                typer.echo(stored.name)
+        for stored in client.list_datasets():
+            typer.echo(stored.name)
 
     return dataset
 
@@ -420,52 +419,38 @@ def _jobs_app() -> typer.Typer:
     jobs = typer.Typer(help="Compress and finetune jobs: start, list, follow, cancel.", no_args_is_help=True)
 
     @jobs.command("list")
+    @connected()
     def list_jobs(
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
+        client: LlocoClient,
     ) -> None:
         """List the tenant's jobs, oldest first."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            found = sorted(client.list_jobs(), key=lambda job: (job.create_time.ToNanoseconds(), job.name))
-            for job in found:
-                typer.echo(_job_line(job))
+        found = sorted(client.list_jobs(), key=lambda job: (job.create_time.ToNanoseconds(), job.name))
+        for job in found:
+            typer.echo(_job_line(job))
 
     @jobs.command("get")
+    @connected()
     def get_job(
+        client: LlocoClient,
         job_id: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Show a job's state."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            typer.echo(_job_line(client.get_job(job_id)))
+        typer.echo(_job_line(client.get_job(job_id)))
 
     @jobs.command("wait")
+    @connected()
     def wait_job(
+        client: LlocoClient,
         job_id: str,
         wait: Annotated[
             float, typer.Option("--wait", min=1, help="Give up after this many seconds.")
         ] = 3600.0,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Wait until a job ends and show it; exit status 1 unless it SUCCEEDED."""
         from lloco.api import lloco_pb2
         from lloco.terminal import progress
 
-        with _connect(target, key, timeout, tenant, tls, ca) as client, progress(transient=True) as bars:
+        with progress(transient=True) as bars:
             task = bars.add_task(f"job {job_id}", total=None, detail="")
 
             def show(job: lloco_pb2.Job) -> None:
@@ -477,49 +462,34 @@ def _jobs_app() -> typer.Typer:
             raise typer.Exit(1)
 
     @jobs.command("cancel")
+    @connected(timeout_s=60.0)
     def cancel_job(
+        client: LlocoClient,
         job_id: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 60.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Stop a queued or running job."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            typer.echo(_job_line(client.cancel_job(job_id)))
+        typer.echo(_job_line(client.cancel_job(job_id)))
 
     @jobs.command("compress")
+    @connected(timeout_s=600.0)
     def compress(
+        client: LlocoClient,
         doc_ids: Annotated[
             list[str] | None, typer.Argument(help="Document ids; none: every pending one.")
         ] = None,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 600.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Compress documents: online for small batches, otherwise as a Ray job."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            typer.echo(_job_line(client.compress(doc_ids or ())))
+        typer.echo(_job_line(client.compress(doc_ids or ())))
 
     @jobs.command("finetune")
+    @connected(timeout_s=60.0)
     def finetune(
+        client: LlocoClient,
         dataset_id: Annotated[str, typer.Argument(help="Dataset id.")],
         adapter: Annotated[str, typer.Option(help="Adapter to publish a new version of.")] = "default",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        tenant: Tenant = "",
-        timeout: Timeout = 60.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Submit a LoRA finetuning job on a dataset."""
-        with _connect(target, key, timeout, tenant, tls, ca) as client:
-            typer.echo(_job_line(client.submit_finetune(dataset_id, adapter)))
+        typer.echo(_job_line(client.submit_finetune(dataset_id, adapter)))
 
     return jobs
 
@@ -528,80 +498,60 @@ def _admin_app() -> typer.Typer:
     admin = typer.Typer(help="Tenant administration (admin key).", no_args_is_help=True)
 
     @admin.command("create-tenant")
+    @connected(tenant_option=False)
     def create_tenant(
+        client: LlocoClient,
         tenant_id: str,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Create a tenant; prints its first API key (shown only once)."""
-        with _connect(target, key, timeout, "", tls, ca) as client:
-            reply = client.create_tenant(tenant_id)
-            typer.echo(f"{reply.tenant.name}\t{reply.api_key}")
+        reply = client.create_tenant(tenant_id)
+        typer.echo(f"{reply.tenant.name}\t{reply.api_key}")
 
     @admin.command("create-key")
+    @connected(tenant_option=False)
     def create_key(
+        client: LlocoClient,
         tenant_id: Annotated[str, typer.Argument(help="Tenant id; default: the key's own tenant.")] = "",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Create another API key for a tenant; prints it (shown only once; `list-keys` shows its name)."""
-        with _connect(target, key, timeout, "", tls, ca) as client:
-            typer.echo(client.create_api_key(tenant_id or None).api_key)
+        typer.echo(client.create_api_key(tenant_id or None).api_key)
 
     @admin.command("list-keys")
+    @connected(tenant_option=False)
     def list_keys(
+        client: LlocoClient,
         tenant_id: Annotated[str, typer.Argument(help="Tenant id; default: the key's own tenant.")] = "",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """List a tenant's API keys: name, first characters, creation time (never the secrets)."""
-        with _connect(target, key, timeout, "", tls, ca) as client:
-            for api_key in client.list_api_keys(tenant_id or None):
-                created = api_key.create_time.ToDatetime().isoformat(timespec="seconds")
-                typer.echo(f"{api_key.name}\t{api_key.hint}...\t{created}")
+        for api_key in client.list_api_keys(tenant_id or None):
+            created = api_key.create_time.ToDatetime().isoformat(timespec="seconds")
+            typer.echo(f"{api_key.name}\t{api_key.hint}...\t{created}")
 
     @admin.command("revoke-key")
+    @connected(tenant_option=False)
     def revoke_key(
+        client: LlocoClient,
         key_name: Annotated[str, typer.Argument(help="The key's id or name (tenants/{t}/apiKeys/{id}).")],
         tenant_id: Annotated[str, typer.Option("--tenant", help="Tenant of a bare key id.")] = "",
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        timeout: Timeout = 30.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Revoke an API key: it stops working at once."""
-        with _connect(target, key, timeout, "", tls, ca) as client:
-            client.revoke_api_key(key_name, tenant_id or None)
-            typer.echo(f"revoked {key_name}")
+        client.revoke_api_key(key_name, tenant_id or None)
+        typer.echo(f"revoked {key_name}")
 
     @admin.command("delete-tenant")
+    @connected(tenant_option=False, timeout_s=300.0)
     def delete_tenant(
+        client: LlocoClient,
         tenant_id: str,
         yes: Annotated[
             bool, typer.Option("--yes", help="Confirm: everything of the tenant is deleted.")
         ] = False,
-        target: Target = DEFAULT_TARGET,
-        key: TenantKey = ...,
-        timeout: Timeout = 300.0,
-        tls: Tls = False,
-        ca: Ca = None,
     ) -> None:
         """Delete a tenant with its documents, contexts, datasets, adapters, jobs, uploads and keys."""
         if not yes:
             raise typer.BadParameter("deleting a tenant cannot be undone: pass --yes", param_hint="--yes")
-        with _connect(target, key, timeout, "", tls, ca) as client:
-            removed = client.delete_tenant(tenant_id)
-            typer.echo(f"deleted tenants/{tenant_id} ({removed} objects)")
+        removed = client.delete_tenant(tenant_id)
+        typer.echo(f"deleted tenants/{tenant_id} ({removed} objects)")
 
     return admin
 
