@@ -27,9 +27,9 @@ from lloco.serve.engine_core import (
     QueryStats,
     Residency,
     Resolved,
-    TextStream,
 )
 from lloco.serve.fairness import TenantService
+from lloco.serve.text_stream import TextStream
 from safetensors.torch import save as save_safetensors
 
 HANDBOOK = (
