@@ -314,17 +314,22 @@ class EngineCore:
         return self._model.tokenizer
 
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
-        """Compress small documents now, on this engine's model, between decode steps.
+        """Compress small documents now, on this engine's model, between decode steps; then add their
+        segments to the tenant's retrieval index (in a worker thread: decoding goes on meanwhile).
 
         Raises:
             NotFound: the tenant or a document does not exist.
             InvalidArgument: a document is empty or longer than `limits.online_compress_max_tokens`.
+            ResourceExhausted: the index would pass `limits.max_corpus_segments` (the contexts are stored).
         """
         registry = await asyncio.to_thread(Registry, self._store, tenant)
-        max_tokens = self._settings.limits.online_compress_max_tokens
-        return await self.scheduler.run_exclusive(
-            lambda: compress_online(registry, self._compressor, doc_ids, max_tokens)
+        limits = self._settings.limits
+        contexts = await self.scheduler.run_exclusive(
+            lambda: compress_online(registry, self._compressor, doc_ids, limits.online_compress_max_tokens)
         )
+        index = registry.index(self.compressor_id, limits.max_corpus_segments)
+        await asyncio.to_thread(index.update, list(dict.fromkeys(doc_ids)))
+        return contexts
 
     async def load_adapter(self, tenant: str, name: str, version: str | None) -> str:
         """Bring an adapter into the CPU tier and, when a slot is free of running rows, into a GPU slot.
