@@ -356,7 +356,8 @@ def test_services_and_policies_select_the_ray_pods(
     _, _, docs = case
     pods = kuberay_pod_labels(docs)
     serving = [(labels, t) for labels, t in pods if labels["app.kubernetes.io/component"] == "serve"]
-    grpc_port = serve_config(docs)["applications"][0]["args"]["serve"]["grpc_port"]
+    serve_args = serve_config(docs)["applications"][0]["args"]["serve"]
+    grpc_port, http_port = serve_args["grpc_port"], serve_args["http_port"]
     (rayservice,) = of_kind(docs, "RayService")
     grpc_service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"] == "demo-lloco-grpc")
     if grpc_service["spec"]["type"] == "ExternalName":
@@ -365,7 +366,7 @@ def test_services_and_policies_select_the_ray_pods(
         target = f"{rayservice['metadata']['name']}-head-svc.{NAMESPACE}.svc.cluster.local"
         assert grpc_service["spec"]["externalName"] == target
         assert "selector" not in grpc_service["spec"]
-        assert [p["port"] for p in grpc_service["spec"]["ports"]] == [grpc_port]
+        assert [p["port"] for p in grpc_service["spec"]["ports"]] == [grpc_port, http_port]
         heads = [t for labels, t in serving if labels["ray.io/node-type"] == "head"]
     else:
         heads = [t for labels, t in serving if matches(grpc_service["spec"]["selector"], labels)]
@@ -377,9 +378,12 @@ def test_services_and_policies_select_the_ray_pods(
         ], "the gRPC Service selects a worker"
     assert len(heads) == 1, "the gRPC API is not on exactly the serving head"
     ports = {p["name"]: p["containerPort"] for p in heads[0]["spec"]["containers"][0]["ports"]}
-    assert ports["grpc"] == grpc_port
+    assert ports["grpc"] == grpc_port and ports["openai"] == http_port
+    assert {p["targetPort"] for p in grpc_service["spec"]["ports"] if "targetPort" in p} <= set(ports)
     for policy in of_kind(docs, "NetworkPolicy"):
         assert all(matches(policy["spec"]["podSelector"]["matchLabels"], labels) for labels, _ in pods)
+        open_ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule.get("ports", [])}
+        assert {"grpc", "openai"} <= open_ports
     budgets = {d["metadata"]["name"]: d for d in of_kind(docs, "PodDisruptionBudget")}
     for name, budget in budgets.items():
         selected = [
@@ -798,6 +802,7 @@ def test_pods_read_the_settings_from_the_mounted_file(
     assert settings.engine.context_cache_cpu_bytes == merged["engine"]["contextCacheCpuBytes"]
     assert settings.limits.max_document_bytes == merged["limits"]["maxDocumentBytes"]
     assert settings.serve.grpc_port == merged["serve"]["grpcPort"]
+    assert settings.serve.http_port == merged["serve"]["httpPort"]
     assert settings.serve.engine_num_gpus == merged["serve"]["engine"]["numGpus"]
     assert settings.compress.actor_num_gpus == merged["jobs"]["compress"]["actorNumGpus"]
     assert settings.finetune.learning_rate == pytest.approx(merged["jobs"]["finetune"]["learningRate"])
@@ -1059,7 +1064,8 @@ def _check_load_balancer(docs: list[dict[str, Any]]) -> None:
     service = next(d for d in of_kind(docs, "Service") if d["metadata"]["name"] == "demo-lloco-grpc")
     assert service["spec"]["type"] == "LoadBalancer"
     assert service["spec"]["ports"] == [
-        {"name": "grpc", "port": 443, "targetPort": "grpc", "protocol": "TCP"}
+        {"name": "grpc", "port": 443, "targetPort": "grpc", "protocol": "TCP"},
+        {"name": "openai", "port": 8443, "targetPort": "openai", "protocol": "TCP"},
     ]
     (pod,) = of_kind(docs, "Pod")
     assert {"name": "GRPC_TARGET", "value": "demo-lloco-grpc:443"} in pod["spec"]["containers"][0]["env"]
@@ -1160,7 +1166,12 @@ OVERRIDES = [
         _check_floats,
     ),
     ("jobs-cluster", "jobsCluster.enabled=true", [], _check_jobs_cluster),
-    ("load-balancer", "serve.service.type=LoadBalancer,serve.service.port=443", [], _check_load_balancer),
+    (
+        "load-balancer",
+        "serve.service.type=LoadBalancer,serve.service.port=443,serve.service.httpPort=8443",
+        [],
+        _check_load_balancer,
+    ),
     (
         "monitoring",
         "monitoring.enabled=true,monitoring.rules.enabled=true,monitoring.dashboard.enabled=true",

@@ -338,7 +338,7 @@ def lloco_server(
         ),
         limits=LimitSettings(max_new_tokens=32, online_compress_max_tokens=1024),
         engine=EngineSettings(max_batch_size=2, max_seq_len=512),
-        serve=ServeSettings(grpc_port=free_port()),
+        serve=ServeSettings(grpc_port=free_port(), http_port=None),
     )
     with EmbeddedStack(settings, jobs=False) as stack:
         yield stack

@@ -37,7 +37,7 @@ def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
             dtype="float32",
             cache_dir=tmp_path / "cache",
         ),
-        serve=ServeSettings(grpc_port=free_port()),
+        serve=ServeSettings(grpc_port=free_port(), http_port=None),
     )
     options = DemoOptions(
         articles_per_tenant=1,

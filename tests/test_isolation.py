@@ -92,7 +92,7 @@ def stack(
         ),
         lora=LoraSettings(max_rank=8, gpu_slots=4, cpu_adapters=8),
         engine=EngineSettings(max_batch_size=4, max_seq_len=1024),
-        serve=ServeSettings(grpc_port=free_port(), max_ongoing_requests=64),
+        serve=ServeSettings(grpc_port=free_port(), http_port=None, max_ongoing_requests=64),
     )
     with EmbeddedStack(settings, num_cpus=4, jobs=False) as running:
         assert running.settings.store.bucket == BUCKET

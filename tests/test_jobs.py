@@ -145,6 +145,7 @@ def test_jobs_answer_after_lloco_up_restarts(tiny_model_dir: Path, tmp_path: Pat
         "engine": {"max_batch_size": 2, "max_seq_len": 512},
         "lora": {"max_rank": 8, "gpu_slots": 2, "cpu_adapters": 4},
         "finetune": {"epochs": 1000, "batch_size": 2},  # long enough to be cancelled, or lost, while it runs
+        "serve": {"http_port": None},  # gRPC only: no fixed HTTP port to collide on
     }
     config = tmp_path / "lloco.yaml"
     config.write_text(yaml.safe_dump(settings))

@@ -169,12 +169,20 @@ class ServeSettings(_Section):
     host: str = Field(
         "127.0.0.1",
         min_length=1,
-        description="Address the gRPC server listens on: loopback for `lloco up`; '0.0.0.0' or '::' for "
+        description="Address the gRPC and HTTP servers listen on: loopback for `lloco up`; '0.0.0.0' or '::' for "
         "every interface (the Helm chart).",
     )
     grpc_port: int = Field(50051, ge=1, le=65535, description="gRPC port.")
+    http_port: int | None = Field(
+        8100,
+        ge=1,
+        le=65535,
+        description="Port of the OpenAI-compatible HTTP API (/v1/...), on the same host and with the same "
+        "TLS files as gRPC (not 8000: Ray Serve's own HTTP proxy takes that one on a cluster); None turns it off.",
+    )
     tls_cert_file: Path | None = Field(
-        None, description="PEM certificate chain of the gRPC server; with tls_key_file, the API speaks TLS."
+        None,
+        description="PEM certificate chain of the gRPC and HTTP servers; with tls_key_file, the API speaks TLS.",
     )
     tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
     engine_replicas: int = Field(1, ge=1, description="Engine replicas.")
@@ -182,9 +190,11 @@ class ServeSettings(_Section):
     max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once.")
 
     @model_validator(mode="after")
-    def _tls_pair(self) -> ServeSettings:
+    def _tls_pair_and_ports(self) -> ServeSettings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("serve.tls_cert_file and serve.tls_key_file are set together or not at all")
+        if self.http_port == self.grpc_port:
+            raise ValueError(f"serve.http_port and serve.grpc_port must differ (both are {self.grpc_port})")
         return self
 
     @property

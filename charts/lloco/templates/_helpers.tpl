@@ -108,7 +108,7 @@ Args: root, job, values.
 {{- include "lloco.resourceName" (dict "root" .root "suffix" .job "max" (ternary 30 40 (not (empty .values.schedule)))) }}
 {{- end }}
 
-{{/* Where the serving pods mount the gRPC API's TLS secret. */}}
+{{/* Where the serving pods mount the API's TLS secret (gRPC and HTTP). */}}
 {{- define "lloco.tlsDir" -}}
 /etc/lloco/tls
 {{- end }}
@@ -128,6 +128,15 @@ lloco_edge
 {{- int64 .Values.serve.grpcPort }}
 {{- else }}
 {{- int64 .Values.serve.service.port }}
+{{- end }}
+{{- end }}
+
+{{/* The port clients dial for the OpenAI-compatible HTTP API on that Service. */}}
+{{- define "lloco.httpServicePort" -}}
+{{- if eq .Values.serve.service.type "ExternalName" }}
+{{- int64 .Values.serve.httpPort }}
+{{- else }}
+{{- int64 .Values.serve.service.httpPort }}
 {{- end }}
 {{- end }}
 
@@ -178,6 +187,7 @@ engine:
 serve:
   host: {{ $v.serve.host | quote }}
   grpc_port: {{ int64 $v.serve.grpcPort }}
+  http_port: {{ int64 $v.serve.httpPort }}
   {{- if $v.serve.tls.existingSecret }}
   tls_cert_file: {{ printf "%s/tls.crt" (include "lloco.tlsDir" .) | quote }}
   tls_key_file: {{ printf "%s/tls.key" (include "lloco.tlsDir" .) | quote }}
@@ -396,6 +406,8 @@ spec:
         {{- if eq .role "head" }}
         - name: grpc
           containerPort: {{ int64 $v.serve.grpcPort }}
+        - name: openai
+          containerPort: {{ int64 $v.serve.httpPort }}
         {{- end }}
         {{- end }}
       resources:

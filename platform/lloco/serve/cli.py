@@ -30,6 +30,12 @@ def up(
     port: Annotated[
         int | None, typer.Option("--port", min=1, max=65535, help="gRPC port (serve.grpc_port).")
     ] = None,
+    http_port: Annotated[
+        int | None,
+        typer.Option(
+            "--http-port", min=1, max=65535, help="Port of the OpenAI-compatible HTTP API (serve.http_port)."
+        ),
+    ] = None,
     host: Annotated[
         str | None,
         typer.Option("--host", help="Listen address (serve.host; 0.0.0.0 for every interface)."),
@@ -44,14 +50,15 @@ def up(
         bool, typer.Option("--check", help="Start, report health, stop; exit 1 unless SERVING.")
     ] = False,
 ) -> None:
-    """Run lloco on this machine: embedded S3, local Ray and the gRPC app (on serve.host, 127.0.0.1 by
-    default), until Ctrl-C."""
+    """Run lloco on this machine: embedded S3, local Ray and the app, gRPC and OpenAI-compatible HTTP (on
+    serve.host, 127.0.0.1 by default), until Ctrl-C."""
     from lloco.config import Settings
     from lloco.errors import LlocoError
     from lloco.serve.local import EmbeddedStack
 
     overrides: dict[str, Any] = {}
-    serve = {name: value for name, value in (("grpc_port", port), ("host", host)) if value is not None}
+    given = (("grpc_port", port), ("http_port", http_port), ("host", host))
+    serve = {name: value for name, value in given if value is not None}
     if serve:
         overrides["serve"] = serve
     if data_dir is not None:
@@ -83,6 +90,11 @@ def up(
                 "  lloco ingest notes.txt\n"
                 "  lloco query 'What do the notes say?' --doc notes"
             )
+            if stack.openai_base_url:
+                typer.echo(
+                    f"OpenAI-compatible API: {stack.openai_base_url} (the same key; model 'tenants/{tenant}' "
+                    "or an adapter id; documents in extra_body={'documents': [...]})"
+                )
             if check:
                 if status != "SERVING":
                     raise typer.Exit(1)

@@ -4,7 +4,9 @@ work.
 
 Statuses: `grpc_status` is the one place where an exception becomes a gRPC code and message (through
 `lloco.errors.to_grpc_status`, after Ray's wrappers are peeled); messages of lloco errors are written
-for callers, anything else is INTERNAL with no detail, and the full error goes to the log. The `rpc`
+for callers, anything else is INTERNAL with no detail, and the full error goes to the log. The
+OpenAI-compatible HTTP API maps that code to an HTTP status and OpenAI error type (`HTTP_ERRORS`,
+`http_error`). The `rpc`
 decorator applies it to every RPC method and counts the method's calls and time (`EdgeMetrics`).
 
 Store work: the edge answers every tenant from one event loop; its object-store calls (boto3, blocking) run on a
@@ -68,6 +70,35 @@ def grpc_status(method: str, error: BaseException) -> tuple[grpc.StatusCode, str
     else:
         log.info("rpc refused", method=method, code=code.name, details=details, cause=_cause(original))
     return code, details
+
+
+# The HTTP status and OpenAI error type of each status code: the OpenAI-compatible API's errors are the same
+# typed errors, through the same `grpc_status`, then this table (codes absent here are 500 server_error).
+HTTP_ERRORS: dict[grpc.StatusCode, tuple[int, str]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.FAILED_PRECONDITION: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.PERMISSION_DENIED: (403, "permission_error"),
+    grpc.StatusCode.NOT_FOUND: (404, "not_found_error"),
+    grpc.StatusCode.ALREADY_EXISTS: (409, "conflict_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.CANCELLED: (499, "cancelled"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: (504, "timeout_error"),
+}
+
+
+def openai_error_body(message: str, kind: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """An OpenAI error object: ``{"error": {"message", "type", "param", "code"}}``."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def http_error(method: str, error: BaseException, param: str | None = None) -> tuple[int, dict[str, Any]]:
+    """The HTTP status and OpenAI error body the caller of ``method`` gets for ``error`` (logged as
+    `grpc_status` logs it); ``code`` is the status code's name in lower case, as gRPC callers see it."""
+    code, details = grpc_status(method, error)
+    status, kind = HTTP_ERRORS.get(code, (500, "server_error"))
+    return status, openai_error_body(details, kind, code.name.lower(), param)
 
 
 class EdgeMetrics:

@@ -8,6 +8,10 @@ name under another tenant is PERMISSION_DENIED before anything is read), then wo
 registry and `EdgeDocuments` (store work in the tenant's lane of `TenantWork`), the engine deployment
 (compression, queries; `Queries` checks them) or `lloco.jobs` (compress and finetune jobs). Errors of all
 RPCs become gRPC statuses in one place, `lloco.serve.edge.grpc_status`, applied by `rpc`.
+
+Next to it, each replica runs the OpenAI-compatible HTTP API (`lloco.serve.openai_api` on
+`lloco.serve.http`, when ``serve.http_port`` is set), on the same authentication, `Queries`, engine
+handle and metrics.
 """
 
 from __future__ import annotations
@@ -40,7 +44,9 @@ from lloco.serve import replies
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import EdgeMetrics, HealthProbe, TenantWork, bearer_key, domain_error, rpc
 from lloco.serve.engine_core import QueryStats
+from lloco.serve.http import HttpServer, start_http_server
 from lloco.serve.names import dataset_name, field_id, owned, owned_under, parse_name, tenant_name
+from lloco.serve.openai_api import OpenAIApi
 from lloco.serve.queries import Queries
 from lloco.serve.server import start_server
 from lloco.storage import ObjectStore, keys
@@ -67,7 +73,9 @@ class Ingress:
         self._keys = KeyRing(self._store, settings.admin_key)
         self._tenants = Tenants(self._store)
         # jobs go to the job server (the dashboard) of the cluster this replica runs in
-        self._jobs = Jobs(settings, self._store, settings.jobs.ray_address or ray.get_runtime_context().gcs_address)
+        self._jobs = Jobs(
+            settings, self._store, settings.jobs.ray_address or ray.get_runtime_context().gcs_address
+        )
         self._facts: tuple[Any, str] | None = None
         self._engine_facts_lock = asyncio.Lock()
         self._metrics = EdgeMetrics()
@@ -76,9 +84,26 @@ class Ingress:
         self._documents = EdgeDocuments(self._store, self._limits, self._work, self._compressor)
         self._queries = Queries(self._limits, self._count_tokens)
         self._server = await start_server(self, settings)
+        self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
+
+    async def _start_http(self, settings: Settings) -> HttpServer:
+        """The OpenAI-compatible HTTP API, on this replica's authentication, queries and engine handle."""
+        api = OpenAIApi(
+            authenticate=self.authenticate,
+            record=self.record,
+            queries=self._queries,
+            engine=self._engine,
+            documents=self._documents,
+            work=self._work,
+            limits=self._limits,
+            max_ongoing_requests=settings.serve.max_ongoing_requests,
+        )
+        return await start_http_server(api.app(), settings)
 
     async def __del__(self) -> None:
         """Serve calls this when it stops the replica: finish running calls for a moment, then close."""
+        if self._http is not None:
+            await self._http.stop(SHUTDOWN_GRACE_S)
         await self._server.stop(SHUTDOWN_GRACE_S)
         self._work.close()
 

@@ -74,7 +74,8 @@ def health_status(target: str, timeout_s: float = 5.0, ca_file: Path | None = No
 
 
 class EmbeddedStack:
-    """SeaweedFS + local Ray + the lloco Serve app on `settings.serve.host`:`settings.serve.grpc_port`.
+    """SeaweedFS + local Ray + the lloco Serve app on `settings.serve.host`:`settings.serve.grpc_port` (and
+    the OpenAI-compatible HTTP API on `serve.http_port`, unless it is None).
 
     With `serve.tls_cert_file` set, health checks trust that certificate chain (a self-signed
     certificate, or a chain that ends with its root).
@@ -104,9 +105,21 @@ class EmbeddedStack:
     @property
     def address(self) -> str:
         """Where gRPC clients on this machine connect (loopback when the server listens everywhere)."""
+        return address(self._client_host, self.settings.serve.grpc_port)
+
+    @property
+    def openai_base_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL for clients on this machine (``.../v1``); None when
+        ``serve.http_port`` is off."""
+        serve = self.settings.serve
+        if serve.http_port is None:
+            return None
+        return f"{'https' if serve.tls else 'http'}://{address(self._client_host, serve.http_port)}/v1"
+
+    @property
+    def _client_host(self) -> str:
         host = self.settings.serve.host
-        host = {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
-        return address(host, self.settings.serve.grpc_port)
+        return {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
 
     def __enter__(self) -> EmbeddedStack:
         self.start()
@@ -119,12 +132,16 @@ class EmbeddedStack:
 
     def start(self) -> None:
         """Start S3, Ray and the app, and return once health reports SERVING."""
-        port = self._base_settings.serve.grpc_port
-        if port_in_use(port, self._base_settings.serve.host):
-            raise FailedPrecondition(
-                f"port {port} is already in use (another `lloco up`?); stop that server or pick another port "
-                "with --port or LLOCO_SERVE__GRPC_PORT"
-            )
+        serve = self._base_settings.serve
+        for port, how in (
+            (serve.grpc_port, "--port or LLOCO_SERVE__GRPC_PORT"),
+            (serve.http_port, "--http-port or LLOCO_SERVE__HTTP_PORT"),
+        ):
+            if port is not None and port_in_use(port, serve.host):
+                raise FailedPrecondition(
+                    f"port {port} is already in use (another `lloco up`?); stop that server or pick another "
+                    f"port with {how}"
+                )
         try:
             self._start_store()
             self._start_ray()
