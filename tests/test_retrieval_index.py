@@ -154,3 +154,51 @@ def test_another_tenants_segments_never_appear(
         for term in terms:
             expected = [f"{name}-{own.index(term)}"] if term in own else []
             assert found(registry, compressor, term) == expected
+
+
+def test_corpus_query_selection_budget_staleness_and_errors(
+    store: ObjectStore, compressor: Compressor
+) -> None:
+    """The edge's choice of segments: tenant-scoped cache, deleted documents dropped, budget and top_k,
+    document order; the engine's slice of those segments' own vectors."""
+    from lloco.errors import FailedPrecondition
+    from lloco.serve.engine_core import segment_vectors
+    from lloco.serve.retrieval import IndexCache, check_retrieval, retrieve
+
+    registry = tenant(store, "acme")
+    cid = compressor.compressor_id
+    cache = IndexCache(ttl_s=0.0)
+    with pytest.raises(FailedPrecondition, match="no retrieval index yet"):
+        retrieve(cache, registry, cid, "zanzibar", 4, None, K)
+    docs = {"a": f"zanzibar {FILLER} {FILLER} zanzibar", "b": f"{FILLER} zanzibar", "c": FILLER}
+    add(registry, compressor, docs)
+
+    got = retrieve(cache, registry, cid, "zanzibar", 8, None, K)
+    assert set(got.doc_ids) == {"a", "b"} and len(got.hits) == sum(map(len, got.segments))
+    for doc_id, indices in zip(got.doc_ids, got.segments, strict=True):
+        assert list(indices) == sorted(indices)  # a document's segments in order
+        table = registry.context_info(doc_id, cid).segments
+        for hit in (h for h in got.hits if h.entry.doc_id == doc_id):
+            assert hit.entry.segment == table[hit.entry.segment.index]  # citations are the stored ranges
+    one = retrieve(cache, registry, cid, "zanzibar", 8, K, K)  # a budget of one segment's vectors
+    assert len(one.hits) == 1 and one.hits[0].score == max(h.score for h in got.hits)
+    with pytest.raises(InvalidArgument, match="cannot hold one segment"):
+        retrieve(cache, registry, cid, "zanzibar", 8, K - 1, K)
+
+    Tenants(store).create("globex")
+    with pytest.raises(FailedPrecondition):  # another tenant's index is never reached
+        retrieve(cache, Registry(store, "globex"), cid, "zanzibar", 8, None, K)
+
+    registry.delete_document("b")
+    assert "b" not in retrieve(cache, registry, cid, "zanzibar", 8, None, K).doc_ids
+
+    assert check_retrieval(0, 0, 64, 8) == (8, None)
+    for top_k, budget in [(-1, 0), (65, 0), (1, -1)]:
+        with pytest.raises(InvalidArgument):
+            check_retrieval(top_k, budget, 64, 8)
+
+    vectors, info = registry.get_context("a", cid)
+    picked = segment_vectors(vectors, (info.segments[-1], info.segments[0]), K)
+    assert torch.equal(picked, torch.cat([vectors[-K:], vectors[:K]]))
+    with pytest.raises(InvalidArgument):
+        segment_vectors(vectors, (Segment(len(info.segments), 0, 1, 0, 1),), K)

@@ -33,7 +33,7 @@ from lloco.model import (
     chat_prompt,
     truncate_at_stop,
 )
-from lloco.registry import ContextInfo, DocumentInfo, Registry
+from lloco.registry import ContextInfo, DocumentInfo, Registry, Segment
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -46,6 +46,19 @@ _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 
 
+def segment_vectors(vectors: torch.Tensor, segments: tuple[Segment, ...], k: int) -> torch.Tensor:
+    """The rows of a context ``[n_segments * k, D]`` that belong to ``segments``, in their order: each
+    segment's own k summaries (with accumulation they were computed seeing the document's earlier
+    summaries; those are not prepended with it).
+
+    Raises InvalidArgument for a segment the context does not have."""
+    n_segments = vectors.shape[0] // k
+    rows = [s.index for s in segments]
+    if any(not 0 <= row < n_segments for row in rows):
+        raise InvalidArgument(f"segments {rows} out of range for a context of {n_segments} segments")
+    return vectors.view(n_segments, k, -1)[rows].reshape(len(rows) * k, -1)
+
+
 @dataclass(frozen=True)
 class EngineRequest:
     request_id: str
@@ -55,6 +68,9 @@ class EngineRequest:
     adapter: str | None  # adapter name; None = the base model
     adapter_version: str | None  # None = the adapter's current version
     params: SamplingParams
+    # A corpus query (serve.retrieval): per document of doc_ids, the segments whose own k summary vectors
+    # are prepended, in order (None: every document whole).
+    segments: tuple[tuple[Segment, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -421,7 +437,14 @@ class EngineCore:
             self._observer.context_lookup(req.tenant, tier)
             contexts.append(vectors)
         prompt_ids = chat_prompt(self._model.tokenizer, req.question)
-        document_tokens = sum(self._tokens_of(registry, doc) for doc in docs)
+        if req.segments is None:
+            document_tokens = sum(self._tokens_of(registry, doc) for doc in docs)
+        else:
+            k = self._compressor.k
+            contexts = [
+                segment_vectors(v, segments, k) for v, segments in zip(contexts, req.segments, strict=True)
+            ]
+            document_tokens = sum(s.token_end - s.token_start for segments in req.segments for s in segments)
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
         needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
