@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+from unittest.mock import patch
 
 import pytest
 
@@ -49,6 +51,92 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from lloco.model import tiny_llama_dir
 
     return tiny_llama_dir(tmp_path_factory.mktemp("tiny-llama"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def compressor_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh (untrained) compressor for the tiny model: segments of 32 tokens into 4 vectors."""
+    from lloco.model import Compressor, load_model
+
+    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("model-cache"), dtype="float32")
+    return Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
+        tmp_path_factory.mktemp("compressor")
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_model_dir: Path, compressor_dir: Path) -> Callable[..., Any]:
+    """Makes the Settings of a stack serving the tiny model with the ``compressor_dir`` compressor in
+    float32: ``make(data_dir, admin_key, **sections)``, the other sections (limits, lora, engine, serve)
+    as keyword arguments."""
+    from lloco.config import ModelSettings, Settings
+    from pydantic import SecretStr
+
+    def make(data_dir: Path, admin_key: str, **sections: Any) -> Settings:
+        model = ModelSettings(
+            base_model=str(tiny_model_dir),
+            compressor=str(compressor_dir),
+            dtype="float32",
+            cache_dir=data_dir / "models",
+        )
+        return Settings(data_dir=data_dir, admin_key=SecretStr(admin_key), model=model, **sections)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_model_dir: Path) -> Callable[[int], dict[str, bytes]]:
+    """Makes the files of a PEFT rank-8 LoRA on q/k/v/o of the tiny model, random non-zero A and B (a seed
+    each), as `save_pretrained` writes them."""
+
+    def make(seed: int) -> dict[str, bytes]:
+        import tempfile
+
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        config = LoraConfig(
+            r=8,
+            lora_alpha=16,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+            init_lora_weights=False,
+        )
+        peft_model = get_peft_model(model, config)
+        with torch.no_grad():
+            for name, parameter in peft_model.named_parameters():
+                if "lora_" in name:
+                    parameter.normal_(0.0, 0.3)
+        with tempfile.TemporaryDirectory() as directory:
+            peft_model.save_pretrained(directory)
+            return {
+                name: (Path(directory) / name).read_bytes()
+                for name in ("adapter_config.json", "adapter_model.safetensors")
+            }
+
+    return make
+
+
+@pytest.fixture(scope="session", autouse=True)
+def ray_agents_off_the_default_port() -> Iterator[None]:
+    """Every Ray node this test process starts gives its dashboard agent a free port.
+
+    Patches RayParams.__init__ (the one mock here): ray.init has no argument for the agent's port, whose
+    default 52365 must stay free for the `lloco up` subprocesses tests start (tests/test_jobs.py), whose
+    job server takes no job without its agent (and `lloco up` refuses to start when the port is taken)."""
+    from lloco.serve.local import free_port
+    from ray._private.parameter import RayParams
+
+    init_params = RayParams.__init__
+
+    def with_free_agent_port(params: RayParams, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        init_params(params, *args, **kwargs)
+
+    with patch.object(RayParams, "__init__", with_free_agent_port):
+        yield
 
 
 @pytest.fixture(scope="session")

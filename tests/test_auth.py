@@ -26,8 +26,9 @@ def test_create_resolve_revoke(ring: KeyRing, store: ObjectStore) -> None:
     key = ring.create_key("acme")
     other = ring.create_key("beta")
     assert key.startswith("lloco_") and len(key) >= len("lloco_") + 43 and key != ring.create_key("acme")
-    assert ring.resolve(key) == Principal(tenant="acme", admin=False)
-    assert ring.resolve(other) == Principal(tenant="beta", admin=False)
+    uids = {tenant: Tenants(store).uid(tenant) for tenant in ("acme", "beta")}
+    assert ring.resolve(key) == Principal(tenant="acme", admin=False, tenant_uid=uids["acme"])
+    assert ring.resolve(other) == Principal(tenant="beta", admin=False, tenant_uid=uids["beta"])
 
     stored = [store.get_bytes(k) for k in store.list_keys("auth/")]
     assert len(stored) == 3

@@ -8,8 +8,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from lloco.bench import scheduling, serve
-from lloco.bench.engine import GEOMETRIES, random_llama
+from lloco.bench import scheduling
+from lloco.bench.common import GEOMETRIES, random_llama
 from lloco.model import LlamaConfig
 
 
@@ -43,9 +43,9 @@ def test_prefill_burst_section_chunks_the_burst_beside_every_decoding_row(model)
 
 def test_fairness_section_runs_every_scenario(model, store) -> None:
     plan = replace(
-        scheduling.PLANS["tiny"], tenants=2, rows=2, doc_tokens=256, new_tokens=3, seconds=0.6, load=0.5
+        scheduling.PLANS["tiny"], tenants=2, rows=2, doc_tokens=256, new_tokens=3, seconds=2.0, load=0.5
     )
-    result = scheduling.bench_fairness(model, store, plan, serve.PLANS["tiny"])
+    result = scheduling.bench_fairness(model, store, plan)
     assert result["context_vectors"] == 16 and result["capacity_queries_per_s"] > 0
     assert result["even"]["others"]["queries"] > 0 and result["heavy_10x"]["heavy"]["queries"] > 0
     saturated = result["saturated"]
@@ -56,3 +56,9 @@ def test_fairness_section_runs_every_scenario(model, store) -> None:
     assert len(goals) == 2 and all(isinstance(g["met"], bool) for g in goals)
     assert "(f) Fairness" in "\n".join(scheduling.render_markdown({"fairness": result}))
     assert list(store.list_keys("tenants/")) == []  # its tenants are deleted again
+
+
+def test_main_writes_both_sections_and_the_goals(tmp_path) -> None:
+    result = scheduling.main(["--out", str(tmp_path), "--tiny", "--sections", "prefill_burst"])
+    assert result["errors"] == [] and len(result["prefill_burst"]["runs"]) == 3
+    assert (tmp_path / "scheduling-tiny.md").read_text().startswith("# Scheduling benchmark (small")

@@ -198,3 +198,18 @@ def test_a_deleted_tenants_entries_are_dropped() -> None:
     slots.release(slots.slot_of(kept))
     assert slots.forget_where(lambda key: key.tenant.startswith("gone")) == [0]  # busy's row still runs
     assert slots.resident() == {busy: 1, kept: 2}
+
+
+def test_entries_expire_after_their_time_to_live() -> None:
+    now = [0.0]
+    cache: LruCache[str, int] = LruCache(10, lambda _: 1, ttl_s=5.0, clock=lambda: now[0])
+    cache.put("a", 1)
+    now[0] = 4.9
+    assert cache.get("a") == 1  # a hit does not extend the entry's life: the bound is on staleness
+    now[0] = 5.0
+    assert cache.get("a") is None and len(cache) == 0 and cache.used == 0
+    assert (cache.hits, cache.misses) == (1, 1)
+    cache.put("a", 2)
+    cache.put("b", 3)
+    assert cache.drop_items(lambda key, value: value == 3) == 1
+    assert "b" not in cache and cache.get("a") == 2

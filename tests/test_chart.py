@@ -1216,6 +1216,8 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 SETTINGS_CHANGES = (
     "limits.maxNewTokens=1024,limits.maxDocumentBytes=8388608,limits.maxInflightRequests=8,"
     "engine.maxBatchSize=64,engine.maxSeqLen=8192,engine.contextCacheGpuBytes=4294967296,engine.compile=false,"
+    "engine.prefillChunkTokens=512,engine.outputTokenCost=3.5,engine.tenantWeights.acme=2,"
+    "serve.edgeCache.authTtlSeconds=5,serve.edgeCache.metadataTtlSeconds=0,limits.maxNamesPerCall=50,"
     "lora.gpuSlots=16,lora.cpuAdapters=256,lora.maxRank=32,"
     "serve.engine.maxReplicas=12,serve.engine.targetOngoingRequests=16,serve.engine.maxOngoingRequests=64,"
     "model.base=s3://acme-lloco/models/llama-2-7b/,model.dtype=bfloat16,"
@@ -1241,6 +1243,8 @@ def test_settings_changes_leave_the_ray_cluster_alone() -> None:
     # Serve replaces Engine replicas in place, starting replacements before stopping old ones
     assert next(d for d in app["deployments"] if d["name"] == "EngineDeployment")["max_surge_percent"] == 25
     assert args["limits"]["max_new_tokens"] == 1024 and args["engine"]["max_batch_size"] == 64
+    assert args["engine"]["prefill_chunk_tokens"] == 512 and args["engine"]["tenant_weights"] == {"acme": 2}
+    assert args["serve"]["auth_cache_ttl_s"] == 5 and args["serve"]["metadata_cache_ttl_s"] == 0
     assert args["model"]["base_model"] == "s3://acme-lloco/models/llama-2-7b/"
     assert yaml.safe_load(settings_file(after))["finetune"]["epochs"] == 1.5
     # a change of the batch jobs alone restarts no Serve replica: the Serve config stays as it was
@@ -1251,6 +1255,25 @@ def test_settings_changes_leave_the_ray_cluster_alone() -> None:
     # the negative control: a new image is a new cluster
     image = render(_deep_merge(base, helm.parse_set_string("image.tag=0.1.1")))
     assert of_kind(image, "RayService")[0]["spec"]["rayClusterConfig"] != old["spec"]["rayClusterConfig"]
+
+
+def test_every_serving_setting_is_a_chart_value() -> None:
+    """Each setting of the sections a serving replica reads can be set from the values: the rendered
+    settings name every field, except the few rendered only when their value is given."""
+    from lloco.config import Settings
+
+    rendered_only_when_set = {"limits": {"max_message_bytes"}, "serve": {"tls_cert_file", "tls_key_file"}}
+    settings = yaml.safe_load(settings_file(render({})))
+    for section in ("limits", "lora", "engine", "serve"):
+        fields = set(type(getattr(Settings(), section)).model_fields)
+        missing = fields - set(settings[section]) - rendered_only_when_set.get(section, set())
+        assert not missing, f"{section}: no chart value renders {sorted(missing)}"
+    whole = yaml.safe_load(
+        settings_file(rendered("engine.prefillChunkTokens=0,limits.maxMessageBytes=9000000"))
+    )
+    assert whole["engine"]["prefill_chunk_tokens"] is None and whole["limits"]["max_message_bytes"] == 9000000
+    loaded = Settings.model_validate(whole)
+    assert loaded.engine.prefill_chunk_tokens is None and loaded.serve.metadata_cache_entries == 65536
 
 
 def test_admin_key_is_stable_under_helm_template_with_an_existing_secret() -> None:

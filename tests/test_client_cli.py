@@ -11,7 +11,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -32,6 +32,7 @@ from lloco.errors import (
 from typer.testing import CliRunner, Result
 
 if TYPE_CHECKING:
+    from lloco.config import Settings
     from lloco.serve.local import EmbeddedStack
 
 KEYS = {"key-acme": "acme", "key-beta": "beta", "key-admin": ""}
@@ -314,28 +315,16 @@ NOTES = "The capital of France is Paris. Paris is a large city on a river in the
 
 @pytest.fixture(scope="module")
 def lloco_server(
-    ray_local: None, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    ray_local: None, tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     """`EmbeddedStack` serving a tiny model with a fresh compressor (32-token segments into 4 vectors)."""
-    from lloco.config import EngineSettings, LimitSettings, ModelSettings, ServeSettings, Settings
-    from lloco.model import Compressor, load_model
+    from lloco.config import EngineSettings, LimitSettings, ServeSettings
     from lloco.serve.local import EmbeddedStack, free_port
-    from pydantic import SecretStr
 
     data_dir = tmp_path_factory.mktemp("cli-lloco")
-    base = load_model(str(tiny_model_dir), data_dir / "models", dtype="float32")
-    compressor_dir = Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
-        data_dir / "compressor"
-    )
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(max_new_tokens=32, online_compress_max_tokens=1024),
         engine=EngineSettings(max_batch_size=2, max_seq_len=512),
         serve=ServeSettings(grpc_port=free_port(), http_port=None),
@@ -344,27 +333,9 @@ def lloco_server(
         yield stack
 
 
-def _peft_files(tiny_model_dir: Path, seed: int) -> dict[str, bytes]:
-    """A real rank-4 PEFT LoRA on q/v of the tiny model, random non-zero weights."""
-    import tempfile
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
-        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
-    )
-    with tempfile.TemporaryDirectory() as directory:
-        model.save_pretrained(directory)
-        return {
-            p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file() and p.suffix != ".md"
-        }
-
-
-def test_cli_end_to_end(lloco_server: EmbeddedStack, tiny_model_dir: Path, tmp_path: Path) -> None:
+def test_cli_end_to_end(
+    lloco_server: EmbeddedStack, peft_adapter: Callable[[int], dict[str, bytes]], tmp_path: Path
+) -> None:
     target = lloco_server.address
     created = _run("admin", "create-tenant", "cli", "--target", target, "--tenant-key", ADMIN_KEY)
     assert created.exit_code == 0, created.output
@@ -396,7 +367,7 @@ def test_cli_end_to_end(lloco_server: EmbeddedStack, tiny_model_dir: Path, tmp_p
 
     registry = Registry(lloco_server.store, "cli")
     for seed in (1, 2):
-        registry.publish_adapter("style", _peft_files(tiny_model_dir, seed), train={"seed": seed})
+        registry.publish_adapter("style", peft_adapter(seed), train={"seed": seed})
     assert "tenants/cli/adapters/style\tcurrent v000002\t2 versions" in _run("adapters", *common).stdout
     rolled_back = _run("adapters", "set-current", "style", "v000001", *common)
     assert rolled_back.stdout.strip() == "tenants/cli/adapters/style\tcurrent v000001\t2 versions"

@@ -5,6 +5,7 @@ live, cancellation, errors and backpressure; a tiny random Llama on CPU and a re
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import math
 import threading
@@ -19,7 +20,14 @@ from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 from lloco.model import Compressor, LlamaConfig, LoadedModel, SamplingParams, chat_prompt, load_model
 from lloco.registry import Registry, Tenants
 from lloco.serve.caches import ContextTier
-from lloco.serve.engine_core import EngineCore, EngineObserver, EngineRequest, QueryStats, TextStream
+from lloco.serve.engine_core import (
+    EngineCore,
+    EngineObserver,
+    EngineRequest,
+    QueryStats,
+    Resolved,
+    TextStream,
+)
 from lloco.serve.fairness import TenantService
 from safetensors.torch import save as save_safetensors
 
@@ -558,3 +566,73 @@ def test_chunked_prefill_answers_what_whole_prefill_does(
         assert await answers(5) == await answers(None)
 
     run(scenario)
+
+
+def s3_requests(s3: object, bucket: str) -> int:
+    """Requests for ``bucket`` the server has answered so far (its own Prometheus counter), whoever sent them."""
+    import urllib.request
+
+    with urllib.request.urlopen(s3.metrics_url, timeout=5) as reply:
+        lines = reply.read().decode().splitlines()
+    label = f'bucket="{bucket}"'
+    counted = [line for line in lines if line.startswith("SeaweedFS_s3_request_total{") and label in line]
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in counted))
+
+
+def test_a_resolved_request_reads_nothing_once_its_context_and_adapter_are_held(
+    s3: object, store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """What the edge does for the engine: the registry's answers and the prompt ids come with the request,
+    so a repeated request reads nothing from the store, and the engine decodes the prompt it was given
+    (tokenized once, by the caller) rather than tokenizing the question again."""
+    registry = tenants["acme"]
+    other_question = "Where is the old house?"
+
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            resolved = Resolved.read(registry, ("handbook",), "support", None)
+            given = dataclasses.replace(
+                request("acme", ("handbook",), "support"),
+                resolved=resolved,
+                prompt_ids=tuple(chat_prompt(base.tokenizer, other_question)),
+            )
+            await collect(core, given)  # misses: the context and the adapter's files are read once
+            before = s3_requests(s3, store.settings.bucket)
+            ids, _, stats = await collect(core, given)
+            assert s3_requests(s3, store.settings.bucket) == before, (
+                "a request resolved by its caller and fully cached read the store"
+            )
+            unresolved = await collect(core, request("acme", ("handbook",), "support"))
+            assert s3_requests(s3, store.settings.bucket) > before, "the engine alone resolves from the store"
+            asked, _, _ = await collect(
+                core, request("acme", ("handbook",), "support", question=other_question)
+            )
+        assert ids == asked and stats.prompt_tokens == len(chat_prompt(base.tokenizer, other_question))
+        assert unresolved[0] != ids, "the two questions must answer differently, or this proves nothing"
+
+    run(scenario)
+
+
+def test_stop_strings_are_found_in_the_new_text_only(base: LoadedModel) -> None:
+    """Each token decodes a window of a few ids (not the whole answer) and the stop search starts at most
+    len(longest stop) - 1 characters before the new text."""
+    text = "The river is long. " * 40 + "The end is near."
+    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    decoded: list[int] = []
+    tokenizer = base.tokenizer
+
+    class Counting:
+        def decode(self, window: list[int], **options: object) -> str:
+            decoded.append(len(window))
+            return tokenizer.decode(window, **options)
+
+    stream = TextStream(Counting(), stop=("end is",))
+    out = ""
+    for token in ids:
+        out += stream.push(token)
+        if stream.stopped:
+            break
+    out += stream.finish()
+    assert out == text[: text.find("end is")] and stream.stopped
+    assert max(decoded) <= 4, f"decoded windows of up to {max(decoded)} ids"

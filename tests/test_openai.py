@@ -10,18 +10,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
 from lloco.client import LlocoClient
-from lloco.config import EngineSettings, LimitSettings, LoraSettings, ModelSettings, ServeSettings, Settings
+from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.registry import Registry
 from lloco.serve.local import EmbeddedStack, free_port
-from pydantic import SecretStr
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -41,29 +39,13 @@ QUESTIONS = {"acme": "What is the capital of France?", "globex": "Which city is 
 
 
 @pytest.fixture(scope="module")
-def compressor_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lloco.model import Compressor, load_model
-
-    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("model-cache"), dtype="float32")
-    return Compressor.from_base(base, segment_len=32, k=4, accumulate=True, seed=0).save(
-        tmp_path_factory.mktemp("compressor")
-    )
-
-
-@pytest.fixture(scope="module")
 def stack(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_settings: Callable[..., Settings], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[EmbeddedStack]:
     data_dir = tmp_path_factory.mktemp("lloco-openai")
-    settings = Settings(
-        data_dir=data_dir,
-        admin_key=SecretStr(ADMIN_KEY),
-        model=ModelSettings(
-            base_model=str(tiny_model_dir),
-            compressor=str(compressor_dir),
-            dtype="float32",
-            cache_dir=data_dir / "models",
-        ),
+    settings = tiny_settings(
+        data_dir,
+        ADMIN_KEY,
         limits=LimitSettings(
             max_document_bytes=16 * 1024,
             max_message_bytes=64 * 1024,
@@ -82,41 +64,15 @@ def stack(
 
 
 @pytest.fixture(scope="module")
-def keys(stack: EmbeddedStack) -> dict[str, str]:
+def keys(stack: EmbeddedStack, peft_adapter: Callable[[int], dict[str, bytes]]) -> dict[str, str]:
     """Tenants acme and globex, each with its document 'notes' (compressed at once) and adapter 'style'."""
     created = {}
     for seed, (tenant, text) in enumerate(DOCUMENTS.items(), start=1):
         created[tenant] = stack.create_tenant(tenant)
         with LlocoClient(stack.address, created[tenant]) as client:
             client.ingest("notes", text)
-        Registry(stack.store, tenant).publish_adapter(
-            "style", peft_adapter(stack, seed), train={"seed": seed}
-        )
+        Registry(stack.store, tenant).publish_adapter("style", peft_adapter(seed), train={"seed": seed})
     return created
-
-
-def peft_adapter(stack: EmbeddedStack, seed: int) -> dict[str, bytes]:
-    """A PEFT rank-8 LoRA on q/k/v/o of the tiny model, with random (non-zero) A and B."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(stack.settings.model.base_model)
-    config = LoraConfig(
-        r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False
-    )
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in peft_model.named_parameters():
-            if "lora_" in name:
-                parameter.normal_(0.0, 0.3)
-    with tempfile.TemporaryDirectory() as directory:
-        peft_model.save_pretrained(directory)
-        return {
-            name: (Path(directory) / name).read_bytes()
-            for name in ("adapter_config.json", "adapter_model.safetensors")
-        }
 
 
 def client_of(stack: EmbeddedStack, key: str) -> openai.OpenAI:

@@ -42,10 +42,15 @@ class ApiKeyInfo:
 
 @dataclass(frozen=True)
 class Principal:
-    """Who is calling: a tenant (``admin`` False) or the administrator (``tenant`` None)."""
+    """Who is calling: a tenant (``admin`` False) or the administrator (``tenant`` None).
+
+    ``tenant_uid`` is the creation uid of the tenant the key was issued for: whoever keeps a principal
+    (the edge's key cache) can tell it from a later tenant of the same name.
+    """
 
     tenant: str | None
     admin: bool
+    tenant_uid: str | None = None
 
 
 class KeyRing:
@@ -112,7 +117,7 @@ class KeyRing:
             raise Unauthenticated("unknown or revoked API key")
         if self._tenants.uid(record["tenant"]) != record["tenant_uid"]:
             raise Unauthenticated("the API key's tenant no longer exists")
-        return Principal(tenant=record["tenant"], admin=False)
+        return Principal(tenant=record["tenant"], admin=False, tenant_uid=record["tenant_uid"])
 
     def revoke(self, key: str) -> None:
         """Make ``key`` unusable at once; NotFound if it is not a live key."""

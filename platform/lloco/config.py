@@ -188,6 +188,25 @@ class ServeSettings(_Section):
     engine_replicas: int = Field(1, ge=1, description="Engine replicas.")
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (0 on CPU).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once.")
+    auth_cache_ttl_s: float = Field(
+        30.0,
+        ge=0,
+        le=3600,
+        description="How long an edge replica trusts a resolved API key (0: every call reads the store). A key "
+        "revoked or a tenant deleted through a replica stops working there at once; on the other replicas "
+        "within this time.",
+    )
+    metadata_cache_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="How long an edge replica trusts the registry records a query needs (tenant, documents, "
+        "adapter versions; 0: every query reads the store). Writes through the replica update them at once; "
+        "writes elsewhere (finetune jobs, other replicas, tools) are seen within this time.",
+    )
+    metadata_cache_entries: int = Field(
+        65_536, ge=0, description="Records each of the edge's lookup caches holds at most (LRU)."
+    )
 
     @model_validator(mode="after")
     def _tls_pair_and_ports(self) -> ServeSettings:

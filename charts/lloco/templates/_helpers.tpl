@@ -174,6 +174,11 @@ limits:
   max_docs_per_query: {{ int64 $v.limits.maxDocsPerQuery }}
   online_compress_max_tokens: {{ int64 $v.limits.onlineCompressMaxTokens }}
   max_page_size: {{ int64 $v.limits.maxPageSize }}
+  {{- if $v.limits.maxMessageBytes }}
+  max_message_bytes: {{ int64 $v.limits.maxMessageBytes }}
+  {{- end }}
+  max_names_per_call: {{ int64 $v.limits.maxNamesPerCall }}
+  tenant_storage_concurrency: {{ int64 $v.limits.tenantStorageConcurrency }}
 lora:
   max_rank: {{ int64 $v.lora.maxRank }}
   gpu_slots: {{ int64 $v.lora.gpuSlots }}
@@ -184,6 +189,10 @@ engine:
   context_cache_gpu_bytes: {{ int64 $v.engine.contextCacheGpuBytes }}
   context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
   compile: {{ $v.engine.compile }}
+  prefill_chunk_tokens: {{ if $v.engine.prefillChunkTokens }}{{ int64 $v.engine.prefillChunkTokens }}{{ else }}null{{ end }}
+  input_token_cost: {{ include "lloco.number" $v.engine.inputTokenCost }}
+  output_token_cost: {{ include "lloco.number" $v.engine.outputTokenCost }}
+  tenant_weights: {{ $v.engine.tenantWeights | toJson }}
 serve:
   host: {{ $v.serve.host | quote }}
   grpc_port: {{ int64 $v.serve.grpcPort }}
@@ -195,6 +204,9 @@ serve:
   engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}
   engine_num_gpus: {{ include "lloco.number" $v.serve.engine.numGpus }}
   max_ongoing_requests: {{ int64 $v.serve.engine.maxOngoingRequests }}
+  auth_cache_ttl_s: {{ include "lloco.number" $v.serve.edgeCache.authTtlSeconds }}
+  metadata_cache_ttl_s: {{ include "lloco.number" $v.serve.edgeCache.metadataTtlSeconds }}
+  metadata_cache_entries: {{ int64 $v.serve.edgeCache.metadataEntries }}
 compress:
   batch_size: {{ int64 $v.jobs.compress.batchSize }}
   pool_size: {{ int64 $v.jobs.compress.poolSize }}

@@ -334,8 +334,8 @@ class LlocoServiceServicer:
 
     def SetCurrentAdapter(self, request, context):
         """Makes an existing version the adapter's current one (rollback or pin). Queries that
-        name the adapter without a version use it from then on; running queries finish on
-        the version they started with.
+        name the adapter without a version use it from then on (through other server replicas,
+        within serve.metadata_cache_ttl_s); running queries finish on the version they started with.
         Errors: NOT_FOUND (no such adapter or version), INVALID_ARGUMENT (malformed name),
         PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
         """
@@ -365,7 +365,9 @@ class LlocoServiceServicer:
 
     def SubmitFinetune(self, request, context):
         """Starts a LoRA finetuning job (a Ray job) on a dataset; when it succeeds the adapter
-        gets a new version, which becomes current. Poll it with GetJob.
+        gets a new version, which becomes current. Poll it with GetJob: once a replica reports
+        the job SUCCEEDED, its queries use the new version; other replicas do within
+        serve.metadata_cache_ttl_s of the job's end.
         Errors: NOT_FOUND (no such dataset), FAILED_PRECONDITION (a document of the dataset
         has no fresh compressed context), INVALID_ARGUMENT (malformed names),
         PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
@@ -439,9 +441,10 @@ class LlocoServiceServicer:
     def DeleteTenant(self, request, context):
         """Admin: deletes a tenant and everything it owns: documents, contexts, datasets,
         adapters, jobs, uploads, finetune checkpoints and API keys. The tenant and its keys stop
-        working at once; a tenant created later under the same id starts empty and never sees
-        the old one's data or cached state. Calling it again finishes a deletion that was cut
-        short.
+        working at once on the server replica that served the call, and on the others within
+        the key cache's lifetime (the setting serve.auth_cache_ttl_s, 30 s by default); a tenant
+        created later under the same id starts empty and never sees the old one's data or cached
+        state. Calling it again finishes a deletion that was cut short.
         Errors: NOT_FOUND (no such tenant), INVALID_ARGUMENT (malformed name),
         PERMISSION_DENIED (not the admin key), UNAUTHENTICATED, UNAVAILABLE.
         """
@@ -460,8 +463,10 @@ class LlocoServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes an API key: it stops working at once. Allowed to the admin key and to the
-        tenant's own keys (a key may revoke itself).
+        """Revokes an API key: it stops working at once on the server replica that served the call,
+        and on the others within the key cache's lifetime (the setting serve.auth_cache_ttl_s,
+        30 s by default). Allowed to the admin key and to the tenant's own keys (a key may revoke
+        itself).
         Errors: NOT_FOUND (no such key), INVALID_ARGUMENT (malformed name),
         PERMISSION_DENIED, UNAUTHENTICATED, UNAVAILABLE.
         """

@@ -1,14 +1,18 @@
 """Kernel benchmark of the batch-1 decode step (``lloco.model.fused``) on one GPU, random bf16 weights.
 
-    PYTHONPATH=platform python -m lloco.bench.kernels --out DIR
+    python -m lloco.bench.kernels --out DIR                             # GPU: LLaMA-2-7B shapes
+    TRITON_INTERPRET=1 python -m lloco.bench.kernels --out DIR --tiny   # CPU: tiny shapes, a smoke run
 
-1. Accuracy: the bf16 fused step and the bf16 layer path (``Llama.decode``), each against the same model in
-   fp32, over 8 greedy steps of a 700-token context, with and without a LoRA on all seven projections.
+1. Accuracy: the fused step and the layer path (``Llama.decode``), each against the same model in fp32,
+   over 8 greedy steps of a 700-token context, with and without a LoRA on all seven projections.
 2. Each weight stream of a 7B layer (and the LM head) as a fused kernel vs cuBLAS ``F.linear``, weights
    rotated past the L2 cache, graph-replayed back to back.
 3. Decode attention (RoPE, cache write, split keys, merge) vs cuDNN SDPA over 640..32k keys.
 4. The decode step at batch 1: fused vs the compiled layer path, and fused without programmatic
    dependent launch (PDL) to show what the overlap of consecutive kernels buys.
+Floors are given at the copy bandwidth measured in the run and at the device's data-sheet bandwidth.
+``--tiny`` runs every section at toy sizes on the CPU (Triton's interpreter, host-clock timing, fp32, the
+eager layer path instead of the compiled one): it checks the code paths, not the speed.
 """
 
 from __future__ import annotations
@@ -20,23 +24,63 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from lloco.bench.engine import GEOMETRIES, TARGETS, bench_decode, random_adapter, random_llama, rel_err
+from lloco.bench.common import (
+    GEOMETRIES,
+    TARGETS,
+    Floors,
+    device_name,
+    free_memory,
+    measure_decode,
+    random_adapter,
+    random_llama,
+    rel_err,
+    timed_ms,
+)
 from lloco.bench.report import run_section, write_report
 from lloco.model import KVCache, Llama, LlamaConfig, LoraSlots, kernels
 from lloco.model.fused import FusedDecoder
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BANDWIDTH = 4.3e12  # bytes/s, the copy bandwidth measured on the H200 (the floor of lloco.bench.engine)
+TINY = dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=128)
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """Sizes of one run."""
+
+    geometry: dict[str, int]  # of the streams, attention and the step
+    accuracy: tuple[tuple[str, int], ...]  # (geometry name, layers) checked
+    context: int  # tokens before the accuracy check's greedy steps
+    steps: int
+    keys: tuple[int, ...]  # attention lengths timed
+    step_prompt: int
+    step_new_tokens: int
+    layer_mode: str  # the layer path the fused step is compared with
+    dtype: str
+
+
+PLANS = {
+    "h200": KernelPlan(
+        GEOMETRIES["llama2-7b"], (("llama2-7b", 4), ("small", 4)), 700, 8, (640, 1152, 4096, 16384, 32768),
+        512, 128, "compiled", "bfloat16",
+    ),
+    "tiny": KernelPlan(TINY, (("tiny", 1),), 40, 2, (40, 100), 16, 4, "eager", "float32"),
+}  # fmt: skip
 
 
 def graph_us(fn: Callable[[], object], inner: int = 10, outer: int = 15) -> float:
-    """Median microseconds of ``fn`` replayed ``inner`` times per CUDA graph launch."""
+    """Median microseconds of ``fn`` replayed ``inner`` times per CUDA graph launch (on CPU: host-timed
+    calls, after one untimed)."""
+    if not torch.cuda.is_available():
+        fn()
+        return statistics.median(timed_ms(fn, torch.device("cpu")) * 1e3 for _ in range(3))
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -67,20 +111,24 @@ def _random_slots(config: LlamaConfig, device: torch.device, dtype: torch.dtype)
 
 
 @torch.no_grad()
-def check_accuracy(device: torch.device, geometry: str, layers: int, steps: int = 8) -> list[dict[str, Any]]:
-    config = LlamaConfig(**(GEOMETRIES[geometry] | dict(n_layers=layers)), max_position_embeddings=2048)
-    model = random_llama(config, device, torch.bfloat16, seed=0)
+def check_accuracy(
+    device: torch.device, geometry: str, layers: int, plan: KernelPlan
+) -> list[dict[str, Any]]:
+    shapes = TINY if geometry == "tiny" else GEOMETRIES[geometry]
+    config = LlamaConfig(**(shapes | dict(n_layers=layers)), max_position_embeddings=2048)
+    dtype, steps, context = getattr(torch, plan.dtype), plan.steps, plan.context
+    model = random_llama(config, device, dtype, seed=0)
     reference = copy.deepcopy(model).float()
     reference.fused = False
     reference.fuse_projections()
     for m in (model, reference):
         m.ensure_positions(2048)
-    slots = _random_slots(config, device, torch.bfloat16)
+    slots = _random_slots(config, device, dtype)
     ref_slots = LoraSlots(config, 4, 8, ALL_TARGETS, device, torch.float32)
     for group in slots.groups:
         ref_slots.a[group].copy_(slots.a[group])
         ref_slots.b[group].copy_(slots.b[group])
-    ids = torch.randint(0, config.vocab_size, (1, 700), device=device)
+    ids = torch.randint(0, config.vocab_size, (1, context), device=device)
     rows = []
     for lora in (False, True):
         caches = {}
@@ -90,11 +138,11 @@ def check_accuracy(device: torch.device, geometry: str, layers: int, steps: int 
                 m.embed(ids),
                 caches[name],
                 torch.tensor([0], device=device),
-                torch.tensor([699], device=device),
+                torch.tensor([context - 1], device=device),
             )
         slot = torch.tensor([2 if lora else -1], device=device)
         fused = FusedDecoder(model, caches["fused"], slots if lora else None)
-        token, position = torch.tensor([7], device=device), torch.tensor([700], device=device)
+        token, position = torch.tensor([7], device=device), torch.tensor([context], device=device)
         errors: dict[str, list[float]] = {"fused": [], "layers": []}
         agree = {"fused": 0, "layers": 0}
         for _ in range(steps):
@@ -127,8 +175,8 @@ def check_accuracy(device: torch.device, geometry: str, layers: int, steps: int 
 
 
 @torch.no_grad()
-def bench_gemv(device: torch.device) -> list[dict[str, Any]]:
-    config = LlamaConfig(**GEOMETRIES["llama2-7b"])
+def bench_gemv(device: torch.device, plan: KernelPlan) -> list[dict[str, Any]]:
+    config = LlamaConfig(**plan.geometry)
     shapes = {  # name: (rows, cols, gated, normed input, residual output)
         "q|k|v (+RMSNorm)": (config.q_dim + 2 * config.kv_dim, config.dim, False, True, False),
         "o (+residual)": (config.dim, config.q_dim, False, False, True),
@@ -138,17 +186,19 @@ def bench_gemv(device: torch.device) -> list[dict[str, Any]]:
     }
     rows = []
     for name, shape in shapes.items():
-        rows.append({"shape": name} | _time_stream(device, *shape))
+        rows.append({"shape": name} | _time_stream(device, getattr(torch, plan.dtype), *shape))
         print("gemv", rows[-1], flush=True)
     return rows
 
 
-def _time_stream(device: torch.device, n: int, k: int, gated: bool, normed: bool, residual: bool) -> dict:
-    copies = max(2, int(250e6 // (n * k * 2)) + 1)  # rotate past the 50 MB L2
-    weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
-    norm = torch.rand(k, device=device, dtype=torch.bfloat16) + 0.5 if normed else None
-    x = torch.randn(k, device=device, dtype=torch.bfloat16)
-    out = torch.zeros(n // 2 if gated else n, device=device, dtype=torch.bfloat16)
+def _time_stream(
+    device: torch.device, dtype: torch.dtype, n: int, k: int, gated: bool, normed: bool, residual: bool
+) -> dict:
+    copies = max(2, int(250e6 // (n * k * 2)) + 1) if device.type == "cuda" else 1  # rotate past the 50 MB L2
+    weights = [torch.randn(n, k, device=device, dtype=dtype) * 0.02 for _ in range(copies)]
+    norm = torch.rand(k, device=device, dtype=dtype) + 0.5 if normed else None
+    x = torch.randn(k, device=device, dtype=dtype)
+    out = torch.zeros(n // 2 if gated else n, device=device, dtype=dtype)
 
     def fused() -> None:
         for w in weights:
@@ -161,34 +211,37 @@ def _time_stream(device: torch.device, n: int, k: int, gated: bool, normed: bool
     row: dict[str, Any] = {"rows": n, "cols": k, "block": kernels.default_block(n, k)}
     for key, fn in (("cublas", cublas), ("fused", fused)):
         row[f"{key}_us"] = graph_us(fn) / copies
-        row[f"{key}_tb_s"] = n * k * 2 / row[f"{key}_us"] / 1e6
+        row[f"{key}_tb_s"] = n * k * weights[0].element_size() / row[f"{key}_us"] / 1e6
     return row
 
 
 @torch.no_grad()
-def bench_attention(device: torch.device) -> list[dict[str, Any]]:
+def bench_attention(device: torch.device, plan: KernelPlan, floors: Floors) -> list[dict[str, Any]]:
     rows = []
-    for keys in (640, 1152, 4096, 16384, 32768):
-        rows.append(_time_attention(device, keys))
+    for keys in plan.keys:
+        rows.append(_time_attention(device, keys, plan, floors))
         print("attention", rows[-1], flush=True)
     return rows
 
 
-def _time_attention(device: torch.device, keys: int) -> dict[str, Any]:
-    heads, head_dim = GEOMETRIES["llama2-7b"]["n_heads"], 128
-    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    k_cache = torch.randn(1, heads, keys + 64, head_dim, device=device, dtype=torch.bfloat16)
+def _time_attention(device: torch.device, keys: int, plan: KernelPlan, floors: Floors) -> dict[str, Any]:
+    heads = plan.geometry["n_heads"]
+    head_dim = plan.geometry["dim"] // heads
+    dtype = getattr(torch, plan.dtype)
+    cuda = device.type == "cuda"
+    programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
+    k_cache = torch.randn(1, heads, keys + 64, head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    qkv = torch.randn(1, 3 * heads * head_dim, device=device, dtype=torch.bfloat16)
+    qkv = torch.randn(1, 3 * heads * head_dim, device=device, dtype=dtype)
     cos, sin = (
         torch.randn(keys + 64, head_dim, device=device),
         torch.randn(keys + 64, head_dim, device=device),
     )
     position = torch.tensor([keys - 1], device=device)
-    out = torch.empty(1, heads * head_dim, device=device, dtype=torch.bfloat16)
+    out = torch.empty(1, heads * head_dim, device=device, dtype=dtype)
     workspace = kernels.AttentionWorkspace(1, heads, heads, head_dim, device)
-    q = torch.randn(1, heads, 1, head_dim, device=device, dtype=torch.bfloat16)
-    bias = torch.zeros(1, 1, 1, keys, device=device, dtype=torch.bfloat16)
+    q = torch.randn(1, heads, 1, head_dim, device=device, dtype=dtype)
+    bias = torch.zeros(1, 1, 1, keys, device=device, dtype=dtype)
 
     def fused() -> None:
         kernels.decode_attention(
@@ -203,19 +256,24 @@ def _time_attention(device: torch.device, keys: int) -> dict[str, Any]:
         "splits": kernels.attention_split(1, heads, keys, programs)[1],
         "fused_us": graph_us(fused),
         "sdpa_us": graph_us(sdpa),
-        "floor_us": 2 * keys * heads * head_dim * 2 / BANDWIDTH * 1e6,
+        **{
+            name.replace("_ms", "_us"): None if ms is None else ms * 1e3
+            for name, ms in floors.floor_ms(2 * keys * heads * head_dim * k_cache.element_size()).items()
+        },
     }
 
 
 @torch.no_grad()
-def bench_step(model: Llama, slots: LoraSlots) -> list[dict[str, Any]]:
+def bench_step(model: Llama, slots: LoraSlots, floors: Floors, plan: KernelPlan) -> list[dict[str, Any]]:
     rows = []
-    for modes, pdl in ((["fused", "compiled"], True), (["fused"], False)):
+    for modes, pdl in ((["fused", plan.layer_mode], True), (["fused"], False)):
         launch_options = kernels._launch_options
         if not pdl:
             kernels._launch_options = lambda t: dict(PDL=False)
         try:
-            for row in bench_decode(model, slots, [1], 512, 128, modes, float("inf")):
+            for row in measure_decode(
+                model, slots, [1], plan.step_prompt, plan.step_new_tokens, modes, floors
+            ):
                 rows.append(row | {"pdl": pdl if row["mode"] == "fused" else None})
         finally:
             kernels._launch_options = launch_options
@@ -223,13 +281,16 @@ def bench_step(model: Llama, slots: LoraSlots) -> list[dict[str, Any]]:
 
 
 def render_markdown(result: dict[str, Any]) -> str:
+    plan, floors = result["plan"], result.get("floors") or {}
+    spec = f"{floors['spec_tb_s']:.2f} TB/s" if floors.get("spec_tb_s") else "n/a"
     lines = [
-        "# Batch-1 decode kernels (llama2-7b geometry, random bf16 weights)",
+        f"# Batch-1 decode kernels ({plan['geometry']['dim']}-dim geometry, random {plan['dtype']} weights)",
         "",
-        f"`{result['command']}` on {result['gpu']}, {result['date']}; torch {result['torch']}, "
-        f"triton {result['triton']}.",
+        f"`{result['command']}` on {result['device_name']}, {result['date']}; torch {result['torch']}, "
+        f"triton {result['triton']}. Floors at the measured copy bandwidth "
+        f"({floors.get('measured_copy_tb_s', 0):.2f} TB/s) and at the data sheet's ({spec}).",
         "",
-        "## Accuracy against the same model in fp32 (8 greedy steps, 700-token context)",
+        f"## Accuracy against the same model in fp32 ({plan['steps']} greedy steps, {plan['context']}-token context)",
         "",
         "| geometry | layers | LoRA (7 projections) | fused max rel err | layer path max rel err "
         "| fused argmax agree | layer path argmax agree |",
@@ -256,28 +317,33 @@ def render_markdown(result: dict[str, Any]) -> str:
         "",
         "cuBLAS does only the matmul; the fused kernels also do the norm, SiLU*up or residual add.",
         "",
-        "## Decode attention, batch 1, 32 heads",
+        f"## Decode attention, batch 1, {plan['geometry']['n_heads']} heads",
         "",
-        "| keys | splits per head | fused us | cuDNN SDPA us | floor us |",
-        "|---:|---:|---:|---:|---:|",
+        "| keys | splits per head | fused us | cuDNN SDPA us | floor us (measured copy) | floor us (data sheet) |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result.get("attention", []):
+        spec_us = "-" if r["floor_spec_us"] is None else f"{r['floor_spec_us']:.1f}"
         lines.append(
-            f"| {r['keys']} | {r['splits']} | {r['fused_us']:.1f} | {r['sdpa_us']:.1f} | {r['floor_us']:.1f} |"
+            f"| {r['keys']} | {r['splits']} | {r['fused_us']:.1f} | {r['sdpa_us']:.1f} | "
+            f"{r['floor_measured_us']:.1f} | {spec_us} |"
         )
     lines += [
         "",
         "The fused kernel also applies RoPE and writes the new key and value (SDPA does neither).",
         "",
-        "## Decode step, batch 1 (512-token prompts, 128 new tokens)",
+        f"## Decode step, batch 1 ({plan['step_prompt']}-token prompts, {plan['step_new_tokens']} new tokens)",
         "",
-        "| path | PDL | adapters | ms/step | vs floor |",
-        "|---|---|---|---:|---:|",
+        "| path | PDL | adapters | ms/step | vs floor (measured copy) | vs floor (data sheet) |",
+        "|---|---|---|---:|---:|---:|",
     ]
     for r in result.get("step", []):
         pdl = "" if r["pdl"] is None else ("on" if r["pdl"] else "off")
         adapters = "8 mixed" if r["adapters"] else "none"
-        lines.append(f"| {r['mode']} | {pdl} | {adapters} | {r['step_ms']:.2f} | {r['vs_floor']:.2f}x |")
+        spec_ratio = "-" if r["vs_spec_floor"] is None else f"{r['vs_spec_floor']:.2f}x"
+        lines.append(
+            f"| {r['mode']} | {pdl} | {adapters} | {r['step_ms']:.2f} | {r['vs_measured_floor']:.2f}x | {spec_ratio} |"
+        )
     if result["errors"]:
         lines += ["", "## Errors", ""] + [f"- {e}" for e in result["errors"]]
     return "\n".join(lines) + "\n"
@@ -288,35 +354,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--name", default="kernels-h200", help="output file stem")
+    parser.add_argument(
+        "--tiny", action="store_true", help="toy sizes on CPU (TRITON_INTERPRET=1): a smoke run"
+    )
+    parser.add_argument("--name", default=None, help="output file stem (default kernels-h200 / kernels-tiny)")
     args = parser.parse_args(argv)
     import triton
 
-    device = torch.device("cuda")
+    plan = PLANS["tiny" if args.tiny else "h200"]
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = getattr(torch, plan.dtype)
     started = time.time()
     result: dict[str, Any] = {
         "command": "python -m lloco.bench.kernels " + " ".join(sys.argv[1:] if argv is None else argv),
-        "gpu": torch.cuda.get_device_name(device),
+        "device_name": device_name(device),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "triton": triton.__version__,
+        "plan": asdict(plan),
         "errors": [],
     }
 
     def section(name: str, fn: Callable[[], Any]) -> None:
-        run_section(result, name, fn, torch.cuda.empty_cache)
+        run_section(result, name, fn, free_memory)
 
-    section("accuracy", lambda: check_accuracy(device, "llama2-7b", 4) + check_accuracy(device, "small", 4))
-    section("gemv", lambda: bench_gemv(device))
-    section("attention", lambda: bench_attention(device))
-    config = LlamaConfig(**GEOMETRIES["llama2-7b"], max_position_embeddings=4096)
-    model = random_llama(config, device, torch.bfloat16, seed=0)
-    slots = LoraSlots(config, 8, 8, TARGETS, device, torch.bfloat16)
+    floors = Floors.of(device)
+    result["floors"] = floors.describe()
+    section(
+        "accuracy",
+        lambda: [row for name, layers in plan.accuracy for row in check_accuracy(device, name, layers, plan)],
+    )
+    section("gemv", lambda: bench_gemv(device, plan))
+    section("attention", lambda: bench_attention(device, plan, floors))
+    config = LlamaConfig(**plan.geometry, max_position_embeddings=4096)
+    model = random_llama(config, device, dtype, seed=0)
+    slots = LoraSlots(config, 8, 8, TARGETS, device, dtype)
     for slot in range(8):
         slots.load(slot, random_adapter(config, 8, seed=slot))
-    section("step", lambda: bench_step(model, slots))
+    section("step", lambda: bench_step(model, slots, floors, plan))
     result["wall_s"] = time.time() - started
-    write_report(args.out, args.name, result, render_markdown(result))
+    write_report(
+        args.out,
+        args.name or ("kernels-tiny" if args.tiny else "kernels-h200"),
+        result,
+        render_markdown(result),
+    )
     return result
 
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import torch
 
-from lloco.bench.compress import LLAMA2_7B, Geometry, document_text, tiny_geometry, write_random_llama
+from lloco.bench.checkpoint import LLAMA2_7B, Geometry, document_text, write_random_llama
 from lloco.config import CompressSettings, FinetuneSettings, ModelSettings, Settings
 from lloco.errors import Internal, InvalidArgument
 from lloco.logs import get_logger
@@ -134,7 +134,7 @@ def prepare_model(out: Path, tiny: bool, sizes: Sizes) -> tuple[Path, Path, Geom
 
     if tiny:
         model_dir = tiny_llama_dir(out / "tiny-llama", seed=0)
-        geometry = tiny_geometry(model_dir, segment_len=64, k=4)
+        geometry = Geometry.of_checkpoint(model_dir, "tiny (random fp32)", segment_len=64, k=4)
         device = torch.device("cpu")
     else:
         device = torch.device("cuda")

@@ -1,7 +1,7 @@
-"""Scheduling sections of ``lloco.bench.serve``: chunked prefill and per-tenant fair admission.
+"""Scheduling benchmark: chunked prefill and per-tenant fair admission, with random weights.
 
-  python -m lloco.bench.serve --out DIR --sections prefill_burst,fairness          # GPU, 7B geometry
-  python -m lloco.bench.serve --out DIR --sections prefill_burst,fairness --tiny   # CPU smoke run
+  python -m lloco.bench.scheduling --out DIR           # GPU: LLaMA-2-7B geometry, random bf16 weights
+  python -m lloco.bench.scheduling --out DIR --tiny    # CPU: the small geometry, a smoke run
 
 (e) decode under a prefill burst (``Generator`` alone): rows decode while a burst of long inputs arrives
     at once; for whole prefill and each chunk budget (``prefill_chunk_tokens``): the decoding rows' step
@@ -11,26 +11,52 @@
     then one tenant at ten times that rate: the other tenants' TTFT p50/p99 in both runs and the ratio of
     their p99; then every tenant saturating the engine (closed loop, the heavy tenant with ten times the
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
-    others' mean.
+    others' mean. Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a
+    SeaweedFS on loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import math
 import random
 import statistics
+import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lloco.bench import serve  # its helpers; serve runs these sections (a module import: no cycle)
-from lloco.bench.engine import random_adapter
-from lloco.model import Generator, Llama, SamplingParams
+from lloco.bench.common import (
+    GEOMETRIES,
+    PAPER_K,
+    PAPER_SEGMENT_LEN,
+    add_run_arguments,
+    compressed_length,
+    engine_compiles,
+    free_memory,
+    goals_and_errors,
+    percentile,
+    random_ids,
+    random_llama,
+    run_info,
+)
+from lloco.bench.report import run_section, write_report
+from lloco.bench.workload import (
+    QuerySample,
+    delete_tenants,
+    engine_query,
+    engine_request,
+    object_store,
+    plant_tenants,
+    random_engine_parts,
+)
+from lloco.model import Generator, Llama, LlamaConfig, SamplingParams
 
 GOAL_OTHERS_TTFT_P99_RATIO = 1.5  # issue 19: others' p99 TTFT with a 10x-rate tenant / without
 # issue 19: the 10x tenant gets no more than its fair share while the others are backlogged; its service
@@ -56,6 +82,9 @@ class SchedulingPlan:
     load: float  # offered load of the even run, as a fraction of the measured capacity
     seconds: float  # length of each run of (f)
     rank: int
+    segment_len: int  # of the compressed contexts
+    k: int
+    geometry: str
 
 
 PLANS = {
@@ -73,6 +102,9 @@ PLANS = {
         load=0.5,
         seconds=30.0,
         rank=8,
+        segment_len=PAPER_SEGMENT_LEN,
+        k=PAPER_K,
+        geometry="llama2-7b",
     ),
     "tiny": SchedulingPlan(
         decoders=4,
@@ -88,6 +120,9 @@ PLANS = {
         load=0.5,
         seconds=3.0,
         rank=8,
+        segment_len=128,
+        k=8,
+        geometry="small",
     ),
 }
 
@@ -118,7 +153,7 @@ def _burst_run(model: Llama, plan: SchedulingPlan, chunk: int | None) -> dict[st
         plan.decoders + plan.burst,
         max_seq_len,
         eos_token_ids=(),
-        compile=serve.engine_compiles(model),
+        compile=engine_compiles(model.device),
         max_prefill_tokens=max(16384, plan.burst * plan.burst_tokens),
         prefill_chunk_tokens=chunk,
     )
@@ -127,7 +162,7 @@ def _burst_run(model: Llama, plan: SchedulingPlan, chunk: int | None) -> dict[st
         gen.add(
             f"d{i}",
             None,
-            serve.random_ids(plan.decoder_prompt, vocab, seed=i),
+            random_ids(plan.decoder_prompt, vocab, seed=i),
             params=SamplingParams(decode_new),
         )
     started: set[str] = set()
@@ -138,7 +173,7 @@ def _burst_run(model: Llama, plan: SchedulingPlan, chunk: int | None) -> dict[st
     before = [_timed_step(gen)[0] for _ in range(plan.steps_before)]
     added = time.perf_counter()
     for i in range(plan.burst):
-        prompt = serve.random_ids(plan.burst_tokens, vocab, seed=1000 + i)
+        prompt = random_ids(plan.burst_tokens, vocab, seed=1000 + i)
         gen.add(
             f"b{i}", None, prompt, params=SamplingParams(1)
         )  # done at its first token: decode shapes stay
@@ -153,14 +188,14 @@ def _burst_run(model: Llama, plan: SchedulingPlan, chunk: int | None) -> dict[st
         stalled += sum(1 for out in outputs if out.request_id.startswith("d")) != plan.decoders
     during += [_timed_step(gen)[0] for _ in range(tail)]
     del gen
-    serve.free_memory()
+    free_memory()
     run = {
         "prefill_chunk_tokens": chunk,
         "before_step_p50_ms": statistics.median(before),
         "burst_steps": len(during),
         "steps_without_every_decoder": stalled,
         "burst_step_p50_ms": statistics.median(during),
-        "burst_step_p99_ms": serve.p(during, 99),
+        "burst_step_p99_ms": percentile(during, 99),
         "burst_step_max_ms": max(during),
         "burst_ttft_p50_ms": statistics.median(first_token.values()),
         "burst_ttft_max_ms": max(first_token.values()),
@@ -184,32 +219,16 @@ def _timed_step(gen: Generator) -> tuple[float, list]:
 # -- (f) per-tenant fairness -----------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Sample:
-    tenant: str
-    ttft_s: float | None  # None: no token
-    tokens: int
+def bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
+    return asyncio.run(_bench_fairness(model, store, plan))
 
 
-def bench_fairness(model: Llama, store: Any, plan: SchedulingPlan, contexts: serve.Plan) -> dict[str, Any]:
-    """(f); ``contexts``: the serve bench's plan, for the compressed contexts' geometry (S, k)."""
-    return asyncio.run(_bench_fairness(model, store, plan, contexts))
-
-
-async def _bench_fairness(
-    model: Llama, store: Any, plan: SchedulingPlan, contexts: serve.Plan
-) -> dict[str, Any]:
+async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
     from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
-    from lloco.model import Compressor, LoadedModel
-    from lloco.registry import Registry, Tenants
     from lloco.serve.engine_core import EngineCore
 
-    config = model.config
-    loaded = LoadedModel(model, serve.padded_tokenizer(config.vocab_size), config, "bench-random", Path("."))
-    segment_len, k = contexts.segment_len, contexts.k
-    summary = torch.randn(k, config.dim, generator=torch.Generator().manual_seed(0)) * 0.02
-    compressor = Compressor(loaded, summary, segment_len, accumulate=True)
-    n_vectors = math.ceil(plan.doc_tokens / segment_len) * k
+    loaded, compressor = random_engine_parts(model, plan.segment_len, plan.k)
+    n_vectors = compressed_length(plan.doc_tokens, plan.segment_len, plan.k)
     engine = EngineSettings(
         max_batch_size=plan.rows,
         max_seq_len=math.ceil((n_vectors + 64 + plan.new_tokens + 64) / 128) * 128,
@@ -221,16 +240,18 @@ async def _bench_fairness(
         lora=LoraSettings(max_rank=plan.rank, gpu_slots=plan.tenants, cpu_adapters=2 * plan.tenants),
         serve=ServeSettings(max_ongoing_requests=64 * plan.rows),
     )
-    run = uuid.uuid4().hex[:6]
-    tenants = [f"fair-{run}-{i}" for i in range(plan.tenants)]
-    text = " ".join(["the old house near the water"] * (plan.doc_tokens // 6)).encode()
-    for index, tenant in enumerate(tenants):
-        Tenants(store).create(tenant)
-        registry = Registry(store, tenant)
-        document, _ = registry.ingest_document("doc", text, len(text), tokens=plan.doc_tokens)
-        vectors = serve.context_vectors(model, plan.doc_tokens, contexts, seed=2000 + index)
-        registry.put_context("doc", compressor.compressor_id, vectors, document.sha256, segment_len, k)
-        registry.publish_adapter("default", random_adapter(config, plan.rank, seed=index), train={})
+    tenants = [f"fair-{uuid.uuid4().hex[:6]}-{i}" for i in range(plan.tenants)]
+    plant_tenants(
+        store,
+        model,
+        compressor.compressor_id,
+        tenants,
+        plan.doc_tokens,
+        plan.segment_len,
+        plan.k,
+        plan.rank,
+        2000,
+    )
     core = EngineCore(settings, store, loaded, compressor)
     await core.start()
     heavy, others = tenants[0], tenants[1:]
@@ -243,8 +264,7 @@ async def _bench_fairness(
         saturated = await _closed_loop(core, tenants, heavy, plan, engine)
     finally:
         await core.stop()
-        for tenant in tenants:
-            Tenants(store).delete(tenant)
+        delete_tenants(store, tenants)
     even_others = _ttft(even, others)
     flood_others = _ttft(flood, others)
     result = {
@@ -266,28 +286,12 @@ async def _bench_fairness(
     return result
 
 
-async def _ask(core: Any, tenant: str, plan: SchedulingPlan, ttfts: list[float] | None = None) -> _Sample:
-    """One query of ``tenant``; its TTFT also goes to ``ttfts`` as soon as it is known."""
-    from lloco.serve.engine_core import EngineRequest
-
-    request = EngineRequest(
-        request_id=uuid.uuid4().hex,
-        tenant=tenant,
-        doc_ids=("doc",),
-        question="What does the document say about the house?",
-        adapter="default",
-        adapter_version=None,
-        params=SamplingParams(plan.new_tokens),
-    )
-    started = time.perf_counter()
-    first, tokens = None, 0
-    async for event in core.generate(request):
-        if event.token_ids and first is None:
-            first = time.perf_counter() - started
-            if ttfts is not None:
-                ttfts.append(first)
-        tokens += len(event.token_ids)
-    return _Sample(tenant, first, tokens)
+def _ask(
+    core: Any, tenant: str, plan: SchedulingPlan, on_first: Callable[[float], object] | None = None
+) -> Any:
+    """One query of ``tenant`` (an awaitable QuerySample); its TTFT goes to ``on_first`` once known."""
+    question = "What does the document say about the house?"
+    return engine_query(core, engine_request(tenant, ("doc",), question, plan.new_tokens), on_first)
 
 
 async def _capacity(core: Any, tenants: list[str], plan: SchedulingPlan) -> float:
@@ -305,7 +309,7 @@ async def _open_loop(core: Any, rates: dict[str, float], plan: SchedulingPlan) -
     cancelled. Returns each tenant's TTFTs in seconds (queries cancelled before their first token have
     none)."""
     ttfts: dict[str, list[float]] = {tenant: [] for tenant in rates}
-    asks: list[asyncio.Task[_Sample]] = []
+    asks: list[asyncio.Task[QuerySample]] = []
 
     async def arrivals(tenant: str, rate: float, seed: int, deadline: float) -> None:
         draw = random.Random(seed)
@@ -313,7 +317,7 @@ async def _open_loop(core: Any, rates: dict[str, float], plan: SchedulingPlan) -
             await asyncio.sleep(draw.expovariate(rate))
             if time.perf_counter() >= deadline:
                 return
-            asks.append(asyncio.create_task(_ask(core, tenant, plan, ttfts[tenant])))
+            asks.append(asyncio.create_task(_ask(core, tenant, plan, ttfts[tenant].append)))
 
     deadline = time.perf_counter() + plan.seconds
     await asyncio.gather(*(arrivals(t, r, i, deadline) for i, (t, r) in enumerate(rates.items())))
@@ -329,8 +333,8 @@ def _ttft(ttfts: dict[str, list[float]], tenants: list[str]) -> dict[str, Any]:
     answered = [ttft * 1e3 for tenant in tenants for ttft in ttfts[tenant]]
     return {
         "queries": len(answered),
-        "p50_ms": serve.p(answered, 50) if answered else math.nan,
-        "p99_ms": serve.p(answered, 99) if answered else math.nan,
+        "p50_ms": percentile(answered, 50),
+        "p99_ms": percentile(answered, 99),
     }
 
 
@@ -445,3 +449,69 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
+
+
+def render_full(result: dict[str, Any]) -> str:
+    lines = [
+        f"# Scheduling benchmark ({result['plan']['geometry']}, random {result['dtype']} weights)",
+        "",
+        f"`{result['command']}` on {result['device_name']}, {result['date']}; torch {result['torch']}.",
+        "",
+        *render_markdown(result),
+    ]
+    lines += goals_and_errors(result)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_run_arguments(parser)
+    parser.add_argument("--sections", default="prefill_burst,fairness")
+    parser.add_argument("--seconds", type=float, default=None, help="length of each fairness run")
+    parser.add_argument(
+        "--name", default=None, help="output file stem (default scheduling-h200 / scheduling-tiny)"
+    )
+    args = parser.parse_args(argv)
+    plan = PLANS["tiny" if args.tiny else "h200"]
+    if args.seconds is not None:
+        plan = replace(plan, seconds=args.seconds)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sections = set(args.sections.split(","))
+    started = time.time()
+    result: dict[str, Any] = run_info("lloco.bench.scheduling", argv, device) | {
+        "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
+        "plan": asdict(plan),
+        "errors": [],
+    }
+
+    def section(key: str, fn: Callable[[], Any]) -> None:
+        if key in sections:
+            run_section(result, key, fn, free_memory)
+
+    max_positions = max(plan.burst_tokens, plan.decoder_prompt, 4096) + 256
+    config = LlamaConfig(**GEOMETRIES[plan.geometry], max_position_embeddings=max_positions)
+    model = random_llama(config, device, dtype, seed=0)
+    section("prefill_burst", lambda: bench_prefill_burst(model, plan))
+    if "fairness" in sections:
+        with tempfile.TemporaryDirectory(prefix="lloco-bench-scheduling-") as root:
+            try:
+                with object_store(args.s3_endpoint, Path(root)) as store:
+                    section("fairness", lambda: bench_fairness(model, store, plan))
+            except Exception as error:  # noqa: BLE001 - no store: the section is reported as an error
+                result["errors"].append(f"store: {type(error).__name__}: {error}")
+    result["goals"] = evaluate_goals(result)
+    result["wall_s"] = time.time() - started
+    write_report(
+        args.out,
+        args.name or ("scheduling-tiny" if args.tiny else "scheduling-h200"),
+        result,
+        render_full(result),
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

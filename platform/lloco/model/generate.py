@@ -4,16 +4,15 @@ The hot path (``Generator._decode_body``) has static shapes per (batch bucket, k
 on/off, sampling mode): on CUDA each such shape is captured once as a CUDA graph and replayed; with
 ``compile=True`` the layer function inside it is compiled once by ``torch.compile`` (the one compile site).
 A batch-1 step runs the Triton kernels of ``lloco.model.fused`` instead when they are available (``fused``).
-Sampling runs on the device from per-row parameters, with noise hashed from (seed, position), so a row's
-tokens do not depend on which other rows share its batch.
+Sampling (``lloco.model.sampling``) runs on the device from per-row parameters, with noise hashed from
+(seed, position), so a row's tokens do not depend on which other rows share its batch.
 
 Decode steps are pipelined: a step's tokens are read (and emitted) by the next ``step`` call, which first
 launches the following decode step when no request joined or left in between, its input tokens chained
 from the previous step's output on the device. The host's work per step (emitting tokens, stop checks,
 the caller's own, such as the serving scheduler's thread hand-off) then overlaps the GPU's instead of
-leaving it idle. On an H200 (7B geometry) a batch-32 step went from 7.37 to 7.02 ms and a query on a
-32k-token document from 343 to 329 ms end to end; a batch-1 step (compiled layers) stayed at 4.6 ms. A request that ends by EOS or
-a stop string costs its row one wasted decode (one that ends by length none: the chain stops before).
+leaving it idle (docs/benchmarks has the figures). A request that ends by EOS or a stop string costs its
+row one wasted decode (one that ends by length none: the chain stops before).
 
 Chunked prefill (``prefill_chunk_tokens``): a step prefills at most that many input positions of the queued
 rows, so a burst of long inputs delays the decoding rows' next token by one bounded chunk per step instead
@@ -33,7 +32,7 @@ import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -42,36 +41,21 @@ from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Res
 from lloco.model import fused as fused_decode
 from lloco.model.llama import Block, BlockFn, KVCache, Llama, resolve_device
 from lloco.model.lora import LoraSlots
+from lloco.model.sampling import SampleMode, SamplingParams, gumbel_noise, sample, truncate_at_stop
+
+__all__ = [
+    "GenerationRequest",
+    "Generator",
+    "SamplingParams",
+    "StepOutput",
+    "generate",
+    "gumbel_noise",
+    "sample",
+    "truncate_at_stop",
+]
 
 if TYPE_CHECKING:
     from lloco.model.loading import LoadedModel
-
-SampleMode = Literal["greedy", "sample", "top_p"]
-_M32 = 0xFFFFFFFF
-_MIX = 0x45D9F3B
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request samples; temperature 0 is greedy."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise InvalidArgument(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}")
-        if any(not s for s in self.stop):
-            raise InvalidArgument("stop strings must not be empty")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise InvalidArgument(f"seed must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -136,50 +120,6 @@ class _Chunk:
     row: _Row
     start: int
     length: int
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash on int64 tensors holding values in [0, 2**32) (products stay below 2**63)."""
-    x = ((x >> 16) ^ x) * _MIX & _M32
-    x = ((x >> 16) ^ x) * _MIX & _M32
-    return (x >> 16) ^ x
-
-
-def gumbel_noise(seeds: Tensor, positions: Tensor, vocab_size: int) -> Tensor:
-    """Gumbel(0, 1) noise [B, V], a pure function of (seed, position, token id): no RNG state, no host sync."""
-    key = _mix32((seeds & _M32) ^ _mix32((seeds >> 32) & _M32))
-    key = _mix32(key ^ _mix32(positions & _M32))
-    ids = _mix32(torch.arange(vocab_size, device=seeds.device, dtype=torch.int64))
-    bits = _mix32(key[:, None] ^ ids[None, :])
-    uniform = ((bits >> 8).float() + 0.5) / float(1 << 24)
-    return -torch.log(-torch.log(uniform))
-
-
-def sample(
-    logits: Tensor, temperature: Tensor, top_p: Tensor, seeds: Tensor, positions: Tensor, mode: SampleMode
-) -> Tensor:
-    """Next tokens [B] from fp32 logits [B, V] and per-row temperature/top_p/seed; temperature 0 rows are greedy.
-
-    ``positions`` [B] are the positions of the tokens being sampled (they key the noise).
-    """
-    greedy = logits.argmax(-1)
-    if mode == "greedy":
-        return greedy
-    scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    if mode == "top_p":
-        ordered = scaled.sort(-1, descending=True).values
-        probs = ordered.softmax(-1)
-        kept = (probs.cumsum(-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1)
-        cutoff = ordered.masked_fill(~kept, float("inf")).amin(-1, keepdim=True)
-        scaled = scaled.masked_fill(scaled < cutoff, float("-inf"))
-    sampled = (scaled + gumbel_noise(seeds, positions, logits.shape[-1])).argmax(-1)
-    return torch.where(temperature > 0, sampled, greedy)
-
-
-def truncate_at_stop(text: str, stop: Iterable[str]) -> str:
-    """Text before the earliest stop string (all of it when none occurs)."""
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
 
 
 @functools.cache

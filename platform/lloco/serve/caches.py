@@ -1,22 +1,26 @@
-"""The engine's caches: compressed contexts (a GPU and a CPU tier, each bounded in bytes), adapters (a
-CPU tier of parsed PEFT tensors) and the manager of the model's fixed LoRA slots.
+"""The serving caches: `LruCache` (the one bounded map, optionally with a time to live, used by the
+edge's lookups too), and the engine's: compressed contexts (a GPU and a CPU tier, each bounded in bytes),
+adapters (a CPU tier of parsed PEFT tensors) and the manager of the model's fixed LoRA slots.
 
-Everything here is filled from S3 through the tenant's `Registry`, so a replica warms itself on demand.
+The engine's caches are filled from S3 through the tenant's registry (`TenantObjects`), so a replica
+warms itself on demand; their keys name immutable things (a context of one source text, an adapter
+version), so they never need invalidating, only freeing (`forget_tenant`).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Generic, Literal, Protocol, TypeVar
 
 import torch
 
 from lloco.errors import FailedPrecondition, NotFound
 from lloco.logs import get_logger
-from lloco.registry import DocumentInfo, Registry
+from lloco.registry import ContextInfo, DocumentInfo
 
 log = get_logger(__name__)
 
@@ -29,15 +33,27 @@ ContextTier = Literal["gpu", "cpu", "s3"]
 class LruCache(Generic[K, V]):
     """A thread-safe LRU map bounded by the total `size_of` of its values (bytes, or 1 per entry).
 
-    A value larger than the whole capacity is not kept; a capacity of 0 disables the cache.
+    A value larger than the whole capacity is not kept; a capacity of 0 disables the cache. With
+    ``ttl_s``, an entry older than that is a miss (and is dropped): the bound on how stale a cached
+    fact read from shared storage can be when another process changes it.
     """
 
-    def __init__(self, capacity: int, size_of: Callable[[V], int]) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        size_of: Callable[[V], int],
+        ttl_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if capacity < 0:
             raise ValueError(f"capacity must be >= 0, got {capacity}")
+        if ttl_s is not None and ttl_s < 0:
+            raise ValueError(f"ttl_s must be >= 0, got {ttl_s}")
         self.capacity = capacity
+        self.ttl_s = ttl_s
         self._size_of = size_of
-        self._entries: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._clock = clock
+        self._entries: OrderedDict[K, tuple[V, int, float]] = OrderedDict()
         self._lock = threading.Lock()
         self.used = 0
         self.hits = 0
@@ -45,9 +61,13 @@ class LruCache(Generic[K, V]):
         self.evictions = 0
 
     def get(self, key: K) -> V | None:
-        """The value (now most recently used), counting a hit or a miss."""
+        """The value (now most recently used), counting a hit or a miss; an expired entry is a miss."""
         with self._lock:
             entry = self._entries.get(key)
+            if entry is not None and self.ttl_s is not None and self._clock() - entry[2] >= self.ttl_s:
+                del self._entries[key]
+                self.used -= entry[1]
+                entry = None
             if entry is None:
                 self.misses += 1
                 return None
@@ -66,18 +86,22 @@ class LruCache(Generic[K, V]):
             if size > self.capacity:
                 return evicted
             while self.used + size > self.capacity:
-                old_key, (_, old_size) = self._entries.popitem(last=False)
+                old_key, (_, old_size, _) = self._entries.popitem(last=False)
                 self.used -= old_size
                 self.evictions += 1
                 evicted.append(old_key)
-            self._entries[key] = (value, size)
+            self._entries[key] = (value, size, self._clock())
             self.used += size
         return evicted
 
     def drop(self, matches: Callable[[K], bool]) -> int:
         """Remove every entry whose key ``matches``; returns how many."""
+        return self.drop_items(lambda key, _: matches(key))
+
+    def drop_items(self, matches: Callable[[K, V], bool]) -> int:
+        """Remove every entry whose key and value ``matches``; returns how many."""
         with self._lock:
-            doomed = [key for key in self._entries if matches(key)]
+            doomed = [key for key, (value, _, _) in self._entries.items() if matches(key, value)]
             for key in doomed:
                 self.used -= self._entries.pop(key)[1]
         return len(doomed)
@@ -89,6 +113,17 @@ class LruCache(Generic[K, V]):
     def __len__(self) -> int:
         with self._lock:
             return len(self._entries)
+
+
+class TenantObjects(Protocol):
+    """What the engine's caches read of a tenant on a miss: `lloco.registry.Registry` is one."""
+
+    tenant: str
+    uid: str
+
+    def get_context(self, doc_id: str, compressor_id: str) -> tuple[torch.Tensor, ContextInfo]: ...
+
+    def read_adapter_files(self, name: str, version: str) -> dict[str, bytes]: ...
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
@@ -120,7 +155,7 @@ class ContextCache:
         self._dtype = dtype
 
     def get(
-        self, registry: Registry, doc: DocumentInfo, compressor_id: str
+        self, registry: TenantObjects, doc: DocumentInfo, compressor_id: str
     ) -> tuple[torch.Tensor, ContextTier]:
         """The context of `doc` as `[n_vectors, dim]` on the engine's device, and the tier it came from.
 
@@ -141,7 +176,7 @@ class ContextCache:
         self.gpu.put(key, ready)
         return ready, tier
 
-    def _load(self, registry: Registry, doc: DocumentInfo, compressor_id: str) -> torch.Tensor:
+    def _load(self, registry: TenantObjects, doc: DocumentInfo, compressor_id: str) -> torch.Tensor:
         not_ready = f"document {doc.doc_id!r} is not compressed yet; run compress"
         try:
             vectors, info = registry.get_context(doc.doc_id, compressor_id)
@@ -175,7 +210,7 @@ class AdapterCache(Generic[V]):
         self.s3_loads = 0
         self._parse = parse
 
-    def get(self, registry: Registry, key: AdapterKey) -> tuple[V, bool]:
+    def get(self, registry: TenantObjects, key: AdapterKey) -> tuple[V, bool]:
         """The parsed adapter and whether it was already in the CPU tier."""
         parsed = self.tier.get(key)
         if parsed is not None:

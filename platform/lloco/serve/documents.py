@@ -31,10 +31,6 @@ class EdgeDocuments:
     ) -> None:
         self._store, self._limits, self._work, self._compressor_id = store, limits, work, compressor_id
 
-    async def registry(self, tenant: str) -> Registry:
-        """The tenant's registry; NotFound if there is no such tenant."""
-        return await self._work.run(tenant, Registry, self._store, tenant)
-
     async def get(self, registry: Registry, doc_ids: Iterable[str]) -> list[DocumentInfo]:
         """The documents of ``doc_ids``; NotFound names the first missing one."""
         return await self._work.map(registry.tenant, registry.get_document, doc_ids)

@@ -1,5 +1,5 @@
 """Helpers of the API edge shared by the gRPC server and the handlers: the status a caller sees for an
-error, per-method metrics, the bearer key of a call, health, and fair scheduling of blocking object-store
+error, per-method and cache metrics, the bearer key of a call, health, and fair scheduling of blocking object-store
 work.
 
 Statuses: `grpc_status` is the one place where an exception becomes a gRPC code and message (through
@@ -118,10 +118,19 @@ class EdgeMetrics:
             self.LATENCY_BOUNDS_S,
             tag_keys=("method",),
         )
+        self._cache_lookups = metrics.Counter(
+            "lloco_edge_cache_lookups",
+            "Lookups in the edge's caches (api_keys, tenants, documents, adapters), by result (hit, miss).",
+            tag_keys=("cache", "result"),
+        )
 
     def record(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self._requests.inc(tags={"method": method, "code": code.name})
         self._latency.observe(time.perf_counter() - started, tags={"method": method})
+
+    def cache_lookup(self, cache: str, hit: bool) -> None:
+        """A lookup in one of the edge's caches (`lloco.serve.lookups`), found there or not."""
+        self._cache_lookups.inc(tags={"cache": cache, "result": "hit" if hit else "miss"})
 
 
 class Recorder(Protocol):

@@ -162,6 +162,12 @@ class EngineDeployment:
         async for event in self._core.generate(req):
             yield event
 
+    async def answer(self, req: EngineRequest) -> EngineEvent:
+        """The whole answer as one reply (a unary call through a handle, multiplexed id "tenant/adapter")."""
+        if req.adapter is not None:
+            await self.hold_adapter(f"{req.tenant}/{req.adapter}")
+        return await self._core.answer(req)
+
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
         return await self._core.compress(tenant, doc_ids)
 

@@ -3,17 +3,24 @@
 A query is `[compressed contexts of its documents, concatenated] + chat_prompt(question)`, decoded with
 the tenant's adapter in a LoRA slot (a query with documents and no adapter: the compressor's reader, when it
 ships one, since a tenant adapter starts from it and the base model alone was never taught to read summary
-vectors). EngineCore resolves the adapter (its `current` version unless one is
-pinned) and the contexts on every request, so new versions and recompressed documents are picked up
-without a restart, and streams the text as it is generated. `lloco.serve.engine` wraps it in Ray Serve.
+vectors). `lloco.serve.engine` wraps it in Ray Serve.
+
+What a request names is resolved against the registry (the tenant's uid, its documents' current text
+digests, the adapter version) by the caller when it sends `EngineRequest.resolved` (the edge, from its
+caches), else here, on every request. Contexts and adapter weights are cached under those immutable
+versions, so a request whose contexts and adapter are held reads nothing from the store, and new versions
+and recompressed documents are picked up without a restart. The question is tokenized once per request:
+by the caller when it sends `prompt_ids`, else here.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +28,7 @@ import torch
 
 from lloco.compress import compress_online
 from lloco.config import Settings
-from lloco.errors import FailedPrecondition, InvalidArgument
+from lloco.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from lloco.logs import get_logger
 from lloco.model import (
     Compressor,
@@ -31,9 +38,8 @@ from lloco.model import (
     LoraSlots,
     SamplingParams,
     chat_prompt,
-    truncate_at_stop,
 )
-from lloco.registry import ContextInfo, DocumentInfo, Registry, Segment
+from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -60,6 +66,28 @@ def segment_vectors(vectors: torch.Tensor, segments: tuple[Segment, ...], k: int
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """What the registry says of a request's names: the tenant's creation uid, each document's record (in
+    the order of `EngineRequest.doc_ids`; its sha256 keys the context) and the adapter version (None: no
+    adapter). Each names an immutable thing, so the engine reads the store only for what it does not hold."""
+
+    tenant_uid: str
+    documents: tuple[DocumentInfo, ...]
+    adapter: AdapterVersion | None
+
+    @classmethod
+    def read(
+        cls, registry: Registry, doc_ids: tuple[str, ...], adapter: str | None, version: str | None
+    ) -> Resolved:
+        """Resolve from the store (NotFound for a missing document or adapter version)."""
+        return cls(
+            tenant_uid=registry.uid,
+            documents=tuple(registry.get_document(doc_id) for doc_id in doc_ids),
+            adapter=registry.get_adapter(adapter, version) if adapter else None,
+        )
+
+
+@dataclass(frozen=True)
 class EngineRequest:
     request_id: str
     tenant: str
@@ -68,6 +96,10 @@ class EngineRequest:
     adapter: str | None  # adapter name; None = the base model
     adapter_version: str | None  # None = the adapter's current version
     params: SamplingParams
+    # The caller's work, so the engine does not repeat it: the registry's answers (None: read them here)
+    # and chat_prompt(tokenizer, question) in this engine's tokenizer (None: tokenize here).
+    resolved: Resolved | None = None
+    prompt_ids: tuple[int, ...] | None = None
     # A corpus query (serve.retrieval): per document of doc_ids, the segments whose own k summary vectors
     # are prepended, in order (None: every document whole).
     segments: tuple[tuple[Segment, ...], ...] | None = None
@@ -87,7 +119,10 @@ class QueryStats:
 
 @dataclass(frozen=True)
 class EngineEvent:
-    text: str  # the new text since the previous event
+    """Tokens of a request: in a stream, the text and ids since the previous event (several tokens when
+    they were ready together), the last event carrying `final`; from `EngineCore.answer`, the whole answer."""
+
+    text: str
     token_ids: tuple[int, ...]
     final: QueryStats | None = None
 
@@ -113,13 +148,15 @@ class EngineObserver:
 
 
 class TextStream:
-    """Decodes generated ids incrementally into text deltas.
+    """Decodes generated ids incrementally into text deltas, and finds stop strings as the text grows.
 
     Text is released only once its bytes form whole characters (a multi-byte character may span
     tokens), and each new piece is decoded together with the token before it, so tokenizers that drop a
-    leading space at the start of a decode still space correctly. With stop strings, the last
-    `len(longest stop) - 1` characters are held back until the end, when the text is cut before the
-    first stop string: no delta ever shows text the final answer does not contain.
+    leading space at the start of a decode still space correctly. Stop strings are looked for only in the
+    new text and the `len(longest stop) - 1` characters before it (a stop found earlier would have ended
+    the answer), and that many characters are held back until the end: no delta ever shows text the final
+    answer does not contain. `stopped` turns True at the token that completes a stop string; the text is
+    cut before it, and later tokens are ignored.
     """
 
     def __init__(self, tokenizer: Any, stop: tuple[str, ...] = ()) -> None:
@@ -131,26 +168,39 @@ class TextStream:
         self._read = 0
         self._sent = 0
         self.text = ""
+        self.stopped = False
 
     def push(self, token_id: int) -> str:
-        """Add one token; returns the text it releases (often "", never a partial character)."""
+        """Add one token; returns the text it releases (often "", never a partial character). Tokens
+        after a stop string are ignored."""
+        if self.stopped:
+            return ""
         self._ids.append(token_id)
         before = self._decode(self._ids[self._prefix : self._read])
         now = self._decode(self._ids[self._prefix :])
         if len(now) > len(before) and not now.endswith("\ufffd"):
-            self.text += now[len(before) :]
+            self._grow(now[len(before) :])
             self._prefix, self._read = self._read, len(self._ids)
-        stop_at = min((i for i in (self.text.find(s) for s in self._stop) if i >= 0), default=len(self.text))
-        return self._release(min(len(self.text) - self._hold, stop_at))
+        if self.stopped:
+            return self._release(len(self.text))
+        return self._release(len(self.text) - self._hold)
 
     def finish(self) -> str:
         """The rest of the text, cut at the first stop string (an incomplete last character is kept
         as the tokenizer decodes it)."""
-        before = self._decode(self._ids[self._prefix : self._read])
-        self.text += self._decode(self._ids[self._prefix :])[len(before) :]
-        self._prefix = self._read = len(self._ids)
-        self.text = truncate_at_stop(self.text, self._stop)
+        if not self.stopped:
+            before = self._decode(self._ids[self._prefix : self._read])
+            self._grow(self._decode(self._ids[self._prefix :])[len(before) :])
+            self._prefix = self._read = len(self._ids)
         return self._release(len(self.text))
+
+    def _grow(self, piece: str) -> None:
+        """Append ``piece``; cut the text at the earliest stop string that ends inside it."""
+        start = max(0, len(self.text) - self._hold)
+        self.text += piece
+        cut = min((i for i in (self.text.find(s, start) for s in self._stop) if i >= 0), default=None)
+        if cut is not None:
+            self.text, self.stopped = self.text[:cut], True
 
     def _release(self, upto: int) -> str:
         if upto <= self._sent:
@@ -259,7 +309,8 @@ class EngineCore:
         return self.scheduler.alive
 
     async def generate(self, req: EngineRequest) -> AsyncIterator[EngineEvent]:
-        """Stream the answer to `req`: text deltas, then one event carrying the final `QueryStats`.
+        """Stream the answer to `req`: text deltas (several tokens in one event when they were ready
+        together), then one event carrying the final `QueryStats`.
 
         Closing the iterator (or cancelling its consumer) frees the request's row at the next step.
 
@@ -277,49 +328,70 @@ class EngineCore:
             tenant=req.tenant,
             prefix_embeds=prepared.prefix_embeds,
             prompt_ids=prepared.prompt_ids,
-            params=req.params,
+            # stop strings are found here, once, as the text is decoded (TextStream), not by the generator
+            params=dataclasses.replace(req.params, stop=()),
             adapter=prepared.adapter,
             adapter_weights=prepared.adapter_weights,
         )
         self.scheduler.submit(scheduled)
         text = TextStream(self._model.tokenizer, req.params.stop)
-        token_ids: list[int] = []
+        generated = 0
         first_token_at: float | None = None
-        finished = False
+        reason: str | None = None  # set when the answer ended
+        row_freed = False  # the scheduler ended the row itself (finished or failed)
         try:
-            while True:
-                event = await scheduled.events.get()
-                if isinstance(event, BaseException):
-                    finished = True
-                    raise event
+            while reason is None:
+                ready = [await scheduled.events.get()]
+                while not scheduled.events.empty():
+                    ready.append(scheduled.events.get_nowait())
                 first_token_at = first_token_at or time.perf_counter()
-                fresh: tuple[int, ...] = ()
-                delta = ""
-                if event.token_id is not None and event.reason != "eos":
-                    fresh = (event.token_id,)
-                    token_ids.append(event.token_id)
-                    delta = text.push(event.token_id)
-                if event.finished:
-                    finished = True
-                    break
-                yield EngineEvent(delta, fresh)
+                delta, fresh = "", []
+                for event in ready:
+                    if isinstance(event, BaseException):
+                        row_freed = True
+                        raise event
+                    if event.token_id is not None and event.reason != "eos":
+                        fresh.append(event.token_id)
+                        delta += text.push(event.token_id)
+                        if text.stopped:
+                            reason = "stop"
+                            break
+                    if event.finished:
+                        row_freed = True
+                        reason = event.reason or "stop"
+                        break
+                generated += len(fresh)
+                if reason is None:
+                    yield EngineEvent(delta, tuple(fresh))
             delta += text.finish()
             done = time.perf_counter()
             stats = QueryStats(
                 prompt_tokens=len(prepared.prompt_ids),
                 context_tokens=0 if prepared.prefix_embeds is None else int(prepared.prefix_embeds.shape[0]),
                 document_tokens=prepared.document_tokens,
-                generated_tokens=len(token_ids),
+                generated_tokens=generated,
                 adapter_version=prepared.adapter.version if req.adapter else None,
-                ttft_s=first_token_at - started,
+                ttft_s=(first_token_at or done) - started,
                 total_s=done - started,
-                finish_reason=_FINISH_REASONS[event.reason or "stop"],
+                finish_reason=_FINISH_REASONS[reason],
             )
             self._observer.request_done(req.tenant, stats)
-            yield EngineEvent(delta, fresh, stats)
+            yield EngineEvent(delta, tuple(fresh), stats)
         finally:
-            if not finished:
+            if not row_freed:
                 self.scheduler.cancel(scheduled.request_id)
+
+    async def answer(self, req: EngineRequest) -> EngineEvent:
+        """The whole answer to `req` as one event (text, every token id, the final stats): what a unary
+        call returns, with nothing sent per token. Raises what `generate` raises."""
+        parts: list[str] = []
+        token_ids: list[int] = []
+        async for event in self.generate(req):
+            parts.append(event.text)
+            token_ids.extend(event.token_ids)
+            if event.final is not None:
+                return EngineEvent("".join(parts), tuple(token_ids), event.final)
+        raise Internal("the engine ended an answer without its final stats")
 
     @property
     def compressor_id(self) -> str:
@@ -421,24 +493,35 @@ class EngineCore:
         return AdapterKey("", "", READER_ADAPTER, compressor.compressor_id), weights
 
     def _prepare(self, req: EngineRequest) -> _Prepared:
-        """Blocking half of a request (S3 reads, tokenization), run in a worker thread."""
-        registry = Registry(self._store, req.tenant)
+        """Blocking half of a request (store reads on cache misses, tokenization when the caller did not),
+        run in a worker thread. With `req.resolved` and everything cached it reads nothing from the store."""
+        if req.resolved is None:
+            opened = Registry(self._store, req.tenant)
+            resolved = Resolved.read(opened, req.doc_ids, req.adapter, req.adapter_version)
+            registry: Callable[[], Registry] = lambda: opened  # noqa: E731 - already open
+        else:
+            resolved = req.resolved
+            registry = self._registry_reader(req.tenant, resolved.tenant_uid)
+        objects = _TenantReads(req.tenant, resolved.tenant_uid, registry)
         adapter, weights = (
-            self._resolve_adapter(registry, req.adapter, req.adapter_version) if req.adapter else (None, None)
+            self._adapter_weights(objects, resolved.adapter) if resolved.adapter else (None, None)
         )
         if adapter is None and req.doc_ids and self._reader is not None:
             adapter, weights = (
                 self._reader
             )  # no adapter of its own: the compressor's reader reads the context
-        docs = [registry.get_document(doc_id) for doc_id in req.doc_ids]
         contexts = []
-        for doc in docs:
-            vectors, tier = self.contexts.get(registry, doc, self.compressor_id)
+        for doc in resolved.documents:
+            vectors, tier = self.contexts.get(objects, doc, self.compressor_id)
             self._observer.context_lookup(req.tenant, tier)
             contexts.append(vectors)
-        prompt_ids = chat_prompt(self._model.tokenizer, req.question)
+        prompt_ids = (
+            list(req.prompt_ids)
+            if req.prompt_ids is not None
+            else chat_prompt(self._model.tokenizer, req.question)
+        )
         if req.segments is None:
-            document_tokens = sum(self._tokens_of(registry, doc) for doc in docs)
+            document_tokens = sum(self._tokens_of(objects, doc) for doc in resolved.documents)
         else:
             k = self._compressor.k
             contexts = [
@@ -457,19 +540,36 @@ class EngineCore:
             )
         return _Prepared(prefix, prompt_ids, document_tokens, adapter, weights)
 
+    def _registry_reader(self, tenant: str, uid: str) -> Callable[[], Registry]:
+        """The tenant's registry, opened on first use (a cache miss) and only if the tenant is still the
+        one of ``uid``: a request resolved for a tenant since deleted (and maybe re-created) reads nothing."""
+
+        @functools.cache
+        def registry() -> Registry:
+            opened = Registry(self._store, tenant)
+            if opened.uid != uid:
+                raise NotFound(f"tenant {tenant!r} not found")
+            return opened
+
+        return registry
+
     def _resolve_adapter(
         self, registry: Registry, name: str, version: str | None
     ) -> tuple[AdapterKey, LoraAdapter]:
         info = registry.get_adapter(name, version)
+        return self._adapter_weights(_TenantReads(registry.tenant, registry.uid, lambda: registry), info)
+
+    def _adapter_weights(self, objects: _TenantReads, info: AdapterVersion) -> tuple[AdapterKey, LoraAdapter]:
+        """The parsed weights of an adapter version (CPU tier, else the store) and its slot key."""
         if info.rank > self._settings.lora.max_rank:
             raise FailedPrecondition(
-                f"adapter {name!r} {info.version} has rank {info.rank}; this engine serves ranks up to "
+                f"adapter {info.name!r} {info.version} has rank {info.rank}; this engine serves ranks up to "
                 f"{self._settings.lora.max_rank} (lora.max_rank)"
             )
-        key = AdapterKey(registry.tenant, registry.uid, name, info.version)
-        weights, cached = self.adapters.get(registry, key)
+        key = AdapterKey(objects.tenant, objects.uid, info.name, info.version)
+        weights, cached = self.adapters.get(objects, key)
         if not cached:
-            self._observer.adapter_loaded(registry.tenant, "cpu")
+            self._observer.adapter_loaded(objects.tenant, "cpu")
         return key, weights
 
     def _parse_adapter(self, files: dict[str, bytes]) -> LoraAdapter:
@@ -477,14 +577,30 @@ class EngineCore:
         adapter = self.lora.prepare(files)
         return adapter.pin_memory() if self.device.type == "cuda" else adapter
 
-    def _tokens_of(self, registry: Registry, doc: DocumentInfo) -> int:
+    def _tokens_of(self, objects: _TenantReads, doc: DocumentInfo) -> int:
         """The document's token count: recorded at ingest, else counted once per text version."""
         if doc.tokens is not None:
             return doc.tokens
-        key = (registry.tenant, registry.uid, doc.doc_id, doc.sha256)
+        key = (objects.tenant, objects.uid, doc.doc_id, doc.sha256)
         tokens = self._document_tokens.get(key)
         if tokens is None:
-            text = registry.read_text(doc.doc_id)
+            text = objects.registry().read_text(doc.doc_id)
             tokens = len(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
             self._document_tokens.put(key, tokens)
         return tokens
+
+
+@dataclass(frozen=True)
+class _TenantReads:
+    """A tenant's objects as the engine's caches read them on a miss (`caches.TenantObjects`), through a
+    registry opened only then."""
+
+    tenant: str
+    uid: str
+    registry: Callable[[], Registry]
+
+    def get_context(self, doc_id: str, compressor_id: str) -> tuple[torch.Tensor, ContextInfo]:
+        return self.registry().get_context(doc_id, compressor_id)
+
+    def read_adapter_files(self, name: str, version: str) -> dict[str, bytes]:
+        return self.registry().read_adapter_files(name, version)

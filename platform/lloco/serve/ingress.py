@@ -37,14 +37,15 @@ from lloco.errors import (
     PermissionDenied,
     Unavailable,
 )
-from lloco.jobs import Jobs
+from lloco.jobs import JobRecord, Jobs
 from lloco.logs import get_logger
 from lloco.registry import Registry, Tenants, document_text, pages
 from lloco.serve import replies
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import EdgeMetrics, HealthProbe, TenantWork, bearer_key, domain_error, rpc
-from lloco.serve.engine_core import QueryStats
+from lloco.serve.engine_facts import EngineFacts
 from lloco.serve.http import HttpServer, start_http_server
+from lloco.serve.lookups import EdgeLookups
 from lloco.serve.names import dataset_name, field_id, owned, owned_under, parse_name, tenant_name
 from lloco.serve.openai_api import OpenAIApi
 from lloco.serve.queries import Queries
@@ -76,13 +77,15 @@ class Ingress:
         self._jobs = Jobs(
             settings, self._store, settings.jobs.ray_address or ray.get_runtime_context().gcs_address
         )
-        self._facts: tuple[Any, str] | None = None
-        self._engine_facts_lock = asyncio.Lock()
+        self._facts = EngineFacts(engine)
         self._metrics = EdgeMetrics()
         self._work = TenantWork(settings.limits.tenant_storage_concurrency)
         self._health = HealthProbe(engine, settings.store, self._work)
-        self._documents = EdgeDocuments(self._store, self._limits, self._work, self._compressor)
-        self._queries = Queries(self._limits, self._count_tokens)
+        self._lookups = EdgeLookups(
+            self._store, self._keys, settings.serve, self._work, self._metrics.cache_lookup
+        )
+        self._documents = EdgeDocuments(self._store, self._limits, self._work, self._facts.compressor_id)
+        self._queries = Queries(self._limits, self._lookups, self._facts.tokenizer)
         self._server = await start_server(self, settings)
         self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
 
@@ -93,7 +96,7 @@ class Ingress:
             record=self.record,
             queries=self._queries,
             engine=self._engine,
-            documents=self._documents,
+            lookups=self._lookups,
             work=self._work,
             limits=self._limits,
             max_ongoing_requests=settings.serve.max_ongoing_requests,
@@ -116,8 +119,7 @@ class Ingress:
     async def authenticate(self, metadata: Sequence[tuple[str, Any]]) -> Principal:
         """The caller holding the bearer key of ``metadata``; Unauthenticated if there is none or it is
         unknown. The gRPC server calls this before it reads the request message."""
-        key = bearer_key(metadata)
-        return await self._work.run(TenantWork.key_lane(key), self._keys.resolve, key)
+        return await self._lookups.principal(bearer_key(metadata))
 
     async def _caller(self, grpc_context: Any) -> Principal:
         """The caller the server authenticated, or (a call through a handle) the one of its metadata."""
@@ -130,32 +132,11 @@ class Ingress:
         """The caller and the registry of the tenant ``name`` (``tenants/{t}``) it may act on."""
         principal = await self._caller(grpc_context)
         (tenant,) = owned(principal, field, name, ("tenants",))
-        return principal, await self._documents.registry(tenant)
-
-    # -- what the engine tells once ------------------------------------------------------------------
-
-    async def _engine_facts(self) -> tuple[Any, str]:
-        """The engine's tokenizer and compressor id, fetched once (fixed for the app's life)."""
-        async with self._engine_facts_lock:
-            if self._facts is None:
-                self._facts = (
-                    await self._engine.tokenizer.remote(),
-                    await self._engine.compressor_id.remote(),
-                )
-        return self._facts
-
-    async def _count_tokens(self, text: str) -> int:
-        """Tokens of ``text`` as the engine counts them, so limits are in the tokens it will see."""
-        tokenizer, _ = await self._engine_facts()
-        return await asyncio.to_thread(lambda: len(tokenizer(text, add_special_tokens=False)["input_ids"]))
-
-    async def _compressor(self) -> str:
-        """The id the engine's contexts are stored under."""
-        return (await self._engine_facts())[1]
+        return principal, await self._lookups.registry(tenant, principal)
 
     async def compressor_id(self) -> str:
         """The engine's compressor id, for local tools through a handle."""
-        return await self._compressor()
+        return await self._facts.compressor_id()
 
     # -- identity and administration -------------------------------------------------------------------
 
@@ -175,6 +156,7 @@ class Ingress:
             raise PermissionDenied("only the admin key can create tenants")
         tenant = field_id("tenant_id", "tenant", request.tenant_id)
         await self._work.run(tenant, self._tenants.create, tenant)
+        self._lookups.tenant_changed(tenant)
         key, info = await self._work.run(tenant, self._keys.issue_key, tenant)
         return lloco_pb2.CreateTenantResponse(
             tenant=lloco_pb2.Tenant(name=tenant_name(tenant)), api_key=key, key=replies.api_key_reply(info)
@@ -188,6 +170,7 @@ class Ingress:
             raise PermissionDenied("only the admin key can delete tenants")
         (tenant,) = parse_name("name", request.name, ("tenants",))
         removed = await self._work.run(tenant, self._tenants.delete, tenant)
+        self._lookups.tenant_changed(tenant)
         try:  # the engine replica this reaches drops its cached state now; the others never match it
             await self._engine.forget_tenant.remote(tenant)
         except Exception as error:  # noqa: BLE001 - the tenant is deleted; caches are keyed by its uid
@@ -224,6 +207,7 @@ class Ingress:
         principal = await self._caller(grpc_context)
         tenant, key_id = owned(principal, "name", request.name, ("tenants", "apiKeys"))
         await self._work.run(tenant, self._keys.revoke_id, tenant, key_id)
+        self._lookups.key_revoked(tenant)
         return lloco_pb2.RevokeApiKeyResponse()
 
     def _page_size(self, request: Any) -> int:
@@ -242,10 +226,12 @@ class Ingress:
         previous = await self._documents.get_or_none(registry, doc_id)
         if previous is None:
             await self._documents.check_quota(registry)
-        tokens = await self._count_tokens(decoded)
+        tokens = await self._facts.count_tokens(decoded)
         info, changed = await self._work.run(
             registry.tenant, registry.ingest_document, doc_id, text, self._limits.max_document_bytes, tokens
         )
+        if changed:
+            self._lookups.document_written(registry, info)
         outcome = (
             lloco_pb2.INGEST_OUTCOME_CREATED
             if previous is None
@@ -266,7 +252,7 @@ class Ingress:
     ) -> lloco_pb2.GetDocumentResponse:
         principal = await self._caller(grpc_context)
         tenant, doc_id = owned(principal, "name", request.name, ("tenants", "documents"))
-        registry = await self._documents.registry(tenant)
+        registry = await self._lookups.registry(tenant, principal)
         info = await self._work.run(tenant, registry.get_document, doc_id)
         context = await self._documents.context(registry, info)
         return lloco_pb2.GetDocumentResponse(document=replies.document_reply(info, context))
@@ -289,8 +275,9 @@ class Ingress:
     ) -> lloco_pb2.DeleteDocumentResponse:
         principal = await self._caller(grpc_context)
         tenant, doc_id = owned(principal, "name", request.name, ("tenants", "documents"))
-        registry = await self._documents.registry(tenant)
+        registry = await self._lookups.registry(tenant, principal)
         await self._work.run(tenant, registry.delete_document, doc_id)
+        self._lookups.document_deleted(tenant, doc_id)
         return lloco_pb2.DeleteDocumentResponse()
 
     @rpc
@@ -333,18 +320,15 @@ class Ingress:
     ) -> lloco_pb2.QueryResponse:
         clock = replies.Clock(time.perf_counter())
         query = await self._queries.check(await self._caller(grpc_context), request)
-        answer: list[str] = []
-        final: QueryStats | None = None
-        async with aclosing(self._queries.events(self._engine, query)) as events:
-            async for event in events:
-                if event.token_ids:
-                    clock.token()
-                answer.append(event.text)
-                final = event.final or final
+        sent = time.perf_counter()
+        answer = await self._queries.answer(self._engine, query)
+        final = answer.final
         if final is None:
             raise Unavailable("the engine ended the answer without its final stats; retry")
+        if final.generated_tokens:
+            clock.first_token = sent + final.ttft_s
         return lloco_pb2.QueryResponse(
-            answer="".join(answer),
+            answer=answer.text,
             finish_reason=replies.FINISH_REASONS[final.finish_reason],
             stats=replies.stats_reply(query.request.tenant, query.request.adapter, final, clock),
         )
@@ -390,8 +374,9 @@ class Ingress:
     async def GetAdapter(
         self, request: lloco_pb2.GetAdapterRequest, grpc_context: Any = None
     ) -> lloco_pb2.GetAdapterResponse:
-        tenant, name = owned(await self._caller(grpc_context), "name", request.name, ("tenants", "adapters"))
-        registry = await self._documents.registry(tenant)
+        principal = await self._caller(grpc_context)
+        tenant, name = owned(principal, "name", request.name, ("tenants", "adapters"))
+        registry = await self._lookups.registry(tenant, principal)
         return lloco_pb2.GetAdapterResponse(adapter=await self._adapter(registry, name))
 
     @rpc
@@ -400,7 +385,7 @@ class Ingress:
     ) -> lloco_pb2.ListAdapterVersionsResponse:
         principal = await self._caller(grpc_context)
         tenant, name = owned(principal, "parent", request.parent, ("tenants", "adapters"))
-        registry = await self._documents.registry(tenant)
+        registry = await self._lookups.registry(tenant, principal)
         versions = {v.version: v for v in await self._work.run(tenant, registry.list_versions, name)}
         if not versions:
             raise NotFound(f"adapter {name!r} not found")
@@ -417,8 +402,9 @@ class Ingress:
         principal = await self._caller(grpc_context)
         collections = ("tenants", "adapters", "versions")
         tenant, name, version = owned(principal, "version", request.version, collections)
-        registry = await self._documents.registry(tenant)
+        registry = await self._lookups.registry(tenant, principal)
         await self._work.run(tenant, registry.set_current, name, version)
+        self._lookups.adapter_changed(tenant, name)
         return lloco_pb2.SetCurrentAdapterResponse(adapter=await self._adapter(registry, name))
 
     # -- datasets and jobs -----------------------------------------------------------------------------
@@ -470,6 +456,7 @@ class Ingress:
     ) -> lloco_pb2.GetJobResponse:
         tenant, job_id = owned(await self._caller(grpc_context), "name", request.name, ("tenants", "jobs"))
         record = await self._work.run(tenant, self._jobs.get, tenant, job_id)
+        self._seen([record])
         return lloco_pb2.GetJobResponse(job=replies.job_reply(record))
 
     @rpc
@@ -479,7 +466,15 @@ class Ingress:
         (tenant,) = owned(await self._caller(grpc_context), "parent", request.parent, ("tenants",))
         size = self._page_size(request)
         records, token = await self._work.run(tenant, self._jobs.list, tenant, size, request.page_token)
+        self._seen(records)
         return lloco_pb2.ListJobsResponse(jobs=[replies.job_reply(r) for r in records], next_page_token=token)
+
+    def _seen(self, records: list[JobRecord]) -> None:
+        """A finetune seen to have succeeded published a new current version: queries through this replica
+        use it from now on (elsewhere, once the lookups' entries expire)."""
+        for record in records:
+            if record.kind == "finetune" and record.state == "SUCCEEDED" and record.result:
+                self._lookups.adapter_changed(record.tenant, record.result["adapter"])
 
     @rpc
     async def CancelJob(

@@ -121,6 +121,13 @@ class EmbeddedStack:
         host = self.settings.serve.host
         return {"0.0.0.0": HOST, "::": "::1"}.get(host, host)
 
+    @property
+    def s3(self) -> EmbeddedS3:
+        """The embedded S3 server (its metrics count what the app asked of the store)."""
+        if self._s3 is None:
+            raise FailedPrecondition("the stack has not been started")
+        return self._s3
+
     def __enter__(self) -> EmbeddedStack:
         self.start()
         return self
@@ -161,6 +168,7 @@ class EmbeddedStack:
 
     def _start_ray(self) -> None:
         import ray
+        from ray._private import ray_constants
 
         for name, value in RAY_ENV.items():
             os.environ.setdefault(name, value)
@@ -168,6 +176,15 @@ class EmbeddedStack:
             return
         options: dict[str, object] = {"include_dashboard": self._jobs}
         if self._jobs:
+            # ray.init cannot move a node's dashboard agent off its default port, and Ray's job server runs
+            # no job without its agent: refuse here rather than accept jobs that never start.
+            agent_port = ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT
+            if port_in_use(agent_port):
+                raise FailedPrecondition(
+                    f"port {agent_port} (the dashboard agent through which Ray runs jobs) is already in use, "
+                    "most likely by another Ray node on this machine: stop it first (`ray stop` stops one "
+                    "that `ray start` left running)"
+                )
             options.update(dashboard_host=HOST, dashboard_port=free_port())
         ray.init(
             address="local",  # a new instance, never one that `ray start` left running on this machine

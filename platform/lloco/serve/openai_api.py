@@ -33,9 +33,9 @@ from lloco.auth import Principal
 from lloco.config import LimitSettings
 from lloco.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lloco.registry import Registry
-from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import TenantWork, http_error, openai_error_body
-from lloco.serve.engine_core import EngineEvent, QueryStats
+from lloco.serve.engine_core import EngineEvent
+from lloco.serve.lookups import EdgeLookups
 from lloco.serve.names import adapter_name, tenant_name
 from lloco.serve.openai_schema import (
     ChatCompletionBody,
@@ -85,13 +85,13 @@ class OpenAIApi:
         record: Record,
         queries: Queries,
         engine: DeploymentHandle,
-        documents: EdgeDocuments,
+        lookups: EdgeLookups,
         work: TenantWork,
         limits: LimitSettings,
         max_ongoing_requests: int,
     ) -> None:
         self._authenticate, self._record = authenticate, record
-        self._queries, self._engine, self._documents, self._work = queries, engine, documents, work
+        self._queries, self._engine, self._lookups, self._work = queries, engine, lookups, work
         self._body_limit = limits.message_bytes
         self._max_ongoing = max_ongoing_requests
         self._ongoing = 0
@@ -186,7 +186,7 @@ class OpenAIApi:
         """The caller's tenant as a model (the base model, no adapter), then each of its adapters."""
         if principal.tenant is None:
             raise InvalidArgument("the admin key belongs to no tenant: list models with a tenant's API key")
-        registry = await self._documents.registry(principal.tenant)
+        registry = await self._lookups.registry(principal.tenant, principal)
         tenant = registry.tenant
         names = await self._work.run(tenant, registry.list_adapters)
         created = await self._work.map(tenant, lambda name: _created(registry, name), names)
@@ -204,7 +204,7 @@ class OpenAIApi:
             tenant, adapter, version = model_ids(principal, model)
         except InvalidArgument as error:
             raise Refusal(error, "model") from None
-        registry = await self._documents.registry(tenant)
+        registry = await self._lookups.registry(tenant, principal)
         if adapter is None:
             return JSONResponse(model_object(model, int(registry.created.timestamp()), tenant))
         found = await self._work.run(tenant, registry.get_adapter, adapter, version)
@@ -228,11 +228,12 @@ class OpenAIApi:
         reply = Reply(
             chat, query_message.adapter or query_message.tenant, query.request.tenant, query.request.adapter
         )
-        events = self._queries.events(self._engine, query)
         if not body.stream:
-            async with aclosing(events):
-                text, final = await _collect(events)
-            return JSONResponse(reply.whole(text, final))
+            answer = await self._queries.answer(self._engine, query)
+            if answer.final is None:
+                raise Unavailable("the engine ended the answer without its final stats; retry")
+            return JSONResponse(reply.whole(answer.text, answer.final))
+        events = self._queries.events(self._engine, query)
         try:
             first = await anext(events)
         except StopAsyncIteration:
@@ -242,17 +243,6 @@ class OpenAIApi:
             raise
         stream = EventStream(reply, first, events, body.include_usage())
         return StreamingResponse(stream, media_type="text/event-stream")
-
-
-async def _collect(events: AsyncIterator[EngineEvent]) -> tuple[str, QueryStats]:
-    text: list[str] = []
-    final: QueryStats | None = None
-    async for event in events:
-        text.append(event.text)
-        final = event.final or final
-    if final is None:
-        raise Unavailable("the engine ended the answer without its final stats; retry")
-    return "".join(text), final
 
 
 class EventStream:

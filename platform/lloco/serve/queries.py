@@ -1,21 +1,30 @@
 """Queries at the edge: a Query or QueryStream request checked into an engine request, within the
-tenant's limits, and each tenant's queries in flight counted against its limit."""
+tenant's limits, and each tenant's queries in flight counted against its limit.
+
+The edge does the request's lookups and tokenization, once, so the engine repeats neither: the registry
+records come from `EdgeLookups` (cached, so a repeated query reads nothing from the store) and travel in
+`EngineRequest.resolved`; the question is tokenized here into the engine's prompt
+(`chat_prompt` in the engine's tokenizer, fetched once) and its count for the limit comes from that.
+A unary query gets the whole answer from the engine as one reply (`answer`), a stream its events.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from lloco.api import lloco_pb2
 from lloco.auth import Principal
 from lloco.config import LimitSettings
 from lloco.errors import InvalidArgument, ResourceExhausted
-from lloco.model import SamplingParams
+from lloco.model import SamplingParams, chat_prompt
 from lloco.serve.engine_core import EngineEvent, EngineRequest
+from lloco.serve.lookups import EdgeLookups
 from lloco.serve.names import owned, owned_under, tenant_name
 from lloco.storage import keys
 
@@ -36,11 +45,16 @@ class Query:
 
 
 class Queries:
-    """Checks queries against ``limits``; questions are counted in the engine's tokens (``count_tokens``)."""
+    """Checks queries against ``limits`` and resolves their names through ``lookups``; questions become
+    prompts in the engine's tokenizer (``tokenizer()``, asked once)."""
 
-    def __init__(self, limits: LimitSettings, count_tokens: Callable[[str], Awaitable[int]]) -> None:
+    def __init__(
+        self, limits: LimitSettings, lookups: EdgeLookups, tokenizer: Callable[[], Awaitable[Any]]
+    ) -> None:
         self._limits = limits
-        self._count_tokens = count_tokens
+        self._lookups = lookups
+        self._tokenizer = tokenizer
+        self._template_tokens: int | None = None
         self._inflight: dict[str, int] = {}
 
     async def check(
@@ -58,17 +72,21 @@ class Queries:
         )
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgument("documents: a document is attached more than once")
-        question = await self._question(request.question)
+        prompt_ids = await self._prompt(request.question)
         adapter, version = self._adapter(principal, tenant, request.adapter)
         params = self._sampling(request.sampling if request.HasField("sampling") else None)
+        registry = await self._lookups.registry(tenant, principal)
+        resolved = await self._lookups.resolve(registry, doc_ids, adapter, version)
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,
             tenant=tenant,
             doc_ids=doc_ids,
-            question=question,
+            question=request.question,
             adapter=adapter,
             adapter_version=version,
             params=params,
+            resolved=resolved,
+            prompt_ids=prompt_ids,
         )
         return Query(engine_request, f"{tenant}/{adapter}" if adapter else "")
 
@@ -89,6 +107,21 @@ class Queries:
             if not self._inflight[tenant]:
                 del self._inflight[tenant]
 
+    async def answer(self, engine: DeploymentHandle, query: Query) -> EngineEvent:
+        """The engine's whole answer to ``query`` as one reply, counted in flight; leaving before it comes
+        (the caller went away) cancels the request in the engine."""
+        handle = engine.options(multiplexed_model_id=query.multiplexed_model_id)
+        async with self.in_flight(query.request.tenant):
+            response = handle.answer.remote(query.request)
+            complete = False
+            try:
+                answer = await response
+                complete = True
+                return answer
+            finally:
+                if not complete:
+                    response.cancel()
+
     async def events(self, engine: DeploymentHandle, query: Query) -> AsyncIterator[EngineEvent]:
         """The engine's events for ``query``, counted in flight; leaving before the last one (the caller
         went away) cancels the request in the engine, which frees its batch row at the next step."""
@@ -104,16 +137,22 @@ class Queries:
                 if not complete:
                     response.cancel()
 
-    async def _question(self, question: str) -> str:
+    async def _prompt(self, question: str) -> tuple[int, ...]:
+        """The engine's prompt of ``question`` (`chat_prompt`), tokenized once; its question tokens (the
+        prompt's less those of the chat template around it) must be within the limit."""
         if not question.strip():
             raise InvalidArgument("question is required and must not be blank")
         limit = self._limits.max_query_tokens
         if len(question) > MAX_QUESTION_CHARS:
             raise InvalidArgument(f"question is {len(question)} characters; keep it under {limit} tokens")
-        tokens = await self._count_tokens(question)
+        tokenizer = await self._tokenizer()
+        if self._template_tokens is None:
+            self._template_tokens = len(await asyncio.to_thread(chat_prompt, tokenizer, ""))
+        prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, question)
+        tokens = len(prompt_ids) - self._template_tokens
         if tokens > limit:
             raise InvalidArgument(f"question is {tokens} tokens, over the limit of {limit}; shorten it")
-        return question
+        return tuple(prompt_ids)
 
     @staticmethod
     def _adapter(principal: Principal, tenant: str, name: str) -> tuple[str | None, str | None]:

@@ -92,6 +92,14 @@ class EmbeddedS3:
         return f"http://{_HOST}:{self._ports[2]}"
 
     @property
+    def metrics_url(self) -> str:
+        """The server's Prometheus metrics (S3 requests served: ``SeaweedFS_s3_request_total`` by type and
+        code), for counting what clients asked of the store."""
+        if not self._ports:
+            raise FailedPrecondition("the embedded S3 has not been started")
+        return f"http://{_HOST}:{self._ports[-1]}/metrics"
+
+    @property
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
@@ -166,8 +174,8 @@ class EmbeddedS3:
         return log_offset
 
     def _flags(self, data: Path) -> list[str]:
-        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc = (
-            _free_port() for _ in range(7)
+        master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc, metrics = (
+            _free_port() for _ in range(8)
         )
         admin = _free_port_pair(_GRPC_OFFSET)
         admin_grpc = admin + _GRPC_OFFSET
@@ -182,6 +190,7 @@ class EmbeddedS3:
             filer_grpc,
             admin,
             admin_grpc,
+            metrics,
         ]
         return [
             f"-dir={data}",
@@ -204,6 +213,7 @@ class EmbeddedS3:
             f"-filer.port.grpc={filer_grpc}",
             f"-admin.port={admin}",
             f"-admin.port.grpc={admin_grpc}",
+            f"-metricsPort={metrics}",
         ]
 
     def _wait_ready(self) -> None:

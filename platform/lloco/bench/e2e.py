@@ -1,0 +1,483 @@
+"""End-to-end benchmark: what a tenant gets through the public gRPC API, beside the engine alone, in one run.
+
+    python -m lloco.bench.e2e --out DIR            # GPU: LLaMA-2-7B geometry, random bf16 weights
+    python -m lloco.bench.e2e --out DIR --tiny     # CPU: the tiny random test model, a smoke run
+
+Starts the real stack (``lloco.serve.local.EmbeddedStack``: SeaweedFS, a local Ray, the Serve app, the gRPC
+ingress), creates T tenants, each with its API key, a document ingested over gRPC (``IngestDocument``;
+compressed online by the engine with an untrained compressor of S, k) and its own adapter: a random rank-r
+LoRA published to the tenant's registry (not finetuned: speed does not depend on the weights). Then:
+
+- single: one query at a time, tenant 0's long document (the 32k-token one on the GPU), ``new_tokens``
+  greedy tokens, through gRPC (``LlocoClient.query_stream``), through ``EngineCore`` driven directly in
+  this process on the same store and weights (the engine-only figure), and with the full document as
+  the prompt on a batch-1 ``Generator`` of the same weights: TTFT and end to end, medians after a warm-up;
+- load: C streaming clients (threads, one channel each; client j acts for tenant j mod T) each send Q
+  queries back to back over their tenant's document and adapter; the same requests then go to the
+  ``EngineCore`` alone with the same concurrency. TTFT and latency p50/p99, generated tokens/s, queries/s
+  and each tenant's share of the generated tokens, for both.
+
+TTFT is measured by the client: from the call to the first message carrying a token. Results: JSON and
+markdown under --out, with issue 19's goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import statistics
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lloco.bench.checkpoint import LLAMA2_7B, document_text, write_random_llama
+from lloco.bench.common import engine_compiles, free_memory, goals_and_errors, random_adapter, run_info, sync
+from lloco.bench.report import write_report
+from lloco.bench.workload import QuerySample, engine_query, load_summary, tenant_shares
+
+ADMIN_KEY = "bench-e2e-admin"
+QUESTION = "What does the document say about the river, question {n}?"
+# issue 19's goals for the path through gRPC
+GOAL_TTFT_VS_ENGINE = 1.3  # gRPC TTFT over the engine-only TTFT, at most
+GOAL_VS_FULL = 6.0  # full document end to end over gRPC end to end, at least
+GOAL_THROUGHPUT = 0.8  # gRPC tokens/s over the engine-only tokens/s under the same load, at least
+GOAL_TTFT_P99_MS = 500.0  # under load, at most
+
+
+@dataclass(frozen=True)
+class E2EPlan:
+    """Sizes of one run."""
+
+    geometry: str  # "llama2-7b" (random, written under --out) or "tiny" (the tiny test model)
+    tenants: int
+    clients: int
+    queries_per_client: int
+    doc_tokens: int  # each tenant's document
+    long_doc_tokens: int  # tenant 0's document of the single-query section
+    new_tokens: int
+    segment_len: int
+    k: int
+    rank: int
+    repeats: int
+    max_batch: int
+
+
+PLANS = {
+    "h200": E2EPlan("llama2-7b", 16, 64, 8, 8192, 32768, 64, LLAMA2_7B.segment_len, LLAMA2_7B.k, 8, 3, 64),
+    "tiny": E2EPlan("tiny", 2, 4, 2, 200, 400, 4, 32, 4, 8, 1, 4),
+}
+
+
+# -- the stack and its tenants -----------------------------------------------------------------------------------
+
+
+def prepare_model(out: Path, plan: E2EPlan, device: torch.device) -> tuple[Path, Path, Any]:
+    """(base model dir, compressor dir, the base loaded here): random weights, an untrained compressor."""
+    from lloco.model import Compressor, load_model, tiny_llama_dir
+
+    if plan.geometry == "tiny":
+        model_dir = tiny_llama_dir(out / "tiny-llama", seed=0)
+    else:
+        model_dir = write_random_llama(out / "llama-2-7b-random", LLAMA2_7B, device)
+    dtype = "bfloat16" if device.type == "cuda" else "float32"
+    base = load_model(str(model_dir), out / "cache", dtype=dtype, device=device)
+    compressor = Compressor.from_base(base, plan.segment_len, plan.k, accumulate=True, seed=0)
+    return model_dir, compressor.save(out / "compressor"), base
+
+
+def stack_settings(
+    out: Path, plan: E2EPlan, model_dir: Path, compressor_dir: Path, device: torch.device
+) -> Any:
+    from pydantic import SecretStr
+
+    from lloco.config import (
+        EngineSettings,
+        LimitSettings,
+        LoraSettings,
+        ModelSettings,
+        ServeSettings,
+        Settings,
+    )
+    from lloco.serve.local import free_port
+
+    vectors = math.ceil(plan.long_doc_tokens / plan.segment_len) * plan.k
+    return Settings(
+        data_dir=out / "stack",
+        admin_key=SecretStr(ADMIN_KEY),
+        model=ModelSettings(
+            base_model=str(model_dir),
+            compressor=str(compressor_dir),
+            dtype="bfloat16" if device.type == "cuda" else "float32",
+            cache_dir=out / "cache",
+        ),
+        limits=LimitSettings(
+            max_document_bytes=64 * 2**20,
+            max_inflight_requests=plan.clients,
+            max_new_tokens=plan.new_tokens,
+            online_compress_max_tokens=2 * plan.long_doc_tokens,
+        ),
+        lora=LoraSettings(max_rank=plan.rank, gpu_slots=plan.tenants, cpu_adapters=2 * plan.tenants),
+        engine=EngineSettings(
+            max_batch_size=plan.max_batch,
+            max_seq_len=math.ceil((vectors + 256 + plan.new_tokens) / 128) * 128,
+        ),
+        serve=ServeSettings(
+            grpc_port=free_port(),
+            max_ongoing_requests=4 * plan.clients,
+            engine_num_gpus=1.0 if device.type == "cuda" else 0.0,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    key: str
+    documents: dict[str, str]  # id -> text
+
+
+def create_tenants(stack: Any, plan: E2EPlan, tokenizer: Any, config: Any) -> list[Tenant]:
+    """Tenants with a key, documents ingested over gRPC (compressed online) and a published random adapter."""
+    from lloco.client import LlocoClient
+    from lloco.errors import FailedPrecondition
+    from lloco.registry import Registry
+
+    run = uuid.uuid4().hex[:6]
+    tenants = []
+    for index in range(plan.tenants):
+        name = f"e2e-{run}-{index}"
+        key = stack.create_tenant(name)
+        documents = {"doc": document_text(index, tokenizer, plan.doc_tokens)}
+        if index == 0:
+            documents["long"] = document_text(1000, tokenizer, plan.long_doc_tokens)
+        with LlocoClient(stack.address, key) as client:
+            for doc_id, text in documents.items():
+                client.ingest(doc_id, text)
+        registry = Registry(stack.store, name)
+        for doc_id in documents:
+            if registry.context_info(doc_id, stack.compressor_id) is None:
+                raise FailedPrecondition(f"{name}/{doc_id} was not compressed at ingest")
+        adapter = random_adapter(config, plan.rank, seed=index)
+        registry.publish_adapter("default", adapter, train={"source": "lloco.bench.e2e random adapter"})
+        tenants.append(Tenant(name, key, documents))
+    return tenants
+
+
+# -- driving it through gRPC -------------------------------------------------------------------------------------
+
+
+def grpc_query(client: Any, tenant: str, doc_id: str, number: int, new_tokens: int) -> QuerySample:
+    """One streamed query through the public API, timed by the client."""
+    started = time.perf_counter()
+    first, tokens = None, 0
+    for message in client.query_stream(
+        QUESTION.format(n=number), [doc_id], adapter="default", max_new_tokens=new_tokens
+    ):
+        if message.token_ids and first is None:
+            first = time.perf_counter() - started
+        tokens += len(message.token_ids)
+    return QuerySample(tenant, first, time.perf_counter() - started, tokens)
+
+
+def grpc_single(stack: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
+    from lloco.client import LlocoClient
+
+    with LlocoClient(stack.address, tenant.key) as client:
+        grpc_query(client, tenant.name, "long", -1, plan.new_tokens)  # warm-up: context, adapter
+        runs = [grpc_query(client, tenant.name, "long", n, plan.new_tokens) for n in range(plan.repeats)]
+    return _single(runs)
+
+
+def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any]:
+    """C client threads, each Q queries back to back, all started together."""
+    from lloco.client import LlocoClient
+
+    samples: list[QuerySample] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(plan.clients + 1)
+
+    def client_thread(index: int) -> None:
+        tenant = tenants[index % len(tenants)]
+        try:
+            with LlocoClient(stack.address, tenant.key) as client:
+                _ = client.names  # resolve the caller once, before the clock starts
+                barrier.wait()
+                for n in range(plan.queries_per_client):
+                    sample = grpc_query(client, tenant.name, "doc", index * 1000 + n, plan.new_tokens)
+                    with lock:
+                        samples.append(sample)
+        except BaseException as error:  # noqa: BLE001 - reported after the run
+            barrier.abort()
+            errors.append(error)
+
+    threads = [threading.Thread(target=client_thread, args=(i,), daemon=True) for i in range(plan.clients)]
+    for thread in threads:
+        thread.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    wall = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return _load(samples, wall, tenants)
+
+
+# -- the same requests on the engine alone ---------------------------------------------------------------------------
+
+
+def engine_requests(tenant: Tenant, doc_id: str, number: int, plan: E2EPlan) -> Any:
+    from lloco.model import SamplingParams
+    from lloco.serve.engine_core import EngineRequest
+
+    return EngineRequest(
+        request_id=uuid.uuid4().hex,
+        tenant=tenant.name,
+        doc_ids=(doc_id,),
+        question=QUESTION.format(n=number),
+        adapter="default",
+        adapter_version=None,
+        params=SamplingParams(plan.new_tokens),
+    )
+
+
+async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any]:
+    """Single and load sections on an ``EngineCore`` of the stack's settings, store and weights."""
+    from lloco.model import load_compressor
+    from lloco.serve.engine_core import EngineCore
+
+    compressor = load_compressor(stack.settings.model.compressor, base)
+    core = EngineCore(stack.settings, stack.store, base, compressor)
+    await core.start()
+    try:
+        owner = tenants[0]
+        await engine_query(core, engine_requests(owner, "long", -1, plan))  # warm-up
+        single = [
+            await engine_query(core, engine_requests(owner, "long", n, plan)) for n in range(plan.repeats)
+        ]
+        await asyncio.gather(*(engine_query(core, engine_requests(t, "doc", -1, plan)) for t in tenants))
+        samples: list[QuerySample] = []
+
+        async def client(index: int) -> None:
+            tenant = tenants[index % len(tenants)]
+            for n in range(plan.queries_per_client):
+                samples.append(
+                    await engine_query(core, engine_requests(tenant, "doc", index * 1000 + n, plan))
+                )
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client(i) for i in range(plan.clients)))
+        wall = time.perf_counter() - started
+    finally:
+        await core.stop()
+    return {"single": _single(single), "load": _load(samples, wall, tenants)}
+
+
+@torch.no_grad()
+def full_document(base: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
+    """The long document's text as the prompt (no compression) on a batch-1 ``Generator`` of the same weights,
+    compiled as the engine's."""
+    from lloco.compress.steps import tokenize
+    from lloco.model import Generator, SamplingParams, chat_prompt
+
+    ids = tokenize(base.tokenizer, tenant.documents["long"]) + chat_prompt(
+        base.tokenizer, QUESTION.format(n=0)
+    )
+    model = base.model
+    gen = Generator(
+        model,
+        None,
+        1,
+        len(ids) + plan.new_tokens + 8,
+        eos_token_ids=(),
+        max_prefill_tokens=max(len(ids), 16),
+        compile=engine_compiles(model.device),
+    )
+
+    def once() -> QuerySample:
+        sync(model.device)
+        started = time.perf_counter()
+        gen.add(uuid.uuid4().hex, None, ids, -1, SamplingParams(plan.new_tokens))
+        first, tokens = None, 0
+        while gen.active():
+            out = gen.step()
+            if out and first is None:
+                first = time.perf_counter() - started
+            tokens += len(out)
+        return QuerySample(tenant.name, first, time.perf_counter() - started, tokens)
+
+    once()
+    runs = [once() for _ in range(plan.repeats)]
+    return _single(runs) | {"prompt_tokens": len(ids)}
+
+
+def _single(runs: list[QuerySample]) -> dict[str, float]:
+    return {
+        "ttft_ms": statistics.median(r.ttft_s or r.latency_s for r in runs) * 1e3,
+        "total_ms": statistics.median(r.latency_s for r in runs) * 1e3,
+        "tokens": statistics.median(r.tokens for r in runs),
+    }
+
+
+def _load(samples: list[QuerySample], wall: float, tenants: list[Tenant]) -> dict[str, Any]:
+    return load_summary(samples, wall) | {"tenants": tenant_shares(samples, [t.name for t in tenants])}
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+
+
+def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
+    goals = []
+
+    def goal(text: str, value: float, met: bool, unit: str = "x") -> None:
+        goals.append({"goal": text, "value": f"{value:.2f}{unit}", "met": met})
+
+    single = result.get("single")
+    if single:
+        ratio = single["grpc"]["ttft_ms"] / single["engine"]["ttft_ms"]
+        goal(
+            f"gRPC TTFT <= {GOAL_TTFT_VS_ENGINE}x the engine-only TTFT (long document)",
+            ratio,
+            ratio <= GOAL_TTFT_VS_ENGINE,
+        )
+        speedup = single["full_document"]["total_ms"] / single["grpc"]["total_ms"]
+        goal(
+            f"end to end through gRPC vs the full document >= {GOAL_VS_FULL}x",
+            speedup,
+            speedup >= GOAL_VS_FULL,
+        )
+    load = result.get("load")
+    if load:
+        ratio = load["grpc"]["tokens_per_s"] / load["engine"]["tokens_per_s"]
+        goal(
+            f"tokens/s through gRPC >= {GOAL_THROUGHPUT}x the engine's under the same load",
+            ratio,
+            ratio >= GOAL_THROUGHPUT,
+        )
+        p99 = load["grpc"]["ttft_p99_ms"]
+        goal(
+            f"TTFT p99 through gRPC under load <= {GOAL_TTFT_P99_MS:.0f} ms",
+            p99,
+            p99 <= GOAL_TTFT_P99_MS,
+            " ms",
+        )
+    return goals
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    plan = result["plan"]
+    lines = [
+        f"# End to end through gRPC ({plan['geometry']}, random {result['dtype']} weights)",
+        "",
+        f"`{result['command']}` on {result['device_name']}, {result['date']}; torch {result['torch']}.",
+        "",
+        f"{plan['tenants']} tenants, each with a {plan['doc_tokens']}-token document compressed at ingest "
+        f"(S={plan['segment_len']}, k={plan['k']}) and its own adapter (a random rank-{plan['rank']} LoRA, "
+        "published, not finetuned); greedy, "
+        f"{plan['new_tokens']} new tokens per query.",
+        "",
+    ]
+    single = result.get("single")
+    if single:
+        lines += [
+            f"## One query at a time ({plan['long_doc_tokens']}-token document), median of {plan['repeats']}",
+            "",
+            "| path | TTFT ms | end to end ms |",
+            "|---|---:|---:|",
+        ]
+        for label, key in (
+            ("gRPC (compressed context)", "grpc"),
+            ("EngineCore alone (compressed context)", "engine"),
+            (
+                f"full document as the prompt ({single['full_document']['prompt_tokens']} tokens)",
+                "full_document",
+            ),
+        ):
+            lines.append(f"| {label} | {single[key]['ttft_ms']:.1f} | {single[key]['total_ms']:.1f} |")
+        lines.append("")
+    load = result.get("load")
+    if load:
+        lines += [
+            f"## Load: {plan['clients']} streaming clients x {plan['queries_per_client']} queries over "
+            f"{plan['tenants']} tenants",
+            "",
+            "| path | tokens/s | queries/s | TTFT p50 ms | TTFT p99 ms | latency p50 ms | latency p99 ms |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for label, key in (("gRPC", "grpc"), ("EngineCore alone", "engine")):
+            r = load[key]
+            lines.append(
+                f"| {label} | {r['tokens_per_s']:,.1f} | {r['queries_per_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
+                f"{r['ttft_p99_ms']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} |"
+            )
+        lines += [
+            "",
+            "| tenant | gRPC queries | gRPC share of tokens | engine share of tokens |",
+            "|---|---:|---:|---:|",
+        ]
+        for tenant, row in load["grpc"]["tenants"].items():
+            engine = load["engine"]["tenants"][tenant]
+            lines.append(f"| {tenant} | {row['queries']} | {row['share']:.1%} | {engine['share']:.1%} |")
+        lines.append("")
+    lines += goals_and_errors(result)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, required=True, help="results, weights, the stack's data")
+    parser.add_argument("--tiny", action="store_true", help="the tiny test model on CPU: a smoke run")
+    parser.add_argument("--tenants", type=int, default=None)
+    parser.add_argument("--clients", type=int, default=None)
+    parser.add_argument("--queries", type=int, default=None, help="queries per client")
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--name", default=None, help="output file stem (default e2e-h200 / e2e-tiny)")
+    args = parser.parse_args(argv)
+    plan = PLANS["tiny" if args.tiny else "h200"]
+    overrides = dict(
+        tenants=args.tenants,
+        clients=args.clients,
+        queries_per_client=args.queries,
+        new_tokens=args.new_tokens,
+    )
+    plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict[str, Any] = run_info("lloco.bench.e2e", argv, device) | {
+        "dtype": "bf16" if device.type == "cuda" else "fp32",
+        "plan": asdict(plan),
+        "adapters": "random rank-r LoRA per tenant, published to its registry (not finetuned)",
+        "errors": [],
+    }
+    from lloco.serve.local import EmbeddedStack
+
+    model_dir, compressor_dir, base = prepare_model(out, plan, device)
+    settings = stack_settings(out, plan, model_dir, compressor_dir, device)
+    with EmbeddedStack(settings, jobs=False) as stack:
+        tenants = create_tenants(stack, plan, base.tokenizer, base.config)
+        result["single"] = {"grpc": grpc_single(stack, tenants[0], plan)}
+        result["load"] = {"grpc": grpc_load(stack, tenants, plan)}
+        alone = asyncio.run(engine_alone(stack, base, tenants, plan))
+        result["single"]["engine"] = alone["single"]
+        result["load"]["engine"] = alone["load"]
+    result["single"]["full_document"] = full_document(base, tenants[0], plan)  # the stack's GPU work is done
+    free_memory()
+    result["goals"] = evaluate_goals(result)
+    result["wall_s"] = time.time() - started
+    write_report(out, args.name or ("e2e-tiny" if args.tiny else "e2e-h200"), result, render_markdown(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

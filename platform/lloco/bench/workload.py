@@ -1,0 +1,151 @@
+"""Shared by the benchmarks that drive the serving engine: a store, random tenants (a compressed document
+and an adapter each), timed queries and their summaries (throughput, percentiles, per-tenant shares)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lloco.bench.common import context_vectors, padded_tokenizer, percentile, random_adapter
+from lloco.model import Llama, SamplingParams
+
+# -- a store and random tenants ----------------------------------------------------------------------------------------
+
+
+@contextmanager
+def object_store(endpoint: str | None, root: Path) -> Iterator[Any]:
+    """An ObjectStore on a fresh bucket: of the S3 at ``endpoint`` (keys from the AWS environment), or of a
+    SeaweedFS started under ``root``."""
+    from lloco.config import StoreSettings
+    from lloco.storage import EmbeddedS3, ObjectStore
+
+    bucket = f"bench-{uuid.uuid4().hex[:12]}"
+    if endpoint:
+        store = ObjectStore(StoreSettings(endpoint_url=endpoint, bucket=bucket))
+        store.ensure_bucket()
+        yield store
+        return
+    with EmbeddedS3(root / "s3") as server:
+        store = ObjectStore(server.store_settings(bucket=bucket))
+        store.ensure_bucket()
+        yield store
+
+
+def random_engine_parts(model: Llama, segment_len: int, k: int) -> tuple[Any, Any]:
+    """(LoadedModel with the padded tokenizer, an untrained Compressor of S, k) around ``model``: what
+    ``EngineCore`` needs; contexts are planted by ``plant_tenants``, so the compressor never runs."""
+    from lloco.model import Compressor, LoadedModel
+
+    config = model.config
+    loaded = LoadedModel(model, padded_tokenizer(config.vocab_size), config, "bench-random", Path("."))
+    summary = torch.randn(k, config.dim, generator=torch.Generator().manual_seed(0)) * 0.02
+    return loaded, Compressor(loaded, summary, segment_len, accumulate=True)
+
+
+def plant_tenants(
+    store: Any,
+    model: Llama,
+    compressor_id: str,
+    tenants: list[str],
+    doc_tokens: int,
+    segment_len: int,
+    k: int,
+    rank: int,
+    seed: int,
+) -> None:
+    """Each tenant gets a document "doc" standing for ``doc_tokens`` tokens with a random compressed context,
+    and a random rank-``rank`` adapter "default" of its own."""
+    from lloco.registry import Registry, Tenants
+
+    text = " ".join(["the old house near the water"] * max(1, doc_tokens // 6)).encode()
+    for index, tenant in enumerate(tenants):
+        Tenants(store).create(tenant)
+        registry = Registry(store, tenant)
+        document, _ = registry.ingest_document("doc", text, len(text), tokens=doc_tokens)
+        vectors = context_vectors(model, doc_tokens, segment_len, k, seed=seed + index)
+        registry.put_context("doc", compressor_id, vectors, document.sha256, segment_len, k)
+        registry.publish_adapter("default", random_adapter(model.config, rank, seed=seed + index), train={})
+
+
+def delete_tenants(store: Any, tenants: list[str]) -> None:
+    from lloco.registry import Tenants
+
+    for tenant in tenants:
+        Tenants(store).delete(tenant)
+
+
+# -- queries, timed --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QuerySample:
+    """One query as its client saw it."""
+
+    tenant: str
+    ttft_s: float | None  # None: no token came (cancelled before its first)
+    latency_s: float
+    tokens: int
+
+
+def engine_request(tenant: str, doc_ids: tuple[str, ...], question: str, new_tokens: int) -> Any:
+    """A greedy query of ``tenant`` with its adapter "default" (current version), ``new_tokens`` long."""
+    from lloco.serve.engine_core import EngineRequest
+
+    return EngineRequest(
+        request_id=uuid.uuid4().hex,
+        tenant=tenant,
+        doc_ids=doc_ids,
+        question=question,
+        adapter="default",
+        adapter_version=None,
+        params=SamplingParams(new_tokens),
+    )
+
+
+async def engine_query(
+    core: Any, request: Any, on_first: Callable[[float], object] | None = None
+) -> QuerySample:
+    """Run ``request`` on an ``EngineCore``; ``on_first`` gets the TTFT (seconds) as soon as it is known."""
+    started = time.perf_counter()
+    first, tokens = None, 0
+    async for event in core.generate(request):
+        if event.token_ids and first is None:
+            first = time.perf_counter() - started
+            if on_first is not None:
+                on_first(first)
+        tokens += len(event.token_ids)
+    return QuerySample(request.tenant, first, time.perf_counter() - started, tokens)
+
+
+def load_summary(samples: Sequence[QuerySample], wall_s: float) -> dict[str, Any]:
+    """Throughput and latency percentiles of a load run."""
+    ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
+    latency = [s.latency_s * 1e3 for s in samples]
+    return {
+        "seconds": wall_s,
+        "queries": len(samples),
+        "queries_per_s": len(samples) / wall_s,
+        "tokens_per_s": sum(s.tokens for s in samples) / wall_s,
+        "ttft_p50_ms": percentile(ttft, 50),
+        "ttft_p99_ms": percentile(ttft, 99),
+        "latency_p50_ms": percentile(latency, 50),
+        "latency_p99_ms": percentile(latency, 99),
+    }
+
+
+def tenant_shares(samples: Sequence[QuerySample], tenants: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Each tenant's queries, generated tokens and share of all generated tokens."""
+    total = sum(s.tokens for s in samples) or 1
+    shares = {}
+    for tenant in tenants:
+        mine = [s for s in samples if s.tenant == tenant]
+        tokens = sum(s.tokens for s in mine)
+        shares[tenant] = {"queries": len(mine), "tokens": tokens, "share": tokens / total}
+    return shares

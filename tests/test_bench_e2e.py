@@ -1,0 +1,34 @@
+"""The end-to-end benchmark at its smallest on CPU: the real stack (SeaweedFS, local Ray, Serve, gRPC), the tiny
+random model, two tenants with their own documents and adapters, streaming clients over the public API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from lloco.bench import e2e
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_local: None) -> None:
+    out = tmp_path / "bench"
+    result = e2e.main(["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3"])
+
+    assert json.loads((out / "e2e-tiny.json").read_text()) == json.loads(json.dumps(result, default=str))
+    single, load = result["single"], result["load"]
+    assert set(single) == {"grpc", "engine", "full_document"}
+    for path in single.values():
+        assert 0 < path["ttft_ms"] <= path["total_ms"] and path["tokens"] == 3
+    assert single["full_document"]["prompt_tokens"] > e2e.PLANS["tiny"].long_doc_tokens * 0.9
+    for path in ("grpc", "engine"):
+        run = load[path]
+        assert run["queries"] == 2 * 2 and run["tokens_per_s"] > 0  # the same requests on both paths
+        assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] <= run["latency_p99_ms"]
+        shares = run["tenants"]
+        assert len(shares) == 2 and all(row["queries"] == 2 and row["tokens"] == 6 for row in shares.values())
+        assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)
+    assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["gRPC", "end", "tokens/s", "TTFT"]
+    table = (out / "e2e-tiny.md").read_text()
+    assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table

@@ -1,0 +1,90 @@
+"""Every benchmark's CPU smoke run (``--tiny``): the real code paths at toy sizes, results written and consistent.
+
+The compression benchmark's run is in tests/test_compress.py, the scaling, scheduling and end-to-end ones in
+their own test_bench_* files."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from lloco.bench import engine, finetune, kernels, serve
+from lloco.model.fused import available
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def recorded(out: Path, name: str, result: dict) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data == json.loads(json.dumps(result, default=str))
+    assert result.get("errors", []) == []
+    return data
+
+
+def test_engine_reports_both_hf_baselines_and_both_floors(tmp_path: Path) -> None:
+    result = engine.main(["--out", str(tmp_path), "--tiny"])
+    recorded(tmp_path, "engine-tiny", result)
+    assert {(r["cache"], r["batch"]) for r in result["hf_decode"]} == {
+        (cache, batch) for cache in ("dynamic", "static") for batch in (1, 2)
+    }
+    assert result["floors"]["measured_copy_tb_s"] > 0 and result["floors"]["spec_tb_s"] is None  # CPU
+    for row in result["decode"]:
+        assert row["step_ms"] > 0 and row["vs_measured_floor"] == pytest.approx(
+            row["step_ms"] / row["floor_measured_ms"]
+        )
+    assert result["correctness"]["greedy_token_agreement_hf"] == 1.0
+    goals = [g["goal"] for g in result["goals"]]
+    assert any("strongest HF baseline at batch 1" in g for g in goals) and any(
+        "distinct adapters" in g for g in goals
+    )
+    table = (tmp_path / "engine-tiny.md").read_text()
+    assert "floor ms (measured copy)" in table and "floor ms (data sheet)" in table
+
+
+def test_serve_runs_every_section(tmp_path: Path) -> None:
+    result = serve.main(["--out", str(tmp_path), "--tiny"])
+    recorded(tmp_path, "serve-tiny", result)
+    for row in result["latency"]:
+        assert {h["cache"] for h in row["hf_compressed"]} == {"dynamic", "static"}
+        assert row["full"]["ttft_ms"] > 0 and row["vs_hf_cache"] in ("dynamic", "static")
+    # peft's step is a difference of two host-timed generate calls: only its presence is checked on a busy CPU
+    assert result["adapters"]["mixed_vs_none"] > 0 and math.isfinite(
+        result["adapters"]["peft_mixed"]["step_ms"]
+    )
+    assert result["adapter_loads"]["store_to_gpu_p50_ms"] > 0
+    load = result["load"]
+    assert load["queries"] > 0 and load["ttft_p50_ms"] <= load["latency_p99_ms"]
+    assert [g["goal"] for g in result["goals"]] == ["4 distinct adapters at batch 4 >= 0.93x of no adapters"]
+
+
+def test_finetune_runs_both_loops_with_checkpointing_off_and_on(tmp_path: Path) -> None:
+    result = finetune.main(
+        ["--out", str(tmp_path), "--tiny", "--steps", "1", "--warmup", "0", "--sections", "throughput"]
+    )
+    assert json.loads((tmp_path / "finetune.json").read_text()) == json.loads(json.dumps(result))
+    for loop in ("ours", "hf_peft"):
+        assert {(row["checkpointing"], key.split("/")[0]) for key, row in result[loop].items()} == {
+            (c, mode) for c in (False, True) for mode in ("compressed", "full")
+        }
+        assert all(row["samples_per_s"] > 0 for row in result[loop].values())
+    longest = result["summary"]["by_length"]["2048"]
+    assert longest["ours_vs_hf_compressed_checkpointing_on"] > 0
+    assert len(result["summary"]["goals"]) == 2
+    assert "| 2048 | HF+peft | on |" in (tmp_path / "finetune.md").read_text()
+
+
+@pytest.mark.skipif(not available(), reason="triton is not installed")
+def test_kernels_run_every_section_in_the_interpreter(tmp_path: Path) -> None:
+    result = kernels.main(["--out", str(tmp_path), "--tiny"])
+    recorded(tmp_path, "kernels-tiny", result)
+    assert {r["lora"] for r in result["accuracy"]} == {False, True}
+    assert all(r["fused_rel_err"] < 1e-3 for r in result["accuracy"])  # fp32 on both sides
+    assert len(result["gemv"]) == 5 and all(r["fused_us"] > 0 for r in result["gemv"])
+    assert [r["keys"] for r in result["attention"]] == [40, 100]
+    assert {(r["mode"], r["pdl"]) for r in result["step"]} == {
+        ("fused", True),
+        ("eager", None),
+        ("fused", False),
+    }
