@@ -398,6 +398,11 @@ class EngineCore:
         return self._compressor.compressor_id
 
     @property
+    def summary_vectors(self) -> int:
+        """Summary vectors per segment (the compressor's k): what one retrieved segment prepends."""
+        return self._compressor.k
+
+    @property
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 

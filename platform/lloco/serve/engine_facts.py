@@ -1,6 +1,7 @@
 """What the edge learns from the engine once: its tokenizer (limits count the tokens the engine will see,
-and queries are tokenized once, at the edge) and its compressor id (the key contexts are stored under).
-Both are fixed for the app's life, so one fetch per replica serves every call."""
+and queries are tokenized once, at the edge), its compressor id (the key contexts and retrieval indexes
+are stored under) and the compressor's summary vectors per segment (a corpus query's budget counts them).
+All are fixed for the app's life, so one fetch per replica serves every call."""
 
 from __future__ import annotations
 
@@ -12,19 +13,20 @@ if TYPE_CHECKING:
 
 
 class EngineFacts:
-    """The engine's tokenizer and compressor id, fetched on first use."""
+    """The engine's tokenizer, compressor id and summary vectors per segment, fetched on first use."""
 
     def __init__(self, engine: DeploymentHandle) -> None:
         self._engine = engine
-        self._facts: tuple[Any, str] | None = None
+        self._facts: tuple[Any, str, int] | None = None
         self._lock = asyncio.Lock()
 
-    async def _fetch(self) -> tuple[Any, str]:
+    async def _fetch(self) -> tuple[Any, str, int]:
         async with self._lock:
             if self._facts is None:
                 self._facts = (
                     await self._engine.tokenizer.remote(),
                     await self._engine.compressor_id.remote(),
+                    await self._engine.summary_vectors.remote(),
                 )
         return self._facts
 
@@ -40,3 +42,7 @@ class EngineFacts:
     async def compressor_id(self) -> str:
         """The id the engine's contexts are stored under."""
         return (await self._fetch())[1]
+
+    async def summary_vectors(self) -> int:
+        """Summary vectors each segment of a context holds (the compressor's k)."""
+        return (await self._fetch())[2]

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
-from lloco.registry import DocumentInfo, Registry
+from lloco.registry import DocumentInfo, Registry, Segment
 from lloco.registry.index import SegmentHit, SegmentIndex
 
 OVER_FETCH = 4  # hits scored per segment asked for: room for those of deleted or rewritten documents
@@ -26,11 +26,11 @@ OVER_FETCH = 4  # hits scored per segment asked for: room for those of deleted o
 
 @dataclass(frozen=True)
 class Retrieved:
-    """What a corpus query prepends: ``doc_ids`` in order, for each the segment indices taken (in order),
-    and the citations in the same order (document, segment, score)."""
+    """What a corpus query prepends: ``doc_ids`` in order, for each the segments taken (in order; the
+    engine's `EngineRequest.segments`), and the citations in the same order (document, segment, score)."""
 
     doc_ids: tuple[str, ...]
-    segments: tuple[tuple[int, ...], ...]
+    segments: tuple[tuple[Segment, ...], ...]
     hits: tuple[SegmentHit, ...]
 
 
@@ -75,7 +75,7 @@ def select(
     ordered = sorted(chosen, key=lambda hit: (rank[hit.entry.doc_id], hit.entry.segment.index))
     doc_ids = tuple(rank)
     segments = tuple(
-        tuple(hit.entry.segment.index for hit in ordered if hit.entry.doc_id == doc_id) for doc_id in doc_ids
+        tuple(hit.entry.segment for hit in ordered if hit.entry.doc_id == doc_id) for doc_id in doc_ids
     )
     return Retrieved(doc_ids, segments, tuple(ordered))
 
