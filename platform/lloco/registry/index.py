@@ -238,9 +238,7 @@ class TenantIndex:
         entries = [entry for entry, _ in rows]
         texts = [text for _, text in rows]
         if rows:
-            tokens = bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False)
-            bm25 = bm25s.BM25()
-            bm25.index(tokens, show_progress=False)
+            bm25 = bm25_index(texts)
             with tempfile.TemporaryDirectory(prefix="lloco-index-") as folder:
                 bm25.save(folder, show_progress=False)
                 for name in BM25_FILES:
@@ -282,6 +280,13 @@ class TenantIndex:
             segments=version.segments,
         )
         return version
+
+
+def bm25_index(texts: list[str]) -> bm25s.BM25:
+    """BM25 over ``texts`` (row i = texts[i]), tokenized as questions are (`SegmentIndex.search`)."""
+    bm25 = bm25s.BM25()
+    bm25.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
+    return bm25
 
 
 def indexed_text(text: str, segment: Segment) -> str:
