@@ -337,7 +337,9 @@ def test_corpus_mode_retrieves_from_one_corpus_and_scores_recall(
     evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(), EvalOptions())
     results = run_corpus(evaluator, corpus, top_k=4, max_new_tokens=2)
     assert [r.mode for r in results] == list(CORPUS_MODES)
-    retrieval, oracle, none = results
+    retrieval, with_preceding, oracle, none = results
+    assert with_preceding.scores["recall_at_4"] == retrieval.scores["recall_at_4"]
+    assert retrieval.context_tokens <= with_preceding.context_tokens <= 2 * retrieval.context_tokens
     assert 0 <= retrieval.scores["recall_at_4"] <= 100 and "f1" in retrieval.scores
     assert 0 < retrieval.context_tokens <= 4 * compressor.k  # at most top_k segments' own vectors
     gold_segments = [

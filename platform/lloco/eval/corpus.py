@@ -6,7 +6,8 @@ distractor paragraphs of the file up to ``min_documents``. Every paragraph is co
 the compressor's segments (`tokenize_segments`), and indexed by the platform's own BM25 (`bm25_index` over
 `indexed_text`); each question retrieves as the edge does (`SegmentIndex.search`, `select`) and is answered
 over its segments' own summary vectors (`segment_vectors`), with the compressor's reader as the compressed
-mode is. Rows: ``retrieval`` (top-k segments), ``oracle`` (the gold paragraphs whole), ``none`` (no
+mode is. Rows: ``retrieval`` (top-k segments), ``retrieval_prev`` (the same segments, each with its
+document's preceding segment's vectors too: the alternative to a segment's own vectors alone), ``oracle`` (the gold paragraphs whole), ``none`` (no
 context); scores: answer EM/F1 and, for retrieval, recall@k of the gold paragraphs (a gold paragraph counts
 when one of its segments is retrieved).
 """
@@ -33,7 +34,7 @@ from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_in
 from lloco.serve.engine_core import segment_vectors
 from lloco.serve.retrieval import OVER_FETCH, select
 
-CORPUS_MODES = ("retrieval", "oracle", "none")
+CORPUS_MODES = ("retrieval", "retrieval_prev", "oracle", "none")
 QA_INSTRUCTION = "Answer the question with a short phrase from the documents."
 
 
@@ -112,6 +113,8 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
                 hits = index.search(question.question, top_k * OVER_FETCH)
                 retrieved = select(hits, current.__getitem__, top_k, None, k)
                 picked = list(zip(retrieved.doc_ids, retrieved.segments, strict=True))
+                if mode == "retrieval_prev":
+                    picked = [(d, _with_preceding(tables[d][1], segments)) for d, segments in picked]
                 recalls.append(len(set(question.gold) & set(retrieved.doc_ids)) / max(1, len(question.gold)))
             parts = [segment_vectors(contexts[d], segments, k) for d, segments in picked]
             prefix = torch.cat(parts) if parts else None
@@ -141,6 +144,13 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
         ]
         results.append(result)
     return results
+
+
+def _with_preceding(table: tuple[Segment, ...], segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """``segments`` and each one's preceding segment of the document, in order (the alternative to a segment's
+    own vectors alone: with accumulation its vectors were computed after the preceding summaries)."""
+    indices = sorted({i for s in segments for i in (s.index - 1, s.index) if i >= 0})
+    return tuple(table[i] for i in indices)
 
 
 @dataclass(frozen=True)
