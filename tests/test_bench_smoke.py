@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
-from lloco.bench import engine, finetune, kernels, serve
+from lloco.bench import engine, finetune, kernels, retrieval, serve
 from lloco.model.fused import available
 
 pytestmark = pytest.mark.timeout(300)
@@ -88,3 +88,10 @@ def test_kernels_run_every_section_in_the_interpreter(tmp_path: Path) -> None:
         ("eager", None),
         ("fused", False),
     }
+
+
+def test_retrieval_times_search_and_selection(tmp_path: Path) -> None:
+    result = retrieval.main(["--out", str(tmp_path), "--segments", "200", "--queries", "20"])
+    recorded(tmp_path, "retrieval-cpu", result)
+    assert result["segments"] == 200 and result["mean_segments_cited"] > 0
+    assert 0 < result["added_ms"]["p50"] <= result["added_ms"]["p99"] <= result["added_ms"]["max"]

@@ -362,6 +362,10 @@ def test_cli_end_to_end(
     assert stats.startswith(("[stop] prompt ", "[length] prompt ")) and "adapter none;" in stats, stats
     context, document = map(int, re.search(r"context (\d+) \(from (\d+) document tokens", stats).groups())
     assert context == math.ceil(document / 32) * 4, f"32-token segments into 4 vectors each: {stats}"
+    corpus = _run("query", "capital of France", "--corpus", "--top-k", "2", "--max-new-tokens", "4", *common)
+    cites = [line for line in corpus.stderr.splitlines() if line.startswith("cite\t")]
+    assert corpus.exit_code == 0 and 1 <= len(cites) <= 2, corpus.output
+    assert all(line.startswith("cite\ttenants/cli/documents/notes\tsegment ") for line in cites), cites
 
     from lloco.registry import Registry
 

@@ -147,6 +147,9 @@ def test_job_compresses_skips_redoes_changed_and_reports_bad(
     assert summary.tenants == ["acme", "globex"]
     assert json.loads((tmp_path / "summary.json").read_text()) == summary.to_json()
     assert_contexts(store, compressor, docs)
+    for tenant, documents in (("acme", 7), ("globex", 5)):  # the job rebuilt each tenant's retrieval index
+        index = Registry(store, tenant).index(compressor.compressor_id).current()
+        assert index is not None and index.documents == documents
 
     again = run_compress_job(settings, None)
     assert (again.compressed, again.skipped, again.failed, again.tokens) == (0, 12, 0, 0)

@@ -321,3 +321,31 @@ def test_a_compressors_reader_is_the_compressed_modes_adapter_and_every_lora_mod
     assert adapters["none"] is None
     assert adapters["compressed"]["init"] == "compressor reader" and adapters["compressed"]["steps"] == 0
     assert adapters["lloco"]["init_sha256"] == adapters["lora_none"]["init_sha256"] == digest
+
+
+def test_corpus_mode_retrieves_from_one_corpus_and_scores_recall(
+    tiny_base: object, compressor_dir: Path
+) -> None:
+    """Corpus mode: held-out questions against one corpus of their paragraphs plus distractors; retrieval
+    cites segments of corpus paragraphs within top_k, the oracle reads the gold paragraphs whole."""
+    from lloco.eval.corpus import CORPUS_MODES, hotpotqa_corpus, run_corpus
+
+    corpus = hotpotqa_corpus(DATA, limit=3, min_documents=60, seed=0)
+    assert len(corpus.documents) >= 60 and len(corpus.questions) == 3
+    assert all(q.gold and set(q.gold) <= set(corpus.documents) for q in corpus.questions)
+    compressor = Compressor.load(compressor_dir, tiny_base)
+    evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(), EvalOptions())
+    results = run_corpus(evaluator, corpus, top_k=4, max_new_tokens=2)
+    assert [r.mode for r in results] == list(CORPUS_MODES)
+    retrieval, with_preceding, oracle, none = results
+    assert with_preceding.scores["recall_at_4"] == retrieval.scores["recall_at_4"]
+    assert retrieval.context_tokens <= with_preceding.context_tokens <= 2 * retrieval.context_tokens
+    assert 0 <= retrieval.scores["recall_at_4"] <= 100 and "f1" in retrieval.scores
+    assert 0 < retrieval.context_tokens <= 4 * compressor.k  # at most top_k segments' own vectors
+    gold_segments = [
+        math.ceil(len(tiny_base.tokenizer.encode(corpus.documents[d], add_special_tokens=False)) / 32)
+        for q in corpus.questions
+        for d in q.gold
+    ]
+    assert oracle.context_tokens == sum(gold_segments) * compressor.k / len(corpus.questions)
+    assert none.context_tokens == 0 and "recall_at_4" not in none.scores

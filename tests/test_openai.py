@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
+from lloco.api import lloco_pb2
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.registry import Registry
@@ -157,6 +158,47 @@ def test_answers_equal_the_grpc_query_chat_and_completions_streamed_or_not(
             model="style", prompt=question, max_tokens=12, stream=True, extra_body=documents
         )
         assert "".join(c.choices[0].text for c in streamed) == expected
+
+
+def test_the_retrieval_extension_asks_the_corpus_and_cites_as_grpc_does(
+    stack: EmbeddedStack, keys: dict[str, str]
+) -> None:
+    """``extra_body={"retrieval": ...}`` is gRPC's Retrieval: the same answer, the citations in ``lloco``."""
+    question, key = QUESTIONS["acme"], keys["acme"]
+    with LlocoClient(stack.address, key) as grpc_client:
+        expected = grpc_client.query(question, max_new_tokens=8, retrieval=lloco_pb2.Retrieval(top_k=2))
+    assert expected.citations, "a query citing nothing would prove nothing"
+    fields = ("document", "segment", "token_start", "token_end", "char_start", "char_end")
+    wanted = [tuple(getattr(c, f) for f in fields) for c in expected.citations]
+    client = client_of(stack, key)
+    retrieval = {"retrieval": {"top_k": 2}}
+    chat = client.chat.completions.create(
+        model="tenants/acme",
+        messages=[{"role": "user", "content": question}],
+        max_tokens=8,
+        extra_body=retrieval,
+    )
+    assert chat.choices[0].message.content == expected.answer
+    cited = chat.model_extra["lloco"]["citations"]
+    assert [tuple(c[f] for f in fields) for c in cited] == wanted
+    chunks = list(
+        client.completions.create(
+            model="tenants/acme", prompt=question, max_tokens=8, stream=True, extra_body=retrieval
+        )
+    )
+    assert [tuple(c[f] for f in fields) for c in chunks[-1].model_extra["lloco"]["citations"]] == wanted
+    error = raw(
+        stack,
+        key,
+        "POST",
+        "/chat/completions",
+        json={
+            "model": "tenants/acme",
+            "messages": [{"role": "user", "content": "hi"}],
+            "retrieval": {"top_k": -1},
+        },
+    )
+    assert error.status_code == 400 and error.json()["error"]["param"] == "retrieval"
 
 
 def test_the_tenant_as_model_is_the_base_model(stack: EmbeddedStack, keys: dict[str, str]) -> None:

@@ -204,6 +204,7 @@ def test_contexts_round_trip_in_bf16_and_go_stale(
             "dtype": "bfloat16",
             "n_vectors": "6",
             "dim": "16",
+            "segments": "[]",  # no segment table given: prepended whole, never retrieved by segment
         }
 
     with pytest.raises(FailedPrecondition, match="changed while it was compressed"):

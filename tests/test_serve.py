@@ -732,3 +732,72 @@ def test_serve_config_must_not_start_serves_grpc_proxy(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     with pytest.raises(InvalidArgument, match="remove grpc_options"):
         load_serve_config(path)
+
+
+def test_corpus_queries_retrieve_cite_and_follow_deletes(stack: EmbeddedStack) -> None:
+    """A query with `retrieval` asks the tenant's whole corpus: the index follows online compression and
+    deletes (through this edge's cache), citations are the stored segments' ranges, another tenant's planted
+    term is never retrieved, and bad retrieval fields get their gRPC codes."""
+    cid = stack.compressor_id
+    filler = "The weather was mild and the market sold bread, fish and cheese to the people of the town. "
+    corpora = {
+        "corpus-a": {"north": filler * 2 + "zanzibar harbour " + filler, "south": filler * 3},
+        "corpus-b": {"east": filler + "quokka island " + filler},
+    }
+    corpus = lloco_pb2.Retrieval(top_k=4)
+    clients = {t: LlocoClient(stack.address, stack.create_tenant(t)) for t in corpora}
+    with contextlib.ExitStack() as open_clients:
+        for client in clients.values():
+            open_clients.enter_context(client)
+        a, b = clients["corpus-a"], clients["corpus-b"]
+        error = rpc_error(a.query, "where is zanzibar?", max_new_tokens=2, retrieval=corpus)
+        assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and "no retrieval index" in error.details()
+        for tenant, documents in corpora.items():
+            for doc_id, text in documents.items():
+                reply = clients[tenant].ingest(doc_id, text)
+                assert reply.document.context_state == lloco_pb2.CONTEXT_STATE_COMPRESSED
+
+        reply = a.query("where is zanzibar?", max_new_tokens=2, retrieval=corpus)
+        assert reply.citations and reply.citations[0].document == "tenants/corpus-a/documents/north"
+        table = Registry(stack.store, "corpus-a").context_info("north", cid)
+        assert table is not None
+        k = table.k
+        for citation in reply.citations:
+            stored = table.segments[citation.segment] if citation.document.endswith("/north") else None
+            if stored is not None:
+                ranges = (citation.token_start, citation.token_end, citation.char_start, citation.char_end)
+                assert ranges == (stored.token_start, stored.token_end, stored.char_start, stored.char_end)
+        cited_tokens = sum(c.token_end - c.token_start for c in reply.citations)
+        assert reply.stats.context_tokens == k * len(reply.citations)
+        assert reply.stats.document_tokens == cited_tokens
+        assert any(
+            "zanzibar" in corpora["corpus-a"]["north"][c.char_start : c.char_end] for c in reply.citations
+        )
+
+        stream = list(a.query_stream("where is zanzibar?", max_new_tokens=2, retrieval=corpus))
+        assert list(stream[0].citations) == list(reply.citations)
+        assert all(not m.citations for m in stream[1:])
+
+        foreign = b.query("where is zanzibar?", max_new_tokens=2, retrieval=corpus)
+        assert all(c.document.startswith("tenants/corpus-b/") for c in foreign.citations)
+        assert not any(
+            "zanzibar" in corpora["corpus-b"]["east"][c.char_start : c.char_end] for c in foreign.citations
+        )
+
+        budget = lloco_pb2.Retrieval(top_k=4, context_budget=k)  # one segment's vectors
+        assert len(a.query("where is zanzibar?", max_new_tokens=2, retrieval=budget).citations) == 1
+
+        a.delete_document("north")
+        after = a.query("where is zanzibar?", max_new_tokens=2, retrieval=corpus)
+        assert all(not c.document.endswith("/north") for c in after.citations)
+
+        for documents, retrieval, words in [
+            (["south"], corpus, "not both"),
+            ((), lloco_pb2.Retrieval(top_k=stack.settings.limits.max_retrieval_k + 1), "retrieval.top_k"),
+            ((), lloco_pb2.Retrieval(context_budget=-1), "retrieval.context_budget"),
+            ((), lloco_pb2.Retrieval(context_budget=k - 1), "cannot hold one segment"),
+        ]:
+            error = rpc_error(a.query, "zanzibar?", documents, max_new_tokens=2, retrieval=retrieval)
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.details(), (
+                error.details()
+            )

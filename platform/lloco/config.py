@@ -80,6 +80,18 @@ class LimitSettings(_Section):
     max_names_per_call: int = Field(
         1000, ge=1, description="Resource names one call may carry (CompressDocuments' documents)."
     )
+    max_retrieval_k: int = Field(
+        64, ge=1, le=1024, description="Segments a corpus query may retrieve (its `top_k`)."
+    )
+    default_retrieval_k: int = Field(
+        8, ge=1, description="Segments a corpus query retrieves when it names no top_k."
+    )
+    max_corpus_segments: int = Field(
+        200_000,
+        ge=1,
+        description="Segments a tenant's retrieval index may hold for one compressor; a rebuild or update "
+        "that would exceed it fails with RESOURCE_EXHAUSTED (the index keeps its last version).",
+    )
     tenant_storage_concurrency: int = Field(
         8,
         ge=1,

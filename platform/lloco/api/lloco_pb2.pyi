@@ -260,18 +260,46 @@ class SamplingParams(_message.Message):
     def __init__(self, max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., stop: _Optional[_Iterable[str]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class QueryRequest(_message.Message):
-    __slots__ = ("tenant", "documents", "question", "adapter", "sampling")
+    __slots__ = ("tenant", "documents", "question", "adapter", "sampling", "retrieval")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     question: str
     adapter: str
     sampling: SamplingParams
-    def __init__(self, tenant: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    retrieval: Retrieval
+    def __init__(self, tenant: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., retrieval: _Optional[_Union[Retrieval, _Mapping]] = ...) -> None: ...
+
+class Retrieval(_message.Message):
+    __slots__ = ("top_k", "context_budget")
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    top_k: int
+    context_budget: int
+    def __init__(self, top_k: _Optional[int] = ..., context_budget: _Optional[int] = ...) -> None: ...
+
+class Citation(_message.Message):
+    __slots__ = ("document", "segment", "token_start", "token_end", "char_start", "char_end", "score")
+    DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_START_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_END_FIELD_NUMBER: _ClassVar[int]
+    CHAR_START_FIELD_NUMBER: _ClassVar[int]
+    CHAR_END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    document: str
+    segment: int
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+    score: float
+    def __init__(self, document: _Optional[str] = ..., segment: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class QueryStats(_message.Message):
     __slots__ = ("prompt_tokens", "context_tokens", "document_tokens", "generated_tokens", "adapter_version", "time_to_first_token", "total_time")
@@ -292,40 +320,46 @@ class QueryStats(_message.Message):
     def __init__(self, prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., document_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., adapter_version: _Optional[str] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
-    __slots__ = ("answer", "finish_reason", "stats")
+    __slots__ = ("answer", "finish_reason", "stats", "citations")
     ANSWER_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     answer: str
     finish_reason: FinishReason
     stats: QueryStats
-    def __init__(self, answer: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, answer: _Optional[str] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
 
 class QueryStreamRequest(_message.Message):
-    __slots__ = ("tenant", "documents", "question", "adapter", "sampling")
+    __slots__ = ("tenant", "documents", "question", "adapter", "sampling", "retrieval")
     TENANT_FIELD_NUMBER: _ClassVar[int]
     DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     tenant: str
     documents: _containers.RepeatedScalarFieldContainer[str]
     question: str
     adapter: str
     sampling: SamplingParams
-    def __init__(self, tenant: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    retrieval: Retrieval
+    def __init__(self, tenant: _Optional[str] = ..., documents: _Optional[_Iterable[str]] = ..., question: _Optional[str] = ..., adapter: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., retrieval: _Optional[_Union[Retrieval, _Mapping]] = ...) -> None: ...
 
 class QueryStreamResponse(_message.Message):
-    __slots__ = ("text_delta", "token_ids", "finish_reason", "stats")
+    __slots__ = ("text_delta", "token_ids", "finish_reason", "stats", "citations")
     TEXT_DELTA_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
     text_delta: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     finish_reason: FinishReason
     stats: QueryStats
-    def __init__(self, text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ...) -> None: ...
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    def __init__(self, text_delta: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., stats: _Optional[_Union[QueryStats, _Mapping]] = ..., citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("parent", "page_size", "page_token")

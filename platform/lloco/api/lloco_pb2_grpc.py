@@ -283,11 +283,15 @@ class LlocoServiceServicer:
 
     def Query(self, request, context):
         """Answers a question over the compressed contexts of the given documents, with an
-        optional adapter, in one reply.
+        optional adapter, in one reply. With `retrieval` set (and no documents) it asks the
+        tenant's whole corpus instead: the segments of its compressed documents that best match
+        the question (BM25) are prepended, in document order, and the reply cites them.
         Errors: NOT_FOUND (a document or the adapter does not exist), FAILED_PRECONDITION (a
-        document has no fresh compressed context yet: call CompressDocuments),
-        INVALID_ARGUMENT (empty or over-long question, malformed names, sampling out of range,
-        context plus prompt longer than the model's window), RESOURCE_EXHAUSTED (too many
+        document has no fresh compressed context yet: call CompressDocuments; with retrieval:
+        the tenant has no retrieval index yet), INVALID_ARGUMENT (empty or over-long question,
+        malformed names, sampling out of range, context plus prompt longer than the model's
+        window, both documents and retrieval, top_k or context_budget out of range),
+        RESOURCE_EXHAUSTED (too many
         requests in flight for the tenant on the replica that took the call, or every engine
         row busy: retry shortly), PERMISSION_DENIED,
         UNAUTHENTICATED, UNAVAILABLE.

@@ -250,6 +250,7 @@ class LlocoClient:
         top_p: float,
         stop: Sequence[str],
         seed: int | None,
+        retrieval: lloco_pb2.Retrieval | None,
     ) -> dict[str, object]:
         sampling = lloco_pb2.SamplingParams(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, stop=list(stop), seed=seed
@@ -260,6 +261,7 @@ class LlocoClient:
             "question": question,
             "adapter": self.names.adapter_spec(adapter),
             "sampling": sampling,
+            "retrieval": retrieval,
         }
 
     def query(
@@ -272,10 +274,13 @@ class LlocoClient:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        retrieval: lloco_pb2.Retrieval | None = None,
     ) -> lloco_pb2.QueryResponse:
-        """Answers ``question`` over the documents' compressed contexts; ``adapter`` is ``name[@version]``."""
+        """Answers ``question`` over the documents' compressed contexts; ``adapter`` is ``name[@version]``.
+        With ``retrieval`` (and no ``doc_ids``) it asks the tenant's whole corpus and the reply's
+        ``citations`` name the segments used."""
         fields = self._query_fields(
-            question, doc_ids, adapter, max_new_tokens, temperature, top_p, stop, seed
+            question, doc_ids, adapter, max_new_tokens, temperature, top_p, stop, seed, retrieval
         )
         return self._call(self._stub.Query, lloco_pb2.QueryRequest(**fields))
 
@@ -289,10 +294,12 @@ class LlocoClient:
         top_p: float = 1.0,
         stop: Sequence[str] = (),
         seed: int | None = None,
+        retrieval: lloco_pb2.Retrieval | None = None,
     ) -> Iterator[lloco_pb2.QueryStreamResponse]:
-        """As `query`, streamed; closing the iterator early cancels the call (the server frees its row)."""
+        """As `query`, streamed (a corpus query's citations come in the first message); closing the
+        iterator early cancels the call (the server frees its row)."""
         fields = self._query_fields(
-            question, doc_ids, adapter, max_new_tokens, temperature, top_p, stop, seed
+            question, doc_ids, adapter, max_new_tokens, temperature, top_p, stop, seed, retrieval
         )
         call = self._call(self._stub.QueryStream, lloco_pb2.QueryStreamRequest(**fields))
         return _cancel_on_close(call)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -226,6 +226,18 @@ def query(
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     stop: Annotated[list[str] | None, typer.Option("--stop", help="Stop sequence (repeatable).")] = None,
     seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    corpus: Annotated[
+        bool,
+        typer.Option(
+            "--corpus", help="Ask the tenant's whole corpus (no --doc): retrieve segments, cite them."
+        ),
+    ] = False,
+    top_k: Annotated[
+        int, typer.Option(min=0, help="With --corpus: segments to retrieve; 0: the server's.")
+    ] = 0,
+    budget: Annotated[
+        int, typer.Option(min=0, help="With --corpus: summary vectors the segments may take; 0: no limit.")
+    ] = 0,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print tokens as they come.")] = True,
     target: Target = DEFAULT_TARGET,
     key: TenantKey = ...,
@@ -234,8 +246,12 @@ def query(
     tls: Tls = False,
     ca: Ca = None,
 ) -> None:
-    """Ask a question over compressed documents; the answer goes to stdout, the stats line to stderr."""
+    """Ask a question over compressed documents (or, with --corpus, the whole corpus); the answer goes to
+    stdout, the citations and the stats line to stderr."""
+    from lloco.api import lloco_pb2
+
     options = {
+        "retrieval": lloco_pb2.Retrieval(top_k=top_k, context_budget=budget) if corpus else None,
         "doc_ids": docs or (),
         "adapter": adapter,
         "max_new_tokens": max_new_tokens,
@@ -247,12 +263,14 @@ def query(
     with _connect(target, key, timeout, tenant, tls, ca) as client:
         if not stream:
             reply = client.query(question, **options)
+            _echo_citations(reply.citations)
             typer.echo(reply.answer)
             typer.echo(stats_line(reply.finish_reason, reply.stats), err=True)
             return
         messages = client.query_stream(question, **options)
         try:
             for message in messages:
+                _echo_citations(message.citations)
                 sys.stdout.write(message.text_delta)
                 sys.stdout.flush()
                 if message.HasField("stats"):
@@ -260,6 +278,16 @@ def query(
                     typer.echo(stats_line(message.finish_reason, message.stats), err=True)
         finally:
             messages.close()  # type: ignore[attr-defined]
+
+
+def _echo_citations(citations: Sequence[lloco_pb2.Citation]) -> None:
+    """One stderr line per cited segment: document, segment, its token range and score."""
+    for c in citations:
+        typer.echo(
+            f"cite\t{c.document}\tsegment {c.segment}\ttokens [{c.token_start}, {c.token_end})\t"
+            f"score {c.score:.3f}",
+            err=True,
+        )
 
 
 def _docs_app() -> typer.Typer:

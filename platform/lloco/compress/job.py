@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lloco.config import Settings
+from lloco.errors import LlocoError
 from lloco.jobs import JobRun, new_job_id
 from lloco.logs import get_logger
 from lloco.registry import DocumentInfo, Registry, Tenants
@@ -106,6 +107,8 @@ def run_compress_job(
         message = f"compressed {len(outcome['compressed'])} documents"
         if failed:
             message += "; not compressed: " + "; ".join(f"{doc} ({reason})" for doc, reason in failed.items())
+        outcome["index"] = _rebuild_index(settings, store, tenant, summary.compressor_id)
+        message += f"; retrieval index: {outcome['index']}"
         run.succeed(tenant, outcome, message)
     if summary_path is not None:
         summary_path = Path(summary_path)
@@ -169,6 +172,18 @@ def _compress(
         _collect(dataset, summary, done, on_progress)
     log.info("compress job finished", **{k: v for k, v in summary.to_json().items() if k != "failures"})
     return summary, done
+
+
+def _rebuild_index(settings: Settings, store: ObjectStore, tenant: str, compressor_id: str) -> str:
+    """Rebuild the tenant's retrieval index from its fresh contexts; what happened, in a few words (a
+    failed rebuild leaves the last version in place and fails no document)."""
+    try:
+        index = Registry(store, tenant).index(compressor_id, settings.limits.max_corpus_segments)
+        version = index.rebuild()
+    except LlocoError as error:
+        log.warning("retrieval index not rebuilt", tenant=tenant, error=str(error))
+        return f"not rebuilt ({type(error).__name__}: {error})"
+    return f"{version.segments} segments of {version.documents} documents (build {version.build_id})"
 
 
 def connect_ray() -> None:

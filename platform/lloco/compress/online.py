@@ -27,6 +27,8 @@ def compress_online(
     max_tokens: int | None = None,
 ) -> list[ContextInfo]:
     """Compress ``doc_ids`` of ``registry``'s tenant now and store their contexts; one ContextInfo per id.
+    The caller then adds them to the tenant's retrieval index (``Registry.index(...).update``), outside
+    whatever exclusive section this ran in.
 
     A document whose context for this compressor is fresh is not compressed again. Every document is
     read and checked before any is compressed, so a bad one fails the call without partial work.

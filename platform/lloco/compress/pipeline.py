@@ -43,6 +43,7 @@ from lloco.errors import FailedPrecondition, LlocoError
 from lloco.logs import get_logger
 from lloco.model import CompressorConfig, load_compressor, load_model
 from lloco.registry import Registry
+from lloco.registry.records import segment_row, segments_from_rows
 from lloco.storage import ObjectStore
 
 log = get_logger(__name__)
@@ -162,18 +163,19 @@ def read_and_tokenize(
     registries = _Registries(_object_store(store_settings))
     shas, token_ids, segments, tokens, errors = [], [], [], [], []
     for tenant, doc_id in zip(batch["tenant"], batch["doc_id"], strict=True):
-        sha, ids, n_segments, error = "", np.zeros(0, np.int32), 0, ""
+        sha, ids, table, error = "", np.zeros(0, np.int32), np.zeros((0, 4), np.int64), ""
         try:
             text = read_document(registries[tenant], doc_id)
             doc = prepare(tenant, doc_id, text, tokenizer, segment_len, max_tokens)
-            sha, ids, n_segments = doc.source_sha, np.asarray(doc.token_ids, np.int32), doc.segments
+            sha, ids = doc.source_sha, np.asarray(doc.token_ids, np.int32)
+            table = np.asarray([segment_row(segment) for segment in doc.segments], np.int64).reshape(-1, 4)
         except BadDocument as bad:
             error = bad.reason
         except LlocoError as failure:  # deleted since the job listed it, or the store is down
             error = str(failure)
         shas.append(sha)
         token_ids.append(ids)
-        segments.append(n_segments)
+        segments.append(table)
         tokens.append(len(ids))
         errors.append(error)
     return {
@@ -181,7 +183,7 @@ def read_and_tokenize(
         "doc_id": batch["doc_id"],
         "source_sha": np.array(shas, dtype=object),
         "token_ids": _ragged(token_ids),
-        "segments": np.array(segments, np.int64),
+        "segments": _ragged(segments),  # [n_segments, 4] rows of records.segment_row
         "tokens": np.array(tokens, np.int64),
         "error": np.array(errors, dtype=object),
     }
@@ -228,7 +230,7 @@ class CompressorActor:
                 continue
             writes[i] = self.writers.submit(
                 store_context, registry, self.compressor.config, batch["doc_id"][i],
-                batch["source_sha"][i], int(batch["segments"][i]), result,
+                batch["source_sha"][i], segments_from_rows(batch["segments"][i].tolist()), result,
             )  # fmt: skip
         for i, write in writes.items():
             try:

@@ -25,7 +25,7 @@ import torch
 
 from lloco.errors import FailedPrecondition, Internal, InvalidArgument, LlocoError
 from lloco.model import Compressor, CompressorConfig
-from lloco.registry import ContextInfo, Registry
+from lloco.registry import ContextInfo, Registry, Segment
 
 STORAGE_DTYPE = torch.bfloat16  # what Registry.put_context stores; casting earlier halves the transfer
 
@@ -48,7 +48,7 @@ class PreparedDocument:
     doc_id: str
     source_sha: str
     token_ids: list[int]
-    segments: int
+    segments: tuple[Segment, ...]  # the segment table stored with the context (Registry.put_context)
 
 
 def read_document(registry: Registry, doc_id: str) -> str:
@@ -76,6 +76,23 @@ def count_segments(n_tokens: int, segment_len: int) -> int:
     return math.ceil(n_tokens / segment_len)
 
 
+def tokenize_segments(tokenizer: Any, text: str, segment_len: int) -> tuple[list[int], tuple[Segment, ...]]:
+    """``tokenize`` plus the segment table: segment i holds tokens ``[i*S, min((i+1)*S, n))`` and the text
+    from its first token's start to the next segment's start (the last one: to the end), so the segments'
+    texts tile the document and whitespace between tokens belongs to one of them. Needs a fast tokenizer
+    (character offsets)."""
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+    token_ids = list(encoded["input_ids"])
+    offsets = encoded["offset_mapping"]
+    starts = [0] + [int(offsets[i][0]) for i in range(segment_len, len(token_ids), segment_len)]
+    ends = starts[1:] + [len(text)]
+    segments = tuple(
+        Segment(i, i * segment_len, min((i + 1) * segment_len, len(token_ids)), start, end)
+        for i, (start, end) in enumerate(zip(starts, ends, strict=True))
+    )
+    return token_ids, segments if token_ids else ()
+
+
 def prepare(
     tenant: str, doc_id: str, text: str, tokenizer: Any, segment_len: int, max_tokens: int | None
 ) -> PreparedDocument:
@@ -87,7 +104,7 @@ def prepare(
     data = text.encode("utf-8")  # decoding was strict, so these are the stored bytes exactly
     if not text.strip():
         raise BadDocument(tenant, doc_id, f"empty ({len(data)} bytes, no text)")
-    token_ids = tokenize(tokenizer, text)
+    token_ids, segments = tokenize_segments(tokenizer, text, segment_len)
     if max_tokens is not None and len(token_ids) > max_tokens:
         raise BadDocument(
             tenant, doc_id, f"too long: {len(token_ids)} tokens, over the limit of {max_tokens}"
@@ -97,7 +114,7 @@ def prepare(
         doc_id,
         hashlib.sha256(data).hexdigest(),
         token_ids,
-        count_segments(len(token_ids), segment_len),
+        segments,
     )
 
 
@@ -138,7 +155,7 @@ def store_context(
     compressor: CompressorConfig,
     doc_id: str,
     source_sha: str,
-    segments: int,
+    segments: tuple[Segment, ...],
     vectors: torch.Tensor,
 ) -> ContextInfo:
     """Write one document's context, computed from the bytes whose sha256 is ``source_sha``.
@@ -147,11 +164,11 @@ def store_context(
         Internal: the vectors do not have ``segments * k`` rows (compressor and segmentation disagree).
         FailedPrecondition: the document changed since it was read (from ``Registry.put_context``).
     """
-    if vectors.ndim != 2 or vectors.shape[0] != segments * compressor.k:
+    if vectors.ndim != 2 or vectors.shape[0] != len(segments) * compressor.k:
         raise Internal(
             f"document {doc_id!r}: compressor returned {tuple(vectors.shape)} vectors for "
-            f"{segments} segments of k={compressor.k}"
+            f"{len(segments)} segments of k={compressor.k}"
         )
     return registry.put_context(
-        doc_id, compressor.compressor_id, vectors, source_sha, compressor.segment_len, compressor.k
+        doc_id, compressor.compressor_id, vectors, source_sha, compressor.segment_len, compressor.k, segments
     )

@@ -94,6 +94,14 @@ def evaluate(
     ] = None,
     tenant_metric: Annotated[str, typer.Option(help="qa (EM/F1) or summary (ROUGE).")] = "qa",
     seed: Annotated[int, typer.Option(help="Seed of the samples and of training.")] = 0,
+    corpus_documents: Annotated[
+        int,
+        typer.Option(
+            help="Corpus mode instead of the datasets: --limit HotpotQA held-out questions against one corpus of "
+            "at least N paragraphs (theirs + distractors): retrieval, oracle, no context; corpus.json/md.",
+        ),
+    ] = 0,
+    corpus_top_k: Annotated[int, typer.Option(help="Segments retrieved per question (corpus mode).")] = 8,
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show lloco's info logs.")] = False,
 ) -> None:
@@ -168,6 +176,34 @@ def evaluate(
     def count_tokens(text: str) -> int:
         return len(base.tokenizer.encode(text, add_special_tokens=False))
 
+    if corpus_documents:
+        from lloco.eval.corpus import hotpotqa_corpus, run_corpus, write_corpus_report
+
+        corpus = hotpotqa_corpus(data_dir, limit, corpus_documents, seed)
+        results = run_corpus(
+            Evaluator(base, encoder, settings.finetune, options, init_files),
+            corpus,
+            corpus_top_k,
+            max_new_tokens or 32,
+        )
+        meta = {
+            "command": command_line(ctx, "eval"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "base_model": base.model_id,
+            "compressor_id": encoder.compressor_id,
+            "compressor": {
+                "segment_len": encoder.segment_len,
+                "k": encoder.k,
+                "accumulate": encoder.accumulate,
+            },
+            "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
+            "questions": len(corpus.questions),
+            "documents": len(corpus.documents),
+            "top_k": corpus_top_k,
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        typer.echo(write_corpus_report(output, results, meta))
+        return
     chosen = _csv(datasets)
     suite = []
     if "squad" in chosen:

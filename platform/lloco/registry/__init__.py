@@ -10,6 +10,7 @@ from lloco.registry.records import (
     ContextInfo,
     DatasetRow,
     DocumentInfo,
+    Segment,
     TenantInfo,
     document_text,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "DatasetRow",
     "DocumentInfo",
     "Registry",
+    "Segment",
     "TenantInfo",
     "Tenants",
     "document_text",

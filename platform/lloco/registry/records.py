@@ -38,7 +38,23 @@ class DocumentInfo:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One S-token segment of a compressed document: its place in the document's tokens ``[token_start,
+    token_end)`` and text ``[char_start, char_end)``. Its summaries are rows ``[index * k, (index + 1) * k)``
+    of the context's vectors."""
+
+    index: int
+    token_start: int
+    token_end: int
+    char_start: int
+    char_end: int
+
+
+@dataclass(frozen=True)
 class ContextInfo:
+    """A stored context's header. ``segments`` lists every segment in order (empty for a context written
+    before segments were recorded: it can be prepended whole, not retrieved by segment)."""
+
     tenant: str
     doc_id: str
     compressor_id: str
@@ -48,6 +64,7 @@ class ContextInfo:
     dtype: str
     n_vectors: int
     dim: int
+    segments: tuple[Segment, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -144,7 +161,39 @@ def context_metadata(info: ContextInfo) -> dict[str, str]:
         "dtype": info.dtype,
         "n_vectors": str(info.n_vectors),
         "dim": str(info.dim),
+        "segments": json.dumps([segment_row(s) for s in info.segments], separators=(",", ":")),
     }
+
+
+def segment_row(segment: Segment) -> list[int]:
+    """A segment as stored: ``[token_start, token_end, char_start, char_end]`` (its index is its place)."""
+    return [segment.token_start, segment.token_end, segment.char_start, segment.char_end]
+
+
+def segments_from_rows(rows: list[list[int]]) -> tuple[Segment, ...]:
+    return tuple(Segment(i, *map(int, row)) for i, row in enumerate(rows))
+
+
+def check_segments(segments: tuple[Segment, ...], n_vectors: int, k: int, segment_len: int) -> None:
+    """InvalidArgument unless ``segments`` tile the document in order, one per ``k`` vectors, each at most
+    ``segment_len`` tokens (an empty tuple is allowed: no segment table)."""
+    if not segments:
+        return
+    if len(segments) * k != n_vectors:
+        raise InvalidArgument(f"{len(segments)} segments of k={k} do not fit {n_vectors} vectors")
+    token_end = char_end = 0
+    for i, s in enumerate(segments):
+        if (
+            s.index != i
+            or s.token_start != token_end
+            or not 0 < s.token_end - s.token_start <= segment_len
+            or s.char_start < char_end
+            or s.char_end < s.char_start
+        ):
+            raise InvalidArgument(
+                f"segment {i} {s} does not follow segment {i - 1} (segment_len {segment_len})"
+            )
+        token_end, char_end = s.token_end, s.char_end
 
 
 def safetensors_metadata(data: bytes) -> dict[str, str]:

@@ -21,6 +21,7 @@ from safetensors.torch import save as save_safetensors
 from lloco.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from lloco.logs import get_logger
 from lloco.registry import pages
+from lloco.registry.index import TenantIndex
 from lloco.registry.records import (
     ADAPTER_MANIFEST,
     CONTEXT_DTYPE,
@@ -29,8 +30,10 @@ from lloco.registry.records import (
     ContextInfo,
     DatasetRow,
     DocumentInfo,
+    Segment,
     adapter_config,
     adapter_version,
+    check_segments,
     context_metadata,
     document_from_json,
     document_json,
@@ -40,6 +43,7 @@ from lloco.registry.records import (
     parse_row,
     safetensors_metadata,
     safetensors_metadata_from_stream,
+    segments_from_rows,
 )
 from lloco.registry.tenants import Tenants
 from lloco.storage import ObjectStore, keys
@@ -175,8 +179,20 @@ class Registry:
             return None
         return document_from_json(self.tenant, json.loads(data))
 
-    def _document_ids(self) -> Iterator[str]:
+    def document_ids(self) -> Iterator[str]:
+        """Every document's id (store listing order)."""
         return self._store.list_children(keys.docs_prefix(self.tenant))
+
+    # -- retrieval index ----------------------------------------------------------------------
+
+    def index(self, compressor_id: str, max_segments: int | None = None) -> TenantIndex:
+        """This tenant's retrieval index over ``compressor_id``'s segments (``lloco.registry.index``)."""
+        return TenantIndex(self, self._store, compressor_id, max_segments)
+
+    def _unindex(self, doc_id: str) -> None:
+        """Drop a document's segments from every index of the tenant (its text changed or it is deleted)."""
+        for compressor_id in list(self._store.list_children(keys.index_prefix(self.tenant))):
+            self.index(compressor_id).remove([doc_id])
 
     # -- contexts -----------------------------------------------------------------------------
 
@@ -188,8 +204,10 @@ class Registry:
         source_sha: str,
         segment_len: int,
         k: int,
+        segments: tuple[Segment, ...] = (),
     ) -> ContextInfo:
-        """Store a document's summary vectors ``[n_vectors, dim]`` (as bf16) computed from ``source_sha``.
+        """Store a document's summary vectors ``[n_vectors, dim]`` (as bf16) computed from ``source_sha``,
+        with its segment table (``k`` vectors per segment, in order; ``records.check_segments``).
 
         FailedPrecondition if the document changed since (the context would be stale at once).
         """
@@ -200,6 +218,7 @@ class Registry:
             raise InvalidArgument(f"context vectors must be non-empty, got shape {tuple(vectors.shape)}")
         if segment_len < 1 or k < 1:
             raise InvalidArgument(f"segment_len and k must be >= 1, got {segment_len} and {k}")
+        check_segments(tuple(segments), int(vectors.shape[0]), k, segment_len)
         current = self.get_document(doc_id).sha256
         if source_sha != current:
             raise FailedPrecondition(
@@ -216,6 +235,7 @@ class Registry:
             dtype=str(CONTEXT_DTYPE).removeprefix("torch."),
             n_vectors=int(vectors.shape[0]),
             dim=int(vectors.shape[1]),
+            segments=tuple(segments),
         )
         tensor = vectors.detach().to(device="cpu", dtype=CONTEXT_DTYPE).contiguous()
         data = save_safetensors({CONTEXT_TENSOR: tensor}, metadata=context_metadata(info))
@@ -258,7 +278,7 @@ class Registry:
             if key.endswith(keys.CONTEXT_SUFFIX)
         }
         pending = []
-        for doc_id in self._document_ids():
+        for doc_id in self.document_ids():
             info = self._document_or_none(doc_id)
             if info is None:
                 continue
@@ -270,8 +290,10 @@ class Registry:
         return pending
 
     def _delete_contexts(self, doc_id: str) -> None:
+        """Remove a document's contexts and its segments from the retrieval indexes."""
         for compressor_id in list(self._store.list_children(keys.contexts_prefix(self.tenant))):
             self._store.delete(keys.context(self.tenant, compressor_id, doc_id))
+        self._unindex(doc_id)
 
     def _context_from_metadata(self, doc_id: str, metadata: dict[str, str]) -> ContextInfo:
         try:
@@ -285,8 +307,9 @@ class Registry:
                 dtype=metadata["dtype"],
                 n_vectors=int(metadata["n_vectors"]),
                 dim=int(metadata["dim"]),
+                segments=segments_from_rows(json.loads(metadata.get("segments", "[]"))),
             )
-        except (KeyError, ValueError) as error:
+        except (KeyError, ValueError, TypeError) as error:
             raise Internal(f"context of document {doc_id!r} has broken metadata ({error!r})") from error
 
     # -- datasets -----------------------------------------------------------------------------
@@ -298,7 +321,7 @@ class Registry:
             text = bytes(jsonl).decode("utf-8")
         except UnicodeDecodeError as error:
             raise InvalidArgument(f"dataset {name!r} is not valid UTF-8 (byte {error.start})") from error
-        known = set(self._document_ids())
+        known = set(self.document_ids())
         rows = [
             parse_row(number, line, known)
             for number, line in enumerate(text.split("\n"), start=1)

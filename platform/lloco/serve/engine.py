@@ -257,6 +257,10 @@ class EngineDeployment:
         """The id under which this engine's contexts are stored (fixed for the replica's life)."""
         return self._core.compressor_id
 
+    async def summary_vectors(self) -> int:
+        """Summary vectors per segment of this engine's contexts (a corpus query's budget counts them)."""
+        return self._core.summary_vectors
+
     async def tokenizer(self) -> Any:
         """The base model's tokenizer, so the edge counts limits in the tokens the engine sees."""
         return self._core.tokenizer

@@ -40,7 +40,7 @@ from lloco.model import (
     SamplingParams,
     chat_prompt,
 )
-from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry
+from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -53,6 +53,19 @@ log = get_logger(__name__)
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 RESIDENCY_REPORT_S = 1.0  # what the replica holds is reported at most this often while busy, and when idle
+
+
+def segment_vectors(vectors: torch.Tensor, segments: tuple[Segment, ...], k: int) -> torch.Tensor:
+    """The rows of a context ``[n_segments * k, D]`` that belong to ``segments``, in their order: each
+    segment's own k summaries (with accumulation they were computed seeing the document's earlier
+    summaries; those are not prepended with it).
+
+    Raises InvalidArgument for a segment the context does not have."""
+    n_segments = vectors.shape[0] // k
+    rows = [s.index for s in segments]
+    if any(not 0 <= row < n_segments for row in rows):
+        raise InvalidArgument(f"segments {rows} out of range for a context of {n_segments} segments")
+    return vectors.view(n_segments, k, -1)[rows].reshape(len(rows) * k, -1)
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,9 @@ class EngineRequest:
     # and chat_prompt(tokenizer, question) in this engine's tokenizer (None: tokenize here).
     resolved: Resolved | None = None
     prompt_ids: tuple[int, ...] | None = None
+    # A corpus query (serve.retrieval): per document of doc_ids, the segments whose own k summary vectors
+    # are prepended, in order (None: every document whole).
+    segments: tuple[tuple[Segment, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -338,6 +354,11 @@ class EngineCore:
         return self._compressor.compressor_id
 
     @property
+    def summary_vectors(self) -> int:
+        """Summary vectors per segment (the compressor's k): what one retrieved segment prepends."""
+        return self._compressor.k
+
+    @property
     def tokenizer(self) -> Any:
         return self._model.tokenizer
 
@@ -348,17 +369,22 @@ class EngineCore:
         return dataclasses.replace(self.lora.fit, model_id=self._model.model_id)
 
     async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
-        """Compress small documents now, on this engine's model, between decode steps.
+        """Compress small documents now, on this engine's model, between decode steps; then add their
+        segments to the tenant's retrieval index (in a worker thread: decoding goes on meanwhile).
 
         Raises:
             NotFound: the tenant or a document does not exist.
             InvalidArgument: a document is empty or longer than `limits.online_compress_max_tokens`.
+            ResourceExhausted: the index would pass `limits.max_corpus_segments` (the contexts are stored).
         """
         registry = await asyncio.to_thread(Registry, self._store, tenant)
-        max_tokens = self._settings.limits.online_compress_max_tokens
-        return await self.scheduler.run_exclusive(
-            lambda: compress_online(registry, self._compressor, doc_ids, max_tokens)
+        limits = self._settings.limits
+        contexts = await self.scheduler.run_exclusive(
+            lambda: compress_online(registry, self._compressor, doc_ids, limits.online_compress_max_tokens)
         )
+        index = registry.index(self.compressor_id, limits.max_corpus_segments)
+        await asyncio.to_thread(index.update, list(dict.fromkeys(doc_ids)))
+        return contexts
 
     async def load_adapter(self, tenant: str, name: str, version: str | None) -> str:
         """Bring an adapter into the CPU tier and, when a slot is free of running rows, into a GPU slot.
@@ -481,7 +507,14 @@ class EngineCore:
             if req.prompt_ids is not None
             else chat_prompt(self._model.tokenizer, req.question)
         )
-        document_tokens = sum(self._tokens_of(objects, doc) for doc in resolved.documents)
+        if req.segments is None:
+            document_tokens = sum(self._tokens_of(objects, doc) for doc in resolved.documents)
+        else:
+            k = self._compressor.k
+            contexts = [
+                segment_vectors(v, segments, k) for v, segments in zip(contexts, req.segments, strict=True)
+            ]
+            document_tokens = sum(s.token_end - s.token_start for segments in req.segments for s in segments)
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
         needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens

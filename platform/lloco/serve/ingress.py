@@ -86,7 +86,7 @@ class Ingress:
             self._store, self._keys, settings.serve, self._work, self._metrics.cache_lookup
         )
         self._documents = EdgeDocuments(self._store, self._limits, self._work, self._facts.compressor_id)
-        self._queries = Queries(self._limits, self._lookups, self._facts.tokenizer)
+        self._queries = Queries(self._limits, self._lookups, self._facts)
         self._imports = AdapterImports(self._store, self._work, self._documents, self._facts.lora_fit)
         self._server = await start_server(self, settings)
         self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
@@ -244,6 +244,7 @@ class Ingress:
         context = await self._documents.context(registry, info)
         if context is None and tokens <= self._limits.online_compress_max_tokens:
             (context,) = await self._engine.compress.remote(registry.tenant, [doc_id])
+            self._lookups.index_changed(registry.tenant)
         return lloco_pb2.IngestDocumentResponse(
             document=replies.document_reply(info, context), outcome=outcome
         )
@@ -305,6 +306,7 @@ class Ingress:
             record = await self._work.run(tenant, self._jobs.submit_compress, tenant, pending_ids)
         else:
             contexts = await self._engine.compress.remote(tenant, pending_ids) if pending else []
+            self._lookups.index_changed(tenant)
             result = {
                 "compressed": [c.doc_id for c in contexts],
                 "skipped": [i.doc_id for i in infos if i not in pending],
@@ -333,6 +335,7 @@ class Ingress:
             answer=answer.text,
             finish_reason=replies.FINISH_REASONS[final.finish_reason],
             stats=replies.stats_reply(query.request.tenant, query.request.adapter, final, clock),
+            citations=replies.citations_reply(query.request.tenant, query.retrieved),
         )
 
     @rpc
@@ -341,11 +344,15 @@ class Ingress:
     ) -> AsyncIterator[lloco_pb2.QueryStreamResponse]:
         clock = replies.Clock(time.perf_counter())
         query = await self._queries.check(await self._caller(grpc_context), request)
+        citations = replies.citations_reply(query.request.tenant, query.retrieved)
         async with aclosing(self._queries.events(self._engine, query)) as events:
             async for event in events:
                 if event.token_ids:
                     clock.token()
-                reply = lloco_pb2.QueryStreamResponse(text_delta=event.text, token_ids=event.token_ids)
+                reply = lloco_pb2.QueryStreamResponse(
+                    text_delta=event.text, token_ids=event.token_ids, citations=citations
+                )
+                citations = []  # the first message alone
                 if event.final is not None:
                     reply.finish_reason = replies.FINISH_REASONS[event.final.finish_reason]
                     stats = replies.stats_reply(

@@ -10,7 +10,10 @@ deleted and created again under its name never meets the old one's entries, and 
 stops working as soon as this replica sees the new tenant.
 
 Contexts are not looked up here: a document record's sha256 names the only context the engine will use,
-and the engine caches contexts under it.
+and the engine caches contexts under it. Retrieval indexes are (`lloco.serve.retrieval.IndexCache`, the
+same TTL, keyed by the tenant's uid): a compression this replica asked the engine for, or a deleted
+tenant, drops the tenant's entry at once. A hit of a document deleted or rewritten since its segment was
+indexed is never used, whatever the index says: its record's sha256 no longer matches the segment's.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ from typing import TypeVar
 
 from lloco.auth import KeyRing, Principal
 from lloco.config import ServeSettings
-from lloco.errors import Unauthenticated
+from lloco.errors import NotFound, Unauthenticated
 from lloco.registry import AdapterVersion, DocumentInfo, Registry
+from lloco.registry.index import SegmentIndex
 from lloco.serve.caches import LruCache
 from lloco.serve.edge import TenantWork
 from lloco.serve.engine_core import Resolved
+from lloco.serve.retrieval import IndexCache
 from lloco.storage import ObjectStore
 
 K = TypeVar("K", bound=Hashable)
@@ -55,6 +60,7 @@ class EdgeLookups:
         self._registries: LruCache[str, Registry] = LruCache(size, one, ttl)
         self._documents: LruCache[tuple[str, str, str], DocumentInfo] = LruCache(size, one, ttl)
         self._adapters: LruCache[tuple[str, str, str, str | None], AdapterVersion] = LruCache(size, one, ttl)
+        self._indexes = IndexCache(ttl)
 
     # -- reads ------------------------------------------------------------------------------------------
 
@@ -102,6 +108,18 @@ class EdgeLookups:
                 self._adapters.put(key, adapter_version)
         return Resolved(tenant_uid=uid, documents=tuple(documents), adapter=adapter_version)
 
+    async def current_document(self, registry: Registry, doc_id: str) -> DocumentInfo | None:
+        """The record of ``doc_id`` (cached as `resolve`'s), or None when it was deleted."""
+        try:
+            (document,) = (await self.resolve(registry, (doc_id,), None, None)).documents
+        except NotFound:
+            return None
+        return document
+
+    async def index(self, registry: Registry, compressor_id: str) -> SegmentIndex:
+        """The tenant's current retrieval index for ``compressor_id``; FailedPrecondition if it has none."""
+        return await self._work.run(registry.tenant, self._indexes.get, registry, compressor_id)
+
     def _get(self, cache: str, entries: LruCache[K, V], key: K) -> V | None:
         value = entries.get(key)
         self._on_lookup(cache, value is not None)
@@ -119,6 +137,11 @@ class EdgeLookups:
         self._registries.drop(lambda name: name == tenant)
         for entries in (self._documents, self._adapters):
             entries.drop(lambda key: key[0] == tenant)
+        self._indexes.forget_tenant(tenant)
+
+    def index_changed(self, tenant: str) -> None:
+        """This replica had documents of ``tenant`` compressed (their segments indexed): load its index again."""
+        self._indexes.forget_tenant(tenant)
 
     def document_written(self, registry: Registry, document: DocumentInfo) -> None:
         """A document was ingested (new or changed text): remember its new record."""

@@ -33,6 +33,7 @@ from lloco.auth import Principal
 from lloco.config import LimitSettings
 from lloco.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from lloco.registry import Registry
+from lloco.serve import replies
 from lloco.serve.edge import TenantWork, http_error, openai_error_body
 from lloco.serve.engine_core import EngineEvent
 from lloco.serve.lookups import EdgeLookups
@@ -41,6 +42,7 @@ from lloco.serve.openai_schema import (
     ChatCompletionBody,
     CompletionBody,
     Reply,
+    citation_objects,
     model_ids,
     model_object,
     parse_body,
@@ -225,8 +227,17 @@ class OpenAIApi:
             query = await self._queries.check(principal, query_message)
         except InvalidArgument as error:
             raise Refusal(error, query_param(str(error), "messages" if chat else "prompt")) from None
+        citations = (
+            citation_objects(replies.citations_reply(query.request.tenant, query.retrieved))
+            if query.retrieved is not None
+            else None
+        )
         reply = Reply(
-            chat, query_message.adapter or query_message.tenant, query.request.tenant, query.request.adapter
+            chat,
+            query_message.adapter or query_message.tenant,
+            query.request.tenant,
+            query.request.adapter,
+            citations,
         )
         if not body.stream:
             answer = await self._queries.answer(self._engine, query)

@@ -10,6 +10,10 @@ both APIs' queries alike (limits, names, ownership). What the API accepts:
 - ``documents`` (extension): document ids of the caller's tenant, or ``tenants/{t}/documents/{d}``
   names, whose compressed contexts are prepended in order (``extra_body={"documents": [...]}`` in the
   ``openai`` client).
+- ``retrieval`` (extension, instead of ``documents``): ``{"top_k": n, "context_budget": v}`` (0 or left
+  out: the server default, no budget) asks the tenant's whole corpus, as gRPC's ``Retrieval``; the reply's
+  ``lloco`` object (the last chunk's, streamed) lists ``citations`` (document, segment, token and text
+  ranges, score).
 - chat: exactly one message, of role ``user`` (text, or text parts): lloco answers one question over
   the attached documents, in the chat template its adapters were trained on. completions: ``prompt``
   (one string) is asked the same way.
@@ -66,11 +70,21 @@ class ChatMessage(BaseModel):
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
+class RetrievalOption(BaseModel):
+    """The ``retrieval`` extension: gRPC's `Retrieval`, whose own checks (limits) apply."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(0, ge=0, le=INT32_MAX)
+    context_budget: int = Field(0, ge=0, le=INT32_MAX)
+
+
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     model: str = Field(min_length=1, max_length=1024)
     documents: list[str] = Field(default_factory=list, max_length=1024)
+    retrieval: RetrievalOption | None = None
     max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -160,6 +174,8 @@ QUERY_PARAMS = {
     "tenant": "model",
     "adapter": "model",
     "documents": "documents",
+    "retrieval.top_k": "retrieval",
+    "retrieval.context_budget": "retrieval",
     "sampling.max_new_tokens": "max_tokens",
     "sampling.temperature": "temperature",
     "sampling.top_p": "top_p",
@@ -186,6 +202,11 @@ def query_request(principal: Principal, body: ChatCompletionBody | CompletionBod
         question=body.question(),
         adapter=adapter,
         sampling=body.sampling(),
+        retrieval=(
+            lloco_pb2.Retrieval(top_k=body.retrieval.top_k, context_budget=body.retrieval.context_budget)
+            if body.retrieval is not None
+            else None
+        ),
     )
 
 
@@ -246,21 +267,42 @@ def usage(stats: QueryStats) -> dict[str, int]:
     }
 
 
-def lloco_stats(tenant: str, adapter: str | None, stats: QueryStats) -> dict[str, Any]:
-    """The ``lloco`` extension of a final reply: what the compressed context stood for, which version answered."""
+def lloco_stats(
+    tenant: str, adapter: str | None, stats: QueryStats, citations: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """The ``lloco`` extension of a final reply: what the compressed context stood for, which version
+    answered and, for a corpus query, the segments cited."""
     version = stats.adapter_version
-    return {
+    extension: dict[str, Any] = {
         "context_tokens": stats.context_tokens,
         "document_tokens": stats.document_tokens,
         "adapter_version": version_name(tenant, adapter, version) if adapter and version else None,
     }
+    if citations is not None:
+        extension["citations"] = citations
+    return extension
+
+
+def citation_objects(citations: list[lloco_pb2.Citation]) -> list[dict[str, Any]]:
+    """gRPC's citations as JSON objects (field names as in the proto)."""
+    fields = ("document", "segment", "token_start", "token_end", "char_start", "char_end", "score")
+    return [{name: getattr(c, name) for name in fields} for c in citations]
 
 
 class Reply:
     """The reply objects of one completion (chat or text), all with the same id, time and model."""
 
-    def __init__(self, chat: bool, model: str, tenant: str, adapter: str | None) -> None:
+    def __init__(
+        self,
+        chat: bool,
+        model: str,
+        tenant: str,
+        adapter: str | None,
+        citations: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """``citations``: a corpus query's (`citation_objects`); None for one that named documents."""
         self.chat, self.model, self.tenant, self.adapter = chat, model, tenant, adapter
+        self.citations = citations
         self.id = completion_id(chat)
         self.created = int(time.time())
 
@@ -282,7 +324,7 @@ class Reply:
             choice = {"index": 0, "text": text}
         choice.update(finish_reason=finish, logprobs=None)
         reply = self._object("chat.completion" if self.chat else "text_completion", [choice])
-        reply.update(usage=usage(stats), lloco=lloco_stats(self.tenant, self.adapter, stats))
+        reply.update(usage=usage(stats), lloco=lloco_stats(self.tenant, self.adapter, stats, self.citations))
         return reply
 
     def chunk(self, text: str, first: bool = False, stats: QueryStats | None = None) -> dict[str, Any]:
@@ -298,7 +340,7 @@ class Reply:
         choice.update(finish_reason=FINISH_REASONS[stats.finish_reason] if stats else None, logprobs=None)
         chunk = self._object("chat.completion.chunk" if self.chat else "text_completion", [choice])
         if stats is not None:
-            chunk["lloco"] = lloco_stats(self.tenant, self.adapter, stats)
+            chunk["lloco"] = lloco_stats(self.tenant, self.adapter, stats, self.citations)
         return chunk
 
     def usage_chunk(self, stats: QueryStats) -> dict[str, Any]:

@@ -6,6 +6,10 @@ records come from `EdgeLookups` (cached, so a repeated query reads nothing from 
 `EngineRequest.resolved`; the question is tokenized here into the engine's prompt
 (`chat_prompt` in the engine's tokenizer, fetched once) and its count for the limit comes from that.
 A unary query gets the whole answer from the engine as one reply (`answer`), a stream its events.
+
+A corpus query (``retrieval`` set, no documents) searches the tenant's retrieval index here
+(`lloco.serve.retrieval`, cached by `EdgeLookups`) and sends the engine the segments it chose
+(`EngineRequest.segments`); the reply cites them (`Query.retrieved`).
 """
 
 from __future__ import annotations
@@ -13,19 +17,22 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from lloco.api import lloco_pb2
 from lloco.auth import Principal
 from lloco.config import LimitSettings
 from lloco.errors import InvalidArgument, ResourceExhausted
 from lloco.model import SamplingParams, chat_prompt
+from lloco.registry import Registry
 from lloco.serve.engine_core import EngineEvent, EngineRequest
+from lloco.serve.engine_facts import EngineFacts
 from lloco.serve.lookups import EdgeLookups
 from lloco.serve.names import owned, owned_under, tenant_name
+from lloco.serve.retrieval import OVER_FETCH, Retrieved, check_retrieval, select
 from lloco.storage import keys
 
 if TYPE_CHECKING:
@@ -38,22 +45,22 @@ MAX_QUESTION_CHARS = 64 * 1024  # checked before tokenizing, so a huge question 
 
 @dataclass(frozen=True)
 class Query:
-    """A checked query, ready for the engine: its request and the deployment's multiplexed model id."""
+    """A checked query, ready for the engine: its request, the deployment's multiplexed model id and, for
+    a corpus query, the segments retrieved (what the reply cites)."""
 
     request: EngineRequest
     multiplexed_model_id: str
+    retrieved: Retrieved | None = None
 
 
 class Queries:
     """Checks queries against ``limits`` and resolves their names through ``lookups``; questions become
-    prompts in the engine's tokenizer (``tokenizer()``, asked once)."""
+    prompts in the engine's tokenizer, and corpus queries search the index of its compressor (``facts``)."""
 
-    def __init__(
-        self, limits: LimitSettings, lookups: EdgeLookups, tokenizer: Callable[[], Awaitable[Any]]
-    ) -> None:
+    def __init__(self, limits: LimitSettings, lookups: EdgeLookups, facts: EngineFacts) -> None:
         self._limits = limits
         self._lookups = lookups
-        self._tokenizer = tokenizer
+        self._facts = facts
         self._template_tokens: int | None = None
         self._inflight: dict[str, int] = {}
 
@@ -72,10 +79,26 @@ class Queries:
         )
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgument("documents: a document is attached more than once")
+        corpus = request.HasField("retrieval")
+        if corpus and doc_ids:
+            raise InvalidArgument("documents and retrieval: name documents or ask the corpus, not both")
+        wanted = (
+            check_retrieval(
+                request.retrieval.top_k,
+                request.retrieval.context_budget,
+                self._limits.max_retrieval_k,
+                self._limits.default_retrieval_k,
+            )
+            if corpus
+            else None
+        )
         prompt_ids = await self._prompt(request.question)
         adapter, version = self._adapter(principal, tenant, request.adapter)
         params = self._sampling(request.sampling if request.HasField("sampling") else None)
         registry = await self._lookups.registry(tenant, principal)
+        retrieved = await self._retrieve(registry, request.question, *wanted) if wanted else None
+        if retrieved is not None:
+            doc_ids = retrieved.doc_ids
         resolved = await self._lookups.resolve(registry, doc_ids, adapter, version)
         engine_request = EngineRequest(
             request_id=uuid.uuid4().hex,
@@ -87,8 +110,20 @@ class Queries:
             params=params,
             resolved=resolved,
             prompt_ids=prompt_ids,
+            segments=None if retrieved is None else retrieved.segments,
         )
-        return Query(engine_request, f"{tenant}/{adapter}" if adapter else "")
+        return Query(engine_request, f"{tenant}/{adapter}" if adapter else "", retrieved)
+
+    async def _retrieve(self, registry: Registry, question: str, top_k: int, budget: int | None) -> Retrieved:
+        """The segments of the tenant's corpus a question gets: BM25 hits (over-fetched, so hits of deleted
+        or rewritten documents leave room), kept when their document's current text is the one indexed."""
+        index = await self._lookups.index(registry, await self._facts.compressor_id())
+        hits = await asyncio.to_thread(index.search, question, top_k * OVER_FETCH)
+        documents = {
+            doc_id: await self._lookups.current_document(registry, doc_id)
+            for doc_id in dict.fromkeys(hit.entry.doc_id for hit in hits)
+        }
+        return select(hits, documents.__getitem__, top_k, budget, await self._facts.summary_vectors())
 
     @asynccontextmanager
     async def in_flight(self, tenant: str) -> AsyncIterator[None]:
@@ -145,7 +180,7 @@ class Queries:
         limit = self._limits.max_query_tokens
         if len(question) > MAX_QUESTION_CHARS:
             raise InvalidArgument(f"question is {len(question)} characters; keep it under {limit} tokens")
-        tokenizer = await self._tokenizer()
+        tokenizer = await self._facts.tokenizer()
         if self._template_tokens is None:
             self._template_tokens = len(await asyncio.to_thread(chat_prompt, tokenizer, ""))
         prompt_ids = await asyncio.to_thread(chat_prompt, tokenizer, question)

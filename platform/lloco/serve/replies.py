@@ -15,6 +15,7 @@ from lloco.jobs import JobRecord
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo
 from lloco.serve.engine_core import QueryStats
 from lloco.serve.names import adapter_name, api_key_name, document_name, job_name, version_name
+from lloco.serve.retrieval import Retrieved
 
 FINISH_REASONS = {
     "stop": lloco_pb2.FINISH_REASON_STOP,
@@ -123,6 +124,24 @@ class Clock:
 
     def token(self) -> None:
         self.first_token = self.first_token or time.perf_counter()
+
+
+def citations_reply(tenant: str, retrieved: Retrieved | None) -> list[lloco_pb2.Citation]:
+    """The segments a corpus query prepended, in their order; none for a query that named documents."""
+    if retrieved is None:
+        return []
+    return [
+        lloco_pb2.Citation(
+            document=document_name(tenant, hit.entry.doc_id),
+            segment=hit.entry.segment.index,
+            token_start=hit.entry.segment.token_start,
+            token_end=hit.entry.segment.token_end,
+            char_start=hit.entry.segment.char_start,
+            char_end=hit.entry.segment.char_end,
+            score=hit.score,
+        )
+        for hit in retrieved.hits
+    ]
 
 
 def stats_reply(tenant: str, adapter: str | None, stats: QueryStats, clock: Clock) -> lloco_pb2.QueryStats:

@@ -149,6 +149,22 @@ def context(t: str, compressor_id: str, d: str) -> str:
     return f"{contexts_prefix(t, compressor_id)}{validate_id('document', d)}{CONTEXT_SUFFIX}"
 
 
+def index_prefix(t: str, compressor_id: str | None = None) -> str:
+    """The retrieval index over one compressor's segments (``None``: the indexes of every compressor)."""
+    root = f"{tenant_root(t)}index/"
+    return root if compressor_id is None else f"{root}{validate_id('compressor', compressor_id)}/"
+
+
+def index_current(t: str, compressor_id: str) -> str:
+    """The pointer to the index version readers load (written last, after the version's files)."""
+    return f"{index_prefix(t, compressor_id)}current.json"
+
+
+def index_version_prefix(t: str, compressor_id: str, build_id: str) -> str:
+    """The files of one index version (a random build id: concurrent builders never share a folder)."""
+    return f"{index_prefix(t, compressor_id)}builds/{validate_id('index build', build_id)}/"
+
+
 def datasets_prefix(t: str) -> str:
     return f"{tenant_root(t)}datasets/"
 

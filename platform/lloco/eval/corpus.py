@@ -1,0 +1,192 @@
+"""Corpus mode of the eval: questions asked of one tenant's whole corpus, as a corpus query serves them.
+
+HotpotQA's held-out questions (the test side of the committed or fetched dev-distractor file, never a
+benchmark test split) against one corpus holding every paragraph of those questions (each a document) plus
+distractor paragraphs of the file up to ``min_documents``. Every paragraph is compressed once, cut into
+the compressor's segments (`tokenize_segments`), and indexed by the platform's own BM25 (`bm25_index` over
+`indexed_text`); each question retrieves as the edge does (`SegmentIndex.search`, `select`) and is answered
+over its segments' own summary vectors (`segment_vectors`), with the compressor's reader as the compressed
+mode is. Rows: ``retrieval`` (top-k segments), ``retrieval_prev`` (the same segments, each with its
+document's preceding segment's vectors too: the alternative to a segment's own vectors alone), ``oracle`` (the gold paragraphs whole), ``none`` (no
+context); scores: answer EM/F1 and, for retrieval, recall@k of the gold paragraphs (a gold paragraph counts
+when one of its segments is retrieved).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lloco.compress.steps import tokenize_segments
+from lloco.eval.metrics import exact_match, f1_score
+from lloco.eval.run import Evaluator, ModeResult, _Request
+from lloco.finetune.datasets import HOTPOT_FILE, HOTPOT_TRAIN_FRACTION, read_json
+from lloco.model import chat_prompt
+from lloco.registry import Segment
+from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index, indexed_text
+from lloco.serve.engine_core import segment_vectors
+from lloco.serve.retrieval import OVER_FETCH, select
+
+CORPUS_MODES = ("retrieval", "retrieval_prev", "oracle", "none")
+QA_INSTRUCTION = "Answer the question with a short phrase from the documents."
+
+
+@dataclass(frozen=True)
+class CorpusQuestion:
+    question: str
+    answer: str
+    gold: tuple[str, ...]  # the paragraphs (document ids) its supporting facts come from
+
+
+@dataclass(frozen=True)
+class Corpus:
+    documents: dict[str, str]
+    questions: list[CorpusQuestion]
+
+
+def hotpotqa_corpus(data_dir: Path, limit: int | None, min_documents: int, seed: int = 0) -> Corpus:
+    """The first ``limit`` held-out questions, their paragraphs, and distractor paragraphs of the whole file
+    (seeded draw; only the questions are held out) until the corpus holds ``min_documents`` (or every
+    paragraph there is)."""
+    questions = read_json(data_dir / HOTPOT_FILE)
+    held_out = questions[int(len(questions) * HOTPOT_TRAIN_FRACTION) :]
+    ids: dict[str, str] = {}
+
+    def doc_id(paragraph: str) -> str:
+        return ids.setdefault(paragraph, f"p{len(ids):05d}")
+
+    chosen = held_out[:limit] if limit is not None else held_out
+    asked = []
+    for question in chosen:
+        own = {title: doc_id(f"{title}\n{''.join(s).strip()}") for title, s in question["context"]}
+        gold = tuple(dict.fromkeys(own[t] for t, _ in question["supporting_facts"] if t in own))
+        asked.append(CorpusQuestion(question["question"].strip(), question["answer"].strip(), gold))
+    pool = [f"{title}\n{''.join(s).strip()}" for q in questions for title, s in q["context"]]
+    random.Random(seed).shuffle(pool)
+    for paragraph in pool:
+        if len(ids) >= min_documents:
+            break
+        doc_id(paragraph)
+    return Corpus({i: paragraph for paragraph, i in ids.items()}, asked)
+
+
+def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens: int) -> list[ModeResult]:
+    """The three rows of ``corpus`` (`CORPUS_MODES`), answered greedily by ``evaluator``'s model."""
+    compressor, tokenizer = evaluator.compressor, evaluator.tokenizer
+    k = compressor.k
+    started = time.perf_counter()
+    tables = {
+        d: tokenize_segments(tokenizer, text, compressor.segment_len) for d, text in corpus.documents.items()
+    }
+    contexts = evaluator._compress({d: ids for d, (ids, _) in tables.items()})  # noqa: SLF001 - the eval's own batching
+    rows = [
+        (IndexEntry(d, "", segment), indexed_text(corpus.documents[d], segment))
+        for d, (_, segments) in tables.items()
+        for segment in segments
+    ]
+    now = datetime.datetime.now(datetime.UTC)
+    version = IndexVersion("eval", compressor.compressor_id, len(tables), len(rows), now)
+    index = SegmentIndex(version, tuple(e for e, _ in rows), bm25_index([t for _, t in rows]))
+    prepared_s = time.perf_counter() - started
+    current = {d: _Current("") for d in corpus.documents}
+
+    results = []
+    for mode in CORPUS_MODES:
+        started = time.perf_counter()
+        requests, recalls = [], []
+        for question in corpus.questions:
+            prompt = chat_prompt(tokenizer, f"{question.question}\n\n{QA_INSTRUCTION}")
+            gold_tokens = sum(len(tables[d][0]) for d in question.gold)
+            if mode == "none":
+                requests.append(_Request(None, prompt, 0, gold_tokens))
+                continue
+            if mode == "oracle":
+                picked: list[tuple[str, tuple[Segment, ...]]] = [(d, tables[d][1]) for d in question.gold]
+            else:
+                hits = index.search(question.question, top_k * OVER_FETCH)
+                retrieved = select(hits, current.__getitem__, top_k, None, k)
+                picked = list(zip(retrieved.doc_ids, retrieved.segments, strict=True))
+                if mode == "retrieval_prev":
+                    picked = [(d, _with_preceding(tables[d][1], segments)) for d, segments in picked]
+                recalls.append(len(set(question.gold) & set(retrieved.doc_ids)) / max(1, len(question.gold)))
+            parts = [segment_vectors(contexts[d], segments, k) for d, segments in picked]
+            prefix = torch.cat(parts) if parts else None
+            tokens = sum(s.token_end - s.token_start for _, segments in picked for s in segments)
+            requests.append(_Request(prefix, prompt, 0 if prefix is None else prefix.shape[0], tokens))
+        texts, latencies = evaluator._generate(requests, max_new_tokens, evaluator.reader)  # noqa: SLF001
+        result = ModeResult("hotpotqa-corpus", f"hotpotqa-corpus-{len(corpus.documents)}", mode, "qa")
+        count = len(requests)
+        result.queries = count
+        result.scores = {
+            "em": 100
+            * sum(exact_match(t, [q.answer]) for t, q in zip(texts, corpus.questions, strict=True))
+            / count,
+            "f1": 100
+            * sum(f1_score(t, [q.answer]) for t, q in zip(texts, corpus.questions, strict=True))
+            / count,
+        }
+        if recalls:
+            result.scores[f"recall_at_{top_k}"] = 100 * sum(recalls) / len(recalls)
+        result.context_tokens = sum(r.context_tokens for r in requests) / count
+        result.document_tokens = sum(r.document_tokens for r in requests) / count
+        result.latency_s = sum(latencies) / count
+        result.seconds = time.perf_counter() - started + (prepared_s if mode == "retrieval" else 0.0)
+        result.predictions = [
+            {"question": q.question, "answer": q.answer, "prediction": t}
+            for q, t in zip(corpus.questions, texts, strict=True)
+        ]
+        results.append(result)
+    return results
+
+
+def _with_preceding(table: tuple[Segment, ...], segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
+    """``segments`` and each one's preceding segment of the document, in order (the alternative to a segment's
+    own vectors alone: with accumulation its vectors were computed after the preceding summaries)."""
+    indices = sorted({i for s in segments for i in (s.index - 1, s.index) if i >= 0})
+    return tuple(table[i] for i in indices)
+
+
+@dataclass(frozen=True)
+class _Current:
+    """What `select` reads of a document: every corpus paragraph is current (sha256 as indexed)."""
+
+    sha256: str
+
+
+def write_corpus_report(directory: Path, results: list[ModeResult], meta: dict[str, Any]) -> str:
+    """``corpus.json`` (meta, rows, predictions) and ``corpus.md`` (the table) in ``directory``; returns the
+    markdown."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results]
+    predictions = {r.mode: r.predictions for r in results}
+    (directory / "corpus.json").write_text(
+        json.dumps({**meta, "results": rows, "predictions": predictions}, indent=2)
+    )
+    lines = [
+        f"# Corpus eval: {meta.get('base_model', '')} with compressor {meta.get('compressor_id', '')}",
+        "",
+        f"Command: `{meta.get('command', '')}`",
+        "",
+        f"{meta.get('questions')} HotpotQA held-out questions against one corpus of {meta.get('documents')} "
+        f"paragraphs; scores in percent; recall@k: gold paragraphs with a "
+        "retrieved segment.",
+        "",
+        "| row | EM | F1 | recall@k | ctx vectors/query | doc tokens/query | s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        recall = next((f"{v:.1f}" for name, v in r.scores.items() if name.startswith("recall_at_")), "")
+        lines.append(
+            f"| {r.mode} | {r.scores['em']:.1f} | {r.scores['f1']:.1f} | {recall} | {r.context_tokens:.0f} | "
+            f"{r.document_tokens:.0f} | {r.seconds:.1f} |"
+        )
+    markdown = "\n".join(lines) + "\n"
+    (directory / "corpus.md").write_text(markdown)
+    return markdown

@@ -1,0 +1,205 @@
+"""Segment tables of contexts and the per-tenant retrieval index, on a real SeaweedFS and a tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lloco.compress import compress_online
+from lloco.compress.steps import tokenize_segments
+from lloco.errors import InvalidArgument, ResourceExhausted
+from lloco.model import Compressor, load_model
+from lloco.registry import Registry, Segment, Tenants
+from lloco.registry.records import check_segments
+from lloco.storage import ObjectStore, keys
+
+SEGMENT_LEN = 24
+K = 2
+MAX_BYTES = 1 << 20
+FILLER = "the river runs past the old mill and the town square where people meet on market days"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def compressor(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Compressor:
+    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+    return Compressor.from_base(base, SEGMENT_LEN, K, accumulate=True, seed=3)
+
+
+def tenant(store: ObjectStore, name: str) -> Registry:
+    Tenants(store).create(name)
+    return Registry(store, name)
+
+
+def add(registry: Registry, compressor: Compressor, docs: dict[str, str]) -> None:
+    """Ingest, compress online and index, as the engine's online path does."""
+    for doc_id, text in docs.items():
+        registry.ingest_document(doc_id, text.encode(), MAX_BYTES)
+    compress_online(registry, compressor, list(docs))
+    registry.index(compressor.compressor_id).update(docs)
+
+
+def found(registry: Registry, compressor: Compressor, question: str, k: int = 8) -> list[str]:
+    """The documents of the hits, best first, each once (a word cut by a segment boundary is in both)."""
+    index = registry.index(compressor.compressor_id).load()
+    return [] if index is None else list(dict.fromkeys(hit.entry.doc_id for hit in index.search(question, k)))
+
+
+def test_segment_table_tiles_tokens_and_text(store: ObjectStore, compressor: Compressor) -> None:
+    registry = tenant(store, "acme")
+    text = f"{FILLER}. Zanzibar café!  {FILLER}\n{FILLER}"
+    add(registry, compressor, {"doc": text})
+    info = registry.context_info("doc", compressor.compressor_id)
+    ids, expected = tokenize_segments(compressor.base.tokenizer, text, SEGMENT_LEN)
+    assert info is not None and info.segments == expected and len(info.segments) * K == info.n_vectors
+    assert [s.token_end - s.token_start for s in info.segments[:-1]] == [SEGMENT_LEN] * (
+        len(ids) // SEGMENT_LEN
+    )
+    assert info.segments[-1].token_end == len(ids)
+    assert "".join(text[s.char_start : s.char_end] for s in info.segments) == text
+    tokenizer = compressor.base.tokenizer
+    for s in info.segments:  # a segment's text tokenizes to its tokens up to a merge at the edges
+        piece = tokenizer(text[s.char_start : s.char_end], add_special_tokens=False)["input_ids"]
+        assert abs(len(piece) - (s.token_end - s.token_start)) <= 2
+    vectors, read = registry.get_context("doc", compressor.compressor_id)
+    assert read.segments == info.segments and vectors.shape[0] == info.n_vectors
+
+
+def test_bad_segment_tables_are_refused() -> None:
+    good = (Segment(0, 0, 4, 0, 10), Segment(1, 4, 6, 10, 14))
+    check_segments(good, 4, 2, 4)
+    for bad, n_vectors in [
+        (good, 6),  # one segment short of the vectors
+        ((Segment(0, 0, 4, 0, 10), Segment(1, 5, 6, 10, 14)), 4),  # a gap in the tokens
+        ((Segment(0, 0, 5, 0, 10), Segment(1, 5, 6, 10, 14)), 4),  # longer than segment_len
+        ((Segment(0, 0, 4, 0, 10), Segment(2, 4, 6, 10, 14)), 4),  # out of order
+    ]:
+        with pytest.raises(InvalidArgument):
+            check_segments(bad, n_vectors, 2, 4)
+
+
+def test_index_follows_ingest_update_and_delete(store: ObjectStore, compressor: Compressor) -> None:
+    registry = tenant(store, "acme")
+    cid = compressor.compressor_id
+    assert registry.index(cid).current() is None and registry.index(cid).load() is None
+    add(registry, compressor, {"mill": f"{FILLER} zanzibar", "port": f"{FILLER} quixotic harbour"})
+    assert found(registry, compressor, "zanzibar") == ["mill"]
+    assert found(registry, compressor, "quixotic harbour") == ["port"]
+    hits = registry.index(cid).load().search("zanzibar", 3)
+    context = registry.context_info("mill", cid)
+    assert hits[0].entry.segment in context.segments and hits[0].entry.source_sha == context.source_sha
+    assert hits[0].score > 0
+
+    registry.ingest_document("mill", f"{FILLER} xylophone".encode(), MAX_BYTES)  # new text: unindexed at once
+    assert found(registry, compressor, "zanzibar") == [] and found(registry, compressor, "xylophone") == []
+    add(registry, compressor, {"mill": f"{FILLER} xylophone"})
+    assert found(registry, compressor, "xylophone") == ["mill"]
+
+    registry.delete_document("port")
+    assert found(registry, compressor, "quixotic harbour") == []
+    version = registry.index(cid).current()
+    assert (version.documents, version.segments) == (1, len(registry.context_info("mill", cid).segments))
+    folder = keys.index_prefix("acme", cid) + "builds/"
+    builds = {key[len(folder) :].split("/")[0] for key in store.list_keys(folder)}
+    assert version.build_id in builds and len(builds) == 2  # the current build and the one it replaced
+
+    rebuilt = registry.index(cid).rebuild()
+    assert registry.index(cid).load().entries == registry.index(cid).load(version).entries
+    assert rebuilt.segments == version.segments
+    assert found(registry, compressor, "the of and") == []  # stop words only: no question to score
+    registry.delete_document("mill")
+    assert registry.index(cid).load().search("xylophone river", 4) == []
+
+
+def test_index_size_is_capped(store: ObjectStore, compressor: Compressor) -> None:
+    registry = tenant(store, "acme")
+    add(registry, compressor, {"a": FILLER})
+    segments = registry.index(compressor.compressor_id).current().segments
+    registry.ingest_document("b", f"{FILLER} {FILLER}".encode(), MAX_BYTES)
+    compress_online(registry, compressor, ["b"])
+    with pytest.raises(ResourceExhausted, match="limits.max_corpus_segments"):
+        registry.index(compressor.compressor_id, max_segments=segments + 1).update(["b"])
+    assert registry.index(compressor.compressor_id).current().segments == segments  # the last version stays
+
+
+TERMS = st.text(alphabet="bcdfghjklmnpqrstvwxz", min_size=6, max_size=10)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(terms=st.lists(TERMS, min_size=4, max_size=4, unique=True))
+def test_another_tenants_segments_never_appear(
+    store: ObjectStore, compressor: Compressor, terms: list[str]
+) -> None:
+    """Each tenant holds documents planted with unique terms; a search for any term, in any tenant's
+    index, returns only that tenant's documents."""
+    registries = {}
+    for name, planted in (("acme", terms[:2]), ("globex", terms[2:])):
+        if Tenants(store).exists(name):
+            Tenants(store).delete(name)
+        registries[name] = registry = tenant(store, name)
+        add(registry, compressor, {f"{name}-{i}": f"{term} {FILLER}" for i, term in enumerate(planted)})
+    for name, registry in registries.items():
+        own = terms[:2] if name == "acme" else terms[2:]
+        for term in terms:
+            expected = [f"{name}-{own.index(term)}"] if term in own else []
+            assert found(registry, compressor, term) == expected
+
+
+def test_corpus_query_selection_budget_staleness_and_errors(
+    store: ObjectStore, compressor: Compressor
+) -> None:
+    """The edge's choice of segments: tenant-scoped cache, deleted documents dropped, budget and top_k,
+    document order; the engine's slice of those segments' own vectors."""
+    from lloco.errors import FailedPrecondition
+    from lloco.serve.engine_core import segment_vectors
+    from lloco.serve.retrieval import IndexCache, check_retrieval, retrieve
+
+    registry = tenant(store, "acme")
+    cid = compressor.compressor_id
+    cache = IndexCache(ttl_s=0.0)
+    with pytest.raises(FailedPrecondition, match="no retrieval index yet"):
+        retrieve(cache, registry, cid, "zanzibar", 4, None, K)
+    docs = {"a": f"zanzibar {FILLER} {FILLER} zanzibar", "b": f"{FILLER} zanzibar", "c": FILLER}
+    add(registry, compressor, docs)
+
+    got = retrieve(cache, registry, cid, "zanzibar", 8, None, K)
+    assert set(got.doc_ids) == {"a", "b"} and len(got.hits) == sum(map(len, got.segments))
+    for doc_id, segments in zip(got.doc_ids, got.segments, strict=True):
+        indices = [s.index for s in segments]
+        assert indices == sorted(indices)  # a document's segments in order
+        table = registry.context_info(doc_id, cid).segments
+        for hit in (h for h in got.hits if h.entry.doc_id == doc_id):
+            assert hit.entry.segment == table[hit.entry.segment.index]  # citations are the stored ranges
+    one = retrieve(cache, registry, cid, "zanzibar", 8, K, K)  # a budget of one segment's vectors
+    assert len(one.hits) == 1 and one.hits[0].score == max(h.score for h in got.hits)
+    with pytest.raises(InvalidArgument, match="cannot hold one segment"):
+        retrieve(cache, registry, cid, "zanzibar", 8, K - 1, K)
+
+    Tenants(store).create("globex")
+    with pytest.raises(FailedPrecondition):  # another tenant's index is never reached
+        retrieve(cache, Registry(store, "globex"), cid, "zanzibar", 8, None, K)
+
+    registry.delete_document("b")
+    assert "b" not in retrieve(cache, registry, cid, "zanzibar", 8, None, K).doc_ids
+
+    assert check_retrieval(0, 0, 64, 8) == (8, None)
+    for top_k, budget in [(-1, 0), (65, 0), (1, -1)]:
+        with pytest.raises(InvalidArgument):
+            check_retrieval(top_k, budget, 64, 8)
+
+    vectors, info = registry.get_context("a", cid)
+    picked = segment_vectors(vectors, (info.segments[-1], info.segments[0]), K)
+    assert torch.equal(picked, torch.cat([vectors[-K:], vectors[:K]]))
+    with pytest.raises(InvalidArgument):
+        segment_vectors(vectors, (Segment(len(info.segments), 0, 1, 0, 1),), K)
