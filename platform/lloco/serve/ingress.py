@@ -20,7 +20,6 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from datetime import UTC, datetime
 from typing import Any
 
 import grpc
@@ -35,13 +34,13 @@ from lloco.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
-    Unavailable,
 )
 from lloco.jobs import JobRecord, Jobs
 from lloco.logs import get_logger
 from lloco.registry import Registry, Tenants, document_text, pages
 from lloco.serve import replies
 from lloco.serve.adapter_import import AdapterImports
+from lloco.serve.compression import EdgeCompression
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import EdgeMetrics, HealthProbe, TenantWork, bearer_key, domain_error, rpc
 from lloco.serve.engine_facts import EngineFacts
@@ -88,6 +87,9 @@ class Ingress:
         self._documents = EdgeDocuments(self._store, self._limits, self._work, self._facts.compressor_id)
         self._queries = Queries(self._limits, self._lookups, self._facts)
         self._imports = AdapterImports(self._store, self._work, self._documents, self._facts.lora_fit)
+        self._compression = EdgeCompression(
+            engine, self._jobs, self._documents, self._lookups, self._work, self._limits
+        )
         self._server = await start_server(self, settings)
         self._http = await self._start_http(settings) if settings.serve.http_port is not None else None
 
@@ -234,19 +236,9 @@ class Ingress:
         )
         if changed:
             self._lookups.document_written(registry, info)
-        outcome = (
-            lloco_pb2.INGEST_OUTCOME_CREATED
-            if previous is None
-            else lloco_pb2.INGEST_OUTCOME_UPDATED
-            if changed
-            else lloco_pb2.INGEST_OUTCOME_UNCHANGED
-        )
-        context = await self._documents.context(registry, info)
-        if context is None and tokens <= self._limits.online_compress_max_tokens:
-            (context,) = await self._engine.compress.remote(registry.tenant, [doc_id])
-            self._lookups.index_changed(registry.tenant)
+        context = await self._compression.after_ingest(registry, info, tokens)
         return lloco_pb2.IngestDocumentResponse(
-            document=replies.document_reply(info, context), outcome=outcome
+            document=replies.document_reply(info, context), outcome=replies.ingest_outcome(previous, changed)
         )
 
     @rpc
@@ -294,26 +286,12 @@ class Ingress:
                 "split the work, or name none to compress every pending document"
             )
         principal, registry = await self._tenant(grpc_context, "parent", request.parent)
-        tenant = registry.tenant
-        doc_ids = [owned_under(principal, tenant, "documents", n, "documents") for n in request.documents]
+        doc_ids = [
+            owned_under(principal, registry.tenant, "documents", n, "documents") for n in request.documents
+        ]
         if len(set(doc_ids)) != len(doc_ids):
             raise InvalidArgument("documents: a document is named more than once")
-        infos, pending = await self._documents.pending(registry, doc_ids)
-        created = datetime.now(UTC)
-        tokens = [i.tokens for i in pending]
-        pending_ids = [i.doc_id for i in pending]
-        if None in tokens or sum(t or 0 for t in tokens) > self._limits.online_compress_max_tokens:
-            record = await self._work.run(tenant, self._jobs.submit_compress, tenant, pending_ids)
-        else:
-            contexts = await self._engine.compress.remote(tenant, pending_ids) if pending else []
-            self._lookups.index_changed(tenant)
-            result = {
-                "compressed": [c.doc_id for c in contexts],
-                "skipped": [i.doc_id for i in infos if i not in pending],
-                "failed": {},
-            }
-            message = f"compressed {len(contexts)} documents online"
-            record = await self._work.run(tenant, self._jobs.record_online, tenant, created, result, message)
+        record = await self._compression.compress(registry, doc_ids)
         return lloco_pb2.CompressDocumentsResponse(job=replies.job_reply(record))
 
     # -- queries ------------------------------------------------------------------------------------
@@ -326,17 +304,7 @@ class Ingress:
         query = await self._queries.check(await self._caller(grpc_context), request)
         sent = time.perf_counter()
         answer = await self._queries.answer(self._engine, query)
-        final = answer.final
-        if final is None:
-            raise Unavailable("the engine ended the answer without its final stats; retry")
-        if final.generated_tokens:
-            clock.first_token = sent + final.ttft_s
-        return lloco_pb2.QueryResponse(
-            answer=answer.text,
-            finish_reason=replies.FINISH_REASONS[final.finish_reason],
-            stats=replies.stats_reply(query.request.tenant, query.request.adapter, final, clock),
-            citations=replies.citations_reply(query.request.tenant, query.retrieved),
-        )
+        return replies.query_reply(query.request, answer, query.retrieved, clock, sent)
 
     @rpc
     async def QueryStream(
@@ -349,17 +317,8 @@ class Ingress:
             async for event in events:
                 if event.token_ids:
                     clock.token()
-                reply = lloco_pb2.QueryStreamResponse(
-                    text_delta=event.text, token_ids=event.token_ids, citations=citations
-                )
+                yield replies.stream_reply(query.request, event, citations, clock)
                 citations = []  # the first message alone
-                if event.final is not None:
-                    reply.finish_reason = replies.FINISH_REASONS[event.final.finish_reason]
-                    stats = replies.stats_reply(
-                        query.request.tenant, query.request.adapter, event.final, clock
-                    )
-                    reply.stats.CopyFrom(stats)
-                yield reply
 
     # -- adapters ---------------------------------------------------------------------------------------
 

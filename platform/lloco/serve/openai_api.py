@@ -241,8 +241,7 @@ class OpenAIApi:
         )
         if not body.stream:
             answer = await self._queries.answer(self._engine, query)
-            if answer.final is None:
-                raise Unavailable("the engine ended the answer without its final stats; retry")
+            assert answer.final is not None  # Queries.answer raises Unavailable otherwise
             return JSONResponse(reply.whole(answer.text, answer.final))
         events = self._queries.events(self._engine, query)
         try:

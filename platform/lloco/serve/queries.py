@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from lloco.api import lloco_pb2
 from lloco.auth import Principal
 from lloco.config import LimitSettings
-from lloco.errors import InvalidArgument, ResourceExhausted
+from lloco.errors import InvalidArgument, ResourceExhausted, Unavailable
 from lloco.model import SamplingParams, chat_prompt
 from lloco.registry import Registry
 from lloco.serve.engine_core import EngineEvent, EngineRequest
@@ -143,8 +143,8 @@ class Queries:
                 del self._inflight[tenant]
 
     async def answer(self, engine: DeploymentHandle, query: Query) -> EngineEvent:
-        """The engine's whole answer to ``query`` as one reply, counted in flight; leaving before it comes
-        (the caller went away) cancels the request in the engine."""
+        """The engine's whole answer to ``query`` as one reply, with its final stats, counted in flight;
+        leaving before it comes (the caller went away) cancels the request in the engine."""
         handle = engine.options(multiplexed_model_id=query.multiplexed_model_id)
         async with self.in_flight(query.request.tenant):
             response = handle.answer.remote(query.request)
@@ -152,10 +152,12 @@ class Queries:
             try:
                 answer = await response
                 complete = True
-                return answer
             finally:
                 if not complete:
                     response.cancel()
+        if answer.final is None:
+            raise Unavailable("the engine ended the answer without its final stats; retry")
+        return answer
 
     async def events(self, engine: DeploymentHandle, query: Query) -> AsyncIterator[EngineEvent]:
         """The engine's events for ``query``, counted in flight; leaving before the last one (the caller

@@ -13,7 +13,7 @@ from lloco.api import lloco_pb2
 from lloco.auth import ApiKeyInfo
 from lloco.jobs import JobRecord
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo
-from lloco.serve.engine_core import QueryStats
+from lloco.serve.engine_core import EngineEvent, EngineRequest, QueryStats
 from lloco.serve.names import adapter_name, api_key_name, document_name, job_name, version_name
 from lloco.serve.retrieval import Retrieved
 
@@ -156,3 +156,38 @@ def stats_reply(tenant: str, adapter: str | None, stats: QueryStats, clock: Cloc
         time_to_first_token=duration((clock.first_token or done) - clock.arrived),
         total_time=duration(done - clock.arrived),
     )
+
+
+def query_reply(
+    request: EngineRequest, answer: EngineEvent, retrieved: Retrieved | None, clock: Clock, sent: float
+) -> lloco_pb2.QueryResponse:
+    """A unary query's reply: the whole answer (with its final stats) sent to the engine at ``sent``."""
+    assert answer.final is not None  # Queries.answer raises Unavailable otherwise
+    if answer.final.generated_tokens:
+        clock.first_token = sent + answer.final.ttft_s
+    return lloco_pb2.QueryResponse(
+        answer=answer.text,
+        finish_reason=FINISH_REASONS[answer.final.finish_reason],
+        stats=stats_reply(request.tenant, request.adapter, answer.final, clock),
+        citations=citations_reply(request.tenant, retrieved),
+    )
+
+
+def stream_reply(
+    request: EngineRequest, event: EngineEvent, citations: list[lloco_pb2.Citation], clock: Clock
+) -> lloco_pb2.QueryStreamResponse:
+    """One message of a streamed answer; the last one carries the finish reason and the stats."""
+    reply = lloco_pb2.QueryStreamResponse(
+        text_delta=event.text, token_ids=event.token_ids, citations=citations
+    )
+    if event.final is not None:
+        reply.finish_reason = FINISH_REASONS[event.final.finish_reason]
+        reply.stats.CopyFrom(stats_reply(request.tenant, request.adapter, event.final, clock))
+    return reply
+
+
+def ingest_outcome(previous: DocumentInfo | None, changed: bool) -> int:
+    """What an IngestDocument did: created the document, updated its text, or found the same text."""
+    if previous is None:
+        return lloco_pb2.INGEST_OUTCOME_CREATED
+    return lloco_pb2.INGEST_OUTCOME_UPDATED if changed else lloco_pb2.INGEST_OUTCOME_UNCHANGED
