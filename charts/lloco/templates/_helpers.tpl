@@ -178,6 +178,9 @@ limits:
   max_message_bytes: {{ int64 $v.limits.maxMessageBytes }}
   {{- end }}
   max_names_per_call: {{ int64 $v.limits.maxNamesPerCall }}
+  max_retrieval_k: {{ int64 $v.limits.maxRetrievalK }}
+  default_retrieval_k: {{ int64 $v.limits.defaultRetrievalK }}
+  max_corpus_segments: {{ int64 $v.limits.maxCorpusSegments }}
   tenant_storage_concurrency: {{ int64 $v.limits.tenantStorageConcurrency }}
 lora:
   max_rank: {{ int64 $v.lora.maxRank }}
