@@ -203,3 +203,12 @@ def test_corpus_query_selection_budget_staleness_and_errors(
     assert torch.equal(picked, torch.cat([vectors[-K:], vectors[:K]]))
     with pytest.raises(InvalidArgument):
         segment_vectors(vectors, (Segment(len(info.segments), 0, 1, 0, 1),), K)
+
+
+def test_the_default_top_k_must_fit_the_limit() -> None:
+    from lloco.config import LimitSettings
+    from pydantic import ValidationError
+
+    assert LimitSettings(max_retrieval_k=8, default_retrieval_k=8).default_retrieval_k == 8
+    with pytest.raises(ValidationError, match="default_retrieval_k \\(9\\) must not exceed"):
+        LimitSettings(max_retrieval_k=8, default_retrieval_k=9)

@@ -99,6 +99,15 @@ class LimitSettings(_Section):
         "the rest wait, so one tenant's fan-out cannot hold the store threads other tenants need.",
     )
 
+    @model_validator(mode="after")
+    def _default_k_within_max(self) -> LimitSettings:
+        if self.default_retrieval_k > self.max_retrieval_k:
+            raise ValueError(
+                f"limits.default_retrieval_k ({self.default_retrieval_k}) must not exceed "
+                f"limits.max_retrieval_k ({self.max_retrieval_k})"
+            )
+        return self
+
     @property
     def message_bytes(self) -> int:
         """The gRPC receive limit: `max_message_bytes`, or room for the largest document plus 1 MiB."""
