@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lloco.compress import compress_online
 from lloco.compress.steps import tokenize_segments
-from lloco.errors import InvalidArgument, ResourceExhausted
+from lloco.errors import InvalidArgument, NotFound, ResourceExhausted
 from lloco.model import Compressor, load_model
-from lloco.registry import Registry, Segment, Tenants
+from lloco.registry import DocumentInfo, Registry, Segment, Tenants
 from lloco.registry.records import check_segments
 from lloco.storage import ObjectStore, keys
 
@@ -163,11 +163,26 @@ def test_corpus_query_selection_budget_staleness_and_errors(
     document order; the engine's slice of those segments' own vectors."""
     from lloco.errors import FailedPrecondition
     from lloco.serve.engine_core import segment_vectors
-    from lloco.serve.retrieval import IndexCache, check_retrieval, retrieve
+    from lloco.serve.retrieval import OVER_FETCH, IndexCache, Retrieved, check_retrieval, select
 
     registry = tenant(store, "acme")
     cid = compressor.compressor_id
     cache = IndexCache(ttl_s=0.0)
+
+    def retrieve(
+        cache: IndexCache, registry: Registry, cid: str, question: str, top_k: int, budget: int | None, k: int
+    ) -> Retrieved:
+        """What the edge does (serve/queries.py), with the registry's records in place of its cached ones."""
+
+        def current(doc_id: str) -> DocumentInfo | None:
+            try:
+                return registry.get_document(doc_id)
+            except NotFound:
+                return None
+
+        hits = cache.get(registry, cid).search(question, top_k * OVER_FETCH)
+        return select(hits, current, top_k, budget, k)
+
     with pytest.raises(FailedPrecondition, match="no retrieval index yet"):
         retrieve(cache, registry, cid, "zanzibar", 4, None, K)
     docs = {"a": f"zanzibar {FILLER} {FILLER} zanzibar", "b": f"{FILLER} zanzibar", "c": FILLER}

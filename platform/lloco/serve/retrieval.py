@@ -11,15 +11,13 @@ pointer to the current build is read again after ``ttl_s``, as the edge's other 
 
 from __future__ import annotations
 
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
 from lloco.registry import DocumentInfo, Registry, Segment
 from lloco.registry.index import SegmentHit, SegmentIndex
+from lloco.serve.caches import LruCache
 
 OVER_FETCH = 4  # hits scored per segment asked for: room for those of deleted or rewritten documents
 
@@ -81,34 +79,33 @@ def select(
 
 
 class IndexCache:
-    """Loaded retrieval indexes of this replica: at most ``max_indexes`` (LRU), the current build's id
-    re-read after ``ttl_s``. Thread-safe; loading runs in the caller's thread (a store lane)."""
+    """Loaded retrieval indexes of this replica. Which build is a tenant's current one is re-read after
+    ``ttl_s``; builds are immutable, so a loaded one is reused until the pointer names another (at most
+    ``max_indexes`` of each, LRU). Thread-safe; loading runs in the caller's thread (a store lane)."""
 
     def __init__(self, ttl_s: float, max_indexes: int = 64) -> None:
-        self._ttl_s = ttl_s
-        self._max = max_indexes
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple[str, str, str], tuple[float, SegmentIndex]] = OrderedDict()
+        def one(_: SegmentIndex) -> int:
+            return 1
+
+        self._current: LruCache[tuple[str, str, str], SegmentIndex] = LruCache(max_indexes, one, ttl_s)
+        self._builds: LruCache[tuple[str, str, str, str], SegmentIndex] = LruCache(max_indexes, one)
 
     def get(self, registry: Registry, compressor_id: str) -> SegmentIndex:
         """The tenant's current index for ``compressor_id``.
 
         Raises FailedPrecondition when the tenant has none yet (nothing compressed)."""
         key = (registry.tenant, registry.uid, compressor_id)
-        with self._lock:
-            held = self._entries.get(key)
-            if held is not None and time.monotonic() - held[0] < self._ttl_s:
-                self._entries.move_to_end(key)
-                return held[1]
+        index = self._current.get(key)
+        if index is not None:
+            return index
         tenant_index = registry.index(compressor_id)
         version = tenant_index.current()
         if version is None:
             raise FailedPrecondition(
                 f"tenant {registry.tenant!r} has no retrieval index yet: compress its documents first"
             )
-        if held is not None and held[1].version.build_id == version.build_id:
-            index = held[1]
-        else:
+        index = self._builds.get((*key, version.build_id))
+        if index is None:
             try:
                 index = tenant_index.load(version)
             except NotFound:  # replaced while we read it: take the newer one
@@ -116,41 +113,12 @@ class IndexCache:
             assert (
                 index is not None
             )  # a current pointer existed a moment ago and builds are never unpublished
-        with self._lock:
-            self._entries[key] = (time.monotonic(), index)
-            self._entries.move_to_end(key)
-            while len(self._entries) > self._max:
-                self._entries.popitem(last=False)
+            build = index.version.build_id
+            self._builds.drop(lambda held: held[:3] == key and held[3] != build)  # superseded builds
+            self._builds.put((*key, build), index)
+        self._current.put(key, index)
         return index
 
     def forget_tenant(self, tenant: str) -> None:
-        with self._lock:
-            for key in [key for key in self._entries if key[0] == tenant]:
-                del self._entries[key]
-
-
-def retrieve(
-    cache: IndexCache,
-    registry: Registry,
-    compressor_id: str,
-    question: str,
-    top_k: int,
-    budget: int | None,
-    vectors_per_segment: int,
-    current: Callable[[str], DocumentInfo | None] | None = None,
-) -> Retrieved:
-    """Search the tenant's index and ``select`` (blocking: run it in a store lane). ``current`` looks a
-    document up (default: the registry; the edge passes its cached lookups)."""
-    index = cache.get(registry, compressor_id)
-    hits = index.search(question, top_k * OVER_FETCH)
-    return select(hits, current or _registry_lookup(registry), top_k, budget, vectors_per_segment)
-
-
-def _registry_lookup(registry: Registry) -> Callable[[str], DocumentInfo | None]:
-    def current(doc_id: str) -> DocumentInfo | None:
-        try:
-            return registry.get_document(doc_id)
-        except NotFound:
-            return None
-
-    return current
+        self._current.drop(lambda key: key[0] == tenant)
+        self._builds.drop(lambda key: key[0] == tenant)
