@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -227,3 +230,33 @@ def test_the_default_top_k_must_fit_the_limit() -> None:
     assert LimitSettings(max_retrieval_k=8, default_retrieval_k=8).default_retrieval_k == 8
     with pytest.raises(ValidationError, match="default_retrieval_k \\(9\\) must not exceed"):
         LimitSettings(max_retrieval_k=8, default_retrieval_k=9)
+
+
+def test_bm25s_keeps_an_installed_jax_off_the_gpu(tmp_path: Path) -> None:
+    """bm25s runs a JAX top-k as it is imported when JAX is installed, and JAX then claims 75% of the GPU's
+    memory (a pretraining process on the GPU host lost 105 GB so). JAX is no dependency of lloco and not
+    installed here, so a stand-in `jax` package on the path records what bm25s does with it: the platform
+    JAX would start on when imported through lloco, and whether a search ever uses JAX (it must take NumPy)."""
+    fake = tmp_path / "jax"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("import os\nPLATFORMS = os.environ.get('JAX_PLATFORMS')\nCALLS = []\n")
+    (fake / "lax.py").write_text(
+        "import jax\n\ndef top_k(scores, k):\n    jax.CALLS.append(k)\n    return scores[:k], list(range(k))\n"
+    )
+    script = (
+        "import lloco.registry.index as ix\nimport datetime, jax\n"
+        "after_import = list(jax.CALLS)\n"
+        "entries = tuple(ix.IndexEntry(f'd{i}', '', ix.Segment(0, 0, 4, 0, 10)) for i in range(3))\n"
+        "version = ix.IndexVersion('b', 'c', 3, 3, datetime.datetime.now(datetime.UTC))\n"
+        "index = ix.SegmentIndex(version, entries, ix.bm25_index(['red fox', 'blue whale', 'green frog']))\n"
+        "hits = index.search('whale', 2)\n"
+        "print(jax.PLATFORMS, after_import, jax.CALLS, [h.entry.doc_id for h in hits])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tmp_path), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    # imported by bm25s (its one import-time top-k), on the CPU; the search itself never called JAX
+    assert done.stdout.split("\n")[0] == "cpu [1] [1] ['d1']"

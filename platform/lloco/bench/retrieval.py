@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import platform
 import random
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-import bm25s
 
 from lloco.bench.common import percentile
 from lloco.bench.report import write_report
@@ -92,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "command": "python -m lloco.bench.retrieval " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.processor() or platform.machine()}, CPU, one thread (n_threads=1)",
-        "bm25s": bm25s.__version__,
+        "bm25s": importlib.metadata.version("bm25s"),
         "segments": args.segments,
         "documents": len(documents),
         "segment_words": args.segment_words,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import secrets
 import tempfile
 from collections.abc import Iterable
@@ -33,7 +34,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import bm25s
+# bm25s uses JAX for its top-k when JAX is installed and runs one JAX operation as it is imported, which makes
+# JAX claim 75% of every visible GPU's memory: on a GPU host with JAX installed, a pretraining process lost
+# 105 GB before its first step. lloco takes bm25s's NumPy top-k (`SegmentIndex.search`), so JAX, when it
+# is there, is kept on the CPU (unless the process chose its platforms itself).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import bm25s  # noqa: E402 - after the line above
 
 from lloco.errors import Internal, NotFound, ResourceExhausted
 from lloco.logs import get_logger
@@ -103,7 +110,7 @@ class SegmentIndex:
         if not terms[0]:
             return []
         rows, scores = self._bm25.retrieve(
-            terms, k=min(k, len(self.entries)), show_progress=False, n_threads=1
+            terms, k=min(k, len(self.entries)), show_progress=False, n_threads=1, backend_selection="numpy"
         )
         return [
             SegmentHit(self.entries[int(row)], float(score))
