@@ -45,6 +45,30 @@ def store(s3: object) -> object:
     return object_store
 
 
+@pytest.fixture
+def recording_store(store: object) -> object:
+    """The `store` bucket through a real ObjectStore that also records the key of every object it reads
+    (``reads``: get_bytes and open_stream, in order), so a test can tell which objects a call read. The
+    reads still go to SeaweedFS; its own request counter (``EmbeddedS3.metrics_url``) counts requests
+    per bucket and method, not per key."""
+    from lloco.storage import ObjectStore
+
+    class RecordingStore(ObjectStore):
+        def __init__(self, settings: Any) -> None:
+            super().__init__(settings)
+            self.reads: list[str] = []
+
+        def get_bytes(self, key: str) -> bytes:
+            self.reads.append(key)
+            return super().get_bytes(key)
+
+        def open_stream(self, key: str) -> Any:
+            self.reads.append(key)
+            return super().open_stream(key)
+
+    return RecordingStore(store.settings)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random HF Llama (GQA, tied embeddings off) with a real tokenizer."""

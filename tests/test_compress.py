@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -16,12 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from lloco.compress import compress_online, run_compress_job
+from lloco.compress import PreparedDocument, compress_online, run_compress_job, tokenize_segments
 from lloco.compress.pipeline import ActorPlan, plan_actors
 from lloco.config import CompressSettings, ModelSettings, Settings
 from lloco.errors import InvalidArgument, NotFound
 from lloco.model import Compressor, load_compressor, load_model
 from lloco.registry import Registry, Tenants
+from lloco.registry.records import safetensors_metadata
 from lloco.storage import ObjectStore, keys
 
 SEGMENT_LEN = 16
@@ -255,6 +259,83 @@ def test_online_compression_matches_the_job_path(
     assert registry.context_info("c", compressor.compressor_id) is None
     with pytest.raises(NotFound):
         compress_online(registry, compressor, ["missing"])
+
+
+def stored_parts(blob: bytes) -> tuple[dict[str, str], bytes]:
+    """A stored context's header metadata and tensor bytes. Two saves of one context differ only in the
+    order of the header's metadata keys (safetensors writes them in hash-map order, new on every save)."""
+    (header_length,) = struct.unpack("<Q", blob[:8])
+    return safetensors_metadata(blob), blob[8 + header_length :]
+
+
+def handed(compressor: Compressor, tenant: str, doc_id: str, text: str) -> PreparedDocument:
+    """What the edge hands the engine when it ingests ``text``: the text tokenized once with the segment
+    table, and the sha256 of the bytes it stored."""
+    ids, segments = tokenize_segments(compressor.base.tokenizer, text, compressor.segment_len)
+    return PreparedDocument(tenant, doc_id, hashlib.sha256(text.encode()).hexdigest(), ids, segments)
+
+
+def test_a_handed_document_stores_the_same_context_without_reading_the_document(
+    store: ObjectStore, recording_store: ObjectStore, compressor: Compressor
+) -> None:
+    """Issue 19, tokenization once: a document handed as the edge tokenized it is compressed into the very
+    context the read + tokenize path stores (the same ids, so the same header with its segment table and
+    the same vector bytes), and its text is not read from the store. ``recording_store`` is the real store that also records
+    the keys it reads, so the test can tell the document's text from the other objects read."""
+    text = text_of(4, 90)  # several segments
+    ingest(store, {("acme", "a"): text})
+    registry = Registry(recording_store, "acme")
+    context_key = keys.context("acme", compressor.compressor_id, "a")
+    source_key = keys.doc_source("acme", "a")
+
+    (read_path,) = compress_online(registry, compressor, ["a"])
+    stored = store.get_bytes(context_key)
+    assert source_key in recording_store.reads
+    assert len(read_path.segments) > 2
+    store.delete(context_key)
+
+    document = handed(compressor, "acme", "a", text)
+    assert document.token_ids == token_ids(compressor, text)
+    recording_store.reads.clear()
+    assert compress_online(registry, compressor, ["a"], prepared=[document]) == [read_path]
+    assert stored_parts(store.get_bytes(context_key)) == stored_parts(stored)
+    assert source_key not in recording_store.reads
+
+    store.delete(context_key)
+    with pytest.raises(InvalidArgument, match="'a': too long: [0-9]+ tokens, over the limit of 10"):
+        compress_online(registry, compressor, ["a"], max_tokens=10, prepared=[document])
+    assert source_key not in recording_store.reads
+    assert registry.context_info("a", compressor.compressor_id) is None
+
+
+def test_a_handed_document_that_is_not_the_stored_one_is_not_used(
+    store: ObjectStore, recording_store: ObjectStore, compressor: Compressor
+) -> None:
+    """The engine takes a handed document only while it is the stored one: after a concurrent rewrite (its
+    sha256 is the old text's), with a segment table cut by another segment length, or of another tenant,
+    the stored text is read and compressed, and the context is the stored text's."""
+    old, new = text_of(5, 60), text_of(6, 75)
+    ingest(store, {("acme", "a"): old})
+    registry = Registry(recording_store, "acme")
+    stale = handed(compressor, "acme", "a", old)
+    registry.ingest_document("a", new.encode(), MAX_BYTES)  # rewritten after the edge tokenized the old text
+    current = handed(compressor, "acme", "a", new)
+    _, miscut = tokenize_segments(compressor.base.tokenizer, new, SEGMENT_LEN * 2)
+    context_key = keys.context("acme", compressor.compressor_id, "a")
+    source_key = keys.doc_source("acme", "a")
+
+    assert stale.mismatch(current.source_sha, SEGMENT_LEN) is not None
+    for unusable in (
+        stale,
+        dataclasses.replace(current, segments=miscut),
+        dataclasses.replace(current, tenant="globex"),
+    ):
+        recording_store.reads.clear()
+        (info,) = compress_online(registry, compressor, ["a"], prepared=[unusable])
+        assert info.source_sha == current.source_sha
+        assert source_key in recording_store.reads
+        assert_contexts(store, compressor, {("acme", "a"): new})
+        store.delete(context_key)
 
 
 def test_actor_plan_fills_gpus_unless_told_otherwise() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import math
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from lloco.compress import PreparedDocument, tokenize_segments
 from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from lloco.model import Compressor, LlamaConfig, LoadedModel, SamplingParams, chat_prompt, load_model
@@ -30,6 +32,7 @@ from lloco.serve.engine_core import (
 )
 from lloco.serve.fairness import TenantService
 from lloco.serve.text_stream import TextStream
+from lloco.storage import keys
 from safetensors.torch import save as save_safetensors
 
 HANDBOOK = (
@@ -254,6 +257,29 @@ def test_two_tenants_with_different_adapters_in_one_batch_match_each_run_alone(
         assert metrics["batch_size"] == 0 and metrics["queue_depth"] == 0
 
     run(scenario)
+
+
+def test_compress_takes_the_document_the_edge_tokenized_without_reading_it(
+    recording_store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """Issue 19, tokenization once: `compress` hands the documents the edge prepared at ingest to
+    `compress_online`, so the handbook's text is read once, by the retrieval index update (its segments'
+    text; ``recording_store`` is the real store that also records the keys it reads), not also to be
+    compressed, and its context is the compressor's output on the same ids."""
+    ids, segments = tokenize_segments(base.tokenizer, HANDBOOK, compressor.segment_len)
+    sha = hashlib.sha256(HANDBOOK.encode()).hexdigest()
+    prepared = PreparedDocument("acme", "handbook", sha, ids, segments)
+
+    async def scenario() -> None:
+        async with engine(recording_store, base, compressor, settings()) as core:
+            assert core.segment_len == compressor.segment_len
+            (info,) = await core.compress("acme", ["handbook"], [prepared])
+            assert info.source_sha == sha and info.segments == segments
+
+    run(scenario)
+    assert recording_store.reads.count(keys.doc_source("acme", "handbook")) == 1
+    vectors, _ = tenants["acme"].get_context("handbook", compressor.compressor_id)
+    assert torch.equal(vectors, compressor.compress([ids])[0].to(torch.bfloat16))
 
 
 def test_new_adapter_version_is_picked_up_while_running_rows_finish_on_theirs(

@@ -6,7 +6,9 @@ functions, so a context does not depend on which of them made it:
 1. ``read_document`` + ``prepare``: the stored text (strict UTF-8), its sha256 (the context is
    labelled with the sha of what was compressed, not of what the metadata said when the job began),
    token ids, and the checks that make a document bad (empty, undecodable, over the token cap):
-   a bad document raises ``BadDocument`` with a short reason.
+   a bad document raises ``BadDocument`` with a short reason. The online path may instead be handed
+   the ``PreparedDocument`` the edge made of the text it stored (``PreparedDocument.mismatch`` says
+   when it may not stand for the stored one).
 2. ``compress_many``: the compressor over many documents at once (it batches the i-th segments of
    all of them); a failing batch is retried one document at a time, so one bad input fails alone.
 3. ``store_context``: checks the vector count against the segment count, then writes the context
@@ -26,6 +28,7 @@ import torch
 from lloco.errors import FailedPrecondition, Internal, InvalidArgument, LlocoError
 from lloco.model import Compressor, CompressorConfig
 from lloco.registry import ContextInfo, Registry, Segment
+from lloco.registry.records import check_segments
 
 STORAGE_DTYPE = torch.bfloat16  # what Registry.put_context stores; casting earlier halves the transfer
 
@@ -46,9 +49,28 @@ class PreparedDocument:
 
     tenant: str
     doc_id: str
-    source_sha: str
+    source_sha: str  # sha256 of the bytes token_ids were made from
     token_ids: list[int]
     segments: tuple[Segment, ...]  # the segment table stored with the context (Registry.put_context)
+
+    def mismatch(self, current_sha: str, segment_len: int) -> str | None:
+        """Why this document may not stand for the stored one whose sha256 is ``current_sha``, cut into
+        segments of ``segment_len`` tokens (None: it may). It may not when it is of another text (the
+        document was rewritten since), has no tokens, or its segment table is not ``tokenize_segments``'
+        cut of its token ids (``check_segments`` for the order of the character spans)."""
+        if self.source_sha != current_sha:
+            return f"made from {self.source_sha[:12]}, the document is now {current_sha[:12]}"
+        if not self.token_ids:
+            return "no tokens"
+        n = len(self.token_ids)
+        cut = [(start, min(start + segment_len, n)) for start in range(0, n, segment_len)]
+        if [(s.token_start, s.token_end) for s in self.segments] != cut:
+            return f"its segments do not cut its {n} tokens into segments of {segment_len}"
+        try:
+            check_segments(self.segments, len(self.segments), 1, segment_len)
+        except InvalidArgument as error:
+            return str(error)
+        return None
 
 
 def read_document(registry: Registry, doc_id: str) -> str:
@@ -105,17 +127,23 @@ def prepare(
     if not text.strip():
         raise BadDocument(tenant, doc_id, f"empty ({len(data)} bytes, no text)")
     token_ids, segments = tokenize_segments(tokenizer, text, segment_len)
-    if max_tokens is not None and len(token_ids) > max_tokens:
-        raise BadDocument(
-            tenant, doc_id, f"too long: {len(token_ids)} tokens, over the limit of {max_tokens}"
-        )
-    return PreparedDocument(
-        tenant,
-        doc_id,
-        hashlib.sha256(data).hexdigest(),
-        token_ids,
-        segments,
+    return within_limit(
+        PreparedDocument(tenant, doc_id, hashlib.sha256(data).hexdigest(), token_ids, segments), max_tokens
     )
+
+
+def within_limit(document: PreparedDocument, max_tokens: int | None) -> PreparedDocument:
+    """``document``, checked against the token cap (None: no cap).
+
+    Raises:
+        BadDocument: over ``max_tokens`` tokens.
+    """
+    n = len(document.token_ids)
+    if max_tokens is not None and n > max_tokens:
+        raise BadDocument(
+            document.tenant, document.doc_id, f"too long: {n} tokens, over the limit of {max_tokens}"
+        )
+    return document
 
 
 def compress_many(

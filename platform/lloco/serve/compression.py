@@ -1,8 +1,8 @@
 """When the edge compresses documents itself and when it leaves them to a job.
 
 Short documents are compressed online, on the engine replica between decode steps, so a tenant can query
-one right after ingesting it; anything longer (or of unknown length) goes to a Ray job through
-`lloco.jobs`. Either way the tenant's retrieval index changes, and this replica's cached copy is dropped.
+one right after ingesting it (one just ingested is handed to the engine as the edge tokenized it, so it is
+tokenized once); anything longer (or of unknown length) goes to a Ray job through `lloco.jobs`. Either way the tenant's retrieval index changes, and this replica's cached copy is dropped.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
+from lloco.compress import PreparedDocument
 from lloco.config import LimitSettings
 from lloco.jobs import JobRecord, Jobs
-from lloco.registry import ContextInfo, DocumentInfo, Registry
+from lloco.registry import ContextInfo, DocumentInfo, Registry, Segment
 from lloco.serve.documents import EdgeDocuments
 from lloco.serve.edge import TenantWork
 from lloco.serve.lookups import EdgeLookups
@@ -37,12 +38,17 @@ class EdgeCompression:
         self._engine, self._jobs, self._documents = engine, jobs, documents
         self._lookups, self._work, self._max_tokens = lookups, work, limits.online_compress_max_tokens
 
-    async def after_ingest(self, registry: Registry, info: DocumentInfo, tokens: int) -> ContextInfo | None:
-        """The context of a document just ingested: its fresh one, else one made now if it is short enough,
-        else None (pending: a compress job makes it)."""
+    async def after_ingest(
+        self, registry: Registry, info: DocumentInfo, token_ids: list[int], segments: tuple[Segment, ...]
+    ) -> ContextInfo | None:
+        """The context of a document just ingested (``info``; ``token_ids`` and ``segments``: its text as
+        `EngineFacts.tokenize_document` cut it): its fresh one, else one made now if it is short enough,
+        else None (pending: a compress job makes it). The engine is handed the tokenized text with the
+        stored bytes' sha256, so it neither reads nor tokenizes the document again."""
         context = await self._documents.context(registry, info)
-        if context is None and tokens <= self._max_tokens:
-            (context,) = await self._engine.compress.remote(registry.tenant, [info.doc_id])
+        if context is None and len(token_ids) <= self._max_tokens:
+            prepared = PreparedDocument(registry.tenant, info.doc_id, info.sha256, token_ids, segments)
+            (context,) = await self._engine.compress.remote(registry.tenant, [info.doc_id], [prepared])
             self._lookups.index_changed(registry.tenant)
         return context
 

@@ -6,7 +6,7 @@ adapter), health checks and Prometheus metrics through Ray: per tenant, per adap
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import torch
@@ -14,6 +14,7 @@ from ray import serve
 from ray.serve import metrics
 from ray.serve.deployment import Application
 
+from lloco.compress import PreparedDocument
 from lloco.config import Settings
 from lloco.errors import Unavailable
 from lloco.logs import get_logger
@@ -246,8 +247,10 @@ class EngineDeployment:
             await self.hold_adapter(f"{req.tenant}/{req.adapter}")
         return await self._core.answer(req)
 
-    async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
-        return await self._core.compress(tenant, doc_ids)
+    async def compress(
+        self, tenant: str, doc_ids: list[str], prepared: Sequence[PreparedDocument] = ()
+    ) -> list[ContextInfo]:
+        return await self._core.compress(tenant, doc_ids, prepared)
 
     async def forget_tenant(self, tenant: str) -> int:
         """Drop this replica's cached state of a deleted tenant (see `EngineCore.forget_tenant`)."""
@@ -256,6 +259,10 @@ class EngineDeployment:
     async def compressor_id(self) -> str:
         """The id under which this engine's contexts are stored (fixed for the replica's life)."""
         return self._core.compressor_id
+
+    async def segment_len(self) -> int:
+        """Tokens per segment of this engine's compressor: the edge cuts what it ingests the same way."""
+        return self._core.segment_len
 
     async def summary_vectors(self) -> int:
         """Summary vectors per segment of this engine's contexts (a corpus query's budget counts them)."""

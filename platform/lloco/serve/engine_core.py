@@ -20,13 +20,13 @@ import dataclasses
 import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from lloco.compress import compress_online
+from lloco.compress import PreparedDocument, compress_online
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, Internal, InvalidArgument, NotFound
 from lloco.logs import get_logger
@@ -354,6 +354,11 @@ class EngineCore:
         return self._compressor.compressor_id
 
     @property
+    def segment_len(self) -> int:
+        """Tokens per segment of the compressor: how a document handed to `compress` must be cut."""
+        return self._compressor.segment_len
+
+    @property
     def summary_vectors(self) -> int:
         """Summary vectors per segment (the compressor's k): what one retrieved segment prepends."""
         return self._compressor.k
@@ -368,9 +373,13 @@ class EngineCore:
         targets (``lloco.model.lora.check_peft_files``)."""
         return dataclasses.replace(self.lora.fit, model_id=self._model.model_id)
 
-    async def compress(self, tenant: str, doc_ids: list[str]) -> list[ContextInfo]:
+    async def compress(
+        self, tenant: str, doc_ids: list[str], prepared: Sequence[PreparedDocument] = ()
+    ) -> list[ContextInfo]:
         """Compress small documents now, on this engine's model, between decode steps; then add their
         segments to the tenant's retrieval index (in a worker thread: decoding goes on meanwhile).
+        ``prepared``: documents the caller tokenized already (the edge, at ingest), used while they are the
+        stored ones (`compress_online`).
 
         Raises:
             NotFound: the tenant or a document does not exist.
@@ -380,7 +389,9 @@ class EngineCore:
         registry = await asyncio.to_thread(Registry, self._store, tenant)
         limits = self._settings.limits
         contexts = await self.scheduler.run_exclusive(
-            lambda: compress_online(registry, self._compressor, doc_ids, limits.online_compress_max_tokens)
+            lambda: compress_online(
+                registry, self._compressor, doc_ids, limits.online_compress_max_tokens, prepared
+            )
         )
         index = registry.index(self.compressor_id, limits.max_corpus_segments)
         await asyncio.to_thread(index.update, list(dict.fromkeys(doc_ids)))

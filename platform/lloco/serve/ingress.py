@@ -230,13 +230,18 @@ class Ingress:
         previous = await self._documents.get_or_none(registry, doc_id)
         if previous is None:
             await self._documents.check_quota(registry)
-        tokens = await self._facts.count_tokens(decoded)
+        token_ids, segments = await self._facts.tokenize_document(decoded)
         info, changed = await self._work.run(
-            registry.tenant, registry.ingest_document, doc_id, text, self._limits.max_document_bytes, tokens
+            registry.tenant,
+            registry.ingest_document,
+            doc_id,
+            text,
+            self._limits.max_document_bytes,
+            len(token_ids),
         )
         if changed:
             self._lookups.document_written(registry, info)
-        context = await self._compression.after_ingest(registry, info, tokens)
+        context = await self._compression.after_ingest(registry, info, token_ids, segments)
         return lloco_pb2.IngestDocumentResponse(
             document=replies.document_reply(info, context), outcome=replies.ingest_outcome(previous, changed)
         )
