@@ -13,13 +13,13 @@ question's round alone (``feedback_hits=0``) and as served (with the follow-up q
 reported beside them.
 
 Recall (``--recall``): the eval's corpus (`hotpotqa_corpus`: ``--questions`` HotpotQA questions with their
-paragraphs plus distractor paragraphs up to ``--documents``, from the dev file in ``--data-dir``), each paragraph
-cut into ``--segment-len``-token segments by the default model's tokenizer (or ``--tokenizer``) and indexed as a
-tenant's build is; each question retrieves as the edge does (`retrieve`) and scores the share of its gold
-paragraphs with a retrieved segment, at top_k 2, 4 and 8. Both sides of the file's split: ``train`` (what the
-retrieval's constants were tuned on) and ``held-out`` (the figure to quote). Three retrievers: the format-1
-index (stop words only, the question alone: retrieval before stems and follow-ups), the current format with
-the question alone, and as served. JSON and markdown go to --out.
+paragraphs plus distractor paragraphs up to each ``--documents`` size, from the dev file in ``--data-dir``),
+each paragraph cut into ``--segment-len``-token segments by the default model's tokenizer (or ``--tokenizer``)
+and indexed as a tenant's build is; each question retrieves as the edge does (`retrieve`) and scores the share
+of its gold paragraphs with a retrieved segment, at top_k 2, 4 and 8 (and the time of the top_k 8 searches).
+Both sides of the file's split: ``train`` (what the retrieval's constants were tuned on) and ``held-out`` (the
+figure to quote). Three retrievers: the format-1 index (stop words only, the question alone: retrieval before
+stems and follow-ups), the current format with the question alone, and as served. JSON and markdown go to --out.
 """
 
 from __future__ import annotations
@@ -127,39 +127,38 @@ def latency(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def recall(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Recall@2/4/8 of each retriever on each side's corpus."""
+    """Recall@2/4/8 of each retriever on each side's corpus of each size, and its search time at top_k 8."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer or _default_tokenizer_dir()))
     results = []
-    for side in CORPUS_SIDES[::-1]:  # train (tuned on) first
-        corpus = hotpotqa_corpus(args.data_dir, args.questions, args.documents, side=side)
-        tables = {
-            d: tokenize_segments(tokenizer, text, args.segment_len)[1] for d, text in corpus.documents.items()
-        }
-        for name, (index_format, feedback_hits) in RETRIEVERS.items():
-            index = corpus_index(corpus, tables, index_format)
-            scores = {
-                f"recall@{k}": round(
-                    sum(
-                        gold_recall(q, retrieve(index, q.question, k, feedback_hits))
-                        for q in corpus.questions
-                    )
-                    / len(corpus.questions),
-                    4,
-                )
-                for k in RECALL_AT
+    for documents in args.documents:
+        for side in CORPUS_SIDES[::-1]:  # train (tuned on) first
+            corpus = hotpotqa_corpus(args.data_dir, args.questions, documents, side=side)
+            tables = {
+                d: tokenize_segments(tokenizer, text, args.segment_len)[1]
+                for d, text in corpus.documents.items()
             }
-            row = {
-                "side": side,
-                "retriever": name,
-                "questions": len(corpus.questions),
-                "documents": len(corpus.documents),
-                "segments": len(index.entries),
-                **scores,
-            }
-            print(row, flush=True)
-            results.append(row)
+            for name, (index_format, feedback_hits) in RETRIEVERS.items():
+                index = corpus_index(corpus, tables, index_format)
+                row: dict[str, Any] = {
+                    "side": side,
+                    "retriever": name,
+                    "questions": len(corpus.questions),
+                    "documents": len(corpus.documents),
+                    "segments": len(index.entries),
+                }
+                for k in RECALL_AT:
+                    shares, times_ms = [], []
+                    for question in corpus.questions:
+                        started = time.perf_counter()
+                        retrieved = retrieve(index, question.question, k, feedback_hits)
+                        times_ms.append((time.perf_counter() - started) * 1e3)
+                        shares.append(gold_recall(question, retrieved))
+                    row[f"recall@{k}"] = round(sum(shares) / len(shares), 4)
+                row["search_ms_p50"] = round(percentile(times_ms, 50), 3)  # at top_k 8
+                print(row, flush=True)
+                results.append(row)
     return results
 
 
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--recall", action="store_true", help="also recall@k on HotpotQA corpora")
     parser.add_argument("--data-dir", type=Path, help="holds the HotpotQA dev file (`lloco data fetch`)")
     parser.add_argument("--questions", type=int, default=200)
-    parser.add_argument("--documents", type=int, default=1000)
+    parser.add_argument("--documents", type=int, nargs="+", default=[1000], help="corpus sizes (paragraphs)")
     parser.add_argument("--segment-len", type=int, default=512)
     parser.add_argument("--tokenizer", type=Path, help="default: the default model's (model.cache_dir)")
     parser.add_argument("--name", help="default: retrieval-cpu, with --recall retrieval-recall-cpu")
@@ -230,13 +229,17 @@ def _markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Recall of the gold paragraphs (HotpotQA corpus)",
             "",
-            "| side | retriever | questions | documents | segments | recall@2 | recall@4 | recall@8 |",
-            "|---|---|---|---|---|---|---|---|",
+            "| side | retriever | questions | documents | segments | recall@2 | recall@4 | recall@8 | "
+            "ms p50 (top_k 8) |",
+            "|---|---|---|---|---|---|---|---|---|",
             *(
                 f"| {r['side']} | {r['retriever']} | {r['questions']} | {r['documents']} | {r['segments']} | "
-                f"{r['recall@2']:.3f} | {r['recall@4']:.3f} | {r['recall@8']:.3f} |"
+                f"{r['recall@2']:.3f} | {r['recall@4']:.3f} | {r['recall@8']:.3f} | {r['search_ms_p50']} |"
                 for r in result["recall"]
             ),
+            "",
+            "Recall: the share of a question's gold paragraphs with a retrieved segment, averaged over the "
+            "questions; ms: search and selection of one question on that corpus (real text).",
             "",
             "## Added time per query",
             "",

@@ -133,7 +133,9 @@ class SegmentIndex:
         if self._bm25 is None or self._row_terms is None or k < 1:
             return []
         vocabulary = self._bm25.vocab_dict
-        tokens = _tokenize([question], self._stem)[0]
+        tokens = bm25s.tokenize(
+            question, stopwords=STOPWORDS, stemmer=_stemmer(self._stem), return_ids=False, show_progress=False
+        )[0]
         terms = [vocabulary[token] for token in tokens if token in vocabulary]
         if not terms:
             return []
@@ -355,26 +357,34 @@ class TenantIndex:
 
 def bm25_index(texts: list[str], index_format: str = INDEX_FORMAT) -> bm25s.BM25:
     """BM25 over ``texts`` (row i = texts[i]), tokenized as `SegmentIndex.search` tokenizes questions for
-    a build of ``index_format`` (builds are written in `INDEX_FORMAT`; format 1 is measured against it)."""
+    a build of ``index_format`` (builds are written in `INDEX_FORMAT`; format 1 is measured against it).
+    Term ids in order of first use: bm25s numbers stems in set order, which differs between processes, and
+    the follow-up queries break ties between equal term weights by id."""
+    tokens = bm25s.tokenize(
+        texts,
+        stopwords=STOPWORDS,
+        stemmer=_stemmer(STEMMED_FORMATS[index_format]),
+        return_ids=False,
+        show_progress=False,
+    )
+    vocabulary: dict[str, int] = {}
+    ids = [[vocabulary.setdefault(token, len(vocabulary)) for token in row] for row in tokens]
     bm25 = bm25s.BM25()
-    bm25.index(_tokenize(texts, STEMMED_FORMATS[index_format]), show_progress=False)
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocabulary), show_progress=False)
     return bm25
 
 
 _stemmers = threading.local()
 
 
-def _tokenize(texts: list[str], stem: bool) -> list[list[str]]:
-    """bm25s's tokens of ``texts``: lower case, English stop words dropped, Snowball stems if ``stem``."""
-    stemmer = None
-    if stem:  # a PyStemmer stemmer keeps state between calls: one per thread
-        stemmer = getattr(_stemmers, "english", None)
-        if stemmer is None:
-            stemmer = _stemmers.english = Stemmer.Stemmer("english")
-    tokens: list[list[str]] = bm25s.tokenize(
-        texts, stopwords=STOPWORDS, stemmer=stemmer, return_ids=False, show_progress=False
-    )
-    return tokens
+def _stemmer(stem: bool) -> Stemmer.Stemmer | None:
+    """The Snowball English stemmer of this thread (a PyStemmer stemmer keeps state between calls), or None."""
+    if not stem:
+        return None
+    stemmer = getattr(_stemmers, "english", None)
+    if stemmer is None:
+        stemmer = _stemmers.english = Stemmer.Stemmer("english")
+    return stemmer
 
 
 def _row_terms(bm25: bm25s.BM25) -> tuple[np.ndarray, np.ndarray]:
