@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import random
 import sys
@@ -192,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {
         "command": "python -m lloco.bench.retrieval " + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.processor() or platform.machine()}, CPU, one thread (n_threads=1)",
+        "device": f"CPU ({os.cpu_count()} cores)",
+        "machine": f"{platform.processor() or platform.machine()}, searches on one thread (n_threads=1)",
         "bm25s": bm25s.__version__,
         "index_format": INDEX_FORMAT,
         "search": {
@@ -220,9 +222,10 @@ def _markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Retrieval on CPU" if "recall" in result else "# Retrieval latency (CPU)",
         "",
-        f"`{result['command']}` on {result['date']}, {result['machine']}, bm25s {result['bm25s']}, index "
-        f"{result['index_format']}; search: {search['feedback_hits']} follow-up queries of "
-        f"{search['feedback_terms']} hit terms, question weight {search['question_weight']}.",
+        f"`{result['command']}` on {result['date']}, {result['device']}, {result['machine']}, "
+        f"bm25s {result['bm25s']}, index {result['index_format']}; search: {search['feedback_hits']} "
+        f"follow-up queries of {search['feedback_terms']} hit terms, question weight "
+        f"{search['question_weight']}.",
         "",
     ]
     if "recall" in result:
