@@ -393,7 +393,7 @@ def _row_terms(bm25: bm25s.BM25) -> tuple[np.ndarray, np.ndarray]:
     once per loaded index for the follow-up queries."""
     scores = bm25.scores
     starts, rows, weights = scores["indptr"], scores["indices"], scores["data"]
-    terms = np.repeat(np.arange(len(starts) - 1, dtype=np.int64), np.diff(starts))
+    terms = np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(starts))
     order = np.lexsort((-weights, rows))
     offsets = np.zeros(int(scores["num_docs"]) + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=int(scores["num_docs"])), out=offsets[1:])
