@@ -93,5 +93,23 @@ def test_kernels_run_every_section_in_the_interpreter(tmp_path: Path) -> None:
 def test_retrieval_times_search_and_selection(tmp_path: Path) -> None:
     result = retrieval.main(["--out", str(tmp_path), "--segments", "200", "--queries", "20"])
     recorded(tmp_path, "retrieval-cpu", result)
-    assert result["segments"] == 200 and result["mean_segments_cited"] > 0
-    assert 0 < result["added_ms"]["p50"] <= result["added_ms"]["p99"] <= result["added_ms"]["max"]
+    assert result["segments"] == 200 and "recall" not in result
+    assert set(result["added_ms"]) == {"question only", "served (with follow-ups)"}
+    for row in result["added_ms"].values():
+        assert row["mean_segments_cited"] > 0 and 0 < row["p50"] <= row["p99"] <= row["max"]
+
+
+def test_retrieval_recall_on_both_sides_of_the_split(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data = Path(__file__).resolve().parent / "data" / "qa"
+    corpus = f"--recall --data-dir {data} --questions 4 --documents 60 --tokenizer {tiny_model_dir}"
+    result = retrieval.main(["--out", str(tmp_path), "--segments", "200", "--queries", "5", *corpus.split()])
+    recorded(tmp_path, "retrieval-recall-cpu", result)
+    rows = result["recall"]
+    assert [(r["side"], r["retriever"]) for r in rows] == [
+        (side, name) for side in ("train", "held-out") for name in retrieval.RETRIEVERS
+    ]
+    for row in rows:
+        assert row["questions"] == 4 and row["documents"] >= 60 and row["segments"] >= row["documents"]
+        assert all(0 <= row[f"recall@{k}"] <= 1 for k in (2, 4)) and 0 < row["recall@8"] <= 1
+    table = (tmp_path / "retrieval-recall-cpu.md").read_text()
+    assert "| held-out | stems + follow-ups (served) | 4 |" in table

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import bm25s
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lloco.compress import compress_online
 from lloco.compress.steps import tokenize_segments
-from lloco.errors import InvalidArgument, NotFound, ResourceExhausted
+from lloco.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 from lloco.model import Compressor, load_model
 from lloco.registry import DocumentInfo, Registry, Segment, Tenants
+from lloco.registry.index import BM25_FILES, INDEX_FORMAT, TEXTS_FILE
 from lloco.registry.records import check_segments
 from lloco.storage import ObjectStore, keys
 
@@ -54,9 +59,12 @@ def add(registry: Registry, compressor: Compressor, docs: dict[str, str]) -> Non
 
 
 def found(registry: Registry, compressor: Compressor, question: str, k: int = 8) -> list[str]:
-    """The documents of the hits, best first, each once (a word cut by a segment boundary is in both)."""
+    """The documents whose segments hold the question's words (the search's first round: follow-ups also
+    find related segments), best first, each once (a word cut by a segment boundary is in both)."""
     index = registry.index(compressor.compressor_id).load()
-    return [] if index is None else list(dict.fromkeys(hit.entry.doc_id for hit in index.search(question, k)))
+    if index is None:
+        return []
+    return list(dict.fromkeys(hit.entry.doc_id for hit in index.search(question, k, feedback_hits=0)))
 
 
 def test_segment_table_tiles_tokens_and_text(store: ObjectStore, compressor: Compressor) -> None:
@@ -123,6 +131,75 @@ def test_index_follows_ingest_update_and_delete(store: ObjectStore, compressor: 
     assert found(registry, compressor, "the of and") == []  # stop words only: no question to score
     registry.delete_document("mill")
     assert registry.index(cid).load().search("xylophone river", 4) == []
+
+
+def test_stems_match_other_forms_of_a_word(store: ObjectStore, compressor: Compressor) -> None:
+    registry = tenant(store, "acme")
+    add(registry, compressor, {"keepers": "Two keepers were designing lanterns.", "mill": FILLER})
+    assert found(registry, compressor, "lantern design") == ["keepers"]  # plain BM25: no word in common
+    assert found(registry, compressor, "designs") == ["keepers"]
+
+
+def test_a_follow_up_query_finds_what_the_first_hit_names(store: ObjectStore, compressor: Compressor) -> None:
+    """A two-fact question names only the first fact's document; the second (who built it, where that one
+    was born) is found through the first hit's own terms. Plain BM25 ranks it below documents that merely
+    share the question's words. (Segments long enough to hold each document whole.)"""
+    compressor = Compressor.from_base(compressor.base, 128, K, accumulate=True, seed=3)
+    registry = tenant(store, "acme")
+    docs = {
+        "lighthouse": "The Quixotic Harbour lighthouse was built by Zebulon Marsh.",
+        "marsh": "Zebulon Marsh was born in Kirkwall, a town of the Orkney islands.",
+        "berg": "Anna Berg was born in Oslo. Born a sailor, she sailed from the harbour.",
+        "lund": "Per Lund, born in Bergen, was born to sing.",
+        "mill": "The old mill by the harbour was born of the river.",
+    }
+    add(registry, compressor, docs)
+    index = registry.index(compressor.compressor_id).load()
+    question = "Where was the builder of the Quixotic Harbour lighthouse born?"
+
+    def documents(hits: list) -> list[str]:
+        return list(dict.fromkeys(hit.entry.doc_id for hit in hits))
+
+    assert documents(index.search(question, 8))[:2] == ["lighthouse", "marsh"]
+    assert "marsh" not in documents(index.search(question, 8, feedback_hits=0))[:2]
+    scores = [hit.score for hit in index.search(question, 8)]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+
+
+def test_a_build_of_the_previous_format_is_searched_then_rewritten(
+    store: ObjectStore, compressor: Compressor
+) -> None:
+    """A tenant whose current build is format 1 (stop words only, what lloco wrote before stems): queries
+    read it as format 1 (the edge's cache too), and the next update re-indexes it in the current format."""
+    from lloco.serve.retrieval import IndexCache
+
+    registry = tenant(store, "acme")
+    cid = compressor.compressor_id
+    add(registry, compressor, {"keepers": "Two keepers were designing lanterns.", "mill": FILLER})
+    version = registry.index(cid).current()
+    prefix = keys.index_version_prefix("acme", cid, version.build_id)
+    texts = json.loads(gzip.decompress(store.get_bytes(prefix + TEXTS_FILE)))
+    old = bm25s.BM25()  # as format 1 was written: bm25s tokens, English stop words, no stems
+    old.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    with tempfile.TemporaryDirectory() as folder:
+        old.save(folder, show_progress=False)
+        for name in BM25_FILES:
+            store.put_bytes(prefix + name, Path(folder, name).read_bytes())
+    pointer_key = keys.index_current("acme", cid)
+    pointer = json.loads(store.get_bytes(pointer_key))
+    store.put_bytes(pointer_key, json.dumps({**pointer, "format": "lloco-index/1"}).encode())
+
+    assert registry.index(cid).current().format == "lloco-index/1"
+    index = IndexCache(ttl_s=0.0).get(registry, cid)
+    assert [hit.entry.doc_id for hit in index.search("designing lanterns", 8)][:1] == ["keepers"]
+    assert index.search("lantern design", 8) == []  # format 1 has no stems: no match, and no error
+
+    assert registry.index(cid).update([]).format == INDEX_FORMAT
+    assert found(registry, compressor, "lantern design") == ["keepers"]
+
+    store.put_bytes(pointer_key, json.dumps({**pointer, "format": "lloco-index/9"}).encode())
+    with pytest.raises(Internal, match="cannot read"):
+        registry.index(cid).current()
 
 
 def test_index_size_is_capped(store: ObjectStore, compressor: Compressor) -> None:
@@ -192,7 +269,9 @@ def test_corpus_query_selection_budget_staleness_and_errors(
     add(registry, compressor, docs)
 
     got = retrieve(cache, registry, cid, "zanzibar", 8, None, K)
-    assert set(got.doc_ids) == {"a", "b"} and len(got.hits) == sum(map(len, got.segments))
+    # a and b hold the word; c (filler only) is found by the follow-ups, as related text
+    assert set(got.doc_ids) == {"a", "b", "c"}
+    assert len(got.hits) == sum(map(len, got.segments))
     for doc_id, segments in zip(got.doc_ids, got.segments, strict=True):
         indices = [s.index for s in segments]
         assert indices == sorted(indices)  # a document's segments in order

@@ -25,16 +25,26 @@ from typing import Any
 import torch
 
 from lloco.compress.steps import tokenize_segments
+from lloco.errors import InvalidArgument
 from lloco.eval.metrics import exact_match, f1_score
 from lloco.eval.run import Evaluator, ModeResult, _Request
 from lloco.finetune.datasets import HOTPOT_FILE, HOTPOT_TRAIN_FRACTION, read_json
 from lloco.model import chat_prompt
 from lloco.registry import Segment
-from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index, indexed_text
+from lloco.registry.index import (
+    FEEDBACK_HITS,
+    INDEX_FORMAT,
+    IndexEntry,
+    IndexVersion,
+    SegmentIndex,
+    bm25_index,
+    indexed_text,
+)
 from lloco.serve.engine_core import segment_vectors
-from lloco.serve.retrieval import OVER_FETCH, select
+from lloco.serve.retrieval import OVER_FETCH, Retrieved, select
 
 CORPUS_MODES = ("retrieval", "retrieval_prev", "oracle", "none")
+CORPUS_SIDES = ("held-out", "train")  # which side of the dev file's split the questions come from
 QA_INSTRUCTION = "Answer the question with a short phrase from the documents."
 
 
@@ -51,18 +61,24 @@ class Corpus:
     questions: list[CorpusQuestion]
 
 
-def hotpotqa_corpus(data_dir: Path, limit: int | None, min_documents: int, seed: int = 0) -> Corpus:
+def hotpotqa_corpus(
+    data_dir: Path, limit: int | None, min_documents: int, seed: int = 0, side: str = "held-out"
+) -> Corpus:
     """The first ``limit`` held-out questions, their paragraphs, and distractor paragraphs of the whole file
     (seeded draw; only the questions are held out) until the corpus holds ``min_documents`` (or every
-    paragraph there is)."""
+    paragraph there is). ``side="train"`` asks the training side's questions instead, built the same way:
+    what retrieval is tuned on, so the held-out figures are not."""
     questions = read_json(data_dir / HOTPOT_FILE)
-    held_out = questions[int(len(questions) * HOTPOT_TRAIN_FRACTION) :]
+    if side not in CORPUS_SIDES:
+        raise InvalidArgument(f"corpus side must be one of {CORPUS_SIDES}, got {side!r}")
+    cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
+    side_questions = questions[cut:] if side == "held-out" else questions[:cut]
     ids: dict[str, str] = {}
 
     def doc_id(paragraph: str) -> str:
         return ids.setdefault(paragraph, f"p{len(ids):05d}")
 
-    chosen = held_out[:limit] if limit is not None else held_out
+    chosen = side_questions[:limit] if limit is not None else side_questions
     asked = []
     for question in chosen:
         own = {title: doc_id(f"{title}\n{''.join(s).strip()}") for title, s in question["context"]}
@@ -86,16 +102,8 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
         d: tokenize_segments(tokenizer, text, compressor.segment_len) for d, text in corpus.documents.items()
     }
     contexts = evaluator._compress({d: ids for d, (ids, _) in tables.items()})  # noqa: SLF001 - the eval's own batching
-    rows = [
-        (IndexEntry(d, "", segment), indexed_text(corpus.documents[d], segment))
-        for d, (_, segments) in tables.items()
-        for segment in segments
-    ]
-    now = datetime.datetime.now(datetime.UTC)
-    version = IndexVersion("eval", compressor.compressor_id, len(tables), len(rows), now)
-    index = SegmentIndex(version, tuple(e for e, _ in rows), bm25_index([t for _, t in rows]))
+    index = corpus_index(corpus, {d: segments for d, (_, segments) in tables.items()})
     prepared_s = time.perf_counter() - started
-    current = {d: _Current("") for d in corpus.documents}
 
     results = []
     for mode in CORPUS_MODES:
@@ -110,12 +118,11 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
             if mode == "oracle":
                 picked: list[tuple[str, tuple[Segment, ...]]] = [(d, tables[d][1]) for d in question.gold]
             else:
-                hits = index.search(question.question, top_k * OVER_FETCH)
-                retrieved = select(hits, current.__getitem__, top_k, None, k)
+                retrieved = retrieve(index, question.question, top_k)
                 picked = list(zip(retrieved.doc_ids, retrieved.segments, strict=True))
                 if mode == "retrieval_prev":
                     picked = [(d, _with_preceding(tables[d][1], segments)) for d, segments in picked]
-                recalls.append(len(set(question.gold) & set(retrieved.doc_ids)) / max(1, len(question.gold)))
+                recalls.append(gold_recall(question, retrieved))
             parts = [segment_vectors(contexts[d], segments, k) for d, segments in picked]
             prefix = torch.cat(parts) if parts else None
             tokens = sum(s.token_end - s.token_start for _, segments in picked for s in segments)
@@ -146,6 +153,33 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
     return results
 
 
+def corpus_index(
+    corpus: Corpus, tables: dict[str, tuple[Segment, ...]], index_format: str = INDEX_FORMAT
+) -> SegmentIndex:
+    """The platform's index of every segment of ``corpus`` (``tables``: each document's segments), as a
+    tenant's build holds it (`bm25_index` over `indexed_text`)."""
+    rows = [
+        (IndexEntry(d, "", segment), indexed_text(corpus.documents[d], segment))
+        for d, segments in tables.items()
+        for segment in segments
+    ]
+    now = datetime.datetime.now(datetime.UTC)
+    version = IndexVersion("eval", "eval", len(tables), len(rows), now, index_format)
+    return SegmentIndex(version, tuple(e for e, _ in rows), bm25_index([t for _, t in rows], index_format))
+
+
+def retrieve(index: SegmentIndex, question: str, top_k: int, feedback_hits: int = FEEDBACK_HITS) -> Retrieved:
+    """The segments a corpus query of ``question`` prepends, as the edge chooses them (`SegmentIndex.search`
+    for ``top_k * OVER_FETCH`` hits, then `select`; every corpus paragraph is current, no budget)."""
+    hits = index.search(question, top_k * OVER_FETCH, feedback_hits)
+    return select(hits, lambda _: _CURRENT, top_k, None, 1)
+
+
+def gold_recall(question: CorpusQuestion, retrieved: Retrieved) -> float:
+    """The share of the question's gold paragraphs with a retrieved segment."""
+    return len(set(question.gold) & set(retrieved.doc_ids)) / max(1, len(question.gold))
+
+
 def _with_preceding(table: tuple[Segment, ...], segments: tuple[Segment, ...]) -> tuple[Segment, ...]:
     """``segments`` and each one's preceding segment of the document, in order (the alternative to a segment's
     own vectors alone: with accumulation its vectors were computed after the preceding summaries)."""
@@ -158,6 +192,9 @@ class _Current:
     """What `select` reads of a document: every corpus paragraph is current (sha256 as indexed)."""
 
     sha256: str
+
+
+_CURRENT = _Current("")
 
 
 def write_corpus_report(directory: Path, results: list[ModeResult], meta: dict[str, Any]) -> str:

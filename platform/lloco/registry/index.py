@@ -5,13 +5,22 @@ is a slice of the document's text and its summaries are ``k`` rows of the contex
 segment of every fresh context of one compressor and scores them against a question; a query then
 prepends the chosen segments' summaries (``lloco.serve``).
 
+Search is two rounds of BM25 (`SegmentIndex.search`): the question, then one follow-up query from each of
+its best hits (the question's words that hit lacks, plus the hit's own strongest terms), fused by rank.
+Questions that need two facts often name only the first: the second segment is found through what the
+first one says (the "bridge" of a multi-hop question), which plain BM25 on the question misses.
+
 Stored under the tenant's prefix (``keys.index_prefix``), so it goes with the tenant and no other tenant's
 reader can reach it:
 
 - ``builds/{build_id}/``: one immutable version: ``entries.json`` (which segment each BM25 row is: document,
   text digest, segment), ``texts.json.gz`` (the rows' texts, so an update re-indexes without re-reading
   every document) and bm25s's own files (absent when the index is empty);
-- ``current.json``: the version readers load, written last. Readers key their caches on its build id.
+- ``current.json``: the version readers load, written last. Readers key their caches on its build id. Its
+  ``format`` says how the build tokenized its texts, and questions are tokenized the same way: format 2
+  (`INDEX_FORMAT`) English stop words dropped and Snowball English stems (PyStemmer), format 1 (builds of
+  earlier versions) stop words only. Older builds stay searchable; the next update or rebuild re-indexes
+  their stored texts in the current format.
 
 Writers: the compress job rebuilds the index from every fresh context (``rebuild``); online compression,
 new text for a document and deleting one update it (``update``: the current version's rows, those of the
@@ -28,6 +37,8 @@ import json
 import os
 import secrets
 import tempfile
+import threading
+from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +52,8 @@ from typing import TYPE_CHECKING, Any
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import bm25s  # noqa: E402 - after the line above
+import numpy as np  # noqa: E402
+import Stemmer  # noqa: E402
 
 from lloco.errors import Internal, NotFound, ResourceExhausted
 from lloco.logs import get_logger
@@ -53,7 +66,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
-INDEX_FORMAT = "lloco-index/1"
+INDEX_FORMAT = "lloco-index/2"
+STEMMED_FORMATS = {"lloco-index/1": False, INDEX_FORMAT: True}  # the formats read: whether texts were stemmed
 ENTRIES_FILE = "entries.json"
 TEXTS_FILE = "texts.json.gz"
 BM25_FILES = (
@@ -64,6 +78,9 @@ BM25_FILES = (
     "params.index.json",
 )
 STOPWORDS = "en"  # the same tokenization for segments and questions
+FEEDBACK_HITS = 3  # the question's best hits that each make a follow-up query
+FEEDBACK_TERMS = 10  # a hit's terms in its follow-up query: those with the highest BM25 weight in it
+QUESTION_WEIGHT = 1.5  # the question's own ranking in the fusion, against 1 for each follow-up's
 
 
 @dataclass(frozen=True)
@@ -77,6 +94,8 @@ class IndexEntry:
 
 @dataclass(frozen=True)
 class SegmentHit:
+    """A segment found for a question; ``score``: its fused rank score (`SegmentIndex.search`), higher first."""
+
     entry: IndexEntry
     score: float
 
@@ -90,6 +109,7 @@ class IndexVersion:
     documents: int
     segments: int
     built: datetime
+    format: str = INDEX_FORMAT
 
 
 class SegmentIndex:
@@ -101,22 +121,68 @@ class SegmentIndex:
         self.version = version
         self.entries = entries
         self._bm25 = bm25
+        self._stem = STEMMED_FORMATS[version.format]
+        self._row_terms = _row_terms(bm25) if bm25 is not None else None
 
-    def search(self, question: str, k: int) -> list[SegmentHit]:
-        """The ``k`` best segments for ``question`` with a positive score, best first (ties: index order)."""
-        if self._bm25 is None or k < 1:
+    def search(self, question: str, k: int, feedback_hits: int = FEEDBACK_HITS) -> list[SegmentHit]:
+        """The ``k`` best segments for ``question``, best first (ties: index order).
+
+        Round one ranks the segments by BM25 against the question. Each of its ``feedback_hits`` best hits
+        then asks a follow-up: the question's terms that hit lacks (what is still to be found) and the
+        hit's ``FEEDBACK_TERMS`` strongest terms (what it is about: the names a second fact is filed under).
+        Every ranking lists up to ``k`` segments with a positive score (a follow-up's without the hit that
+        made it); a segment's score is its reciprocal-rank fusion over them, ``QUESTION_WEIGHT / rank`` in
+        the question's ranking plus ``1 / rank`` in each follow-up's (1-based), so a segment found by
+        several rounds rises. ``feedback_hits=0``: round one only (the segments holding the question's
+        terms). The constants were tuned on HotpotQA's training-side questions
+        (docs/benchmarks/retrieval-recall-cpu.md).
+        """
+        if self._bm25 is None or self._row_terms is None or k < 1:
             return []
-        terms = bm25s.tokenize([question], stopwords=STOPWORDS, return_ids=False, show_progress=False)
-        if not terms[0]:
+        vocabulary = self._bm25.vocab_dict
+        tokens = bm25s.tokenize(
+            question, stopwords=STOPWORDS, stemmer=_stemmer(self._stem), return_ids=False, show_progress=False
+        )[0]
+        terms = [vocabulary[token] for token in tokens if token in vocabulary]
+        if not terms:
             return []
+        depth = min(k, len(self.entries))
+        first = self._ranked([terms], depth)[0]
+        fused: dict[int, float] = defaultdict(float)
+        for rank, row in enumerate(first, start=1):
+            fused[row] += QUESTION_WEIGHT / rank
+        follow_ups = [(row, query) for row in first[:feedback_hits] if (query := self._follow_up(terms, row))]
+        if follow_ups:
+            rankings = self._ranked([query for _, query in follow_ups], depth + 1)
+            for (origin, _), ranking in zip(follow_ups, rankings, strict=True):
+                for rank, row in enumerate([row for row in ranking if row != origin][:depth], start=1):
+                    fused[row] += 1 / rank
+        best = sorted(fused.items(), key=lambda item: (-item[1], item[0]))[:k]
+        return [SegmentHit(self.entries[row], score) for row, score in best]
+
+    def _ranked(self, queries: list[list[int]], k: int) -> list[list[int]]:
+        """For each query (term ids), the rows with a positive BM25 score, best first, at most ``k``."""
+        assert self._bm25 is not None
         rows, scores = self._bm25.retrieve(
-            terms, k=min(k, len(self.entries)), show_progress=False, n_threads=1, backend_selection="numpy"
+            queries, k=min(k, len(self.entries)), show_progress=False, n_threads=1, backend_selection="numpy"
         )
         return [
-            SegmentHit(self.entries[int(row)], float(score))
-            for row, score in zip(rows[0], scores[0], strict=True)
-            if score > 0
+            [int(row) for row, score in zip(ranked, scored, strict=True) if score > 0]
+            for ranked, scored in zip(rows, scores, strict=True)
         ]
+
+    def _follow_up(self, question: list[int], row: int) -> list[int]:
+        """The follow-up query of hit ``row``: the question's terms it lacks, then its strongest terms that
+        are not the question's ([] when it has none)."""
+        assert self._row_terms is not None
+        terms, offsets = self._row_terms
+        own = terms[offsets[row] : offsets[row + 1]].tolist()
+        asked = set(question)
+        strongest = [term for term in own if term not in asked][:FEEDBACK_TERMS]
+        if not strongest:
+            return []
+        present = set(own)
+        return [term for term in question if term not in present] + strongest
 
 
 class TenantIndex:
@@ -143,17 +209,24 @@ class TenantIndex:
         except NotFound:
             return None
         try:
-            return IndexVersion(
+            version = IndexVersion(
                 build_id=data["build_id"],
                 compressor_id=data["compressor_id"],
                 documents=int(data["documents"]),
                 segments=int(data["segments"]),
                 built=datetime.fromisoformat(data["built"]),
+                format=data["format"],
             )
         except (KeyError, TypeError, ValueError) as error:
             raise Internal(
                 f"retrieval index of tenant {self.tenant!r} has a broken pointer ({error!r})"
             ) from error
+        if version.format not in STEMMED_FORMATS:
+            raise Internal(
+                f"retrieval index of tenant {self.tenant!r} is in format {version.format!r}, which this "
+                f"version of lloco cannot read (it reads {sorted(STEMMED_FORMATS)})"
+            )
+        return version
 
     def load(self, version: IndexVersion | None = None) -> SegmentIndex | None:
         """The searchable index of ``version`` (None: the current one); None when there is none.
@@ -263,7 +336,7 @@ class TenantIndex:
             keys.index_current(self.tenant, self.compressor_id),
             json_bytes(
                 {
-                    "format": INDEX_FORMAT,
+                    "format": version.format,
                     "build_id": version.build_id,
                     "compressor_id": version.compressor_id,
                     "documents": version.documents,
@@ -289,11 +362,49 @@ class TenantIndex:
         return version
 
 
-def bm25_index(texts: list[str]) -> bm25s.BM25:
-    """BM25 over ``texts`` (row i = texts[i]), tokenized as questions are (`SegmentIndex.search`)."""
+def bm25_index(texts: list[str], index_format: str = INDEX_FORMAT) -> bm25s.BM25:
+    """BM25 over ``texts`` (row i = texts[i]), tokenized as `SegmentIndex.search` tokenizes questions for
+    a build of ``index_format`` (builds are written in `INDEX_FORMAT`; format 1 is measured against it).
+    Term ids in order of first use: bm25s numbers stems in set order, which differs between processes, and
+    the follow-up queries break ties between equal term weights by id."""
+    tokens = bm25s.tokenize(
+        texts,
+        stopwords=STOPWORDS,
+        stemmer=_stemmer(STEMMED_FORMATS[index_format]),
+        return_ids=False,
+        show_progress=False,
+    )
+    vocabulary: dict[str, int] = {}
+    ids = [[vocabulary.setdefault(token, len(vocabulary)) for token in row] for row in tokens]
     bm25 = bm25s.BM25()
-    bm25.index(bm25s.tokenize(texts, stopwords=STOPWORDS, show_progress=False), show_progress=False)
+    bm25.index(bm25s.tokenization.Tokenized(ids=ids, vocab=vocabulary), show_progress=False)
     return bm25
+
+
+_stemmers = threading.local()
+
+
+def _stemmer(stem: bool) -> Stemmer.Stemmer | None:
+    """The Snowball English stemmer of this thread (a PyStemmer stemmer keeps state between calls), or None."""
+    if not stem:
+        return None
+    stemmer = getattr(_stemmers, "english", None)
+    if stemmer is None:
+        stemmer = _stemmers.english = Stemmer.Stemmer("english")
+    return stemmer
+
+
+def _row_terms(bm25: bm25s.BM25) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's term ids, highest BM25 weight first: (terms, offsets), row r's are
+    ``terms[offsets[r]:offsets[r + 1]]``. The transpose of bm25s's term-by-row weight matrix (CSC), made
+    once per loaded index for the follow-up queries."""
+    scores = bm25.scores
+    starts, rows, weights = scores["indptr"], scores["indices"], scores["data"]
+    terms = np.repeat(np.arange(len(starts) - 1, dtype=np.int32), np.diff(starts))
+    order = np.lexsort((-weights, rows))
+    offsets = np.zeros(int(scores["num_docs"]) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=int(scores["num_docs"])), out=offsets[1:])
+    return terms[order], offsets
 
 
 def indexed_text(text: str, segment: Segment) -> str:
