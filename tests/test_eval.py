@@ -326,22 +326,30 @@ def test_a_compressors_reader_is_the_compressed_modes_adapter_and_every_lora_mod
 def test_corpus_mode_retrieves_from_one_corpus_and_scores_recall(
     tiny_base: object, compressor_dir: Path
 ) -> None:
-    """Corpus mode: held-out questions against one corpus of their paragraphs plus distractors; retrieval
-    cites segments of corpus paragraphs within top_k, the oracle reads the gold paragraphs whole."""
-    from lloco.eval.corpus import CORPUS_MODES, hotpotqa_corpus, run_corpus
+    """Corpus mode: held-out questions against one corpus of their paragraphs plus distractors; each asked top-k
+    gives a retrieval row citing segments of corpus paragraphs, the oracle reads the gold paragraphs whole."""
+    from lloco.eval.corpus import corpus_modes, hotpotqa_corpus, run_corpus
 
     corpus = hotpotqa_corpus(DATA, limit=3, min_documents=60, seed=0)
     assert len(corpus.documents) >= 60 and len(corpus.questions) == 3
     assert all(q.gold and set(q.gold) <= set(corpus.documents) for q in corpus.questions)
     compressor = Compressor.load(compressor_dir, tiny_base)
     evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(), EvalOptions())
-    results = run_corpus(evaluator, corpus, top_k=4, max_new_tokens=2)
-    assert [r.mode for r in results] == list(CORPUS_MODES)
-    retrieval, with_preceding, oracle, none = results
+    results = run_corpus(evaluator, corpus, top_ks=[4, 1], max_new_tokens=2)
+    assert [r.mode for r in results] == corpus_modes([4, 1])
+    assert corpus_modes([4, 1]) == ["retrieval@4", "retrieval@1", "retrieval_prev@4", "oracle", "none"]
+    retrieval, top_one, with_preceding, oracle, none = results
     assert with_preceding.scores["recall_at_4"] == retrieval.scores["recall_at_4"]
+    assert top_one.scores["recall_at_1"] <= retrieval.scores["recall_at_4"]
+    assert 0 < top_one.context_tokens == compressor.k  # one segment's own vectors
     assert retrieval.context_tokens <= with_preceding.context_tokens <= 2 * retrieval.context_tokens
     assert 0 <= retrieval.scores["recall_at_4"] <= 100 and "f1" in retrieval.scores
     assert 0 < retrieval.context_tokens <= 4 * compressor.k  # at most top_k segments' own vectors
+    for row in results:
+        assert row.scores["f1_low"] <= row.scores["f1"] <= row.scores["f1_high"]
+        # a retrieval row's share of the oracle's F1 exists exactly when the oracle scored at all
+        share = row.mode.startswith("retrieval") and oracle.scores["f1"] > 0
+        assert ("f1_vs_oracle" in row.scores) == share
     gold_segments = [
         math.ceil(len(tiny_base.tokenizer.encode(corpus.documents[d], add_special_tokens=False)) / 32)
         for q in corpus.questions

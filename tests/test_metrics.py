@@ -1,9 +1,10 @@
-"""Answer metrics against hand-computed values (official SQuAD normalization, ROUGE F-measures)."""
+"""Answer metrics against hand-computed values (official SQuAD normalization, ROUGE F-measures) and bootstrap
+intervals."""
 
 import math
 
 import pytest
-from lloco.eval.metrics import exact_match, f1_score, normalize_answer, rouge
+from lloco.eval.metrics import bootstrap_interval, exact_match, f1_score, normalize_answer, rouge
 
 
 def test_normalization_drops_case_punctuation_and_articles() -> None:
@@ -30,3 +31,15 @@ def test_rouge_by_hand() -> None:
     assert scores["rougeL"] == pytest.approx(3 / 4)  # LCS cat, on, mat
     assert scores["rouge_gmean"] == pytest.approx(math.prod([3 / 4, 1 / 3, 3 / 4]) ** (1 / 3))
     assert rouge("x", "y")["rouge_gmean"] == 0.0
+
+
+def test_bootstrap_intervals_of_a_mean_and_of_a_paired_ratio() -> None:
+    assert bootstrap_interval([0.5] * 20) == (0.5, 0.5)
+    low, high = bootstrap_interval([0.0, 1.0] * 50)
+    assert low < 0.5 < high and high - low < 0.3  # the mean of 100 coin flips: about 0.40-0.60
+    baseline = [0.1 * (i % 7) for i in range(60)]
+    assert bootstrap_interval([2 * v for v in baseline], baseline) == pytest.approx((2.0, 2.0))
+    unpaired = bootstrap_interval(baseline[::-1], baseline)  # same values, other questions: the ratio varies
+    assert unpaired[0] < 1.0 < unpaired[1]
+    with pytest.raises(ValueError):
+        bootstrap_interval([1.0, 2.0], [1.0])

@@ -101,7 +101,17 @@ def evaluate(
             "at least N paragraphs (theirs + distractors): retrieval, oracle, no context; corpus.json/md.",
         ),
     ] = 0,
-    corpus_top_k: Annotated[int, typer.Option(help="Segments retrieved per question (corpus mode).")] = 8,
+    corpus_top_k: Annotated[
+        str,
+        typer.Option(help="Segments retrieved per question, one retrieval row each (corpus mode): e.g. 8,4."),
+    ] = "8",
+    corpus_side: Annotated[
+        str,
+        typer.Option(
+            help="Which side of the HotpotQA file's split asks (corpus mode): held-out (what is reported) or "
+            "train (what retrieval settings are chosen on)."
+        ),
+    ] = "held-out",
     config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show lloco's info logs.")] = False,
 ) -> None:
@@ -132,6 +142,18 @@ def evaluate(
         raise InvalidArgument("--tenant needs --dataset")
     if tenant_metric not in ("qa", "summary"):
         raise InvalidArgument(f"--tenant-metric must be qa or summary, got {tenant_metric!r}")
+    if corpus_documents:
+        from lloco.eval.corpus import CORPUS_SIDES, corpus_modes
+
+        if corpus_side not in CORPUS_SIDES:
+            raise InvalidArgument(
+                f"--corpus-side must be one of {', '.join(CORPUS_SIDES)}, got {corpus_side!r}"
+            )
+        try:
+            top_ks = [int(value) for value in _csv(corpus_top_k)]
+        except ValueError as error:
+            raise InvalidArgument(f"--corpus-top-k takes integers, e.g. 8,4: {error}") from error
+        corpus_modes(top_ks)  # the values' own checks, before any model loads
     try:
         options = EvalOptions(
             modes=tuple(_csv(modes)),
@@ -179,11 +201,11 @@ def evaluate(
     if corpus_documents:
         from lloco.eval.corpus import hotpotqa_corpus, run_corpus, write_corpus_report
 
-        corpus = hotpotqa_corpus(data_dir, limit, corpus_documents, seed)
+        corpus = hotpotqa_corpus(data_dir, limit, corpus_documents, seed, corpus_side)
         results = run_corpus(
             Evaluator(base, encoder, settings.finetune, options, init_files),
             corpus,
-            corpus_top_k,
+            top_ks,
             max_new_tokens or 32,
         )
         meta = {
@@ -199,7 +221,8 @@ def evaluate(
             "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
             "questions": len(corpus.questions),
             "documents": len(corpus.documents),
-            "top_k": corpus_top_k,
+            "side": corpus_side,
+            "top_k": top_ks,
             "seconds": round(time.perf_counter() - started, 2),
         }
         typer.echo(write_corpus_report(output, results, meta))

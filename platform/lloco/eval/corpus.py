@@ -1,15 +1,18 @@
 """Corpus mode of the eval: questions asked of one tenant's whole corpus, as a corpus query serves them.
 
 HotpotQA's held-out questions (the test side of the committed or fetched dev-distractor file, never a
-benchmark test split) against one corpus holding every paragraph of those questions (each a document) plus
-distractor paragraphs of the file up to ``min_documents``. Every paragraph is compressed once, cut into
-the compressor's segments (`tokenize_segments`), and indexed by the platform's own BM25 (`bm25_index` over
-`indexed_text`); each question retrieves as the edge does (`SegmentIndex.search`, `select`) and is answered
-over its segments' own summary vectors (`segment_vectors`), with the compressor's reader as the compressed
-mode is. Rows: ``retrieval`` (top-k segments), ``retrieval_prev`` (the same segments, each with its
-document's preceding segment's vectors too: the alternative to a segment's own vectors alone), ``oracle`` (the gold paragraphs whole), ``none`` (no
-context); scores: answer EM/F1 and, for retrieval, recall@k of the gold paragraphs (a gold paragraph counts
-when one of its segments is retrieved).
+benchmark test split; or the training side's, which is what retrieval is tuned on) against one corpus holding
+every paragraph of those questions (each a document) plus distractor paragraphs of the file up to
+``min_documents``. Every paragraph is compressed once, cut into the compressor's segments
+(`tokenize_segments`), and indexed by the platform's own BM25 (`bm25_index` over `indexed_text`); each
+question retrieves as the edge does (`SegmentIndex.search`, `select`) and is answered over its segments' own
+summary vectors (`segment_vectors`), with the compressor's reader as the compressed mode is.
+
+Rows: ``retrieval@K`` for each asked ``K`` (top-K segments), ``retrieval_prev@K`` (the first K's segments,
+each with its document's preceding segment's vectors too: the alternative to a segment's own vectors alone),
+``oracle`` (the gold paragraphs whole), ``none`` (no context). Scores: answer EM/F1 with a bootstrap interval
+of F1, each retrieval row's F1 as a share of the oracle row's (paired interval over the same questions), and
+recall@K of the gold paragraphs (a gold paragraph counts when one of its segments is retrieved).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import datetime
 import json
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +30,7 @@ import torch
 
 from lloco.compress.steps import tokenize_segments
 from lloco.errors import InvalidArgument
-from lloco.eval.metrics import exact_match, f1_score
+from lloco.eval.metrics import bootstrap_interval, exact_match, f1_score
 from lloco.eval.run import Evaluator, ModeResult, _Request
 from lloco.finetune.datasets import HOTPOT_FILE, HOTPOT_TRAIN_FRACTION, read_json
 from lloco.model import chat_prompt
@@ -43,7 +47,7 @@ from lloco.registry.index import (
 from lloco.serve.engine_core import segment_vectors
 from lloco.serve.retrieval import OVER_FETCH, Retrieved, select
 
-CORPUS_MODES = ("retrieval", "retrieval_prev", "oracle", "none")
+REFERENCE_MODES = ("oracle", "none")
 CORPUS_SIDES = ("held-out", "train")  # which side of the dev file's split the questions come from
 QA_INSTRUCTION = "Answer the question with a short phrase from the documents."
 
@@ -93,8 +97,18 @@ def hotpotqa_corpus(
     return Corpus({i: paragraph for paragraph, i in ids.items()}, asked)
 
 
-def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens: int) -> list[ModeResult]:
-    """The three rows of ``corpus`` (`CORPUS_MODES`), answered greedily by ``evaluator``'s model."""
+def corpus_modes(top_ks: Sequence[int]) -> list[str]:
+    """The rows of a corpus run asking ``top_ks`` (in order), as `run_corpus` returns them."""
+    if not top_ks or any(k < 1 for k in top_ks) or len(set(top_ks)) != len(top_ks):
+        raise InvalidArgument(f"corpus top-k values must be distinct and >= 1, got {list(top_ks)}")
+    return [*(f"retrieval@{k}" for k in top_ks), f"retrieval_prev@{top_ks[0]}", *REFERENCE_MODES]
+
+
+def run_corpus(
+    evaluator: Evaluator, corpus: Corpus, top_ks: Sequence[int], max_new_tokens: int
+) -> list[ModeResult]:
+    """The rows of ``corpus`` (`corpus_modes`), answered greedily by ``evaluator``'s model."""
+    modes = corpus_modes(top_ks)
     compressor, tokenizer = evaluator.compressor, evaluator.tokenizer
     k = compressor.k
     started = time.perf_counter()
@@ -105,22 +119,23 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
     index = corpus_index(corpus, {d: segments for d, (_, segments) in tables.items()})
     prepared_s = time.perf_counter() - started
 
-    results = []
-    for mode in CORPUS_MODES:
+    results, f1s = [], {}
+    for mode in modes:
         started = time.perf_counter()
+        kind, _, top_k = mode.partition("@")
         requests, recalls = [], []
         for question in corpus.questions:
             prompt = chat_prompt(tokenizer, f"{question.question}\n\n{QA_INSTRUCTION}")
             gold_tokens = sum(len(tables[d][0]) for d in question.gold)
-            if mode == "none":
+            if kind == "none":
                 requests.append(_Request(None, prompt, 0, gold_tokens))
                 continue
-            if mode == "oracle":
+            if kind == "oracle":
                 picked: list[tuple[str, tuple[Segment, ...]]] = [(d, tables[d][1]) for d in question.gold]
             else:
-                retrieved = retrieve(index, question.question, top_k)
+                retrieved = retrieve(index, question.question, int(top_k))
                 picked = list(zip(retrieved.doc_ids, retrieved.segments, strict=True))
-                if mode == "retrieval_prev":
+                if kind == "retrieval_prev":
                     picked = [(d, _with_preceding(tables[d][1], segments)) for d, segments in picked]
                 recalls.append(gold_recall(question, retrieved))
             parts = [segment_vectors(contexts[d], segments, k) for d, segments in picked]
@@ -130,26 +145,37 @@ def run_corpus(evaluator: Evaluator, corpus: Corpus, top_k: int, max_new_tokens:
         texts, latencies = evaluator._generate(requests, max_new_tokens, evaluator.reader)  # noqa: SLF001
         result = ModeResult("hotpotqa-corpus", f"hotpotqa-corpus-{len(corpus.documents)}", mode, "qa")
         count = len(requests)
+        f1s[mode] = [f1_score(t, [q.answer]) for t, q in zip(texts, corpus.questions, strict=True)]
+        low, high = bootstrap_interval(f1s[mode])
         result.queries = count
         result.scores = {
             "em": 100
             * sum(exact_match(t, [q.answer]) for t, q in zip(texts, corpus.questions, strict=True))
             / count,
-            "f1": 100
-            * sum(f1_score(t, [q.answer]) for t, q in zip(texts, corpus.questions, strict=True))
-            / count,
+            "f1": 100 * sum(f1s[mode]) / count,
+            "f1_low": 100 * low,
+            "f1_high": 100 * high,
         }
         if recalls:
             result.scores[f"recall_at_{top_k}"] = 100 * sum(recalls) / len(recalls)
         result.context_tokens = sum(r.context_tokens for r in requests) / count
         result.document_tokens = sum(r.document_tokens for r in requests) / count
         result.latency_s = sum(latencies) / count
-        result.seconds = time.perf_counter() - started + (prepared_s if mode == "retrieval" else 0.0)
+        result.seconds = time.perf_counter() - started + (prepared_s if mode == modes[0] else 0.0)
         result.predictions = [
             {"question": q.question, "answer": q.answer, "prediction": t}
             for q, t in zip(corpus.questions, texts, strict=True)
         ]
         results.append(result)
+    oracle = f1s["oracle"]
+    for result in results:
+        if result.mode.startswith("retrieval") and sum(oracle) > 0:
+            low, high = bootstrap_interval(f1s[result.mode], oracle)
+            result.scores |= {
+                "f1_vs_oracle": sum(f1s[result.mode]) / sum(oracle),
+                "f1_vs_oracle_low": low,
+                "f1_vs_oracle_high": high,
+            }
     return results
 
 
@@ -211,18 +237,25 @@ def write_corpus_report(directory: Path, results: list[ModeResult], meta: dict[s
         "",
         f"Command: `{meta.get('command', '')}`",
         "",
-        f"{meta.get('questions')} HotpotQA held-out questions against one corpus of {meta.get('documents')} "
-        f"paragraphs; scores in percent; recall@k: gold paragraphs with a "
-        "retrieved segment.",
+        f"{meta.get('questions')} HotpotQA {meta.get('side', 'held-out')} questions against one corpus of "
+        f"{meta.get('documents')} paragraphs; scores in percent, F1 with its 95% bootstrap interval; F1 / oracle: "
+        "the row's F1 as a share of the oracle row's (paired interval over the same questions); recall@K: gold "
+        "paragraphs with a retrieved segment.",
         "",
-        "| row | EM | F1 | recall@k | ctx vectors/query | doc tokens/query | s |",
-        "|---|---|---|---|---|---|---|",
+        "| row | EM | F1 | F1 / oracle | recall@K | ctx vectors/query | doc tokens/query | s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        recall = next((f"{v:.1f}" for name, v in r.scores.items() if name.startswith("recall_at_")), "")
+        scores = r.scores
+        recall = next((f"{v:.1f}" for name, v in scores.items() if name.startswith("recall_at_")), "")
+        share = (
+            f"{scores['f1_vs_oracle']:.2f}x [{scores['f1_vs_oracle_low']:.2f}, {scores['f1_vs_oracle_high']:.2f}]"
+            if "f1_vs_oracle" in scores
+            else ""
+        )
         lines.append(
-            f"| {r.mode} | {r.scores['em']:.1f} | {r.scores['f1']:.1f} | {recall} | {r.context_tokens:.0f} | "
-            f"{r.document_tokens:.0f} | {r.seconds:.1f} |"
+            f"| {r.mode} | {scores['em']:.1f} | {scores['f1']:.1f} [{scores['f1_low']:.1f}, {scores['f1_high']:.1f}] "
+            f"| {share} | {recall} | {r.context_tokens:.0f} | {r.document_tokens:.0f} | {r.seconds:.1f} |"
         )
     markdown = "\n".join(lines) + "\n"
     (directory / "corpus.md").write_text(markdown)
