@@ -56,7 +56,24 @@ def test_serve_runs_every_section(tmp_path: Path) -> None:
     assert result["adapter_loads"]["store_to_gpu_p50_ms"] > 0
     load = result["load"]
     assert load["queries"] > 0 and load["ttft_p50_ms"] <= load["latency_p99_ms"]
-    assert [g["goal"] for g in result["goals"]] == ["4 distinct adapters at batch 4 >= 0.93x of no adapters"]
+    churn = result["adapter_churn"]
+    resident, churned = churn["resident"], churn["churn"]
+    assert (resident["adapters"], churned["adapters"], churn["gpu_slots"]) == (8, 64, 8)
+    assert resident["queries"] > 0 and churned["queries"] > 0
+    # resident: every adapter stays in its slot after the warm-up; churned: every query swaps its adapter in
+    # (used 64 queries ago), from the CPU tier that holds all 64 (nothing read from the store, nothing evicted)
+    assert resident["slot_loads"] == 0 and churned["slot_loads"] == churned["queries"]
+    assert churned["store_loads"] == 0 and churned["cpu_tier_evictions"] == 0
+    assert churned["cpu_tier_adapters"] == 64 and churned["cpu_tier_gib"] > 0
+    assert churn["churn_vs_resident"] == pytest.approx(churned["tokens_per_s"] / resident["tokens_per_s"])
+    assert [g["goal"] for g in result["goals"]] == [
+        "4 distinct adapters at batch 4 >= 0.93x of no adapters",
+        "64 distinct adapters round-robin (CPU tier -> 8 GPU slots) >= 0.8x of 8 resident ones, batch 8",
+    ]
+    assert (
+        "## (g) Adapter churn: 64 adapters round-robin through 8 GPU slots"
+        in (tmp_path / "serve-tiny.md").read_text()
+    )
 
 
 def test_finetune_runs_both_loops_with_checkpointing_off_and_on(tmp_path: Path) -> None:

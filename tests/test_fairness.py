@@ -11,6 +11,7 @@ without bound, and without the lift a returning tenant holds every row until its
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -196,7 +197,9 @@ def test_queue_order_bookkeeping_and_settings() -> None:
     queue.push("c", "c1")  # nobody backlogged: lifted to the lowest counter of tenants running (b)
     assert queue.service("c").virtual_tokens == 10.0
     queue.clear()
-    assert len(queue) == 0 and queue.service("c").waiting == 0
+    assert len(queue) == 0 and queue.service("c").waiting == 0 and queue.backlogged() == 0
+    queue.push("c", "c2")  # the queue works on after a clear
+    assert queue.backlogged() == 1 and queue.next_tenant() == "c"
     tie: FairQueue[str] = FairQueue(1.0, 2.0, {})
     tie.push("heavy", "h1")
     tie.push("heavy", "h2")
@@ -207,3 +210,30 @@ def test_queue_order_bookkeeping_and_settings() -> None:
         FairQueue(1.0, 2.0, {"a": 0.0})
     with pytest.raises(InvalidArgument, match="costs"):
         FairQueue(0.0, 0.0, {})
+
+
+def test_admission_does_not_slow_down_with_tenants_gone_idle() -> None:
+    """An engine that served thousands of tenants keeps their counters; admitting the few now sending must
+    look at those few (backlogged or running), not at every tenant ever seen (a thousand adapters'
+    tenants served round-robin made each push and pick scan them all)."""
+
+    def admissions_s(idle: int) -> float:
+        queue: FairQueue[Request] = FairQueue(INPUT_COST, OUTPUT_COST, {})
+        for index in range(idle):
+            tenant = f"idle-{index}"
+            queue.push(tenant, Request(tenant, 1, 1))
+            queue.admit(tenant, 1)
+            queue.finished(tenant)
+        started = time.perf_counter()
+        for number in range(200):
+            sender = f"busy-{number % 4}"
+            queue.push(sender, Request(sender, 1, 1))
+            chosen = queue.next_tenant()
+            assert chosen is not None
+            queue.admit(chosen, 1)
+            queue.finished(chosen)
+        return time.perf_counter() - started
+
+    few = min(admissions_s(0) for _ in range(3))
+    many = min(admissions_s(20_000) for _ in range(3))
+    assert many < 10 * few + 0.01, (few, many)  # scanning 20,000 tenants per admission: ~100x slower

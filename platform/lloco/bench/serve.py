@@ -1,6 +1,7 @@
 """Serving benchmark: what compressed contexts, batched multi-LoRA and the engine's scheduler buy.
 
-    python -m lloco.bench.serve --out DIR            # GPU: LLaMA-2-7B geometry, random bf16 weights
+    python -m lloco.bench.serve --out DIR            # GPU: LLaMA-2-7B geometry, random bf16 weights, (a)-(d)
+    python -m lloco.bench.serve --out DIR --sections adapter_churn   # GPU: (g), a call of its own
     python -m lloco.bench.serve --out DIR --tiny     # CPU: a small geometry, a smoke run of every section
 
 No Ray: the engine's own classes (`Generator`, `LoraSlots`, `EngineCore`) on one device, and a SeaweedFS
@@ -17,7 +18,13 @@ padded to the model's vocabulary, so every generated id decodes.
   (c) adapter load latency, p50, rank-8 adapter: store -> GPU slot (read, parse, copy) and CPU tier ->
       GPU slot (copy from pinned memory), beside peft's ``load_adapter`` from local disk;
   (d) EngineCore under 64 concurrent clients of 16 tenants, each tenant with its own adapter and
-      document: generated tokens/s, queries/s, TTFT and latency p50/p99.
+      document: generated tokens/s, queries/s, TTFT and latency p50/p99;
+  (g) adapter churn (``adapter_churn``): one EngineCore with as many GPU slots as rows (32) and a CPU tier
+      holding every adapter, 32 closed-loop clients asking round-robin first over 32 tenants (their adapters
+      resident after warm-up), then over 1,000 (each query swaps its adapter from the CPU tier into a slot),
+      each tenant with its own adapter and a one-segment document, queries of 32-96 new tokens: tokens/s, TTFT p50/p99 and swaps of both
+      runs, the CPU tier's warm-up time and host memory; 1,000 is capped to what half the host's available
+      memory holds. (e) and (f) are ``lloco.bench.scheduling``'s.
 HF baselines: ``generate`` with its default dynamic cache and with its static cache (compiled on CUDA);
 ratios are taken against the stronger. Scheduling (chunked prefill, fairness) is ``lloco.bench.scheduling``;
 the same load through gRPC and the whole stack is ``lloco.bench.e2e``.
@@ -28,7 +35,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import math
+import random
 import statistics
 import tempfile
 import time
@@ -74,9 +83,18 @@ from lloco.bench.workload import (
     random_engine_parts,
 )
 from lloco.config import EngineSettings
-from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
+from lloco.errors import Internal, ResourceExhausted
+from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams, chat_prompt
 
 GOAL_ADAPTER_RATIO = 0.93  # issue 19
+GOAL_CHURN_RATIO = (
+    0.8  # issue 19: many adapters round-robin through the slots vs as many as the slots, resident
+)
+CHURN_HOST_MEMORY_SHARE = 0.5  # of the host's available memory, the most (g)'s CPU tier may hold
+CHURN_QUESTION = "What does the document say about the house?"
+SECTIONS = ("latency", "adapters", "adapter_loads", "load", "adapter_churn")
+# on the GPU, (g) plants and loads a thousand adapters: a call of its own (docs/benchmarks/README.md)
+GPU_DEFAULT_SECTIONS = ("latency", "adapters", "adapter_loads", "load")
 
 
 @dataclass(frozen=True)
@@ -100,6 +118,10 @@ class Plan:
     tenants: int
     load_doc_tokens: int
     load_seconds: float
+    churn_batch: int
+    churn_adapters: int
+    churn_doc_tokens: int
+    churn_seconds: float
 
 
 PLANS = {
@@ -121,6 +143,10 @@ PLANS = {
         tenants=16,
         load_doc_tokens=8192,
         load_seconds=60.0,
+        churn_batch=32,
+        churn_adapters=1000,
+        churn_doc_tokens=1536,
+        churn_seconds=60.0,
     ),
     "tiny": Plan(
         geometry="small",
@@ -140,6 +166,10 @@ PLANS = {
         tenants=2,
         load_doc_tokens=256,
         load_seconds=1.5,
+        churn_batch=8,
+        churn_adapters=64,
+        churn_doc_tokens=128,
+        churn_seconds=1.5,
     ),
 }
 
@@ -389,23 +419,220 @@ async def _bench_load(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
     return result
 
 
+# -- (g) many adapters through few slots ---------------------------------------------------------------------------
+
+
+def available_host_memory() -> int:
+    """Bytes the host can still give a process without swapping (Linux's MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    raise Internal("/proc/meminfo has no MemAvailable line")
+
+
+def bench_adapter_churn(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
+    return asyncio.run(_bench_adapter_churn(model, store, plan))
+
+
+async def _bench_adapter_churn(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
+    from lloco.config import LoraSettings, ServeSettings, Settings
+    from lloco.serve.engine_core import EngineCore
+
+    config, batch = model.config, plan.churn_batch
+    # one adapter in the CPU tier: the slots' layout (ranks padded), in the engine's dtype
+    layout = LoraSlots(config, 1, plan.rank, TARGETS, "cpu", model.dtype)
+    adapter_bytes = layout.prepare(random_adapter(config, plan.rank, seed=0)).nbytes
+    available = available_host_memory()
+    n_adapters = min(plan.churn_adapters, int(CHURN_HOST_MEMORY_SHARE * available) // adapter_bytes)
+    if n_adapters < plan.churn_adapters:
+        print(
+            f"(g) {plan.churn_adapters} adapters of {adapter_bytes / 2**20:.1f} MB would hold "
+            f"{plan.churn_adapters * adapter_bytes / 2**30:.1f} GiB in the CPU tier; "
+            f"{CHURN_HOST_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available holds {n_adapters}",
+            flush=True,
+        )
+    if n_adapters <= batch:
+        raise ResourceExhausted(
+            f"host memory holds {n_adapters} adapters of {adapter_bytes / 2**20:.1f} MB in the CPU tier: "
+            f"no more than the {batch} GPU slots, nothing would churn"
+        )
+    loaded, compressor = random_engine_parts(model, plan.segment_len, plan.k)
+    prompt_ids = tuple(chat_prompt(loaded.tokenizer, CHURN_QUESTION))
+    n_vectors = compressed_length(plan.churn_doc_tokens, plan.segment_len, plan.k)
+    longest = churn_new_tokens_range(plan.new_tokens)[1]
+    context_bytes = n_adapters * n_vectors * config.dim * 4  # every tenant's context, fp32 at most
+    settings = Settings(
+        engine=EngineSettings(
+            max_batch_size=batch,
+            max_seq_len=math.ceil((n_vectors + len(prompt_ids) + longest) / 128) * 128,
+            context_cache_gpu_bytes=context_bytes,
+            context_cache_cpu_bytes=context_bytes,
+        ),
+        lora=LoraSettings(max_rank=plan.rank, gpu_slots=batch, cpu_adapters=n_adapters),
+        serve=ServeSettings(max_ongoing_requests=4 * batch),
+    )
+    tenants = [f"churn-{uuid.uuid4().hex[:6]}-{i}" for i in range(n_adapters)]
+    started = time.perf_counter()
+    resolved = plant_tenants(
+        store,
+        model,
+        compressor.compressor_id,
+        tenants,
+        plan.churn_doc_tokens,
+        plan.segment_len,
+        plan.k,
+        plan.rank,
+        2000,
+    )
+    plant_s = time.perf_counter() - started
+    print(f"(g) {n_adapters} tenants planted (a context and an adapter each) in {plant_s:.1f} s", flush=True)
+    core = EngineCore(settings, store, loaded, compressor)
+    await core.start()
+    try:
+        # the resident warm-up decodes as long as the longest query: the decode shapes both runs meet are
+        # compiled (CUDA graphs captured) before either window; the churn warm-up only loads
+        resident = await _adapter_run(core, tenants[:batch], resolved[:batch], prompt_ids, plan, longest)
+        churn = await _adapter_run(core, tenants, resolved, prompt_ids, plan, 1)
+    finally:
+        await core.stop()
+        delete_tenants(store, tenants)
+    for run in (resident, churn):
+        run["cpu_tier_gib"] = run["cpu_tier_adapters"] * adapter_bytes / 2**30
+    result = {
+        "batch": batch,
+        "gpu_slots": batch,
+        "rank": plan.rank,
+        "adapter_mb": adapter_bytes / 2**20,
+        "adapters_requested": plan.churn_adapters,
+        "host_memory_available_gib": available / 2**30,
+        "context_vectors": n_vectors,
+        "new_tokens": plan.new_tokens,
+        "new_tokens_range": churn_new_tokens_range(plan.new_tokens),
+        "plant_s": plant_s,
+        "resident": resident,
+        "churn": churn,
+        "churn_vs_resident": churn["tokens_per_s"] / resident["tokens_per_s"],
+    }
+    for label, run in (("resident", resident), ("churn", churn)):
+        print(
+            f"(g) {label}: {run['adapters']} adapters through {batch} slots: {run['tokens_per_s']:.0f} tok/s, "
+            f"TTFT p50 {run['ttft_p50_ms']:.0f} / p99 {run['ttft_p99_ms']:.0f} ms, {run['slot_loads']} swaps "
+            f"(CPU tier -> slot) in {run['queries']} queries (warm-up {run['warmup_s']:.1f} s, CPU tier "
+            f"{run['cpu_tier_gib']:.2f} GiB)",
+            flush=True,
+        )
+    return result
+
+
+async def _adapter_run(
+    core: Any,
+    tenants: list[str],
+    resolved: list[Any],
+    prompt_ids: tuple[int, ...],
+    plan: Plan,
+    warm_up_tokens: int,
+) -> dict[str, Any]:
+    """One closed-loop run over ``tenants`` round-robin, one client per row: a warm-up query of each tenant,
+    ``warm_up_tokens`` long (its adapter into the CPU tier and a slot, its context into the cache), then the
+    timed window, with the engine's adapter counters over the window."""
+
+    def request(number: int, new_tokens: int) -> Any:
+        index = number % len(tenants)
+        return engine_request(
+            tenants[index], ("doc",), CHURN_QUESTION, new_tokens, resolved[index], prompt_ids
+        )
+
+    started = time.perf_counter()
+    await _closed_loop(core, lambda n: request(n, warm_up_tokens), plan.churn_batch, count=len(tenants))
+    warmup_s = time.perf_counter() - started
+    before, evicted = core.metrics(), core.residency().adapter_evictions_cpu
+    samples, wall = await _closed_loop(
+        core,
+        lambda n: request(n, churn_new_tokens(n, plan.new_tokens)),
+        plan.churn_batch,
+        seconds=plan.churn_seconds,
+    )
+    after = core.metrics()
+    return {
+        "adapters": len(tenants),
+        "warmup_s": warmup_s,
+        "cpu_tier_adapters": len(core.adapters.tier),
+        **load_summary(samples, wall),
+        "slot_loads": int(after["adapter_slot_loads"] - before["adapter_slot_loads"]),
+        "store_loads": int(after["adapter_s3_loads"] - before["adapter_s3_loads"]),
+        "cpu_tier_evictions": core.residency().adapter_evictions_cpu - evicted,
+    }
+
+
+def churn_new_tokens_range(mean: int) -> tuple[int, int]:
+    """The shortest and longest query of section (g): mean/2 and 3 mean/2 new tokens."""
+    return max(1, mean // 2), mean + mean // 2
+
+
+def churn_new_tokens(number: int, mean: int) -> int:
+    """Query ``number``'s length: uniform in ``churn_new_tokens_range(mean)``, the same sequence in both runs.
+    Equal lengths would let a closed loop fall into waves (every row admitted in one prefill, then decoding
+    together), a lockstep that either run may keep or lose by chance, and that decides its throughput more
+    than adapters do."""
+    return random.Random(number).randint(*churn_new_tokens_range(mean))
+
+
+async def _closed_loop(
+    core: Any,
+    request_of: Callable[[int], Any],
+    clients: int,
+    count: int | None = None,
+    seconds: float | None = None,
+) -> tuple[list[QuerySample], float]:
+    """``clients`` clients, each sending its next query when its last one ended; query number n (counted over
+    all clients) is ``request_of(n)``. Ends after ``count`` queries or ``seconds``; returns the samples and
+    the wall seconds."""
+    numbers = itertools.count()
+    samples: list[QuerySample] = []
+    started = time.perf_counter()
+    deadline = math.inf if seconds is None else started + seconds
+
+    async def client() -> None:
+        while time.perf_counter() < deadline:
+            number = next(numbers)
+            if count is not None and number >= count:
+                return
+            samples.append(await engine_query(core, request_of(number)))
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return samples, time.perf_counter() - started
+
+
 # -- report ------------------------------------------------------------------------------------------------------
 
 
 def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """Issue 19's goal for this bench's sections (its gRPC goals are ``lloco.bench.e2e``'s)."""
+    """Issue 19's goals for this bench's sections (its gRPC goals are ``lloco.bench.e2e``'s)."""
+    goals = []
     adapters = result.get("adapters")
-    if not adapters:
-        return []
-    ratio = adapters["mixed_vs_none"]
-    return [
-        {
-            "goal": f"{adapters['batch']} distinct adapters at batch {adapters['batch']} >= {GOAL_ADAPTER_RATIO}x "
-            "of no adapters",
-            "value": f"{ratio:.3f}x",
-            "met": ratio >= GOAL_ADAPTER_RATIO,
-        }
-    ]
+    if adapters:
+        ratio = adapters["mixed_vs_none"]
+        goals.append(
+            {
+                "goal": f"{adapters['batch']} distinct adapters at batch {adapters['batch']} >= "
+                f"{GOAL_ADAPTER_RATIO}x of no adapters",
+                "value": f"{ratio:.3f}x",
+                "met": ratio >= GOAL_ADAPTER_RATIO,
+            }
+        )
+    churn = result.get("adapter_churn")
+    if churn:
+        ratio = churn["churn_vs_resident"]
+        goals.append(
+            {
+                "goal": f"{churn['churn']['adapters']} distinct adapters round-robin (CPU tier -> "
+                f"{churn['gpu_slots']} GPU slots) >= {GOAL_CHURN_RATIO}x of {churn['batch']} resident ones, "
+                f"batch {churn['batch']}",
+                "value": f"{ratio:.3f}x",
+                "met": ratio >= GOAL_CHURN_RATIO,
+            }
+        )
+    return goals
 
 
 def render_markdown(result: dict[str, Any]) -> str:
@@ -481,6 +708,35 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{load['ttft_p99_ms']:.0f} | {load['latency_p50_ms']:.0f} | {load['latency_p99_ms']:.0f} |",
             "",
         ]
+    churn = result.get("adapter_churn")
+    if churn:
+        resident, churned = churn["resident"], churn["churn"]
+        lines += [
+            f"## (g) Adapter churn: {churned['adapters']} adapters round-robin through {churn['gpu_slots']} GPU "
+            f"slots vs {resident['adapters']} resident (batch {churn['batch']}, rank {churn['rank']}, "
+            f"{churn['adapter_mb']:.1f} MB each; {churn['context_vectors']} context vectors, "
+            f"{churn['new_tokens_range'][0]}-{churn['new_tokens_range'][1]} new tokens, {churned['seconds']:.0f} s each)",
+            "",
+            f"One tenant per adapter, {churn['batch']} closed-loop clients. Swaps: CPU tier -> GPU slot copies "
+            "in the timed window (after each run's warm-up query per tenant).",
+            "",
+            "| adapters | tokens/s | queries/s | TTFT p50 ms | TTFT p99 ms | swaps | store loads | vs resident |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for run in (resident, churned):
+            lines.append(
+                f"| {run['adapters']} | {run['tokens_per_s']:,.0f} | {run['queries_per_s']:.1f} | "
+                f"{run['ttft_p50_ms']:.0f} | {run['ttft_p99_ms']:.0f} | {run['slot_loads']} | "
+                f"{run['store_loads']} | {run['tokens_per_s'] / resident['tokens_per_s']:.3f}x |"
+            )
+        lines += [
+            "",
+            f"Planting {churned['adapters']} tenants (a context and an adapter each): {churn['plant_s']:.1f} s. "
+            f"CPU tier warm-up (every adapter from the store, once): {churned['warmup_s']:.1f} s; it then held "
+            f"{churned['cpu_tier_adapters']} adapters, {churned['cpu_tier_gib']:.2f} GiB of host memory "
+            f"({churn['host_memory_available_gib']:.0f} GiB were available).",
+            "",
+        ]
     lines += goals_and_errors(result)
     return "\n".join(lines)
 
@@ -490,14 +746,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_run_arguments(parser)
-    parser.add_argument("--sections", default="latency,adapters,adapter_loads,load")
+    parser.add_argument(
+        "--sections",
+        default=None,
+        help=f"comma-separated, of {','.join(SECTIONS)} (default: all with --tiny, else "
+        f"{','.join(GPU_DEFAULT_SECTIONS)})",
+    )
     parser.add_argument("--name", default=None, help="output file stem (default serve-h200 / serve-tiny)")
     args = parser.parse_args(argv)
+    sections = (
+        set(args.sections.split(","))
+        if args.sections
+        else set(SECTIONS if args.tiny else GPU_DEFAULT_SECTIONS)
+    )
+    if sections - set(SECTIONS):
+        parser.error(
+            f"unknown sections {sorted(sections - set(SECTIONS))}; choose among {', '.join(SECTIONS)}"
+        )
     plan = PLANS["tiny" if args.tiny else "h200"]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = args.name or ("serve-tiny" if args.tiny else "serve-h200")
-    sections = set(args.sections.split(","))
     started = time.time()
     result: dict[str, Any] = run_info("lloco.bench.serve", argv, device) | {
         "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -525,6 +794,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             with object_store(args.s3_endpoint, Path(root)) as store:
                 section("adapter_loads", lambda: bench_adapter_loads(model, store, plan))
                 section("load", lambda: bench_load(model, store, plan))
+                section("adapter_churn", lambda: bench_adapter_churn(model, store, plan))
         except Exception as error:  # noqa: BLE001 - no store: the store sections are reported as errors
             result["errors"].append(f"store: {type(error).__name__}: {error}")
     if device.type == "cuda":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,9 @@ def random_engine_parts(model: Llama, segment_len: int, k: int) -> tuple[Any, An
     return loaded, Compressor(loaded, summary, segment_len, accumulate=True)
 
 
+PLANT_WORKERS = 8  # tenants planted (or deleted) at once: their store round trips overlap
+
+
 def plant_tenants(
     store: Any,
     model: Llama,
@@ -59,26 +63,38 @@ def plant_tenants(
     k: int,
     rank: int,
     seed: int,
-) -> None:
+) -> list[Any]:
     """Each tenant gets a document "doc" standing for ``doc_tokens`` tokens with a random compressed context,
-    and a random rank-``rank`` adapter "default" of its own."""
+    and a random rank-``rank`` adapter "default" of its own; ``PLANT_WORKERS`` tenants at a time.
+
+    Returns each tenant's ``Resolved`` (its uid, the document's record, the adapter version): what the edge
+    sends from its caches, so a query carrying it reads nothing from the store once the engine holds its
+    context and adapter."""
     from lloco.registry import Registry, Tenants
+    from lloco.serve.engine_core import Resolved
 
     text = " ".join(["the old house near the water"] * max(1, doc_tokens // 6)).encode()
-    for index, tenant in enumerate(tenants):
+
+    def plant(index: int, tenant: str) -> Resolved:
         Tenants(store).create(tenant)
         registry = Registry(store, tenant)
         document, _ = registry.ingest_document("doc", text, len(text), tokens=doc_tokens)
         vectors = context_vectors(model, doc_tokens, segment_len, k, seed=seed + index)
         registry.put_context("doc", compressor_id, vectors, document.sha256, segment_len, k)
-        registry.publish_adapter("default", random_adapter(model.config, rank, seed=seed + index), train={})
+        adapter = registry.publish_adapter(
+            "default", random_adapter(model.config, rank, seed=seed + index), train={}
+        )
+        return Resolved(registry.uid, (document,), adapter)
+
+    with ThreadPoolExecutor(PLANT_WORKERS) as pool:
+        return list(pool.map(plant, range(len(tenants)), tenants))
 
 
 def delete_tenants(store: Any, tenants: list[str]) -> None:
     from lloco.registry import Tenants
 
-    for tenant in tenants:
-        Tenants(store).delete(tenant)
+    with ThreadPoolExecutor(PLANT_WORKERS) as pool:
+        list(pool.map(Tenants(store).delete, tenants))
 
 
 # -- queries, timed --------------------------------------------------------------------------------------------------
@@ -94,8 +110,16 @@ class QuerySample:
     tokens: int
 
 
-def engine_request(tenant: str, doc_ids: tuple[str, ...], question: str, new_tokens: int) -> Any:
-    """A greedy query of ``tenant`` with its adapter "default" (current version), ``new_tokens`` long."""
+def engine_request(
+    tenant: str,
+    doc_ids: tuple[str, ...],
+    question: str,
+    new_tokens: int,
+    resolved: Any = None,
+    prompt_ids: tuple[int, ...] | None = None,
+) -> Any:
+    """A greedy query of ``tenant`` with its adapter "default" (current version), ``new_tokens`` long;
+    ``resolved`` and ``prompt_ids`` as the edge sends them (None: the engine reads and tokenizes)."""
     from lloco.serve.engine_core import EngineRequest
 
     return EngineRequest(
@@ -106,6 +130,8 @@ def engine_request(tenant: str, doc_ids: tuple[str, ...], question: str, new_tok
         adapter="default",
         adapter_version=None,
         params=SamplingParams(new_tokens),
+        resolved=resolved,
+        prompt_ids=prompt_ids,
     )
 
 

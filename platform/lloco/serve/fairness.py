@@ -65,6 +65,10 @@ class FairQueue(Generic[T]):
         self._input_cost, self._output_cost = input_cost, output_cost
         self._weights = dict(weights)
         self._tenants: dict[str, _Tenant[T]] = {}
+        # the tenants with requests waiting, and with requests running: admission looks at these only, so
+        # its cost does not grow with the tenants that ever sent (a thousand, idle, on a busy engine)
+        self._backlogged: set[str] = set()
+        self._serving: set[str] = set()
         self._arrivals = count()
         self._waiting = 0
         self._touched: set[str] = set()
@@ -75,7 +79,7 @@ class FairQueue(Generic[T]):
 
     def backlogged(self) -> int:
         """Tenants with requests waiting."""
-        return sum(1 for state in self._tenants.values() if state.queue)
+        return len(self._backlogged)
 
     def push(self, tenant: str, item: T) -> None:
         """Queue ``item`` at the back of ``tenant``'s queue, lifting a returning tenant's counter."""
@@ -106,19 +110,19 @@ class FairQueue(Generic[T]):
 
     def clear(self) -> None:
         """Drop every waiting item (the engine stops); counters and service stay."""
-        for tenant, state in self._tenants.items():
-            if state.queue:
-                self._count(tenant, state, waiting=-len(state.queue))
-                state.queue.clear()
+        for tenant in list(self._backlogged):
+            state = self._tenants[tenant]
+            dropped = len(state.queue)
+            state.queue.clear()
+            self._count(tenant, state, waiting=-dropped)
 
     def next_tenant(self, skip: set[str] = frozenset()) -> str | None:
         """The backlogged tenant (outside ``skip``) with the lowest counter. Ties (a returning tenant lifted
         to the lowest counter) go to the tenant with fewer requests running, then to the oldest head."""
         best: tuple[float, int, int] | None = None
         chosen = None
-        for tenant, state in self._tenants.items():
-            if not state.queue or tenant in skip:
-                continue
+        for tenant in self._backlogged - skip:
+            state = self._tenants[tenant]
             key = (state.service.virtual_tokens, state.service.running, state.queue[0][0])
             if best is None or key < best:
                 best, chosen = key, tenant
@@ -167,10 +171,9 @@ class FairQueue(Generic[T]):
 
     def _lift_floor(self, tenant: str) -> float | None:
         """The lowest counter of the other backlogged tenants, else of the others running requests."""
-        others = [(t, s) for t, s in self._tenants.items() if t != tenant]
-        for active in ([s for _, s in others if s.queue], [s for _, s in others if s.service.running]):
+        for active in (self._backlogged - {tenant}, self._serving - {tenant}):
             if active:
-                return min(s.service.virtual_tokens for s in active)
+                return min(self._tenants[t].service.virtual_tokens for t in active)
         return None
 
     def _count(
@@ -193,3 +196,11 @@ class FairQueue(Generic[T]):
         )
         self._waiting += waiting
         self._touched.add(tenant)
+        if state.queue:
+            self._backlogged.add(tenant)
+        else:
+            self._backlogged.discard(tenant)
+        if state.service.running:
+            self._serving.add(tenant)
+        else:
+            self._serving.discard(tenant)
