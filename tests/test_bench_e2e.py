@@ -17,6 +17,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_loca
     result = e2e.main(["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3"])
 
     assert json.loads((out / "e2e-tiny.json").read_text()) == json.loads(json.dumps(result, default=str))
+    assert result["errors"] == []
     single, load = result["single"], result["load"]
     assert set(single) == {"grpc", "engine", "full_document"}
     for path in single.values():
@@ -32,3 +33,22 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_loca
     assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["gRPC", "end", "tokens/s", "TTFT"]
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table
+
+
+def test_a_run_cut_short_reports_what_it_measured() -> None:
+    """A host call's time limit can end the run between sections: the goals and the table cover what finished."""
+    partial = {
+        "command": "python -m lloco.bench.e2e",
+        "device_name": "cpu",
+        "date": "today",
+        "torch": "2",
+        "dtype": "fp32",
+        "plan": vars(e2e.PLANS["tiny"]),
+        "single": {"grpc": {"ttft_ms": 20.0, "total_ms": 40.0, "tokens": 3}},
+        "load": {},
+        "errors": ["KeyboardInterrupt: stopped by signal 15"],
+    }
+    assert e2e.evaluate_goals(partial) == []
+    table = e2e.render_markdown(partial | {"goals": []})
+    assert "| gRPC (compressed context) | 20.0 | 40.0 |" in table and "EngineCore alone" not in table
+    assert "stopped by signal 15" in table

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import math
+import signal
 import statistics
 import threading
 import time
@@ -339,28 +340,30 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     def goal(text: str, value: float, met: bool, unit: str = "x") -> None:
         goals.append({"goal": text, "value": f"{value:.2f}{unit}", "met": met})
 
-    single = result.get("single")
-    if single:
+    single = result.get("single", {})
+    if "grpc" in single and "engine" in single:
         ratio = single["grpc"]["ttft_ms"] / single["engine"]["ttft_ms"]
         goal(
             f"gRPC TTFT <= {GOAL_TTFT_VS_ENGINE}x the engine-only TTFT (long document)",
             ratio,
             ratio <= GOAL_TTFT_VS_ENGINE,
         )
+    if "grpc" in single and "full_document" in single:
         speedup = single["full_document"]["total_ms"] / single["grpc"]["total_ms"]
         goal(
             f"end to end through gRPC vs the full document >= {GOAL_VS_FULL}x",
             speedup,
             speedup >= GOAL_VS_FULL,
         )
-    load = result.get("load")
-    if load:
+    load = result.get("load", {})
+    if "grpc" in load and "engine" in load:
         ratio = load["grpc"]["tokens_per_s"] / load["engine"]["tokens_per_s"]
         goal(
             f"tokens/s through gRPC >= {GOAL_THROUGHPUT}x the engine's under the same load",
             ratio,
             ratio >= GOAL_THROUGHPUT,
         )
+    if "grpc" in load:
         p99 = load["grpc"]["ttft_p99_ms"]
         goal(
             f"TTFT p99 through gRPC under load <= {GOAL_TTFT_P99_MS:.0f} ms",
@@ -384,7 +387,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{plan['new_tokens']} new tokens per query.",
         "",
     ]
-    single = result.get("single")
+    single = result.get("single", {})
     if single:
         lines += [
             f"## One query at a time ({plan['long_doc_tokens']}-token document), median of {plan['repeats']}",
@@ -392,17 +395,18 @@ def render_markdown(result: dict[str, Any]) -> str:
             "| path | TTFT ms | end to end ms |",
             "|---|---:|---:|",
         ]
+        full_label = (
+            f"full document as the prompt ({single.get('full_document', {}).get('prompt_tokens')} tokens)"
+        )
         for label, key in (
             ("gRPC (compressed context)", "grpc"),
             ("EngineCore alone (compressed context)", "engine"),
-            (
-                f"full document as the prompt ({single['full_document']['prompt_tokens']} tokens)",
-                "full_document",
-            ),
+            (full_label, "full_document"),
         ):
-            lines.append(f"| {label} | {single[key]['ttft_ms']:.1f} | {single[key]['total_ms']:.1f} |")
+            if key in single:
+                lines.append(f"| {label} | {single[key]['ttft_ms']:.1f} | {single[key]['total_ms']:.1f} |")
         lines.append("")
-    load = result.get("load")
+    load = result.get("load", {})
     if load:
         lines += [
             f"## Load: {plan['clients']} streaming clients x {plan['queries_per_client']} queries over "
@@ -412,22 +416,61 @@ def render_markdown(result: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for label, key in (("gRPC", "grpc"), ("EngineCore alone", "engine")):
+            if key not in load:
+                continue
             r = load[key]
             lines.append(
                 f"| {label} | {r['tokens_per_s']:,.1f} | {r['queries_per_s']:.2f} | {r['ttft_p50_ms']:.0f} | "
                 f"{r['ttft_p99_ms']:.0f} | {r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} |"
             )
+        paths = [key for key in ("grpc", "engine") if key in load]
         lines += [
             "",
-            "| tenant | gRPC queries | gRPC share of tokens | engine share of tokens |",
-            "|---|---:|---:|---:|",
+            "| tenant | " + " | ".join(f"{key} queries | {key} share of tokens" for key in paths) + " |",
+            "|---|" + "---:|---:|" * len(paths),
         ]
-        for tenant, row in load["grpc"]["tenants"].items():
-            engine = load["engine"]["tenants"][tenant]
-            lines.append(f"| {tenant} | {row['queries']} | {row['share']:.1%} | {engine['share']:.1%} |")
+        for tenant in load[paths[0]]["tenants"]:
+            cells = [
+                f"{load[key]['tenants'][tenant]['queries']} | {load[key]['tenants'][tenant]['share']:.1%}"
+                for key in paths
+            ]
+            lines.append(f"| {tenant} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += goals_and_errors(result)
     return "\n".join(lines)
+
+
+def measure(out: Path, plan: E2EPlan, device: torch.device, result: dict[str, Any], started: float) -> None:
+    """Fill ``result`` section by section, so that a run cut short keeps what it measured."""
+    from lloco.serve.local import EmbeddedStack
+
+    def progress(stage: str) -> None:
+        print(f"[e2e {time.time() - started:6.0f} s] {stage}", flush=True)
+
+    progress("writing the weights")
+    model_dir, compressor_dir, base = prepare_model(out, plan, device)
+    settings = stack_settings(out, plan, model_dir, compressor_dir, device)
+    progress("starting the stack")
+    single: dict[str, Any] = result.setdefault("single", {})
+    load: dict[str, Any] = result.setdefault("load", {})
+    with EmbeddedStack(settings, jobs=False) as stack:
+        progress("creating tenants (documents ingested over gRPC, adapters published)")
+        tenants = create_tenants(stack, plan, base.tokenizer, base.config)
+        progress("single queries through gRPC")
+        single["grpc"] = grpc_single(stack, tenants[0], plan)
+        progress("load through gRPC")
+        load["grpc"] = grpc_load(stack, tenants, plan)
+        progress("the same on EngineCore alone")
+        alone = asyncio.run(engine_alone(stack, base, tenants, plan))
+        single["engine"] = alone["single"]
+        load["engine"] = alone["load"]
+    progress("the full document on a Generator")
+    single["full_document"] = full_document(base, tenants[0], plan)  # the stack's GPU work is done
+    progress("done")
+
+
+def _stop(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -460,18 +503,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "adapters": "random rank-r LoRA per tenant, published to its registry (not finetuned)",
         "errors": [],
     }
-    from lloco.serve.local import EmbeddedStack
-
-    model_dir, compressor_dir, base = prepare_model(out, plan, device)
-    settings = stack_settings(out, plan, model_dir, compressor_dir, device)
-    with EmbeddedStack(settings, jobs=False) as stack:
-        tenants = create_tenants(stack, plan, base.tokenizer, base.config)
-        result["single"] = {"grpc": grpc_single(stack, tenants[0], plan)}
-        result["load"] = {"grpc": grpc_load(stack, tenants, plan)}
-        alone = asyncio.run(engine_alone(stack, base, tenants, plan))
-        result["single"]["engine"] = alone["single"]
-        result["load"]["engine"] = alone["load"]
-    result["single"]["full_document"] = full_document(base, tenants[0], plan)  # the stack's GPU work is done
+    signal.signal(signal.SIGTERM, _stop)  # a host call's `timeout` ends it: still write what was measured
+    try:
+        measure(out, plan, device, result, started)
+    except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - reported with what was measured
+        result["errors"].append(f"{type(error).__name__}: {error}")
     free_memory()
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.time() - started
