@@ -27,6 +27,8 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_loca
         run = load[path]
         assert run["queries"] == 2 * 2 and run["tokens_per_s"] > 0  # the same requests on both paths
         assert run["ttft_p50_ms"] <= run["ttft_p99_ms"] <= run["latency_p99_ms"]
+        assert 0 < run["ttft_p50_steady_ms"] <= run["ttft_p99_steady_ms"] <= run["ttft_p99_ms"]
+        assert 0 < run["cold_ttft"]["p50_ms"] <= run["cold_ttft"]["max_ms"]  # one warm-up query per tenant
         shares = run["tenants"]
         assert len(shares) == 2 and all(row["queries"] == 2 and row["tokens"] == 6 for row in shares.values())
         assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)

@@ -693,3 +693,37 @@ def test_adapter_labels_are_bounded_per_replica() -> None:
     # Past the limit a new pair folds into one series; pairs seen before keep theirs.
     assert labels.tags("globex", "sales") == {"tenant": "globex", "adapter": OTHER_ADAPTERS}
     assert labels.tags("acme", "support") == {"tenant": "acme", "adapter": "support"}
+
+
+def test_a_paced_stream_sends_its_first_token_alone_and_joins_later_ones(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """The Serve deployment paces its streams (`StreamPacer`): the same tokens and text, the first token as
+    soon as it exists, later tokens gathered into fewer events; closing the stream early closes the engine's."""
+    from lloco.serve.engine import StreamPacer
+
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings()) as core:
+            await core.compress("acme", ["handbook"])
+            req = request("acme", ("handbook",), "support", max_new_tokens=24)
+            ids, text, _ = await collect(core, req)
+            assert len(ids) >= 8, "the tiny model should not stop this early"
+            pacer = StreamPacer(messages_per_s=20.0)  # one open stream: 50 ms after each event
+            events = [event async for event in pacer.paced(core.generate(req))]
+            assert [i for e in events for i in e.token_ids] == ids
+            assert "".join(e.text for e in events) == text
+            assert len(events[0].token_ids) == 1 and len(events) < len(ids) and events[-1].final is not None
+            assert pacer.open == 0
+
+            stream = pacer.paced(core.generate(req))
+            await anext(stream)
+            assert pacer.open == 1
+            await stream.aclose()
+            assert pacer.open == 0
+            for _ in range(100):  # the engine frees the row at its next step
+                if core.scheduler.active() == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert core.scheduler.active() == 0
+
+    run(scenario)

@@ -197,6 +197,13 @@ class ServeSettings(_Section):
     engine_replicas: int = Field(1, ge=1, description="Engine replicas.")
     engine_num_gpus: float = Field(0.0, ge=0, description="GPUs per engine replica (0 on CPU).")
     max_ongoing_requests: int = Field(256, ge=1, description="Requests a replica accepts at once.")
+    stream_messages_per_s: float = Field(
+        1000.0,
+        gt=0,
+        description="Streamed answer messages an engine replica sends per second, all its streams together: "
+        "with many streams open, tokens gather into fewer, larger messages (each costs Ray a round trip); a "
+        "stream's first token is never held back, and a lone stream still gets each token as it comes.",
+    )
     auth_cache_ttl_s: float = Field(
         30.0,
         ge=0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
 from typing import Any
 
 import torch
@@ -216,12 +217,45 @@ class PrometheusObserver(EngineObserver):
         self._served[tenant] = service
 
 
+class StreamPacer:
+    """Spaces the events of a replica's streams so that together they send about ``messages_per_s``.
+
+    Each event streamed through a Serve handle is a Ray object that the replica puts and the caller fetches,
+    a cost per item in both processes (in the engine's, on the thread that also runs the scheduler's host
+    work). A decode step makes a token for every running row, so one item per token is thousands of items
+    a second at a large batch. After a stream sends an event it waits ``open streams / messages_per_s``
+    before taking the next: the tokens made meanwhile leave as one event (`EngineCore.generate` joins those
+    ready together). The first event is sent as soon as it exists, and one stream alone waits a
+    millisecond, less than a decode step.
+    """
+
+    def __init__(self, messages_per_s: float) -> None:
+        self._messages_per_s = messages_per_s
+        self.open = 0
+
+    def pause_s(self) -> float:
+        return self.open / self._messages_per_s
+
+    async def paced(self, events: AsyncIterator[EngineEvent]) -> AsyncIterator[EngineEvent]:
+        """``events`` with a pause after each one but the last; closing this closes ``events``."""
+        self.open += 1
+        try:
+            async with aclosing(events):  # type: ignore[type-var]
+                async for event in events:
+                    yield event
+                    if event.final is None:
+                        await asyncio.sleep(self.pause_s())
+        finally:
+            self.open -= 1
+
+
 @serve.deployment
 class EngineDeployment:
     """One base model per replica serving every tenant; see `EngineCore`."""
 
     async def __init__(self, settings: Settings) -> None:
         self._core = await asyncio.to_thread(build_engine_core, settings, PrometheusObserver())
+        self._pacer = StreamPacer(settings.serve.stream_messages_per_s)
         await self._core.start()
 
         async def load_adapter(model_id: str) -> str:
@@ -238,8 +272,9 @@ class EngineDeployment:
         """Stream the answer (call through a handle with `stream=True`, multiplexed id "tenant/adapter")."""
         if req.adapter is not None:
             await self.hold_adapter(f"{req.tenant}/{req.adapter}")
-        async for event in self._core.generate(req):
-            yield event
+        async with aclosing(self._pacer.paced(self._core.generate(req))) as events:
+            async for event in events:
+                yield event
 
     async def answer(self, req: EngineRequest) -> EngineEvent:
         """The whole answer as one reply (a unary call through a handle, multiplexed id "tenant/adapter")."""
