@@ -259,7 +259,7 @@ class SlotManager:
                 return None
             if self._holder[slot] is not None:
                 self.evictions += 1
-                log.info("adapter slot evicted", slot=slot, adapter=str(self._holder[slot]), by=str(key))
+                log.debug("adapter slot evicted", slot=slot, adapter=str(self._holder[slot]), by=str(key))
             self._holder[slot] = key
             self.loads += 1
         self._pins[slot] += 1
