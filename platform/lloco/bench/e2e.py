@@ -421,7 +421,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{plan['tenants']} tenants, each with a {plan['doc_tokens']}-token document compressed at ingest "
         f"(S={plan['segment_len']}, k={plan['k']}) and its own adapter (a random rank-{plan['rank']} LoRA, "
         "published, not finetuned); greedy, "
-        f"{plan['new_tokens']} new tokens per query.",
+        f"{plan['new_tokens']} new tokens per query; the engine streams at most "
+        f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s).",
         "",
     ]
     single = result.get("single", {})
@@ -480,7 +481,14 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def measure(out: Path, plan: E2EPlan, device: torch.device, result: dict[str, Any], started: float) -> None:
+def measure(
+    out: Path,
+    plan: E2EPlan,
+    device: torch.device,
+    result: dict[str, Any],
+    started: float,
+    stream_messages_per_s: float | None,
+) -> None:
     """Fill ``result`` section by section, so that a run cut short keeps what it measured."""
     from lloco.serve.local import EmbeddedStack
 
@@ -490,6 +498,10 @@ def measure(out: Path, plan: E2EPlan, device: torch.device, result: dict[str, An
     progress("writing the weights")
     model_dir, compressor_dir, base = prepare_model(out, plan, device)
     settings = stack_settings(out, plan, model_dir, compressor_dir, device)
+    if stream_messages_per_s is not None:
+        serve = settings.serve.model_copy(update={"stream_messages_per_s": stream_messages_per_s})
+        settings = settings.model_copy(update={"serve": serve})
+    result["stream_messages_per_s"] = settings.serve.stream_messages_per_s
     progress("starting the stack")
     single: dict[str, Any] = result.setdefault("single", {})
     load: dict[str, Any] = result.setdefault("load", {})
@@ -523,6 +535,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=None)
     parser.add_argument("--queries", type=int, default=None, help="queries per client")
     parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument(
+        "--stream-messages-per-s",
+        type=float,
+        default=None,
+        help="the engine's serve.stream_messages_per_s (default: the setting's default)",
+    )
     parser.add_argument("--name", default=None, help="output file stem (default e2e-h200 / e2e-tiny)")
     args = parser.parse_args(argv)
     plan = PLANS["tiny" if args.tiny else "h200"]
@@ -545,7 +563,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     signal.signal(signal.SIGTERM, _stop)  # a host call's `timeout` ends it: still write what was measured
     try:
-        measure(out, plan, device, result, started)
+        measure(out, plan, device, result, started, args.stream_messages_per_s)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - reported with what was measured
         result["errors"].append(f"{type(error).__name__}: {error}")
     free_memory()
