@@ -207,6 +207,7 @@ serve:
   engine_replicas: {{ max 1 (int64 $v.serve.engine.minReplicas) }}
   engine_num_gpus: {{ include "lloco.number" $v.serve.engine.numGpus }}
   max_ongoing_requests: {{ int64 $v.serve.engine.maxOngoingRequests }}
+  stream_messages_per_s: {{ include "lloco.number" $v.serve.engine.streamMessagesPerSecond }}
   auth_cache_ttl_s: {{ include "lloco.number" $v.serve.edgeCache.authTtlSeconds }}
   metadata_cache_ttl_s: {{ include "lloco.number" $v.serve.edgeCache.metadataTtlSeconds }}
   metadata_cache_entries: {{ int64 $v.serve.edgeCache.metadataEntries }}
