@@ -15,6 +15,8 @@ import pytest
 from lloco.errors import InvalidArgument, NotFound
 from lloco.finetune.corpus import evaluation_titles
 from lloco.finetune.datasets import (
+    HOTPOT_FILE,
+    SQUAD_VALIDATION_ARTICLES,
     QASet,
     ingest_qaset,
     load_hotpotqa_long,
@@ -87,6 +89,52 @@ def test_hotpotqa_long_pads_gold_paragraphs_to_the_target_at_spread_depths() -> 
     assert {row.doc_ids[0] for row in test.rows}.isdisjoint(qaset.documents)
     with pytest.raises(InvalidArgument, match="target_tokens"):
         load_hotpotqa_long(DATA, "train", 10, words)
+
+
+def test_squad_validation_articles_are_held_out_of_the_train_side() -> None:
+    validation = load_squad(DATA, "validation")
+    held_out = load_squad(DATA, "train", hold_out_validation=True)
+    assert sorted(validation.documents) == [f"squad-{i:02d}" for i in SQUAD_VALIDATION_ARTICLES] != []
+    assert sorted(held_out.documents) == [f"squad-{i:02d}" for i in range(20)]
+    assert held_out.rows + validation.rows == load_squad(DATA, "train").rows  # the train side, cut in two
+    assert load_squad(DATA, "test", hold_out_validation=True) == load_squad(DATA, "test")
+
+
+def _paragraphs(question: dict) -> dict[str, str]:
+    return {title: f"{title}\n{''.join(sentences).strip()}" for title, sentences in question["context"]}
+
+
+def test_hotpotqa_validation_documents_hold_no_paragraph_of_a_train_or_test_question(tmp_path: Path) -> None:
+    """The subset's 50 questions: 0-34 train, 35-39 validation, 40-49 test. Questions share paragraphs in the
+    full set (not in this subset), so the test plants shared ones: question 36 gets a train and a test
+    question's paragraph among its distractors, and question 37's gold paragraph is also question 1's."""
+    with gzip.open(DATA / HOTPOT_FILE, "rt") as file:
+        questions = json.load(file)
+    questions[36]["context"][0] = questions[0]["context"][0]
+    questions[36]["context"][1] = questions[45]["context"][0]
+    gold = questions[37]["supporting_facts"][0][0]
+    questions[1]["context"].append(next(entry for entry in questions[37]["context"] if entry[0] == gold))
+    data = tmp_path / "qa"
+    data.mkdir()
+    with gzip.open(data / HOTPOT_FILE, "wt") as file:
+        json.dump(questions, file)
+    validation = load_hotpotqa_long(data, "validation", 1024, words, seed=3)
+    asked = [row.doc_ids[0].split("-", 2)[2] for row in validation.rows]
+    assert asked == [questions[i]["_id"] for i in (35, 36, 38, 39)]  # 37's gold paragraph is a train one
+    others = {p for q in questions[:35] + questions[40:] for p in _paragraphs(q).values()}
+    other_titles = {title for q in questions[:35] + questions[40:] for title in _paragraphs(q)}
+    held = {p for text in validation.documents.values() for p in text.split("\n\n")}
+    assert not held & others and not {p.split("\n", 1)[0] for p in held} & other_titles
+    assert held <= {p for i in (35, 36, 38, 39) for p in _paragraphs(questions[i]).values()}  # their own
+    for index, row in zip((35, 36, 38, 39), validation.rows, strict=True):  # gold paragraphs in place
+        own = _paragraphs(questions[index])
+        text = validation.documents[row.doc_ids[0]]
+        assert all(own[title] in text for title, _ in questions[index]["supporting_facts"])
+    train = load_hotpotqa_long(data, "train", 1024, words, seed=3, hold_out_validation=True)
+    assert len(train.rows) == 35
+    fit = {p for q in questions[:35] for p in _paragraphs(q).values()}
+    assert {p for text in train.documents.values() for p in text.split("\n\n")} <= fit
+    assert len(load_hotpotqa_long(data, "train", 1024, words, seed=3).rows) == 40  # the whole train side
 
 
 def test_ingest_stores_documents_and_dataset_and_rejects_a_bad_row_by_line(store: object) -> None:

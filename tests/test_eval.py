@@ -1,8 +1,11 @@
 """The evaluation harness: `lloco eval` on a tiny slice with the tiny random model, every mode, every set;
-the passkey documents, the no-context LoRA's examples, the adapters' shared init, the perplexity gap."""
+the passkey documents, the no-context LoRA's examples, the adapters' shared init, the perplexity gap, the
+validation split (disjoint from the train rows and the test split; the test split's samples unchanged)."""
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import math
 import os
@@ -18,8 +21,16 @@ from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
 from lloco.eval.run import MODES, EvalOptions, Evaluator, middle_cut
-from lloco.eval.tasks import passkey, sample_rows, squad_long, tenant_dataset
-from lloco.finetune.datasets import QASet
+from lloco.eval.tasks import (
+    EvalDataset,
+    hotpotqa_long,
+    passkey,
+    qmsum,
+    sample_rows,
+    squad_long,
+    tenant_dataset,
+)
+from lloco.finetune.datasets import HOTPOT_FILE, QASet, load_squad
 from lloco.finetune.pretrain_eval import gap_closed
 from lloco.model import Compressor, TrainableLora, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
@@ -61,25 +72,153 @@ def test_middle_cut_and_samples_are_deterministic() -> None:
     assert not test_docs & train_docs and all(int(d.split("-")[1]) >= 25 for d in test_docs)
 
 
-def test_eval_command_writes_every_mode_of_every_test_set(
-    tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
-) -> None:
-    out = tmp_path / "eval"
+def words(text: str) -> int:
+    return len(text.split())
+
+
+def _built_in(split: str, seed: int = 0) -> dict[str, EvalDataset]:
+    """Every built-in set asked about ``split``, small, sized by words (no tokenizer needed)."""
+    return {
+        "squad": squad_long(DATA, 5, 7, seed, split),
+        "qmsum": qmsum(DATA, 5, 7, seed, split),
+        "hotpotqa": hotpotqa_long(DATA, 4, 6, words, (1024, 2048), seed, split),
+        "passkey": passkey(3, 4, words, (512, 1024), seed, split),
+    }
+
+
+def _digest(dataset: EvalDataset) -> str:
+    def qaset(q: QASet | None) -> list | None:
+        if q is None:
+            return None
+        return [sorted(q.documents.items()), [[list(r.doc_ids), r.question, r.answer] for r in q.rows]]
+
+    tests = [[test.name, qaset(test.qaset), test.depths] for test in dataset.tests]
+    return hashlib.sha256(json.dumps([dataset.name, tests, qaset(dataset.train)]).encode()).hexdigest()
+
+
+# What the code before `--split` (commit 47b826b) built for `_built_in("test", seed)`, documents and rows.
+TEST_SPLIT_DIGESTS = {
+    0: {
+        "squad": "ba229d86218fac10553fd128d4921f06afb88d0c6e701b9cea03c186e96f428e",
+        "qmsum": "90836304549c37c8604aad50e5144439df8f0010e1a2150ba34c2b0edc4e2323",
+        "hotpotqa": "d3c05e527fa14dd319601d2315114da7e21a6e62700c908045ee4fc0386559c1",
+        "passkey": "9bdfb7f03e329050b213d0163717e94cad105a001bf26fceed0a355a12fa5486",
+    },
+    3: {
+        "squad": "19cc71900e1e1d2a4fc2f600f353b6273e389985e907d9f27207aa4a32845034",
+        "qmsum": "a1d141352da923fb2e5811d433a9b3dee143f3d63338a419cb659cde567e4849",
+        "hotpotqa": "599d7dd93cba58f9e332c61f076ce9a6b1e4a7ca19408d936ecd9806dea04675",
+        "passkey": "843177f9a1537b5b81e9bf365b3fa68bf1e319ad86d530cf1a03ff23d7d4340a",
+    },
+}
+
+
+@pytest.mark.parametrize("seed", sorted(TEST_SPLIT_DIGESTS))
+def test_the_test_split_samples_are_unchanged(seed: int) -> None:
+    built = {name: _digest(dataset) for name, dataset in _built_in("test", seed).items()}
+    assert built == TEST_SPLIT_DIGESTS[seed]
+    assert _digest(squad_long(DATA, 5, 7, seed)) == built["squad"]  # test is the default
+
+
+def _documents(dataset: EvalDataset) -> dict[str, str]:
+    return {doc_id: text for test in dataset.tests for doc_id, text in test.qaset.documents.items()}
+
+
+def test_validation_documents_are_neither_train_rows_nor_test_documents() -> None:
+    validation, test = _built_in("validation"), _built_in("test")
+    for name, dataset in validation.items():
+        asked = _documents(dataset)
+        assert asked and all(len(t.qaset.rows) > 0 for t in dataset.tests), name
+        for other in (dataset.train.documents, _documents(test[name])):
+            assert not set(asked) & set(other), name
+            assert not set(asked.values()) & set(other.values()), name
+    squad = validation["squad"]
+    assert set(_documents(squad)) <= {f"squad-{i}" for i in range(20, 25)}
+    assert all(int(d.split("-")[1]) < 20 for d in squad.train.documents)
+    full_train = load_squad(DATA, "train")  # the validation questions are train-side ones
+    assert {r.question for r in squad.tests[0].qaset.rows} <= {r.question for r in full_train.rows}
+    assert {d.split("-")[1] for d in _documents(validation["qmsum"])} == {"Bed002", "Bed010"}  # QMSum's val
+    # HotpotQA: no paragraph of a validation document belongs to a training or a test question
+    with gzip.open(DATA / HOTPOT_FILE, "rt") as file:
+        questions = {q["_id"]: q for q in json.load(file)}
+    ids = list(questions)  # the subset's 50: 0-34 the train rows' side, 35-39 validation, 40-49 test
+    hotpot = validation["hotpotqa"]
+    assert {d.split("-", 2)[2] for d in hotpot.train.documents} <= set(ids[:35])
+    assert {d.split("-", 2)[2] for d in _documents(hotpot)} <= set(ids[35:40])
+    others = {
+        f"{title}\n{''.join(sentences).strip()}"
+        for qid in ids[:35] + ids[40:]
+        for title, sentences in questions[qid]["context"]
+    }
+    held = {p for text in _documents(hotpot).values() for p in text.split("\n\n")}
+    train_held = {p for text in hotpot.train.documents.values() for p in text.split("\n\n")}
+    assert held and not held & others and not held & train_held
+    # passkey: the generator's train material, other documents than the train rows', the same depths
+    keyed = validation["passkey"]
+    assert all(d.startswith("passkey-validation-") for d in _documents(keyed))
+    assert all(d.startswith("passkey-train-") for d in keyed.train.documents)
+    assert keyed.train == test["passkey"].train  # the train rows of a test run
+    train_text = "\n\n".join(keyed.train.documents.values())
+    test_paragraphs = {p for text in _documents(test["passkey"]).values() for p in text.split("\n\n")}
+    train_templates = [_template_pattern(t.statement) for t in pk.TEMPLATES["train"]]
+    for length, validation_set in zip((512, 1024), keyed.tests, strict=True):
+        assert validation_set.depths == tuple(pk.DEPTHS[i % len(pk.DEPTHS)] for i in range(3))
+        documents = pk.passkey_documents("validation", length, 3, words, seed=0)
+        assert {d.doc_id: d.text for d in documents} == validation_set.qaset.documents
+        for document in documents:
+            assert not set(document.text.split("\n\n")) & test_paragraphs
+            assert document.asked.statement not in train_text
+            assert any(pattern.fullmatch(document.asked.statement) for pattern in train_templates)
+
+
+def test_eval_split_is_checked_before_any_model_loads(tmp_path: Path) -> None:
+    from lloco.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "out"
+    env = {"LLOCO_QA_DATA_DIR": str(DATA), "LLOCO_DATA_DIR": str(tmp_path / "data")}
+    for extra, message in [
+        (["--split", "dev"], "--split must be one of test, validation, got 'dev'"),
+        (["--split", "validation", "--tenant", "acme", "--dataset", "qa"], "a tenant's datasets have none"),
+        (["--split", "validation", "--corpus-documents", "10"], "corpus mode picks its questions"),
+    ]:
+        result = CliRunner().invoke(app, ["eval", "--output", str(out), *extra], env=env)
+        assert isinstance(result.exception, InvalidArgument), result.output
+        assert message in str(result.exception)
+    assert not out.exists()  # refused before any work
+
+
+def _run_eval(
+    tiny_model_dir: Path, compressor_dir: Path, out: Path, *options: str
+) -> subprocess.CompletedProcess[str]:
+    """`lloco eval` on the tiny model and the committed QA subsets, small, in its own process."""
     command = [
         sys.executable, "-m", "lloco.cli", "eval", "--output", str(out), "--limit", "2", "--train-limit", "4",
         "--train-steps", "2", "--max-document-tokens", "512", "--hotpot-lengths", "1024", "--passkey-lengths",
         "512", "--perplexity-windows", "2", "--base-model", str(tiny_model_dir), "--compressor",
         str(compressor_dir), "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2",
-        "--max-new-tokens", "8",
+        "--max-new-tokens", "8", *options,
     ]  # fmt: skip
     env = {
-        **os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache"),
+        **os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(out.parent / "cache"),
         "LLOCO_FINETUNE__BATCH_SIZE": "2", "PYTHONPATH": str(ROOT / "platform"),
     }  # fmt: skip
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_eval_command_writes_every_mode_of_every_test_set(
+    tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    done = _run_eval(tiny_model_dir, compressor_dir, out)
     report = json.loads((out / "eval.json").read_text())
     assert report["command"].startswith("lloco eval --output")
+    assert next(iter(report)) == "split" and report["split"] == "test"
+    title, _, notice = (out / "eval.md").read_text().splitlines()[:3]
+    assert title.startswith("# Evaluation on the test split: ") and notice.startswith("**Split: test.**")
+    assert done.stdout.startswith("**Split: test.**")
     test_sets = (
         "squad-long",
         "qmsum",
@@ -135,6 +274,29 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     predictions = (out / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == len(test_sets) * len(MODES) * 2
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
+
+
+def test_a_validation_run_asks_train_side_documents_and_says_so_first(
+    tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "eval"
+    done = _run_eval(
+        tiny_model_dir, compressor_dir, out, "--split", "validation", "--modes", "none,lora_none"
+    )
+    report = json.loads((out / "eval.json").read_text())
+    assert next(iter(report)) == "split" and report["split"] == "validation"
+    assert report["test_sets"] == dict.fromkeys(("squad-long", "qmsum", "hotpotqa-1k", "passkey-512"), 2)
+    assert [(r["mode"], r["skipped"]) for r in report["results"]][:2] == [("none", None), ("lora_none", None)]
+    assert report["perplexity"]["skipped"].startswith("measured in test runs only")  # its prose is test text
+    assert report["ablations"]["perplexity_gap_closed"] is None
+    title, _, notice = (out / "eval.md").read_text().splitlines()[:3]
+    assert title.startswith("# Evaluation on the validation split: ")
+    assert notice.startswith("**Split: validation, not test.**")
+    assert done.stdout.startswith("**Split: validation, not test.**")
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    squad_questions = {p["question"] for p in predictions if p["test_set"] == "squad-long"}
+    assert len(squad_questions) == 2
+    assert squad_questions <= {row.question for row in load_squad(DATA, "validation").rows}
 
 
 def test_tenant_dataset_and_time_budget(store: object, tiny_base: object, compressor_dir: Path) -> None:

@@ -21,6 +21,10 @@ PERPLEXITY_SOURCE = (
     "the passkey test filler without facts: the 10 SQuAD 2.0 dev articles of SQuAD-long's test split, "
     "which the pretraining corpus excludes"
 )
+PERPLEXITY_NOT_IN_VALIDATION = (
+    "measured in test runs only: its held-out prose is test-split text, and it scores the compressor, "
+    "which no finetune recipe chosen on the validation split changes"
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -41,6 +45,13 @@ def evaluate(
         str,
         typer.Option(help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora."),
     ] = "none,truncated,full,compressed,lloco,lora_none,full_lora",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Which questions are asked: test (what is reported) or validation (train-side documents that "
+            "no LoRA train row holds: what a finetune recipe is chosen on)."
+        ),
+    ] = "test",
     limit: Annotated[int | None, typer.Option(help="Test questions per test set (seeded sample).")] = 50,
     train_limit: Annotated[int | None, typer.Option(help="Train rows per dataset for the LoRA modes.")] = 400,
     train_steps: Annotated[int, typer.Option(help="Optimizer steps of each LoRA mode.")] = 100,
@@ -124,7 +135,7 @@ def evaluate(
     from lloco.errors import InvalidArgument
     from lloco.eval import passkey, tasks
     from lloco.eval.adapters import state_digest
-    from lloco.eval.report import ablation_markdown, markdown_table, write_report
+    from lloco.eval.report import ablation_markdown, markdown_table, split_notice, write_report
     from lloco.eval.run import EvalOptions, Evaluator
     from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_compressor, load_model
@@ -136,6 +147,17 @@ def evaluate(
     unknown = set(_csv(datasets)) - set(tasks.DATASETS)
     if unknown:
         raise InvalidArgument(f"unknown datasets {sorted(unknown)}; choose from {', '.join(tasks.DATASETS)}")
+    split = tasks.check_split(split)
+    if split == "validation" and tenant is not None:
+        raise InvalidArgument(
+            "--split validation asks the built-in datasets' validation splits; a tenant's datasets have none: "
+            "evaluate --tenant with --split test, and hold out rows of your own as the --dataset"
+        )
+    if split == "validation" and corpus_documents:
+        raise InvalidArgument(
+            "--split validation is for the datasets; corpus mode picks its questions with --corpus-side "
+            "(train: what retrieval settings are chosen on)"
+        )
     data_dir = data_dir or settings.qa_data_dir
     require_qa_data(data_dir, _csv(datasets))  # before any model loads
     if tenant is not None and dataset is None:
@@ -230,15 +252,15 @@ def evaluate(
     chosen = _csv(datasets)
     suite = []
     if "squad" in chosen:
-        suite.append(tasks.squad_long(data_dir, limit, train_limit, seed))
+        suite.append(tasks.squad_long(data_dir, limit, train_limit, seed, split))
     if "qmsum" in chosen:
-        suite.append(tasks.qmsum(data_dir, limit, train_limit, seed))
+        suite.append(tasks.qmsum(data_dir, limit, train_limit, seed, split))
     if "hotpotqa" in chosen:
         lengths = [int(value) for value in _csv(hotpot_lengths)]
-        suite.append(tasks.hotpotqa_long(data_dir, limit, train_limit, count_tokens, lengths, seed))
+        suite.append(tasks.hotpotqa_long(data_dir, limit, train_limit, count_tokens, lengths, seed, split))
     if "passkey" in chosen:
         lengths = [int(value) for value in _csv(passkey_lengths)]
-        suite.append(tasks.passkey(limit, train_limit, count_tokens, lengths, seed))
+        suite.append(tasks.passkey(limit, train_limit, count_tokens, lengths, seed, split))
     if tenant is not None:
         from lloco.registry import Registry
 
@@ -258,6 +280,7 @@ def evaluate(
         source = str(adapter_init) if init_files is not None else "the compressor's reader"
         init_meta = {"source": source, "rank": rank, "targets": list(targets), "sha256": digest}
     meta = {
+        "split": split,
         "command": command_line(ctx, "eval"),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model": base.model_id,
@@ -275,7 +298,11 @@ def evaluate(
         seconds = round(time.perf_counter() - started, 2)
         return write_report(output, results, {**meta, "costs": evaluator.costs, "seconds": seconds})
 
-    meta["perplexity"] = evaluator.held_out_perplexity(passkey.filler_articles("test"), PERPLEXITY_SOURCE)
+    meta["perplexity"] = (
+        evaluator.held_out_perplexity(passkey.filler_articles("test"), PERPLEXITY_SOURCE)
+        if split == "test"
+        else {"skipped": PERPLEXITY_NOT_IN_VALIDATION}
+    )
     with progress() as bars:
         runs = sum(len(item.tests) for item in suite) * len(options.modes)
         task = bars.add_task("eval", total=runs, detail="(test set, mode) runs")
@@ -289,7 +316,13 @@ def evaluate(
 
         results = evaluator.run(suite, on_result=report_and_show)
     final = report(results)
-    typer.echo(markdown_table(results) + "\n\n" + ablation_markdown(final["ablations"], meta["perplexity"]))
+    typer.echo(
+        split_notice(split)
+        + "\n\n"
+        + markdown_table(results)
+        + "\n\n"
+        + ablation_markdown(final["ablations"], meta["perplexity"])
+    )
 
 
 if __name__ == "__main__":

@@ -12,12 +12,16 @@ random (seeded), so no world knowledge answers them:
 - ``city``: a person's favourite city;
 - ``leader``: who leads a project.
 
-The two splits share nothing: the test split's filler is the SQuAD articles whose questions SQuAD-long
-tests on (25-34, which the pretraining corpus excludes), the train split's twelve of the training
-articles (0-11); each split has its own sentence templates, project names, first names, surnames and
-cities; codes and dates fall in a split by a hash of their text; every document's random stream is
-keyed by its split. So anything trained on ``split="train"`` documents (the LoRA modes of ``lloco eval``,
-compressor pretraining) has seen none of the test split's sentences, entities, values or filler.
+The train and test splits share nothing: the test split's filler is the SQuAD articles whose questions
+SQuAD-long tests on (25-34, which the pretraining corpus excludes), the train split's twelve of the
+training articles (0-11); each split has its own sentence templates, project names, first names,
+surnames and cities; codes and dates fall in a split by a hash of their text; every document's random
+stream is keyed by its split. So anything trained on ``split="train"`` documents (the LoRA modes of
+``lloco eval``, compressor pretraining) has seen none of the test split's sentences, entities, values or
+filler. The validation split (what ``lloco eval --split validation`` asks) is made of the train split's
+material (``MATERIAL``: filler, templates, names, values) with its own random stream, so its documents
+are other documents than the train split's, and share nothing with the test split's; its facts are
+random draws from the train split's pools, so one repeats a training document's only by chance.
 
 Pure Python on purpose (no torch, no model): other rooms build training documents with it.
 """
@@ -36,7 +40,9 @@ from typing import Any, Literal, cast
 
 from lloco.errors import Internal, InvalidArgument
 
-Split = Literal["train", "test"]
+Split = Literal["train", "validation", "test"]
+Material = Literal["train", "test"]  # whose filler, templates, names and values a document is made of
+MATERIAL: dict[Split, Material] = {"train": "train", "validation": "train", "test": "test"}
 Kind = Literal["code", "birthday", "city", "leader"]
 KINDS: tuple[Kind, ...] = ("code", "birthday", "city", "leader")
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -54,7 +60,7 @@ class Template:
     question: str
 
 
-TEMPLATES: dict[Split, tuple[Template, ...]] = {
+TEMPLATES: dict[Material, tuple[Template, ...]] = {
     "test": (
         Template(
             "code",
@@ -110,7 +116,7 @@ def _names(words: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class EntityPools:
-    """The names a split draws from; the two splits' pools are disjoint."""
+    """The names a material draws from; the two materials' pools are disjoint."""
 
     projects: tuple[str, ...]
     first_names: tuple[str, ...]
@@ -118,7 +124,7 @@ class EntityPools:
     cities: tuple[str, ...]
 
 
-POOLS: dict[Split, EntityPools] = {
+POOLS: dict[Material, EntityPools] = {
     "test": EntityPools(
         projects=_names(
             "Amberline Bluefinch Cobaltstone Driftmoor Emberfall Foxglove Granitepeak Harborlight Ironbark "
@@ -209,14 +215,14 @@ def _filler() -> dict[str, Any]:
 
 
 def _check_split(split: str) -> Split:
-    if split not in ("train", "test"):
-        raise InvalidArgument(f"passkey split must be 'train' or 'test', got {split!r}")
+    if split not in MATERIAL:
+        raise InvalidArgument(f"passkey split must be one of {', '.join(MATERIAL)}, got {split!r}")
     return cast(Split, split)
 
 
-def _paragraphs(split: Split) -> list[list[str]]:
-    """The split's paragraphs (each a list of sentences), articles in order."""
-    return [paragraph for article in _filler()["splits"][split] for paragraph in article["paragraphs"]]
+def _paragraphs(material: Material) -> list[list[str]]:
+    """The material's paragraphs (each a list of sentences), articles in order."""
+    return [paragraph for article in _filler()["splits"][material] for paragraph in article["paragraphs"]]
 
 
 def filler_articles(split: Split) -> dict[str, str]:
@@ -224,20 +230,20 @@ def filler_articles(split: Split) -> dict[str, str]:
     prose without planted facts, e.g. held-out text for perplexity (the test split)."""
     return {
         article["title"]: "\n\n".join(" ".join(sentences) for sentences in article["paragraphs"])
-        for article in _filler()["splits"][_check_split(split)]
+        for article in _filler()["splits"][MATERIAL[_check_split(split)]]
     }
 
 
-def _in_split(value: str, split: Split) -> bool:
-    """Codes and dates belong to one split each, by a hash of their text."""
-    return zlib.crc32(value.encode()) % 2 == (0 if split == "test" else 1)
+def _in_split(value: str, material: Material) -> bool:
+    """Codes and dates belong to one material each, by a hash of their text."""
+    return zlib.crc32(value.encode()) % 2 == (0 if material == "test" else 1)
 
 
 class _FactDrawer:
     """Random facts of one document, with distinct subjects and people."""
 
-    def __init__(self, split: Split, rng: random.Random) -> None:
-        self.split, self.rng, self.pools = split, rng, POOLS[split]
+    def __init__(self, material: Material, rng: random.Random) -> None:
+        self.material, self.rng, self.pools = material, rng, POOLS[material]
         self.used: set[str] = set()
 
     def _fresh(self, draw: Callable[[], str]) -> str:
@@ -254,7 +260,7 @@ class _FactDrawer:
         return self._fresh(lambda: self.rng.choice(self.pools.projects))
 
     def _of_split(self, draw: Callable[[], str]) -> str:
-        while not _in_split(value := draw(), self.split):
+        while not _in_split(value := draw(), self.material):
             pass
         return value
 
@@ -269,7 +275,7 @@ class _FactDrawer:
 
     def fact(self, kind: Kind) -> tuple[Template, str, str]:
         """A template of ``kind`` and its subject and value."""
-        template = self.rng.choice([t for t in TEMPLATES[self.split] if t.kind == kind])
+        template = self.rng.choice([t for t in TEMPLATES[self.material] if t.kind == kind])
         if kind == "code":
             return template, self._project(), self._of_split(lambda: str(self.rng.randint(10000, 99999)))
         if kind == "birthday":
@@ -291,7 +297,8 @@ def passkey_documents(
 
     Document i asks about a fact at depth ``DEPTHS[i % len(DEPTHS)]``; the other facts take other depths
     at random. A document is deterministic in (split, seed, length, i): the first n of a larger count
-    are the same n documents. Filler never repeats within a document.
+    are the same n documents. Filler never repeats within a document. Its filler, templates and pools
+    are those of ``MATERIAL[split]``; its random stream is the split's own.
 
     Raises:
         InvalidArgument: an unknown split, ``facts_per_document`` outside 1..len(DEPTHS), a negative
@@ -309,11 +316,12 @@ def passkey_documents(
             counts[unit] = count_tokens(unit)
         return counts[unit]
 
-    paragraphs = _paragraphs(split)
+    material = MATERIAL[split]
+    paragraphs = _paragraphs(material)
     documents = []
     for index in range(count):
         rng = random.Random(f"lloco-passkey/{split}/{seed}/{length}/{index}")
-        drawer = _FactDrawer(split, rng)
+        drawer = _FactDrawer(material, rng)
         asked_kind = rng.choice(KINDS)
         kinds = [asked_kind, asked_kind][:facts_per_document]  # the asked fact and a same-kind distractor
         kinds += [rng.choice(KINDS) for _ in range(facts_per_document - len(kinds))]

@@ -2,7 +2,9 @@
 
 Besides one row per (test set, mode), both carry the ablations that say whether the compressed context
 informs answers: LLoCO against the LoRA trained without context and the full-context LoRA, passkey
-exact match by length and depth, and the held-out perplexity gap the compressor closes.
+exact match by length and depth, and the held-out perplexity gap the compressor closes. Both name the
+split that was asked first (eval.json's ``split``, eval.md's title and first line), so that validation
+figures are never read as test figures.
 """
 
 from __future__ import annotations
@@ -44,6 +46,20 @@ _PERPLEXITY_ROWS = (
     ("full_text", "full earlier text"),
     ("reconstruction", "compressed segments up to the scored one"),
 )
+
+
+_SPLIT_NOTICES = {
+    "test": "**Split: test.** Questions about the test split's documents: the figures to report. Choose a "
+    "finetune recipe (steps, learning rate, rows) on `--split validation`, never on these.",
+    "validation": "**Split: validation, not test.** Questions about train-side documents that no LoRA train "
+    "row holds: for choosing a finetune recipe (steps, learning rate, rows). Report figures from "
+    "`--split test`.",
+}
+
+
+def split_notice(split: str) -> str:
+    """The line that opens a report of ``split`` (``lloco.eval.tasks.EVAL_SPLITS``): what its figures are for."""
+    return _SPLIT_NOTICES[split]
 
 
 def _number(scores: dict[str, float], name: str) -> str:
@@ -189,14 +205,18 @@ def markdown_table(results: Sequence[ModeResult]) -> str:
 
 def write_report(directory: Path, results: Sequence[ModeResult], meta: dict[str, Any]) -> dict[str, Any]:
     """Write the three files into ``directory``; returns what eval.json holds (``meta``, the ablations,
-    the results). ``meta["perplexity"]`` is ``Evaluator.held_out_perplexity``'s result, if measured."""
+    the results). ``meta["split"]`` is the split asked (``test`` or ``validation``); ``meta["perplexity"]``
+    is ``Evaluator.held_out_perplexity``'s result, if measured."""
     directory.mkdir(parents=True, exist_ok=True)
     perplexity = meta.get("perplexity")
     summary = ablations(results, perplexity)
     report = {**meta, "ablations": summary, "results": [result_dict(result) for result in results]}
     (directory / JSON_FILE).write_text(json.dumps(report, indent=2))
     header = [
-        f"# Evaluation: {meta.get('base_model', '')} with compressor {meta.get('compressor_id', '')}",
+        f"# Evaluation on the {meta['split']} split: {meta.get('base_model', '')} with compressor "
+        f"{meta.get('compressor_id', '')}",
+        "",
+        split_notice(meta["split"]),
         "",
         f"Command: `{meta.get('command', '')}`",
         "",

@@ -8,6 +8,13 @@ The pretraining corpus leaves out every Wikipedia title of that test split (``ll
 Passkey: generated fact-recall documents (``lloco.eval.passkey``), ``limit`` per length, and ``train_limit``
 train documents from the disjoint train split. A tenant's dataset in the registry is a test set too,
 with an optional train dataset.
+
+``split="validation"`` (``EVAL_SPLITS``) asks the same way about the validation split instead, which lies
+inside the train side (``lloco.finetune.datasets``, ``lloco.eval.passkey``), and trains the LoRA modes on
+the train side without it: SQuAD articles 20-24 (train rows from 0-19), QMSum's val split (train rows from
+train), HotpotQA's last eighth of train questions (train rows from the others), passkey documents of the
+validation stream (train rows as in a test run). It is what a finetune recipe is chosen on; the test split
+stays for reporting.
 """
 
 from __future__ import annotations
@@ -16,15 +23,17 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from lloco.errors import InvalidArgument
 from lloco.eval.passkey import PasskeyDocument, passkey_documents
-from lloco.finetune.datasets import QASet, load_hotpotqa_long, load_qmsum, load_squad
+from lloco.finetune.datasets import QMSUM_VALIDATION, QASet, load_hotpotqa_long, load_qmsum, load_squad
 from lloco.model.prompt import QA_INSTRUCTION
 from lloco.registry import DatasetRow, Registry
 
 Metric = Literal["qa", "summary"]
+EvalSplit = Literal["test", "validation"]
+EVAL_SPLITS: tuple[EvalSplit, ...] = ("test", "validation")  # what `lloco eval --split` asks
 DATASETS = ("squad", "qmsum", "hotpotqa", "passkey")
 HOTPOT_LENGTHS = (4096, 8192, 16384)
 PASSKEY_LENGTHS = (2048, 4096, 8192)
@@ -70,14 +79,27 @@ def sample_rows(qaset: QASet, limit: int | None, seed: int) -> QASet:
     return QASet({d: text for d, text in qaset.documents.items() if d in named}, list(rows))
 
 
-def squad_long(data_dir: Path, limit: int | None, train_limit: int | None, seed: int) -> EvalDataset:
-    test = sample_rows(load_squad(data_dir, "test"), limit, seed)
-    train = sample_rows(load_squad(data_dir, "train"), train_limit, seed)
+def check_split(split: str) -> EvalSplit:
+    """``split`` if ``lloco eval`` can ask it; InvalidArgument otherwise."""
+    if split not in EVAL_SPLITS:
+        raise InvalidArgument(f"--split must be one of {', '.join(EVAL_SPLITS)}, got {split!r}")
+    return cast(EvalSplit, split)
+
+
+def squad_long(
+    data_dir: Path, limit: int | None, train_limit: int | None, seed: int, split: EvalSplit = "test"
+) -> EvalDataset:
+    validation = check_split(split) == "validation"
+    test = sample_rows(load_squad(data_dir, split), limit, seed)
+    train = sample_rows(load_squad(data_dir, "train", hold_out_validation=validation), train_limit, seed)
     return EvalDataset("squad-long", "qa", [TestSet("squad-long", test)], train, QA_INSTRUCTION)
 
 
-def qmsum(data_dir: Path, limit: int | None, train_limit: int | None, seed: int) -> EvalDataset:
-    test = sample_rows(load_qmsum(data_dir, "test"), limit, seed)
+def qmsum(
+    data_dir: Path, limit: int | None, train_limit: int | None, seed: int, split: EvalSplit = "test"
+) -> EvalDataset:
+    asked = QMSUM_VALIDATION if check_split(split) == "validation" else "test"
+    test = sample_rows(load_qmsum(data_dir, asked), limit, seed)
     train = sample_rows(load_qmsum(data_dir, "train"), train_limit, seed)
     return EvalDataset("qmsum", "summary", [TestSet("qmsum", test)], train)
 
@@ -89,20 +111,24 @@ def hotpotqa_long(
     count_tokens: Callable[[str], int],
     lengths: Sequence[int] = HOTPOT_LENGTHS,
     seed: int = 0,
+    split: EvalSplit = "test",
 ) -> EvalDataset:
     """One test set per haystack length (the same questions); train question j (of the first ``train_limit``)
     sits in a haystack of ``lengths[j % len(lengths)]`` tokens."""
+    validation = check_split(split) == "validation"
     tests = [
         TestSet(
             length_name("hotpotqa", length),
-            load_hotpotqa_long(data_dir, "test", length, count_tokens, limit=limit, seed=seed),
+            load_hotpotqa_long(data_dir, split, length, count_tokens, limit=limit, seed=seed),
         )
         for length in lengths
     ]
     documents: dict[str, str] = {}
     rows: list[DatasetRow] = []
     for turn, length in enumerate(lengths):
-        part = load_hotpotqa_long(data_dir, "train", length, count_tokens, limit=train_limit, seed=seed)
+        part = load_hotpotqa_long(
+            data_dir, "train", length, count_tokens, train_limit, seed, hold_out_validation=validation
+        )
         documents.update(part.documents)
         rows += part.rows[turn :: len(lengths)]
     train = sample_rows(QASet(documents, rows), None, seed)
@@ -125,14 +151,16 @@ def passkey(
     count_tokens: Callable[[str], int],
     lengths: Sequence[int] = PASSKEY_LENGTHS,
     seed: int = 0,
+    split: EvalSplit = "test",
 ) -> EvalDataset:
     """One test set per document length (``limit`` documents, ``PASSKEY_ALL`` when None), with each
     question's depth; train document j (of ``train_limit``) has ``lengths[j % len(lengths)]`` tokens and
-    comes from the train split (other filler, templates, names and values)."""
+    comes from the train split (for the test split: other filler, templates, names and values; for the
+    validation split: other documents of the same material)."""
     tests = []
     for length in lengths:
         documents = passkey_documents(
-            "test", length, PASSKEY_ALL if limit is None else limit, count_tokens, seed
+            check_split(split), length, PASSKEY_ALL if limit is None else limit, count_tokens, seed
         )
         depths = tuple(doc.asked.depth for doc in documents)
         tests.append(TestSet(length_name("passkey", length), _passkey_qaset(documents), depths))

@@ -5,7 +5,11 @@ layout ``lloco data fetch`` writes: ``squad-v2-dev.json.gz``, ``hotpotqa-dev-dis
 ``qmsum/{train,val,test}/*.json``, the upstream files as published (the two single files gzipped). Each loader returns a :class:`QASet`: the documents a tenant ingests (``{doc_id: text}``) and the rows
 (``doc_ids``, ``question``, ``answer``) of a dataset over them. Splits follow the project's data README:
 SQuAD articles 0-24 train and 25-34 test; QMSum its own train/val/test; HotpotQA (dev only here) its
-first 80% of questions train, the rest test. Every loader is deterministic.
+first 80% of questions train, the rest test. The validation split (what ``lloco eval --split validation``
+asks, to choose a finetune recipe without touching the test split) lies inside the train side: SQuAD
+articles 20-24, QMSum's own val, the last eighth of HotpotQA's train questions (only those whose gold
+paragraphs belong to no other train or test question, in haystacks of their own paragraphs that do
+neither); ``hold_out_validation=True`` gives the train side without it. Every loader is deterministic.
 """
 
 from __future__ import annotations
@@ -25,15 +29,19 @@ SQUAD_FILE = "squad-v2-dev.json.gz"
 HOTPOT_FILE = "hotpotqa-dev-distractor.json.gz"
 QMSUM_DIR = "qmsum"
 QMSUM_SPLITS = ("train", "val", "test")
+QMSUM_VALIDATION = "val"  # QMSum's own validation split: what `lloco eval --split validation` asks
 # What each set needs in the QA data directory (the names `lloco eval --datasets` takes).
 DATA_PATHS = {"squad": SQUAD_FILE, "qmsum": QMSUM_DIR, "hotpotqa": HOTPOT_FILE}
 
 SQUAD_TRAIN_ARTICLES = range(0, 25)
+SQUAD_VALIDATION_ARTICLES = range(20, 25)  # inside the train side
 SQUAD_TEST_ARTICLES = range(25, 35)
-HOTPOT_TRAIN_FRACTION = 0.8
+HOTPOT_TRAIN_FRACTION = 0.8  # of the dev file's questions, in file order: the train side; the rest test
+HOTPOT_VALIDATION_FRACTION = 1 / 8  # of the train side's questions, its last ones: validation
 HOTPOT_TARGET_TOKENS = (4096, 8192, 16384)
 
-Split = Literal["train", "test"]
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
 
 
 @dataclass(frozen=True)
@@ -72,12 +80,19 @@ def ingest_qaset(
     return registry.put_dataset(dataset, qaset.jsonl())
 
 
-def load_squad(data_dir: Path, split: Split) -> QASet:
-    """SQuAD-long: an article (its paragraphs joined) is a document; answerable questions, first gold answer."""
+def load_squad(data_dir: Path, split: Split, hold_out_validation: bool = False) -> QASet:
+    """SQuAD-long: an article (its paragraphs joined) is a document; answerable questions, first gold answer.
+
+    ``hold_out_validation`` leaves the validation articles out of the train split.
+    """
     articles = read_json(data_dir / SQUAD_FILE)["data"]
-    indices = {"train": SQUAD_TRAIN_ARTICLES, "test": SQUAD_TEST_ARTICLES}[
-        _check_split(split, ("train", "test"))
-    ]
+    indices = {
+        "train": SQUAD_TRAIN_ARTICLES,
+        "validation": SQUAD_VALIDATION_ARTICLES,
+        "test": SQUAD_TEST_ARTICLES,
+    }[_check_split(split, SPLITS)]
+    if split == "train" and hold_out_validation:
+        indices = [index for index in indices if index not in SQUAD_VALIDATION_ARTICLES]
     documents: dict[str, str] = {}
     rows: list[DatasetRow] = []
     for index in indices:
@@ -122,20 +137,22 @@ def load_hotpotqa_long(
     count_tokens: Callable[[str], int],
     limit: int | None = None,
     seed: int = 0,
+    hold_out_validation: bool = False,
 ) -> QASet:
     """HotpotQA-long: per question, its gold paragraphs padded with other questions' paragraphs.
 
     As LongBench and RULER build long multi-hop documents: the question's own distractors and then
     paragraphs drawn from other questions of the same split fill the document up to ``target_tokens``
     (as counted by ``count_tokens``, summed over paragraphs); the gold paragraphs sit at spread depths,
-    one in each equal band of the document. Deterministic for a given ``seed``.
+    one in each equal band of the document. Deterministic for a given ``seed``. A validation document
+    holds no paragraph (by title) of a test question or of a train question outside the validation
+    split (``hotpot_questions``); ``hold_out_validation`` leaves the validation questions out of the
+    train split, whose haystacks then hold only the remaining train questions' paragraphs.
     """
     if target_tokens < 256:
         raise InvalidArgument(f"target_tokens must be at least 256, got {target_tokens}")
-    questions = read_json(data_dir / HOTPOT_FILE)
-    cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
-    questions = questions[:cut] if _check_split(split, ("train", "test")) == "train" else questions[cut:]
-    pool = _paragraph_pool(questions)
+    questions, excluded = hotpot_questions(read_json(data_dir / HOTPOT_FILE), split, hold_out_validation)
+    pool = _paragraph_pool(questions, excluded)
     token_counts: dict[str, int] = {}
 
     def tokens_of(paragraph: str) -> int:
@@ -147,7 +164,11 @@ def load_hotpotqa_long(
     rows: list[DatasetRow] = []
     for question in questions[:limit] if limit is not None else questions:
         gold_titles = list(dict.fromkeys(title for title, _ in question["supporting_facts"]))
-        own = {title: _paragraph(title, sentences) for title, sentences in question["context"]}
+        own = {
+            title: _paragraph(title, sentences)
+            for title, sentences in question["context"]
+            if title not in excluded
+        }
         gold = [own[title] for title in gold_titles if title in own]
         rng = random.Random(f"{seed}:{question['_id']}")
         fillers = [text for title, text in own.items() if title not in gold_titles]
@@ -174,16 +195,42 @@ def load_hotpotqa_long(
     return QASet(documents, rows)
 
 
+def hotpot_questions(
+    questions: list[dict], split: Split, hold_out_validation: bool = False
+) -> tuple[list[dict], set[str]]:
+    """The questions of ``split`` (of the dev file's ``questions``, in file order) and the paragraph titles
+    its documents must not hold. Train: the first ``HOTPOT_TRAIN_FRACTION``, without its last
+    ``HOTPOT_VALIDATION_FRACTION`` when ``hold_out_validation``; test: the rest. Validation: those last
+    train questions, less any whose gold paragraph is also a paragraph of another train question or of a
+    test question (HotpotQA questions share Wikipedia paragraphs); every such title is excluded."""
+    cut = int(len(questions) * HOTPOT_TRAIN_FRACTION)
+    validation_start = cut - int(cut * HOTPOT_VALIDATION_FRACTION)
+    if _check_split(split, SPLITS) == "test":
+        return questions[cut:], set()
+    if split == "train":
+        return questions[: validation_start if hold_out_validation else cut], set()
+    others = questions[:validation_start] + questions[cut:]
+    excluded = {title for question in others for title, _ in question["context"]}
+    asked = [
+        question
+        for question in questions[validation_start:cut]
+        if not {title for title, _ in question["supporting_facts"]} & excluded
+    ]
+    return asked, excluded
+
+
 def _paragraph(title: str, sentences: list[str]) -> str:
     return f"{title}\n{''.join(sentences).strip()}"
 
 
-def _paragraph_pool(questions: list[dict]) -> list[str]:
-    """Every distinct paragraph of the split, in first-seen order (so sampling is reproducible)."""
+def _paragraph_pool(questions: list[dict], excluded: set[str]) -> list[str]:
+    """Every distinct paragraph of the split whose title is not ``excluded``, in first-seen order (so
+    sampling is reproducible)."""
     pool: dict[str, None] = {}
     for question in questions:
         for title, sentences in question["context"]:
-            pool.setdefault(_paragraph(title, sentences), None)
+            if title not in excluded:
+                pool.setdefault(_paragraph(title, sentences), None)
     return list(pool)
 
 
