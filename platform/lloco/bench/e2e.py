@@ -282,9 +282,11 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         single = [
             await engine_query(core, engine_requests(owner, "long", n, plan)) for n in range(plan.repeats)
         ]
+        before_cold = _captures(core)
         cold = await asyncio.gather(
             *(engine_query(core, engine_requests(t, "doc", -1, plan)) for t in tenants)
         )
+        before_load = _captures(core)
         samples: list[tuple[int, QuerySample]] = []
 
         async def client(index: int) -> None:
@@ -298,7 +300,17 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         wall = time.perf_counter() - started
     finally:
         await core.stop()
-    return {"single": _single(single), "load": _load(samples, wall, tenants) | {"cold_ttft": _ttfts(cold)}}
+    captures = {  # decode shapes captured as CUDA graphs on first use in each phase: (count, host seconds)
+        "cold": [b - a for a, b in zip(before_cold, before_load, strict=True)],
+        "load": [b - a for a, b in zip(before_load, _captures(core), strict=True)],
+    }
+    load = _load(samples, wall, tenants) | {"cold_ttft": _ttfts(cold), "graph_captures": captures}
+    return {"single": _single(single), "load": load}
+
+
+def _captures(core: Any) -> tuple[float, float]:
+    metrics = core.metrics()
+    return metrics["decode_graph_captures"], metrics["decode_graph_capture_seconds"]
 
 
 @torch.no_grad()
@@ -464,6 +476,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | "
                 f"{r['cold_ttft']['p50_ms']:.0f} / {r['cold_ttft']['max_ms']:.0f} |"
             )
+        if "graph_captures" in load.get("engine", {}):
+            captures = load["engine"]["graph_captures"]
+            lines += [
+                "",
+                "Decode shapes captured as CUDA graphs on first use by EngineCore alone (count, host seconds): "
+                f"during the tenants' first queries {captures['cold'][0]:.0f} ({captures['cold'][1]:.1f} s), "
+                f"during the load {captures['load'][0]:.0f} ({captures['load'][1]:.1f} s).",
+            ]
         paths = [key for key in ("grpc", "engine") if key in load]
         lines += [
             "",

@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import heapq
 import random
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -236,6 +237,10 @@ class Generator:
         self._fused = fused_decode.FusedDecoder(model, self.cache, lora) if fused else None
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
+        # Decode shapes captured while serving and the host time they took (the step waits for it):
+        # warm-up covers some shape classes, the rest are captured on first use.
+        self.graph_captures = 0
+        self.graph_capture_s = 0.0
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
         self._free = list(range(max_batch))
         self._rows: dict[str, _Row] = {}
@@ -503,6 +508,7 @@ class Generator:
     def _replay(self, key: tuple[int, int, bool, str]) -> None:
         graph = self._graphs.get(key)
         if graph is None:
+            started = time.perf_counter()
             # Warm up outside capture (compilation, autotuning); it computes what the replay recomputes.
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
@@ -513,6 +519,8 @@ class Generator:
             with torch.cuda.graph(graph, pool=self._pool):
                 self._decode_body(*key)
             self._graphs[key] = graph
+            self.graph_captures += 1
+            self.graph_capture_s += time.perf_counter() - started
         graph.replay()
 
     def _long_tensor(self, values: list[int]) -> Tensor:

@@ -446,6 +446,8 @@ class EngineCore:
             "adapter_s3_loads": self.adapters.s3_loads,
             "adapter_slot_loads": slots.loads,
             "adapter_slot_evictions": slots.evictions,
+            "decode_graph_captures": self.generator.graph_captures,
+            "decode_graph_capture_seconds": self.generator.graph_capture_s,
         }
 
     def residency(self) -> Residency:
