@@ -43,7 +43,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -752,6 +752,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help=f"comma-separated, of {','.join(SECTIONS)} (default: all with --tiny, else "
         f"{','.join(GPU_DEFAULT_SECTIONS)})",
     )
+    parser.add_argument(
+        "--churn-seconds", type=float, default=None, help="length of each adapter_churn window (default 60)"
+    )
     parser.add_argument("--name", default=None, help="output file stem (default serve-h200 / serve-tiny)")
     args = parser.parse_args(argv)
     sections = (
@@ -764,6 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"unknown sections {sorted(sections - set(SECTIONS))}; choose among {', '.join(SECTIONS)}"
         )
     plan = PLANS["tiny" if args.tiny else "h200"]
+    if args.churn_seconds is not None:
+        plan = replace(plan, churn_seconds=args.churn_seconds)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = args.name or ("serve-tiny" if args.tiny else "serve-h200")
