@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from lloco.errors import InvalidArgument, NotFound, Unavailable, to_grpc_status
+from lloco.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, to_grpc_status
 from lloco.storage import EmbeddedS3, ObjectStore, keys
 
 
@@ -237,6 +238,22 @@ def test_volume_slots_do_not_depend_on_free_disk(s3: EmbeddedS3) -> None:
     with urllib.request.urlopen(f"{s3.master_url}/dir/status", timeout=5) as reply:
         topology = json.load(reply)["Topology"]
     assert topology["Max"] == MAX_VOLUMES
+
+
+def test_a_nearly_full_disk_refuses_to_start_and_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With under 1% of its disk free weed starts, answers, and fails every write (seen in CI: "retry
+    shortly" for the rest of the run), so the server refuses to start instead. The disk reading is the
+    one taken on a 300 MB tmpfs holding 298 MB, where weed reported no writable volume slots at all."""
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(300 * 2**20, 298 * 2**20, 2 * 2**20)
+    )
+    server = EmbeddedS3(tmp_path / "s3")
+    with pytest.raises(ResourceExhausted) as caught:
+        server.start()
+    assert "MiB free on the disk of" in str(caught.value) and "read-only" in str(caught.value)
+    assert not server.running and to_grpc_status(caught.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_prefixes_share_a_bucket_without_seeing_each_other(s3: EmbeddedS3) -> None:

@@ -25,7 +25,7 @@ from botocore.config import Config
 from pydantic import SecretStr
 
 from lloco.config import StoreSettings
-from lloco.errors import FailedPrecondition, Unavailable
+from lloco.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from lloco.logs import get_logger
 
 log = get_logger(__name__)
@@ -42,6 +42,9 @@ _PORT_CONFLICTS = ("is not available", "address already in use")
 # volume of its own, so a server holding many buckets (a test run makes one per test) could refuse writes
 # with "no free volumes left" depending on the disk; volumes are sparse files, so a fixed cap costs nothing.
 MAX_VOLUMES = 1000
+# weed's volume server turns every volume read-only when its disk has less than 1% free (``weed mini`` has
+# no flag to change it); the S3 gateway then fails every write as a server error that looks transient.
+MIN_FREE_DISK_FRACTION = 0.01
 _SOCKET_DIR = Path("/tmp")
 
 
@@ -152,6 +155,7 @@ class EmbeddedS3:
         data, logs = self.data_dir / "data", self.data_dir / "logs"
         data.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
+        _require_free_disk(data)
         command = [str(weed_binary()), f"-logdir={logs}", "mini", *self._flags(data)]
         env = {**os.environ, "AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key}
         with open(logs / "console.log", "ab") as console:
@@ -285,6 +289,20 @@ class EmbeddedS3:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _require_free_disk(data: Path) -> None:
+    """Refuse to start on a disk where weed would accept connections but no writes, with a message that
+    says so (a store that fails every write reads as "retry shortly" to its clients)."""
+    usage = shutil.disk_usage(data)
+    # a margin over weed's own threshold: the server's first volumes and logs take some of what is left
+    needed = int(usage.total * MIN_FREE_DISK_FRACTION * 1.5)
+    if usage.free < needed:
+        raise ResourceExhausted(
+            f"embedded S3 needs at least {needed / 2**20:,.0f} MiB free on the disk of {data} "
+            f"({usage.free / 2**20:,.0f} MiB free of {usage.total / 2**20:,.0f} MiB): below "
+            f"{MIN_FREE_DISK_FRACTION:.0%} free SeaweedFS makes every volume read-only"
+        )
 
 
 def _signal_group(pid: int, signal_number: int) -> None:
