@@ -43,6 +43,19 @@ def test_engine_reports_both_hf_baselines_and_both_floors(tmp_path: Path) -> Non
     assert "floor ms (measured copy)" in table and "floor ms (data sheet)" in table
 
 
+def test_cold_shapes_runs_both_starts_twice(tmp_path: Path) -> None:
+    """The section behind the engine's start-up capture: on the CPU nothing is captured, but every figure
+    is recorded for both starts and both runs of the arrivals."""
+    result = engine.main(["--out", str(tmp_path), "--tiny", "--sections", "cold_shapes"])
+    cold = recorded(tmp_path, "engine-tiny", result)["cold_shapes"]
+    for start in ("lazy", "at_start"):
+        assert cold[start]["shape_classes"] == 12 and cold[start]["captured_at_start"] == 0
+        for run in ("first", "again"):
+            assert 0 < cold[start][run]["ttft_p50_ms"] <= cold[start][run]["ttft_max_ms"]
+            assert cold[start][run]["steps"] >= 2 * cold["tenants"] - 1
+    assert "A fresh engine's first queries" in (tmp_path / "engine-tiny.md").read_text()
+
+
 def test_serve_runs_every_section(tmp_path: Path) -> None:
     result = serve.main(["--out", str(tmp_path), "--tiny"])
     recorded(tmp_path, "serve-tiny", result)

@@ -304,3 +304,32 @@ def test_decoding_rows_get_a_token_every_step_while_long_inputs_are_chunked(base
     assert {out.request_id for out in unchunked.step()} == {"x", "y"}  # whole inputs in one step
     with pytest.raises(InvalidArgument, match="prefill_chunk_tokens"):
         Generator(base.model, None, 1, 64, prefill_chunk_tokens=0)
+
+
+class _ShapeRecorder(Generator):
+    """A Generator that records the shape class of every decode step it runs."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.ran: set[tuple] = set()
+
+    def _decode_body(self, batch, kv_len, use_lora, mode) -> None:
+        self.ran.add((batch, kv_len, use_lora, mode))
+        super()._decode_body(batch, kv_len, use_lora, mode)
+
+
+def test_decode_shapes_cover_every_step_a_generator_runs(base, slots) -> None:
+    """What a server captures at start (``decode_shapes``) is every shape its steps can meet: rows of
+    several lengths, adapters on and off, every sampling mode, a batch size that is no power of two."""
+    gen = _ShapeRecorder(base.model, slots, max_batch=7, max_seq_len=112, kv_bucket=16, eos_token_ids=())
+    reqs = [*requests(base), long_request(base, 40, "What does the long report say?", 1, SamplingParams(36))]
+    named = [(f"r{i}", r) for i, r in enumerate(reqs)]
+    for batch in (named[:1], named[3:4], named[:3], named):
+        run_tokens(gen, batch, late=[("late", reqs[0])] if batch is named else None)
+    shapes = set(gen.decode_shapes(("greedy", "sample", "top_p")))
+    assert gen.ran <= shapes
+    assert {batch for batch, *_ in gen.ran} == {1, 4, 7} and {m for *_, m in gen.ran} == {"greedy", "top_p"}
+    batches = {batch for batch, *_ in shapes}
+    assert batches == {1, 2, 4, 7} and {kv for _, kv, *_ in shapes} == {16, 32, 48, 64, 80, 96, 112}
+    assert len(Generator(base.model, None, 6, 96, kv_bucket=16).decode_shapes()) == 4 * 6  # no adapter class
+    assert gen.capture_decode_graphs() == 0  # on the CPU there are no graphs to capture

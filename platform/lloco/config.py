@@ -137,6 +137,13 @@ class EngineSettings(_Section):
         "than CUDA graphs alone, for a longer replica start (the engine compiles its shape classes before "
         "taking queries; docs/benchmarks has both figures).",
     )
+    capture_decode_modes: list[Literal["greedy", "sample", "top_p"]] = Field(
+        ["greedy"],
+        description="On CUDA, sampling modes whose decode step the engine captures as CUDA graphs at start, "
+        "for every batch and key-length class (a longer replica start; docs/benchmarks has the figures). "
+        "A class first met while serving is captured then, and that step waits for it: every running "
+        "query's next token comes later. Greedy covers queries with temperature 0; [] captures lazily.",
+    )
     prefill_chunk_tokens: int | None = Field(
         2048,
         ge=1,

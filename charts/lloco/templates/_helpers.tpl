@@ -192,6 +192,7 @@ engine:
   context_cache_gpu_bytes: {{ int64 $v.engine.contextCacheGpuBytes }}
   context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
   compile: {{ $v.engine.compile }}
+  capture_decode_modes: {{ $v.engine.captureDecodeModes | toJson }}
   prefill_chunk_tokens: {{ if $v.engine.prefillChunkTokens }}{{ int64 $v.engine.prefillChunkTokens }}{{ else }}null{{ end }}
   input_token_cost: {{ include "lloco.number" $v.engine.inputTokenCost }}
   output_token_cost: {{ include "lloco.number" $v.engine.outputTokenCost }}

@@ -12,7 +12,8 @@ batch 1/8/32 with and without rank-8 adapters (distinct per row up to ``--adapte
 of the two. Times are CUDA-event medians after warm-up; warm-up (graph capture, compilation) is reported
 apart. A decode step's memory floor (weights read + KV bytes read) is printed at two bandwidths: the
 device-to-device copy bandwidth measured at the start of the run, and the device's data-sheet bandwidth.
-``--profile-batch N`` then profiles 32 decode steps at batch N (the last of ``--modes``): device time per
+``--sections cold_shapes`` (not run by default) times a fresh engine's first queries with its decode
+graphs captured on first use and all at start. ``--profile-batch N`` then profiles 32 decode steps at batch N (the last of ``--modes``): device time per
 kernel name per step, and how much of the step the device sits idle.
 """
 
@@ -33,6 +34,7 @@ from lloco.bench.common import (
     MODES,
     TARGETS,
     Floors,
+    context_vectors,
     free_memory,
     goals_and_errors,
     hf_decode,
@@ -56,6 +58,7 @@ from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
 GOAL_BATCH32_VS_FLOOR = 1.15  # ms/step over the measured-copy floor, at most
 GOAL_VS_HF = {1: 2.0, 32: 1.6}  # tokens/s over the strongest HF baseline, at least
 GOAL_ADAPTERS = 0.93  # distinct adapters vs none at batch 32, at least
+SECTIONS = ("correctness", "prefill", "hf_decode", "decode", "cold_shapes")
 
 
 @torch.no_grad()
@@ -217,6 +220,95 @@ def bench_hf_decode(hf: Any, batches: list[int], prompt_len: int, new_tokens: in
     return rows
 
 
+@torch.no_grad()
+def bench_cold_shapes(
+    model: Llama, slots: LoraSlots, mode: str, seq_len: int, tenants: int, new_tokens: int
+) -> dict[str, Any]:
+    """Tenants' first queries on a fresh engine, its decode graphs captured on first use ("lazy") or all at
+    start (``Generator.capture_decode_graphs``, "at_start"), after what EngineCore's warm-up runs.
+
+    One tenant joins every other step with its own adapter and a compressed context of varied length, so
+    the batch and key lengths pass through many shape classes, as when a server's first queries arrive;
+    the same arrivals then run again on the now warm engine. Times are host clock (what a client waits).
+    """
+    result: dict[str, Any] = {"seq_len": seq_len, "tenants": tenants, "new_tokens": new_tokens, "mode": mode}
+    for start in ("lazy", "at_start"):
+        gen = Generator(
+            model,
+            slots,
+            32,
+            seq_len,
+            eos_token_ids=(),
+            prefill_chunk_tokens=2048,
+            **mode_options(mode, model.device),
+        )
+        began = time.perf_counter()
+        run_to_end(gen, [random_ids(8, model.config.vocab_size, seed=1)] * 2, [-1, 0], 2)
+        run_to_end(gen, [random_ids(8, model.config.vocab_size, seed=1)], [0], 2)
+        warmed = time.perf_counter()
+        captured = gen.capture_decode_graphs() if start == "at_start" else 0
+        row = {
+            "warm_up_s": warmed - began,
+            "captured_at_start": captured,
+            "capture_at_start_s": time.perf_counter() - warmed,
+            "shape_classes": len(gen.decode_shapes()),
+            "first": _arrivals(gen, tenants, new_tokens),
+            "again": _arrivals(gen, tenants, new_tokens),
+        }
+        result[start] = row
+        print(
+            f"cold shapes, {start}: captured {captured} at start in {row['capture_at_start_s']:.1f} s; first "
+            f"arrivals TTFT p50 {row['first']['ttft_p50_ms']:.0f} ms, max {row['first']['ttft_max_ms']:.0f} ms",
+            flush=True,
+        )
+        del gen
+        free_memory()
+    return result
+
+
+def _arrivals(gen: Generator, tenants: int, new_tokens: int) -> dict[str, Any]:
+    """One tenant joins every other step (adapter slot = tenant) with 1/6 to 6/6 of the longest context
+    that fits; TTFT and step times, and the captures on the way."""
+    model, prompt_len = gen.model, 40
+    longest = gen.max_seq_len - prompt_len - new_tokens
+    queued = [
+        (
+            f"t{i}",
+            context_vectors(model, longest * (1 + i % 6) // 6, 1, 1, seed=i),
+            random_ids(prompt_len, model.config.vocab_size, seed=i),
+            i,
+        )
+        for i in range(tenants)
+    ]
+    captures, capture_s = gen.graph_captures, gen.graph_capture_s
+    added: dict[str, float] = {}
+    first: dict[str, float] = {}
+    step_ms: list[float] = []
+    began = time.perf_counter()
+    while queued or gen.active():
+        if queued and len(step_ms) % 2 == 0:
+            request_id, prefix, prompt, slot = queued.pop(0)
+            gen.add(request_id, prefix, prompt, slot, SamplingParams(new_tokens))
+            added[request_id] = time.perf_counter()
+        stepped = time.perf_counter()
+        outputs = gen.step()
+        now = time.perf_counter()
+        step_ms.append((now - stepped) * 1e3)
+        for out in outputs:
+            first.setdefault(out.request_id, now)
+    ttft = sorted((first[r] - added[r]) * 1e3 for r in added)
+    return {
+        "wall_s": time.perf_counter() - began,
+        "ttft_p50_ms": statistics.median(ttft),
+        "ttft_max_ms": ttft[-1],
+        "step_p50_ms": statistics.median(step_ms),
+        "step_max_ms": max(step_ms),
+        "steps": len(step_ms),
+        "captures": gen.graph_captures - captures,
+        "capture_s": gen.graph_capture_s - capture_s,
+    }
+
+
 def _ratio(value: float | None, spec: str = ".2f", unit: str = "x") -> str:
     return "-" if value is None else f"{value:{spec}}{unit}"
 
@@ -304,6 +396,29 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{_ratio(r['floor_spec_ms'], '.2f', '')} | {_ratio(r['vs_spec_floor'])} | {versus} | "
                 f"{r['warmup_s']:.1f} |"
             )
+        lines.append("")
+    cold = result.get("cold_shapes")
+    if cold:
+        lines += [
+            f"## A fresh engine's first queries ({cold['tenants']} tenants joining one every other step, "
+            f"{cold['mode']}, max_seq_len {cold['seq_len']}, {cold['new_tokens']} new tokens)",
+            "",
+            "Decode graphs captured on first use (lazy) or all at start; the same arrivals run twice.",
+            "",
+            "| start | graphs at start | capture s | run | TTFT p50 ms | TTFT max ms | step p50 ms | step max ms "
+            "| captured on the way | their s | wall s |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for start in ("lazy", "at_start"):
+            row = cold[start]
+            for run in ("first", "again"):
+                r = row[run]
+                lines.append(
+                    f"| {start} | {row['captured_at_start']} of {row['shape_classes']} | "
+                    f"{row['capture_at_start_s']:.1f} | {run} | {r['ttft_p50_ms']:.0f} | {r['ttft_max_ms']:.0f} | "
+                    f"{r['step_p50_ms']:.1f} | {r['step_max_ms']:.0f} | {r['captures']} | {r['capture_s']:.1f} | "
+                    f"{r['wall_s']:.1f} |"
+                )
         lines.append("")
     profiled = result.get("profile")
     if profiled:
@@ -400,7 +515,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--budget-s", type=float, default=420.0, help="later decode rows are skipped past this"
     )
-    parser.add_argument("--skip-check", action="store_true")
+    parser.add_argument(
+        "--sections",
+        default="correctness,prefill,hf_decode,decode",
+        help=f"comma-separated, of {', '.join(SECTIONS)} (cold_shapes: a fresh engine's first queries)",
+    )
+    parser.add_argument(
+        "--cold-seq-len", type=int, default=None, help="cold_shapes' max_seq_len (default 1024)"
+    )
     parser.add_argument(
         "--profile-batch", type=int, default=0, help="also profile decode steps at this batch (0: no)"
     )
@@ -431,25 +553,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def section(name: str, fn: Callable[[], Any]) -> None:
         run_section(result, name, fn, free_memory)
 
-    if not args.skip_check:
+    sections = [name for name in args.sections.split(",") if name]
+    if unknown := set(sections) - set(SECTIONS):
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+    if "correctness" in sections:
         section("correctness", lambda: check_correctness(device, dtype, modes))
     floors = Floors.of(device)
     result["floors"] = floors.describe()
     config = LlamaConfig(**GEOMETRIES[geometry], max_position_embeddings=max([4096, *lengths]) + 64)
     model = random_llama(config, device, dtype, seed=0)
-    hf = hf_twin(model)
+    hf = hf_twin(model) if {"prefill", "hf_decode"} & set(sections) else None
     slots = LoraSlots(config, args.adapters, args.rank, TARGETS, device, dtype)
     for slot in range(args.adapters):
         slots.load(slot, random_adapter(config, args.rank, seed=slot))
     print(f"setup done at {time.time() - started:.0f} s", flush=True)
-    section("prefill", lambda: bench_prefill(model, hf, lengths, args.repeats or (1 if tiny else 3)))
-    section("hf_decode", lambda: bench_hf_decode(hf, batches, prompt_len, hf_new_tokens))
-    section(
-        "decode",
-        lambda: measure_decode(
-            model, slots, batches, prompt_len, new_tokens, modes, floors, started + args.budget_s
-        ),
-    )
+    if "prefill" in sections:
+        section("prefill", lambda: bench_prefill(model, hf, lengths, args.repeats or (1 if tiny else 3)))
+    if "hf_decode" in sections:
+        section("hf_decode", lambda: bench_hf_decode(hf, batches, prompt_len, hf_new_tokens))
+    if "decode" in sections:
+        section(
+            "decode",
+            lambda: measure_decode(
+                model, slots, batches, prompt_len, new_tokens, modes, floors, started + args.budget_s
+            ),
+        )
+    if "cold_shapes" in sections:
+        cold_seq_len = args.cold_seq_len or (128 if tiny else 1024)
+        section(
+            "cold_shapes",
+            lambda: bench_cold_shapes(
+                model, slots, modes[-1], cold_seq_len, 4 if tiny else 16, 3 if tiny else 32
+            ),
+        )
     if args.profile_batch:
         section(
             "profile", lambda: profile_decode(model, slots, args.profile_batch, prompt_len, 32, modes[-1])

@@ -135,6 +135,10 @@ def compiled_block() -> BlockFn:
     return torch.compile(Block.infer, dynamic=True)
 
 
+# (batch bucket, key-length bucket, adapters on, sampling mode): one CUDA graph each
+DecodeShape = tuple[int, int, bool, SampleMode]
+
+
 def _bucket(n: int, granule: int, cap: int) -> int:
     return min(-(-n // granule) * granule, cap)
 
@@ -236,9 +240,9 @@ class Generator:
             )
         self._fused = fused_decode.FusedDecoder(model, self.cache, lora) if fused else None
         self._use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple[int, int, bool, str], torch.cuda.CUDAGraph] = {}
-        # Decode shapes captured while serving and the host time they took (the step waits for it):
-        # warm-up covers some shape classes, the rest are captured on first use.
+        self._graphs: dict[DecodeShape, torch.cuda.CUDAGraph] = {}
+        # Decode shapes captured on first use and the host time they took (the step waits for it); those
+        # of ``capture_decode_graphs`` are not counted.
         self.graph_captures = 0
         self.graph_capture_s = 0.0
         self._pool = torch.cuda.graph_pool_handle() if self._use_graphs else None
@@ -446,7 +450,7 @@ class Generator:
         else:
             self._write_inputs(rows, batch)
         use_lora = self.lora is not None and any(row.slot >= 0 for row in rows)
-        key = (batch, kv_len, use_lora, self._mode([row.params for row in rows]))
+        key: DecodeShape = (batch, kv_len, use_lora, self._mode([row.params for row in rows]))
         if self._use_graphs:
             self._replay(key)
         else:
@@ -505,23 +509,67 @@ class Generator:
         temperature, top_p = self._float[:, :batch]
         self._next[:batch].copy_(sample(logits, temperature, top_p, seeds, positions + 1, mode))
 
-    def _replay(self, key: tuple[int, int, bool, str]) -> None:
+    def decode_shapes(self, modes: Iterable[SampleMode] = ("greedy",)) -> list[DecodeShape]:
+        """Every shape class a decode step of ``modes`` can run in: (batch bucket, key-length bucket,
+        adapters on, sampling mode), the keys of its CUDA graphs."""
+        batches = sorted({_pow2_bucket(n, self.max_batch) for n in range(1, self.max_batch + 1)})
+        kv_lens = sorted(
+            {
+                _bucket(n, self.kv_bucket, self.max_seq_len)
+                for n in range(1, self.max_seq_len + 1, self.kv_bucket)
+            }
+        )
+        adapters = (False, True) if self.lora is not None else (False,)
+        return [
+            (batch, kv_len, use_lora, mode)
+            for mode in modes
+            for use_lora in adapters
+            for batch in batches
+            for kv_len in kv_lens
+        ]
+
+    def capture_decode_graphs(self, modes: Iterable[SampleMode] = ("greedy",)) -> int:
+        """Capture the CUDA graph of every decode shape class of ``modes`` now, before requests run.
+
+        A shape met first while serving is captured then, and the step waits for it: every running row's
+        next token, and the first token of the rows that joined, come that much later. A server captures
+        the classes it will meet at start instead. Returns how many were captured (0 without CUDA graphs).
+        Raises FailedPrecondition while requests run (a capture writes keys into every row it covers).
+        """
+        if not self._use_graphs:
+            return 0
+        if self._rows:
+            raise FailedPrecondition("decode graphs are captured before requests start")
+        # inputs of idle rows: token 0 at position 0, no adapter, greedy
+        self._long.zero_()
+        self._long[2].fill_(-1)
+        self._float.zero_()
+        missing = [key for key in self.decode_shapes(modes) if key not in self._graphs]
+        for key in missing:
+            self._graphs[key] = self._capture(key)
+        torch.cuda.synchronize(self.device)
+        return len(missing)
+
+    def _replay(self, key: DecodeShape) -> None:
         graph = self._graphs.get(key)
         if graph is None:
             started = time.perf_counter()
-            # Warm up outside capture (compilation, autotuning); it computes what the replay recomputes.
-            stream = torch.cuda.Stream(self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                self._decode_body(*key)
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._decode_body(*key)
-            self._graphs[key] = graph
+            graph = self._graphs[key] = self._capture(key)
             self.graph_captures += 1
             self.graph_capture_s += time.perf_counter() - started
         graph.replay()
+
+    def _capture(self, key: DecodeShape) -> torch.cuda.CUDAGraph:
+        # Warm up outside capture (compilation, autotuning); it computes what the replay recomputes.
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            self._decode_body(*key)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self._decode_body(*key)
+        return graph
 
     def _long_tensor(self, values: list[int]) -> Tensor:
         return torch.tensor(values, dtype=torch.int64, device=self.device)

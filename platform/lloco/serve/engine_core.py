@@ -241,9 +241,10 @@ class EngineCore:
         await self.scheduler.start()
 
     def _warm_up(self) -> None:
-        """Run each decode shape class once (one row or several, adapters off or on) before the first query.
+        """Run each decode shape class once (one row or several, adapters off or on) before the first query,
+        then capture the CUDA graphs of every batch and key-length class of ``engine.capture_decode_modes``.
 
-        On a GPU that compiles the decode step and captures its CUDA graphs, seconds a tenant would otherwise
+        On a GPU that compiles the decode step and captures its graphs, seconds a tenant would otherwise
         wait for; slot 0 is still empty (zero weights), so its rows compute what the base model does.
         """
         started = time.perf_counter()
@@ -255,7 +256,15 @@ class EngineCore:
                     self.generator.add(f"warm-up-{rows}-{slot}-{row}", None, prompt, slot, params)
                 while self.generator.active():
                     self.generator.step()
-        log.info("engine warmed up", seconds=round(time.perf_counter() - started, 2), device=str(self.device))
+        warmed = time.perf_counter()
+        captured = self.generator.capture_decode_graphs(self._settings.engine.capture_decode_modes)
+        log.info(
+            "engine warmed up",
+            seconds=round(warmed - started, 2),
+            decode_graphs_captured=captured,
+            capture_seconds=round(time.perf_counter() - warmed, 2),
+            device=str(self.device),
+        )
 
     async def stop(self) -> None:
         await self.scheduler.stop()
