@@ -108,22 +108,28 @@ class TrainableLora(nn.Module):
     def scaling(self) -> float:
         return self.alpha / self.rank
 
-    def layer(self, index: int, dtype: torch.dtype | None = None) -> LayerLora:
-        """The adapter at layer ``index`` in ``LayerLora`` form (differentiable), cast to ``dtype``."""
+    def layers(self, dtype: torch.dtype | None = None) -> list[LayerLora]:
+        """The adapter of every layer in ``LayerLora`` form (differentiable), cast to ``dtype``.
+
+        One forward's worth: the expand matrices of all layers are built together (a few operations per
+        group, not per layer), so a forward through many layers launches no per-layer weight preparation.
+        """
         weights = {}
         for group, names in self.groups.items():
             blocks = []
             for target in names:
                 offset, width = self._columns[target]
-                b = self.b[target][index] * self.scaling
-                blocks.append(F.pad(b, (offset, self._widths[group] - offset - width)))
-            a, b = self.a[group][index], torch.cat(blocks)
+                blocks.append(
+                    F.pad(self.b[target] * self.scaling, (offset, self._widths[group] - offset - width))
+                )
+            a, b = self.a[group], torch.cat(blocks, dim=1)
             weights[group] = (a, b) if dtype is None else (a.to(dtype), b.to(dtype))
         one = self.a[next(iter(self.groups))].new_ones(())
         masks = dict.fromkeys(self.groups, one if dtype is None else one.to(dtype))
+        per_layer = [{g: (a[i], b[i]) for g, (a, b) in weights.items()} for i in range(self.config.n_layers)]
         if self.training and self.dropout:
-            return _DroppingLayerLora(weights, masks, self.dropout)
-        return LayerLora(weights, masks)
+            return [_DroppingLayerLora(layer, masks, self.dropout) for layer in per_layer]
+        return [LayerLora(layer, masks) for layer in per_layer]
 
     def bind(self, dtype: torch.dtype) -> _Bound:
         """This adapter for one forward in ``dtype``: what ``Llama.hidden(embeds, lora)`` takes."""
@@ -235,13 +241,17 @@ class _DroppingLayerLora(LayerLora):
 
 
 class _Bound:
-    """A ``TrainableLora`` bound to a dtype: ``layer(i)`` as ``Llama.hidden`` calls it on a ``LoraBatch``."""
+    """A ``TrainableLora`` bound to a dtype for one forward: ``layer(i)`` as ``Llama.hidden`` calls it on a
+    ``LoraBatch`` (all layers' weights prepared at the first call)."""
 
     def __init__(self, lora: TrainableLora, dtype: torch.dtype) -> None:
         self.lora, self.dtype = lora, dtype
+        self._layers: list[LayerLora] | None = None
 
     def layer(self, index: int) -> LayerLora:
-        return self.lora.layer(index, self.dtype)
+        if self._layers is None:
+            self._layers = self.lora.layers(self.dtype)
+        return self._layers[index]
 
 
 def lora_parameters(*adapters: TrainableLora | None) -> list[Tensor]:
@@ -264,8 +274,9 @@ def lora_hidden(
     length = x.shape[1]
     model.ensure_positions(length)
     cos, sin = model.rope(torch.arange(length, device=x.device)[None])
+    layer_loras = None if lora is None else lora.layers(model.dtype)
     for i, block in enumerate(model.model.layers):
-        layer_lora = None if lora is None else lora.layer(i, model.dtype)
+        layer_lora = None if layer_loras is None else layer_loras[i]
         if checkpointing:
             x = checkpoint(block_fn, block, x, cos, sin, None, None, layer_lora, use_reentrant=False)
         else:
