@@ -33,6 +33,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_loca
         assert len(shares) == 2 and all(row["queries"] == 2 and row["tokens"] == 6 for row in shares.values())
         assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)
     assert load["engine"]["graph_captures"]["load"] == [0, 0]  # no CUDA graphs on the CPU
+    assert load["engine"]["start_s"] > 0
     assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["gRPC", "end", "tokens/s", "TTFT"]
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table

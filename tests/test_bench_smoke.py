@@ -43,11 +43,23 @@ def test_engine_reports_both_hf_baselines_and_both_floors(tmp_path: Path) -> Non
     assert "floor ms (measured copy)" in table and "floor ms (data sheet)" in table
 
 
-def test_cold_shapes_runs_both_starts_twice(tmp_path: Path) -> None:
-    """The section behind the engine's start-up capture: on the CPU nothing is captured, but every figure
-    is recorded for both starts and both runs of the arrivals."""
-    result = engine.main(["--out", str(tmp_path), "--tiny", "--sections", "cold_shapes"])
+def test_cold_shapes_and_a_profile_with_adapters(tmp_path: Path) -> None:
+    """The section behind the engine's start-up capture (on the CPU nothing is captured, but every figure
+    is recorded for both starts and both runs of the arrivals), and a decode profile of distinct adapters."""
+    result = engine.main(
+        [
+            "--out",
+            str(tmp_path),
+            "--tiny",
+            "--sections",
+            "cold_shapes",
+            "--profile-batch",
+            "2",
+            "--profile-adapters",
+        ]
+    )
     cold = recorded(tmp_path, "engine-tiny", result)["cold_shapes"]
+    assert result["profile"]["adapters"] and result["profile"]["kernels_per_step"] > 0
     for start in ("lazy", "at_start"):
         assert cold[start]["shape_classes"] == 12 and cold[start]["captured_at_start"] == 0
         for run in ("first", "again"):

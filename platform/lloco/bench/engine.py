@@ -63,7 +63,14 @@ SECTIONS = ("correctness", "prefill", "hf_decode", "decode", "cold_shapes")
 
 @torch.no_grad()
 def profile_decode(
-    model: Llama, slots: LoraSlots, batch: int, prompt_len: int, steps: int, mode: str, top: int = 20
+    model: Llama,
+    slots: LoraSlots,
+    batch: int,
+    prompt_len: int,
+    steps: int,
+    mode: str,
+    adapters: bool = False,
+    top: int = 20,
 ) -> dict[str, Any]:
     """Where decode steps spend their time: kernels grouped by name, per step, beside the measured step.
 
@@ -83,9 +90,10 @@ def profile_decode(
         **mode_options(mode, model.device),
     )
     prompts = [random_ids(prompt_len, model.config.vocab_size, seed=i) for i in range(batch)]
-    run_to_end(gen, prompts, [-1] * batch, steps)  # warm-up: graph capture, compilation
-    for i, prompt in enumerate(prompts):
-        gen.add(f"p{i}", None, prompt, -1, SamplingParams(steps + 1))
+    row_slots = [i % slots.n_slots if adapters else -1 for i in range(batch)]  # distinct adapters per row
+    run_to_end(gen, prompts, row_slots, steps)  # warm-up: graph capture, compilation
+    for i, (prompt, slot) in enumerate(zip(prompts, row_slots, strict=True)):
+        gen.add(f"p{i}", None, prompt, slot, SamplingParams(steps + 1))
     gen.step()  # prefill, left out
     activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
     with profile(activities=activities) as prof:
@@ -111,6 +119,7 @@ def profile_decode(
     return {
         "mode": mode,
         "batch": batch,
+        "adapters": adapters,
         "steps": steps,
         "step_ms": step,
         "kernel_ms_per_step": kernel_ms,
@@ -424,6 +433,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     if profiled:
         lines += [
             f"## Where a decode step goes ({profiled['mode']}, batch {profiled['batch']}, "
+            f"{'distinct adapters' if profiled.get('adapters') else 'no adapters'}, "
             f"{profiled['steps']} steps profiled)",
             "",
             f"Step {profiled['step_ms']:.2f} ms: kernels {profiled['kernel_ms_per_step']:.2f} ms "
@@ -526,6 +536,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--profile-batch", type=int, default=0, help="also profile decode steps at this batch (0: no)"
     )
+    parser.add_argument(
+        "--profile-adapters", action="store_true", help="profiled rows use distinct adapters (round-robin)"
+    )
     parser.add_argument("--name", default=None, help="output file stem (default engine-h200 / engine-tiny)")
     args = parser.parse_args(argv)
     tiny = args.tiny
@@ -588,7 +601,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     if args.profile_batch:
         section(
-            "profile", lambda: profile_decode(model, slots, args.profile_batch, prompt_len, 32, modes[-1])
+            "profile",
+            lambda: profile_decode(
+                model, slots, args.profile_batch, prompt_len, 32, modes[-1], args.profile_adapters
+            ),
         )
     if device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
