@@ -163,6 +163,55 @@ def test_pretraining_lowers_the_loss_and_saves_a_compressor_that_loads(
     assert torch.isfinite(vectors[0]).all()
 
 
+def test_decodes_batched_in_one_forward_give_the_losses_and_gradients_of_one_forward_each(
+    corpus_file: tuple[Path, set[str]], tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """An LM step runs the decodes between two stop-gradients as one right-padded forward; prefixes and
+    segments of different lengths must score exactly as they do alone, gradients included."""
+    from lloco.finetune.pretrain import CompressorPretrain, _Decode
+
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    options = PretrainOptions(
+        corpus=corpus_file[0],
+        output=tmp_path / "out",
+        segment_len=16,
+        k=4,
+        reader_rank=4,
+        eval_windows=2,
+        max_steps=1,
+    )
+    run = CompressorPretrain(settings, options)
+    run.setup()
+    ids = torch.as_tensor(run.corpus.train_tokens[:200].astype("int64")).view(2, 100)
+    embeds = run.model.embed(ids)
+
+    def decodes() -> list[_Decode]:
+        first = run._encode(None, list(embeds[:, :16]))  # [2, 4, D], through the encoder LoRA
+        second = run._encode(first, list(embeds[:, 16:40]))
+        both = torch.cat([first, second], dim=1)
+        return [
+            _Decode(first, embeds[:, 16:40], ids[:, 16:40]),  # P 4, L 24
+            _Decode(both, embeds[:, 40:51], ids[:, 40:51]),  # P 8, L 11
+            _Decode(second, embeds[:, 16:40], ids[:, 16:40]),  # reconstruction-like: its own segment
+        ]
+
+    def grads(losses: list[torch.Tensor]) -> list[torch.Tensor]:
+        run.trainables.zero_grad()
+        torch.stack(losses).sum().backward()
+        return [p.grad.clone() for p in run.trainables.parameters() if p.grad is not None]
+
+    together = run._decode_losses(decodes())
+    alone = [run._decode_losses([decode])[0] for decode in decodes()]
+    assert torch.allclose(torch.stack(together), torch.stack(alone), rtol=1e-5)
+    batched, separate = (
+        grads(run._decode_losses(decodes())),
+        grads([run._decode_losses([decode])[0] for decode in decodes()]),
+    )
+    assert len(batched) == len(separate) > 2  # summaries, scale, encoder and reader LoRAs
+    for a, b in zip(batched, separate, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_pretraining_needs_held_out_documents_long_enough_to_score(
     corpus_file: tuple[Path, set[str]], tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -40,6 +40,7 @@ import math
 import platform as host_platform
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,16 @@ class Trainables(nn.Module):
         self.scale = nn.Parameter(scale.detach().float().clone())
         self.encoder = encoder
         self.reader = reader
+
+
+@dataclass(frozen=True)
+class _Decode:
+    """One decoded segment of an LM step: its rows' prefix vectors [B, P, D], embeddings [B, L, D] and
+    tokens [B, L]."""
+
+    prefix: Tensor
+    segment: Tensor
+    tokens: Tensor
 
 
 class _LossWindow:
@@ -301,7 +312,11 @@ class CompressorPretrain:
     # -- the two tasks ----------------------------------------------------------------------------------
 
     def _lm_step(self) -> tuple[dict[str, float], int]:
-        """Backward of one LM step (next-segment and reconstruction losses); returns loss sums and tokens."""
+        """Backward of one LM step (next-segment and reconstruction losses); returns loss sums and tokens.
+
+        The decodes between two stop-gradients run as one forward (``_decode_losses``): the same losses
+        and gradients as one forward each, in fewer and larger kernels.
+        """
         options = self.options
         lengths = options.segment_lengths(self.rng)
         reconstruct = (self.rng.random(len(lengths)) < options.reconstruction).tolist()
@@ -313,33 +328,40 @@ class CompressorPretrain:
         embeds = self.model.embed(tokens)
         decoded = [i for i in range(len(lengths)) if i > 0 or reconstruct[i]]
         targets = tokens.shape[0] * sum(lengths[i] for i in decoded)
-        sums = {"next": 0.0, "next_tokens": 0, "reconstruct": 0.0, "reconstruct_tokens": 0}
+        zero = embeds.new_zeros((), dtype=torch.float32)
+        losses = {"next": zero, "reconstruct": zero}
+        counts = {"next": 0, "reconstruct": 0}
         summaries: list[Tensor] = []
-        pending: list[Tensor] = []
+        pending: list[tuple[str, _Decode]] = []
 
-        def decode(i: int, kind: str) -> None:
+        def queue(i: int, kind: str) -> None:
             prefix = torch.cat(summaries[: i + 1] if kind == "reconstruct" else summaries[:i], dim=1)
-            loss = self._decode_loss(
-                prefix, embeds[:, bounds[i] : bounds[i + 1]], tokens[:, bounds[i] : bounds[i + 1]]
-            )
-            pending.append(loss)
-            sums[kind] += float(loss.detach())
-            sums[f"{kind}_tokens"] += tokens.shape[0] * lengths[i]
+            part = slice(bounds[i], bounds[i + 1])
+            pending.append((kind, _Decode(prefix, embeds[:, part], tokens[:, part])))
+
+        def backward() -> None:
+            step_losses = self._decode_losses([decode for _, decode in pending])
+            for (kind, decode), loss in zip(pending, step_losses, strict=True):
+                losses[kind] = losses[kind] + loss.detach()
+                counts[kind] += decode.tokens.numel()
+            (torch.stack(step_losses).sum() / targets).backward()
+            pending.clear()
 
         for i in range(len(lengths)):
             if i > 0 and not reconstruct[i]:
-                decode(i, "next")
+                queue(i, "next")
             if len(pending) >= options.bptt_segments:  # stop-gradient before the next summary is made, so
-                (torch.stack(pending).sum() / targets).backward()  # every later loss reaches a live one
-                pending = []
+                backward()  # every later loss reaches a live one
                 summaries = [s.detach() for s in summaries]
             if i < len(lengths) - 1 or reconstruct[i]:
                 earlier = torch.cat(summaries, dim=1) if summaries else None
                 summaries.append(self._encode(earlier, list(embeds[:, bounds[i] : bounds[i + 1]])))
             if reconstruct[i]:
-                decode(i, "reconstruct")
+                queue(i, "reconstruct")
         if pending:
-            (torch.stack(pending).sum() / targets).backward()
+            backward()
+        sums: dict[str, float] = {kind: float(loss) for kind, loss in losses.items()}  # one sync per step
+        sums.update({f"{kind}_tokens": count for kind, count in counts.items()})
         return sums, tokens.numel()
 
     def _qa_step(self) -> tuple[dict[str, float], int]:
@@ -400,12 +422,20 @@ class CompressorPretrain:
         vectors = hidden[torch.arange(len(rows), device=self.device)[:, None], index]
         return vectors * self.trainables.scale.to(self.dtype)
 
-    def _decode_loss(self, prefix: Tensor, segment: Tensor, tokens: Tensor) -> Tensor:
-        """Summed next-token loss of ``tokens`` [B, L] after ``prefix`` [B, P, D] (P >= 1): the first token is
-        predicted from the last prefix vector."""
-        hidden = self._layers(torch.cat([prefix, segment], dim=1), self.trainables.reader)
-        start = prefix.shape[1] - 1
-        return self._ce_sum(hidden[:, start : start + tokens.shape[1]].flatten(0, 1), tokens.flatten())
+    def _decode_losses(self, decodes: list[_Decode]) -> list[Tensor]:
+        """Summed next-token loss of each decode's ``tokens`` [B, L] after its ``prefix`` [B, P, D] (P >= 1;
+        the first token is predicted from the last prefix vector), all decodes' rows in one right-padded
+        forward (causal: padding after a row changes none of its positions)."""
+        rows = [torch.cat([d.prefix[b], d.segment[b]]) for d in decodes for b in range(d.tokens.shape[0])]
+        hidden = self._layers(pad_sequence(rows, batch_first=True), self.trainables.reader)
+        losses, first = [], 0
+        for d in decodes:
+            batch, length = d.tokens.shape
+            start = d.prefix.shape[1] - 1
+            states = hidden[first : first + batch, start : start + length]
+            losses.append(self._ce_sum(states.flatten(0, 1), d.tokens.flatten()))
+            first += batch
+        return losses
 
     def _ce_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Summed cross-entropy of hidden states [N, D] against [N] targets, logits a chunk at a time."""
