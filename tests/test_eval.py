@@ -1,6 +1,7 @@
 """The evaluation harness: `lloco eval` on a tiny slice with the tiny random model, every mode, every set;
 the passkey documents, the no-context LoRA's examples, the adapters' shared init, the perplexity gap, the
-validation split (disjoint from the train rows and the test split; the test split's samples unchanged)."""
+validation split (disjoint from the train rows and the test split; the test split's samples unchanged), and
+finetune-recipe sweeps (`--recipes`: one run, documents compressed once; a run without it unchanged)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
-from lloco.eval.run import MODES, EvalOptions, Evaluator, middle_cut
+from lloco.eval.report import write_report
+from lloco.eval.run import MODE_LABELS, MODES, EvalOptions, Evaluator, Recipe, middle_cut
 from lloco.eval.tasks import (
     EvalDataset,
     hotpotqa_long,
@@ -189,15 +191,18 @@ def test_eval_split_is_checked_before_any_model_loads(tmp_path: Path) -> None:
 
 
 def _run_eval(
-    tiny_model_dir: Path, compressor_dir: Path, out: Path, *options: str
+    tiny_model_dir: Path,
+    compressor_dir: Path,
+    out: Path,
+    *options: str,
+    recipe: tuple[str, ...] = ("--train-steps", "2", "--learning-rate", "1e-3"),
 ) -> subprocess.CompletedProcess[str]:
     """`lloco eval` on the tiny model and the committed QA subsets, small, in its own process."""
     command = [
         sys.executable, "-m", "lloco.cli", "eval", "--output", str(out), "--limit", "2", "--train-limit", "4",
-        "--train-steps", "2", "--max-document-tokens", "512", "--hotpot-lengths", "1024", "--passkey-lengths",
-        "512", "--perplexity-windows", "2", "--base-model", str(tiny_model_dir), "--compressor",
-        str(compressor_dir), "--data-dir", str(DATA), "--learning-rate", "1e-3", "--max-batch", "2",
-        "--max-new-tokens", "8", *options,
+        "--max-document-tokens", "512", "--hotpot-lengths", "1024", "--passkey-lengths", "512",
+        "--perplexity-windows", "2", "--base-model", str(tiny_model_dir), "--compressor", str(compressor_dir),
+        "--data-dir", str(DATA), "--max-batch", "2", "--max-new-tokens", "8", *recipe, *options,
     ]  # fmt: skip
     env = {
         **os.environ, "HF_HUB_OFFLINE": "1", "LLOCO_MODEL__CACHE_DIR": str(out.parent / "cache"),
@@ -230,7 +235,8 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert [(r["test_set"], r["mode"]) for r in results] == [
         (test_set, mode) for test_set in test_sets for mode in MODES
     ]  # the default modes, lora_none included
-    for result in results:
+    for result in results:  # the rows a run without --recipes wrote before sweeps existed
+        assert list(result) == ROW_KEYS_BEFORE_SWEEPS and result["label"] == MODE_LABELS[result["mode"]]
         assert result["skipped"] is None and result["queries"] == 2
         names = {"em", "f1"} if result["metric"] == "qa" else {"rouge1", "rouge2", "rougeL", "rouge_gmean"}
         assert set(result["scores"]) == names
@@ -251,6 +257,12 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert by_mode["full"]["context_tokens"] == by_mode["full"]["document_tokens"] == 512
     assert by_mode["compressed"]["context_tokens"] == by_mode["lloco"]["context_tokens"] == 512 / 32 * 4
     assert by_mode["lloco"]["adapter"]["steps"] == by_mode["lora_none"]["adapter"]["steps"] == 2
+    assert (
+        by_mode["lloco"]["adapter"]["learning_rate"]
+        == by_mode["full_lora"]["adapter"]["learning_rate"]
+        == 1e-3
+    )
+    assert set(by_mode["lloco"]["adapter"]) == ADAPTER_KEYS_BEFORE_SWEEPS | {"learning_rate", "examples"}
     perplexity = report["perplexity"]
     assert perplexity["windows"] == 2 and perplexity["segments_per_window"] == 4
     assert {"no_context", "compressed", "full_text"} <= set(perplexity["perplexity"])
@@ -259,6 +271,9 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     ablations = report["ablations"]
     assert ablations["perplexity_gap_closed"] == perplexity["gap_closed"]
     assert [row["test_set"] for row in ablations["lloco_vs_baselines"]] == list(test_sets)
+    assert all(list(row) == ABLATION_KEYS_BEFORE_SWEEPS for row in ablations["lloco_vs_baselines"])
+    assert all(list(row) == ["test_set", "mode", "em", "em_by_depth"] for row in ablations["em_by_depth"])
+    assert report["options"]["recipes"] is None
     squad_row = ablations["lloco_vs_baselines"][0]
     assert squad_row["lloco_minus_lora_none"] == pytest.approx(
         by_mode["lloco"]["scores"]["f1"] - by_mode["lora_none"]["scores"]["f1"]
@@ -271,22 +286,61 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert "LLoCO (compressed + LoRA)" in table and "LoRA, no context" in table
     assert "8.0x" in table  # 512 document tokens read as 4 summary vectors per 32-token segment
     assert "## Ablations" in table and "exact match by depth" in table and "Gap closed" in table
+    assert "| test set | score | LLoCO |" in table and "steps, lr" not in table
     predictions = (out / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == len(test_sets) * len(MODES) * 2
+    assert all(list(json.loads(line))[:3] == ["test_set", "mode", "question"] for line in predictions)
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
+
+
+# What a row of eval.json, its adapter summary and an ablation row held before `--recipes` (commit 285b72b).
+ROW_KEYS_BEFORE_SWEEPS = [
+    "dataset", "test_set", "mode", "metric", "queries", "scores", "context_tokens", "document_tokens",
+    "latency_s", "seconds", "adapter", "skipped", "scores_by_depth", "label",
+]  # fmt: skip
+ADAPTER_KEYS_BEFORE_SWEEPS = {"init", "init_sha256", "steps", "first_loss", "last_loss", "seconds"}
+ABLATION_KEYS_BEFORE_SWEEPS = [
+    "test_set", "score", "lloco", "lora_none", "full_lora", "lloco_minus_lora_none", "lloco_pct_of_full_lora",
+]  # fmt: skip
 
 
 def test_a_validation_run_asks_train_side_documents_and_says_so_first(
     tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
 ) -> None:
+    """A validation run, as a finetune recipe is chosen: two recipes swept in the one run."""
     out = tmp_path / "eval"
+    sweep = ("--recipes", "2:1e-3:4, 1:5e-4:2")
     done = _run_eval(
-        tiny_model_dir, compressor_dir, out, "--split", "validation", "--modes", "none,lora_none"
+        tiny_model_dir,
+        compressor_dir,
+        out,
+        "--split",
+        "validation",
+        "--modes",
+        "none,lora_none",
+        recipe=sweep,
     )
     report = json.loads((out / "eval.json").read_text())
     assert next(iter(report)) == "split" and report["split"] == "validation"
     assert report["test_sets"] == dict.fromkeys(("squad-long", "qmsum", "hotpotqa-1k", "passkey-512"), 2)
-    assert [(r["mode"], r["skipped"]) for r in report["results"]][:2] == [("none", None), ("lora_none", None)]
+    recipes = [
+        {"train_steps": 2, "learning_rate": 1e-3, "train_rows": 4},
+        {"train_steps": 1, "learning_rate": 5e-4, "train_rows": 2},
+    ]
+    assert report["options"]["recipes"] == recipes
+    for test_set in report["test_sets"]:
+        rows = [r for r in report["results"] if r["test_set"] == test_set]
+        assert [(r["mode"], r.get("recipe"), r["skipped"]) for r in rows] == [
+            ("none", None, None),
+            ("lora_none", recipes[0], None),
+            ("lora_none", recipes[1], None),
+        ]
+        assert [(r["adapter"]["steps"], r["adapter"]["learning_rate"]) for r in rows[1:]] == [
+            (2, 1e-3),
+            (1, 5e-4),
+        ]
+        assert rows[1]["label"] == "LoRA, no context: 2 steps, lr 1e-3, 4 rows"
+    assert "| passkey-512 | LoRA, no context: 1 step, lr 5e-4, 2 rows | 2 |" in (out / "eval.md").read_text()
     assert report["perplexity"]["skipped"].startswith("measured in test runs only")  # its prose is test text
     assert report["ablations"]["perplexity_gap_closed"] is None
     title, _, notice = (out / "eval.md").read_text().splitlines()[:3]
@@ -297,6 +351,133 @@ def test_a_validation_run_asks_train_side_documents_and_says_so_first(
     squad_questions = {p["question"] for p in predictions if p["test_set"] == "squad-long"}
     assert len(squad_questions) == 2
     assert squad_questions <= {row.question for row in load_squad(DATA, "validation").rows}
+    assert [p.get("recipe") for p in predictions if p["test_set"] == "squad-long"] == [None] * 2 + [
+        recipes[0]
+    ] * 2 + [recipes[1]] * 2
+
+
+def test_recipes_are_checked_before_any_model_loads(tmp_path: Path) -> None:
+    from lloco.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "out"
+    env = {"LLOCO_QA_DATA_DIR": str(DATA), "LLOCO_DATA_DIR": str(tmp_path / "data")}
+    for extra, message in [
+        (["--recipes", "80:5e-4"], "a recipe is STEPS:LR:ROWS (e.g. 80:5e-4:240), got '80:5e-4'"),
+        (["--recipes", "80:fast:240"], "got '80:fast:240': could not convert string to float"),
+        (["--recipes", "0:5e-4:240"], "steps and rows must be >= 1, the learning rate > 0"),
+        (["--recipes", "80:-1e-3:240"], "steps and rows must be >= 1, the learning rate > 0"),
+        (["--recipes", " , "], "--recipes takes STEPS:LR:ROWS entries"),
+        (["--recipes", "80:5e-4:240,80:0.0005:240"], "recipe 80:5e-4:240 is given twice"),
+        (
+            ["--recipes", "80:5e-4:240", "--modes", "none,full"],
+            "modes has none of lloco, lora_none, full_lora",
+        ),
+        (["--recipes", "80:5e-4:240", "--train-steps", "80"], "drop --train-steps"),
+        (["--recipes", "80:5e-4:240", "--learning-rate", "1e-3"], "drop --learning-rate"),
+        (["--recipes", "80:5e-4:240,80:5e-4:500"], "asks up to 500 train rows, but --train-limit loads 400"),
+        (["--recipes", "8:1e-3:4", "--corpus-documents", "10"], "corpus mode trains none"),
+    ]:
+        result = CliRunner().invoke(app, ["eval", "--output", str(out), *extra], env=env)
+        assert isinstance(result.exception, InvalidArgument), result.output
+        assert message in str(result.exception), str(result.exception)
+    assert not out.exists()  # refused before any work
+
+
+def test_a_sweep_trains_each_recipe_on_contexts_compressed_once(
+    tiny_base: object,
+    compressor_dir: Path,
+    count_tokens: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compressor = Compressor.load(compressor_dir, tiny_base)
+    compress_calls = []
+    compress = compressor.compress
+    monkeypatch.setattr(
+        compressor, "compress", lambda *a, **kw: compress_calls.append(1) or compress(*a, **kw)
+    )
+    dataset = passkey(2, 4, count_tokens, lengths=(512,), seed=0)
+    recipes = (Recipe(train_steps=2, learning_rate=1e-3, train_rows=4), Recipe(train_steps=1, train_rows=2))
+    options = EvalOptions(
+        modes=("none", "compressed", "lloco", "lora_none"), recipes=recipes, max_new_tokens=4
+    )
+    settings = FinetuneSettings(batch_size=2, learning_rate=5e-4)
+    evaluator = Evaluator(tiny_base, compressor, settings, options)
+    results = evaluator.run([dataset])
+    first, second = (
+        {"train_steps": 2, "learning_rate": 1e-3, "train_rows": 4},
+        {"train_steps": 1, "learning_rate": 5e-4, "train_rows": 2},  # the settings' learning rate
+    )
+    assert [(r.mode, r.recipe) for r in results] == [
+        ("none", None),
+        ("compressed", None),
+        ("lloco", first),
+        ("lloco", second),
+        ("lora_none", first),
+        ("lora_none", second),
+    ]  # test set, mode, recipe in the order given; the modes without adapters once
+    for result in results[2:]:
+        recipe, adapter = result.recipe, result.adapter
+        assert result.skipped is None and result.queries == 2
+        assert (adapter["steps"], adapter["learning_rate"]) == (
+            recipe["train_steps"],
+            recipe["learning_rate"],
+        )
+        assert 0 < adapter["examples"] <= recipe["train_rows"]
+    lloco_first, lloco_second = results[2].adapter, results[3].adapter
+    assert lloco_first["init_sha256"] == lloco_second["init_sha256"]  # the same start, other training
+    assert lloco_first["examples"] == 4 and lloco_second["examples"] == 2  # the first 2 of the 4 rows
+    assert results[2].label == "LLoCO (compressed + LoRA): 2 steps, lr 1e-3, 4 rows"
+    # the documents compressed once: the test side, then the train side at the first LLoCO adapter
+    assert len(compress_calls) == 2
+    test_tokens = evaluator._tokenize(dataset.tests[0].qaset.documents)
+    train_tokens = evaluator._tokenize(dataset.train.documents)
+    costs = evaluator.costs[dataset.name]
+    assert costs["compressed_tokens"] == sum(map(len, [*test_tokens.values(), *train_tokens.values()]))
+    report = write_report(tmp_path, results, {"split": "test"})
+    assert [
+        (row["recipe"], row["lloco_minus_lora_none"]) for row in report["ablations"]["lloco_vs_baselines"]
+    ] == [
+        (first, results[2].scores["f1"] - results[4].scores["f1"]),
+        (second, results[3].scores["f1"] - results[5].scores["f1"]),
+    ]
+    by_depth = report["ablations"]["em_by_depth"]
+    assert [row.get("recipe") for row in by_depth] == [None, None, first, second, first, second]
+    table = (tmp_path / "eval.md").read_text()
+    assert "| passkey-512 | recipe | score |" not in table and "| test set | recipe | score |" in table
+    assert "| passkey-512 | 1 step, lr 5e-4, 2 rows | F1 |" in table
+    assert "| passkey-512 | LoRA, no context: 1 step, lr 5e-4, 2 rows | " in table
+
+
+def test_a_sweep_refuses_rows_past_the_loaded_and_skips_by_recipe_past_its_budget(
+    tiny_base: object, compressor_dir: Path, count_tokens: object
+) -> None:
+    compressor = Compressor.load(compressor_dir, tiny_base)
+    dataset = passkey(1, 3, count_tokens, lengths=(512,), seed=0)
+    settings = FinetuneSettings(batch_size=2)
+    too_many = EvalOptions(
+        modes=("lora_none",), recipes=(Recipe(train_steps=1, learning_rate=1e-3, train_rows=4),)
+    )
+    evaluator = Evaluator(tiny_base, compressor, settings, too_many)
+    with pytest.raises(InvalidArgument, match=r"recipe 1:1e-3:4 asks 4 train rows, but passkey loaded 3"):
+        evaluator.run([dataset])
+    assert evaluator.costs == {}  # refused before any work
+    recipes = tuple(Recipe(train_steps=1, learning_rate=1e-3, train_rows=n) for n in (3, 2))
+    options = EvalOptions(modes=("lloco", "lora_none"), recipes=recipes, max_new_tokens=2)
+    evaluator = Evaluator(tiny_base, compressor, settings, options)
+
+    def spend_the_budget_after_the_first_recipe(results: list) -> None:
+        if sum(r.recipe is not None and r.recipe["train_rows"] == 3 for r in results) == 2:
+            evaluator.deadline = 0.0  # as if the time budget ran out here
+
+    results = evaluator.run([dataset], on_result=spend_the_budget_after_the_first_recipe)
+    assert [(r.mode, r.recipe["train_rows"], r.skipped) for r in results] == [
+        ("lloco", 3, None),
+        ("lloco", 2, "time budget spent"),
+        ("lora_none", 3, None),
+        ("lora_none", 2, "time budget spent"),
+    ]
 
 
 def test_tenant_dataset_and_time_budget(store: object, tiny_base: object, compressor_dir: Path) -> None:

@@ -39,6 +39,8 @@ class TrainedAdapter:
 
     files: dict[str, bytes]
     steps: int
+    learning_rate: float | None  # the peak learning rate it trained with (None: not trained here)
+    examples: int  # the training examples it drew its batches from
     first_loss: float
     last_loss: float
     seconds: float
@@ -50,6 +52,8 @@ class TrainedAdapter:
             "init": self.init,
             "init_sha256": self.init_sha256,
             "steps": self.steps,
+            "learning_rate": self.learning_rate,
+            "examples": self.examples,
             "first_loss": self.first_loss,
             "last_loss": self.last_loss,
             "seconds": round(self.seconds, 2),
@@ -93,7 +97,8 @@ def train_adapter(
     base.model.requires_grad_(False)
     lora.train()
     started = time.perf_counter()
-    optimizer = torch.optim.AdamW(lora.parameters(), lr=learning_rate or hp.learning_rate, weight_decay=0.0)
+    learning_rate = learning_rate or hp.learning_rate
+    optimizer = torch.optim.AdamW(lora.parameters(), lr=learning_rate, weight_decay=0.0)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(hp.warmup_ratio * steps), steps)
     rng = random.Random(seed)
     order: list[int] = []
@@ -111,10 +116,14 @@ def train_adapter(
     log.info(
         "eval adapter trained",
         steps=steps,
+        learning_rate=learning_rate,
+        examples=len(examples),
         first_loss=losses[0],
         last_loss=losses[-1],
         seconds=round(seconds, 2),
     )
     init_name = "given" if init is not None else f"random (seed {seed})"
     last_loss = sum(losses[-10:]) / len(losses[-10:])
-    return TrainedAdapter(files, steps, losses[0], last_loss, seconds, init_name, init_sha256)
+    return TrainedAdapter(
+        files, steps, learning_rate, len(examples), losses[0], last_loss, seconds, init_name, init_sha256
+    )

@@ -58,6 +58,14 @@ def evaluate(
     learning_rate: Annotated[
         float | None, typer.Option(help="LoRA learning rate (default: settings).")
     ] = None,
+    recipes: Annotated[
+        str | None,
+        typer.Option(
+            help="A finetune sweep instead of --train-steps/--learning-rate: comma list of STEPS:LR:ROWS, e.g. "
+            "80:5e-4:240,160:5e-4:240; every LoRA mode trained and scored once per recipe on contexts "
+            "compressed once, on the first ROWS of the --train-limit loaded rows.",
+        ),
+    ] = None,
     train_max_length: Annotated[
         int | None, typer.Option(help="Longest training example (default: window).")
     ] = None,
@@ -136,7 +144,14 @@ def evaluate(
     from lloco.eval import passkey, tasks
     from lloco.eval.adapters import state_digest
     from lloco.eval.report import ablation_markdown, markdown_table, split_notice, write_report
-    from lloco.eval.run import EvalOptions, Evaluator
+    from lloco.eval.run import (
+        ADAPTER_MODE,
+        EvalOptions,
+        Evaluator,
+        check_recipes,
+        parse_recipes,
+        recipe_label,
+    )
     from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_compressor, load_model
     from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, peft_geometry, read_peft_files
@@ -176,11 +191,32 @@ def evaluate(
         except ValueError as error:
             raise InvalidArgument(f"--corpus-top-k takes integers, e.g. 8,4: {error}") from error
         corpus_modes(top_ks)  # the values' own checks, before any model loads
+    sweep = None
+    if recipes is not None:
+        if corpus_documents:
+            raise InvalidArgument("--recipes trains the LoRA modes; corpus mode trains none")
+        # typer's own click does not export ParameterSource: its members' names are the API
+        given = [
+            name
+            for name in ("train_steps", "learning_rate")
+            if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+        ]
+        if given:
+            flags = " and ".join("--" + name.replace("_", "-") for name in given)
+            raise InvalidArgument(f"--recipes gives each recipe its steps and learning rate: drop {flags}")
+        sweep = parse_recipes(recipes)
+        most = max(recipe.train_rows for recipe in sweep)
+        if train_limit is not None and most > train_limit:
+            raise InvalidArgument(
+                f"--recipes asks up to {most} train rows, but --train-limit loads {train_limit}: raise "
+                f"--train-limit to {most} or ask fewer rows"
+            )
     try:
         options = EvalOptions(
             modes=tuple(_csv(modes)),
             train_steps=train_steps,
             learning_rate=learning_rate,
+            recipes=sweep,
             train_max_length=train_max_length,
             max_batch=max_batch,
             max_batch_tokens=max_batch_tokens,
@@ -268,6 +304,7 @@ def evaluate(
         suite.append(tasks.tenant_dataset(registry, dataset, train_dataset, tenant_metric, limit, seed))
     if not suite:
         raise InvalidArgument("nothing to evaluate: name --datasets or a --tenant")
+    check_recipes(options.recipes_to_run(), suite)  # before the perplexity and the modes
     if time_budget is not None:  # the budget counts from the command's start, loading included
         options = options.model_copy(
             update={"time_budget_s": max(1e-3, time_budget - (time.perf_counter() - started))}
@@ -304,13 +341,16 @@ def evaluate(
         else {"skipped": PERPLEXITY_NOT_IN_VALIDATION}
     )
     with progress() as bars:
-        runs = sum(len(item.tests) for item in suite) * len(options.modes)
-        task = bars.add_task("eval", total=runs, detail="(test set, mode) runs")
+        trained = sum(mode in ADAPTER_MODE for mode in options.modes)
+        per_test_set = len(options.modes) + trained * (len(options.recipes_to_run()) - 1)
+        runs = sum(len(item.tests) for item in suite) * per_test_set
+        task = bars.add_task("eval", total=runs, detail="(test set, mode, recipe) runs")
 
         def report_and_show(results: list) -> dict:
             last = results[-1] if results else None
             if last is not None:
-                detail = f"{last.test_set} {last.mode}: {last.skipped or f'{last.queries} questions'}"
+                recipe = "" if last.recipe is None else f" ({recipe_label(last.recipe)})"
+                detail = f"{last.test_set} {last.mode}{recipe}: {last.skipped or f'{last.queries} questions'}"
                 bars.update(task, completed=len(results), detail=detail)
             return report(results)
 

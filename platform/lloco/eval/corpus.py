@@ -227,7 +227,9 @@ def write_corpus_report(directory: Path, results: list[ModeResult], meta: dict[s
     """``corpus.json`` (meta, rows, predictions) and ``corpus.md`` (the table) in ``directory``; returns the
     markdown."""
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [{k: v for k, v in asdict(r).items() if k != "predictions"} for r in results]
+    rows = [
+        {k: v for k, v in asdict(r).items() if k not in ("predictions", "recipe")} for r in results
+    ]  # no LoRA
     predictions = {r.mode: r.predictions for r in results}
     (directory / "corpus.json").write_text(
         json.dumps({**meta, "results": rows, "predictions": predictions}, indent=2)

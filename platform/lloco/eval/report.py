@@ -1,8 +1,9 @@
 """The evaluation's outputs: eval.json (everything), eval.md (the tables), predictions.jsonl.
 
-Besides one row per (test set, mode), both carry the ablations that say whether the compressed context
-informs answers: LLoCO against the LoRA trained without context and the full-context LoRA, passkey
-exact match by length and depth, and the held-out perplexity gap the compressor closes. Both name the
+Besides one row per (test set, mode), or per (test set, mode, recipe) for the LoRA modes of a recipe sweep,
+both carry the ablations that say whether the compressed context informs answers: LLoCO against the LoRA
+trained without context and the full-context LoRA (per recipe in a sweep), passkey exact match by length
+and depth, and the held-out perplexity gap the compressor closes. Both name the
 split that was asked first (eval.json's ``split``, eval.md's title and first line), so that validation
 figures are never read as test figures.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from lloco.eval.passkey import DEPTHS
-from lloco.eval.run import MODE_LABELS, ModeResult, depth_name, result_dict
+from lloco.eval.run import ModeResult, depth_name, mode_label, recipe_label, result_dict
 
 JSON_FILE = "eval.json"
 MARKDOWN_FILE = "eval.md"
@@ -66,41 +67,47 @@ def _number(scores: dict[str, float], name: str) -> str:
     return f"{scores[name]:.1f}" if name in scores else ""
 
 
-def _score(results: Sequence[ModeResult], test_set: str, mode: str) -> float | None:
+def _score(
+    results: Sequence[ModeResult], test_set: str, mode: str, recipe: dict[str, Any] | None
+) -> float | None:
     for result in results:
-        if result.test_set == test_set and result.mode == mode and not result.skipped:
+        if (
+            result.test_set == test_set
+            and result.mode == mode
+            and result.recipe == recipe
+            and not result.skipped
+        ):
             return result.scores[HEADLINE[result.metric]]
     return None
 
 
+def _with_recipe(row: dict[str, Any], recipe: dict[str, Any] | None) -> dict[str, Any]:
+    """``row`` and its ``recipe`` when it has one (a sweep's), else ``row`` as it was before sweeps."""
+    return row if recipe is None else {**row, "recipe": recipe}
+
+
 def ablations(results: Sequence[ModeResult], perplexity: dict[str, Any] | None) -> dict[str, Any]:
-    """The ablation summary: per test set LLoCO, the no-context LoRA and the full-context LoRA on the
-    headline score, LLoCO minus the no-context LoRA (points) and LLoCO as a percentage of the full-context
-    LoRA (None where a mode did not run or the full-context LoRA scored 0); exact match by depth of every
-    test set that has depths; the perplexity gap closed."""
+    """The ablation summary: per test set (and recipe, in a sweep) LLoCO, the no-context LoRA and the
+    full-context LoRA on the headline score, LLoCO minus the no-context LoRA (points) and LLoCO as a
+    percentage of the full-context LoRA (None where a mode did not run or the full-context LoRA scored 0);
+    exact match by depth of every row of a test set that has depths; the perplexity gap closed."""
     compared = []
     for test_set, metric in dict.fromkeys((r.test_set, r.metric) for r in results):
-        lloco, lora_none, full_lora = (
-            _score(results, test_set, m) for m in ("lloco", "lora_none", "full_lora")
-        )
-        compared.append(
-            {
-                "test_set": test_set,
-                "score": HEADLINE[metric],
-                "lloco": lloco,
-                "lora_none": lora_none,
-                "full_lora": full_lora,
-                "lloco_minus_lora_none": None if lloco is None or lora_none is None else lloco - lora_none,
-                "lloco_pct_of_full_lora": None if lloco is None or not full_lora else 100 * lloco / full_lora,
-            }
-        )
+        recipes: list[dict[str, Any]] = []  # a sweep's, in their order; none without a sweep
+        for result in results:
+            if result.test_set == test_set and result.recipe is not None and result.recipe not in recipes:
+                recipes.append(result.recipe)
+        compared += [_compared(results, test_set, metric, recipe) for recipe in recipes or [None]]
     by_depth = [
-        {
-            "test_set": r.test_set,
-            "mode": r.mode,
-            "em": r.scores["em"],
-            "em_by_depth": {depth: scores["em"] for depth, scores in r.scores_by_depth.items()},
-        }
+        _with_recipe(
+            {
+                "test_set": r.test_set,
+                "mode": r.mode,
+                "em": r.scores["em"],
+                "em_by_depth": {depth: scores["em"] for depth, scores in r.scores_by_depth.items()},
+            },
+            r.recipe,
+        )
         for r in results
         if r.scores_by_depth and not r.skipped
     ]
@@ -108,12 +115,35 @@ def ablations(results: Sequence[ModeResult], perplexity: dict[str, Any] | None) 
     return {"lloco_vs_baselines": compared, "em_by_depth": by_depth, "perplexity_gap_closed": closed}
 
 
+def _compared(
+    results: Sequence[ModeResult], test_set: str, metric: str, recipe: dict[str, Any] | None
+) -> dict[str, Any]:
+    lloco, lora_none, full_lora = (
+        _score(results, test_set, m, recipe) for m in ("lloco", "lora_none", "full_lora")
+    )
+    return _with_recipe(
+        {
+            "test_set": test_set,
+            "score": HEADLINE[metric],
+            "lloco": lloco,
+            "lora_none": lora_none,
+            "full_lora": full_lora,
+            "lloco_minus_lora_none": None if lloco is None or lora_none is None else lloco - lora_none,
+            "lloco_pct_of_full_lora": None if lloco is None or not full_lora else 100 * lloco / full_lora,
+        },
+        recipe,
+    )
+
+
 def _cell(value: float | None, form: str = "{:.1f}") -> str:
     return "" if value is None else form.format(value)
 
 
 def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None) -> str:
-    """The ablations as markdown sections (after the main table)."""
+    """The ablations as markdown sections (after the main table); a sweep's have a recipe column."""
+    recipe_column = ["recipe"] if any("recipe" in row for row in summary["lloco_vs_baselines"]) else []
+    columns = ["test set", *recipe_column, "score", "LLoCO", "LoRA, no context", "full-context LoRA"]
+    columns += ["LLoCO - LoRA no context", "LLoCO / full-context LoRA"]
     lines = [
         "## Ablations",
         "",
@@ -121,13 +151,13 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
         "seed and initial weights with no context at all (LoRA, no context), and against the full-context "
         "LoRA (F1 for QA, R-gmean for summaries).",
         "",
-        "| test set | score | LLoCO | LoRA, no context | full-context LoRA | LLoCO - LoRA no context "
-        "| LLoCO / full-context LoRA |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(recipe_column) + "---|---:|---:|---:|---:|---:|",
     ]
     for row in summary["lloco_vs_baselines"]:
         cells = [
             row["test_set"],
+            *([recipe_label(row["recipe"]) if "recipe" in row else ""] if recipe_column else []),
             _HEADLINE_NAMES[row["score"]],
             _cell(row["lloco"]),
             _cell(row["lora_none"]),
@@ -146,7 +176,7 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
             "|---|---|---:|" + "---:|" * len(depths),
         ]
         for row in summary["em_by_depth"]:
-            cells = [row["test_set"], MODE_LABELS[row["mode"]], _cell(row["em"])]
+            cells = [row["test_set"], mode_label(row["mode"], row.get("recipe")), _cell(row["em"])]
             cells += [_cell(row["em_by_depth"].get(depth)) for depth in depths]
             lines.append("| " + " | ".join(cells) + " |")
     decoder = (perplexity or {}).get("decoder", "base")
@@ -230,6 +260,7 @@ def write_report(directory: Path, results: Sequence[ModeResult], meta: dict[str,
     with (directory / PREDICTIONS_FILE).open("w", encoding="utf-8") as file:
         for result in results:
             for prediction in result.predictions:
-                entry = {"test_set": result.test_set, "mode": result.mode, **prediction}
+                entry = _with_recipe({"test_set": result.test_set, "mode": result.mode}, result.recipe)
+                entry.update(prediction)
                 file.write(json.dumps(entry, ensure_ascii=False) + "\n")
     return report

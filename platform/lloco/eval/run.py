@@ -20,6 +20,12 @@ the same steps, hyperparameters, seed and initial weights (a seeded random init,
 defaults to the compressor's reader when it has one, as tenant finetuning starts from it), so that they
 differ only in the context their examples hold.
 
+A finetune recipe (``Recipe``: optimizer steps, learning rate, train rows) is what the LoRA modes train
+with: one, from ``train_steps`` and ``learning_rate`` on every loaded row, unless ``recipes`` sweeps several.
+A sweep trains and scores every LoRA mode once per recipe on the documents tokenized and compressed once;
+a recipe's rows are the first ``train_rows`` of the loaded (seeded-sampled) train rows, so a smaller
+recipe's rows are a subset of a larger one's. Its rows name their recipe (``ModeResult.recipe``).
+
 The held-out perplexity (``held_out_perplexity``) measures the compressor without any LoRA or question:
 the base decoder's next-segment perplexity after no context, the compressed earlier segments and the
 full earlier text, and the share of the gap between none and full that the compressed prefix closes.
@@ -39,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 from lloco.config import FinetuneSettings
@@ -74,6 +80,96 @@ COMPRESSED_MODES = frozenset({"compressed", "lloco"})
 PERPLEXITY_BATCH = 8  # held-out windows per forward
 
 
+class Recipe(BaseModel):
+    """A LoRA finetune recipe of the LoRA modes: how long, how fast, on how many train rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_steps: int = Field(ge=1, description="Optimizer steps.")
+    learning_rate: float | None = Field(
+        None, gt=0, description="Peak learning rate; None: settings.finetune."
+    )
+    train_rows: int | None = Field(
+        None, ge=1, description="The first N loaded train rows (a prefix of the seeded sample); None: all."
+    )
+
+    @classmethod
+    def parse(cls, spec: str) -> Recipe:
+        """``STEPS:LR:ROWS`` (e.g. ``80:5e-4:240``) as a recipe.
+
+        Raises:
+            InvalidArgument: not three fields, or a field out of range.
+        """
+        fields = spec.strip().split(":")
+        try:
+            if len(fields) != 3:
+                raise ValueError("expected 3 fields")
+            steps, learning_rate, rows = int(fields[0]), float(fields[1]), int(fields[2])
+            if steps < 1 or rows < 1 or not 0 < learning_rate < math.inf:
+                raise ValueError("steps and rows must be >= 1, the learning rate > 0")
+        except ValueError as error:
+            raise InvalidArgument(
+                f"a recipe is STEPS:LR:ROWS (e.g. 80:5e-4:240), got {spec.strip()!r}: {error}"
+            ) from error
+        return cls(train_steps=steps, learning_rate=learning_rate, train_rows=rows)
+
+
+def parse_recipes(specs: str) -> tuple[Recipe, ...]:
+    """A comma list of ``STEPS:LR:ROWS`` recipes (``--recipes``), in the order given.
+
+    Raises:
+        InvalidArgument: none, or a malformed one (``Recipe.parse``); ``EvalOptions`` refuses repeats.
+    """
+    recipes = tuple(Recipe.parse(spec) for spec in specs.split(",") if spec.strip())
+    if not recipes:
+        raise InvalidArgument(
+            f"--recipes takes STEPS:LR:ROWS entries, e.g. 80:5e-4:240,160:5e-4:240; got {specs!r}"
+        )
+    return recipes
+
+
+def check_recipes(recipes: Sequence[Recipe], datasets: Sequence[EvalDataset]) -> None:
+    """Refuse, before any work, a recipe that asks more train rows than a dataset loaded.
+
+    Raises:
+        InvalidArgument: naming the recipe, the rows it asks and the dataset's loaded rows.
+    """
+    for dataset in (d for d in datasets if d.train is not None):
+        loaded = len(dataset.train.rows)
+        for recipe in recipes:
+            if recipe.train_rows is not None and recipe.train_rows > loaded:
+                raise InvalidArgument(
+                    f"recipe {recipe_spec(recipe)} asks {recipe.train_rows} train rows, but {dataset.name} "
+                    f"loaded {loaded} (--train-limit, or all the set has): ask at most {loaded}"
+                )
+
+
+def _short_float(value: float) -> str:
+    """5e-4 as "5e-4", 2.5e-5 as "2.5e-5" (a learning rate as one writes it)."""
+    mantissa, exponent = f"{value:.3e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def recipe_spec(recipe: Recipe) -> str:
+    """A recipe as ``--recipes`` writes it."""
+    rate = "default" if recipe.learning_rate is None else _short_float(recipe.learning_rate)
+    return f"{recipe.train_steps}:{rate}:{recipe.train_rows or 'all'}"
+
+
+def recipe_label(recipe: dict[str, Any]) -> str:
+    """A row's recorded recipe (``ModeResult.recipe``) in words: "80 steps, lr 5e-4, 240 rows"."""
+    steps, rows = recipe["train_steps"], recipe["train_rows"]
+    return (
+        f"{steps} step{'s' * (steps != 1)}, lr {_short_float(recipe['learning_rate'])}, "
+        f"{rows} row{'s' * (rows != 1)}"
+    )
+
+
+def mode_label(mode: str, recipe: dict[str, Any] | None = None) -> str:
+    """A row's mode in words, with its recorded recipe when it has one (a sweep's LoRA rows)."""
+    return MODE_LABELS[mode] if recipe is None else f"{MODE_LABELS[mode]}: {recipe_label(recipe)}"
+
+
 class EvalOptions(BaseModel):
     """How much work the evaluation does, and how."""
 
@@ -83,6 +179,12 @@ class EvalOptions(BaseModel):
     train_steps: int = Field(100, ge=1, description="Optimizer steps of each LoRA mode's adapter.")
     learning_rate: float | None = Field(
         None, gt=0, description="LoRA learning rate; None: settings.finetune."
+    )
+    recipes: tuple[Recipe, ...] | None = Field(
+        None,
+        min_length=1,
+        description="A sweep: every LoRA mode trained and scored once per recipe, in this order (instead of "
+        "train_steps and learning_rate on every loaded row); None: no sweep.",
     )
     train_max_length: int | None = Field(
         None, ge=8, description="Longest training example; None: the model's window."
@@ -105,6 +207,22 @@ class EvalOptions(BaseModel):
     time_budget_s: float | None = Field(None, gt=0, description="Work still to start after this is skipped.")
     seed: int = Field(0, ge=0)
 
+    @model_validator(mode="after")
+    def _sweep_has_lora_modes(self) -> EvalOptions:
+        if self.recipes is not None:
+            repeated = [recipe for i, recipe in enumerate(self.recipes) if recipe in self.recipes[:i]]
+            if repeated:
+                raise ValueError(f"recipe {recipe_spec(repeated[0])} is given twice; each recipe once")
+            if not set(ADAPTER_MODE) & set(self.modes):
+                raise ValueError(
+                    f"recipes train the LoRA modes, and modes has none of {', '.join(ADAPTER_MODE)}"
+                )
+        return self
+
+    def recipes_to_run(self) -> tuple[Recipe, ...]:
+        """The sweep's recipes, or the one recipe of ``train_steps`` and ``learning_rate`` on every row."""
+        return self.recipes or (Recipe(train_steps=self.train_steps, learning_rate=self.learning_rate),)
+
 
 @dataclass
 class ModeResult:
@@ -121,6 +239,8 @@ class ModeResult:
     latency_s: float = 0.0  # per query, entering the generator to the last token
     seconds: float = 0.0  # the whole mode on this test set
     adapter: dict[str, Any] | None = None
+    # a sweep's LoRA rows: {train_steps, learning_rate (the one used), train_rows}; None: no sweep, or no LoRA
+    recipe: dict[str, Any] | None = None
     skipped: str | None = None
     # test sets with depths: depth ("10%") -> the scores of its questions and their count "n"
     scores_by_depth: dict[str, dict[str, float]] | None = None
@@ -128,7 +248,7 @@ class ModeResult:
 
     @property
     def label(self) -> str:
-        return MODE_LABELS[self.mode]
+        return mode_label(self.mode, self.recipe)
 
 
 @dataclass(frozen=True)
@@ -179,7 +299,7 @@ class Evaluator:
         if compressor.reader_files is not None:
             digest = state_digest(read_peft_files(compressor.reader_files)[1])
             self.reader = TrainedAdapter(
-                compressor.reader_files, 0, math.nan, math.nan, 0.0, "compressor reader", digest
+                compressor.reader_files, 0, None, 0, math.nan, math.nan, 0.0, "compressor reader", digest
             )
         if adapter_init is not None:
             targets, rank = peft_geometry(adapter_init)
@@ -236,18 +356,20 @@ class Evaluator:
         form: ExampleForm,
         tokens: dict[str, list[int]],
         contexts: dict[str, Tensor],
+        rows: int | None = None,
     ) -> list[Example]:
         """The training examples of a LoRA mode: ``[context] + chat_prompt(question) + answer + eos``, the
         context being the summary vectors (``compressed``), nothing (``none``) or the document cut in the
-        middle to fit (``full``). Every form keeps the same rows: those whose compressed form fits
-        ``train_max_length`` (``contexts`` need only hold the train documents for ``compressed``).
+        middle to fit (``full``), from the first ``rows`` train rows (None: all). Every form keeps the same
+        rows: those whose compressed form fits ``train_max_length`` (``contexts`` need only hold the train
+        documents for ``compressed``).
 
         Raises:
             InvalidArgument: no train row fits.
         """
         max_length = self.options.train_max_length or self.window
         examples = []
-        for line, row in enumerate(dataset.train.rows, start=1):
+        for line, row in enumerate(dataset.train.rows[:rows], start=1):
             prompt = chat_prompt(self.tokenizer, dataset.question(row))
             answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
             if self._summary_vectors(row, tokens) + len(prompt) + len(answer) > max_length:
@@ -260,19 +382,31 @@ class Evaluator:
                 document = middle_cut(self._joined(row, tokens), max_length - len(prompt) - len(answer))
                 examples.append(Example(line, None, document + prompt + answer, len(answer)))
         if not examples:
-            raise InvalidArgument(f"no train row of {dataset.name} fits {max_length} positions")
+            taken = "" if rows is None else f" of its first {rows}"
+            raise InvalidArgument(f"no train row{taken} of {dataset.name} fits {max_length} positions")
         return examples
 
-    def _train(self, examples: list[Example]) -> TrainedAdapter:
+    def _train(self, examples: list[Example], recipe: Recipe) -> TrainedAdapter:
         return train_adapter(
             self.base,
             examples,
             self.finetune,
-            self.options.train_steps,
-            self.options.learning_rate,
+            recipe.train_steps,
+            recipe.learning_rate,
             self.options.seed,
             self.adapter_init,
         )
+
+    def _recipe_record(self, recipe: Recipe, loaded_rows: int) -> dict[str, Any] | None:
+        """What a sweep's LoRA row records of its recipe (the learning rate and rows it used); None when the
+        run sweeps nothing, so that its rows stay as they were before sweeps existed."""
+        if self.options.recipes is None:
+            return None
+        return {
+            "train_steps": recipe.train_steps,
+            "learning_rate": recipe.learning_rate or self.finetune.learning_rate,
+            "train_rows": recipe.train_rows or loaded_rows,
+        }
 
     # -- held-out perplexity ----------------------------------------------------------------------------
 
@@ -317,7 +451,11 @@ class Evaluator:
         """Every mode of every test set of every dataset, in order; work past the time budget is skipped.
 
         ``on_result`` sees the results so far after each one (to write partial reports).
+
+        Raises:
+            InvalidArgument: a recipe asks more train rows than a dataset loaded (``check_recipes``).
         """
+        check_recipes(self.options.recipes_to_run(), datasets)
         results: list[ModeResult] = []
         for dataset in datasets:
             self._run_dataset(dataset, results, on_result)
@@ -329,24 +467,26 @@ class Evaluator:
         results: list[ModeResult],
         on_result: Callable[[list[ModeResult]], None] | None,
     ) -> None:
-        """The modes without adapters first, then each LoRA mode (train, answer), so that a spent time
-        budget still leaves the cheap rows; the rows are kept in (test set, mode) order."""
+        """The modes without adapters first, then recipe by recipe each LoRA mode (train, answer), so that a
+        spent time budget still leaves the cheap rows and whole recipes; the documents are tokenized and
+        compressed once for all of it. The rows are kept in (test set, mode, recipe) order."""
         modes = self.options.modes
+        recipes = self.options.recipes_to_run()
         first = len(results)
-        order = {
-            (test.name, mode): i
-            for i, (test, mode) in enumerate((t, m) for t in dataset.tests for m in modes)
-        }
+        tests = {test.name: i for i, test in enumerate(dataset.tests)}
+        ranks: dict[int, tuple[int, int, int]] = {}  # id(result) -> (test set, mode, recipe) positions
 
-        def record(result: ModeResult) -> None:
+        def record(result: ModeResult, recipe_index: int = 0) -> None:
+            ranks[id(result)] = (tests[result.test_set], modes.index(result.mode), recipe_index)
             results.append(result)
-            results[first:] = sorted(results[first:], key=lambda r: order[(r.test_set, r.mode)])
+            results[first:] = sorted(results[first:], key=lambda r: ranks[id(r)])
             if on_result is not None:
                 on_result(results)
             log.info(
                 "eval mode done",
                 test_set=result.test_set,
                 mode=result.mode,
+                recipe=result.recipe,
                 skipped=result.skipped,
                 seconds=round(result.seconds, 2),
                 **result.scores,
@@ -370,25 +510,33 @@ class Evaluator:
                     self._run_mode(result, dataset, test, tokens, contexts, adapter)
                 record(result)
         train_tokens: dict[str, list[int]] | None = None
-        for mode in (m for m in modes if m in ADAPTER_MODE):
-            adapter: TrainedAdapter | None = None
-            reason = None
-            if dataset.train is None:
-                reason = "no train rows"
-            elif self._out_of_time():
-                reason = "time budget spent"
-            else:
-                train_tokens = train_tokens or self._tokenize(dataset.train.documents)
-                if ADAPTER_MODE[mode] == "compressed":
-                    contexts.update(self._timed_compress(train_tokens, costs))
-                adapter = self._train(self.examples(dataset, ADAPTER_MODE[mode], train_tokens, contexts))
-            for test in dataset.tests:
-                result = ModeResult(dataset.name, test.name, mode, dataset.metric)
-                if reason is not None or self._out_of_time():
-                    result.skipped = reason or "time budget spent"
+        train_compressed = False
+        loaded_rows = len(dataset.train.rows) if dataset.train is not None else 0
+        for recipe_index, recipe in enumerate(recipes):
+            for mode in (m for m in modes if m in ADAPTER_MODE):
+                adapter: TrainedAdapter | None = None
+                reason = None
+                if dataset.train is None:
+                    reason = "no train rows"
+                elif self._out_of_time():
+                    reason = "time budget spent"
                 else:
-                    self._run_mode(result, dataset, test, tokens, contexts, adapter)
-                record(result)
+                    train_tokens = train_tokens or self._tokenize(dataset.train.documents)
+                    if ADAPTER_MODE[mode] == "compressed" and not train_compressed:
+                        contexts.update(self._timed_compress(train_tokens, costs))
+                        train_compressed = True
+                    examples = self.examples(
+                        dataset, ADAPTER_MODE[mode], train_tokens, contexts, recipe.train_rows
+                    )
+                    adapter = self._train(examples, recipe)
+                for test in dataset.tests:
+                    result = ModeResult(dataset.name, test.name, mode, dataset.metric)
+                    result.recipe = self._recipe_record(recipe, loaded_rows)
+                    if reason is not None or self._out_of_time():
+                        result.skipped = reason or "time budget spent"
+                    else:
+                        self._run_mode(result, dataset, test, tokens, contexts, adapter)
+                    record(result, recipe_index)
 
     def _timed_compress(self, tokens: dict[str, list[int]], costs: dict[str, float]) -> dict[str, Tensor]:
         started = time.perf_counter()
@@ -507,9 +655,12 @@ def _mean(scores: list[dict[str, float]]) -> dict[str, float]:
 
 
 def result_dict(result: ModeResult, with_predictions: bool = False) -> dict[str, Any]:
-    """A result as JSON-ready data (predictions only when asked)."""
+    """A result as JSON-ready data (predictions only when asked; ``recipe`` only on a sweep's LoRA rows, so
+    that a run without a sweep writes the rows it wrote before sweeps existed)."""
     data = asdict(result)
     data["label"] = result.label
+    if result.recipe is None:
+        data.pop("recipe")
     if not with_predictions:
         data.pop("predictions")
     return data
