@@ -13,8 +13,9 @@ of the two. Times are CUDA-event medians after warm-up; warm-up (graph capture, 
 apart. A decode step's memory floor (weights read + KV bytes read) is printed at two bandwidths: the
 device-to-device copy bandwidth measured at the start of the run, and the device's data-sheet bandwidth.
 ``--sections cold_shapes`` (not run by default) times a fresh engine's first queries with its decode
-graphs captured on first use and all at start. ``--profile-batch N`` then profiles 32 decode steps at batch N (the last of ``--modes``): device time per
-kernel name per step, and how much of the step the device sits idle.
+graphs captured on first use and all at start. ``--profile-batch N`` then profiles 32 decode steps at batch
+N (the last of ``--modes``; ``--profile-adapters``: distinct adapters per row): device time per kernel name
+per step, and how much of the step the device sits idle.
 """
 
 from __future__ import annotations
@@ -234,7 +235,7 @@ def bench_cold_shapes(
     model: Llama, slots: LoraSlots, mode: str, seq_len: int, tenants: int, new_tokens: int
 ) -> dict[str, Any]:
     """Tenants' first queries on a fresh engine, its decode graphs captured on first use ("lazy") or all at
-    start (``Generator.capture_decode_graphs``, "at_start"), after what EngineCore's warm-up runs.
+    start (``Generator.capture_decode_graphs``, "at_start"), after ``Generator.warm_up`` as EngineCore runs it.
 
     One tenant joins every other step with its own adapter and a compressed context of varied length, so
     the batch and key lengths pass through many shape classes, as when a server's first queries arrive;
@@ -252,8 +253,7 @@ def bench_cold_shapes(
             **mode_options(mode, model.device),
         )
         began = time.perf_counter()
-        run_to_end(gen, [random_ids(8, model.config.vocab_size, seed=1)] * 2, [-1, 0], 2)
-        run_to_end(gen, [random_ids(8, model.config.vocab_size, seed=1)], [0], 2)
+        gen.warm_up(random_ids(8, model.config.vocab_size, seed=1))  # what EngineCore's start runs first
         warmed = time.perf_counter()
         captured = gen.capture_decode_graphs() if start == "at_start" else 0
         row = {

@@ -509,6 +509,18 @@ class Generator:
         temperature, top_p = self._float[:, :batch]
         self._next[:batch].copy_(sample(logits, temperature, top_p, seeds, positions + 1, mode))
 
+    def warm_up(self, prompt_ids: Sequence[int]) -> None:
+        """Run a short request through each shape class that compiles apart (one row or two, adapters off
+        and on) while no request runs: prefill, sampling and, on a GPU, the decode step's compilation.
+        Slot 0 may be empty (zero weights): its rows then compute what the base model does."""
+        params = SamplingParams(max_new_tokens=2)
+        for rows in sorted({1, min(2, self.max_batch)}):
+            for slot in (-1, 0) if self.lora is not None else (-1,):
+                for row in range(rows):
+                    self.add(f"warm-up-{rows}-{slot}-{row}", None, prompt_ids, slot, params)
+                while self.active():
+                    self.step()
+
     def decode_shapes(self, modes: Iterable[SampleMode] = ("greedy",)) -> list[DecodeShape]:
         """Every shape class a decode step of ``modes`` can run in: (batch bucket, key-length bucket,
         adapters on, sampling mode), the keys of its CUDA graphs."""

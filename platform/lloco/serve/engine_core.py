@@ -241,21 +241,11 @@ class EngineCore:
         await self.scheduler.start()
 
     def _warm_up(self) -> None:
-        """Run each decode shape class once (one row or several, adapters off or on) before the first query,
-        then capture the CUDA graphs of every batch and key-length class of ``engine.capture_decode_modes``.
-
-        On a GPU that compiles the decode step and captures its graphs, seconds a tenant would otherwise
-        wait for; slot 0 is still empty (zero weights), so its rows compute what the base model does.
-        """
+        """``Generator.warm_up`` before the first query, then capture the CUDA graphs of every batch and
+        key-length class of ``engine.capture_decode_modes``: on a GPU, seconds a tenant would otherwise wait
+        for."""
         started = time.perf_counter()
-        params = SamplingParams(max_new_tokens=2)
-        prompt = chat_prompt(self._model.tokenizer, "Hello")
-        for rows in sorted({1, min(2, self.generator.max_batch)}):
-            for slot in (-1, 0):
-                for row in range(rows):
-                    self.generator.add(f"warm-up-{rows}-{slot}-{row}", None, prompt, slot, params)
-                while self.generator.active():
-                    self.generator.step()
+        self.generator.warm_up(chat_prompt(self._model.tokenizer, "Hello"))
         warmed = time.perf_counter()
         captured = self.generator.capture_decode_graphs(self._settings.engine.capture_decode_modes)
         log.info(
