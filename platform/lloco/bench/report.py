@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ def run_section(
     except Exception as exc:  # noqa: BLE001 - a benchmark reports what broke and goes to its next section
         result["errors"].append(f"{name}: {type(exc).__name__}: {exc}")
         print(f"{name} failed: {exc!r}", flush=True)
+        traceback.print_exc()  # to the log: where it broke, which the one-line error does not say
     cleanup()
 
 

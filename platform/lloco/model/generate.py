@@ -26,6 +26,7 @@ are unchanged.
 from __future__ import annotations
 
 import functools
+import gc
 import heapq
 import random
 import time
@@ -579,8 +580,17 @@ class Generator:
             self._decode_body(*key)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._decode_body(*key)
+        # A server captures while other threads work on the GPU (a query's context copied in, an adapter
+        # pinned): "thread_local" keeps their calls from invalidating this capture. The garbage collector
+        # stays off, so no finalizer (a freed pinned buffer, an unloaded kernel module) runs inside it.
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._decode_body(*key)
+        finally:
+            if collecting:
+                gc.enable()
         return graph
 
     def _long_tensor(self, values: list[int]) -> Tensor:
