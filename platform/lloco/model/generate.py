@@ -26,7 +26,6 @@ are unchanged.
 from __future__ import annotations
 
 import functools
-import gc
 import heapq
 import random
 import time
@@ -39,7 +38,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from lloco.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
 from lloco.model import fused as fused_decode
 from lloco.model.llama import Block, BlockFn, KVCache, Llama, resolve_device
 from lloco.model.lora import LoraSlots
@@ -581,16 +586,15 @@ class Generator:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # A server captures while other threads work on the GPU (a query's context copied in, an adapter
-        # pinned): "thread_local" keeps their calls from invalidating this capture. The garbage collector
-        # stays off, so no finalizer (a freed pinned buffer, an unloaded kernel module) runs inside it.
-        collecting = gc.isenabled()
-        gc.disable()
+        # pinned): "thread_local" keeps their calls from invalidating this capture.
         try:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._decode_body(*key)
-        finally:
-            if collecting:
-                gc.enable()
+        except RuntimeError as error:  # CUDA reports where the capture ended, not which step broke it
+            raise Internal(
+                f"capturing the decode step of shape {key} (batch, key length, adapters, sampling) as a "
+                f"CUDA graph failed: {error}"
+            ) from error
         return graph
 
     def _long_tensor(self, values: list[int]) -> Tensor:
