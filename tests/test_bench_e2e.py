@@ -34,9 +34,16 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(tmp_path: Path, ray_loca
         assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)
     assert load["engine"]["graph_captures"]["load"] == [0, 0]  # no CUDA graphs on the CPU
     assert load["engine"]["start_s"] > 0
+    # the engine's own account of its TTFT (gRPC replies do not carry it); per query: test_engine_core
+    parts = load["engine"]["ttft_parts_steady_ms"]
+    assert (
+        set(parts) == {"prepare", "queue", "prefill", "ttft"} and "ttft_parts_steady_ms" not in load["grpc"]
+    )
+    assert all(0 <= parts[name]["p50"] <= parts[name]["p99"] for name in parts)
     assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["gRPC", "end", "tokens/s", "TTFT"]
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table
+    assert "| | prepare | queue | prefill | ttft |" in table
 
 
 def test_a_run_cut_short_reports_what_it_measured() -> None:

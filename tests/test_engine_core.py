@@ -357,6 +357,29 @@ def test_cancelled_stream_frees_its_row_for_the_next_request(
     run(scenario)
 
 
+def test_a_querys_stats_say_where_its_time_to_first_token_went(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    async def scenario() -> None:
+        async with engine(store, base, compressor, settings(max_batch=1)) as core:
+            await core.compress("acme", ["handbook"])
+            # one row: the second query waits in the queue for the whole of the first one
+            first, second = await asyncio.gather(
+                collect(core, request("acme", ("handbook",), "support", max_new_tokens=24)),
+                collect(core, request("globex", (), "sales", max_new_tokens=4)),
+            )
+        for _, _, stats in (first, second):
+            parts = (stats.prepare_s, stats.queue_s, stats.prefill_s)
+            assert all(part >= 0 for part in parts) and stats.prefill_s > 0
+            assert sum(parts) <= stats.ttft_s + 1e-6
+        waited, ran = sorted((first[2], second[2]), key=lambda stats: stats.queue_s)[::-1]
+        # both started together; the one that waited got its row only when the other's answer was done
+        assert waited.prepare_s + waited.queue_s >= ran.total_s - 0.05
+        assert ran.queue_s < waited.queue_s
+
+    run(scenario)
+
+
 def test_request_errors(
     store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
 ) -> None:

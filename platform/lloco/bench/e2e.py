@@ -52,7 +52,13 @@ from lloco.bench.common import (
     sync,
 )
 from lloco.bench.report import write_report
-from lloco.bench.workload import QuerySample, engine_query, load_summary, tenant_shares
+from lloco.bench.workload import (
+    QuerySample,
+    engine_query,
+    load_summary,
+    tenant_shares,
+    ttft_parts_summary,
+)
 
 ADMIN_KEY = "bench-e2e-admin"
 QUESTION = "What does the document say about the river, question {n}?"
@@ -369,12 +375,18 @@ def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Ten
     """Throughput and percentiles of every query; TTFT also without each client's first query (``steady``),
     which all C clients send at the same instant, so its prefills queue behind each other by design."""
     every = [sample for _, sample in samples]
-    steady = _ttfts([sample for n, sample in samples if n > 0])
-    return load_summary(every, wall) | {
-        "ttft_p50_steady_ms": steady["p50_ms"],
-        "ttft_p99_steady_ms": steady["p99_ms"],
-        "tenants": tenant_shares(every, [t.name for t in tenants]),
-    }
+    later = [sample for n, sample in samples if n > 0]
+    steady = _ttfts(later)
+    parts = ttft_parts_summary(later)
+    return (
+        load_summary(every, wall)
+        | {
+            "ttft_p50_steady_ms": steady["p50_ms"],
+            "ttft_p99_steady_ms": steady["p99_ms"],
+            "tenants": tenant_shares(every, [t.name for t in tenants]),
+        }
+        | ({"ttft_parts_steady_ms": parts["ttft_parts_ms"]} if parts else {})
+    )
 
 
 def _ttfts(samples: Sequence[QuerySample]) -> dict[str, float]:
@@ -490,6 +502,21 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"during the tenants' first queries {captures['cold'][0]:.0f} ({captures['cold'][1]:.1f} s), "
                 f"during the load {captures['load'][0]:.0f} ({captures['load'][1]:.1f} s); "
                 f"EngineCore's start (warm-up and graphs captured ahead) took {load['engine']['start_s']:.1f} s.",
+            ]
+        parts = load.get("engine", {}).get("ttft_parts_steady_ms")
+        if parts:
+            lines += [
+                "",
+                "Where EngineCore alone's TTFT went after each client's first query (its own clock, ms; "
+                "prepare: lookups and the context onto the device; queue: waiting for a generator row; "
+                "prefill: from the row to the first token; the rest of TTFT is the token's way to the caller):",
+                "",
+                "| | " + " | ".join(parts) + " |",
+                "|---|" + "---:|" * len(parts),
+                *(
+                    f"| {q} | " + " | ".join(f"{parts[name][q]:.1f}" for name in parts) + " |"
+                    for q in ("p50", "p99")
+                ),
             ]
         paths = [key for key in ("grpc", "engine") if key in load]
         lines += [

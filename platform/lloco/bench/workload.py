@@ -108,6 +108,12 @@ class QuerySample:
     ttft_s: float | None  # None: no token came (cancelled before its first)
     latency_s: float
     tokens: int
+    # the engine's own account of where the TTFT went (QueryStats: prepare_s, queue_s, prefill_s); None
+    # when the client did not get it (gRPC)
+    ttft_parts: dict[str, float] | None = None
+
+
+TTFT_PARTS = ("prepare", "queue", "prefill")  # QueryStats' parts of ttft_s, in order
 
 
 def engine_request(
@@ -140,21 +146,23 @@ async def engine_query(
 ) -> QuerySample:
     """Run ``request`` on an ``EngineCore``; ``on_first`` gets the TTFT (seconds) as soon as it is known."""
     started = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, parts = None, 0, None
     async for event in core.generate(request):
         if event.token_ids and first is None:
             first = time.perf_counter() - started
             if on_first is not None:
                 on_first(first)
         tokens += len(event.token_ids)
-    return QuerySample(request.tenant, first, time.perf_counter() - started, tokens)
+        if event.final is not None:
+            parts = {part: getattr(event.final, f"{part}_s") for part in TTFT_PARTS}
+    return QuerySample(request.tenant, first, time.perf_counter() - started, tokens, parts)
 
 
 def load_summary(samples: Sequence[QuerySample], wall_s: float) -> dict[str, Any]:
     """Throughput and latency percentiles of a load run."""
     ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
     latency = [s.latency_s * 1e3 for s in samples]
-    return {
+    summary = {
         "seconds": wall_s,
         "queries": len(samples),
         "queries_per_s": len(samples) / wall_s,
@@ -163,6 +171,23 @@ def load_summary(samples: Sequence[QuerySample], wall_s: float) -> dict[str, Any
         "ttft_p99_ms": percentile(ttft, 99),
         "latency_p50_ms": percentile(latency, 50),
         "latency_p99_ms": percentile(latency, 99),
+    }
+    return summary | ttft_parts_summary(samples)
+
+
+def ttft_parts_summary(samples: Sequence[QuerySample]) -> dict[str, Any]:
+    """p50/p99 of each part of the engine's TTFT (``TTFT_PARTS``) over the samples that carry them, and of the
+    queries' TTFT in the same samples: {"ttft_parts_ms": {part: {"p50", "p99"}, ...}}, or {} when none does."""
+    known = [(s.ttft_s, s.ttft_parts) for s in samples if s.ttft_s is not None and s.ttft_parts is not None]
+    if not known:
+        return {}
+    columns = {part: [parts[part] * 1e3 for _, parts in known] for part in TTFT_PARTS}
+    columns["ttft"] = [ttft * 1e3 for ttft, _ in known]
+    return {
+        "ttft_parts_ms": {
+            name: {"p50": percentile(values, 50), "p99": percentile(values, 99)}
+            for name, values in columns.items()
+        }
     }
 
 

@@ -55,6 +55,12 @@ READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenan
 RESIDENCY_REPORT_S = 1.0  # what the replica holds is reported at most this often while busy, and when idle
 
 
+def _between(start: float, end: float) -> float:
+    """Seconds from ``start`` to ``end``, two scheduler stamps; 0.0 when either never happened (a query
+    cancelled in the queue has no row, one that ended before a token has no first token)."""
+    return max(0.0, end - start) if start and end else 0.0
+
+
 def segment_vectors(vectors: torch.Tensor, segments: tuple[Segment, ...], k: int) -> torch.Tensor:
     """The rows of a context ``[n_segments * k, D]`` that belong to ``segments``, in their order: each
     segment's own k summaries (with accumulation they were computed seeing the document's earlier
@@ -118,6 +124,10 @@ class QueryStats:
     ttft_s: float
     total_s: float
     finish_reason: str  # "stop" | "length" | "cancelled"
+    # Where ttft_s went, in order (what is left of it is the first token's way back to the caller):
+    prepare_s: float  # registry and cache lookups, the context onto the device, before the scheduler
+    queue_s: float  # in the scheduler's queue until given a generator row
+    prefill_s: float  # from the row to the first token: prefill chunks and the steps they waited for
 
 
 @dataclass(frozen=True)
@@ -278,6 +288,7 @@ class EngineCore:
         started = time.perf_counter()
         self.requests += 1
         prepared = await asyncio.to_thread(self._prepare, req)
+        prepared_at = time.perf_counter()
         scheduled = ScheduledRequest(
             request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",
             tenant=req.tenant,
@@ -329,6 +340,9 @@ class EngineCore:
                 ttft_s=(first_token_at or done) - started,
                 total_s=done - started,
                 finish_reason=_FINISH_REASONS[reason],
+                prepare_s=prepared_at - started,
+                queue_s=_between(scheduled.submitted_at, scheduled.admitted_at),
+                prefill_s=_between(scheduled.admitted_at, scheduled.first_token_at),
             )
             self._observer.request_done(req.tenant, req.adapter, stats)
             yield EngineEvent(delta, tuple(fresh), stats)

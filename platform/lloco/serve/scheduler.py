@@ -59,6 +59,10 @@ class ScheduledRequest:
     adapter_weights: LoraAdapter | None = None
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     grant: SlotGrant | None = None
+    # perf_counter times of its way through the scheduler (0.0: not yet): queued, given a row, first token out
+    submitted_at: float = 0.0
+    admitted_at: float = 0.0
+    first_token_at: float = 0.0
 
     @property
     def input_tokens(self) -> int:
@@ -190,6 +194,7 @@ class Scheduler:
             raise Internal("the engine's scheduler is not running")
         if len(self._waiting) >= self._max_waiting:
             raise ResourceExhausted(f"the engine has {len(self._waiting)} queries waiting; retry later")
+        request.submitted_at = time.perf_counter()
         self._queue.push(request.tenant, request)
         self._waiting[request.request_id] = request
         self._wake.set()
@@ -296,6 +301,7 @@ class Scheduler:
                     skipped.add(tenant)
                     continue
             self._queue.admit(tenant, request.input_tokens)
+            request.admitted_at = time.perf_counter()
             del self._waiting[request.request_id]
             admitted.append(request)
             self._running[request.request_id] = request
@@ -368,6 +374,7 @@ class Scheduler:
                 continue
             self.generated_tokens += 1
             self._queue.generated(request.tenant)
+            request.first_token_at = request.first_token_at or time.perf_counter()
             request.events.put_nowait(TokenEvent(out.token_id, out.finished, out.reason))
             if out.finished:
                 del self._running[out.request_id]
