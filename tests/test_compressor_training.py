@@ -186,3 +186,36 @@ def test_a_new_run_starts_from_a_finished_compressor_and_keeps_its_record(
     assert later["total_tokens_seen"] == earlier["train_tokens_seen"] + later["train_tokens_seen"]
     with pytest.raises(InvalidArgument, match="k=4"):
         pretrain(settings, _options(corpus, tmp_path / "c", k=8, init_from=tmp_path / "a"))
+
+
+def test_a_reader_only_run_trains_the_reader_and_keeps_the_compressor_as_it_was(
+    corpus: Path, qa_cache: Path, tiny_model_dir: Path, tiny_base: object, tmp_path: Path
+) -> None:
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    pretrain(settings, _options(corpus, tmp_path / "a", max_steps=3))  # a compressor with a frozen decoder
+    options = _options(
+        corpus, tmp_path / "b", max_steps=3, init_from=tmp_path / "a", reader_only=True, reader_rank=4,
+        qa_cache=qa_cache, qa_fraction=0.5,
+    )  # fmt: skip
+    record = pretrain(settings, options)
+    before, after = Compressor.load(tmp_path / "a", tiny_base), Compressor.load(tmp_path / "b", tiny_base)
+    assert torch.equal(before.summary_embeds, after.summary_embeds)
+    assert torch.equal(before.output_scale, after.output_scale)
+    a_files, b_files = before.adapter_files, after.adapter_files
+    assert a_files is not None and b_files is not None and a_files.keys() == b_files.keys()
+    assert all(a_files[name] == b_files[name] for name in a_files)  # the encoder's PEFT files, byte for byte
+    reader = after.reader_files
+    assert reader is not None and peft_geometry(reader)[1] == 4
+    assert "reader only" in record["objective"] and record["options"]["reader_only"]
+    assert record["held_out"]["qa_probe"]["decoder"] == "base + reader"
+    # the checkpoint keeps optimizer moments for the reader's weights alone
+    moments = load_sharded(tmp_path / "b" / CHECKPOINT_DIR, "optimizer", "cpu")
+    assert moments and all(name.startswith("reader.") for name in moments)
+
+    with pytest.raises(ValueError, match="init_from"):
+        _options(corpus, tmp_path / "c", reader_only=True, reader_rank=4)
+    with pytest.raises(InvalidArgument, match="no reader"):
+        pretrain(
+            settings,
+            _options(corpus, tmp_path / "d", max_steps=1, init_from=tmp_path / "a", reader_only=True),
+        )

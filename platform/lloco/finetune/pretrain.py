@@ -178,8 +178,12 @@ class CompressorPretrain:
         self.qa_buckets = self._buckets(self.qa_train)
         self.initial = Compressor.from_base(self.base, options.segment_len, options.k, True, options.seed)
         self.trainables = self._initial_trainables().to(self.device)
+        if options.reader_only:
+            self._freeze_compressor()
         self.optimizer = torch.optim.AdamW(
-            self.trainables.parameters(), lr=options.learning_rate, weight_decay=0.0
+            [p for p in self.trainables.parameters() if p.requires_grad],
+            lr=options.learning_rate,
+            weight_decay=0.0,
         )
         checkpoint_dir = options.output / CHECKPOINT_DIR
         if options.resume and (checkpoint_dir / STATE_FILE).is_file():
@@ -192,8 +196,24 @@ class CompressorPretrain:
             train_tokens=len(self.corpus.train_tokens),
             qa_train=len(self.qa_train) if self.qa_train else 0,
             step=self.step,
-            trainable_params=sum(p.numel() for p in self.trainables.parameters()),
+            trainable_params=sum(p.numel() for p in self.trainables.parameters() if p.requires_grad),
         )
+
+    def _freeze_compressor(self) -> None:
+        """``reader_only``: the summary embeddings, output scale and encoder LoRA keep init_from's values.
+        Nothing in the encoder's passes then needs a gradient, so autograd records none of them and a step
+        costs the reader's backward alone.
+
+        Raises:
+            InvalidArgument: there is no reader to train (init_from has none and reader_rank is 0).
+        """
+        if self.trainables.reader is None:
+            raise InvalidArgument(
+                f"reader_only: {self.options.init_from} has no reader; give reader_rank > 0 to start one"
+            )
+        self.trainables.encoder.requires_grad_(False)
+        self.trainables.summary.requires_grad_(False)
+        self.trainables.scale.requires_grad_(False)
 
     def _buckets(self, examples: QAExamples | None) -> dict[int, list[int]]:
         """QA example indices by their number of segments (a QA step takes one bucket)."""
@@ -549,7 +569,8 @@ class CompressorPretrain:
             "objective": "summary accumulation; LM steps: next-segment + autoencoding (options.reconstruction), "
             "random breakpoints, stop-gradient every bptt_segments; QA steps (options.qa_fraction): answer from "
             "the summaries alone; encoder = base + LoRA, decoder = frozen base"
-            + (" + reader LoRA" if self.trainables.reader is not None else ""),
+            + (" + reader LoRA" if self.trainables.reader is not None else "")
+            + ("; reader only: the compressor kept as init_from left it" if self.options.reader_only else ""),
             "options": json.loads(self.options.model_dump_json()),
             "corpus": {"file": self.options.corpus.name, **corpus_meta},
             "qa_examples": {

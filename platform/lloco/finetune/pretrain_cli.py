@@ -144,6 +144,14 @@ def pretrain_compressor(
     reader_targets: Annotated[
         str | None, typer.Option(help="Comma-separated reader projections (default: all).")
     ] = None,
+    reader_only: Annotated[
+        bool,
+        typer.Option(
+            "--reader-only",
+            help="Train only the reader on --init-from's compressor, which stays as it is "
+            "(does a decoder that learned to read the summaries find the facts?).",
+        ),
+    ] = False,
     max_steps: Annotated[int | None, typer.Option(help="The run ends after this many steps.")] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="The run ends after this many seconds of training.")
@@ -210,6 +218,7 @@ def pretrain_compressor(
             lora_alpha=lora_alpha,
             reader_rank=reader_rank,
             reader_alpha=reader_alpha,
+            reader_only=reader_only,
             max_steps=max_steps,
             time_budget_s=time_budget,
             stop_after_s=stop_after,

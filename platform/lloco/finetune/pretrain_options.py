@@ -70,6 +70,11 @@ class PretrainOptions(BaseModel):
     reader_rank: int = Field(0, ge=0, le=256, description="Decoder-side reader LoRA rank; 0: frozen decoder.")
     reader_alpha: float = Field(32.0, gt=0)
     reader_targets: tuple[str, ...] = Field(ALL_TARGETS, min_length=1)
+    reader_only: bool = Field(
+        False,
+        description="Train the reader alone on init_from's compressor, which stays as it is: does a decoder "
+        "that learned to read the summaries find what a frozen one cannot?",
+    )
     max_steps: int | None = Field(None, ge=1, description="The run ends after this many optimizer steps.")
     time_budget_s: float | None = Field(None, gt=0, description="The run ends after this much training time.")
     stop_after_s: float | None = Field(
@@ -107,6 +112,8 @@ class PretrainOptions(BaseModel):
             raise ValueError("set max_steps or time_budget_s (or both): training must end")
         if self.qa_fraction > 0 and self.qa_data is None and self.qa_cache is None:
             raise ValueError("qa_fraction > 0 needs qa_data or an existing qa_cache")
+        if self.reader_only and self.init_from is None:
+            raise ValueError("reader_only trains a reader for an existing compressor: give init_from")
         return self
 
     def segment_lengths(self, rng: np.random.Generator) -> list[int]:
