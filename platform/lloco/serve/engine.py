@@ -91,6 +91,13 @@ class PrometheusObserver(EngineObserver):
         self.latency = metrics.Histogram(
             "lloco_engine_query_seconds", "Query time, end to end.", _LATENCY_BOUNDARIES, tag_keys=("tenant",)
         )
+        self.ttft_parts = metrics.Histogram(  # no tenant label: where a slow first token comes from, per replica
+            "lloco_engine_ttft_part_seconds",
+            "Parts of the time to first token: prepare (lookups, context onto the device), queue (waiting "
+            "for a generator row), prefill (from the row to the first token).",
+            _LATENCY_BOUNDARIES,
+            tag_keys=("part",),
+        )
         self.decode_rate = metrics.Histogram(
             "lloco_engine_tokens_per_second",
             "Decode rate of each query.",
@@ -173,6 +180,12 @@ class PrometheusObserver(EngineObserver):
     def request_done(self, tenant: str, adapter: str | None, stats: QueryStats) -> None:
         tags = {"tenant": tenant}
         self.ttft.observe(stats.ttft_s, tags=tags)
+        for part, seconds in (
+            ("prepare", stats.prepare_s),
+            ("queue", stats.queue_s),
+            ("prefill", stats.prefill_s),
+        ):
+            self.ttft_parts.observe(seconds, tags={"part": part})
         self.latency.observe(stats.total_s, tags=tags)
         if stats.generated_tokens > 1 and stats.total_s > stats.ttft_s:
             self.decode_rate.observe((stats.generated_tokens - 1) / (stats.total_s - stats.ttft_s), tags=tags)
