@@ -212,6 +212,16 @@ def test_a_reader_only_run_trains_the_reader_and_keeps_the_compressor_as_it_was(
     moments = load_sharded(tmp_path / "b" / CHECKPOINT_DIR, "optimizer", "cpu")
     assert moments and all(name.startswith("reader.") for name in moments)
 
+    # stopped and resumed, it follows the uninterrupted run; its checkpoint refuses to resume as a full run
+    split = dict(options.model_dump(), output=tmp_path / "split")
+    pretrain(settings, PretrainOptions(**(split | {"stop_after_steps": 2})))
+    resumed = pretrain(settings, PretrainOptions(**split))
+    assert [p["step"] for p in resumed["loss_curve"]] == [p["step"] for p in record["loss_curve"]]
+    for a, b in zip(record["loss_curve"], resumed["loss_curve"], strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
+    with pytest.raises(InvalidArgument, match="reader_only"):
+        pretrain(settings, PretrainOptions(**(split | {"reader_only": False, "max_steps": 4})))
+
     with pytest.raises(ValueError, match="init_from"):
         _options(corpus, tmp_path / "c", reader_only=True, reader_rank=4)
     with pytest.raises(InvalidArgument, match="no reader"):

@@ -399,7 +399,10 @@ class CompressorPretrain:
         summaries: Tensor | None = None
         for i in range(n):
             segments = [self.model.embed(doc[i * size : (i + 1) * size]) for doc in documents]
-            vectors = checkpoint(self._encode, summaries, segments, use_reentrant=False)
+            if self.options.reader_only:  # nothing to recompute in backward: the encoder records no graph
+                vectors = self._encode(summaries, segments)
+            else:
+                vectors = checkpoint(self._encode, summaries, segments, use_reentrant=False)
             summaries = vectors if summaries is None else torch.cat([summaries, vectors], dim=1)
         assert summaries is not None
         tails = [
@@ -488,11 +491,10 @@ class CompressorPretrain:
     def _restore(self, directory: Path) -> None:
         """Continue from a checkpoint of this run (same geometry)."""
         state = json.loads((directory / STATE_FILE).read_text())
-        changed = [
-            name
-            for name in GEOMETRY
-            if state["options"][name] != json.loads(self.options.model_dump_json())[name]
-        ]
+        mine = json.loads(self.options.model_dump_json())
+        # a field a checkpoint predates (reader_only) had its default then
+        defaults = {name: field.default for name, field in PretrainOptions.model_fields.items()}
+        changed = [name for name in GEOMETRY if state["options"].get(name, defaults[name]) != mine[name]]
         if changed:
             raise InvalidArgument(f"checkpoint {directory} was made with other {changed}; start a new output")
         load_training(directory, self.trainables, self.optimizer, self.device)

@@ -1,7 +1,7 @@
 """What one compressor pretraining run does (``PretrainOptions``), validated before anything loads.
 
 The options are also the run's identity on disk: a checkpoint records them, and a resumed run must agree
-on every field of ``GEOMETRY`` (the shapes of what is trained).
+on every field of ``GEOMETRY`` (the shapes of what is trained, and which of them train).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ GEOMETRY = (
     "reader_rank",
     "reader_alpha",
     "reader_targets",
+    "reader_only",
 )
 
 
