@@ -259,18 +259,46 @@ def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any
 # -- the same requests on the engine alone ---------------------------------------------------------------------------
 
 
-def engine_requests(tenant: Tenant, doc_id: str, number: int, plan: E2EPlan) -> Any:
-    from lloco.model import SamplingParams
+def edge_records(store: Any, tenants: list[Tenant]) -> dict[tuple[str, str], Any]:
+    """(tenant, doc id) -> the ``Resolved`` the edge sends from its caches once warm (tenant uid, the
+    document's record, the current "default" adapter version): read once here, so the engine-alone path
+    reads from the store what the gRPC path's engine reads, nothing per query."""
+    from lloco.registry import Registry
+    from lloco.serve.engine_core import Resolved
+
+    records = {}
+    for tenant in tenants:
+        registry = Registry(store, tenant.name)
+        adapter = registry.get_adapter("default", None)
+        for doc_id in tenant.documents:
+            records[tenant.name, doc_id] = Resolved(registry.uid, (registry.get_document(doc_id),), adapter)
+    return records
+
+
+def engine_requests(
+    tenant: Tenant,
+    doc_id: str,
+    number: int,
+    plan: E2EPlan,
+    records: dict[tuple[str, str], Any],
+    tokenizer: Any,
+) -> Any:
+    """The request the edge would send: its cached records and the prompt it tokenized (before the timed call,
+    as the edge's work is not the engine's)."""
+    from lloco.model import SamplingParams, chat_prompt
     from lloco.serve.engine_core import EngineRequest
 
+    question = QUESTION.format(n=number)
     return EngineRequest(
         request_id=uuid.uuid4().hex,
         tenant=tenant.name,
         doc_ids=(doc_id,),
-        question=QUESTION.format(n=number),
+        question=question,
         adapter="default",
         adapter_version=None,
         params=SamplingParams(plan.new_tokens),
+        resolved=records[tenant.name, doc_id],
+        prompt_ids=tuple(chat_prompt(tokenizer, question)),
     )
 
 
@@ -284,23 +312,24 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
     began = time.perf_counter()
     await core.start()  # warm-up and the decode graphs of engine.capture_decode_modes: a replica's start
     start_s = time.perf_counter() - began
+    records = edge_records(stack.store, tenants)
+
+    def request(tenant: Tenant, doc_id: str, number: int) -> Any:
+        return engine_requests(tenant, doc_id, number, plan, records, base.tokenizer)
+
     try:
         owner = tenants[0]
-        await engine_query(core, engine_requests(owner, "long", -1, plan))  # warm-up
-        single = [
-            await engine_query(core, engine_requests(owner, "long", n, plan)) for n in range(plan.repeats)
-        ]
+        await engine_query(core, request(owner, "long", -1))  # warm-up
+        single = [await engine_query(core, request(owner, "long", n)) for n in range(plan.repeats)]
         before_cold = _captures(core)
-        cold = await asyncio.gather(
-            *(engine_query(core, engine_requests(t, "doc", -1, plan)) for t in tenants)
-        )
+        cold = await asyncio.gather(*(engine_query(core, request(t, "doc", -1)) for t in tenants))
         before_load = _captures(core)
         samples: list[tuple[int, QuerySample]] = []
 
         async def client(index: int) -> None:
             tenant = tenants[index % len(tenants)]
             for n in range(plan.queries_per_client):
-                sample = await engine_query(core, engine_requests(tenant, "doc", index * 1000 + n, plan))
+                sample = await engine_query(core, request(tenant, "doc", index * 1000 + n))
                 samples.append((n, sample))
 
         started = time.perf_counter()
