@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from lloco.config import Settings
 from lloco.errors import InvalidArgument
@@ -206,6 +207,10 @@ def test_a_reader_only_run_trains_the_reader_and_keeps_the_compressor_as_it_was(
     assert all(a_files[name] == b_files[name] for name in a_files)  # the encoder's PEFT files, byte for byte
     reader = after.reader_files
     assert reader is not None and peft_geometry(reader)[1] == 4
+    reader_weights = safetensors.torch.load(reader["adapter_model.safetensors"])
+    # the reader started with B = 0 (the base decoder exactly) and trained; it is all the run trained
+    assert any(w.abs().sum() > 0 for name, w in reader_weights.items() if "lora_B" in name)
+    assert record["trainable_params"] == sum(w.numel() for w in reader_weights.values())
     assert "reader only" in record["objective"] and record["options"]["reader_only"]
     assert record["held_out"]["qa_probe"]["decoder"] == "base + reader"
     # the checkpoint keeps optimizer moments for the reader's weights alone
@@ -228,4 +233,9 @@ def test_a_reader_only_run_trains_the_reader_and_keeps_the_compressor_as_it_was(
         pretrain(
             settings,
             _options(corpus, tmp_path / "d", max_steps=1, init_from=tmp_path / "a", reader_only=True),
+        )
+    with pytest.raises(InvalidArgument, match="reader of rank 4"):  # b's reader continues, or none is made
+        pretrain(
+            settings,
+            _options(corpus, tmp_path / "e", init_from=tmp_path / "b", reader_only=True, reader_rank=8),
         )

@@ -63,6 +63,7 @@ from lloco.finetune.steps import apply_gradients, start_lora
 from lloco.logs import get_logger
 from lloco.model import Compressor, LoadedModel, TrainableLora, load_model
 from lloco.model.llama import Block
+from lloco.model.lora import peft_geometry
 from lloco.model.trainable_lora import lora_hidden
 
 log = get_logger(__name__)
@@ -196,8 +197,13 @@ class CompressorPretrain:
             train_tokens=len(self.corpus.train_tokens),
             qa_train=len(self.qa_train) if self.qa_train else 0,
             step=self.step,
-            trainable_params=sum(p.numel() for p in self.trainables.parameters() if p.requires_grad),
+            trainable_params=self.trainable_params,
         )
+
+    @property
+    def trainable_params(self) -> int:
+        """Parameters the optimizer updates (``reader_only``: the reader's alone)."""
+        return sum(p.numel() for p in self.trainables.parameters() if p.requires_grad)
 
     def _freeze_compressor(self) -> None:
         """``reader_only``: the summary embeddings, output scale and encoder LoRA keep init_from's values.
@@ -240,6 +246,13 @@ class CompressorPretrain:
                     f"{'' if start.adapter_files else ', no encoder LoRA'}; this run wants S={options.segment_len}, k={options.k}"
                 )
             encoder_init, reader_init = start.adapter_files, start.reader_files
+            if reader_init is not None and options.reader_rank:  # its reader continues, none is made
+                rank = peft_geometry(reader_init)[1]
+                if rank != options.reader_rank:
+                    raise InvalidArgument(
+                        f"init_from {options.init_from} has a reader of rank {rank}; this run asks for "
+                        f"reader_rank={options.reader_rank} (leave it out to continue that reader)"
+                    )
             summary = start.summary_embeds
             scale = start.output_scale if start.output_scale is not None else torch.ones(config.dim)
             record_path = options.init_from / RECORD_FILE
@@ -574,6 +587,7 @@ class CompressorPretrain:
             + (" + reader LoRA" if self.trainables.reader is not None else "")
             + ("; reader only: the compressor kept as init_from left it" if self.options.reader_only else ""),
             "options": json.loads(self.options.model_dump_json()),
+            "trainable_params": self.trainable_params,
             "corpus": {"file": self.options.corpus.name, **corpus_meta},
             "qa_examples": {
                 "train": len(self.qa_train) if self.qa_train else 0,
