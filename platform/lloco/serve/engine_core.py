@@ -126,8 +126,9 @@ class QueryStats:
     finish_reason: str  # "stop" | "length" | "cancelled"
     # Where ttft_s went, in order (what is left of it is the first token's way back to the caller):
     prepare_s: float  # registry and cache lookups, the context onto the device, before the scheduler
-    queue_s: float  # in the scheduler's queue until given a generator row
-    prefill_s: float  # from the row to the first token: prefill chunks and the steps they waited for
+    queue_s: float  # in the scheduler's queue until given a generator row (admissions happen between steps,
+    # so this includes waiting for the running step to end, even with rows free)
+    prefill_s: float  # from the row to the first token: an adapter's slot load, prefill chunks, >= one step
 
 
 @dataclass(frozen=True)
