@@ -333,3 +333,16 @@ def test_decode_shapes_cover_every_step_a_generator_runs(base, slots) -> None:
     assert batches == {1, 2, 4, 7} and {kv for _, kv, *_ in shapes} == {16, 32, 48, 64, 80, 96, 112}
     assert len(Generator(base.model, None, 6, 96, kv_bucket=16).decode_shapes()) == 4 * 6  # no adapter class
     assert gen.capture_decode_graphs() == 0  # on the CPU there are no graphs to capture
+
+
+def test_the_decode_step_keeps_no_autograd_graph_whoever_calls_it(base) -> None:
+    """A server captures its decode graphs at start, outside any ``no_grad`` block (EngineCore's warm-up
+    thread). Under grad mode the step wrote keys that require grad into the cache, so the compiled layer
+    function recompiled inside the capture (and failed there) and kept every activation for a backward pass.
+    The step turns gradients off itself; a GPU capture calls the same method, which CI cannot run."""
+    assert any(p.requires_grad for p in base.model.parameters())  # what made the cache require grad
+    gen = Generator(base.model, None, 2, 64, eos_token_ids=())
+    with torch.enable_grad():
+        for shape in gen.decode_shapes()[:2]:
+            gen._decode_body(*shape)
+    assert not any(t.requires_grad for t in (*gen.cache.k, *gen.cache.v))

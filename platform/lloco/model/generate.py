@@ -504,8 +504,13 @@ class Generator:
             self._emit(row, tokens[row.index]) for row in launch.rows if self._rows.get(row.request_id) is row
         ]
 
+    @torch.no_grad()
     def _decode_body(self, batch: int, kv_len: int, use_lora: bool, mode: SampleMode) -> None:
-        """The static-shape decode step: reads the per-row input buffers, writes ``_next``."""
+        """The static-shape decode step: reads the per-row input buffers, writes ``_next``.
+
+        Without gradients whoever calls it: under grad mode the compiled layer function recompiles for it
+        (inside a CUDA graph capture, where compiling fails) and every activation is kept for a backward
+        pass that never comes (a batch-32 capture ran out of 80 GB)."""
         tokens, positions, slots, seeds = self._long[:, :batch]
         if self._fused is not None and batch == 1:
             logits = self._fused.logits_of(tokens, positions, kv_len, slots if use_lora else None)
@@ -546,6 +551,7 @@ class Generator:
             for kv_len in kv_lens
         ]
 
+    @torch.no_grad()
     def capture_decode_graphs(self, modes: Iterable[SampleMode] = ("greedy",)) -> int:
         """Capture the CUDA graph of every decode shape class of ``modes`` now, before requests run.
 
