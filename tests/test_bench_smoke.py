@@ -68,7 +68,14 @@ def test_cold_shapes_and_a_profile_with_adapters(tmp_path: Path) -> None:
     assert "A fresh engine's first queries" in (tmp_path / "engine-tiny.md").read_text()
 
 
-def test_serve_runs_every_section(tmp_path: Path) -> None:
+def test_serve_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lloco.serve.engine_core import Resolved
+
+    def read_from_store(*args: object) -> None:
+        raise AssertionError("the EngineCore sections send what the edge resolves: no registry read per query")
+
+    # the load and churn sections measure the engine as the gRPC path drives it: the edge's cached records
+    monkeypatch.setattr(Resolved, "read", read_from_store)
     result = serve.main(["--out", str(tmp_path), "--tiny"])
     recorded(tmp_path, "serve-tiny", result)
     for row in result["latency"]:

@@ -53,11 +53,13 @@ from lloco.bench.common import (
 )
 from lloco.bench.report import write_report
 from lloco.bench.workload import (
+    TTFT_PARTS_LEGEND,
     QuerySample,
     engine_query,
     load_summary,
     tenant_shares,
     ttft_parts_summary,
+    ttft_parts_table,
 )
 
 ADMIN_KEY = "bench-e2e-admin"
@@ -536,16 +538,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         if parts:
             lines += [
                 "",
-                "Where EngineCore alone's TTFT went after each client's first query (its own clock, ms; "
-                "prepare: lookups and the context onto the device; queue: waiting for a generator row; "
-                "prefill: from the row to the first token; the rest of TTFT is the token's way to the caller):",
+                f"Where EngineCore alone's TTFT went after each client's first query (its own clock, ms; "
+                f"{TTFT_PARTS_LEGEND}):",
                 "",
-                "| | " + " | ".join(parts) + " |",
-                "|---|" + "---:|" * len(parts),
-                *(
-                    f"| {q} | " + " | ".join(f"{parts[name][q]:.1f}" for name in parts) + " |"
-                    for q in ("p50", "p99")
-                ),
+                *ttft_parts_table(parts),
             ]
         paths = [key for key in ("grpc", "engine") if key in load]
         lines += [

@@ -73,6 +73,7 @@ from lloco.bench.common import (
 )
 from lloco.bench.report import run_section, write_report
 from lloco.bench.workload import (
+    TTFT_PARTS_LEGEND,
     QuerySample,
     delete_tenants,
     engine_query,
@@ -81,6 +82,7 @@ from lloco.bench.workload import (
     object_store,
     plant_tenants,
     random_engine_parts,
+    ttft_parts_table,
 )
 from lloco.config import EngineSettings
 from lloco.errors import Internal, ResourceExhausted
@@ -368,7 +370,7 @@ async def _bench_load(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
         serve=ServeSettings(max_ongoing_requests=4 * plan.clients),
     )
     tenants = [f"load-{uuid.uuid4().hex[:6]}-{i}" for i in range(plan.tenants)]
-    plant_tenants(
+    resolved = plant_tenants(
         store,
         model,
         compressor.compressor_id,
@@ -383,18 +385,24 @@ async def _bench_load(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
     await core.start()
     samples: list[QuerySample] = []
 
-    def ask(tenant: str, number: int) -> Any:
+    def ask(index: int, number: int) -> Any:
+        # what the edge sends from its caches: the tenant's records, the prompt tokenized before the call
         question = f"What does the document say about the house, point {number}?"
-        return engine_query(core, engine_request(tenant, ("doc",), question, plan.new_tokens))
+        prompt_ids = tuple(chat_prompt(loaded.tokenizer, question))
+        request = engine_request(
+            tenants[index], ("doc",), question, plan.new_tokens, resolved[index], prompt_ids
+        )
+        return engine_query(core, request)
 
     async def client(index: int, deadline: float) -> None:
         number = 0
         while time.perf_counter() < deadline:
-            samples.append(await ask(tenants[index % len(tenants)], number))
+            samples.append(await ask(index % len(tenants), number))
             number += 1
 
     try:
-        await asyncio.gather(*(ask(tenant, -1) for tenant in tenants))  # warm-up: adapters, contexts, graphs
+        # warm-up: adapters, contexts, graphs
+        await asyncio.gather(*(ask(index, -1) for index in range(len(tenants))))
         started = time.perf_counter()
         await asyncio.gather(*(client(i, started + plan.load_seconds) for i in range(plan.clients)))
         wall = time.perf_counter() - started
@@ -708,6 +716,13 @@ def render_markdown(result: dict[str, Any]) -> str:
             f"{load['ttft_p99_ms']:.0f} | {load['latency_p50_ms']:.0f} | {load['latency_p99_ms']:.0f} |",
             "",
         ]
+        if load.get("ttft_parts_ms"):
+            lines += [
+                f"Where the TTFT went, over every query (EngineCore's clock, ms; {TTFT_PARTS_LEGEND}):",
+                "",
+                *ttft_parts_table(load["ttft_parts_ms"]),
+                "",
+            ]
     churn = result.get("adapter_churn")
     if churn:
         resident, churned = churn["resident"], churn["churn"]
@@ -729,6 +744,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{run['ttft_p50_ms']:.0f} | {run['ttft_p99_ms']:.0f} | {run['slot_loads']} | "
                 f"{run['store_loads']} | {run['tokens_per_s'] / resident['tokens_per_s']:.3f}x |"
             )
+        for label, run in (("resident", resident), ("churn", churned)):
+            if run.get("ttft_parts_ms"):
+                lines += [
+                    "",
+                    f"TTFT parts, {label} (ms; {TTFT_PARTS_LEGEND}):",
+                    "",
+                    *ttft_parts_table(run["ttft_parts_ms"]),
+                ]
         lines += [
             "",
             f"Planting {churned['adapters']} tenants (a context and an adapter each): {churn['plant_s']:.1f} s. "

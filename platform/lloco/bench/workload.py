@@ -191,6 +191,21 @@ def ttft_parts_summary(samples: Sequence[QuerySample]) -> dict[str, Any]:
     }
 
 
+TTFT_PARTS_LEGEND = (
+    "prepare: lookups and the context onto the device; queue: waiting for a generator row; prefill: from the "
+    "row to the first token; the rest of TTFT is the token's way to the caller"
+)
+
+
+def ttft_parts_table(parts: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows of a ``ttft_parts_summary``: a column per part (and TTFT), a row for p50 and p99."""
+    return [
+        "| | " + " | ".join(parts) + " |",
+        "|---|" + "---:|" * len(parts),
+        *(f"| {q} | " + " | ".join(f"{parts[name][q]:.1f}" for name in parts) + " |" for q in ("p50", "p99")),
+    ]
+
+
 def tenant_shares(samples: Sequence[QuerySample], tenants: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Each tenant's queries, generated tokens and share of all generated tokens."""
     total = sum(s.tokens for s in samples) or 1
