@@ -18,7 +18,8 @@ padded to the model's vocabulary, so every generated id decodes.
   (c) adapter load latency, p50, rank-8 adapter: store -> GPU slot (read, parse, copy) and CPU tier ->
       GPU slot (copy from pinned memory), beside peft's ``load_adapter`` from local disk;
   (d) EngineCore under 64 concurrent clients of 16 tenants, each tenant with its own adapter and
-      document: generated tokens/s, queries/s, TTFT and latency p50/p99;
+      document, each query carrying what the edge sends from its caches (the tenant's records, the prompt
+      tokenized): generated tokens/s, queries/s, TTFT and latency p50/p99, where the TTFT went;
   (g) adapter churn (``adapter_churn``): one EngineCore with as many GPU slots as rows (32) and a CPU tier
       holding every adapter, 32 closed-loop clients asking round-robin first over 32 tenants (their adapters
       resident after warm-up), then over 1,000 (each query swaps its adapter from the CPU tier into a slot),
