@@ -108,6 +108,23 @@ def test_serve_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     )
 
 
+def test_a_run_stopped_part_way_leaves_the_sections_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU host's call ends at its time limit with whatever files the bench left."""
+
+    def stopped(*args: object) -> None:
+        raise SystemExit("the call's time limit")  # not an error a section reports: the run ends here
+
+    monkeypatch.setattr(serve, "bench_load", stopped)
+    with pytest.raises(SystemExit):
+        serve.main(["--out", str(tmp_path), "--tiny", "--sections", "adapter_loads,load"])
+    data = json.loads((tmp_path / "serve-tiny.json").read_text())
+    assert data["unfinished"] and data["adapter_loads"]["store_to_gpu_p50_ms"] > 0 and "load" not in data
+    markdown = (tmp_path / "serve-tiny.md").read_text()
+    assert markdown.startswith("> Unfinished run") and "## (c) Adapter load" in markdown
+
+
 def test_finetune_runs_both_loops_with_checkpointing_off_and_on(tmp_path: Path) -> None:
     result = finetune.main(
         ["--out", str(tmp_path), "--tiny", "--steps", "1", "--warmup", "0", "--sections", "throughput"]

@@ -52,7 +52,7 @@ from lloco.bench.common import (
     strongest,
     timed_ms,
 )
-from lloco.bench.report import run_section, write_report
+from lloco.bench.report import run_section, write_report, write_unfinished
 from lloco.model import Generator, Llama, LlamaConfig, LoraSlots, SamplingParams
 
 # issue 19's goals for the decode step (H200, 7B geometry)
@@ -563,8 +563,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors": [],
     }
 
+    report_name = args.name or ("engine-tiny" if tiny else "engine-h200")
+
     def section(name: str, fn: Callable[[], Any]) -> None:
         run_section(result, name, fn, free_memory)
+        write_unfinished(args.out, report_name, result, render_markdown)
 
     sections = [name for name in args.sections.split(",") if name]
     if unknown := set(sections) - set(SECTIONS):
@@ -610,9 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.time() - started
-    write_report(
-        args.out, args.name or ("engine-tiny" if tiny else "engine-h200"), result, render_markdown(result)
-    )
+    write_report(args.out, report_name, result, render_markdown(result))
     return result
 
 

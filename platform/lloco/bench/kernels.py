@@ -43,7 +43,7 @@ from lloco.bench.common import (
     rel_err,
     timed_ms,
 )
-from lloco.bench.report import run_section, write_report
+from lloco.bench.report import run_section, write_report, write_unfinished
 from lloco.model import KVCache, Llama, LlamaConfig, LoraSlots, kernels
 from lloco.model.fused import FusedDecoder
 
@@ -375,8 +375,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors": [],
     }
 
+    report_name = args.name or ("kernels-tiny" if args.tiny else "kernels-h200")
+
     def section(name: str, fn: Callable[[], Any]) -> None:
         run_section(result, name, fn, free_memory)
+        write_unfinished(args.out, report_name, result, render_markdown)
 
     floors = Floors.of(device)
     result["floors"] = floors.describe()
@@ -393,12 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         slots.load(slot, random_adapter(config, 8, seed=slot))
     section("step", lambda: bench_step(model, slots, floors, plan))
     result["wall_s"] = time.time() - started
-    write_report(
-        args.out,
-        args.name or ("kernels-tiny" if args.tiny else "kernels-h200"),
-        result,
-        render_markdown(result),
-    )
+    write_report(args.out, report_name, result, render_markdown(result))
     return result
 
 

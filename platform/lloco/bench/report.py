@@ -22,6 +22,24 @@ def run_section(
     cleanup()
 
 
+UNFINISHED = (
+    "Unfinished run: written after its last finished section; the run stopped before its end (a time limit, "
+    "a crash), so the sections after it are missing."
+)
+
+
+def write_unfinished(
+    out: Path, name: str, result: dict[str, Any], render: Callable[[dict[str, Any]], str]
+) -> None:
+    """The report as it stands after a section, marked unfinished. A GPU host's call ends at its time limit
+    with whatever files the bench left: this way those are the sections it measured; the final
+    ``write_report`` replaces them."""
+    marked = result | {"unfinished": UNFINISHED}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(marked, indent=2, default=str))
+    (out / f"{name}.md").write_text(f"> {UNFINISHED}\n\n{render(marked)}")
+
+
 def write_report(out: Path, name: str, result: dict[str, Any], markdown: str) -> None:
     """``out/name.json`` and ``out/name.md``; the markdown also goes to stdout."""
     out.mkdir(parents=True, exist_ok=True)

@@ -46,7 +46,7 @@ from lloco.bench.common import (
     random_llama,
     run_info,
 )
-from lloco.bench.report import run_section, write_report
+from lloco.bench.report import run_section, write_report, write_unfinished
 from lloco.bench.workload import (
     QuerySample,
     delete_tenants,
@@ -487,9 +487,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "errors": [],
     }
 
+    name = args.name or ("scheduling-tiny" if args.tiny else "scheduling-h200")
+
     def section(key: str, fn: Callable[[], Any]) -> None:
         if key in sections:
             run_section(result, key, fn, free_memory)
+            write_unfinished(args.out, name, result, render_full)
 
     max_positions = max(plan.burst_tokens, plan.decoder_prompt, 4096) + 256
     config = LlamaConfig(**GEOMETRIES[plan.geometry], max_position_embeddings=max_positions)
@@ -504,12 +507,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["errors"].append(f"store: {type(error).__name__}: {error}")
     result["goals"] = evaluate_goals(result)
     result["wall_s"] = time.time() - started
-    write_report(
-        args.out,
-        args.name or ("scheduling-tiny" if args.tiny else "scheduling-h200"),
-        result,
-        render_full(result),
-    )
+    write_report(args.out, name, result, render_full(result))
     return result
 
 

@@ -72,7 +72,7 @@ from lloco.bench.common import (
     run_info,
     sync,
 )
-from lloco.bench.report import run_section, write_report
+from lloco.bench.report import run_section, write_report, write_unfinished
 from lloco.bench.workload import (
     TTFT_PARTS_LEGEND,
     QuerySample,
@@ -806,6 +806,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     def section(key: str, fn: Callable[[], Any]) -> None:
         if key in sections:
             run_section(result, key, fn, free_memory)
+            write_unfinished(args.out, name, result, render_markdown)
 
     max_positions = max([*plan.doc_tokens, 4096]) + plan.question_tokens + plan.new_tokens + 64
     config = LlamaConfig(**GEOMETRIES[plan.geometry], max_position_embeddings=max_positions)
