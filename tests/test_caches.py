@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from lloco.errors import FailedPrecondition
+from lloco.errors import FailedPrecondition, NotFound
 from lloco.registry import Registry, Tenants
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, LruCache, SlotManager
 from safetensors.torch import load as load_safetensors
@@ -213,3 +216,65 @@ def test_entries_expire_after_their_time_to_live() -> None:
     cache.put("b", 3)
     assert cache.drop_items(lambda key, value: value == 3) == 1
     assert "b" not in cache and cache.get("a") == 2
+
+
+class _SlowReads:
+    """The tenant's registry, each store read held for a while, so concurrent misses surely overlap."""
+
+    def __init__(self, registry: Registry, seconds: float) -> None:
+        self._registry, self._seconds = registry, seconds
+        self.tenant, self.uid = registry.tenant, registry.uid
+        self.reads = 0
+
+    def get_context(self, doc_id: str, compressor_id: str):
+        self.reads += 1
+        time.sleep(self._seconds)
+        return self._registry.get_context(doc_id, compressor_id)
+
+    def read_adapter_files(self, name: str, version: str) -> dict[str, bytes]:
+        self.reads += 1
+        time.sleep(self._seconds)
+        return self._registry.read_adapter_files(name, version)
+
+
+def _at_once(n: int, fn):
+    """fn() in n threads released together; their results in thread order."""
+    barrier = threading.Barrier(n)
+
+    def run(_: int):
+        barrier.wait()
+        return fn()
+
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(run, range(n)))
+
+
+def test_concurrent_misses_of_one_key_read_the_store_once(registry: Registry) -> None:
+    """A burst of queries for a cold context or adapter: the first miss reads the store, the rest wait for
+    it and get the same tensors; a failed fill is not remembered (the next miss reads again)."""
+    _compressed_doc(registry, "d1", seed=0)
+    doc = registry.get_document("d1")
+    registry.publish_adapter("a", _adapter_files(0), train={})
+    slow = _SlowReads(registry, 0.2)
+
+    contexts = ContextCache(READY_BYTES, STORED_BYTES, torch.device("cpu"), torch.float32)
+    got = _at_once(8, lambda: contexts.get(slow, doc, COMPRESSOR))
+    assert slow.reads == 1 and contexts.s3_loads == 1
+    assert sorted(tier for _, tier in got) == ["gpu"] * 7 + ["s3"]
+    assert all(vectors is got[0][0] for vectors, _ in got)
+
+    adapters = AdapterCache(2, _parse)
+    key = AdapterKey("acme", registry.uid, "a", "v000001")
+    loaded = _at_once(8, lambda: adapters.get(slow, key))
+    assert slow.reads == 2 and adapters.s3_loads == 1
+    assert sorted(cached for _, cached in loaded) == [False] + [True] * 7
+    assert all(weights is loaded[0][0] for weights, _ in loaded)
+
+    missing = AdapterKey("acme", registry.uid, "a", "v000009")
+
+    def ask_missing() -> None:
+        with pytest.raises(NotFound):
+            adapters.get(slow, missing)
+
+    _at_once(4, ask_missing)
+    assert slow.reads == 2 + 4  # each waiter read again after the failure before it
