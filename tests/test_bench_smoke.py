@@ -72,7 +72,9 @@ def test_serve_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     from lloco.serve.engine_core import Resolved
 
     def read_from_store(*args: object) -> None:
-        raise AssertionError("the EngineCore sections send what the edge resolves: no registry read per query")
+        raise AssertionError(
+            "the EngineCore sections send what the edge resolves: no registry read per query"
+        )
 
     # the load and churn sections measure the engine as the gRPC path drives it: the edge's cached records
     monkeypatch.setattr(Resolved, "read", read_from_store)
@@ -97,6 +99,9 @@ def test_serve_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert resident["slot_loads"] == 0 and churned["slot_loads"] == churned["queries"]
     assert churned["store_loads"] == 0 and churned["cpu_tier_evictions"] == 0
     assert churned["cpu_tier_adapters"] == 64 and churned["cpu_tier_gib"] > 0
+    # the resident run's warm-up filled its 8 adapters from the store; the churn warm-up the other 56
+    assert (resident["warmup_store_loads"], churned["warmup_store_loads"]) == (8, 56)
+    assert churned["warmup_read_s"] > 0 and churned["warmup_parse_s"] > 0
     assert churn["churn_vs_resident"] == pytest.approx(churned["tokens_per_s"] / resident["tokens_per_s"])
     assert [g["goal"] for g in result["goals"]] == [
         "4 distinct adapters at batch 4 >= 0.93x of no adapters",

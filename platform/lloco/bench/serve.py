@@ -551,7 +551,7 @@ async def _adapter_run(
             tenants[index], ("doc",), CHURN_QUESTION, new_tokens, resolved[index], prompt_ids
         )
 
-    started = time.perf_counter()
+    started, cold = time.perf_counter(), core.metrics()
     await _closed_loop(core, lambda n: request(n, warm_up_tokens), plan.churn_batch, count=len(tenants))
     warmup_s = time.perf_counter() - started
     before, evicted = core.metrics(), core.residency().adapter_evictions_cpu
@@ -565,6 +565,11 @@ async def _adapter_run(
     return {
         "adapters": len(tenants),
         "warmup_s": warmup_s,
+        # the warm-up's adapter fills from the store: how many, their reads and parses (seconds summed over
+        # the engine's threads, so a sum far above warmup_s means they overlapped)
+        "warmup_store_loads": int(before["adapter_s3_loads"] - cold["adapter_s3_loads"]),
+        "warmup_read_s": before["adapter_s3_read_seconds"] - cold["adapter_s3_read_seconds"],
+        "warmup_parse_s": before["adapter_parse_seconds"] - cold["adapter_parse_seconds"],
         "cpu_tier_adapters": len(core.adapters.tier),
         **load_summary(samples, wall),
         "slot_loads": int(after["adapter_slot_loads"] - before["adapter_slot_loads"]),
@@ -756,7 +761,9 @@ def render_markdown(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"Planting {churned['adapters']} tenants (a context and an adapter each): {churn['plant_s']:.1f} s. "
-            f"CPU tier warm-up (every adapter from the store, once): {churned['warmup_s']:.1f} s; it then held "
+            f"CPU tier warm-up (every adapter from the store, once): {churned['warmup_s']:.1f} s for "
+            f"{churned['warmup_store_loads']} store loads (their reads {churned['warmup_read_s']:.1f} s and parses "
+            f"{churned['warmup_parse_s']:.1f} s, summed over the engine's threads); it then held "
             f"{churned['cpu_tier_adapters']} adapters, {churned['cpu_tier_gib']:.2f} GiB of host memory "
             f"({churn['host_memory_available_gib']:.0f} GiB were available).",
             "",

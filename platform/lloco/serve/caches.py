@@ -235,11 +235,16 @@ class AdapterKey:
 
 
 class AdapterCache(Generic[V]):
-    """The CPU tier of adapters: parsed PEFT tensors, LRU by count, filled from S3."""
+    """The CPU tier of adapters: parsed PEFT tensors, LRU by count, filled from S3.
+
+    ``read_s`` and ``parse_s`` sum the fills' store reads and parses (host seconds over all threads): with
+    ``s3_loads`` they say whether cold adapters are slow to read or to lay out."""
 
     def __init__(self, capacity: int, parse: Callable[[dict[str, bytes]], V]) -> None:
         self.tier: LruCache[AdapterKey, V] = LruCache(capacity, lambda _: 1)
         self.s3_loads = 0
+        self.read_s = 0.0
+        self.parse_s = 0.0
         self._parse = parse
         self._filling: SingleFlight[AdapterKey] = SingleFlight()
 
@@ -252,7 +257,12 @@ class AdapterCache(Generic[V]):
             parsed = self.tier.get(key)
             if parsed is not None:  # filled while this request waited for another one's fill
                 return parsed, True
-            parsed = self._parse(registry.read_adapter_files(key.name, key.version))
+            started = time.perf_counter()
+            files = registry.read_adapter_files(key.name, key.version)
+            read = time.perf_counter()
+            parsed = self._parse(files)
+            self.read_s += read - started
+            self.parse_s += time.perf_counter() - read
             self.s3_loads += 1
             self.tier.put(key, parsed)
         log.info("adapter loaded from s3", adapter=str(key))

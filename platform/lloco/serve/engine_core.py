@@ -458,6 +458,8 @@ class EngineCore:
             "context_cache_cpu_evictions": self.contexts.cpu.evictions,
             "adapter_cpu_hits": self.adapters.tier.hits,
             "adapter_s3_loads": self.adapters.s3_loads,
+            "adapter_s3_read_seconds": self.adapters.read_s,
+            "adapter_parse_seconds": self.adapters.parse_s,
             "adapter_slot_loads": slots.loads,
             "adapter_slot_evictions": slots.evictions,
             "decode_graph_captures": self.generator.graph_captures,
