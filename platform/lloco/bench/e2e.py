@@ -56,6 +56,7 @@ from lloco.bench.workload import (
     TTFT_PARTS_LEGEND,
     QuerySample,
     engine_query,
+    engine_request,
     load_summary,
     tenant_shares,
     ttft_parts_summary,
@@ -287,20 +288,16 @@ def engine_requests(
 ) -> Any:
     """The request the edge would send: its cached records and the prompt it tokenized (before the timed call,
     as the edge's work is not the engine's)."""
-    from lloco.model import SamplingParams, chat_prompt
-    from lloco.serve.engine_core import EngineRequest
+    from lloco.model import chat_prompt
 
     question = QUESTION.format(n=number)
-    return EngineRequest(
-        request_id=uuid.uuid4().hex,
-        tenant=tenant.name,
-        doc_ids=(doc_id,),
-        question=question,
-        adapter="default",
-        adapter_version=None,
-        params=SamplingParams(plan.new_tokens),
-        resolved=records[tenant.name, doc_id],
-        prompt_ids=tuple(chat_prompt(tokenizer, question)),
+    return engine_request(
+        tenant.name,
+        (doc_id,),
+        question,
+        plan.new_tokens,
+        records[tenant.name, doc_id],
+        tuple(chat_prompt(tokenizer, question)),
     )
 
 

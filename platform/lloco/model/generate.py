@@ -510,7 +510,7 @@ class Generator:
 
         Without gradients whoever calls it: under grad mode the compiled layer function recompiles for it
         (inside a CUDA graph capture, where compiling fails) and every activation is kept for a backward
-        pass that never comes (a batch-32 capture ran out of 80 GB)."""
+        pass that never comes (a batch-8 capture of a 7B model ran out of 80 GB)."""
         tokens, positions, slots, seeds = self._long[:, :batch]
         if self._fused is not None and batch == 1:
             logits = self._fused.logits_of(tokens, positions, kv_len, slots if use_lora else None)
