@@ -150,7 +150,7 @@ def ray_agents_off_the_default_port() -> Iterator[None]:
     Patches RayParams.__init__ (the one mock here): ray.init has no argument for the agent's port, whose
     default 52365 must stay free for the `lloco up` subprocesses tests start (tests/test_jobs.py), whose
     job server takes no job without its agent (and `lloco up` refuses to start when the port is taken)."""
-    from lloco.serve.local import free_port
+    from lloco.ports import free_port
     from ray._private.parameter import RayParams
 
     init_params = RayParams.__init__

@@ -19,8 +19,9 @@ from lloco.cli import app
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.errors import InvalidArgument
+from lloco.ports import free_port
 from lloco.registry import Registry
-from lloco.serve.local import EmbeddedStack, free_port
+from lloco.serve.local import EmbeddedStack
 from lloco.storage import keys
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors

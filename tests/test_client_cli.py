@@ -319,7 +319,8 @@ def lloco_server(
 ) -> Iterator[EmbeddedStack]:
     """`EmbeddedStack` serving a tiny model with a fresh compressor (32-token segments into 4 vectors)."""
     from lloco.config import EngineSettings, LimitSettings, ServeSettings
-    from lloco.serve.local import EmbeddedStack, free_port
+    from lloco.ports import free_port
+    from lloco.serve.local import EmbeddedStack
 
     data_dir = tmp_path_factory.mktemp("cli-lloco")
     settings = tiny_settings(

@@ -22,7 +22,7 @@ def test_held_out_questions_are_never_trained_on() -> None:
 @pytest.mark.slow
 def test_demo_runs_every_stage(tiny_model_dir: Path, tmp_path: Path) -> None:
     from lloco.model import Compressor, load_model
-    from lloco.serve.local import free_port
+    from lloco.ports import free_port
 
     base = load_model(str(tiny_model_dir), tmp_path / "cache", dtype="float32")
     compressor_dir = Compressor.from_base(base, segment_len=256, k=8, accumulate=True, seed=0).save(

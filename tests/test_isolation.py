@@ -34,8 +34,9 @@ from lloco.api import lloco_pb2
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.jobs import JobRecord, JobRecords
+from lloco.ports import free_port
 from lloco.registry import Registry, Tenants
-from lloco.serve.local import EmbeddedStack, free_port
+from lloco.serve.local import EmbeddedStack
 from lloco.storage import keys
 from pydantic import SecretStr
 

@@ -143,7 +143,7 @@ def crash_left_running(data_dir: Path, tenant: str, job_id: str) -> JobRecord:
 def test_jobs_answer_after_lloco_up_restarts(
     tiny_model_dir: Path, compressor_dir: Path, tmp_path: Path
 ) -> None:
-    from lloco.serve.local import free_port
+    from lloco.ports import free_port
 
     settings = {
         "data_dir": str(tmp_path / "data"),

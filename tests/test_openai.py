@@ -19,8 +19,9 @@ import pytest
 from lloco.api import lloco_pb2
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
+from lloco.ports import free_port
 from lloco.registry import Registry
-from lloco.serve.local import EmbeddedStack, free_port
+from lloco.serve.local import EmbeddedStack
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -26,8 +26,9 @@ from lloco.api import lloco_pb2, lloco_pb2_grpc
 from lloco.client import LlocoClient
 from lloco.config import EngineSettings, LimitSettings, LoraSettings, ServeSettings, Settings
 from lloco.model import SamplingParams
+from lloco.ports import free_port
 from lloco.registry import Registry
-from lloco.serve.local import EmbeddedStack, free_port
+from lloco.serve.local import EmbeddedStack
 
 pytestmark = pytest.mark.timeout(300)
 

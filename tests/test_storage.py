@@ -370,8 +370,8 @@ def test_start_retries_when_another_process_takes_a_probed_port(
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         probes = iter([taken.getsockname()[1]])
-        real_probe = embedded._free_port
-        monkeypatch.setattr(embedded, "_free_port", lambda: next(probes, None) or real_probe())
+        real_probe = embedded.free_port
+        monkeypatch.setattr(embedded, "free_port", lambda: next(probes, None) or real_probe())
         with EmbeddedS3(tmp_path / "s3") as server:
             assert ObjectStore(server.store_settings(bucket="raced")).ensure_bucket() is None
             assert taken.getsockname()[1] not in server._ports

@@ -126,7 +126,7 @@ def stack_settings(
         ServeSettings,
         Settings,
     )
-    from lloco.serve.local import free_port
+    from lloco.ports import free_port
 
     vectors = math.ceil(plan.long_doc_tokens / plan.segment_len) * plan.k
     return Settings(
@@ -346,6 +346,24 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         "start_s": start_s,
     }
     return {"single": _single(single), "load": load}
+
+
+def wait_for_device_memory(device: torch.device, timeout_s: float = 60.0) -> None:
+    """Wait until other processes (the stopped replica) hold at most 2 GiB of ``device``, so the engine
+    built next gets what the replica had; FailedPrecondition after ``timeout_s``."""
+    from lloco.errors import FailedPrecondition
+
+    if device.type != "cuda":
+        return
+    deadline = time.monotonic() + timeout_s
+    while True:
+        free, total = torch.cuda.mem_get_info(device)
+        others = total - free - torch.cuda.memory_reserved(device)
+        if others <= 2 * 2**30:
+            return
+        if time.monotonic() > deadline:
+            raise FailedPrecondition(f"other processes still hold {others / 2**30:.1f} GiB of {device}")
+        time.sleep(0.5)
 
 
 def _captures(core: Any) -> tuple[float, float]:
@@ -573,6 +591,7 @@ def measure(
 
     progress("writing the weights")
     model_dir, compressor_dir, base = prepare_model(out, plan, device)
+    free_memory()  # what writing the weights left cached, before the engine replica claims its memory
     settings = stack_settings(out, plan, model_dir, compressor_dir, device)
     if stream_messages_per_s is not None:
         serve = settings.serve.model_copy(update={"stream_messages_per_s": stream_messages_per_s})
@@ -589,10 +608,13 @@ def measure(
         progress("load through gRPC")
         load["grpc"] = grpc_load(stack, tenants, plan)
         progress("the same on EngineCore alone")
+        stack.stop_serving()  # the replica's device memory: an 80 GB card does not hold two engines
+        wait_for_device_memory(device)
         alone = asyncio.run(engine_alone(stack, base, tenants, plan))
         single["engine"] = alone["single"]
         load["engine"] = alone["load"]
     progress("the full document on a Generator")
+    free_memory()  # the engine alone's KV cache (a reference cycle keeps it until a collection)
     single["full_document"] = full_document(base, tenants[0], plan)  # the stack's GPU work is done
     progress("done")
 

@@ -68,6 +68,10 @@ class Ingress:
     async def __init__(self, engine: DeploymentHandle, settings: Settings) -> None:
         import ray
 
+        # what __del__ stops: Serve calls it on a replica whose __init__ failed too (a port taken, say)
+        self._server: grpc.aio.Server | None = None
+        self._http: HttpServer | None = None
+        self._work = TenantWork(settings.limits.tenant_storage_concurrency)
         self._engine = engine
         self._limits = settings.limits
         self._store = ObjectStore(settings.store)
@@ -79,7 +83,6 @@ class Ingress:
         )
         self._facts = EngineFacts(engine)
         self._metrics = EdgeMetrics()
-        self._work = TenantWork(settings.limits.tenant_storage_concurrency)
         self._health = HealthProbe(engine, settings.store, self._work)
         self._lookups = EdgeLookups(
             self._store, self._keys, settings.serve, self._work, self._metrics.cache_lookup
@@ -111,7 +114,8 @@ class Ingress:
         """Serve calls this when it stops the replica: finish running calls for a moment, then close."""
         if self._http is not None:
             await self._http.stop(SHUTDOWN_GRACE_S)
-        await self._server.stop(SHUTDOWN_GRACE_S)
+        if self._server is not None:
+            await self._server.stop(SHUTDOWN_GRACE_S)
         self._work.close()
 
     def record(self, method: str, code: grpc.StatusCode, started: float) -> None:

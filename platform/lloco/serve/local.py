@@ -22,6 +22,7 @@ from lloco.auth import KeyRing
 from lloco.config import Settings
 from lloco.errors import AlreadyExists, FailedPrecondition, Unauthenticated, Unavailable
 from lloco.logs import get_logger
+from lloco.ports import free_port
 from lloco.registry import Tenants
 from lloco.serve.app import build_app
 from lloco.serve.server import address
@@ -53,12 +54,6 @@ def port_in_use(port: int, host: str = HOST) -> bool:
                 if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
                     return True
     return False
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return probe.getsockname()[1]
 
 
 def health_status(target: str, timeout_s: float = 5.0, ca_file: Path | None = None) -> str:
@@ -225,14 +220,7 @@ class EmbeddedStack:
 
     def stop(self) -> None:
         """Stop what `start` started, newest first; safe to call twice."""
-        if self._serve_started:
-            from ray import serve
-
-            self._serve_started, self._ingress = False, None
-            try:
-                serve.shutdown()
-            except Exception as error:  # noqa: BLE001 - Ray may be gone already; still stop Ray and S3 below
-                log.warning("serve shutdown failed", error=repr(error))
+        self.stop_serving()
         if self._ray_started:
             import ray
 
@@ -242,6 +230,20 @@ class EmbeddedStack:
             s3, self._s3 = self._s3, None
             s3.stop()
         log.info("lloco stopped", address=self.address)
+
+    def stop_serving(self) -> None:
+        """Stop the Serve app, whose replicas' exit frees their devices, and keep S3 and Ray running (a
+        benchmark then runs an engine of its own on the same GPU against the same store); safe to call twice.
+        """
+        if not self._serve_started:
+            return
+        from ray import serve
+
+        self._serve_started, self._ingress = False, None
+        try:
+            serve.shutdown()
+        except Exception as error:  # noqa: BLE001 - Ray may be gone already; `stop` still stops Ray and S3
+            log.warning("serve shutdown failed", error=repr(error))
 
     def health(self) -> str:
         return health_status(self.address, ca_file=self.settings.serve.tls_cert_file)

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ from pydantic import SecretStr
 from lloco.config import StoreSettings
 from lloco.errors import FailedPrecondition, ResourceExhausted, Unavailable
 from lloco.logs import get_logger
+from lloco.ports import free_port, free_port_pair
 
 log = get_logger(__name__)
 
@@ -80,7 +80,7 @@ class EmbeddedS3:
     @property
     def port(self) -> int:
         if self._port is None:
-            self._port = _free_port()
+            self._port = free_port()
         return self._port
 
     @property
@@ -179,9 +179,9 @@ class EmbeddedS3:
 
     def _flags(self, data: Path) -> list[str]:
         master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc, metrics = (
-            _free_port() for _ in range(8)
+            free_port() for _ in range(8)
         )
-        admin = _free_port_pair(_GRPC_OFFSET)
+        admin = free_port_pair(_GRPC_OFFSET)
         admin_grpc = admin + _GRPC_OFFSET
         self._ports = [
             self.port,
@@ -308,23 +308,3 @@ def _require_free_disk(data: Path) -> None:
 def _signal_group(pid: int, signal_number: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal_number)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((_HOST, 0))
-        return probe.getsockname()[1]
-
-
-def _free_port_pair(offset: int) -> int:
-    """A free port ``p`` such that ``p + offset`` is free too."""
-    while True:
-        port = _free_port()
-        if port + offset > 65535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind((_HOST, port + offset))
-            except OSError:
-                continue
-        return port
