@@ -7,6 +7,7 @@ the engine's slots) and greedy answers (gRPC queries against HF + peft `generate
 from __future__ import annotations
 
 import json
+import math
 import pickle
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -254,6 +255,7 @@ def test_adapters_that_cannot_be_served_are_refused_with_their_reason(
     config = json.loads(good[CONFIG])
     tensors = load_safetensors(good[WEIGHTS])
     q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    v_b = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
 
     def with_config(**fields: object) -> dict[str, bytes]:
         return {**good, CONFIG: json.dumps({**config, **fields}).encode()}
@@ -307,6 +309,14 @@ def test_adapters_that_cannot_be_served_are_refused_with_their_reason(
         "pattern": (with_config(rank_pattern={"(.+)+x": 8}), invalid, "module names"),
         "integers": (with_tensor(q_a, torch.ones(8, 64, dtype=torch.int32)), invalid, "torch.int32"),
         "NaN": (with_tensor(q_a, torch.full((8, 64), float("nan"))), invalid, "NaN"),
+        "infinity in a tensor of another dtype": (
+            with_tensor(
+                v_b, torch.zeros(64, 8, dtype=torch.float16).index_fill_(0, torch.tensor([63]), -math.inf)
+            ),
+            invalid,
+            f"adapter tensor {v_b!r} holds NaN or infinite values",
+        ),
+        "empty tensor": (with_tensor(q_a, torch.zeros(0, 64)), invalid, "do not share a rank"),
         "not safetensors": ({**good, WEIGHTS: b"junk" * 8}, invalid, "not a readable safetensors"),
         "too many tensors": (
             {**good, WEIGHTS: save_safetensors({**tensors, **{f"x{i}": torch.zeros(1) for i in range(60)}})},

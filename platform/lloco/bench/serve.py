@@ -321,9 +321,9 @@ def bench_adapter_loads(model: Llama, store: Any, plan: Plan) -> dict[str, Any]:
         slots.load(0, adapter)
         sync(device)
         store_ms.append((time.perf_counter() - started) * 1e3)
-    resident = slots.prepare(registry.read_adapter_files(published[0].name, published[0].version))
-    if device.type == "cuda":
-        resident = resident.pin_memory()
+    resident = slots.prepare(
+        registry.read_adapter_files(published[0].name, published[0].version), pin_memory=device.type == "cuda"
+    )
     for _ in range(plan.load_repeats):
         sync(device)
         started = time.perf_counter()

@@ -590,8 +590,7 @@ class EngineCore:
 
     def _parse_adapter(self, files: dict[str, bytes]) -> LoraAdapter:
         """PEFT files -> the slots' layout in host memory (page-locked on CUDA for fast slot loads)."""
-        adapter = self.lora.prepare(files)
-        return adapter.pin_memory() if self.device.type == "cuda" else adapter
+        return self.lora.prepare(files, pin_memory=self.device.type == "cuda")
 
     def _tokens_of(self, objects: _TenantReads, doc: DocumentInfo) -> int:
         """The document's token count: recorded at ingest, else counted once per text version."""
