@@ -47,6 +47,10 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
         shares = run["tenants"]
         assert len(shares) == 2 and all(row["queries"] == 2 and row["tokens"] == 6 for row in shares.values())
         assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)
+    # the server's clock (the replies' stats) starts after the client's and stops before it
+    grpc_load = load["grpc"]
+    assert 0 < grpc_load["server_ttft_p50_steady_ms"] <= grpc_load["ttft_p50_steady_ms"]
+    assert "server_ttft_p50_steady_ms" not in load["engine"]
     assert load["engine"]["graph_captures"]["load"] == [0, 0]  # no CUDA graphs on the CPU
     assert load["engine"]["start_s"] > 0
     # the engine's own account of its TTFT (gRPC replies do not carry it); per query: test_engine_core
@@ -59,6 +63,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table
     assert "| | prepare | queue | prefill | ttft |" in table
+    assert "The gRPC path's TTFT at the server" in table
 
 
 def test_a_run_cut_short_reports_what_it_measured() -> None:

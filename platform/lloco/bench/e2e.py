@@ -197,14 +197,16 @@ def create_tenants(stack: Any, plan: E2EPlan, tokenizer: Any, config: Any) -> li
 def grpc_query(client: Any, tenant: str, doc_id: str, number: int, new_tokens: int) -> QuerySample:
     """One streamed query through the public API, timed by the client."""
     started = time.perf_counter()
-    first, tokens = None, 0
+    first, tokens, server_ttft = None, 0, None
     for message in client.query_stream(
         QUESTION.format(n=number), [doc_id], adapter="default", max_new_tokens=new_tokens
     ):
         if message.token_ids and first is None:
             first = time.perf_counter() - started
         tokens += len(message.token_ids)
-    return QuerySample(tenant, first, time.perf_counter() - started, tokens)
+        if message.HasField("stats"):  # the last message
+            server_ttft = message.stats.time_to_first_token.ToTimedelta().total_seconds()
+    return QuerySample(tenant, first, time.perf_counter() - started, tokens, server_ttft_s=server_ttft)
 
 
 def grpc_single(stack: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
@@ -424,6 +426,7 @@ def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Ten
     later = [sample for n, sample in samples if n > 0]
     steady = _ttfts(later)
     parts = ttft_parts_summary(later)
+    at_server = [s.server_ttft_s * 1e3 for s in later if s.server_ttft_s is not None]
     return (
         load_summary(every, wall)
         | {
@@ -432,6 +435,14 @@ def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Ten
             "tenants": tenant_shares(every, [t.name for t in tenants]),
         }
         | ({"ttft_parts_steady_ms": parts["ttft_parts_ms"]} if parts else {})
+        | (
+            {
+                "server_ttft_p50_steady_ms": percentile(at_server, 50),
+                "server_ttft_p99_steady_ms": percentile(at_server, 99),
+            }
+            if at_server
+            else {}
+        )
     )
 
 
@@ -540,6 +551,16 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"{r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | "
                 f"{r['cold_ttft']['p50_ms']:.0f} / {r['cold_ttft']['max_ms']:.0f} |"
             )
+        if "server_ttft_p50_steady_ms" in load.get("grpc", {}):
+            r = load["grpc"]
+            lines += [
+                "",
+                "The gRPC path's TTFT at the server (each reply's stats.time_to_first_token: the Ingress's clock "
+                "from the request's arrival, so the edge's checks, both Ray hops and the engine), after each "
+                f"client's first query: p50 {r['server_ttft_p50_steady_ms']:.0f} / p99 "
+                f"{r['server_ttft_p99_steady_ms']:.0f} ms; the rest of the clients' TTFT is the call's way to the "
+                "server and the token's way back, the client threads included.",
+            ]
         if "graph_captures" in load.get("engine", {}):
             captures = load["engine"]["graph_captures"]
             lines += [

@@ -111,6 +111,9 @@ class QuerySample:
     # the engine's own account of where the TTFT went (QueryStats: prepare_s, queue_s, prefill_s); None
     # when the client did not get it (gRPC)
     ttft_parts: dict[str, float] | None = None
+    # the TTFT on the server's clock, from the request's arrival (a gRPC reply's stats.time_to_first_token);
+    # the client's TTFT less it is the call's way in and the token's way out, client included
+    server_ttft_s: float | None = None
 
 
 TTFT_PARTS = ("prepare", "queue", "prefill")  # QueryStats' parts of ttft_s, in order
