@@ -90,6 +90,8 @@ def test_serve_runs_every_section(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert result["adapter_loads"]["store_to_gpu_p50_ms"] > 0
     load = result["load"]
     assert load["queries"] > 0 and load["ttft_p50_ms"] <= load["latency_p99_ms"]
+    # without each client's first query (all sent at once): issue 19's TTFT p99 goal is set on these
+    assert 0 < load["ttft_p50_steady_ms"] <= load["ttft_p99_steady_ms"] <= load["latency_p99_ms"]
     churn = result["adapter_churn"]
     resident, churned = churn["resident"], churn["churn"]
     assert (resident["adapters"], churned["adapters"], churn["gpu_slots"]) == (8, 64, 8)

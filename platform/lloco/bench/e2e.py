@@ -33,7 +33,6 @@ import statistics
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -61,6 +60,7 @@ from lloco.bench.workload import (
     tenant_shares,
     ttft_parts_summary,
     ttft_parts_table,
+    ttft_summary,
 )
 
 ADMIN_KEY = "bench-e2e-admin"
@@ -258,7 +258,7 @@ def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any
     wall = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return _load(samples, wall, tenants) | {"cold_ttft": _ttfts(cold)}
+    return _load(samples, wall, tenants) | {"cold_ttft": ttft_summary(cold)}
 
 
 # -- the same requests on the engine alone ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         "load": [b - a for a, b in zip(before_load, _captures(core), strict=True)],
     }
     load = _load(samples, wall, tenants) | {
-        "cold_ttft": _ttfts(cold),
+        "cold_ttft": ttft_summary(cold),
         "graph_captures": captures,
         "start_s": start_s,
     }
@@ -424,7 +424,7 @@ def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Ten
     which all C clients send at the same instant, so its prefills queue behind each other by design."""
     every = [sample for _, sample in samples]
     later = [sample for n, sample in samples if n > 0]
-    steady = _ttfts(later)
+    steady = ttft_summary(later)
     parts = ttft_parts_summary(later)
     at_server = [s.server_ttft_s * 1e3 for s in later if s.server_ttft_s is not None]
     return (
@@ -444,15 +444,6 @@ def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Ten
             else {}
         )
     )
-
-
-def _ttfts(samples: Sequence[QuerySample]) -> dict[str, float]:
-    ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
-    return {
-        "p50_ms": percentile(ttft, 50),
-        "p99_ms": percentile(ttft, 99),
-        "max_ms": max(ttft, default=math.nan),
-    }
 
 
 # -- report -------------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ and an adapter each), timed queries and their summaries (throughput, percentiles
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -176,6 +177,16 @@ def load_summary(samples: Sequence[QuerySample], wall_s: float) -> dict[str, Any
         "latency_p99_ms": percentile(latency, 99),
     }
     return summary | ttft_parts_summary(samples)
+
+
+def ttft_summary(samples: Sequence[QuerySample]) -> dict[str, float]:
+    """p50, p99 and max of the samples' TTFT, in ms (queries without a token left out)."""
+    ttft = [s.ttft_s * 1e3 for s in samples if s.ttft_s is not None]
+    return {
+        "p50_ms": percentile(ttft, 50),
+        "p99_ms": percentile(ttft, 99),
+        "max_ms": max(ttft, default=math.nan),
+    }
 
 
 def ttft_parts_summary(samples: Sequence[QuerySample]) -> dict[str, Any]:
