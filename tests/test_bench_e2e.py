@@ -37,6 +37,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     assert set(single) == {"grpc", "engine", "full_document"}
     for path in single.values():
         assert 0 < path["ttft_ms"] <= path["total_ms"] and path["tokens"] == 3
+    assert 0 < single["grpc"]["server_ttft_ms"] <= single["grpc"]["ttft_ms"]
     assert single["full_document"]["prompt_tokens"] > e2e.PLANS["tiny"].long_doc_tokens * 0.9
     for path in ("grpc", "engine"):
         run = load[path]

@@ -412,11 +412,12 @@ def full_document(base: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
 
 
 def _single(runs: list[QuerySample]) -> dict[str, float]:
+    at_server = [r.server_ttft_s for r in runs if r.server_ttft_s is not None]
     return {
         "ttft_ms": statistics.median(r.ttft_s or r.latency_s for r in runs) * 1e3,
         "total_ms": statistics.median(r.latency_s for r in runs) * 1e3,
         "tokens": statistics.median(r.tokens for r in runs),
-    }
+    } | ({"server_ttft_ms": statistics.median(at_server) * 1e3} if at_server else {})
 
 
 def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Tenant]) -> dict[str, Any]:
@@ -521,6 +522,12 @@ def render_markdown(result: dict[str, Any]) -> str:
         ):
             if key in single:
                 lines.append(f"| {label} | {single[key]['ttft_ms']:.1f} | {single[key]['total_ms']:.1f} |")
+        if "server_ttft_ms" in single.get("grpc", {}):
+            lines += [
+                "",
+                f"The gRPC query's TTFT at the server (the reply's stats, the Ingress's clock): "
+                f"{single['grpc']['server_ttft_ms']:.1f} ms.",
+            ]
         lines.append("")
     load = result.get("load", {})
     if load:
