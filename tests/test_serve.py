@@ -692,7 +692,7 @@ def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack,
 
 def test_lloco_up_refuses_when_rays_job_agent_port_is_taken(tmp_path: Path) -> None:
     """Another Ray node on the machine holds the dashboard agent's port: `lloco up` would start but run no job."""
-    from lloco.serve.local import port_in_use
+    from lloco.ports import port_in_use
     from ray._private.ray_constants import DEFAULT_DASHBOARD_AGENT_LISTEN_PORT as agent_port
 
     with contextlib.ExitStack() as held:

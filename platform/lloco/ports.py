@@ -11,6 +11,7 @@ server that names a port explicitly can collide.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import socket
 from pathlib import Path
@@ -32,14 +33,20 @@ def ephemeral_range() -> tuple[int, int]:
     return low, high
 
 
-def is_free(port: int, host: str = LOOPBACK) -> bool:
-    """Whether ``port`` can be bound on ``host`` right now."""
-    with socket.socket() as probe:
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """Whether a server already listens on ``port`` where ``host`` would bind it (loopback: also on
+    every interface, which includes it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
+    for probe_host in dict.fromkeys((host, wildcard)):
+        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((probe_host, port))
+            except OSError as error:
+                if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
+                    return True
+    return False
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -60,7 +67,7 @@ def free_port_pair(offset: int, host: str = LOOPBACK) -> int:
     for _ in range(1000):
         port = random.randint(low, high)
         pair = {port, port + offset}
-        if pair.isdisjoint(_handed_out) and all(is_free(each, host) for each in pair):
+        if pair.isdisjoint(_handed_out) and not any(port_in_use(each, host) for each in pair):
             _handed_out.update(pair)
             return port
     raise OSError(f"no free port pair (offset {offset}) between {low} and {high} on {host}")

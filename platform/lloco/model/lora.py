@@ -505,7 +505,10 @@ class LoraSlots:
             for group, names in self.groups.items()
         }
         b_scaled = {t: torch.zeros(n_layers, rank, _in_out(self.config, t)[1]) for t in self.targets}
-        scales = {t: torch.zeros(n_layers, 1, 1) for t in self.targets}
+        scales = {
+            t: torch.tensor([checked.scales.get((layer, t), 0.0) for layer in range(n_layers)]).view(-1, 1, 1)
+            for t in self.targets
+        }
         a_rows = {
             t: (group, index * rank) for group, names in self.groups.items() for index, t in enumerate(names)
         }
@@ -513,7 +516,6 @@ class LoraSlots:
             group, row = a_rows[target]
             a_groups[group][layer, row : row + a.shape[0]].copy_(a)
             b_scaled[target][layer, : b.shape[1]].copy_(b.t())
-            scales[target][layer] = checked.scales[(layer, target)]
         b_targets = {
             t: torch.empty(b.shape, dtype=self.dtype, pin_memory=pin_memory).copy_(b.mul_(scales[t]))
             for t, b in b_scaled.items()

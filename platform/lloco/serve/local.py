@@ -7,9 +7,7 @@ and, if any of them fails, or when the block ends, stops what it started, so not
 
 from __future__ import annotations
 
-import contextlib
 import os
-import socket
 import time
 from pathlib import Path
 from types import TracebackType
@@ -22,7 +20,7 @@ from lloco.auth import KeyRing
 from lloco.config import Settings
 from lloco.errors import AlreadyExists, FailedPrecondition, Unauthenticated, Unavailable
 from lloco.logs import get_logger
-from lloco.ports import free_port
+from lloco.ports import free_port, port_in_use
 from lloco.registry import Tenants
 from lloco.serve.app import build_app
 from lloco.serve.server import address
@@ -38,22 +36,6 @@ HOST = "127.0.0.1"
 HEALTH_TIMEOUT_S = 60.0
 # Ray on loopback, without telemetry; set before Ray starts so its daemons and workers inherit them.
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-
-
-def port_in_use(port: int, host: str = HOST) -> bool:
-    """Whether a server already listens on ``port`` where ``host`` would bind it (loopback: also on
-    every interface, which includes it)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"
-    for probe_host in dict.fromkeys((host, wildcard)):
-        with contextlib.suppress(OSError), socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((probe_host, port))
-            except OSError as error:
-                if error.errno in (98, 48):  # EADDRINUSE on Linux, macOS
-                    return True
-    return False
 
 
 def health_status(target: str, timeout_s: float = 5.0, ca_file: Path | None = None) -> str:
