@@ -171,7 +171,6 @@ def test_consumers_default_to_the_settings_directory_and_name_the_fetch_command(
     empty = tmp_path / "no-data"
     argv = [arg.replace("OUT", str(tmp_path / "out")) for arg in argv]
     result = CliRunner().invoke(app, argv, env={"LLOCO_QA_DATA_DIR": str(empty)})
-    assert isinstance(result.exception, NotFound), result.output
-    assert str(result.exception).startswith(f"{empty}/")
-    assert "download the QA sets with `lloco data fetch`" in str(result.exception)
+    assert result.exit_code == 1 and result.stderr.startswith(f"error: {empty}/"), result.output
+    assert "download the QA sets with `lloco data fetch`" in result.stderr
     assert not (tmp_path / "out").exists()  # failed before any work

@@ -185,9 +185,23 @@ def test_eval_split_is_checked_before_any_model_loads(tmp_path: Path) -> None:
         (["--split", "validation", "--corpus-documents", "10"], "corpus mode picks its questions"),
     ]:
         result = CliRunner().invoke(app, ["eval", "--output", str(out), *extra], env=env)
-        assert isinstance(result.exception, InvalidArgument), result.output
-        assert message in str(result.exception)
+        assert result.exit_code == 1 and result.stderr.startswith("error: "), result.output
+        assert message in result.stderr and "Traceback" not in result.output
     assert not out.exists()  # refused before any work
+
+
+def test_bad_eval_options_name_the_field_without_pydantic_noise(tmp_path: Path) -> None:
+    from lloco.cli import app
+    from typer.testing import CliRunner
+
+    out = tmp_path / "out"
+    env = {"LLOCO_QA_DATA_DIR": str(DATA), "LLOCO_DATA_DIR": str(tmp_path / "data")}
+    result = CliRunner().invoke(app, ["eval", "--output", str(out), "--perplexity-windows", "0"], env=env)
+    assert (result.exit_code, result.stderr) == (
+        1,
+        "error: bad eval options: perplexity_windows: Input should be greater than or equal to 1\n",
+    )
+    assert not out.exists()
 
 
 def _run_eval(
@@ -379,8 +393,8 @@ def test_recipes_are_checked_before_any_model_loads(tmp_path: Path) -> None:
         (["--recipes", "8:1e-3:4", "--corpus-documents", "10"], "corpus mode trains none"),
     ]:
         result = CliRunner().invoke(app, ["eval", "--output", str(out), *extra], env=env)
-        assert isinstance(result.exception, InvalidArgument), result.output
-        assert message in str(result.exception), str(result.exception)
+        assert result.exit_code == 1 and result.stderr.startswith("error: "), result.output
+        assert message in result.stderr, result.stderr
     assert not out.exists()  # refused before any work
 
 

@@ -253,6 +253,8 @@ def test_pretrain_command_runs_on_ray_train_and_in_process(
     assert saved["command"].startswith("lloco ") and saved["options"]["max_steps"] == 2
     assert saved["options"]["lora_targets"] == ["q_proj", "v_proj"]
     bad = CliRunner().invoke(app, [*args[:-1], "q_proj,lm_head"])
-    assert bad.exit_code != 0 and "unknown LoRA targets" in str(bad.exception or bad.output)
+    assert bad.exit_code == 1 and bad.stderr.startswith("error: ") and "unknown LoRA targets" in bad.stderr
+    zero = CliRunner().invoke(app, [*args, "--k", "0"])
+    assert zero.stderr == "error: bad pretraining options: k: Input should be greater than or equal to 1\n"
     assert all("reconstruct_loss" not in point for point in saved["loss_curve"])  # next-segment steps only
     assert json.loads(result.output.strip().splitlines()[-1])["compressor_id"] == saved["compressor_id"]

@@ -1,13 +1,37 @@
-"""The `lloco` command. Each room registers its own commands; heavy imports happen inside them."""
+"""The `lloco` command. Each room registers its own commands; heavy imports happen inside them.
+
+A ``LlocoError`` any command raises ends it here, in one place: ``error: <message>`` on stderr and exit
+status 1, never a traceback (those are for bugs, not for a bad flag or a missing file).
+"""
 
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
+import click
 import typer
+from typer.core import TyperGroup
+
+from lloco.errors import LlocoError
+
+
+class _Commands(TyperGroup):
+    """The command group; turns a command's ``LlocoError`` into its message and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LlocoError as error:
+            typer.echo(f"error: {error}", err=True)
+            raise typer.Exit(1) from None
+
 
 app = typer.Typer(
-    help="lloco: multi-tenant LLoCO serving on Ray.", no_args_is_help=True, add_completion=False
+    cls=_Commands,
+    help="lloco: multi-tenant LLoCO serving on Ray.",
+    no_args_is_help=True,
+    add_completion=False,
 )
 
 # Each module defines `register(app: typer.Typer) -> None`.

@@ -346,16 +346,12 @@ def register(app: typer.Typer) -> None:
                 update={"serve": settings.serve.model_copy(update={"grpc_port": port})}
             )
         quiet_ray(settings.data_dir, verbose)
-        try:
-            run_demo(
-                settings,
-                DemoOptions(train_steps=train_steps),
-                echo=typer.echo,
-                keep_running=_wait_for_interrupt if keep_running else None,
-            )
-        except LlocoError as error:
-            typer.echo(f"error: {error}", err=True)
-            raise typer.Exit(1) from None
+        run_demo(
+            settings,
+            DemoOptions(train_steps=train_steps),
+            echo=typer.echo,
+            keep_running=_wait_for_interrupt if keep_running else None,
+        )
 
 
 def _wait_for_interrupt(stack: Any, keys: dict[str, str]) -> None:

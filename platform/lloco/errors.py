@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from pydantic import ValidationError
 
 
 class LlocoError(Exception):
@@ -61,6 +62,16 @@ class Cancelled(LlocoError):
 
 class Internal(LlocoError):
     code = grpc.StatusCode.INTERNAL
+
+
+def invalid_fields(what: str, error: ValidationError) -> InvalidArgument:
+    """``error`` as an InvalidArgument naming each bad field of ``what`` and why (no pydantic URLs or
+    echoed inputs): ``bad eval options: perplexity_windows: Input should be greater than or equal to 1``."""
+    problems = [
+        f"{'.'.join(str(part) for part in item['loc']) or 'value'}: {item['msg'].removeprefix('Value error, ')}"
+        for item in error.errors(include_url=False, include_input=False)
+    ]
+    return InvalidArgument(f"bad {what}: {'; '.join(problems)}")
 
 
 def to_grpc_status(error: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -45,29 +45,24 @@ def push_command(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
     from lloco.config import Settings
-    from lloco.errors import LlocoError
     from lloco.model.loading import DEFAULT_MODEL, default_model_dir, model_id_for
     from lloco.model.staging import checkpoint_files, push_model
     from lloco.storage import ObjectStore
 
     settings = Settings.load(config)
-    try:
-        if source == DEFAULT_MODEL and not Path(source).is_dir():
-            directory, model_id = default_model_dir(settings.model.cache_dir), model_id or DEFAULT_MODEL
-        else:
-            directory = Path(source).expanduser()
-            model_id = model_id or model_id_for(directory.resolve().name)
-        total = sum(file.stat().st_size for file in checkpoint_files(directory))
-        store = ObjectStore(settings.store)
-        columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-        with Progress(*columns, console=Console(stderr=True)) as progress:
-            task = progress.add_task("push", total=total)
-            pushed = push_model(
-                store, directory, model_id, on_file=lambda f: progress.advance(task, f.stat().st_size)
-            )
-    except LlocoError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    if source == DEFAULT_MODEL and not Path(source).is_dir():
+        directory, model_id = default_model_dir(settings.model.cache_dir), model_id or DEFAULT_MODEL
+    else:
+        directory = Path(source).expanduser()
+        model_id = model_id or model_id_for(directory.resolve().name)
+    total = sum(file.stat().st_size for file in checkpoint_files(directory))
+    store = ObjectStore(settings.store)
+    columns = (TextColumn("uploading"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        task = progress.add_task("push", total=total)
+        pushed = push_model(
+            store, directory, model_id, on_file=lambda f: progress.advance(task, f.stat().st_size)
+        )
     typer.echo(
         f"models/{pushed.model_id}/: {pushed.files} files, {pushed.bytes / 1e6:.1f} MB -> {pushed.spec}"
     )

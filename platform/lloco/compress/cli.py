@@ -35,21 +35,16 @@ def compress(
         raise typer.BadParameter("give --tenant T (one or more) or --all")
     from lloco.compress.job import CompressSummary, run_compress_job
     from lloco.config import Settings
-    from lloco.errors import LlocoError
 
     settings = Settings.load(config)
     quiet_ray(settings.data_dir, verbose)
-    try:
-        with progress() as bars:
-            task = bars.add_task("compress", total=None, detail="documents")
+    with progress() as bars:
+        task = bars.add_task("compress", total=None, detail="documents")
 
-            def show(now: CompressSummary) -> None:
-                bars.update(task, total=now.documents, completed=now.finished, detail=f"{now.failed} failed")
+        def show(now: CompressSummary) -> None:
+            bars.update(task, total=now.documents, completed=now.finished, detail=f"{now.failed} failed")
 
-            result = run_compress_job(settings, None if all_tenants else tenant, summary, job_id, show)
-    except LlocoError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from error
+        result = run_compress_job(settings, None if all_tenants else tenant, summary, job_id, show)
     typer.echo(result.line())
     for failure in result.failures:
         typer.echo(f"failed: tenant {failure.tenant} document {failure.doc_id}: {failure.reason}", err=True)

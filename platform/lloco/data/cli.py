@@ -40,20 +40,15 @@ def fetch_command(
 
     from lloco.config import Settings
     from lloco.data.fetch import download, missing, remote_files
-    from lloco.errors import LlocoError
 
     target = dest or Settings.load(config).qa_data_dir
-    try:
-        files = remote_files(part.strip() for part in datasets.split(",") if part.strip())
-        todo = missing(target, files)
-        if todo:
-            columns = (TextColumn("fetching"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
-            with Progress(*columns, console=Console(stderr=True)) as progress:
-                task = progress.add_task("fetch", total=sum(file.size for file in todo))
-                download(target, todo, mirror, on_bytes=lambda n: progress.advance(task, n))
-    except LlocoError as error:
-        typer.echo(f"error: {error}", err=True)
-        raise typer.Exit(1) from None
+    files = remote_files(part.strip() for part in datasets.split(",") if part.strip())
+    todo = missing(target, files)
+    if todo:
+        columns = (TextColumn("fetching"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            task = progress.add_task("fetch", total=sum(file.size for file in todo))
+            download(target, todo, mirror, on_bytes=lambda n: progress.advance(task, n))
     fetched = sum(file.size for file in todo)
     typer.echo(
         f"{target}: {len(todo)} files fetched ({fetched / 1e6:.1f} MB), {len(files) - len(todo)} already there"

@@ -140,7 +140,7 @@ def evaluate(
     from pydantic import ValidationError
 
     from lloco.config import Settings
-    from lloco.errors import InvalidArgument
+    from lloco.errors import InvalidArgument, invalid_fields
     from lloco.eval import passkey, tasks
     from lloco.eval.adapters import state_digest
     from lloco.eval.report import ablation_markdown, markdown_table, split_notice, write_report
@@ -228,7 +228,7 @@ def evaluate(
             seed=seed,
         )
     except ValidationError as error:
-        raise InvalidArgument(f"bad eval options: {error}") from error
+        raise invalid_fields("eval options", error) from None
     init_files = None
     if adapter_init is not None:
         try:

@@ -185,7 +185,7 @@ def pretrain_compressor(
     """Train a compressor (and optionally its reader) for the base model; write it, its record, a checkpoint."""
     from pydantic import ValidationError
 
-    from lloco.errors import InvalidArgument
+    from lloco.errors import invalid_fields
     from lloco.finetune.pretrain import pretrain
     from lloco.finetune.pretrain_job import run_pretrain_job
     from lloco.finetune.pretrain_options import PretrainOptions
@@ -235,7 +235,7 @@ def pretrain_compressor(
             **lists,
         )
     except ValidationError as error:
-        raise InvalidArgument(f"bad pretraining options: {error}") from error
+        raise invalid_fields("pretraining options", error) from None
     settings = _settings(config, base_model)
     command = command_line(ctx, "pretrain-compressor")
     if ray:
