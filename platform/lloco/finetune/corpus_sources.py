@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import ConfigDict, TypeAdapter, ValidationError
 
-from lloco.errors import InvalidArgument, NotFound, Unavailable
+from lloco.errors import InvalidArgument, NotFound, Unavailable, invalid_fields
 from lloco.finetune.datasets import (
     HOTPOT_FILE,
     HOTPOT_TRAIN_FRACTION,
@@ -105,7 +105,7 @@ def load_sources(path: Path = SOURCES_FILE) -> tuple[Source, ...]:
         try:
             sources.append(_SOURCE.validate_python({**entry, "exclude": "|".join(excludes) or None}))
         except ValidationError as error:
-            raise InvalidArgument(f"{path.name}: source {entry.get('name')!r}: {error}") from error
+            raise invalid_fields(f"{path.name} source {entry.get('name')!r}", error) from error
     names = [source.name for source in sources]
     if repeated := sorted({name for name in names if names.count(name) > 1}):
         raise InvalidArgument(f"{path.name}: sources named twice: {repeated}")
