@@ -35,6 +35,7 @@ def test_prefill_burst_section_chunks_the_burst_beside_every_decoding_row(model)
     assert whole["prefill_chunk_tokens"] is None and whole["burst_steps"] == 1 + tail
     assert chunked["prefill_chunk_tokens"] == 16 and chunked["burst_steps"] == math.ceil(80 / 16) + tail
     assert whole["steps_without_every_decoder"] == chunked["steps_without_every_decoder"] == 0
+    assert whole["decode_captures_during_burst"] == 0  # no CUDA graphs on the CPU
     assert whole["max_step_vs_whole"] == 1.0 and chunked["burst_ttft_max_ms"] > 0
     assert "(e) Decode under a prefill burst" in "\n".join(
         scheduling.render_markdown({"prefill_burst": result})
