@@ -62,6 +62,7 @@ from lloco.finetune.shards import load_training, save_training
 from lloco.finetune.steps import apply_gradients, start_lora
 from lloco.logs import get_logger
 from lloco.model import Compressor, LoadedModel, TrainableLora, load_model
+from lloco.model.kv_summary import prefix_hidden
 from lloco.model.llama import Block
 from lloco.model.lora import peft_geometry
 from lloco.model.trainable_lora import lora_hidden
@@ -78,14 +79,15 @@ Task = Literal["lm", "qa"]
 
 
 class Trainables(nn.Module):
-    """Everything pretraining updates: summary embeddings, output scale, encoder LoRA, optional reader."""
+    """Everything pretraining updates: summary embeddings, output scale (embedding summaries only), encoder
+    LoRA, optional reader."""
 
     def __init__(
-        self, summary: Tensor, scale: Tensor, encoder: TrainableLora, reader: TrainableLora | None
+        self, summary: Tensor, scale: Tensor | None, encoder: TrainableLora, reader: TrainableLora | None
     ) -> None:
         super().__init__()
         self.summary = nn.Parameter(summary.detach().float().clone())
-        self.scale = nn.Parameter(scale.detach().float().clone())
+        self.scale = None if scale is None else nn.Parameter(scale.detach().float().clone())
         self.encoder = encoder
         self.reader = reader
 
@@ -177,7 +179,10 @@ class CompressorPretrain:
             options.qa_cache, options.qa_data, self.base.tokenizer, options.qa_max_tokens, options.seed
         )
         self.qa_buckets = self._buckets(self.qa_train)
-        self.initial = Compressor.from_base(self.base, options.segment_len, options.k, True, options.seed)
+        self.initial = Compressor.from_base(
+            self.base, options.segment_len, options.k, True, options.seed, options.summary_form
+        )
+        self.kv = options.summary_form == "kv"
         self.trainables = self._initial_trainables().to(self.device)
         if options.reader_only:
             self._freeze_compressor()
@@ -219,7 +224,8 @@ class CompressorPretrain:
             )
         self.trainables.encoder.requires_grad_(False)
         self.trainables.summary.requires_grad_(False)
-        self.trainables.scale.requires_grad_(False)
+        if self.trainables.scale is not None:
+            self.trainables.scale.requires_grad_(False)
 
     def _buckets(self, examples: QAExamples | None) -> dict[int, list[int]]:
         """QA example indices by their number of segments (a QA step takes one bucket)."""
@@ -239,11 +245,13 @@ class CompressorPretrain:
             if (
                 start.k != options.k
                 or start.segment_len != options.segment_len
+                or start.summary_form != options.summary_form
                 or start.adapter_files is None
             ):
                 raise InvalidArgument(
-                    f"init_from {options.init_from} has S={start.segment_len}, k={start.k}"
-                    f"{'' if start.adapter_files else ', no encoder LoRA'}; this run wants S={options.segment_len}, k={options.k}"
+                    f"init_from {options.init_from} has S={start.segment_len}, k={start.k}, "
+                    f"{start.summary_form} summaries{'' if start.adapter_files else ', no encoder LoRA'}; this "
+                    f"run wants S={options.segment_len}, k={options.k}, {options.summary_form} summaries"
                 )
             encoder_init, reader_init = start.adapter_files, start.reader_files
             if reader_init is not None and options.reader_rank:  # its reader continues, none is made
@@ -254,7 +262,9 @@ class CompressorPretrain:
                         f"reader_rank={options.reader_rank} (leave it out to continue that reader)"
                     )
             summary = start.summary_embeds
-            scale = start.output_scale if start.output_scale is not None else torch.ones(config.dim)
+            scale = start.output_scale
+            if scale is None and not self.kv:
+                scale = torch.ones(config.dim)
             record_path = options.init_from / RECORD_FILE
             if record_path.is_file():
                 self.runs = earlier_runs(json.loads(record_path.read_text()))
@@ -271,7 +281,6 @@ class CompressorPretrain:
                 reader_init,
                 options.seed + 1,
             )
-        assert scale is not None
         return Trainables(summary, scale, encoder, reader)
 
     # -- train ------------------------------------------------------------------------------------------
@@ -360,7 +369,8 @@ class CompressorPretrain:
         bounds = np.cumsum([0, *lengths]).tolist()
         embeds = self.model.embed(tokens)
         decoded = [i for i in range(len(lengths)) if i > 0 or reconstruct[i]]
-        targets = tokens.shape[0] * sum(lengths[i] for i in decoded)
+        unscored = 1 if self.kv else 0  # a key/value prefix has no state to predict a segment's first token
+        targets = tokens.shape[0] * sum(lengths[i] - unscored for i in decoded)
         zero = embeds.new_zeros((), dtype=torch.float32)
         losses = {"next": zero, "reconstruct": zero}
         counts = {"next": 0, "reconstruct": 0}
@@ -376,7 +386,7 @@ class CompressorPretrain:
             step_losses = self._decode_losses([decode for _, decode in pending])
             for (kind, decode), loss in zip(pending, step_losses, strict=True):
                 losses[kind] = losses[kind] + loss.detach()
-                counts[kind] += decode.tokens.numel()
+                counts[kind] += decode.tokens.shape[0] * (decode.tokens.shape[1] - unscored)
             (torch.stack(step_losses).sum() / targets).backward()
             pending.clear()
 
@@ -422,11 +432,12 @@ class CompressorPretrain:
             torch.tensor([*p, *a], device=self.device)
             for p, a in zip(examples.prompts, examples.answers, strict=True)
         ]
-        inputs = torch.cat(
-            [summaries, pad_sequence([self.model.embed(t) for t in tails], batch_first=True)], dim=1
-        )
-        hidden = self._layers(inputs, self.trainables.reader)
-        prefix = summaries.shape[1]
+        tail = pad_sequence([self.model.embed(t) for t in tails], batch_first=True)
+        if self.kv:
+            hidden, prefix = self._kv_layers(tail, summaries, self.trainables.reader)[0], 0
+        else:
+            hidden = self._layers(torch.cat([summaries, tail], dim=1), self.trainables.reader)
+            prefix = summaries.shape[1]
         positions, targets = [], []
         for row, (prompt, answer) in enumerate(zip(examples.prompts, examples.answers, strict=True)):
             first = prefix + len(prompt) - 1
@@ -444,24 +455,39 @@ class CompressorPretrain:
         """Final-normed hidden states of inputs [B, T, D] at positions 0..T-1, through ``lora`` (if any)."""
         return lora_hidden(self.model, x, lora, self.options.activation_checkpointing, self.block_fn)
 
+    def _kv_layers(
+        self, x: Tensor, prefix: Tensor | None, lora: TrainableLora | None, keep: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``prefix_hidden`` of inputs [B, T, D] after key/value summaries [B, P, width], through ``lora``."""
+        bound = None if lora is None else lora.bind(self.dtype)
+        return prefix_hidden(self.model, x, prefix, bound, keep, self.options.activation_checkpointing)
+
     def _encode(self, earlier: Tensor | None, segments: list[Tensor]) -> Tensor:
-        """Summary vectors [B, k, D] of each row's ``segments[b]`` [L_b, D] after ``earlier`` [B, P, D]."""
+        """Summaries [B, k, width] of each row's ``segments[b]`` [L_b, D] after ``earlier`` [B, P, width]:
+        embedding summaries run behind the earlier ones as input, key/value summaries as every layer's
+        prefix."""
         k = self.options.k
         summary = self.trainables.summary.to(self.dtype)
-        rows = [
-            torch.cat([*([] if earlier is None else [earlier[b]]), segment, summary])
-            for b, segment in enumerate(segments)
-        ]
+        before = [] if earlier is None or self.kv else [earlier]
+        rows = [torch.cat([*(e[b] for e in before), segment, summary]) for b, segment in enumerate(segments)]
         lengths = torch.tensor([row.shape[0] for row in rows], device=self.device)
-        hidden = self._layers(pad_sequence(rows, batch_first=True), self.trainables.encoder)
         index = lengths[:, None] - k + torch.arange(k, device=self.device)[None]
+        if self.kv:
+            return self._kv_layers(
+                pad_sequence(rows, batch_first=True), earlier, self.trainables.encoder, index
+            )[1]
+        hidden = self._layers(pad_sequence(rows, batch_first=True), self.trainables.encoder)
         vectors = hidden[torch.arange(len(rows), device=self.device)[:, None], index]
         return vectors * self.trainables.scale.to(self.dtype)
 
     def _decode_losses(self, decodes: list[_Decode]) -> list[Tensor]:
         """Summed next-token loss of each decode's ``tokens`` [B, L] after its ``prefix`` [B, P, D] (P >= 1;
         the first token is predicted from the last prefix vector), all decodes' rows in one right-padded
-        forward (causal: padding after a row changes none of its positions)."""
+        forward (causal: padding after a row changes none of its positions). Key/value summaries: one
+        forward per prefix length, and a segment's first token is not scored (nothing before it to predict
+        it from)."""
+        if self.kv:
+            return self._kv_decode_losses(decodes)
         rows = [torch.cat([d.prefix[b], d.segment[b]]) for d in decodes for b in range(d.tokens.shape[0])]
         hidden = self._layers(pad_sequence(rows, batch_first=True), self.trainables.reader)
         losses, first = [], 0
@@ -472,6 +498,26 @@ class CompressorPretrain:
             losses.append(self._ce_sum(states.flatten(0, 1), d.tokens.flatten()))
             first += batch
         return losses
+
+    def _kv_decode_losses(self, decodes: list[_Decode]) -> list[Tensor]:
+        """``_decode_losses`` after key/value summaries: tokens 1..L-1 of each decode, one forward per
+        prefix and segment length."""
+        losses: list[Tensor | None] = [None] * len(decodes)
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for index, decode in enumerate(decodes):
+            by_shape.setdefault((decode.prefix.shape[1], decode.tokens.shape[1]), []).append(index)
+        for group in by_shape.values():
+            prefix = torch.cat([decodes[i].prefix for i in group])
+            hidden = self._kv_layers(
+                torch.cat([decodes[i].segment for i in group]), prefix, self.trainables.reader
+            )[0]
+            first = 0
+            for i in group:
+                batch, length = decodes[i].tokens.shape
+                states = hidden[first : first + batch, : length - 1]
+                losses[i] = self._ce_sum(states.flatten(0, 1), decodes[i].tokens[:, 1:].flatten())
+                first += batch
+        return [loss for loss in losses if loss is not None]
 
     def _ce_sum(self, hidden: Tensor, targets: Tensor) -> Tensor:
         """Summed cross-entropy of hidden states [N, D] against [N] targets, logits a chunk at a time."""
@@ -528,8 +574,9 @@ class CompressorPretrain:
             self.options.segment_len,
             True,
             t.encoder.peft_files(self.base.model_id),
-            t.scale.detach(),
+            None if t.scale is None else t.scale.detach(),
             reader_files=reader,
+            summary_form=self.options.summary_form,
         )
 
     def save(self, directory: Path | None = None, evaluate: bool = True) -> dict[str, Any]:
@@ -581,7 +628,12 @@ class CompressorPretrain:
             "created": _now(),
             "compressor_id": compressor.compressor_id,
             "base_model": self.base.model_id,
-            "objective": "summary accumulation; LM steps: next-segment + autoencoding (options.reconstruction), "
+            "objective": (
+                "key/value summaries (every layer's keys and values of the summary positions); "
+                if self.kv
+                else ""
+            )
+            + "summary accumulation; LM steps: next-segment + autoencoding (options.reconstruction), "
             "random breakpoints, stop-gradient every bptt_segments; QA steps (options.qa_fraction): answer from "
             "the summaries alone; encoder = base + LoRA, decoder = frozen base"
             + (" + reader LoRA" if self.trainables.reader is not None else "")

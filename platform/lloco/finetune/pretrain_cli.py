@@ -152,6 +152,13 @@ def pretrain_compressor(
             "(does a decoder that learned to read the summaries find the facts?).",
         ),
     ] = False,
+    summary_form: Annotated[
+        str,
+        typer.Option(
+            help="embeddings: summaries are input vectors; kv: every layer's keys and values of the summary "
+            "positions (not served by the engine yet)."
+        ),
+    ] = "embeddings",
     max_steps: Annotated[int | None, typer.Option(help="The run ends after this many steps.")] = None,
     time_budget: Annotated[
         float | None, typer.Option(help="The run ends after this many seconds of training.")
@@ -219,6 +226,7 @@ def pretrain_compressor(
             reader_rank=reader_rank,
             reader_alpha=reader_alpha,
             reader_only=reader_only,
+            summary_form=summary_form,
             max_steps=max_steps,
             time_budget_s=time_budget,
             stop_after_s=stop_after,

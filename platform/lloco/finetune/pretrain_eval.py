@@ -11,7 +11,11 @@ are the context's alone.
   (ppl_none - ppl_compressed) / (ppl_none - ppl_full): the share of what the full text buys that the
   summaries buy.
 - ``qa_probe``: answer NLL per token of held-out QA examples after no context, the document's summaries,
-  and the document's tokens.
+  and the document's tokens, and the share of answers the greedy choice gets exactly right.
+
+Key/value summaries (``Compressor.summary_form`` "kv") are read by ``lloco.model.kv_summary.prefix_hidden``,
+the same function the pretraining's decoder passes use; the full-text and no-context rows are the same
+either way.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from lloco.errors import FailedPrecondition
 from lloco.finetune.corpus import Corpus
 from lloco.finetune.pretrain_qa import QAExamples
 from lloco.model import Compressor, Llama, LoadedModel, LoraBatch, LoraSlots
+from lloco.model.kv_summary import prefix_hidden
 from lloco.model.lora import peft_geometry
 
 
@@ -72,11 +77,26 @@ def held_out_windows(corpus: Corpus, length: int, count: int) -> Tensor:
     return torch.from_numpy(rows)
 
 
-def _summed_nll(model: Llama, embeds: Tensor, targets: Tensor, first: int, lora: LoraBatch | None) -> float:
-    """Summed NLL of ``targets`` [B, n] predicted at positions first..first+n-1 of ``embeds`` [B, T, D]."""
-    hidden = model.hidden(embeds, lora)[:, first : first + targets.shape[1]]
-    logits = model.lm_head(hidden).float()
-    return float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+def _answer_scores(
+    model: Llama,
+    prefix: Tensor,
+    tail: Tensor,
+    targets: Tensor,
+    first: int,
+    lora: LoraBatch | None,
+    kv: bool = False,
+) -> tuple[float, int]:
+    """Summed NLL of ``targets`` [B, n] predicted at positions first..first+n-1 of ``tail`` [B, T, D] after
+    ``prefix`` [B, P, width] (embeddings, or key/value summaries when ``kv``), and how many rows the
+    greedy choice gets exactly right at every target (teacher-forced argmax = greedy decoding of them)."""
+    if kv:
+        hidden = prefix_hidden(model, tail, prefix if prefix.shape[1] else None, lora)[0]
+    else:
+        hidden = model.hidden(torch.cat([prefix.to(tail.dtype), tail], dim=1), lora)
+        first += prefix.shape[1]
+    logits = model.lm_head(hidden[:, first : first + targets.shape[1]]).float()
+    nll = float(F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
+    return nll, int((logits.argmax(-1) == targets).all(dim=1).sum())
 
 
 @torch.no_grad()
@@ -104,6 +124,9 @@ def next_segment_perplexity(
         documents = rows[:, : n * size].tolist()
         trained = torch.stack(compressor.compress(documents))
         untrained = torch.stack(initial.compress(documents)) if initial is not None else None
+        summaries_of = {"compressed": compressor, "reconstruction": compressor}
+        if initial is not None:
+            summaries_of["compressed_untrained"] = initial
         for i in range(1, n):
             segment, targets = embeds[:, i * size : (i + 1) * size], rows[:, i * size + 1 : (i + 1) * size]
             prefixes = {
@@ -115,8 +138,8 @@ def next_segment_perplexity(
             if untrained is not None:
                 prefixes["compressed_untrained"] = untrained[:, : i * k]
             for name, prefix in prefixes.items():
-                inputs = torch.cat([prefix.to(segment.dtype), segment], dim=1)
-                value = _summed_nll(model, inputs, targets, prefix.shape[1], lora)
+                kv = name in summaries_of and summaries_of[name].summary_form == "kv"
+                value = _answer_scores(model, prefix, segment, targets, 0, lora, kv)[0]
                 nll[name] += value
                 per_segment[name][i] += value
         scored += rows.shape[0]
@@ -149,7 +172,9 @@ def qa_probe(
     summaries = compressor.compress([doc.tolist() for doc in examples.documents], batch_size=batch_size)
     names = ("no_context", "compressed", "full_text")
     nll: dict[str, dict[str, float]] = {}  # source -> prefix -> summed NLL
+    exact: dict[str, dict[str, int]] = {}  # source -> prefix -> answers greedy gets exactly right
     tokens: dict[str, int] = {}
+    counts: dict[str, int] = {}
     lora = _batch(slots, 1)
     for index, vectors in enumerate(summaries):
         source = examples.sources[index]
@@ -163,10 +188,14 @@ def qa_probe(
             "full_text": model.embed(document[None]),
         }
         sums = nll.setdefault(source, dict.fromkeys(names, 0.0))
+        hits = exact.setdefault(source, dict.fromkeys(names, 0))
         for name, prefix in prefixes.items():
-            first = prefix.shape[1] + len(prompt) - 1
-            sums[name] += _summed_nll(model, torch.cat([prefix, tail], dim=1), answer[None], first, lora)
+            kv = name == "compressed" and compressor.summary_form == "kv"
+            value, right = _answer_scores(model, prefix, tail, answer[None], len(prompt) - 1, lora, kv)
+            sums[name] += value
+            hits[name] += right
         tokens[source] = tokens.get(source, 0) + len(answer)
+        counts[source] = counts.get(source, 0) + 1
     total = max(1, sum(tokens.values()))
     return {
         "examples": len(examples),
@@ -176,5 +205,12 @@ def qa_probe(
         "answer_nll_by_source": {
             source: {name: value / tokens[source] for name, value in sums.items()}
             for source, sums in sorted(nll.items())
+        },
+        "answer_exact": {
+            name: sum(hits[name] for hits in exact.values()) / max(1, len(summaries)) for name in names
+        },
+        "answer_exact_by_source": {
+            source: {name: value / counts[source] for name, value in hits.items()}
+            for source, hits in sorted(exact.items())
         },
     }

@@ -7,6 +7,7 @@ on every field of ``GEOMETRY`` (the shapes of what is trained, and which of them
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -24,6 +25,7 @@ GEOMETRY = (
     "reader_alpha",
     "reader_targets",
     "reader_only",
+    "summary_form",
 )
 
 
@@ -41,6 +43,11 @@ class PretrainOptions(BaseModel):
     resume: bool = Field(True, description="Continue from output/checkpoint/ when it exists.")
     segment_len: int = Field(512, ge=8, description="S: tokens per segment (mean of the random lengths).")
     k: int = Field(32, ge=1, description="Summary vectors per segment (compression S/k).")
+    summary_form: Literal["embeddings", "kv"] = Field(
+        "embeddings",
+        description="Summaries as input embeddings (final hidden states x scale) or as every layer's keys and "
+        "values of the summary positions (lloco.model.kv_summary).",
+    )
     segments: int = Field(8, ge=2, description="Segments per LM training sequence.")
     jitter: float = Field(0.5, ge=0, lt=1, description="LM segment lengths are uniform in [S(1-j), S(1+j)].")
     bptt_segments: int = Field(2, ge=1, description="Decoded LM segments between stop-gradients.")

@@ -11,6 +11,12 @@ segment just has its summary positions earlier in its row. Without accumulation 
 on its own. An optional LoRA adapter (PEFT files, e.g. from compressor pretraining) is applied through a
 one-slot ``LoraSlots``, so the compressor shares the base weights with the decoder.
 
+A compressor's summaries have one of two forms (``summary_form``): ``embeddings``, the vectors above, read
+back as input embeddings; or ``kv``, the per-layer keys and values of the summary positions
+(``lloco.model.kv_summary``), where segment i's pass runs after the key/value summaries of segments < i and
+keeps its summary tokens' keys and values (no output scale). Both are ``[positions, width]`` tensors per
+document; the serving path takes the embedding form only so far (``load_compressor`` refuses the other).
+
 A compressor may also carry a *reader*: a decoder-side LoRA (PEFT files, in ``reader/``) trained with the
 encoder so that the frozen base model reads summary vectors. It never runs inside ``compress``; consumers
 that decode after summary vectors apply it (or start a tenant adapter from it) — see docs/compressor.md.
@@ -31,6 +37,7 @@ from torch import Tensor
 
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
 from lloco.model.config import LlamaConfig
+from lloco.model.kv_summary import kv_width, prefix_hidden
 from lloco.model.loading import LoadedModel, build_llama, download_prefix, model_id_for, read_state_dict
 from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, LoraSlots, peft_geometry
 
@@ -43,6 +50,7 @@ READER_DIR = "reader"
 FORMAT = "lloco-compressor/1"
 SHIPPED = Path(__file__).parent / "compressors"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SUMMARY_FORMS = ("embeddings", "kv")
 
 
 @dataclass(frozen=True)
@@ -53,10 +61,13 @@ class CompressorConfig:
     accumulate: bool
     base_model: str
     dim: int
+    summary_form: str = "embeddings"
 
     def __post_init__(self) -> None:
         if self.segment_len < 1 or self.k < 1:
             raise InvalidArgument(f"segment_len and k must be >= 1, got {self.segment_len}, {self.k}")
+        if self.summary_form not in SUMMARY_FORMS:
+            raise InvalidArgument(f"summary_form must be one of {SUMMARY_FORMS}, got {self.summary_form!r}")
         if not _ID.fullmatch(self.compressor_id):
             raise InvalidArgument(f"compressor id {self.compressor_id!r} must match {_ID.pattern}")
 
@@ -75,6 +86,7 @@ class Compressor:
         reader_files: optional decoder-side PEFT adapter trained to read the summary vectors.
         compressor_id: stable id of these weights; None derives one from the base model, geometry and a
             digest of the weights.
+        summary_form: "embeddings" or "kv" (module docstring); "kv" takes no output scale.
     """
 
     def __init__(
@@ -87,7 +99,10 @@ class Compressor:
         output_scale: Tensor | None = None,
         compressor_id: str | None = None,
         reader_files: dict[str, bytes] | None = None,
+        summary_form: str = "embeddings",
     ) -> None:
+        if summary_form == "kv" and output_scale is not None:
+            raise InvalidArgument("a key/value-summary compressor has no output scale")
         if summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
                 f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
@@ -105,10 +120,10 @@ class Compressor:
                 digest.update(adapter_files[name])
             for name in sorted(reader_files or {}):
                 digest.update(b"reader/" + name.encode() + reader_files[name])
-            flag = "-acc" if accumulate else ""
+            flag = ("-acc" if accumulate else "") + ("-kv" if summary_form == "kv" else "")
             compressor_id = f"{base.model_id[:80]}-s{segment_len}-k{k}{flag}-{digest.hexdigest()[:12]}"
         self.config = CompressorConfig(
-            compressor_id, segment_len, k, accumulate, base.model_id, base.config.dim
+            compressor_id, segment_len, k, accumulate, base.model_id, base.config.dim, summary_form
         )
         self.base = base
         model = base.model
@@ -130,14 +145,27 @@ class Compressor:
     segment_len = property(lambda self: self.config.segment_len)
     k = property(lambda self: self.config.k)
     accumulate = property(lambda self: self.config.accumulate)
+    summary_form = property(lambda self: self.config.summary_form)
+
+    @property
+    def width(self) -> int:
+        """Values per summary position: the model width, or ``kv_width`` for key/value summaries."""
+        return kv_width(self.base.config) if self.summary_form == "kv" else self.base.config.dim
 
     @classmethod
     def from_base(
-        cls, base: LoadedModel, segment_len: int, k: int, accumulate: bool, seed: int = 0
+        cls,
+        base: LoadedModel,
+        segment_len: int,
+        k: int,
+        accumulate: bool,
+        seed: int = 0,
+        summary_form: str = "embeddings",
     ) -> Compressor:
         """Fresh summary embeddings: the EOS embedding (as AutoCompressors initialise) plus seeded noise at
-        10% of the embedding table's scale, so the k tokens start distinct; an output scale that brings the
-        final norm's output to the embedding table's size. Untrained: for pretraining/tests.
+        10% of the embedding table's scale, so the k tokens start distinct; for embedding summaries an
+        output scale that brings the final norm's output to the embedding table's size. Untrained: for
+        pretraining/tests.
         """
         table = base.model.get_input_embeddings().weight.detach().float()
         eos = base.config.eos_token_ids[0] if base.config.eos_token_ids else 0
@@ -145,12 +173,19 @@ class Compressor:
         noise = torch.randn(k, base.config.dim, generator=generator) * 0.1 * table.std().item()
         norm = base.model.model.norm.weight.detach().float()
         size = table.pow(2).mean().sqrt() / norm.pow(2).mean().sqrt()
-        scale = torch.full((base.config.dim,), size.item())
-        return cls(base, table[eos].cpu()[None] + noise, segment_len, accumulate, output_scale=scale)
+        scale = None if summary_form == "kv" else torch.full((base.config.dim,), size.item())
+        return cls(
+            base,
+            table[eos].cpu()[None] + noise,
+            segment_len,
+            accumulate,
+            output_scale=scale,
+            summary_form=summary_form,
+        )
 
     @torch.no_grad()
     def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:
-        """Summary vectors of each document: [ceil(n / segment_len) * k, D] in the model's dtype and device.
+        """Summaries of each document: [ceil(n / segment_len) * k, width] in the model's dtype and device.
 
         The i-th segments of all documents run together, ``batch_size`` rows per forward.
         """
@@ -169,11 +204,13 @@ class Compressor:
                 outputs = self._encode([segments[d][i] for d in chunk], [summaries[d] for d in chunk])
                 for d, vectors in zip(chunk, outputs, strict=True):
                     summaries[d].append(vectors)
-        empty = torch.zeros(0, self.base.config.dim, device=model.device, dtype=model.dtype)
+        empty = torch.zeros(0, self.width, device=model.device, dtype=model.dtype)
         return [torch.cat(parts) if parts else empty for parts in summaries]
 
     def _encode(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> Tensor:
-        """One batch of same-index segments -> summary vectors [B, k, D]."""
+        """One batch of same-index segments -> summaries [B, k, width]."""
+        if self.summary_form == "kv":
+            return self._encode_kv(segments, earlier)
         model, k, dim = self.base.model, self.k, self.base.config.dim
         device = model.device
         prefix = sum(p.shape[0] for p in earlier[0]) if self.accumulate else 0
@@ -192,6 +229,26 @@ class Compressor:
         index = starts[:, None] + torch.arange(k, device=device)[None, :]
         vectors = hidden[torch.arange(len(segments), device=device)[:, None], index]
         return vectors if self.output_scale is None else vectors * self.output_scale
+
+    def _encode_kv(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> Tensor:
+        """``_encode`` for key/value summaries: each row is ``segment + k summary embeddings`` after the
+        key/value summaries of the earlier segments; the summary tokens' keys and values are kept."""
+        model, k, device = self.base.model, self.k, self.base.model.device
+        lengths = [len(seg) + k for seg in segments]
+        embeds = torch.zeros(
+            len(segments), max(lengths), self.base.config.dim, device=device, dtype=model.dtype
+        )
+        for row, seg in enumerate(segments):
+            embeds[row, : len(seg)] = model.embed(torch.tensor(seg, device=device))
+            embeds[row, len(seg) : lengths[row]] = self.summary_embeds
+        prefix = None
+        if self.accumulate and earlier[0]:
+            prefix = torch.stack([torch.cat(parts) for parts in earlier])
+        lora = None
+        if self.lora is not None:
+            lora = self.lora.batch(torch.zeros(len(segments), dtype=torch.int64, device=device))
+        keep = torch.tensor(lengths, device=device)[:, None] - k + torch.arange(k, device=device)[None]
+        return prefix_hidden(model, embeds, prefix, lora, keep)[1]
 
     def save(self, directory: Path | str) -> Path:
         """Write compressor.json, the summary embeddings and the adapter files (if any) to ``directory``."""
@@ -247,6 +304,7 @@ class Compressor:
             tensors.get("output_scale"),
             raw["compressor_id"],
             reader,
+            raw.get("summary_form", "embeddings"),
         )
 
     @classmethod
@@ -301,7 +359,8 @@ def load_compressor(
     A directory holds either our format (compressor.json) or a princeton-nlp AutoCompressor checkpoint.
 
     Raises:
-        FailedPrecondition: no compressor is shipped for this base model, or widths differ.
+        FailedPrecondition: no compressor is shipped for this base model, widths differ, or its summaries
+            are keys and values (the serving path reads embedding summaries only).
         NotFound / InvalidArgument: the spec names nothing usable.
     """
     if spec == "default":
@@ -311,7 +370,7 @@ def load_compressor(
                 f"no compressor is shipped for base model {base.model_id!r}; train one "
                 "(`lloco pretrain-compressor`) and pass its directory or s3:// prefix"
             )
-        return Compressor.load(directory, base)
+        return _servable(Compressor.load(directory, base))
     if spec.startswith("s3://"):
         if cache_dir is None:
             raise InvalidArgument("an s3:// compressor spec needs a cache_dir")
@@ -319,7 +378,7 @@ def load_compressor(
     else:
         directory = Path(spec).expanduser()
     if (directory / CONFIG_NAME).is_file():
-        return Compressor.load(directory, base)
+        return _servable(Compressor.load(directory, base))
     if (directory / "config.json").is_file():
         compressor = Compressor.load_autocompressor(directory, base.model.device, base.model.dtype)
         if compressor.base.config.dim != base.config.dim:
@@ -328,3 +387,14 @@ def load_compressor(
             )
         return compressor
     raise NotFound(f"compressor spec {spec!r}: no {CONFIG_NAME} or AutoCompressor config.json in {directory}")
+
+
+def _servable(compressor: Compressor) -> Compressor:
+    """``compressor`` if the serving path can read its summaries (embeddings), else FailedPrecondition."""
+    if compressor.summary_form != "embeddings":
+        raise FailedPrecondition(
+            f"compressor {compressor.compressor_id} keeps per-layer keys and values (summary_form "
+            f"{compressor.summary_form!r}); the engine reads embedding summaries only so far. Pretraining "
+            "(`--init-from`) and its held-out scores take it."
+        )
+    return compressor

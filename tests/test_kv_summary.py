@@ -1,0 +1,141 @@
+"""Key/value summaries: the prefix pass equals attention over the text it stands for, the compressor's
+key/value form (batched, saved, refused by the serving path) and pretraining in that form, tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lloco.config import Settings
+from lloco.errors import FailedPrecondition, InvalidArgument
+from lloco.finetune.pretrain import pretrain
+from lloco.finetune.pretrain_options import PretrainOptions
+from lloco.model import Compressor, TrainableLora, load_compressor, load_model
+from lloco.model.kv_summary import kv_width, prefix_hidden
+
+from test_compressor_training import corpus, qa_cache  # noqa: F401  (module fixtures)
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> object:
+    base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
+    base.model.requires_grad_(False)
+    return base
+
+
+def _lora(config: object) -> TrainableLora:
+    lora = TrainableLora(config, 4, 8.0, ("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"), seed=1)
+    with torch.no_grad():
+        for b in lora.b.values():
+            b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(2)) * 0.1)
+    return lora
+
+
+@torch.no_grad()
+def test_a_text_s_own_keys_and_values_as_prefix_give_the_whole_text_s_states(tiny_base: object) -> None:
+    """Keeping every position of a first part and reading the rest after it must equal one causal pass over
+    both: keys are kept before RoPE and rotated where they are read, layer by layer, GQA included."""
+    model = tiny_base.model
+    ids = torch.randint(0, tiny_base.config.vocab_size, (2, 30), generator=torch.Generator().manual_seed(0))
+    embeds = model.embed(ids)
+    lora = _lora(tiny_base.config).bind(model.dtype)
+    whole = prefix_hidden(model, embeds, None, lora)[0]
+    assert torch.allclose(whole, model.hidden(embeds, lora), atol=1e-5)
+    keep = torch.arange(12)[None].expand(2, 12)
+    _, kept = prefix_hidden(model, embeds[:, :12], None, lora, keep)
+    assert kept.shape == (2, 12, kv_width(tiny_base.config))
+    rest, _ = prefix_hidden(model, embeds[:, 12:], kept, lora)
+    assert torch.allclose(rest, whole[:, 12:], atol=1e-5)
+    # kept positions need not be contiguous: every second one, read after nothing else, still attends only
+    # to what it was given (a different result from the whole text)
+    sparse = prefix_hidden(model, embeds[:, :12], None, lora, torch.arange(0, 12, 2)[None].expand(2, 6))[1]
+    assert not torch.allclose(prefix_hidden(model, embeds[:, 12:], sparse, lora)[0], whole[:, 12:], atol=1e-3)
+
+
+def test_the_key_value_compressor_batches_saves_and_is_refused_by_the_serving_path(
+    tiny_base: object, tmp_path: Path
+) -> None:
+    compressor = Compressor.from_base(tiny_base, 10, 3, True, seed=0, summary_form="kv")
+    assert compressor.output_scale is None and compressor.compressor_id.split("-")[-2] == "kv"
+    gen = torch.Generator().manual_seed(1)
+    docs = [
+        torch.randint(0, tiny_base.config.vocab_size, (n,), generator=gen).tolist() for n in (23, 7, 0, 31)
+    ]
+    together = compressor.compress(docs, batch_size=3)
+    width = kv_width(tiny_base.config)  # 2 layers x (key + value) x 2 kv heads x 16
+    assert width == 128
+    assert [tuple(v.shape) for v in together] == [(9, width), (3, width), (0, width), (12, width)]
+    for doc, batched in zip(docs, together, strict=True):  # padding and batching change nothing
+        assert torch.allclose(compressor.compress([doc])[0], batched, atol=1e-5)
+    compressor.save(tmp_path / "kv")
+    loaded = Compressor.load(tmp_path / "kv", tiny_base)
+    assert loaded.summary_form == "kv" and loaded.compressor_id == compressor.compressor_id
+    assert torch.allclose(loaded.compress(docs[:1])[0], together[0], atol=1e-5)
+    with pytest.raises(FailedPrecondition, match="keys and values"):
+        load_compressor(str(tmp_path / "kv"), tiny_base)
+    with pytest.raises(InvalidArgument, match="output scale"):
+        Compressor(
+            tiny_base, compressor.summary_embeds, 10, True, output_scale=torch.ones(64), summary_form="kv"
+        )
+
+
+def test_pretraining_key_value_summaries_lowers_the_loss_and_scores_them(
+    corpus: Path,  # noqa: F811
+    qa_cache: Path,  # noqa: F811
+    tiny_model_dir: Path,
+    tmp_path: Path,
+) -> None:
+    settings = Settings(model={"base_model": str(tiny_model_dir), "cache_dir": str(tmp_path / "cache")})
+    common = dict(
+        corpus=corpus,
+        segment_len=16,
+        k=4,
+        segments=4,
+        batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=2,
+        eval_windows=4,
+        eval_qa=6,
+        log_every=4,
+        qa_cache=qa_cache,
+        qa_fraction=0.5,
+        summary_form="kv",
+    )
+    record = pretrain(settings, PretrainOptions(output=tmp_path / "kv", max_steps=12, **common), command="t")
+    curve = record["loss_curve"]
+    assert curve[-1]["loss"] < curve[0]["loss"]
+    assert {"next_loss", "reconstruct_loss", "qa_loss"} <= set().union(*curve)
+    assert (
+        record["trainable_params"]
+        == sum(  # summary embeddings + encoder LoRA: no output scale
+            p.numel()
+            for p in TrainableLora(
+                load_model(str(tiny_model_dir), tmp_path / "c").config,
+                16,
+                32.0,
+                PretrainOptions.model_fields["lora_targets"].default,
+            ).parameters()
+        )
+        + 4 * 64
+    )
+    assert record["objective"].startswith("key/value summaries")
+    held = record["held_out"]
+    perplexity = held["next_segment"]["perplexity"]
+    assert perplexity["compressed"] < perplexity["compressed_untrained"]
+    probe = held["qa_probe"]
+    assert set(probe["answer_exact"]) == {"no_context", "compressed", "full_text"}
+    assert all(0 <= value <= 1 for value in probe["answer_exact"].values())
+    saved = Compressor.load(tmp_path / "kv", load_model(str(tiny_model_dir), tmp_path / "c"))
+    assert saved.summary_form == "kv" and saved.compressor_id == record["compressor_id"]
+    # a run continues only a compressor of its own form
+    with pytest.raises(InvalidArgument, match="summaries"):
+        pretrain(
+            settings,
+            PretrainOptions(
+                **{**common, "summary_form": "embeddings"},
+                output=tmp_path / "e",
+                init_from=tmp_path / "kv",
+                max_steps=1,
+            ),
+        )
