@@ -307,6 +307,34 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
 
 
+def test_eval_reads_a_key_value_summary_compressor(
+    tiny_model_dir: Path, tiny_base: object, tmp_path: Path
+) -> None:
+    """`lloco eval` takes a key/value-summary compressor (the serving path does not yet): its compressed modes
+    decode after the summaries in the generator's cache, LLoCO's LoRA trains after them, the perplexity reads them."""
+    kv_dir = Compressor.from_base(tiny_base, 32, 4, True, seed=1, summary_form="kv").save(tmp_path / "kv")
+    out = tmp_path / "eval"
+    _run_eval(
+        tiny_model_dir, kv_dir, out, "--datasets", "squad,passkey", "--modes", "compressed,lloco,lora_none"
+    )
+    report = json.loads((out / "eval.json").read_text())
+    rows = {(r["test_set"], r["mode"]): r for r in report["results"]}
+    assert set(rows) == {
+        (t, m) for t in ("squad-long", "passkey-512") for m in ("compressed", "lloco", "lora_none")
+    }
+    assert all(r["skipped"] is None and r["queries"] == 2 for r in rows.values())
+    assert (
+        rows["squad-long", "compressed"]["context_tokens"]
+        == rows["squad-long", "lloco"]["context_tokens"]
+        == 64
+    )
+    assert (
+        rows["squad-long", "lloco"]["adapter"]["steps"] == 2
+        and rows["squad-long", "lora_none"]["context_tokens"] == 0
+    )
+    assert set(report["perplexity"]["perplexity"]) >= {"no_context", "compressed", "full_text"}
+
+
 # What a row of eval.json, its adapter summary and an ablation row held before `--recipes` (commit 285b72b).
 ROW_KEYS_BEFORE_SWEEPS = [
     "dataset", "test_set", "mode", "metric", "queries", "scores", "context_tokens", "document_tokens",

@@ -9,11 +9,12 @@ import pytest
 import torch
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, InvalidArgument
+from lloco.finetune.data import Example, collate
 from lloco.finetune.pretrain import pretrain
 from lloco.finetune.pretrain_options import PretrainOptions
-from lloco.model import Compressor, TrainableLora, load_compressor, load_model
+from lloco.finetune.steps import answer_loss
+from lloco.model import Compressor, Generator, SamplingParams, TrainableLora, load_compressor, load_model
 from lloco.model.kv_summary import kv_width, prefix_hidden
-
 from test_compressor_training import corpus, qa_cache  # noqa: F401  (module fixtures)
 
 
@@ -72,7 +73,7 @@ def test_the_key_value_compressor_batches_saves_and_is_refused_by_the_serving_pa
     loaded = Compressor.load(tmp_path / "kv", tiny_base)
     assert loaded.summary_form == "kv" and loaded.compressor_id == compressor.compressor_id
     assert torch.allclose(loaded.compress(docs[:1])[0], together[0], atol=1e-5)
-    with pytest.raises(FailedPrecondition, match="keys and values"):
+    with pytest.raises(FailedPrecondition, match="summary_form 'kv'"):
         load_compressor(str(tmp_path / "kv"), tiny_base)
     with pytest.raises(InvalidArgument, match="output scale"):
         Compressor(
@@ -138,4 +139,92 @@ def test_pretraining_key_value_summaries_lowers_the_loss_and_scores_them(
                 init_from=tmp_path / "kv",
                 max_steps=1,
             ),
+        )
+
+
+def _text_kv(model: object, ids: list[int]) -> torch.Tensor:
+    """The exact key/value summaries of a text: every position of it kept."""
+    embeds = model.embed(torch.tensor([ids]))
+    return prefix_hidden(model, embeds, None, None, torch.arange(len(ids))[None])[1][0]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_the_generator_reads_key_value_summaries_as_the_text_they_hold(
+    tiny_base: object, chunk: int | None
+) -> None:
+    """A text's own keys and values as ``prefix_kv`` must give the tokens the text itself gives: written into
+    the cache with keys rotated to their positions, the prompt prefilled after them (whole or in chunks while
+    another row decodes, whose padding writes must not land inside the summaries)."""
+    model = tiny_base.model
+    gen = torch.Generator().manual_seed(3)
+    vocab = tiny_base.config.vocab_size
+    document, other = (torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (37, 21))
+    prompt = torch.randint(3, vocab, (6,), generator=gen).tolist()
+    params = SamplingParams(max_new_tokens=10)
+
+    def run(requests: list[tuple[str, dict]]) -> dict[str, list[int]]:
+        generator = Generator(model, None, 4, 80, eos_token_ids=(), prefill_chunk_tokens=chunk)
+        tokens: dict[str, list[int]] = {name: [] for name, _ in requests}
+        for step, (name, kwargs) in enumerate(requests):
+            generator.add(name, kwargs.get("embeds"), kwargs["prompt"], -1, params, kwargs.get("kv"))
+            if step == 0:  # the first row decodes while the others join
+                for out in generator.step() + generator.step():
+                    tokens[out.request_id].append(out.token_id)
+        while generator.active():
+            for out in generator.step():
+                tokens[out.request_id].append(out.token_id)
+        return tokens
+
+    text = run([("busy", {"prompt": other}), ("doc", {"prompt": document + prompt})])
+    summaries = run(
+        [("busy", {"prompt": other}), ("doc", {"prompt": prompt, "kv": _text_kv(model, document)})]
+    )
+    assert summaries == text and len(text["doc"]) == 10
+    generator = Generator(model, None, 2, 80)
+    with pytest.raises(InvalidArgument, match="key/value summaries"):
+        generator.add("x", None, [], -1, params, _text_kv(model, document))  # nothing to sample after
+    with pytest.raises(InvalidArgument, match="key/value summaries"):
+        generator.add("x", None, prompt, -1, params, torch.zeros(4, 64))  # an embedding's width
+
+
+def test_finetuning_after_key_value_summaries_scores_the_answer_as_after_the_text(tiny_base: object) -> None:
+    """Tenant LoRA training with key/value-summary contexts: without an adapter the answer loss equals the text
+    inline's (positions, masks); rows of different prefix lengths, right-padded together, give the loss and
+    gradients they give alone."""
+    model = tiny_base.model
+    gen = torch.Generator().manual_seed(4)
+    vocab = tiny_base.config.vocab_size
+    rows = [
+        (
+            torch.randint(3, vocab, (n,), generator=gen).tolist(),
+            torch.randint(3, vocab, (m,), generator=gen).tolist(),
+        )
+        for n, m in ((25, 9), (11, 14))
+    ]
+    with torch.no_grad():
+        kv = [_text_kv(model, document) for document, _ in rows]
+    inline = [Example(i, None, document + tail, 4) for i, (document, tail) in enumerate(rows)]
+    summarized = [Example(i, kv[i], tail, 4, kv_prefix=True) for i, (_, tail) in enumerate(rows)]
+    with torch.no_grad():
+        plain = answer_loss(model, None, collate(summarized, model.embed, "cpu"))
+        assert torch.allclose(plain, answer_loss(model, None, collate(inline, model.embed, "cpu")), rtol=1e-5)
+    lora = _lora(tiny_base.config)
+
+    def loss_and_grads(batches: list[list[Example]]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        lora.zero_grad()
+        loss = sum(answer_loss(model, lora, collate(examples, model.embed, "cpu")) for examples in batches)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in lora.parameters()]
+
+    (together, grads_together) = loss_and_grads([summarized])
+    (alone, grads_alone) = loss_and_grads([[example] for example in summarized])
+    assert torch.allclose(together, alone, rtol=1e-5)
+    for a, b in zip(grads_together, grads_alone, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    with pytest.raises(InvalidArgument, match="mixes"):
+        collate(
+            [summarized[0], Example(9, model.embed(torch.tensor(rows[0][0])), rows[0][1], 4)],
+            model.embed,
+            "cpu",
         )

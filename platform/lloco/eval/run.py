@@ -375,7 +375,8 @@ class Evaluator:
             if self._summary_vectors(row, tokens) + len(prompt) + len(answer) > max_length:
                 continue
             if form == "compressed":
-                examples.append(Example(line, self._prefix(row, contexts), prompt + answer, len(answer)))
+                kv = self.compressor.summary_form == "kv"
+                examples.append(Example(line, self._prefix(row, contexts), prompt + answer, len(answer), kv))
             elif form == "none":
                 examples.append(Example(line, None, prompt + answer, len(answer)))
             else:
@@ -436,7 +437,12 @@ class Evaluator:
         chosen = [starts[round(i * (len(starts) - 1) / max(1, count - 1))] for i in range(count)]
         windows = torch.tensor([tokens[doc_id][start : start + length] for doc_id, start in chosen])
         fresh = Compressor.from_base(
-            self.base, size, self.compressor.k, self.compressor.accumulate, self.options.seed
+            self.base,
+            size,
+            self.compressor.k,
+            self.compressor.accumulate,
+            self.options.seed,
+            self.compressor.summary_form,
         )
         started = time.perf_counter()
         result = next_segment_perplexity(self.base, self.compressor, windows, PERPLEXITY_BATCH, fresh)
@@ -630,7 +636,10 @@ class Evaluator:
         while finished < len(requests):
             while pending and generator.free_rows():
                 index, request = pending.popleft()
-                generator.add(str(index), request.prefix, request.prompt_ids, slot, params)
+                if self.compressor.summary_form == "kv" and request.prefix is not None:
+                    generator.add(str(index), None, request.prompt_ids, slot, params, request.prefix)
+                else:
+                    generator.add(str(index), request.prefix, request.prompt_ids, slot, params)
                 entered[index] = time.perf_counter()
             for out in generator.step():
                 index = int(out.request_id)

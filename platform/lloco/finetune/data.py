@@ -31,6 +31,7 @@ class Example:
     prefix: Tensor | None  # [P, D] summary vectors (compressed mode) or None
     input_ids: list[int]  # [document tokens (full mode)] + prompt + answer + eos
     answer_len: int
+    kv_prefix: bool = False  # ``prefix`` holds key/value summaries [P, kv_width] (lloco.model.kv_summary)
 
     @property
     def prefix_len(self) -> int:
@@ -50,6 +51,10 @@ class Batch:
     targets: Tensor  # [N] long
     tokens: int  # real (unpadded) positions in the batch
     samples: int
+    prefix_kv: Tensor | None = (
+        None  # [B, P, kv_width] right-padded key/value summaries, read before ``embeds``
+    )
+    prefix_lengths: Tensor | None = None  # [B] long: each row's summary positions in ``prefix_kv``
 
 
 def check_rows(registry: Registry, rows: Sequence[DatasetRow]) -> None:
@@ -175,7 +180,8 @@ class ExampleBuilder:
 def collate(
     examples: Sequence[Example], embed: Callable[[Tensor], Tensor], device: torch.device | str
 ) -> Batch:
-    """Right-pad examples into input embeddings: each row's prefix vectors, then its token embeddings.
+    """Right-pad examples into input embeddings: each row's prefix vectors, then its token embeddings (key/value
+    summaries instead go right-padded into ``prefix_kv``, the embeddings holding the tokens alone).
 
     Args:
         examples: the rows of the batch.
@@ -183,7 +189,14 @@ def collate(
         device: where the batch goes.
     Returns:
         The batch; padded positions are zeros after each row's end and never reach the loss.
+    Raises:
+        InvalidArgument: key/value and embedding prefixes mixed in one batch.
     """
+    kv = {example.kv_prefix for example in examples if example.prefix is not None}
+    if len(kv) > 1:
+        raise InvalidArgument("a batch mixes key/value summaries and prefix embeddings")
+    if kv == {True}:
+        return _collate_kv(examples, embed, device)
     length = max(example.length for example in examples)
     ids = torch.zeros(len(examples), length, dtype=torch.long)
     target_index: list[Tensor] = []
@@ -212,4 +225,36 @@ def collate(
         targets=torch.cat(targets).to(device),
         tokens=sum(example.length for example in examples),
         samples=len(examples),
+    )
+
+
+def _collate_kv(
+    examples: Sequence[Example], embed: Callable[[Tensor], Tensor], device: torch.device | str
+) -> Batch:
+    """``collate`` for key/value-summary prefixes: tokens from position 0 of ``embeds``, prefixes apart."""
+    length = max(len(example.input_ids) for example in examples)
+    ids = torch.zeros(len(examples), length, dtype=torch.long)
+    target_index, targets = [], []
+    for row, example in enumerate(examples):
+        end = len(example.input_ids)
+        ids[row, :end] = torch.tensor(example.input_ids, dtype=torch.long)
+        target_index.append(row * length + torch.arange(end - example.answer_len - 1, end - 1))
+        targets.append(ids[row, end - example.answer_len : end])
+    prefixes = [example.prefix for example in examples]
+    width = next(p for p in prefixes if p is not None).shape[1]
+    prefix_kv = torch.zeros(len(examples), max(p.shape[0] for p in prefixes if p is not None), width)
+    lengths = torch.zeros(len(examples), dtype=torch.long)
+    for row, prefix in enumerate(prefixes):
+        if prefix is not None:
+            prefix_kv[row, : prefix.shape[0]] = prefix.float().cpu()
+            lengths[row] = prefix.shape[0]
+    embeds = embed(ids.to(device))
+    return Batch(
+        embeds=embeds,
+        target_index=torch.cat(target_index).to(device),
+        targets=torch.cat(targets).to(device),
+        tokens=sum(example.length for example in examples),
+        samples=len(examples),
+        prefix_kv=prefix_kv.to(device=device, dtype=embeds.dtype),
+        prefix_lengths=lengths.to(device),
     )

@@ -22,6 +22,7 @@ from torch import Tensor
 from lloco.config import FinetuneSettings
 from lloco.finetune.data import Batch, Example, collate
 from lloco.model import Llama, LlamaConfig, TrainableLora
+from lloco.model.kv_summary import prefix_hidden
 from lloco.model.trainable_lora import lora_hidden
 
 MAX_GRAD_NORM = 1.0
@@ -71,7 +72,13 @@ def answer_loss(
     no logits. ``gradient_checkpointing`` recomputes each layer during backward instead of keeping its
     activations.
     """
-    hidden = lora_hidden(model, batch.embeds, lora, gradient_checkpointing)
+    if batch.prefix_kv is not None:
+        bound = None if lora is None else lora.bind(model.dtype)
+        hidden = prefix_hidden(
+            model, batch.embeds, batch.prefix_kv, bound, None, gradient_checkpointing, batch.prefix_lengths
+        )[0]
+    else:
+        hidden = lora_hidden(model, batch.embeds, lora, gradient_checkpointing)
     logits = model.lm_head(hidden.flatten(0, 1)[batch.target_index]).float()
     return F.cross_entropy(logits, batch.targets, reduction="sum")
 

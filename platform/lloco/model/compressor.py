@@ -352,15 +352,21 @@ class Compressor:
 
 
 def load_compressor(
-    spec: str, base: LoadedModel, cache_dir: Path | None = None, store: ObjectStore | None = None
+    spec: str,
+    base: LoadedModel,
+    cache_dir: Path | None = None,
+    store: ObjectStore | None = None,
+    summary_forms: tuple[str, ...] = ("embeddings",),
 ) -> Compressor:
-    """A compressor from a spec: "default" (shipped for the base model), a directory, or an s3:// prefix.
+    """A compressor from a spec: "default" (shipped for the base model), a directory, or an s3:// prefix,
+    whose summaries are of one of ``summary_forms`` (the serving path reads embeddings only; ``lloco eval``
+    takes key/value summaries too).
 
     A directory holds either our format (compressor.json) or a princeton-nlp AutoCompressor checkpoint.
 
     Raises:
         FailedPrecondition: no compressor is shipped for this base model, widths differ, or its summaries
-            are keys and values (the serving path reads embedding summaries only).
+            are of a form the caller does not read (``summary_forms``).
         NotFound / InvalidArgument: the spec names nothing usable.
     """
     if spec == "default":
@@ -370,7 +376,7 @@ def load_compressor(
                 f"no compressor is shipped for base model {base.model_id!r}; train one "
                 "(`lloco pretrain-compressor`) and pass its directory or s3:// prefix"
             )
-        return _servable(Compressor.load(directory, base))
+        return _readable(Compressor.load(directory, base), summary_forms)
     if spec.startswith("s3://"):
         if cache_dir is None:
             raise InvalidArgument("an s3:// compressor spec needs a cache_dir")
@@ -378,7 +384,7 @@ def load_compressor(
     else:
         directory = Path(spec).expanduser()
     if (directory / CONFIG_NAME).is_file():
-        return _servable(Compressor.load(directory, base))
+        return _readable(Compressor.load(directory, base), summary_forms)
     if (directory / "config.json").is_file():
         compressor = Compressor.load_autocompressor(directory, base.model.device, base.model.dtype)
         if compressor.base.config.dim != base.config.dim:
@@ -389,12 +395,12 @@ def load_compressor(
     raise NotFound(f"compressor spec {spec!r}: no {CONFIG_NAME} or AutoCompressor config.json in {directory}")
 
 
-def _servable(compressor: Compressor) -> Compressor:
-    """``compressor`` if the serving path can read its summaries (embeddings), else FailedPrecondition."""
-    if compressor.summary_form != "embeddings":
+def _readable(compressor: Compressor, summary_forms: tuple[str, ...]) -> Compressor:
+    """``compressor`` if its summaries are of one of ``summary_forms``, else FailedPrecondition."""
+    if compressor.summary_form not in summary_forms:
         raise FailedPrecondition(
-            f"compressor {compressor.compressor_id} keeps per-layer keys and values (summary_form "
-            f"{compressor.summary_form!r}); the engine reads embedding summaries only so far. Pretraining "
-            "(`--init-from`) and its held-out scores take it."
+            f"compressor {compressor.compressor_id} has summary_form {compressor.summary_form!r}; this path reads "
+            f"{' or '.join(summary_forms)} (the serving path reads embedding summaries only so far; `lloco eval` "
+            "and pretraining take key/value summaries too)"
         )
     return compressor

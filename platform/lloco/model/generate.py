@@ -21,6 +21,11 @@ chunks wrote, so the row's tokens do not depend on the cut. Steps with prefill w
 usual (CUDA graph, compiled layers or the batch-1 kernels) plus one eager prefill forward, and they are not
 chained on the device (the host reads the first tokens of rows whose input completes); pure decode steps
 are unchanged.
+
+A compressed context comes as prefix embeddings (read through every layer like prompt tokens) or, from a
+key/value-summary compressor (``lloco.model.kv_summary``), as every layer's keys and values
+(``prefix_kv``): those are written straight into the row's cache (keys rotated to positions 0..P-1) when
+the row's prefill begins, and only the prompt is prefilled, after them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from lloco.errors import (
     ResourceExhausted,
 )
 from lloco.model import fused as fused_decode
+from lloco.model.kv_summary import kv_width, rotated_prefix
 from lloco.model.llama import Block, BlockFn, KVCache, Llama, resolve_device
 from lloco.model.lora import LoraSlots
 from lloco.model.sampling import SampleMode, SamplingParams, gumbel_noise, sample, truncate_at_stop
@@ -77,12 +83,14 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """Input of ``generate``: prefix embeddings [P, D] (compressed context) then prompt tokens."""
+    """Input of ``generate``: a compressed context (prefix embeddings [P, D] or key/value summaries
+    [P, kv_width]) then prompt tokens."""
 
     prompt_ids: list[int]
     prefix_embeds: Tensor | None = None
     slot: int = -1
     params: SamplingParams = field(default_factory=SamplingParams)
+    prefix_kv: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -102,16 +110,18 @@ class _Row:
     slot: int
     params: SamplingParams
     seed: int
-    prefix: Tensor | None  # dropped once the whole input is in the cache
+    prefix: Tensor | None  # prefix embeddings; dropped once the whole input is in the cache
     prompt_ids: list[int]
     input_len: int  # prefix + prompt
+    prefix_len: int  # positions before the prompt (embeddings or key/value summaries)
+    kv: Tensor | None = None  # key/value summaries [P, kv_width] until written into the cache
     position: int = 0  # where the next fed token sits (= tokens in the cache)
     generated: list[int] = field(default_factory=list)
 
     def input_embeds(self, model: Llama, start: int, end: int) -> Tensor:
         """Embeddings [end - start, D] of input positions [start, end): prefix vectors, then prompt tokens."""
         parts = []
-        prefix_len = 0 if self.prefix is None else self.prefix.shape[0]
+        prefix_len = self.prefix_len
         if start < prefix_len:
             parts.append(self.prefix[start : min(end, prefix_len)])
         if end > prefix_len:
@@ -266,12 +276,15 @@ class Generator:
         prompt_ids: Sequence[int],
         slot: int = -1,
         params: SamplingParams | None = None,
+        prefix_kv: Tensor | None = None,
     ) -> None:
         """Queue a request; it is prefilled at the next ``step``.
 
         Args:
             request_id: unique among running requests.
             prefix_embeds: [P, D] embeddings placed before the prompt (compressed contexts), or None.
+            prefix_kv: [P, kv_width] key/value summaries placed before the prompt instead (needs prompt
+                tokens: the first token is sampled after the prompt's last), or None.
             prompt_ids: prompt token ids.
             slot: LoRA slot, -1 for the base model.
             params: sampling parameters (default greedy, 256 tokens).
@@ -292,8 +305,29 @@ class Generator:
                     f"prefix embeddings must be [P, {self.model.config.dim}], got {tuple(prefix_embeds.shape)}"
                 )
             prefix_embeds = prefix_embeds.to(device=self.device, dtype=self.dtype)
-        prefix_len = 0 if prefix_embeds is None else prefix_embeds.shape[0]
-        row = _Row(request_id, -1, slot, params, 0, prefix_embeds, prompt, prefix_len + len(prompt))
+        if prefix_kv is not None:
+            width = kv_width(self.model.config)
+            if prefix_embeds is not None or not prompt or prefix_kv.ndim != 2 or prefix_kv.shape[1] != width:
+                raise InvalidArgument(
+                    f"key/value summaries must be [P, {width}], alone and before prompt tokens, got "
+                    f"{tuple(prefix_kv.shape)} with {len(prompt)} prompt tokens"
+                    + (" and prefix embeddings" if prefix_embeds is not None else "")
+                )
+            prefix_kv = prefix_kv.to(device=self.device, dtype=self.dtype)
+        prefix = prefix_embeds if prefix_kv is None else prefix_kv
+        prefix_len = 0 if prefix is None else prefix.shape[0]
+        row = _Row(
+            request_id,
+            -1,
+            slot,
+            params,
+            0,
+            prefix_embeds,
+            prompt,
+            prefix_len + len(prompt),
+            prefix_len,
+            prefix_kv,
+        )
         if row.input_len == 0:
             raise InvalidArgument("a request needs prefix embeddings or prompt tokens")
         if row.input_len + params.max_new_tokens > self.max_seq_len:
@@ -342,6 +376,7 @@ class Generator:
         per step.
         """
         outputs: list[StepOutput] = []
+        self._place_key_value_prefixes()
         previous, self._launched = self._launched, None
         if previous is not None and self._can_chain(previous):
             self._launched = self._launch(previous.rows, chained=True)
@@ -355,6 +390,21 @@ class Generator:
             while chunks:
                 outputs += self._prefill(self._take_forward(chunks))
         return outputs
+
+    def _place_key_value_prefixes(self) -> None:
+        """Write queued rows' key/value summaries into their cache rows; their prefill starts after them.
+
+        Runs before this step's decode launch, so that launch's inputs put such a row's padding key at its
+        first prompt position (overwritten by its prefill), not inside the summaries; launches already on
+        the device ran earlier on the stream.
+        """
+        for row in self._pending:
+            if row.kv is None:
+                continue
+            for layer, (keys, values) in enumerate(rotated_prefix(self.model, row.kv)):
+                self.cache.k[layer][row.index, :, : row.prefix_len] = keys
+                self.cache.v[layer][row.index, :, : row.prefix_len] = values
+            row.position, row.kv = row.prefix_len, None
 
     def _can_chain(self, launch: _Launch) -> bool:
         """No request queued, the launch's rows are exactly the running decoding rows, and none of them
@@ -654,7 +704,7 @@ def generate(
     else:
         tokenizer = tokenizer or gen_or_model.tokenizer
         needed = max(
-            (0 if r.prefix_embeds is None else r.prefix_embeds.shape[0])
+            sum(p.shape[0] for p in (r.prefix_embeds, r.prefix_kv) if p is not None)
             + len(r.prompt_ids)
             + r.params.max_new_tokens
             for r in requests
@@ -671,7 +721,14 @@ def generate(
         while queue and gen.free_rows():
             request_id, i = queue.popleft()
             request = requests[i]
-            gen.add(request_id, request.prefix_embeds, request.prompt_ids, request.slot, request.params)
+            gen.add(
+                request_id,
+                request.prefix_embeds,
+                request.prompt_ids,
+                request.slot,
+                request.params,
+                request.prefix_kv,
+            )
         for out in gen.step():
             i = ids[out.request_id]
             if out.reason != "eos":

@@ -13,9 +13,11 @@ tensor as embedding summaries are (``[positions, dim]``). Keys are kept *before*
 wherever they are read: position j of the prefix at position j, the text after it from the prefix's end,
 so summaries keep their order and positions stay contiguous whatever the encoder's layout was.
 
-``prefix_hidden`` runs right-padded inputs after such a prefix (every row the same number of summary
-positions), with an optional LoRA, and can keep the keys and values of chosen positions: the encoder's
-pass (keep the summary tokens' own) and the decoder's (keep nothing) are the same function.
+``prefix_hidden`` runs right-padded inputs after such a prefix (rows may have different numbers of summary
+positions, right-padded), with an optional LoRA, and can keep the keys and values of chosen positions: the
+encoder's pass (keep the summary tokens' own), the decoder's in pretraining and in tenant finetuning (keep
+nothing) are the same function. ``rotated_prefix`` gives what a KV cache holds after a document's summaries,
+which is how the generator serves them (``Generator.add(prefix_kv=...)``).
 """
 
 from __future__ import annotations
@@ -53,32 +55,31 @@ def _layer_kv(prefix: Tensor, layer: int, config: LlamaConfig) -> tuple[Tensor, 
 def _block(
     block: Block,
     x: Tensor,
-    cos: Tensor,
-    sin: Tensor,
+    rope: tuple[Tensor, Tensor, Tensor, Tensor],
     prefix_k: Tensor | None,
     prefix_v: Tensor | None,
     mask: Tensor,
     lora: LayerLora | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One layer over x [B, T, D] after pre-RoPE prefix keys/values [B, Hkv, P, hd]; returns the new x and
-    x's own keys (pre-RoPE) and values [B, Hkv, T, hd]. ``cos``/``sin`` cover positions 0..P+T-1."""
+    x's own keys (pre-RoPE) and values [B, Hkv, T, hd]. ``rope``: cos/sin of the prefix's positions and of
+    x's; ``mask`` [B or 1, 1, T, P + T]: key visible to query."""
     attn = block.self_attn
     heads, kv_heads, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    prefix_cos, prefix_sin, cos, sin = rope
     h = block.input_layernorm(x)
     qkv = F.linear(h, attn.qkv_weight, attn.qkv_bias)
     if lora is not None:
         qkv = lora.add(qkv, "qkv", h)
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     q, k, v = attn._heads(q, heads), attn._heads(k, kv_heads), attn._heads(v, kv_heads)
-    prefix_len = 0 if prefix_k is None else prefix_k.shape[2]
-    own_cos, own_sin = cos[:, prefix_len:], sin[:, prefix_len:]
-    keys, values = apply_rope(k, own_cos, own_sin), v
+    keys, values = apply_rope(k, cos, sin), v
     if prefix_k is not None:
-        keys = torch.cat([apply_rope(prefix_k, cos[:, :prefix_len], sin[:, :prefix_len]), keys], dim=2)
+        keys = torch.cat([apply_rope(prefix_k, prefix_cos, prefix_sin), keys], dim=2)
         values = torch.cat([prefix_v, values], dim=2)
     group = heads // kv_heads
     out = F.scaled_dot_product_attention(
-        apply_rope(q, own_cos, own_sin),
+        apply_rope(q, cos, sin),
         keys.repeat_interleave(group, dim=1),
         values.repeat_interleave(group, dim=1),
         attn_mask=mask,
@@ -98,34 +99,49 @@ def prefix_hidden(
     lora: LayerLoras | None = None,
     keep: Tensor | None = None,
     checkpointing: bool = False,
+    prefix_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Final-normed hidden states [B, T, D] of right-padded inputs x [B, T, D] after key/value summaries.
 
     Args:
         model: the base model (its fused projections are used).
-        x: input embeddings, at positions P..P+T-1; causal among themselves, every prefix position visible.
-        prefix: flat summaries [B, P, kv_width] (the same P for every row), or None.
+        x: input embeddings, causal among themselves, every position of the row's prefix visible.
+        prefix: flat summaries [B, P, kv_width], or None.
         lora: the adapter of each layer (encoder or reader LoRA), or None.
         keep: [B, K] indices into x whose keys (pre-RoPE) and values to return, or None.
         checkpointing: recompute each layer in backward instead of keeping its activations.
+        prefix_lengths: [B] summary positions of each row (its prefix right-padded to P); None: all P. Row b's
+            inputs sit at positions prefix_lengths[b]...
     Returns:
         hidden states, and the kept positions' flat summaries [B, K, kv_width] (None without ``keep``).
     """
     model.fuse_projections()
     config = model.config
     batch, length, _ = x.shape
+    device = x.device
     prefix_len = 0 if prefix is None else prefix.shape[1]
-    total = prefix_len + length
-    model.ensure_positions(total)
-    cos, sin = model.rope(torch.arange(total, device=x.device)[None])
-    keys = torch.arange(total, device=x.device)
-    mask = keys[None, :] <= torch.arange(prefix_len, total, device=x.device)[:, None]  # [T, P + T]
-    rows = torch.arange(batch, device=x.device)[:, None]
+    steps = torch.arange(length, device=device)
+    starts = (
+        torch.full((batch,), prefix_len, device=device)
+        if prefix_lengths is None or prefix is None
+        else prefix_lengths.to(device)
+    )
+    positions = starts[:, None] + steps[None]  # [B, T]
+    model.ensure_positions(prefix_len + length)
+    cos, sin = model.rope(positions)
+    prefix_cos, prefix_sin = model.rope(torch.arange(prefix_len, device=device)[None])
+    causal = steps[None, :] <= steps[:, None]  # [T, T]
+    visible = torch.arange(prefix_len, device=device)[None, :] < starts[:, None]  # [B, P]
+    mask = torch.cat(
+        [visible[:, None, :].expand(batch, length, prefix_len), causal.expand(batch, -1, -1)], dim=2
+    )
+    mask = mask[:, None]  # [B, 1, T, P + T]
+    rows = torch.arange(batch, device=device)[:, None]
     kept = []
     for i, block in enumerate(model.model.layers):
         prefix_k, prefix_v = (None, None) if prefix is None else _layer_kv(prefix.to(x.dtype), i, config)
         layer_lora = None if lora is None else lora.layer(i)
-        args = (block, x, cos, sin, prefix_k, prefix_v, mask, layer_lora)
+        args = (block, x, (prefix_cos, prefix_sin, cos, sin), prefix_k, prefix_v, mask, layer_lora)
         x, k, v = checkpoint(_block, *args, use_reentrant=False) if checkpointing else _block(*args)
         if keep is not None:
             kept.append(torch.stack([k.transpose(1, 2)[rows, keep], v.transpose(1, 2)[rows, keep]], dim=2))
@@ -133,3 +149,16 @@ def prefix_hidden(
     if keep is not None:  # per layer [B, K, 2, Hkv, hd] -> [B, K, layers, 2, Hkv, hd] -> flat
         summaries = torch.stack(kept, dim=2).flatten(2)
     return model.model.norm(x), summaries
+
+
+def rotated_prefix(model: Llama, prefix: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """Each layer's keys (RoPE applied at positions 0..P-1) and values [Hkv, P, hd] of one document's flat
+    summaries [P, kv_width]: what a KV cache holds after reading them."""
+    config = model.config
+    model.ensure_positions(prefix.shape[0])
+    cos, sin = model.rope(torch.arange(prefix.shape[0], device=prefix.device)[None])
+    layers = []
+    for i in range(config.n_layers):
+        k, v = _layer_kv(prefix[None], i, config)
+        layers.append((apply_rope(k, cos, sin)[0], v[0]))
+    return layers
