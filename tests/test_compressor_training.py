@@ -13,6 +13,7 @@ from lloco.config import Settings
 from lloco.errors import InvalidArgument
 from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
 from lloco.finetune.pretrain import CHECKPOINT_DIR, pretrain
+from lloco.finetune.pretrain_eval import _other_of_same_source
 from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
 from lloco.finetune.shards import load_sharded, save_sharded
@@ -150,8 +151,11 @@ def test_qa_steps_train_the_reader_and_it_ships_with_the_compressor(
     assert probe["decoder"] == "base + reader" and set(probe["answer_nll"]) == {
         "no_context",
         "compressed",
+        "compressed_other",  # another document's summaries: the control for answer-format priors
         "full_text",
     }
+    # the control pairs each example with the next one of its own source, never itself unless it is alone
+    assert _other_of_same_source(["a", "b", "a", "a", "c"]) == [2, 1, 3, 0, 4]
     assert set(probe["answer_nll_by_source"]) == {"hotpotqa", "squad"}  # the probe takes each source in turn
     assert record["held_out"]["next_segment"]["decoder"] == "base + reader"
     compressor = Compressor.load(tmp_path / "out", tiny_base)

@@ -164,13 +164,16 @@ def next_segment_perplexity(
 def qa_probe(
     base: LoadedModel, compressor: Compressor, examples: QAExamples, batch_size: int
 ) -> dict[str, Any]:
-    """Answer NLL per token of ``examples`` after no context, the summaries, and the document's tokens
-    (one example per forward; ``batch_size`` segments per compressor forward)."""
+    """Answer NLL per token of ``examples`` after no context, the summaries, the summaries of *another*
+    example's document of the same source (``compressed_other``: what answer-format priors alone would score;
+    only what ``compressed`` does better is the document's own content), and the document's tokens (one
+    example per forward; ``batch_size`` segments per compressor forward)."""
     model = base.model
     device = model.device
     slots = reader_slots(base, compressor)
     summaries = compressor.compress([doc.tolist() for doc in examples.documents], batch_size=batch_size)
-    names = ("no_context", "compressed", "full_text")
+    names = ("no_context", "compressed", "compressed_other", "full_text")
+    other = _other_of_same_source(examples.sources)
     nll: dict[str, dict[str, float]] = {}  # source -> prefix -> summed NLL
     exact: dict[str, dict[str, int]] = {}  # source -> prefix -> answers greedy gets exactly right
     tokens: dict[str, int] = {}
@@ -185,12 +188,13 @@ def qa_probe(
         prefixes = {
             "no_context": tail[:, :0],
             "compressed": vectors[None].to(tail.dtype),
+            "compressed_other": summaries[other[index]][None].to(tail.dtype),
             "full_text": model.embed(document[None]),
         }
         sums = nll.setdefault(source, dict.fromkeys(names, 0.0))
         hits = exact.setdefault(source, dict.fromkeys(names, 0))
         for name, prefix in prefixes.items():
-            kv = name == "compressed" and compressor.summary_form == "kv"
+            kv = name.startswith("compressed") and compressor.summary_form == "kv"
             value, right = _answer_scores(model, prefix, tail, answer[None], len(prompt) - 1, lora, kv)
             sums[name] += value
             hits[name] += right
@@ -214,3 +218,15 @@ def qa_probe(
             for source, hits in sorted(exact.items())
         },
     }
+
+
+def _other_of_same_source(sources: list[str]) -> list[int]:
+    """For each example, the next example of its source (cyclically; itself when it is its source's only one)."""
+    by_source: dict[str, list[int]] = {}
+    for index, source in enumerate(sources):
+        by_source.setdefault(source, []).append(index)
+    other = list(range(len(sources)))
+    for indexes in by_source.values():
+        for position, index in enumerate(indexes):
+            other[index] = indexes[(position + 1) % len(indexes)]
+    return other
