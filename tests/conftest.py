@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -10,6 +11,10 @@ from typing import Any
 from unittest.mock import patch
 
 import pytest
+
+QA_DATA = (
+    Path(__file__).resolve().parent / "data" / "qa"
+)  # small subsets of the QA sets (tests/data/README.md)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -178,3 +183,33 @@ def ray_local() -> Iterator[None]:
     )
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small pretraining corpus: 80 HotpotQA train-side documents, tokenized for the module's ``tiny_base``."""
+    from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
+
+    documents = list(itertools.islice(hotpot_documents(QA_DATA, evaluation_titles(QA_DATA)), 80))
+    path = tmp_path_factory.mktemp("corpus") / "corpus.npz"
+    build_corpus(path, tiny_base.tokenizer, tiny_base.model_id, documents, 10**7, held_out_fraction=0.1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def qa_cache(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """QA examples from the train splits (30 HotpotQA questions, SQuAD train articles), cut to 48 tokens."""
+    from lloco.finetune.pretrain_qa import build_qa_examples
+
+    path = tmp_path_factory.mktemp("qa") / "qa"
+    train, held = build_qa_examples(
+        QA_DATA,
+        tiny_base.tokenizer,
+        48,
+        held_out_fraction=0.1,
+        sources=("squad", "hotpotqa"),
+        hotpot_limit=30,
+    )
+    train.save(path.with_suffix(".train.npz"))
+    held.save(path.with_suffix(".held_out.npz"))
+    return path

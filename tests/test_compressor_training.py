@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -11,11 +10,10 @@ import safetensors.torch
 import torch
 from lloco.config import Settings
 from lloco.errors import InvalidArgument
-from lloco.finetune.corpus import build_corpus, evaluation_titles, hotpot_documents
 from lloco.finetune.pretrain import CHECKPOINT_DIR, pretrain
 from lloco.finetune.pretrain_eval import _other_of_same_source
 from lloco.finetune.pretrain_options import PretrainOptions
-from lloco.finetune.pretrain_qa import QAExamples, build_qa_examples
+from lloco.finetune.pretrain_qa import QAExamples
 from lloco.finetune.shards import load_sharded, save_sharded
 from lloco.model import Compressor, LoraSlots, TrainableLora, load_model
 from lloco.model.lora import peft_geometry
@@ -30,26 +28,6 @@ def tiny_base(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     base = load_model(str(tiny_model_dir), tmp_path_factory.mktemp("cache"))
     base.model.requires_grad_(False)
     return base
-
-
-@pytest.fixture(scope="module")
-def corpus(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    documents = list(itertools.islice(hotpot_documents(DATA, evaluation_titles(DATA)), 80))
-    path = tmp_path_factory.mktemp("corpus") / "corpus.npz"
-    build_corpus(path, tiny_base.tokenizer, tiny_base.model_id, documents, 10**7, held_out_fraction=0.1)
-    return path
-
-
-@pytest.fixture(scope="module")
-def qa_cache(tiny_base: object, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """QA examples from the train splits (30 HotpotQA questions, SQuAD train articles), cut to 48 tokens."""
-    path = tmp_path_factory.mktemp("qa") / "qa"
-    train, held = build_qa_examples(
-        DATA, tiny_base.tokenizer, 48, held_out_fraction=0.1, sources=("squad", "hotpotqa"), hotpot_limit=30
-    )
-    train.save(path.with_suffix(".train.npz"))
-    held.save(path.with_suffix(".held_out.npz"))
-    return path
 
 
 def _random_lora(config: object, seed: int = 0) -> TrainableLora:

@@ -15,7 +15,6 @@ from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.steps import answer_loss
 from lloco.model import Compressor, Generator, SamplingParams, TrainableLora, load_compressor, load_model
 from lloco.model.kv_summary import kv_width, prefix_hidden
-from test_compressor_training import corpus, qa_cache  # noqa: F401  (module fixtures)
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +81,8 @@ def test_the_key_value_compressor_batches_saves_and_is_refused_by_the_serving_pa
 
 
 def test_pretraining_key_value_summaries_lowers_the_loss_and_scores_them(
-    corpus: Path,  # noqa: F811
-    qa_cache: Path,  # noqa: F811
+    corpus: Path,
+    qa_cache: Path,
     tiny_model_dir: Path,
     tmp_path: Path,
 ) -> None:
