@@ -51,10 +51,10 @@ class Batch:
     targets: Tensor  # [N] long
     tokens: int  # real (unpadded) positions in the batch
     samples: int
-    prefix_kv: Tensor | None = (
-        None  # [B, P, kv_width] right-padded key/value summaries, read before ``embeds``
-    )
-    prefix_lengths: Tensor | None = None  # [B] long: each row's summary positions in ``prefix_kv``
+    # key/value summaries read before ``embeds`` (Example.kv_prefix): [B, P, kv_width] right-padded, and each
+    # row's summary positions [B] long
+    prefix_kv: Tensor | None = None
+    prefix_lengths: Tensor | None = None
 
 
 def check_rows(registry: Registry, rows: Sequence[DatasetRow]) -> None:
