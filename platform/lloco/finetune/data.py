@@ -192,17 +192,17 @@ def collate(
     Raises:
         InvalidArgument: key/value and embedding prefixes mixed in one batch.
     """
-    kv = {example.kv_prefix for example in examples if example.prefix is not None}
-    if len(kv) > 1:
+    kinds = {example.kv_prefix for example in examples if example.prefix is not None}
+    if len(kinds) > 1:
         raise InvalidArgument("a batch mixes key/value summaries and prefix embeddings")
-    if kv == {True}:
-        return _collate_kv(examples, embed, device)
-    length = max(example.length for example in examples)
+    kv = kinds == {True}
+    inline = [0 if kv or example.prefix is None else example.prefix_len for example in examples]
+    length = max(start + len(example.input_ids) for start, example in zip(inline, examples, strict=True))
     ids = torch.zeros(len(examples), length, dtype=torch.long)
     target_index: list[Tensor] = []
     targets: list[Tensor] = []
-    for row, example in enumerate(examples):
-        start, end = example.prefix_len, example.length
+    for row, (start, example) in enumerate(zip(inline, examples, strict=True)):
+        end = start + len(example.input_ids)
         row_ids = torch.tensor(example.input_ids, dtype=torch.long)
         ids[row, start:end] = row_ids
         answer_start = end - example.answer_len
@@ -210,7 +210,10 @@ def collate(
         target_index.append(row * length + torch.arange(answer_start - 1, end - 1))
         targets.append(row_ids[-example.answer_len :])
     embeds = embed(ids.to(device))
-    if any(example.prefix is not None for example in examples):
+    prefix_kv = prefix_lengths = None
+    if kv:
+        prefix_kv, prefix_lengths = _padded_prefixes(examples, device, embeds.dtype)
+    elif any(inline):
         # out of place: the embedding output may be a leaf that requires grad (peft hooks it)
         prefix = torch.zeros_like(embeds, requires_grad=False)
         is_prefix = torch.zeros(len(examples), length, 1, dtype=torch.bool)
@@ -225,36 +228,21 @@ def collate(
         targets=torch.cat(targets).to(device),
         tokens=sum(example.length for example in examples),
         samples=len(examples),
+        prefix_kv=prefix_kv,
+        prefix_lengths=prefix_lengths,
     )
 
 
-def _collate_kv(
-    examples: Sequence[Example], embed: Callable[[Tensor], Tensor], device: torch.device | str
-) -> Batch:
-    """``collate`` for key/value-summary prefixes: tokens from position 0 of ``embeds``, prefixes apart."""
-    length = max(len(example.input_ids) for example in examples)
-    ids = torch.zeros(len(examples), length, dtype=torch.long)
-    target_index, targets = [], []
-    for row, example in enumerate(examples):
-        end = len(example.input_ids)
-        ids[row, :end] = torch.tensor(example.input_ids, dtype=torch.long)
-        target_index.append(row * length + torch.arange(end - example.answer_len - 1, end - 1))
-        targets.append(ids[row, end - example.answer_len : end])
+def _padded_prefixes(
+    examples: Sequence[Example], device: torch.device | str, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Key/value-summary prefixes right-padded into [B, P, kv_width] and each row's length [B]."""
     prefixes = [example.prefix for example in examples]
-    width = next(p for p in prefixes if p is not None).shape[1]
-    prefix_kv = torch.zeros(len(examples), max(p.shape[0] for p in prefixes if p is not None), width)
+    present = [prefix for prefix in prefixes if prefix is not None]
+    padded = torch.zeros(len(examples), max(p.shape[0] for p in present), present[0].shape[1])
     lengths = torch.zeros(len(examples), dtype=torch.long)
     for row, prefix in enumerate(prefixes):
         if prefix is not None:
-            prefix_kv[row, : prefix.shape[0]] = prefix.float().cpu()
+            padded[row, : prefix.shape[0]] = prefix.float().cpu()
             lengths[row] = prefix.shape[0]
-    embeds = embed(ids.to(device))
-    return Batch(
-        embeds=embeds,
-        target_index=torch.cat(target_index).to(device),
-        targets=torch.cat(targets).to(device),
-        tokens=sum(example.length for example in examples),
-        samples=len(examples),
-        prefix_kv=prefix_kv.to(device=device, dtype=embeds.dtype),
-        prefix_lengths=lengths.to(device),
-    )
+    return padded.to(device=device, dtype=dtype), lengths.to(device)
