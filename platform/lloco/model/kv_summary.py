@@ -137,9 +137,10 @@ def prefix_hidden(
     )
     mask = mask[:, None]  # [B, 1, T, P + T]
     rows = torch.arange(batch, device=device)[:, None]
+    prefix = None if prefix is None else prefix.to(x.dtype)
     kept = []
     for i, block in enumerate(model.model.layers):
-        prefix_k, prefix_v = (None, None) if prefix is None else _layer_kv(prefix.to(x.dtype), i, config)
+        prefix_k, prefix_v = (None, None) if prefix is None else _layer_kv(prefix, i, config)
         layer_lora = None if lora is None else lora.layer(i)
         args = (block, x, (prefix_cos, prefix_sin, cos, sin), prefix_k, prefix_v, mask, layer_lora)
         x, k, v = checkpoint(_block, *args, use_reentrant=False) if checkpointing else _block(*args)
