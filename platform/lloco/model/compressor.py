@@ -15,7 +15,8 @@ A compressor's summaries have one of two forms (``summary_form``): ``embeddings`
 back as input embeddings; or ``kv``, the per-layer keys and values of the summary positions
 (``lloco.model.kv_summary``), where segment i's pass runs after the key/value summaries of segments < i and
 keeps its summary tokens' keys and values (no output scale). Both are ``[positions, width]`` tensors per
-document; the serving path takes the embedding form only so far (``load_compressor`` refuses the other).
+document. The serving path reads the embedding form only so far: ``load_compressor`` refuses the other unless its
+caller names it (``summary_forms``; ``lloco eval`` and pretraining read both).
 
 A compressor may also carry a *reader*: a decoder-side LoRA (PEFT files, in ``reader/``) trained with the
 encoder so that the frozen base model reads summary vectors. It never runs inside ``compress``; consumers
