@@ -29,7 +29,7 @@ from lloco.errors import AlreadyExists, FailedPrecondition, InvalidArgument, Not
 from lloco.finetune.data import ExampleBuilder, collate
 from lloco.finetune.datasets import rows_to_jsonl
 from lloco.finetune.options import TrainOptions
-from lloco.finetune.steps import train_step
+from lloco.finetune.steps import apply_gradients, train_step
 from lloco.finetune.train import LoraFinetune
 from lloco.jobs import JobRecord, Jobs, settings_env
 from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
@@ -206,6 +206,21 @@ def test_gradient_accumulation_equals_one_large_batch(world: World, tmp_path: Pa
     assert one.loss == pytest.approx(accumulated.loss, rel=1e-5)
     for a, b in zip(params_one, params_accumulated, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_step_with_non_finite_gradients_is_skipped() -> None:
+    """One overflowing batch must not turn the weights into NaN: the step is skipped, the optimizer's state
+    and the schedule stay, and the next finite step is taken."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    weight.grad = torch.tensor([1.0, float("inf"), 0.0])
+    assert not apply_gradients(optimizer, [weight], scheduler)
+    assert torch.equal(weight.detach(), torch.ones(3)) and weight.grad is None
+    assert optimizer.state[weight] == {} and scheduler.last_epoch == 0
+    weight.grad = torch.tensor([1.0, 1.0, 0.0])
+    assert apply_gradients(optimizer, [weight], scheduler)
+    assert torch.isfinite(weight).all() and weight[0] < 1 and scheduler.last_epoch == 1
 
 
 def test_training_loss_falls_well_below_its_start(s3: object, tmp_path: Path) -> None:

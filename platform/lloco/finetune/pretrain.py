@@ -110,12 +110,17 @@ class _LossWindow:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.tokens = 0
+        self.skipped = 0  # steps not applied: their gradients were not finite
         self.started = time.perf_counter()
 
-    def add(self, sums: dict[str, float], tokens: int) -> None:
+    def add(self, sums: dict[str, float], tokens: int, applied: bool = True) -> None:
+        """A step's loss sums; a step not applied counts as skipped, its (non-finite) losses left out."""
+        self.tokens += tokens
+        if not applied:
+            self.skipped += 1
+            return
         for key, value in sums.items():
             self.sums[key] = self.sums.get(key, 0.0) + value
-        self.tokens += tokens
 
     def means(self) -> dict[str, float]:
         """Mean loss per target token: overall and of each kind that occurred."""
@@ -302,8 +307,7 @@ class CompressorPretrain:
             self._set_learning_rate()
             task: Task = "qa" if self.qa_buckets and self.rng.random() < options.qa_fraction else "lm"
             sums, tokens = self._qa_step() if task == "qa" else self._lm_step()
-            apply_gradients(self.optimizer, self.trainables.parameters())
-            window.add(sums, tokens)
+            window.add(sums, tokens, applied=apply_gradients(self.optimizer, self.trainables.parameters()))
             self.step += 1
             self.elapsed_s += time.perf_counter() - started
             self.tokens_seen += tokens
@@ -316,11 +320,13 @@ class CompressorPretrain:
             ):
                 self.save_checkpoint()
                 last_checkpoint = time.perf_counter()
-        if window.sums:
+        if window.sums or window.skipped:
             self._log_point(window)
 
     def _log_point(self, window: _LossWindow) -> None:
         point = {"step": self.step, "elapsed_s": round(self.elapsed_s, 2), **window.means()}
+        if window.skipped:
+            point["skipped_steps"] = window.skipped
         point["lr"] = self.optimizer.param_groups[0]["lr"]
         point["tokens_per_s"] = window.tokens / max(1e-9, time.perf_counter() - window.started)
         if self.device.type == "cuda":

@@ -21,9 +21,12 @@ from torch import Tensor
 
 from lloco.config import FinetuneSettings
 from lloco.finetune.data import Batch, Example, collate
+from lloco.logs import get_logger
 from lloco.model import Llama, LlamaConfig, TrainableLora
 from lloco.model.kv_summary import prefix_hidden
 from lloco.model.trainable_lora import lora_hidden
+
+log = get_logger(__name__)
 
 MAX_GRAD_NORM = 1.0
 
@@ -97,10 +100,13 @@ def apply_gradients(
     parameters: Iterable[Tensor],
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     world_size: int = 1,
-) -> None:
+) -> bool:
     """Average the gradients over ``world_size`` workers (a torch.distributed group is up when > 1; LoRA
     gradients are small, so one all-reduce per tensor is cheap), clip their norm at ``MAX_GRAD_NORM``, take
-    the optimizer (and scheduler) step, and clear them."""
+    the optimizer (and scheduler) step, and clear them.
+
+    A step whose gradient norm is not finite (an overflow in one batch) is skipped, gradients cleared:
+    applied, it would turn every weight into NaN for good. Returns whether the step was taken."""
     parameters = list(parameters)
     if world_size > 1:
         import torch.distributed as dist
@@ -110,11 +116,16 @@ def apply_gradients(
                 param.grad = torch.zeros_like(param)
             dist.all_reduce(param.grad)
             param.grad /= world_size
-    torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    norm = torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+    finite = bool(torch.isfinite(norm))
+    if finite:
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+    else:
+        log.warning("optimizer step skipped: gradient norm is not finite", norm=float(norm))
     optimizer.zero_grad(set_to_none=True)
+    return finite
 
 
 def train_step(
