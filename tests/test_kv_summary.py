@@ -11,6 +11,7 @@ from lloco.config import Settings
 from lloco.errors import FailedPrecondition, InvalidArgument
 from lloco.finetune.data import Example, collate
 from lloco.finetune.pretrain import pretrain
+from lloco.finetune.pretrain_eval import FACT_PREFIXES
 from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.steps import answer_loss
 from lloco.model import Compressor, Generator, SamplingParams, TrainableLora, load_compressor, load_model
@@ -126,6 +127,11 @@ def test_pretraining_key_value_summaries_lowers_the_loss_and_scores_them(
     probe = held["qa_probe"]
     assert set(probe["answer_exact"]) == {"no_context", "compressed", "compressed_other", "full_text"}
     assert all(0 <= value <= 1 for value in probe["answer_exact"].values())
+    facts = held["fact_recall"]  # planted facts of 8 passkey validation documents, 4 each, read back
+    assert facts["documents"] == 8 and facts["facts"] == 32 and facts["answer_tokens"] >= 32
+    assert set(facts["exact"]) == set(facts["answer_nll"]) == set(FACT_PREFIXES)
+    assert set(facts["exact_by_kind"]) <= {"code", "birthday", "city", "leader"}
+    assert all(0 <= v <= 1 for kind in facts["exact_by_kind"].values() for v in kind.values())
     saved = Compressor.load(tmp_path / "kv", load_model(str(tiny_model_dir), tmp_path / "c"))
     assert saved.summary_form == "kv" and saved.compressor_id == record["compressor_id"]
     # a run continues only a compressor of its own form

@@ -54,8 +54,9 @@ from torch.utils.checkpoint import checkpoint
 
 from lloco.config import Settings
 from lloco.errors import FailedPrecondition, InvalidArgument
+from lloco.eval.passkey import passkey_documents
 from lloco.finetune.corpus import Corpus
-from lloco.finetune.pretrain_eval import held_out_windows, next_segment_perplexity, qa_probe
+from lloco.finetune.pretrain_eval import fact_recall, held_out_windows, next_segment_perplexity, qa_probe
 from lloco.finetune.pretrain_options import GEOMETRY, PretrainOptions
 from lloco.finetune.pretrain_qa import QAExamples, cached_qa_examples
 from lloco.finetune.shards import load_training, save_training
@@ -73,6 +74,9 @@ RECORD_FILE = "pretrain.json"
 CHECKPOINT_DIR = "checkpoint"
 STATE_FILE = "state.json"
 MIN_LR_FRACTION = 0.1
+# the fact-recall probe's passkey documents (validation split: the train split's names and cities, random
+# codes and dates; never the test split, which `lloco eval` keeps for the passkey goal)
+FACT_DOCUMENT_TOKENS = 1024
 CE_CHUNK = 8192  # positions per logits chunk: the vocabulary projection is recomputed in backward
 Report = Callable[[dict[str, Any], Path | None], None]
 Task = Literal["lm", "qa"]
@@ -608,6 +612,15 @@ class CompressorPretrain:
             if self.qa_held_out is not None and self.options.eval_qa:
                 probe = self.qa_held_out.spread(self.options.eval_qa)
                 held_out["qa_probe"] = qa_probe(self.base, compressor, probe, batch)
+            if self.options.eval_facts:
+                tokenizer = self.base.tokenizer
+                documents = passkey_documents(
+                    "validation",
+                    FACT_DOCUMENT_TOKENS,
+                    self.options.eval_facts,
+                    lambda text: len(tokenizer.encode(text, add_special_tokens=False)),
+                )
+                held_out["fact_recall"] = fact_recall(self.base, compressor, documents)
         record = self.record(compressor, held_out)
         (directory / RECORD_FILE).write_text(json.dumps(record, indent=2))
         summary = held_out.get("next_segment", {}).get("perplexity", {})

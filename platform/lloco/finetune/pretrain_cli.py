@@ -177,6 +177,12 @@ def pretrain_compressor(
     eval_windows: Annotated[int, typer.Option(help="Held-out windows for perplexity.")] = 32,
     eval_segments: Annotated[int, typer.Option(help="Segments per held-out window.")] = 4,
     eval_qa: Annotated[int, typer.Option(help="Held-out QA examples for the answer-NLL probe.")] = 64,
+    eval_facts: Annotated[
+        int,
+        typer.Option(
+            help="Passkey validation documents for the fact-recall probe (planted facts read back)."
+        ),
+    ] = 8,
     log_every: Annotated[int, typer.Option(help="Steps per loss-curve point.")] = 10,
     device: Annotated[str | None, typer.Option(help="cuda or cpu (default: cuda when available).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of data order and initialization.")] = 0,
@@ -237,6 +243,7 @@ def pretrain_compressor(
             eval_windows=eval_windows,
             eval_segments=eval_segments,
             eval_qa=eval_qa,
+            eval_facts=eval_facts,
             log_every=log_every,
             device=device,
             seed=seed,

@@ -12,6 +12,10 @@ are the context's alone.
   summaries buy.
 - ``qa_probe``: answer NLL per token of held-out QA examples after no context, the document's summaries,
   and the document's tokens, and the share of answers the greedy choice gets exactly right.
+- ``fact_recall``: whether summaries hold strings, not just topics: each planted fact of passkey documents
+  (random codes and dates, names, cities) read back, teacher-forced, in its own segment after the summaries
+  of the segments before it, after those of its own segment too (what autoencoding trains), after nothing,
+  and after the segment's own text (the copy ceiling); per fact kind, answers the greedy choice gets exactly.
 
 Key/value summaries (``Compressor.summary_form`` "kv") are read by ``lloco.model.kv_summary.prefix_hidden``,
 the same function the pretraining's decoder passes use; the full-text and no-context rows are the same
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lloco.errors import FailedPrecondition
+from lloco.eval.passkey import PasskeyDocument
 from lloco.finetune.corpus import Corpus
 from lloco.finetune.pretrain_qa import QAExamples
 from lloco.model import Compressor, Llama, LoadedModel, LoraBatch, LoraSlots
@@ -216,6 +221,72 @@ def qa_probe(
         "answer_exact_by_source": {
             source: {name: value / counts[source] for name, value in hits.items()}
             for source, hits in sorted(exact.items())
+        },
+    }
+
+
+FACT_PREFIXES = ("no_context", "earlier_summaries", "own_summaries", "segment_text")
+
+
+@torch.no_grad()
+def fact_recall(
+    base: LoadedModel, compressor: Compressor, documents: list[PasskeyDocument]
+) -> dict[str, Any]:
+    """Planted facts read back from summaries (module docstring). For the fact's answer tokens
+    ``first..last`` in segment i: the segment's tokens up to the last answer token (from one token before
+    the segment when the answer opens it) follow each prefix; ``segment_text`` is segment i's full text."""
+    model, size, k = base.model, compressor.segment_len, compressor.k
+    kv = compressor.summary_form == "kv"
+    lora = _batch(reader_slots(base, compressor), 1)
+    nll = dict.fromkeys(FACT_PREFIXES, 0.0)
+    exact: dict[str, dict[str, int]] = {}  # kind -> prefix -> facts read back exactly
+    facts: dict[str, int] = {}
+    tokens = 0
+    for document in documents:
+        encoded = base.tokenizer(document.text, add_special_tokens=False, return_offsets_mapping=True)
+        ids, spans = encoded["input_ids"], encoded["offset_mapping"]
+        summaries = compressor.compress([ids])[0][None]
+        embeds = model.embed(torch.tensor([ids], device=model.device))
+        for fact in document.facts:
+            start = document.text.index(fact.answer, fact.char_offset)
+            end = start + len(fact.answer)
+            answer = [j for j, (a, b) in enumerate(spans) if a < end and b > start]
+            first, last = answer[0], answer[-1]
+            i = first // size
+            lo = max(0, min(i * size, first - 1))
+            targets = torch.tensor([ids[first : last + 1]], device=model.device)
+            prefixes = {
+                "no_context": embeds[:, :0],
+                "earlier_summaries": summaries[:, : i * k],
+                "own_summaries": summaries[:, : (i + 1) * k],
+                "segment_text": embeds[:, i * size : (i + 1) * size],
+            }
+            hits = exact.setdefault(fact.kind, dict.fromkeys(FACT_PREFIXES, 0))
+            for name, prefix in prefixes.items():
+                value, right = _answer_scores(
+                    model,
+                    prefix,
+                    embeds[:, lo:last],
+                    targets,
+                    first - lo - 1,
+                    lora,
+                    kv and "summaries" in name,
+                )
+                nll[name] += value
+                hits[name] += right
+            facts[fact.kind] = facts.get(fact.kind, 0) + 1
+            tokens += targets.shape[1]
+    total = sum(facts.values())
+    return {
+        "documents": len(documents),
+        "facts": total,
+        "answer_tokens": tokens,
+        "decoder": "base + reader" if lora is not None else "base",
+        "answer_nll": {name: value / max(1, tokens) for name, value in nll.items()},
+        "exact": {name: sum(h[name] for h in exact.values()) / max(1, total) for name in FACT_PREFIXES},
+        "exact_by_kind": {
+            kind: {name: value / facts[kind] for name, value in hits.items()}
+            for kind, hits in sorted(exact.items())
         },
     }
 

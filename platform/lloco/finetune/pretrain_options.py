@@ -102,6 +102,11 @@ class PretrainOptions(BaseModel):
     eval_segments: int = Field(4, ge=2, description="Segments per held-out window.")
     eval_batch_size: int = Field(8, ge=1)
     eval_qa: int = Field(64, ge=0, description="Held-out QA examples for the answer-NLL probe.")
+    eval_facts: int = Field(
+        8,
+        ge=0,
+        description="Passkey validation documents whose planted facts the fact-recall probe reads back.",
+    )
     log_every: int = Field(10, ge=1, description="Steps per loss-curve point.")
     device: str | None = Field(None, description="cuda / cpu; None: cuda when available.")
     seed: int = Field(0, ge=0)
