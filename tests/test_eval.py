@@ -307,12 +307,18 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
 
 
+@pytest.mark.parametrize("positions", ["summary_tokens", "salient_sentences"])
 def test_eval_reads_a_key_value_summary_compressor(
-    tiny_model_dir: Path, tiny_base: object, tmp_path: Path
+    tiny_model_dir: Path, tiny_base: object, tmp_path: Path, positions: str
 ) -> None:
     """`lloco eval` takes a key/value-summary compressor (the serving path does not yet): its compressed modes
     decode after the summaries in the generator's cache, LLoCO's LoRA trains after them, the perplexity reads them."""
-    kv_dir = Compressor.from_base(tiny_base, 32, 4, True, seed=1, summary_form="kv").save(tmp_path / "kv")
+    compressor = (
+        Compressor.from_base(tiny_base, 32, 4, True, seed=1, summary_form="kv")
+        if positions == "summary_tokens"
+        else Compressor.salient(tiny_base, 32, 4)
+    )
+    kv_dir = compressor.save(tmp_path / "kv")
     out = tmp_path / "eval"
     _run_eval(
         tiny_model_dir, kv_dir, out, "--datasets", "squad,passkey", "--modes", "compressed,lloco,lora_none"
@@ -333,6 +339,7 @@ def test_eval_reads_a_key_value_summary_compressor(
         and rows["squad-long", "lora_none"]["context_tokens"] == 0
     )
     assert set(report["perplexity"]["perplexity"]) >= {"no_context", "compressed", "full_text"}
+    assert report["compressor"]["positions"] == positions
 
 
 # What a row of eval.json, its adapter summary and an ablation row held before `--recipes` (commit 285b72b).

@@ -14,8 +14,17 @@ from lloco.finetune.pretrain import pretrain
 from lloco.finetune.pretrain_eval import FACT_PREFIXES
 from lloco.finetune.pretrain_options import PretrainOptions
 from lloco.finetune.steps import answer_loss
-from lloco.model import Compressor, Generator, SamplingParams, TrainableLora, load_compressor, load_model
+from lloco.model import (
+    Compressor,
+    CompressorConfig,
+    Generator,
+    SamplingParams,
+    TrainableLora,
+    load_compressor,
+    load_model,
+)
 from lloco.model.kv_summary import kv_width, prefix_hidden
+from lloco.model.salient import SINK_TOKENS, salient_positions
 
 
 @pytest.fixture(scope="module")
@@ -233,3 +242,62 @@ def test_finetuning_after_key_value_summaries_scores_the_answer_as_after_the_tex
             model.embed,
             "cpu",
         )
+
+
+def test_salient_positions_keep_the_most_surprising_sentences_whole(tiny_base: object) -> None:
+    """The sentence the model predicted worst is kept whole (its end token included) before any token of a
+    duller sentence; a document's first segment keeps its sink tokens first; padding is never kept."""
+    tokenizer = tiny_base.tokenizer
+    sentences = ["the cat sat on the mat.", " zq xv jk wp.", " the dog sat on the log."]
+    parts = [tokenizer.encode(s, add_special_tokens=False) for s in sentences]
+    ids = torch.tensor([sum(parts, []) + [0, 0]])  # two padding positions
+    length = torch.tensor([ids.shape[1] - 2])
+    surprisal = torch.full(ids.shape, 1.0)
+    odd = range(len(parts[0]), len(parts[0]) + len(parts[1]))
+    surprisal[0, list(odd)] = 5.0
+    surprisal[0, 0] = float("nan")
+    (kept,) = salient_positions(ids, surprisal, length, len(parts[1]), tokenizer, document_start=False)
+    assert kept.tolist() == list(odd)
+    (kept,) = salient_positions(ids, surprisal, length, len(parts[1]) + 4, tokenizer, document_start=True)
+    assert kept.tolist() == [*range(SINK_TOKENS), *odd]
+    (kept,) = salient_positions(ids, surprisal, length, 100, tokenizer, document_start=False)
+    assert kept.tolist() == list(range(int(length)))
+
+
+@torch.no_grad()
+def test_a_salient_compressor_keeps_its_tokens_own_keys_and_values(tiny_base: object, tmp_path: Path) -> None:
+    """A salient_sentences compressor keeps k of each segment's own tokens' keys and values (all of a shorter
+    last segment's up to k), computed after the kept ones of earlier segments: keeping every token is the
+    whole text's cache. It has no weights; it saves as its config alone; the serving path refuses it as any
+    key/value compressor."""
+    model, vocab = tiny_base.model, tiny_base.config.vocab_size
+    gen = torch.Generator().manual_seed(4)
+    docs = [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in (23, 7, 0, 31)]
+    compressor = Compressor.salient(tiny_base, 10, 3)
+    assert compressor.positions == "salient_sentences" and "-salient-" in compressor.compressor_id
+    together = compressor.compress(docs, batch_size=3)
+    width = kv_width(tiny_base.config)
+    assert [tuple(v.shape) for v in together] == [(9, width), (3, width), (0, width), (10, width)]
+    assert [compressor.summary_positions(len(d)) for d in docs] == [9, 3, 0, 10]
+    first = torch.tensor([docs[0][:10]])
+    own = prefix_hidden(model, model.embed(first), None, keep=torch.arange(10)[None])[1][0]
+    assert all(torch.isclose(own, vector, atol=1e-5).all(dim=1).any() for vector in together[0][:3])
+
+    keep_all = Compressor.salient(tiny_base, 10, 10)  # no choice left to a near tie of a random model
+    batched = keep_all.compress(docs, batch_size=3)
+    for doc, vectors in zip(docs, batched, strict=True):  # padding and batching change nothing
+        assert torch.allclose(keep_all.compress([doc])[0], vectors, atol=1e-5)
+    everything = batched[3]
+    rest = model.embed(torch.tensor([docs[0]]))
+    whole = prefix_hidden(model, torch.cat([model.embed(torch.tensor([docs[3]])), rest], dim=1), None)[0]
+    assert torch.allclose(prefix_hidden(model, rest, everything[None])[0], whole[:, 31:], atol=1e-5)
+
+    compressor.save(tmp_path / "salient")
+    assert sorted(p.name for p in (tmp_path / "salient").iterdir()) == ["compressor.json"]
+    loaded = Compressor.load(tmp_path / "salient", tiny_base)
+    assert loaded.compressor_id == compressor.compressor_id and loaded.summary_embeds is None
+    assert torch.equal(loaded.compress(docs[:1])[0], compressor.compress(docs[:1])[0])
+    with pytest.raises(FailedPrecondition, match="summary_form 'kv'"):
+        load_compressor(str(tmp_path / "salient"), tiny_base)
+    with pytest.raises(InvalidArgument, match="salient_sentences"):
+        CompressorConfig("x", 10, 3, True, "m", 64, "embeddings", "salient_sentences")

@@ -10,12 +10,15 @@ import json
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from lloco.finetune.pretrain_cli import command_line
 from lloco.terminal import progress, quiet_logs
+
+if TYPE_CHECKING:
+    from lloco.model import Compressor
 
 PERPLEXITY_SOURCE = (
     "the passkey test filler without facts: the 10 SQuAD 2.0 dev articles of SQuAD-long's test split, "
@@ -29,6 +32,13 @@ PERPLEXITY_NOT_IN_VALIDATION = (
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
+
+
+def _compressor_meta(compressor: Compressor) -> dict[str, object]:
+    """What a report records of the compressor's geometry beside its id."""
+    config = compressor.config
+    keys = ("segment_len", "k", "accumulate", "summary_form", "positions")
+    return {key: getattr(config, key) for key in keys}
 
 
 def _csv(value: str) -> list[str]:
@@ -272,11 +282,7 @@ def evaluate(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "base_model": base.model_id,
             "compressor_id": encoder.compressor_id,
-            "compressor": {
-                "segment_len": encoder.segment_len,
-                "k": encoder.k,
-                "accumulate": encoder.accumulate,
-            },
+            "compressor": _compressor_meta(encoder),
             "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
             "questions": len(corpus.questions),
             "documents": len(corpus.documents),
@@ -323,7 +329,7 @@ def evaluate(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "base_model": base.model_id,
         "compressor_id": encoder.compressor_id,
-        "compressor": {"segment_len": encoder.segment_len, "k": encoder.k, "accumulate": encoder.accumulate},
+        "compressor": _compressor_meta(encoder),
         "device": torch.cuda.get_device_name(run_device) if run_device.type == "cuda" else "cpu",
         "options": json.loads(options.model_dump_json()),
         "lora": json.loads(settings.finetune.model_dump_json()),

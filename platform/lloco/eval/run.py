@@ -345,10 +345,8 @@ class Evaluator:
     # -- adapters ---------------------------------------------------------------------------------------
 
     def _summary_vectors(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
-        """How many summary vectors the row's documents compress to (``Compressor.compress``'s
-        ``ceil(n / S) * k`` per document), known without compressing."""
-        size, k = self.compressor.segment_len, self.compressor.k
-        return sum(math.ceil(len(tokens[doc_id]) / size) * k for doc_id in row.doc_ids)
+        """How many summary vectors the row's documents compress to, known without compressing."""
+        return sum(self.compressor.summary_positions(len(tokens[doc_id])) for doc_id in row.doc_ids)
 
     def examples(
         self,
@@ -436,13 +434,17 @@ class Evaluator:
         count = min(self.options.perplexity_windows, len(starts))
         chosen = [starts[round(i * (len(starts) - 1) / max(1, count - 1))] for i in range(count)]
         windows = torch.tensor([tokens[doc_id][start : start + length] for doc_id, start in chosen])
-        fresh = Compressor.from_base(
-            self.base,
-            size,
-            self.compressor.k,
-            self.compressor.accumulate,
-            self.options.seed,
-            self.compressor.summary_form,
+        fresh = (  # an untrained compressor of the same geometry; a salient one has nothing to train
+            None
+            if self.compressor.positions == "salient_sentences"
+            else Compressor.from_base(
+                self.base,
+                size,
+                self.compressor.k,
+                self.compressor.accumulate,
+                self.options.seed,
+                self.compressor.summary_form,
+            )
         )
         started = time.perf_counter()
         result = next_segment_perplexity(self.base, self.compressor, windows, PERPLEXITY_BATCH, fresh)

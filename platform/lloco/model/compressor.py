@@ -18,6 +18,10 @@ keeps its summary tokens' keys and values (no output scale). Both are ``[positio
 document. The serving path reads the embedding form only so far: ``load_compressor`` refuses the other unless its
 caller names it (``summary_forms``; ``lloco eval`` and pretraining read both).
 
+Which positions a key/value compressor keeps (``positions``): ``summary_tokens``, the k learned summary
+embeddings appended to each segment (above); or ``salient_sentences``, k of the segment's own tokens, whole
+sentences by the base model's surprisal (``lloco.model.salient``), which has no weights to train or store.
+
 A compressor may also carry a *reader*: a decoder-side LoRA (PEFT files, in ``reader/``) trained with the
 encoder so that the frozen base model reads summary vectors. It never runs inside ``compress``; consumers
 that decode after summary vectors apply it (or start a tenant adapter from it) — see docs/compressor.md.
@@ -41,6 +45,7 @@ from lloco.model.config import LlamaConfig
 from lloco.model.kv_summary import kv_width, prefix_hidden
 from lloco.model.loading import LoadedModel, build_llama, download_prefix, model_id_for, read_state_dict
 from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, LoraSlots, peft_geometry
+from lloco.model.salient import salient_positions, token_surprisal
 
 if TYPE_CHECKING:
     from lloco.storage import ObjectStore
@@ -52,6 +57,8 @@ FORMAT = "lloco-compressor/1"
 SHIPPED = Path(__file__).parent / "compressors"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUMMARY_FORMS = ("embeddings", "kv")
+POSITIONS = ("summary_tokens", "salient_sentences")
+SALIENT_VERSION = 1  # in the id of a salient_sentences compressor: bump when its selection changes
 
 
 @dataclass(frozen=True)
@@ -63,12 +70,17 @@ class CompressorConfig:
     base_model: str
     dim: int
     summary_form: str = "embeddings"
+    positions: str = "summary_tokens"
 
     def __post_init__(self) -> None:
         if self.segment_len < 1 or self.k < 1:
             raise InvalidArgument(f"segment_len and k must be >= 1, got {self.segment_len}, {self.k}")
         if self.summary_form not in SUMMARY_FORMS:
             raise InvalidArgument(f"summary_form must be one of {SUMMARY_FORMS}, got {self.summary_form!r}")
+        if self.positions not in POSITIONS:
+            raise InvalidArgument(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.positions == "salient_sentences" and self.summary_form != "kv":
+            raise InvalidArgument("a salient_sentences compressor keeps keys and values (summary_form kv)")
         if not _ID.fullmatch(self.compressor_id):
             raise InvalidArgument(f"compressor id {self.compressor_id!r} must match {_ID.pattern}")
 
@@ -88,12 +100,14 @@ class Compressor:
         compressor_id: stable id of these weights; None derives one from the base model, geometry and a
             digest of the weights.
         summary_form: "embeddings" or "kv" (module docstring); "kv" takes no output scale.
+        k: positions kept per segment when ``summary_embeds`` is None: a ``salient_sentences`` compressor
+            (no weights but an optional reader; ``Compressor.salient``). Otherwise k is the embeddings' rows.
     """
 
     def __init__(
         self,
         base: LoadedModel,
-        summary_embeds: Tensor,
+        summary_embeds: Tensor | None,
         segment_len: int,
         accumulate: bool,
         adapter_files: dict[str, bytes] | None = None,
@@ -101,10 +115,14 @@ class Compressor:
         compressor_id: str | None = None,
         reader_files: dict[str, bytes] | None = None,
         summary_form: str = "embeddings",
+        k: int | None = None,
     ) -> None:
         if summary_form == "kv" and output_scale is not None:
             raise InvalidArgument("a key/value-summary compressor has no output scale")
-        if summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
+        if summary_embeds is None:
+            if k is None or adapter_files is not None:
+                raise InvalidArgument("a salient_sentences compressor takes k and no encoder adapter")
+        elif summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
                 f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
             )
@@ -112,7 +130,14 @@ class Compressor:
             raise FailedPrecondition(
                 f"output scale {tuple(output_scale.shape)} does not fit model dim {base.config.dim}"
             )
-        k = summary_embeds.shape[0]
+        positions = "summary_tokens" if summary_embeds is not None else "salient_sentences"
+        k = summary_embeds.shape[0] if summary_embeds is not None else k
+        if compressor_id is None and summary_embeds is None:
+            digest = hashlib.sha256(f"salient-v{SALIENT_VERSION}".encode())
+            for name in sorted(reader_files or {}):
+                digest.update(b"reader/" + name.encode() + reader_files[name])
+            flag = ("-acc" if accumulate else "") + "-salient"
+            compressor_id = f"{base.model_id[:80]}-s{segment_len}-k{k}{flag}-{digest.hexdigest()[:12]}"
         if compressor_id is None:
             digest = hashlib.sha256(summary_embeds.detach().float().cpu().numpy().tobytes())
             if output_scale is not None:
@@ -124,11 +149,15 @@ class Compressor:
             flag = ("-acc" if accumulate else "") + ("-kv" if summary_form == "kv" else "")
             compressor_id = f"{base.model_id[:80]}-s{segment_len}-k{k}{flag}-{digest.hexdigest()[:12]}"
         self.config = CompressorConfig(
-            compressor_id, segment_len, k, accumulate, base.model_id, base.config.dim, summary_form
+            compressor_id, segment_len, k, accumulate, base.model_id, base.config.dim, summary_form, positions
         )
         self.base = base
         model = base.model
-        self.summary_embeds = summary_embeds.detach().to(device=model.device, dtype=model.dtype)
+        self.summary_embeds = (
+            None
+            if summary_embeds is None
+            else summary_embeds.detach().to(device=model.device, dtype=model.dtype)
+        )
         self.output_scale = (
             None if output_scale is None else output_scale.detach().to(device=model.device, dtype=model.dtype)
         )
@@ -147,6 +176,7 @@ class Compressor:
     k = property(lambda self: self.config.k)
     accumulate = property(lambda self: self.config.accumulate)
     summary_form = property(lambda self: self.config.summary_form)
+    positions = property(lambda self: self.config.positions)
 
     @property
     def width(self) -> int:
@@ -184,9 +214,30 @@ class Compressor:
             summary_form=summary_form,
         )
 
+    @classmethod
+    def salient(
+        cls,
+        base: LoadedModel,
+        segment_len: int,
+        k: int,
+        accumulate: bool = True,
+        reader_files: dict[str, bytes] | None = None,
+    ) -> Compressor:
+        """A ``salient_sentences`` compressor: per segment, the keys and values of k of its own tokens."""
+        if base.tokenizer is None:
+            raise FailedPrecondition(f"base model {base.model_id} has no tokenizer to find sentences with")
+        return cls(base, None, segment_len, accumulate, reader_files=reader_files, summary_form="kv", k=k)
+
+    def summary_positions(self, tokens: int) -> int:
+        """Positions ``compress`` makes of a document of ``tokens`` tokens: k per segment (a shorter last
+        segment keeps all its tokens when it has fewer than k and salient positions are kept)."""
+        full, rest = divmod(tokens, self.segment_len)
+        last = min(rest, self.k) if self.positions == "salient_sentences" else self.k if rest else 0
+        return full * self.k + last
+
     @torch.no_grad()
     def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:
-        """Summaries of each document: [ceil(n / segment_len) * k, width] in the model's dtype and device.
+        """Summaries of each document: [summary_positions(n), width] in the model's dtype and device.
 
         The i-th segments of all documents run together, ``batch_size`` rows per forward.
         """
@@ -208,8 +259,10 @@ class Compressor:
         empty = torch.zeros(0, self.width, device=model.device, dtype=model.dtype)
         return [torch.cat(parts) if parts else empty for parts in summaries]
 
-    def _encode(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> Tensor:
-        """One batch of same-index segments -> summaries [B, k, width]."""
+    def _encode(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> Tensor | list[Tensor]:
+        """One batch of same-index segments -> summaries [B, k, width] (per row for salient positions)."""
+        if self.positions == "salient_sentences":
+            return self._encode_salient(segments, earlier)
         if self.summary_form == "kv":
             return self._encode_kv(segments, earlier)
         model, k, dim = self.base.model, self.k, self.base.config.dim
@@ -251,15 +304,35 @@ class Compressor:
         keep = torch.tensor(lengths, device=device)[:, None] - k + torch.arange(k, device=device)[None]
         return prefix_hidden(model, embeds, prefix, lora, keep)[1]
 
+    def _encode_salient(self, segments: list[list[int]], earlier: list[list[Tensor]]) -> list[Tensor]:
+        """``_encode`` for salient positions: each segment runs after the earlier segments' kept keys and
+        values; its surprisal comes from the same pass, and the chosen tokens' keys and values are kept."""
+        model, device = self.base.model, self.base.model.device
+        lengths = torch.tensor([len(seg) for seg in segments], device=device)
+        token_ids = torch.zeros(len(segments), int(lengths.max()), dtype=torch.int64, device=device)
+        for row, seg in enumerate(segments):
+            token_ids[row, : len(seg)] = torch.tensor(seg, device=device)
+        prefix = None
+        if self.accumulate and earlier[0]:
+            prefix = torch.stack([torch.cat(parts) for parts in earlier])
+        every = torch.arange(token_ids.shape[1], device=device)[None].expand(len(segments), -1)
+        hidden, kv = prefix_hidden(model, model.embed(token_ids), prefix, keep=every)
+        surprisal = token_surprisal(model.lm_head(hidden), token_ids, lengths)
+        kept = salient_positions(
+            token_ids, surprisal, lengths, self.k, self.base.tokenizer, document_start=not earlier[0]
+        )
+        return [kv[row, index] for row, index in enumerate(kept)]
+
     def save(self, directory: Path | str) -> Path:
         """Write compressor.json, the summary embeddings and the adapter files (if any) to ``directory``."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, **asdict(self.config)}, indent=2))
-        tensors = {"summary_embeds": self.summary_embeds.float().cpu().contiguous()}
-        if self.output_scale is not None:
-            tensors["output_scale"] = self.output_scale.float().cpu().contiguous()
-        save_file(tensors, directory / EMBEDS_NAME)
+        if self.summary_embeds is not None:
+            tensors = {"summary_embeds": self.summary_embeds.float().cpu().contiguous()}
+            if self.output_scale is not None:
+                tensors["output_scale"] = self.output_scale.float().cpu().contiguous()
+            save_file(tensors, directory / EMBEDS_NAME)
         for name, data in (self.adapter_files or {}).items():
             (directory / name).write_bytes(data)
         if self.reader_files is not None:
@@ -288,7 +361,8 @@ class Compressor:
                 f"compressor {raw['compressor_id']} is for width {raw['dim']}, base model {base.model_id} has "
                 f"{base.config.dim}"
             )
-        tensors = load_file(directory / EMBEDS_NAME)
+        salient = raw.get("positions", "summary_tokens") == "salient_sentences"
+        tensors = {} if salient else load_file(directory / EMBEDS_NAME)
         adapter = reader = None
         if (directory / CONFIG_FILE).is_file():
             adapter = {name: (directory / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)}
@@ -298,7 +372,7 @@ class Compressor:
             }
         return cls(
             base,
-            tensors["summary_embeds"],
+            tensors.get("summary_embeds"),
             raw["segment_len"],
             raw["accumulate"],
             adapter,
@@ -306,6 +380,7 @@ class Compressor:
             raw["compressor_id"],
             reader,
             raw.get("summary_form", "embeddings"),
+            raw["k"] if salient else None,
         )
 
     @classmethod

@@ -1,0 +1,78 @@
+"""Which of a segment's own tokens a ``salient_sentences`` compressor keeps: whole sentences the model
+found surprising, by their mean surprisal.
+
+A learned summary token must be taught to hold a segment's facts, and at 135M parameters none of the
+objectives tried did (docs/compressor.md). A token's own key and value, computed with the whole segment
+and the kept tokens before it in view, already hold it and what the layers drew into it from the text
+around it; keeping k of them per segment is a compression the frozen decoder reads without training
+(it attends to them as to any earlier text). What to keep: the sentences the model predicted worst (mean
+surprisal per token, ``-log p(token | everything before it)``), the content a reader could not have
+guessed, so a question about a sentence finds the sentence whole rather than a few scattered rare tokens;
+within the last sentence that fits, its most surprising tokens. The document's first ``SINK_TOKENS``
+tokens are always kept: attention heads park their weight on the first positions, and a cache without
+them reads worse than no context at all.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SINK_TOKENS = 4
+SENTENCE_END = (".", "?", "!")
+_KEEP = float("inf")
+_TIE_BREAK = 1e-3  # a sentence's own tokens by surprisal, without changing the order of sentences
+
+
+@cache
+def _ends_sentence(tokenizer: Any) -> Tensor:
+    """[vocab] bool: the token ends a sentence (its text ends with ., ? or ! or holds a line break)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return torch.tensor([t.rstrip().endswith(SENTENCE_END) or "\n" in t for t in texts])
+
+
+def token_surprisal(logits: Tensor, token_ids: Tensor, lengths: Tensor) -> Tensor:
+    """[B, T] surprisal (nats) of each token given the tokens before it in the row, from the logits
+    [B, T, V] of right-padded rows; a row's first token (nothing before it here) and padding get NaN."""
+    batch, length = token_ids.shape
+    surprisal = torch.full((batch, length), float("nan"), device=token_ids.device)
+    for row in range(batch):  # one row's [T, V] in fp32 at a time
+        n = int(lengths[row])
+        if n > 1:
+            surprisal[row, 1:n] = F.cross_entropy(
+                logits[row, : n - 1].float(), token_ids[row, 1:n], reduction="none"
+            )
+    return surprisal
+
+
+def salient_positions(
+    token_ids: Tensor, surprisal: Tensor, lengths: Tensor, k: int, tokenizer: Any, document_start: bool
+) -> list[Tensor]:
+    """Per row of right-padded segments [B, T], the sorted indices of the at most k tokens to keep.
+
+    Args:
+        token_ids: the segments' tokens.
+        surprisal: ``token_surprisal`` of them (NaN where unknown: left out of its sentence's mean).
+        lengths: [B] real tokens per row.
+        k: tokens kept per segment (all of a shorter one).
+        tokenizer: the base model's, to find sentence ends.
+        document_start: the rows are their documents' first segments (their sink tokens are kept).
+    """
+    device = token_ids.device
+    batch, length = token_ids.shape
+    ends = _ends_sentence(tokenizer).to(device)[token_ids].long()
+    sentence = torch.cumsum(ends, dim=1) - ends  # a sentence's end token is still its own
+    known = ~surprisal.isnan()
+    value = torch.where(known, surprisal, torch.zeros_like(surprisal))
+    totals = torch.zeros(batch, length, device=device).scatter_add_(1, sentence, value)
+    counts = torch.zeros(batch, length, device=device).scatter_add_(1, sentence, known.float())
+    score = (totals / counts.clamp(min=1)).gather(1, sentence) + _TIE_BREAK * value
+    if document_start:
+        score[:, :SINK_TOKENS] = _KEEP
+    padding = torch.arange(length, device=device)[None] >= lengths[:, None].to(device)
+    score = score.masked_fill(padding, -_KEEP)
+    return [score[row].topk(min(k, int(lengths[row]))).indices.sort().values for row in range(batch)]
