@@ -313,12 +313,19 @@ def test_eval_reads_a_key_value_summary_compressor(
 ) -> None:
     """`lloco eval` takes a key/value-summary compressor (the serving path does not yet): its compressed modes
     decode after the summaries in the generator's cache, LLoCO's LoRA trains after them, the perplexity reads them."""
-    compressor = (
-        Compressor.from_base(tiny_base, 32, 4, True, seed=1, summary_form="kv")
-        if positions == "summary_tokens"
-        else Compressor.salient(tiny_base, 32, 4)
-    )
-    kv_dir = compressor.save(tmp_path / "kv")
+    kv_dir = tmp_path / "kv"
+    if positions == "summary_tokens":
+        Compressor.from_base(tiny_base, 32, 4, True, seed=1, summary_form="kv").save(kv_dir)
+    else:  # as a user makes one
+        command = [sys.executable, "-m", "lloco.cli", "salient-compressor", "--output", str(kv_dir)]
+        command += ["--segment-len", "32", "--k", "4", "--base-model", str(tiny_model_dir)]
+        env = {
+            **os.environ,
+            "LLOCO_MODEL__CACHE_DIR": str(tmp_path / "cache"),
+            "PYTHONPATH": str(ROOT / "platform"),
+        }
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "-salient-" in done.stdout, done.stderr[-2000:]
     out = tmp_path / "eval"
     _run_eval(
         tiny_model_dir, kv_dir, out, "--datasets", "squad,passkey", "--modes", "compressed,lloco,lora_none"

@@ -1,4 +1,5 @@
-"""`lloco pretrain-corpus` and `lloco pretrain-compressor`: build the corpus, train a compressor.
+"""`lloco pretrain-corpus`, `lloco pretrain-compressor` and `lloco salient-compressor`: build the corpus, train a
+compressor, or write one that needs no training.
 
 Plain entry points, so ``ray job submit -- lloco pretrain-compressor ...`` works; ``--no-ray`` runs the
 same recipe in this process (a GPU host without Ray). ``python -m lloco.finetune.pretrain_cli`` offers
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
 def register(app: typer.Typer) -> None:
     app.command("pretrain-corpus")(pretrain_corpus)
     app.command("pretrain-compressor")(pretrain_compressor)
+    app.command("salient-compressor")(salient_compressor)
 
 
 def command_line(ctx: typer.Context, name: str) -> str:
@@ -102,6 +104,25 @@ def pretrain_corpus(
             output, base.tokenizer, base.model_id, corpus_input, int(shard_mb * 1e6), total, seed=seed
         )
     typer.echo(json.dumps(result, indent=2))
+
+
+def salient_compressor(
+    output: Annotated[Path, typer.Option(help="Directory to write the compressor to (compressor.json).")],
+    segment_len: Annotated[int, typer.Option(help="Tokens per segment.")] = 512,
+    k: Annotated[
+        int, typer.Option(help="Tokens whose keys and values each segment keeps (S/k: the ratio).")
+    ] = 64,
+    base_model: Annotated[str | None, typer.Option(help="Base model spec (default: settings).")] = None,
+    config: Annotated[Path | None, typer.Option(help="Settings YAML (else LLOCO_CONFIG / env).")] = None,
+) -> None:
+    """Write a salient-sentence key/value compressor (docs/compressor.md): nothing to train, `lloco eval` reads it."""
+    from lloco.model import Compressor, load_model
+
+    settings = _settings(config, base_model)
+    base = load_model(settings.model.base_model, settings.model.cache_dir, None, "float32", "cpu")
+    compressor = Compressor.salient(base, segment_len, k)
+    compressor.save(output)
+    typer.echo(f"{compressor.compressor_id} -> {output}")
 
 
 def pretrain_compressor(
