@@ -122,6 +122,8 @@ class Compressor:
         if summary_embeds is None:
             if k is None or adapter_files is not None:
                 raise InvalidArgument("a salient_sentences compressor takes k and no encoder adapter")
+            if base.tokenizer is None:
+                raise FailedPrecondition(f"base model {base.model_id} has no tokenizer to find sentences with")
         elif summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
                 f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
@@ -224,8 +226,6 @@ class Compressor:
         reader_files: dict[str, bytes] | None = None,
     ) -> Compressor:
         """A ``salient_sentences`` compressor: per segment, the keys and values of k of its own tokens."""
-        if base.tokenizer is None:
-            raise FailedPrecondition(f"base model {base.model_id} has no tokenizer to find sentences with")
         return cls(base, None, segment_len, accumulate, reader_files=reader_files, summary_form="kv", k=k)
 
     def summary_positions(self, tokens: int) -> int:
