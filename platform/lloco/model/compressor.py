@@ -123,7 +123,9 @@ class Compressor:
             if k is None or adapter_files is not None:
                 raise InvalidArgument("a salient_sentences compressor takes k and no encoder adapter")
             if base.tokenizer is None:
-                raise FailedPrecondition(f"base model {base.model_id} has no tokenizer to find sentences with")
+                raise FailedPrecondition(
+                    f"base model {base.model_id} has no tokenizer to find sentences with"
+                )
         elif summary_embeds.ndim != 2 or summary_embeds.shape[1] != base.config.dim:
             raise FailedPrecondition(
                 f"summary embeddings {tuple(summary_embeds.shape)} do not fit model dim {base.config.dim}"
@@ -317,7 +319,7 @@ class Compressor:
             prefix = torch.stack([torch.cat(parts) for parts in earlier])
         every = torch.arange(token_ids.shape[1], device=device)[None].expand(len(segments), -1)
         hidden, kv = prefix_hidden(model, model.embed(token_ids), prefix, keep=every)
-        surprisal = token_surprisal(model.lm_head(hidden), token_ids, lengths)
+        surprisal = token_surprisal(hidden, model.lm_head, token_ids, lengths)
         kept = salient_positions(
             token_ids, surprisal, lengths, self.k, self.base.tokenizer, document_start=not earlier[0]
         )
