@@ -19,7 +19,18 @@ import torch
 from lloco.compress import PreparedDocument, tokenize_segments
 from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from lloco.model import Compressor, LlamaConfig, LoadedModel, SamplingParams, chat_prompt, load_model
+from lloco.model import (
+    Compressor,
+    GenerationRequest,
+    Generator,
+    LlamaConfig,
+    LoadedModel,
+    LoraSlots,
+    SamplingParams,
+    chat_prompt,
+    generate,
+    load_model,
+)
 from lloco.registry import Registry, Tenants
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import (
@@ -561,6 +572,49 @@ def test_a_query_with_documents_and_no_adapter_decodes_with_the_compressors_read
         assert plain != without_reader
         assert plain_stats.adapter_version is None  # no tenant adapter was used
         assert no_docs == base_no_docs  # without documents there is nothing to read: the base model
+
+    run(scenario)
+
+
+def test_a_key_value_compressor_serves_its_contexts_into_the_rows_cache(
+    store: object, base: LoadedModel, tenants: dict[str, Registry]
+) -> None:
+    """A salient-sentence compressor (key/value summaries) on the serving path: compressed online, stored,
+    and read into the row's KV cache, with a tenant adapter and without. The engine answers exactly what
+    a generator given the stored summaries answers; a retrieved segment list takes each segment's own rows,
+    the last segment's shorter than k (segment_rows)."""
+    salient = Compressor.salient(base, segment_len=16, k=10)
+    registry = tenants["acme"]
+    n_tokens = registry.get_document("handbook").tokens
+    assert 0 < n_tokens % 16 < 10  # the last segment keeps all of its few tokens
+
+    async def scenario() -> None:
+        async with engine(store, base, salient, settings()) as core:
+            (info,) = await core.compress("acme", ["handbook"])
+            assert (
+                info.n_vectors == salient.summary_positions(n_tokens) == (n_tokens // 16) * 10 + n_tokens % 16
+            )
+            tuned, _, stats = await collect(core, request("acme", ("handbook",), "support", 12))
+            plain, _, _ = await collect(core, request("acme", ("handbook",), None, 12))
+            no_docs, _, _ = await collect(core, request("acme", (), None, 12))
+            whole = dataclasses.replace(request("acme", ("handbook",), None, 12), segments=(info.segments,))
+            by_segments, _, _ = await collect(core, whole)
+            last = dataclasses.replace(whole, segments=(info.segments[-1:],))
+            _, _, last_stats = await collect(core, last)
+        assert stats.context_tokens == info.n_vectors and last_stats.context_tokens == n_tokens % 16
+        assert by_segments == plain and plain != no_docs and tuned != plain
+
+        context, _ = registry.get_context("handbook", salient.compressor_id)
+        slots = LoraSlots(base.config, 1, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), "cpu", torch.float32)
+        slots.load(0, registry.read_adapter_files("support", "v000001"))
+        reference = Generator(base.model, slots, 1, 256, "cpu", torch.float32, base.tokenizer)
+        prompt = chat_prompt(base.tokenizer, QUESTION)
+        params = SamplingParams(max_new_tokens=12)
+        for slot, answer in ((0, tuned), (-1, plain)):
+            (text,) = generate(
+                reference, [GenerationRequest(prompt, slot=slot, params=params, prefix_kv=context)]
+            )
+            assert text == base.tokenizer.decode(answer, skip_special_tokens=True)
 
     run(scenario)
 

@@ -149,7 +149,7 @@ def within_limit(document: PreparedDocument, max_tokens: int | None) -> Prepared
 def compress_many(
     compressor: Compressor, token_ids: Sequence[list[int]], batch_size: int
 ) -> list[torch.Tensor | LlocoError]:
-    """Summary vectors ``[segments * k, dim]`` (bf16, on CPU) of each document, or the error that
+    """Summaries ``[summary_positions(n), width]`` (bf16, on CPU) of each document, or the error that
     document alone raised.
 
     All documents go through one ``Compressor.compress`` call, ``batch_size`` segments per forward.
@@ -189,13 +189,15 @@ def store_context(
     """Write one document's context, computed from the bytes whose sha256 is ``source_sha``.
 
     Raises:
-        Internal: the vectors do not have ``segments * k`` rows (compressor and segmentation disagree).
+        Internal: the vectors do not have the rows ``summary_positions`` says for the segments' tokens
+            (compressor and segmentation disagree).
         FailedPrecondition: the document changed since it was read (from ``Registry.put_context``).
     """
-    if vectors.ndim != 2 or vectors.shape[0] != len(segments) * compressor.k:
+    tokens = segments[-1].token_end if segments else 0
+    if vectors.ndim != 2 or vectors.shape[0] != compressor.summary_positions(tokens):
         raise Internal(
             f"document {doc_id!r}: compressor returned {tuple(vectors.shape)} vectors for "
-            f"{len(segments)} segments of k={compressor.k}"
+            f"{len(segments)} segments ({tokens} tokens) of k={compressor.k}"
         )
     return registry.put_context(
         doc_id, compressor.compressor_id, vectors, source_sha, compressor.segment_len, compressor.k, segments

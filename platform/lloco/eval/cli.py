@@ -164,7 +164,6 @@ def evaluate(
     )
     from lloco.finetune.datasets import require_qa_data
     from lloco.model import load_compressor, load_model
-    from lloco.model.compressor import SUMMARY_FORMS
     from lloco.model.lora import CONFIG_FILE, WEIGHTS_FILE, peft_geometry, read_peft_files
 
     started = time.perf_counter()
@@ -262,7 +261,7 @@ def evaluate(
         settings.model.dtype,
         run_device,
     )
-    encoder = load_compressor(compressor_spec, base, settings.model.cache_dir, store, SUMMARY_FORMS)
+    encoder = load_compressor(compressor_spec, base, settings.model.cache_dir, store)
 
     def count_tokens(text: str) -> int:
         return len(base.tokenizer.encode(text, add_special_tokens=False))

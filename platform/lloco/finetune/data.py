@@ -91,6 +91,7 @@ class ExampleBuilder:
         compressor_id: whose contexts to use; required in compressed mode.
         max_length: the longest example in positions (prefix + tokens).
         eos_token_id: appended to every answer, so the model learns to stop.
+        kv_prefix: the compressor's contexts are key/value summaries (``Example.kv_prefix``).
     """
 
     def __init__(
@@ -101,6 +102,7 @@ class ExampleBuilder:
         compressor_id: str | None,
         max_length: int,
         eos_token_id: int,
+        kv_prefix: bool = False,
     ) -> None:
         if mode not in ("compressed", "full"):
             raise InvalidArgument(f"finetune mode must be 'compressed' or 'full', got {mode!r}")
@@ -108,6 +110,7 @@ class ExampleBuilder:
             raise InvalidArgument("compressed finetuning needs a compressor id")
         self.registry, self.tokenizer, self.mode = registry, tokenizer, mode
         self.compressor_id, self.max_length, self.eos_token_id = compressor_id, max_length, eos_token_id
+        self.kv_prefix = kv_prefix
         self._contexts: dict[str, Tensor] = {}
         self._prefixes: dict[tuple[str, ...], Tensor] = {}
         self._documents: dict[str, list[int]] = {}
@@ -125,7 +128,7 @@ class ExampleBuilder:
         answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos_token_id]
         if self.mode == "compressed":
             prefix = self._prefix(line, row.doc_ids)
-            example = Example(line, prefix, prompt + answer, len(answer))
+            example = Example(line, prefix, prompt + answer, len(answer), self.kv_prefix)
             if example.length > self.max_length:
                 raise InvalidArgument(
                     f"dataset line {line}: {example.length} positions (context {example.prefix_len}) exceed "

@@ -124,11 +124,13 @@ class LoraFinetune:
         self.model_id, self.tokenizer = base.model_id, base.tokenizer
         self.compressor_id = None
         reader = None
+        kv_prefix = False
         if self.options.mode == "compressed":
             compressor = load_compressor(
                 self.settings.model.compressor, base, self.settings.model.cache_dir, store
             )
             self.compressor_id, reader = compressor.compressor_id, compressor.reader_files
+            kv_prefix = compressor.summary_form == "kv"
             del compressor
         self.init = "reader" if reader is not None else "fresh"
         eos = (
@@ -143,6 +145,7 @@ class LoraFinetune:
             self.compressor_id,
             self.options.max_length or base.config.max_position_embeddings,
             eos,
+            kv_prefix,
         )
         train_rows, eval_rows = split_rows(rows, self.options.eval_fraction, self.options.seed)
         self.train_examples = builder.build(train_rows)

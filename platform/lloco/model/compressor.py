@@ -15,8 +15,7 @@ A compressor's summaries have one of two forms (``summary_form``): ``embeddings`
 back as input embeddings; or ``kv``, the per-layer keys and values of the summary positions
 (``lloco.model.kv_summary``), where segment i's pass runs after the key/value summaries of segments < i and
 keeps its summary tokens' keys and values (no output scale). Both are ``[positions, width]`` tensors per
-document. The serving path reads the embedding form only so far: ``load_compressor`` refuses the other unless its
-caller names it (``summary_forms``; ``lloco eval`` and pretraining read both).
+document; every consumer (the engine, compression jobs, tenant finetunes, ``lloco eval``) reads both.
 
 Which positions a key/value compressor keeps (``positions``): ``summary_tokens``, the k learned summary
 embeddings appended to each segment (above); or ``salient_sentences``, k of the segment's own tokens, whole
@@ -83,6 +82,13 @@ class CompressorConfig:
             raise InvalidArgument("a salient_sentences compressor keeps keys and values (summary_form kv)")
         if not _ID.fullmatch(self.compressor_id):
             raise InvalidArgument(f"compressor id {self.compressor_id!r} must match {_ID.pattern}")
+
+    def summary_positions(self, tokens: int) -> int:
+        """Positions a document of ``tokens`` tokens compresses to: k per segment (a last segment shorter than
+        k keeps all its tokens when salient positions are kept)."""
+        full, rest = divmod(tokens, self.segment_len)
+        last = min(rest, self.k) if self.positions == "salient_sentences" else self.k if rest else 0
+        return full * self.k + last
 
 
 class Compressor:
@@ -231,11 +237,8 @@ class Compressor:
         return cls(base, None, segment_len, accumulate, reader_files=reader_files, summary_form="kv", k=k)
 
     def summary_positions(self, tokens: int) -> int:
-        """Positions ``compress`` makes of a document of ``tokens`` tokens: k per segment (a shorter last
-        segment keeps all its tokens when it has fewer than k and salient positions are kept)."""
-        full, rest = divmod(tokens, self.segment_len)
-        last = min(rest, self.k) if self.positions == "salient_sentences" else self.k if rest else 0
-        return full * self.k + last
+        """Positions ``compress`` makes of a document of ``tokens`` tokens (``CompressorConfig``)."""
+        return self.config.summary_positions(tokens)
 
     @torch.no_grad()
     def compress(self, token_ids: list[list[int]], batch_size: int = 16) -> list[Tensor]:
@@ -434,17 +437,13 @@ def load_compressor(
     base: LoadedModel,
     cache_dir: Path | None = None,
     store: ObjectStore | None = None,
-    summary_forms: tuple[str, ...] = ("embeddings",),
 ) -> Compressor:
-    """A compressor from a spec: "default" (shipped for the base model), a directory, or an s3:// prefix,
-    whose summaries are of one of ``summary_forms`` (the serving path reads embeddings only; ``lloco eval``
-    takes key/value summaries too).
+    """A compressor from a spec: "default" (shipped for the base model), a directory, or an s3:// prefix.
 
     A directory holds either our format (compressor.json) or a princeton-nlp AutoCompressor checkpoint.
 
     Raises:
-        FailedPrecondition: no compressor is shipped for this base model, widths differ, or its summaries
-            are of a form the caller does not read (``summary_forms``).
+        FailedPrecondition: no compressor is shipped for this base model, or widths differ.
         NotFound / InvalidArgument: the spec names nothing usable.
     """
     if spec == "default":
@@ -454,7 +453,7 @@ def load_compressor(
                 f"no compressor is shipped for base model {base.model_id!r}; train one "
                 "(`lloco pretrain-compressor`) and pass its directory or s3:// prefix"
             )
-        return _readable(Compressor.load(directory, base), summary_forms)
+        return Compressor.load(directory, base)
     if spec.startswith("s3://"):
         if cache_dir is None:
             raise InvalidArgument("an s3:// compressor spec needs a cache_dir")
@@ -462,7 +461,7 @@ def load_compressor(
     else:
         directory = Path(spec).expanduser()
     if (directory / CONFIG_NAME).is_file():
-        return _readable(Compressor.load(directory, base), summary_forms)
+        return Compressor.load(directory, base)
     if (directory / "config.json").is_file():
         compressor = Compressor.load_autocompressor(directory, base.model.device, base.model.dtype)
         if compressor.base.config.dim != base.config.dim:
@@ -471,14 +470,3 @@ def load_compressor(
             )
         return compressor
     raise NotFound(f"compressor spec {spec!r}: no {CONFIG_NAME} or AutoCompressor config.json in {directory}")
-
-
-def _readable(compressor: Compressor, summary_forms: tuple[str, ...]) -> Compressor:
-    """``compressor`` if its summaries are of one of ``summary_forms``, else FailedPrecondition."""
-    if compressor.summary_form not in summary_forms:
-        raise FailedPrecondition(
-            f"compressor {compressor.compressor_id} has summary_form {compressor.summary_form!r}; this path reads "
-            f"{' or '.join(summary_forms)} (the serving path reads embedding summaries only so far; `lloco eval` "
-            "and pretraining take key/value summaries too)"
-        )
-    return compressor

@@ -13,6 +13,7 @@ from lloco.registry.records import (
     Segment,
     TenantInfo,
     document_text,
+    segment_rows,
 )
 from lloco.registry.tenant import Registry
 from lloco.registry.tenants import Tenants
@@ -27,4 +28,5 @@ __all__ = [
     "TenantInfo",
     "Tenants",
     "document_text",
+    "segment_rows",
 ]

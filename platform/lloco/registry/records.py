@@ -40,8 +40,8 @@ class DocumentInfo:
 @dataclass(frozen=True)
 class Segment:
     """One S-token segment of a compressed document: its place in the document's tokens ``[token_start,
-    token_end)`` and text ``[char_start, char_end)``. Its summaries are rows ``[index * k, (index + 1) * k)``
-    of the context's vectors."""
+    token_end)`` and text ``[char_start, char_end)``. Its summaries are the context's rows
+    ``segment_rows(index, k, n_vectors)``."""
 
     index: int
     token_start: int
@@ -174,12 +174,19 @@ def segments_from_rows(rows: list[list[int]]) -> tuple[Segment, ...]:
     return tuple(Segment(i, *map(int, row)) for i, row in enumerate(rows))
 
 
+def segment_rows(index: int, k: int, n_vectors: int) -> range:
+    """The rows of a context of ``n_vectors`` that belong to segment ``index``: ``[index*k, (index+1)*k)``,
+    cut at ``n_vectors`` (only the last segment may hold fewer than k: a salient-sentence compressor keeps
+    every token of a last segment shorter than k)."""
+    return range(index * k, min((index + 1) * k, n_vectors))
+
+
 def check_segments(segments: tuple[Segment, ...], n_vectors: int, k: int, segment_len: int) -> None:
-    """InvalidArgument unless ``segments`` tile the document in order, one per ``k`` vectors, each at most
-    ``segment_len`` tokens (an empty tuple is allowed: no segment table)."""
+    """InvalidArgument unless ``segments`` tile the document in order, k vectors each (the last one 1 to k,
+    ``segment_rows``), each at most ``segment_len`` tokens (an empty tuple is allowed: no segment table)."""
     if not segments:
         return
-    if len(segments) * k != n_vectors:
+    if not (len(segments) - 1) * k < n_vectors <= len(segments) * k:
         raise InvalidArgument(f"{len(segments)} segments of k={k} do not fit {n_vectors} vectors")
     token_end = char_end = 0
     for i, s in enumerate(segments):

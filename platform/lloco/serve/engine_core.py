@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -40,7 +41,7 @@ from lloco.model import (
     SamplingParams,
     chat_prompt,
 )
-from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment
+from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -62,16 +63,17 @@ def _between(start: float, end: float) -> float:
 
 
 def segment_vectors(vectors: torch.Tensor, segments: tuple[Segment, ...], k: int) -> torch.Tensor:
-    """The rows of a context ``[n_segments * k, D]`` that belong to ``segments``, in their order: each
-    segment's own k summaries (with accumulation they were computed seeing the document's earlier
-    summaries; those are not prepended with it).
+    """The rows of a context that belong to ``segments``, in their order: each segment's own summaries
+    (``segment_rows``; with accumulation they were computed seeing the document's earlier summaries, which
+    are not prepended with it).
 
     Raises InvalidArgument for a segment the context does not have."""
-    n_segments = vectors.shape[0] // k
-    rows = [s.index for s in segments]
-    if any(not 0 <= row < n_segments for row in rows):
-        raise InvalidArgument(f"segments {rows} out of range for a context of {n_segments} segments")
-    return vectors.view(n_segments, k, -1)[rows].reshape(len(rows) * k, -1)
+    n_segments = math.ceil(vectors.shape[0] / k)
+    indices = [s.index for s in segments]
+    if any(not 0 <= index < n_segments for index in indices):
+        raise InvalidArgument(f"segments {indices} out of range for a context of {n_segments} segments")
+    rows = [row for index in indices for row in segment_rows(index, k, vectors.shape[0])]
+    return vectors[torch.tensor(rows, dtype=torch.long, device=vectors.device)]
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class EngineObserver:
 class _Prepared:
     """A request resolved against the registry: everything the scheduler needs, plus stats inputs."""
 
-    prefix_embeds: torch.Tensor | None
+    prefix: torch.Tensor | None  # the contexts, concatenated: embeddings or key/value summaries
     prompt_ids: list[int]
     document_tokens: int
     adapter: AdapterKey | None
@@ -204,6 +206,7 @@ class EngineCore:
         self._store = store
         self._model = model
         self._compressor = compressor
+        self._kv_summaries = compressor.summary_form == "kv"  # contexts go into rows' caches as keys/values
         self._observer = observer or EngineObserver()
         weight = next(model.model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
@@ -293,7 +296,8 @@ class EngineCore:
         scheduled = ScheduledRequest(
             request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",
             tenant=req.tenant,
-            prefix_embeds=prepared.prefix_embeds,
+            prefix_embeds=None if self._kv_summaries else prepared.prefix,
+            prefix_kv=prepared.prefix if self._kv_summaries else None,
             prompt_ids=prepared.prompt_ids,
             # stop strings are found here, once, as the text is decoded (TextStream), not by the generator
             params=dataclasses.replace(req.params, stop=()),
@@ -334,7 +338,7 @@ class EngineCore:
             done = time.perf_counter()
             stats = QueryStats(
                 prompt_tokens=len(prepared.prompt_ids),
-                context_tokens=0 if prepared.prefix_embeds is None else int(prepared.prefix_embeds.shape[0]),
+                context_tokens=0 if prepared.prefix is None else int(prepared.prefix.shape[0]),
                 document_tokens=prepared.document_tokens,
                 generated_tokens=generated,
                 adapter_version=prepared.adapter.version if req.adapter else None,
@@ -374,7 +378,7 @@ class EngineCore:
 
     @property
     def summary_vectors(self) -> int:
-        """Summary vectors per segment (the compressor's k): what one retrieved segment prepends."""
+        """Summary positions per segment (the compressor's k): what one retrieved segment prepends at most."""
         return self._compressor.k
 
     @property

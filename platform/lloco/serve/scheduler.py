@@ -47,8 +47,8 @@ class TokenEvent:
 
 @dataclass
 class ScheduledRequest:
-    """A tenant's request ready for the model: prefix embeddings `[P, D]` on the device, prompt ids,
-    adapter."""
+    """A tenant's request ready for the model: its compressed context on the device (prefix embeddings
+    `[P, D]`, or key/value summaries `[P, kv_width]` from a key/value compressor), prompt ids, adapter."""
 
     request_id: str
     tenant: str
@@ -57,6 +57,7 @@ class ScheduledRequest:
     params: SamplingParams
     adapter: AdapterKey | None = None
     adapter_weights: LoraAdapter | None = None
+    prefix_kv: torch.Tensor | None = None
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     grant: SlotGrant | None = None
     # perf_counter times of its way through the scheduler (0.0: not yet): queued, given a row, first token out
@@ -66,8 +67,9 @@ class ScheduledRequest:
 
     @property
     def input_tokens(self) -> int:
-        """Input positions: context vectors + prompt tokens."""
-        return (0 if self.prefix_embeds is None else self.prefix_embeds.shape[0]) + len(self.prompt_ids)
+        """Input positions: context positions + prompt tokens."""
+        prefixes = (self.prefix_embeds, self.prefix_kv)
+        return sum(p.shape[0] for p in prefixes if p is not None) + len(self.prompt_ids)
 
 
 @dataclass
@@ -337,7 +339,12 @@ class Scheduler:
                     it.loaded.append(grant.key)
                 slot = grant.slot if grant is not None else -1
                 self._generator.add(
-                    request.request_id, request.prefix_embeds, request.prompt_ids, slot, request.params
+                    request.request_id,
+                    request.prefix_embeds,
+                    request.prompt_ids,
+                    slot,
+                    request.params,
+                    request.prefix_kv,
                 )
             except Exception as exc:
                 it.rejected.append((request, exc))
