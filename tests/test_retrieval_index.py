@@ -22,7 +22,7 @@ from lloco.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 from lloco.model import Compressor, load_model
 from lloco.registry import DocumentInfo, Registry, Segment, Tenants
 from lloco.registry.index import BM25_FILES, INDEX_FORMAT, TEXTS_FILE
-from lloco.registry.records import check_segments
+from lloco.registry.records import check_segments, segment_rows
 from lloco.storage import ObjectStore, keys
 
 SEGMENT_LEN = 24
@@ -90,8 +90,11 @@ def test_segment_table_tiles_tokens_and_text(store: ObjectStore, compressor: Com
 def test_bad_segment_tables_are_refused() -> None:
     good = (Segment(0, 0, 4, 0, 10), Segment(1, 4, 6, 10, 14))
     check_segments(good, 4, 2, 4)
+    check_segments(good, 3, 2, 4)  # a last segment may keep fewer than k (a salient compressor's short one)
+    assert [list(segment_rows(i, 2, 3)) for i in (0, 1)] == [[0, 1], [2]]
     for bad, n_vectors in [
         (good, 6),  # one segment short of the vectors
+        (good, 2),  # the last segment holds none
         ((Segment(0, 0, 4, 0, 10), Segment(1, 5, 6, 10, 14)), 4),  # a gap in the tokens
         ((Segment(0, 0, 5, 0, 10), Segment(1, 5, 6, 10, 14)), 4),  # longer than segment_len
         ((Segment(0, 0, 4, 0, 10), Segment(2, 4, 6, 10, 14)), 4),  # out of order
