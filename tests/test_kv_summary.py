@@ -3,6 +3,7 @@ key/value form (batched, saved, refused by the serving path) and pretraining in 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ from lloco.model import (
     load_model,
 )
 from lloco.model.kv_summary import kv_width, prefix_hidden
-from lloco.model.salient import SINK_TOKENS, salient_positions
+from lloco.model.salient import CONTENT_WEIGHT, SINK_TOKENS, salient_positions
 
 
 @pytest.fixture(scope="module")
@@ -259,6 +260,25 @@ def test_salient_positions_keep_the_most_surprising_sentences_whole(tiny_base: o
     assert kept.tolist() == [*range(SINK_TOKENS), *odd]
     (kept,) = salient_positions(ids, surprisal, length, 100, tokenizer, document_start=False)
     assert kept.tolist() == list(range(int(length)))
+
+
+def test_names_and_numbers_are_worth_content_weight_nats_of_surprisal(tiny_base: object) -> None:
+    """A sentence made of names and numbers outranks a plain one up to CONTENT_WEIGHT nats more surprising,
+    and no further: the bonus is the sentence's share of such tokens times the weight."""
+    tokenizer = tiny_base.tokenizer
+    sentences = [" the cat sat on the mat.", " Apollo 4821 Zeus 1999 Rome."]
+    parts = [tokenizer.encode(s, add_special_tokens=False) for s in sentences]
+    pieces = tokenizer.batch_decode([[t] for t in parts[1]])
+    share = sum(bool(re.search(r"\d|^\s?[A-Z]", p)) for p in pieces) / len(pieces)
+    assert share > 0.3  # digits and capitalised pieces, whatever the tokenizer's split
+    ids = torch.tensor([parts[0] + parts[1]])
+    length = torch.tensor([ids.shape[1]])
+    plain, named = range(len(parts[0])), range(len(parts[0]), ids.shape[1])
+    for gap, winner in ((CONTENT_WEIGHT * share - 0.1, named), (CONTENT_WEIGHT * share + 0.1, plain)):
+        surprisal = torch.full(ids.shape, 2.0)
+        surprisal[0, list(plain)] = 2.0 + gap
+        (kept,) = salient_positions(ids, surprisal, length, len(winner), tokenizer, document_start=False)
+        assert kept.tolist() == list(winner), gap
 
 
 @torch.no_grad()

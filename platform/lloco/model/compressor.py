@@ -57,7 +57,7 @@ SHIPPED = Path(__file__).parent / "compressors"
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SUMMARY_FORMS = ("embeddings", "kv")
 POSITIONS = ("summary_tokens", "salient_sentences")
-SALIENT_VERSION = 1  # in the id of a salient_sentences compressor: bump when its selection changes
+SALIENT_VERSION = 2  # in the id of a salient_sentences compressor: bump when its selection changes
 
 
 @dataclass(frozen=True)
