@@ -21,8 +21,9 @@ from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
+from lloco.eval.evidence import evidence_text, sentence_spans
 from lloco.eval.report import write_report
-from lloco.eval.run import MODE_LABELS, MODES, EvalOptions, Evaluator, Recipe, middle_cut
+from lloco.eval.run import DEFAULT_MODES, MODE_LABELS, EvalOptions, Evaluator, Recipe, middle_cut
 from lloco.eval.tasks import (
     EvalDataset,
     hotpotqa_long,
@@ -247,7 +248,7 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert report["test_sets"] == dict.fromkeys(test_sets, 2)
     results = report["results"]
     assert [(r["test_set"], r["mode"]) for r in results] == [
-        (test_set, mode) for test_set in test_sets for mode in MODES
+        (test_set, mode) for test_set in test_sets for mode in DEFAULT_MODES
     ]  # the default modes, lora_none included
     for result in results:  # the rows a run without --recipes wrote before sweeps existed
         assert list(result) == ROW_KEYS_BEFORE_SWEEPS and result["label"] == MODE_LABELS[result["mode"]]
@@ -293,16 +294,16 @@ def test_eval_command_writes_every_mode_of_every_test_set(
         by_mode["lloco"]["scores"]["f1"] - by_mode["lora_none"]["scores"]["f1"]
     )
     assert [(row["test_set"], row["mode"]) for row in ablations["em_by_depth"]] == [
-        ("passkey-512", mode) for mode in MODES
+        ("passkey-512", mode) for mode in DEFAULT_MODES
     ]
     table = (out / "eval.md").read_text()
-    assert table.count("| squad-long |") == len(MODES) + 1  # + its ablation row
+    assert table.count("| squad-long |") == len(DEFAULT_MODES) + 1  # + its ablation row
     assert "LLoCO (compressed + LoRA)" in table and "LoRA, no context" in table
     assert "8.0x" in table  # 512 document tokens read as 4 summary vectors per 32-token segment
     assert "## Ablations" in table and "exact match by depth" in table and "Gap closed" in table
     assert "| test set | score | LLoCO |" in table and "steps, lr" not in table
     predictions = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == len(test_sets) * len(MODES) * 2
+    assert len(predictions) == len(test_sets) * len(DEFAULT_MODES) * 2
     assert all(list(json.loads(line))[:3] == ["test_set", "mode", "question"] for line in predictions)
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
 
@@ -628,6 +629,60 @@ def test_passkey_train_and_test_share_nothing(count_tokens: object) -> None:
         for fact in (f for d in docs for f in d.facts):
             assert any(p.fullmatch(fact.statement) for p in own)
             assert not any(p.fullmatch(fact.statement) for p in other)
+
+
+def test_evidence_is_the_questions_best_sentences_in_document_order_within_budget() -> None:
+    text = "Paris is in France.  The Zorbl project started in 1999!\nIts code is 4821. Rome is old?"
+    assert [text[a:b] for a, b in sentence_spans(text)] == [
+        "Paris is in France.",
+        "The Zorbl project started in 1999!",
+        "Its code is 4821.",
+        "Rome is old?",
+    ]
+    words = lambda part: len(part.split())  # noqa: E731
+    assert (
+        evidence_text(text, "When did the Zorbl project start?", 7, words)
+        == "The Zorbl project started in 1999!"
+    )
+    # the budget holds two sentences (6 + 1 and 4 + 1 words): the best one and the best of the rest that fits,
+    # in the text's order; a follow-up query from the first hit finds the second ("code" shares no word)
+    assert evidence_text(text, "Which code has the Zorbl project?", 12, words) == (
+        "The Zorbl project started in 1999! Its code is 4821."
+    )
+    assert evidence_text(text, "Zorbl?", 3, words) == ""  # its sentence does not fit
+    assert evidence_text(text, "unrelated words", 100, words) == ""  # nothing found: no evidence
+
+
+def test_evidence_modes_read_the_questions_sentences_within_the_budget(
+    tiny_base: object, count_tokens: object
+) -> None:
+    """``lora_evidence`` sees the evidence tokens and no summaries, ``lloco_evidence`` the summaries then the
+    same evidence; it holds the asked fact of every passkey document and stays within documents / ratio."""
+    compressor = Compressor.salient(tiny_base, 32, 4)
+    dataset = passkey(2, 4, count_tokens, lengths=(512,), seed=0)
+    modes = ("lloco_evidence", "lora_evidence")
+    options = EvalOptions(modes=modes, train_steps=2, evidence_ratio=2, max_new_tokens=4)
+    evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(batch_size=2), options)
+    results = {r.mode: r for r in evaluator.run([dataset])}
+    assert set(results) == set(modes) and all(r.skipped is None for r in results.values())
+    summaries = results["lloco_evidence"].context_tokens - results["lora_evidence"].context_tokens
+    assert summaries == 4 * math.ceil(results["lora_evidence"].document_tokens / 32)  # k 4 per 32 tokens
+    assert 0 < results["lora_evidence"].context_tokens <= results["lora_evidence"].document_tokens / 2
+    tokens = evaluator._tokenize(dataset.train.documents)
+    contexts = evaluator._compress(tokens)
+    tokenizer = tiny_base.tokenizer
+    built = {
+        form: evaluator.examples(dataset, form, tokens, contexts)
+        for form in ("evidence", "compressed_evidence")
+    }
+    for alone, after in zip(built["evidence"], built["compressed_evidence"], strict=True):
+        row = dataset.train.rows[alone.line - 1]
+        evidence = evaluator.evidence(row, tokens)
+        assert 0 < len(evidence) <= len(tokens[row.doc_ids[0]]) // 2
+        assert row.answer in tokenizer.decode(evidence)  # the planted fact's sentence
+        prompt = chat_prompt(tokenizer, dataset.question(row))
+        assert alone.prefix is None and alone.input_ids[: len(evidence) + len(prompt)] == evidence + prompt
+        assert after.input_ids == alone.input_ids and after.prefix_len == contexts[row.doc_ids[0]].shape[0]
 
 
 def test_lora_none_examples_hold_no_context_and_the_same_rows(

@@ -53,7 +53,10 @@ def evaluate(
     ] = "squad,qmsum,hotpotqa,passkey",
     modes: Annotated[
         str,
-        typer.Option(help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora."),
+        typer.Option(
+            help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora, and the "
+            "experiment's lloco_evidence and lora_evidence (docs/compressor.md)."
+        ),
     ] = "none,truncated,full,compressed,lloco,lora_none,full_lora",
     split: Annotated[
         str,
@@ -85,6 +88,9 @@ def evaluate(
         int | None, typer.Option(help="Cut documents to N tokens (small hosts).")
     ] = None,
     compress_batch_size: Annotated[int, typer.Option(help="Segments per compressor forward.")] = 16,
+    evidence_ratio: Annotated[
+        int, typer.Option(help="Evidence modes: a query's evidence holds at most its documents' tokens / N.")
+    ] = 32,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Answer length (default: 32 for QA, 160 for QMSum).")
     ] = None,
@@ -233,6 +239,7 @@ def evaluate(
             max_document_tokens=max_document_tokens,
             max_new_tokens=max_new_tokens,
             compress_batch_size=compress_batch_size,
+            evidence_ratio=evidence_ratio,
             perplexity_windows=perplexity_windows,
             time_budget_s=time_budget,
             seed=seed,

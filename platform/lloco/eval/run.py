@@ -14,8 +14,12 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
   is what the summary vectors carry.
 - ``full_lora``: all of the document's tokens, with a LoRA trained on the train rows with full documents
   (cut in the middle to ``train_max_length`` for training).
+- ``lloco_evidence`` (an experiment, not what the platform serves): the summary vectors, then the question's
+  evidence (``lloco.eval.evidence``: the document sentences a BM25 ranking of the question finds, at most
+  the documents' tokens / ``evidence_ratio``), with a LoRA trained in that form.
+- ``lora_evidence``: the evidence alone, with a LoRA trained in that form: what the summary vectors add to it.
 
-The three LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
+The LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
 the same steps, hyperparameters, seed and initial weights (a seeded random init, or ``adapter_init``, which
 defaults to the compressor's reader when it has one, as tenant finetuning starts from it), so that they
 differ only in the context their examples hold.
@@ -51,6 +55,7 @@ from torch import Tensor
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval.adapters import TrainedAdapter, state_digest, train_adapter
+from lloco.eval.evidence import evidence_text
 from lloco.eval.metrics import exact_match, f1_score, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
@@ -63,8 +68,27 @@ from lloco.registry import DatasetRow
 
 log = get_logger(__name__)
 
-Mode = Literal["none", "truncated", "full", "compressed", "lloco", "lora_none", "full_lora"]
-MODES: tuple[Mode, ...] = ("none", "truncated", "full", "compressed", "lloco", "lora_none", "full_lora")
+Mode = Literal[
+    "none",
+    "truncated",
+    "full",
+    "compressed",
+    "lloco",
+    "lora_none",
+    "full_lora",
+    "lloco_evidence",
+    "lora_evidence",
+]
+DEFAULT_MODES: tuple[Mode, ...] = (
+    "none",
+    "truncated",
+    "full",
+    "compressed",
+    "lloco",
+    "lora_none",
+    "full_lora",
+)
+MODES: tuple[Mode, ...] = (*DEFAULT_MODES, "lloco_evidence", "lora_evidence")
 MODE_LABELS: dict[str, str] = {
     "none": "no context",
     "truncated": "truncated to window",
@@ -73,10 +97,19 @@ MODE_LABELS: dict[str, str] = {
     "lloco": "LLoCO (compressed + LoRA)",
     "lora_none": "LoRA, no context",
     "full_lora": "full-context LoRA",
+    "lloco_evidence": "LLoCO + evidence sentences",
+    "lora_evidence": "LoRA, evidence sentences only",
 }
-ExampleForm = Literal["compressed", "none", "full"]
-ADAPTER_MODE: dict[str, ExampleForm] = {"lloco": "compressed", "lora_none": "none", "full_lora": "full"}
-COMPRESSED_MODES = frozenset({"compressed", "lloco"})
+ExampleForm = Literal["compressed", "none", "full", "compressed_evidence", "evidence"]
+ADAPTER_MODE: dict[str, ExampleForm] = {
+    "lloco": "compressed",
+    "lora_none": "none",
+    "full_lora": "full",
+    "lloco_evidence": "compressed_evidence",
+    "lora_evidence": "evidence",
+}
+COMPRESSED_MODES = frozenset({"compressed", "lloco", "lloco_evidence"})
+EVIDENCE_MODES = frozenset({"lloco_evidence", "lora_evidence"})
 PERPLEXITY_BATCH = 8  # held-out windows per forward
 
 
@@ -175,7 +208,9 @@ class EvalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    modes: tuple[Mode, ...] = Field(MODES, min_length=1, description="Modes to run; rows keep this order.")
+    modes: tuple[Mode, ...] = Field(
+        DEFAULT_MODES, min_length=1, description="Modes to run; rows keep this order."
+    )
     train_steps: int = Field(100, ge=1, description="Optimizer steps of each LoRA mode's adapter.")
     learning_rate: float | None = Field(
         None, gt=0, description="LoRA learning rate; None: settings.finetune."
@@ -200,6 +235,9 @@ class EvalOptions(BaseModel):
         None, ge=1, description="Answer length; None: 32 for QA, 160 for summaries."
     )
     compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
+    evidence_ratio: int = Field(
+        32, ge=1, description="Evidence modes: a query's evidence holds at most its documents' tokens / this."
+    )
     perplexity_windows: int = Field(32, ge=1, description="Held-out windows of the perplexity gap.")
     perplexity_segments: int = Field(
         4, ge=2, description="Segments (of the compressor's S tokens) per held-out window."
@@ -313,6 +351,7 @@ class Evaluator:
             raise InvalidArgument(f"the tokenizer of {base.model_id} has no EOS token")
         self.deadline = None if options.time_budget_s is None else time.perf_counter() + options.time_budget_s
         self.costs: dict[str, dict[str, float]] = {}
+        self.texts: dict[str, str] = {}  # the documents' texts by id, for the evidence modes
 
     def _answer_tokens(self, dataset: EvalDataset) -> int:
         return self.options.max_new_tokens or MAX_NEW_TOKENS[dataset.metric]
@@ -342,6 +381,18 @@ class Evaluator:
     def _prefix(self, row: DatasetRow, contexts: dict[str, Tensor]) -> Tensor:
         return torch.cat([contexts[doc_id] for doc_id in row.doc_ids])
 
+    def _evidence_budget(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
+        return len(self._joined(row, tokens)) // self.options.evidence_ratio
+
+    def evidence(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
+        """The row's evidence tokens (``lloco.eval.evidence``) within ``_evidence_budget``, from the texts of
+        its documents (``self.texts``) joined as ``_joined`` joins their tokens."""
+        budget = self._evidence_budget(row, tokens)
+        text = DOCUMENT_SEPARATOR.join(self.texts[doc_id] for doc_id in row.doc_ids)
+        count = lambda part: len(self.tokenizer.encode(part, add_special_tokens=False))  # noqa: E731
+        chosen = evidence_text(text, row.question, budget, count)
+        return self.tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
+
     # -- adapters ---------------------------------------------------------------------------------------
 
     def _summary_vectors(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
@@ -357,26 +408,38 @@ class Evaluator:
         rows: int | None = None,
     ) -> list[Example]:
         """The training examples of a LoRA mode: ``[context] + chat_prompt(question) + answer + eos``, the
-        context being the summary vectors (``compressed``), nothing (``none``) or the document cut in the
-        middle to fit (``full``), from the first ``rows`` train rows (None: all). Every form keeps the same
-        rows: those whose compressed form fits ``train_max_length`` (``contexts`` need only hold the train
-        documents for ``compressed``).
+        context being the summary vectors (``compressed``), nothing (``none``), the document cut in the
+        middle to fit (``full``), the summary vectors then the row's evidence tokens
+        (``compressed_evidence``) or the evidence alone (``evidence``), from the first ``rows`` train rows
+        (None: all). Every form keeps the same rows: those whose compressed form (with its evidence budget
+        when the run has an evidence mode) fits ``train_max_length`` (``contexts`` need only hold the train
+        documents for the compressed forms, ``self.texts`` their texts for the evidence forms).
 
         Raises:
             InvalidArgument: no train row fits.
         """
         max_length = self.options.train_max_length or self.window
+        with_evidence = bool(EVIDENCE_MODES & set(self.options.modes))
+        kv = self.compressor.summary_form == "kv"
         examples = []
         for line, row in enumerate(dataset.train.rows[:rows], start=1):
             prompt = chat_prompt(self.tokenizer, dataset.question(row))
             answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
-            if self._summary_vectors(row, tokens) + len(prompt) + len(answer) > max_length:
+            context = self._summary_vectors(row, tokens)
+            context += self._evidence_budget(row, tokens) if with_evidence else 0
+            if context + len(prompt) + len(answer) > max_length:
                 continue
             if form == "compressed":
-                kv = self.compressor.summary_form == "kv"
                 examples.append(Example(line, self._prefix(row, contexts), prompt + answer, len(answer), kv))
             elif form == "none":
                 examples.append(Example(line, None, prompt + answer, len(answer)))
+            elif form == "compressed_evidence":
+                ids = self.evidence(row, tokens) + prompt + answer
+                examples.append(Example(line, self._prefix(row, contexts), ids, len(answer), kv))
+            elif form == "evidence":
+                examples.append(
+                    Example(line, None, self.evidence(row, tokens) + prompt + answer, len(answer))
+                )
             else:
                 document = middle_cut(self._joined(row, tokens), max_length - len(prompt) - len(answer))
                 examples.append(Example(line, None, document + prompt + answer, len(answer)))
@@ -502,6 +565,7 @@ class Evaluator:
 
         started = time.perf_counter()
         test_documents = {d: t for test in dataset.tests for d, t in test.qaset.documents.items()}
+        self.texts.update(test_documents)
         tokens = self._tokenize(test_documents)
         costs: dict[str, float] = {"tokenize_s": time.perf_counter() - started, "documents": len(tokens)}
         self.costs[dataset.name] = costs
@@ -530,7 +594,8 @@ class Evaluator:
                     reason = "time budget spent"
                 else:
                     train_tokens = train_tokens or self._tokenize(dataset.train.documents)
-                    if ADAPTER_MODE[mode] == "compressed" and not train_compressed:
+                    self.texts.update(dataset.train.documents)
+                    if mode in COMPRESSED_MODES and not train_compressed:
                         contexts.update(self._timed_compress(train_tokens, costs))
                         train_compressed = True
                     examples = self.examples(
@@ -560,9 +625,12 @@ class Evaluator:
         document = self._joined(row, tokens)
         if mode in ("none", "lora_none"):
             return _Request(None, prompt, 0, len(document))
+        evidence = self.evidence(row, tokens) if mode in EVIDENCE_MODES else []
         if mode in COMPRESSED_MODES:
             prefix = self._prefix(row, contexts)
-            return _Request(prefix, prompt, prefix.shape[0], len(document))
+            return _Request(prefix, evidence + prompt, prefix.shape[0] + len(evidence), len(document))
+        if mode == "lora_evidence":
+            return _Request(None, evidence + prompt, len(evidence), len(document))
         if mode == "truncated":
             document = middle_cut(document, self.window - len(prompt) - self._answer_tokens(dataset))
         return _Request(None, document + prompt, len(document), len(self._joined(row, tokens)))

@@ -1,0 +1,62 @@
+"""Evidence: the sentences of a query's documents that a BM25 ranking of its question finds, as text.
+
+The salient-sentence compressor chooses what to keep before any question is known, and no rule of that kind
+kept more SQuAD answers than random sentences did (docs/compressor.md). Evidence is the query-aware half of
+an experiment: beside the compressed context, the decoder reads the few sentences the question points at,
+within a token budget that keeps the whole context at the compression ratio asked for. ``lloco eval``'s
+``lloco_evidence`` mode measures it, and ``lora_evidence`` (the same sentences, no compressed context) is its
+ablation: what the compressed context adds to them.
+
+Sentences are ranked by the retrieval index's own search (``lloco.registry.index``: BM25 over stemmed
+words, then follow-up queries from the best hits, so the second fact of a two-hop question can be found
+through the first), each sentence a row of a throwaway index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from lloco.registry import Segment
+from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index
+from lloco.registry.records import now
+
+_SENTENCE = re.compile(r"[^\n.!?]*(?:[.!?]+|\n|$)")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """[start, end) of each sentence of ``text`` (up to and with its ., ! or ?, or a line end), stripped;
+    empty ones left out."""
+    spans = []
+    for match in _SENTENCE.finditer(text):
+        start, end = match.span()
+        while start < end and text[start].isspace():
+            start += 1
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def evidence_text(text: str, question: str, budget: int, count_tokens: Callable[[str], int]) -> str:
+    """The sentences of ``text`` that ``question`` ranks best, as many as fit ``budget`` tokens
+    (``count_tokens`` of each, plus one for the space that joins them), joined in the text's order; a
+    sentence longer than what is left is passed over for the next one that fits. "" when none is found."""
+    spans = sentence_spans(text)
+    if budget <= 0 or not spans:
+        return ""
+    entries = tuple(IndexEntry("", "", Segment(i, 0, 0, start, end)) for i, (start, end) in enumerate(spans))
+    version = IndexVersion("evidence", "", 1, len(spans), now())
+    index = SegmentIndex(version, entries, bm25_index([text[a:b] for a, b in spans]))
+    chosen: list[tuple[int, int]] = []
+    left = budget
+    for hit in index.search(question, len(spans)):
+        span = (hit.entry.segment.char_start, hit.entry.segment.char_end)
+        cost = count_tokens(text[span[0] : span[1]]) + 1
+        if cost <= left:
+            chosen.append(span)
+            left -= cost
+        if left <= 1:
+            break
+    return " ".join(text[a:b] for a, b in sorted(chosen))
