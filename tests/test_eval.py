@@ -21,7 +21,6 @@ from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
-from lloco.eval.evidence import evidence_text, sentence_spans
 from lloco.eval.report import write_report
 from lloco.eval.run import DEFAULT_MODES, MODE_LABELS, EvalOptions, Evaluator, Recipe, middle_cut
 from lloco.eval.tasks import (
@@ -38,6 +37,7 @@ from lloco.finetune.pretrain_eval import gap_closed
 from lloco.model import Compressor, TrainableLora, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
+from lloco.registry.evidence import evidence_text, sentence_spans
 
 DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 ROOT = Path(__file__).resolve().parents[1]
@@ -641,16 +641,21 @@ def test_evidence_is_the_questions_best_sentences_in_document_order_within_budge
     ]
     words = lambda part: len(part.split())  # noqa: E731
     assert (
-        evidence_text(text, "When did the Zorbl project start?", 7, words)
+        evidence_text([text], "When did the Zorbl project start?", 7, words)
         == "The Zorbl project started in 1999!"
     )
     # the budget holds two sentences (6 + 1 and 4 + 1 words): the best one and the best of the rest that fits,
     # in the text's order; a follow-up query from the first hit finds the second ("code" shares no word)
-    assert evidence_text(text, "Which code has the Zorbl project?", 12, words) == (
+    assert evidence_text([text], "Which code has the Zorbl project?", 12, words) == (
         "The Zorbl project started in 1999! Its code is 4821."
     )
-    assert evidence_text(text, "Zorbl?", 3, words) == ""  # its sentence does not fit
-    assert evidence_text(text, "unrelated words", 100, words) == ""  # nothing found: no evidence
+    assert evidence_text([text], "Zorbl?", 3, words) == ""  # its sentence does not fit
+    assert evidence_text([text], "unrelated words", 100, words) == ""  # nothing found: no evidence
+    documents = ["Rome is old.", "The Zorbl code is 4821."]  # a query's documents: their sentences, in order
+    assert evidence_text(documents, "Zorbl code?", 100, words) == "The Zorbl code is 4821."
+    assert evidence_text(documents, "Is the Zorbl code as old as Rome?", 100, words) == (
+        "Rome is old. The Zorbl code is 4821."
+    )
 
 
 def test_evidence_modes_read_the_questions_sentences_within_the_budget(

@@ -55,7 +55,6 @@ from torch import Tensor
 from lloco.config import FinetuneSettings
 from lloco.errors import InvalidArgument
 from lloco.eval.adapters import TrainedAdapter, state_digest, train_adapter
-from lloco.eval.evidence import evidence_text
 from lloco.eval.metrics import exact_match, f1_score, rouge
 from lloco.eval.tasks import MAX_NEW_TOKENS, EvalDataset, TestSet
 from lloco.finetune.data import DOCUMENT_SEPARATOR, Example
@@ -65,6 +64,7 @@ from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow
+from lloco.registry.evidence import evidence_ids
 
 log = get_logger(__name__)
 
@@ -382,16 +382,13 @@ class Evaluator:
         return torch.cat([contexts[doc_id] for doc_id in row.doc_ids])
 
     def _evidence_budget(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
-        return len(self._joined(row, tokens)) // self.options.evidence_ratio
+        return sum(len(tokens[doc_id]) for doc_id in row.doc_ids) // self.options.evidence_ratio
 
     def evidence(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
-        """The row's evidence tokens (``lloco.eval.evidence``) within ``_evidence_budget``, from the texts of
-        its documents (``self.texts``) joined as ``_joined`` joins their tokens."""
-        budget = self._evidence_budget(row, tokens)
-        text = DOCUMENT_SEPARATOR.join(self.texts[doc_id] for doc_id in row.doc_ids)
-        count = lambda part: len(self.tokenizer.encode(part, add_special_tokens=False))  # noqa: E731
-        chosen = evidence_text(text, row.question, budget, count)
-        return self.tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
+        """The row's evidence tokens (``lloco.registry.evidence``) within ``_evidence_budget``, from the texts
+        of its documents (``self.texts``)."""
+        texts = [self.texts[doc_id] for doc_id in row.doc_ids]
+        return evidence_ids(texts, row.question, self._evidence_budget(row, tokens), self.tokenizer)
 
     # -- adapters ---------------------------------------------------------------------------------------
 

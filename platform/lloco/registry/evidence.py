@@ -15,7 +15,8 @@ through the first), each sentence a row of a throwaway index.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from lloco.registry import Segment
 from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index
@@ -39,24 +40,38 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def evidence_text(text: str, question: str, budget: int, count_tokens: Callable[[str], int]) -> str:
-    """The sentences of ``text`` that ``question`` ranks best, as many as fit ``budget`` tokens
-    (``count_tokens`` of each, plus one for the space that joins them), joined in the text's order; a
-    sentence longer than what is left is passed over for the next one that fits. "" when none is found."""
-    spans = sentence_spans(text)
-    if budget <= 0 or not spans:
+def evidence_text(
+    texts: Sequence[str], question: str, budget: int, count_tokens: Callable[[str], int]
+) -> str:
+    """The sentences of ``texts`` (a query's documents, in order) that ``question`` ranks best, as many as fit
+    ``budget`` tokens (``count_tokens`` of each, plus one for the space that joins them), joined in the
+    documents' order; a sentence longer than what is left is passed over for the next one that fits. ""
+    when none is found."""
+    sentences = [(i, start, end) for i, text in enumerate(texts) for start, end in sentence_spans(text)]
+    if budget <= 0 or not sentences:
         return ""
-    entries = tuple(IndexEntry("", "", Segment(i, 0, 0, start, end)) for i, (start, end) in enumerate(spans))
-    version = IndexVersion("evidence", "", 1, len(spans), now())
-    index = SegmentIndex(version, entries, bm25_index([text[a:b] for a, b in spans]))
-    chosen: list[tuple[int, int]] = []
+    entries = tuple(
+        IndexEntry(str(i), "", Segment(row, 0, 0, start, end))
+        for row, (i, start, end) in enumerate(sentences)
+    )
+    version = IndexVersion("evidence", "", len(texts), len(sentences), now())
+    index = SegmentIndex(version, entries, bm25_index([texts[i][a:b] for i, a, b in sentences]))
+    chosen: list[int] = []
     left = budget
-    for hit in index.search(question, len(spans)):
-        span = (hit.entry.segment.char_start, hit.entry.segment.char_end)
-        cost = count_tokens(text[span[0] : span[1]]) + 1
+    for hit in index.search(question, len(sentences)):
+        i, start, end = sentences[hit.entry.segment.index]
+        cost = count_tokens(texts[i][start:end]) + 1
         if cost <= left:
-            chosen.append(span)
+            chosen.append(hit.entry.segment.index)
             left -= cost
         if left <= 1:
             break
-    return " ".join(text[a:b] for a, b in sorted(chosen))
+    return " ".join(texts[i][a:b] for i, a, b in (sentences[row] for row in sorted(chosen)))
+
+
+def evidence_ids(texts: Sequence[str], question: str, budget: int, tokenizer: Any) -> list[int]:
+    """``evidence_text`` in ``tokenizer``'s ids (counted with it), at most ``budget`` of them: what a query
+    reads between its documents' compressed contexts and its prompt."""
+    count = lambda part: len(tokenizer.encode(part, add_special_tokens=False))  # noqa: E731
+    chosen = evidence_text(texts, question, budget, count)
+    return tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
