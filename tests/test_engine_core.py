@@ -32,6 +32,7 @@ from lloco.model import (
     load_model,
 )
 from lloco.registry import Registry, Tenants
+from lloco.registry.evidence import evidence_ids
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import (
     EngineCore,
@@ -615,6 +616,52 @@ def test_a_key_value_compressor_serves_its_contexts_into_the_rows_cache(
                 reference, [GenerationRequest(prompt, slot=slot, params=params, prefix_kv=context)]
             )
             assert text == base.tokenizer.decode(answer, skip_special_tokens=True)
+
+    run(scenario)
+
+
+def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_the_context(
+    store: object, base: LoadedModel, tenants: dict[str, Registry]
+) -> None:
+    """An adapter whose train record holds an evidence ratio is served as it was trained: the documents'
+    summaries, then the question's evidence (within the documents' tokens / ratio), then the prompt; the same
+    weights without the record read no evidence. The engine answers what a generator given the same input does."""
+    salient = Compressor.salient(base, segment_len=16, k=10)
+    registry = tenants["acme"]
+    files = registry.read_adapter_files("support", "v000001")
+    registry.publish_adapter("support-evidence", files, train={"evidence_ratio": 4})
+    n_tokens = registry.get_document("handbook").tokens
+    evidence = evidence_ids([HANDBOOK], QUESTION, n_tokens // 4, base.tokenizer)
+    assert base.tokenizer.decode(evidence) == "The capital of France is Paris."
+
+    async def scenario() -> None:
+        async with engine(store, base, salient, settings()) as core:
+            (info,) = await core.compress("acme", ["handbook"])
+            asked = request("acme", ("handbook",), "support-evidence", 12)
+            answer, _, stats = await collect(core, asked)
+            _, _, without = await collect(core, request("acme", ("handbook",), "support", 12))
+            every_segment = dataclasses.replace(asked, segments=(info.segments,))
+            by_segments, _, segment_stats = await collect(
+                core, every_segment
+            )  # their text, boundaries joined
+            first_segment = dataclasses.replace(asked, segments=(info.segments[:1],))
+            _, _, first_stats = await collect(core, first_segment)
+        assert by_segments == answer and segment_stats == dataclasses.replace(
+            stats, ttft_s=segment_stats.ttft_s, total_s=segment_stats.total_s, prepare_s=segment_stats.prepare_s,
+            queue_s=segment_stats.queue_s, prefill_s=segment_stats.prefill_s,
+        )  # fmt: skip
+        assert first_stats.context_tokens == 10  # k: its budget, 16 tokens // 4, holds no sentence
+        assert stats.context_tokens == info.n_vectors + len(evidence)
+        assert without.context_tokens == info.n_vectors and stats.prompt_tokens == without.prompt_tokens
+
+        context, _ = registry.get_context("handbook", salient.compressor_id)
+        slots = LoraSlots(base.config, 1, 8, ("q_proj", "k_proj", "v_proj", "o_proj"), "cpu", torch.float32)
+        slots.load(0, files)
+        reference = Generator(base.model, slots, 1, 256, "cpu", torch.float32, base.tokenizer)
+        prompt = evidence + chat_prompt(base.tokenizer, QUESTION)
+        params = SamplingParams(max_new_tokens=12)
+        (text,) = generate(reference, [GenerationRequest(prompt, slot=0, params=params, prefix_kv=context)])
+        assert text == base.tokenizer.decode(answer, skip_special_tokens=True)
 
     run(scenario)
 

@@ -35,6 +35,7 @@ from lloco.jobs import JobRecord, Jobs, settings_env
 from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
 from lloco.model.kv_summary import kv_width
 from lloco.registry import DatasetRow, Registry, Tenants
+from lloco.registry.evidence import evidence_ids
 from lloco.storage import ObjectStore, keys
 from safetensors.torch import load as load_safetensors_bytes
 
@@ -127,6 +128,14 @@ def test_rows_become_context_prefix_prompt_and_answer_with_loss_on_answer_only(w
     answer = [*tokenizer.encode("france", add_special_tokens=False), eos]
     assert torch.equal(first.prefix, context) and first.prefix is second.prefix  # read once, shared
     assert first.input_ids == prompt + answer and first.answer_len == len(answer)
+    with_evidence = ExampleBuilder(
+        registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, eos, evidence_ratio=2
+    ).build(rows[:1])[0]
+    text = registry.read_text("doc0")
+    budget = len(tokenizer.encode(text, add_special_tokens=False)) // 2
+    evidence = evidence_ids([text], "What country is paris the capital of?", budget, tokenizer)
+    assert evidence and with_evidence.input_ids == evidence + prompt + answer  # between context and prompt
+    assert torch.equal(with_evidence.prefix, context)
 
     embed = world.compressor.base.model.embed
     batch = collate([first, second], embed, "cpu")
@@ -282,6 +291,21 @@ def test_a_tenant_adapter_trains_over_key_value_summaries(s3: object, tmp_path: 
         and "-salient-" in record["compressor_id"]
     )
     assert sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
+    assert record["evidence_ratio"] == 0  # finetune.evidence_ratio's default: serving reads no evidence
+
+    finetune = learnable.settings.finetune.model_copy(update={"evidence_ratio": 2})
+    with_evidence = LoraFinetune(
+        learnable.settings.model_copy(update={"finetune": finetune}),
+        "solo", "caps", "default", "evidence", TrainOptions(max_steps=1, eval_fraction=0.2),
+    )  # fmt: skip
+    with_evidence.setup()
+    first, plain = with_evidence.train_examples[0], recipe.train_examples[0]
+    assert (
+        len(first.input_ids) > len(plain.input_ids)
+        and first.input_ids[-len(plain.input_ids) :] == plain.input_ids
+    )
+    assert with_evidence.record(None)["evidence_ratio"] == 2  # what serving reads from the published adapter
+    with_evidence.cleanup()
 
 
 # a busy 2-core machine can keep the GCS from answering within Ray's default 5 s connect timeout

@@ -2,8 +2,9 @@
 
 A row becomes ``[context] + chat_prompt(question) + answer + eos``. The context is, in ``compressed`` mode,
 the stored summary vectors of the row's documents (concatenated, read from the registry, never
-re-encoded) placed as input embeddings; in ``full`` mode, the documents' raw tokens (the full-context
-baseline), cut in the middle when the row would exceed ``max_length`` (as LongBench does).
+re-encoded) placed as input embeddings, then, with an evidence ratio, the question's evidence tokens
+(``lloco.registry.evidence``, as serving computes them); in ``full`` mode, the documents' raw tokens (the
+full-context baseline), cut in the middle when the row would exceed ``max_length`` (as LongBench does).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import Tensor
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
 from lloco.model import chat_prompt
 from lloco.registry import DatasetRow, Registry
+from lloco.registry.evidence import evidence_ids
 
 Mode = Literal["compressed", "full"]
 DOCUMENT_SEPARATOR = "\n\n"
@@ -92,6 +94,8 @@ class ExampleBuilder:
         max_length: the longest example in positions (prefix + tokens).
         eos_token_id: appended to every answer, so the model learns to stop.
         kv_prefix: the compressor's contexts are key/value summaries (``Example.kv_prefix``).
+        evidence_ratio: compressed mode: the question's evidence, at most the documents' tokens / this,
+            follows the context (0: none).
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class ExampleBuilder:
         max_length: int,
         eos_token_id: int,
         kv_prefix: bool = False,
+        evidence_ratio: int = 0,
     ) -> None:
         if mode not in ("compressed", "full"):
             raise InvalidArgument(f"finetune mode must be 'compressed' or 'full', got {mode!r}")
@@ -110,9 +115,10 @@ class ExampleBuilder:
             raise InvalidArgument("compressed finetuning needs a compressor id")
         self.registry, self.tokenizer, self.mode = registry, tokenizer, mode
         self.compressor_id, self.max_length, self.eos_token_id = compressor_id, max_length, eos_token_id
-        self.kv_prefix = kv_prefix
+        self.kv_prefix, self.evidence_ratio = kv_prefix, evidence_ratio
         self._contexts: dict[str, Tensor] = {}
         self._prefixes: dict[tuple[str, ...], Tensor] = {}
+        self._texts: dict[str, str] = {}
         self._documents: dict[str, list[int]] = {}
 
     def build(self, rows: Sequence[tuple[int, DatasetRow]]) -> list[Example]:
@@ -128,7 +134,8 @@ class ExampleBuilder:
         answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos_token_id]
         if self.mode == "compressed":
             prefix = self._prefix(line, row.doc_ids)
-            example = Example(line, prefix, prompt + answer, len(answer), self.kv_prefix)
+            evidence = self._evidence(line, row) if self.evidence_ratio else []
+            example = Example(line, prefix, evidence + prompt + answer, len(answer), self.kv_prefix)
             if example.length > self.max_length:
                 raise InvalidArgument(
                     f"dataset line {line}: {example.length} positions (context {example.prefix_len}) exceed "
@@ -166,17 +173,32 @@ class ExampleBuilder:
             self._contexts[doc_id] = vectors
         return self._contexts[doc_id]
 
+    def _evidence(self, line: int, row: DatasetRow) -> list[int]:
+        """The row's evidence tokens, within its documents' tokens / ``evidence_ratio``."""
+        budget = sum(len(self._tokens(line, doc_id)) for doc_id in row.doc_ids) // self.evidence_ratio
+        texts = [self._text(line, doc_id) for doc_id in row.doc_ids]
+        return evidence_ids(texts, row.question, budget, self.tokenizer)
+
+    def _text(self, line: int, doc_id: str) -> str:
+        if doc_id not in self._texts:
+            try:
+                self._texts[doc_id] = self.registry.read_text(doc_id)
+            except NotFound as error:
+                raise InvalidArgument(f"dataset line {line}: unknown document {doc_id!r}") from error
+        return self._texts[doc_id]
+
+    def _tokens(self, line: int, doc_id: str) -> list[int]:
+        if doc_id not in self._documents:
+            self._documents[doc_id] = self.tokenizer.encode(
+                self._text(line, doc_id), add_special_tokens=False
+            )
+        return self._documents[doc_id]
+
     def _document_tokens(self, line: int, doc_ids: Sequence[str]) -> list[int]:
         tokens: list[int] = []
         separator = self.tokenizer.encode(DOCUMENT_SEPARATOR, add_special_tokens=False)
         for index, doc_id in enumerate(doc_ids):
-            if doc_id not in self._documents:
-                try:
-                    text = self.registry.read_text(doc_id)
-                except NotFound as error:
-                    raise InvalidArgument(f"dataset line {line}: unknown document {doc_id!r}") from error
-                self._documents[doc_id] = self.tokenizer.encode(text, add_special_tokens=False)
-            tokens += (separator if index else []) + self._documents[doc_id]
+            tokens += (separator if index else []) + self._tokens(line, doc_id)
         return tokens
 
 

@@ -1,11 +1,13 @@
 """Evidence: the sentences of a query's documents that a BM25 ranking of its question finds, as text.
 
 The salient-sentence compressor chooses what to keep before any question is known, and no rule of that kind
-kept more SQuAD answers than random sentences did (docs/compressor.md). Evidence is the query-aware half of
-an experiment: beside the compressed context, the decoder reads the few sentences the question points at,
-within a token budget that keeps the whole context at the compression ratio asked for. ``lloco eval``'s
-``lloco_evidence`` mode measures it, and ``lora_evidence`` (the same sentences, no compressed context) is its
-ablation: what the compressed context adds to them.
+kept more SQuAD answers than random sentences did (docs/compressor.md). Evidence is the query-aware half:
+beside the compressed context, the decoder reads the few sentences the question points at, within a token
+budget (the documents' tokens / an evidence ratio) that keeps the whole context at the compression ratio
+asked for. An adapter is trained with it or not (``finetune.evidence_ratio``, recorded in the adapter's
+train record) and serving follows that record, so a query reads what its adapter learned to read.
+``lloco eval``'s ``lloco_evidence`` mode measures it, and ``lora_evidence`` (the same sentences, no
+compressed context) is its ablation: what the compressed context adds to them.
 
 Sentences are ranked by the retrieval index's own search (``lloco.registry.index``: BM25 over stemmed
 words, then follow-up queries from the best hits, so the second fact of a two-hop question can be found
@@ -18,9 +20,8 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lloco.registry import Segment
 from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index
-from lloco.registry.records import now
+from lloco.registry.records import AdapterVersion, Segment, now
 
 _SENTENCE = re.compile(r"[^\n.!?]*(?:[.!?]+|\n|$)")
 
@@ -75,3 +76,11 @@ def evidence_ids(texts: Sequence[str], question: str, budget: int, tokenizer: An
     count = lambda part: len(tokenizer.encode(part, add_special_tokens=False))  # noqa: E731
     chosen = evidence_text(texts, question, budget, count)
     return tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
+
+
+def evidence_ratio(adapter: AdapterVersion | None) -> int:
+    """The evidence ratio ``adapter`` was trained with (its record's ``evidence_ratio``, which finetuning
+    writes from ``finetune.evidence_ratio``): its queries read evidence within their documents' tokens / it.
+    0 for none, no adapter, or an adapter trained elsewhere (imported: no such record)."""
+    value = adapter.train.get("evidence_ratio", 0) if adapter is not None else 0
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

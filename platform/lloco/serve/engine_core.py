@@ -42,6 +42,7 @@ from lloco.model import (
     chat_prompt,
 )
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
+from lloco.registry.evidence import evidence_ids, evidence_ratio
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -53,6 +54,7 @@ log = get_logger(__name__)
 # Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
+DOCUMENT_TEXT_CACHE_CHARS = 64 << 20  # document texts kept per replica for evidence (characters)
 RESIDENCY_REPORT_S = 1.0  # what the replica holds is reported at most this often while busy, and when idle
 
 
@@ -96,6 +98,18 @@ class Resolved:
             documents=tuple(registry.get_document(doc_id) for doc_id in doc_ids),
             adapter=registry.get_adapter(adapter, version) if adapter else None,
         )
+
+
+def _text_spans(segments: Sequence[Segment]) -> list[tuple[int, int]]:
+    """The character spans of ``segments`` (in order), adjacent ones merged: a sentence across a segment
+    boundary stays one sentence."""
+    spans: list[tuple[int, int]] = []
+    for segment in segments:
+        if spans and segment.char_start <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], max(spans[-1][1], segment.char_end))
+        else:
+            spans.append((segment.char_start, segment.char_end))
+    return spans
 
 
 @dataclass(frozen=True)
@@ -185,7 +199,8 @@ class _Prepared:
     """A request resolved against the registry: everything the scheduler needs, plus stats inputs."""
 
     prefix: torch.Tensor | None  # the contexts, concatenated: embeddings or key/value summaries
-    prompt_ids: list[int]
+    prompt_ids: list[int]  # the evidence tokens, then the prompt
+    evidence_tokens: int
     document_tokens: int
     adapter: AdapterKey | None
     adapter_weights: LoraAdapter | None
@@ -236,6 +251,9 @@ class EngineCore:
         self.adapters = AdapterCache(settings.lora.cpu_adapters, self._parse_adapter)
         self._reader = self._prepare_reader(compressor)
         self._document_tokens: LruCache[tuple[str, str, str, str], int] = LruCache(4096, lambda _: 1)
+        self._document_texts: LruCache[tuple[str, str, str, str], str] = LruCache(
+            DOCUMENT_TEXT_CACHE_CHARS, len
+        )
         self.scheduler = Scheduler(
             self.generator,
             self.lora,
@@ -337,8 +355,9 @@ class EngineCore:
             delta += text.finish()
             done = time.perf_counter()
             stats = QueryStats(
-                prompt_tokens=len(prepared.prompt_ids),
-                context_tokens=0 if prepared.prefix is None else int(prepared.prefix.shape[0]),
+                prompt_tokens=len(prepared.prompt_ids) - prepared.evidence_tokens,
+                context_tokens=prepared.evidence_tokens
+                + (0 if prepared.prefix is None else int(prepared.prefix.shape[0])),
                 document_tokens=prepared.document_tokens,
                 generated_tokens=generated,
                 adapter_version=prepared.adapter.version if req.adapter else None,
@@ -548,6 +567,18 @@ class EngineCore:
                 segment_vectors(v, segments, k) for v, segments in zip(contexts, req.segments, strict=True)
             ]
             document_tokens = sum(s.token_end - s.token_start for segments in req.segments for s in segments)
+        ratio = evidence_ratio(resolved.adapter)
+        evidence: list[int] = []
+        if ratio and resolved.documents:
+            texts = [self._text_of(objects, doc) for doc in resolved.documents]
+            if req.segments is not None:  # a corpus query reads the text of the segments it retrieved
+                texts = [
+                    text[start:end]
+                    for text, segments in zip(texts, req.segments, strict=True)
+                    for start, end in _text_spans(segments)
+                ]
+            evidence = evidence_ids(texts, req.question, document_tokens // ratio, self._model.tokenizer)
+        prompt_ids = evidence + prompt_ids
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
         needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
@@ -558,7 +589,7 @@ class EngineCore:
                 f"+ max_new_tokens {req.params.max_new_tokens}) but the engine holds {limit}; "
                 "attach fewer documents, shorten the question or ask for fewer new tokens"
             )
-        return _Prepared(prefix, prompt_ids, document_tokens, adapter, weights)
+        return _Prepared(prefix, prompt_ids, len(evidence), document_tokens, adapter, weights)
 
     def _registry_reader(self, tenant: str, uid: str) -> Callable[[], Registry]:
         """The tenant's registry, opened on first use (a cache miss) and only if the tenant is still the
@@ -603,10 +634,19 @@ class EngineCore:
         key = (objects.tenant, objects.uid, doc.doc_id, doc.sha256)
         tokens = self._document_tokens.get(key)
         if tokens is None:
-            text = objects.registry().read_text(doc.doc_id)
+            text = self._text_of(objects, doc)
             tokens = len(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
             self._document_tokens.put(key, tokens)
         return tokens
+
+    def _text_of(self, objects: _TenantReads, doc: DocumentInfo) -> str:
+        """The document's text (the version ``doc`` names), read once while it stays in the cache."""
+        key = (objects.tenant, objects.uid, doc.doc_id, doc.sha256)
+        text = self._document_texts.get(key)
+        if text is None:
+            text = objects.registry().read_text(doc.doc_id)
+            self._document_texts.put(key, text)
+        return text
 
 
 @dataclass(frozen=True)
