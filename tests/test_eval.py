@@ -22,7 +22,7 @@ from lloco.errors import InvalidArgument
 from lloco.eval import passkey as pk
 from lloco.eval.adapters import state_digest, train_adapter
 from lloco.eval.report import write_report
-from lloco.eval.run import DEFAULT_MODES, MODE_LABELS, EvalOptions, Evaluator, Recipe, middle_cut
+from lloco.eval.run import ADAPTER_MODE, MODE_LABELS, MODES, EvalOptions, Evaluator, Recipe, middle_cut
 from lloco.eval.tasks import (
     EvalDataset,
     hotpotqa_long,
@@ -248,7 +248,7 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert report["test_sets"] == dict.fromkeys(test_sets, 2)
     results = report["results"]
     assert [(r["test_set"], r["mode"]) for r in results] == [
-        (test_set, mode) for test_set in test_sets for mode in DEFAULT_MODES
+        (test_set, mode) for test_set in test_sets for mode in MODES
     ]  # the default modes, lora_none included
     for result in results:  # the rows a run without --recipes wrote before sweeps existed
         assert list(result) == ROW_KEYS_BEFORE_SWEEPS and result["label"] == MODE_LABELS[result["mode"]]
@@ -257,7 +257,7 @@ def test_eval_command_writes_every_mode_of_every_test_set(
         assert set(result["scores"]) == names
         assert all(0 <= value <= 100 for value in result["scores"].values())
         assert result["latency_s"] > 0
-        assert (result["adapter"] is not None) == (result["mode"] in ("lloco", "lora_none", "full_lora"))
+        assert (result["adapter"] is not None) == (result["mode"] in ADAPTER_MODE)
         if result["test_set"] == "passkey-512":
             by_depth = result["scores_by_depth"]
             assert set(by_depth) == {"10%", "30%"} and sum(d["n"] for d in by_depth.values()) == 2
@@ -265,7 +265,7 @@ def test_eval_command_writes_every_mode_of_every_test_set(
             assert result["scores_by_depth"] is None
     for test_set in test_sets:
         by_mode = {r["mode"]: r for r in results if r["test_set"] == test_set}
-        inits = {by_mode[mode]["adapter"]["init_sha256"] for mode in ("lloco", "lora_none", "full_lora")}
+        inits = {by_mode[mode]["adapter"]["init_sha256"] for mode in ADAPTER_MODE}
         assert len(inits) == 1  # the three LoRA modes start from the same weights
         assert by_mode["lora_none"]["context_tokens"] == by_mode["none"]["context_tokens"] == 0
     by_mode = {r["mode"]: r for r in results if r["test_set"] == "squad-long"}
@@ -294,16 +294,16 @@ def test_eval_command_writes_every_mode_of_every_test_set(
         by_mode["lloco"]["scores"]["f1"] - by_mode["lora_none"]["scores"]["f1"]
     )
     assert [(row["test_set"], row["mode"]) for row in ablations["em_by_depth"]] == [
-        ("passkey-512", mode) for mode in DEFAULT_MODES
+        ("passkey-512", mode) for mode in MODES
     ]
     table = (out / "eval.md").read_text()
-    assert table.count("| squad-long |") == len(DEFAULT_MODES) + 1  # + its ablation row
+    assert table.count("| squad-long |") == len(MODES) + 1  # + its ablation row
     assert "LLoCO (compressed + LoRA)" in table and "LoRA, no context" in table
     assert "8.0x" in table  # 512 document tokens read as 4 summary vectors per 32-token segment
     assert "## Ablations" in table and "exact match by depth" in table and "Gap closed" in table
     assert "| test set | score | LLoCO |" in table and "steps, lr" not in table
     predictions = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(predictions) == len(test_sets) * len(DEFAULT_MODES) * 2
+    assert len(predictions) == len(test_sets) * len(MODES) * 2
     assert all(list(json.loads(line))[:3] == ["test_set", "mode", "question"] for line in predictions)
     assert {json.loads(line).get("depth") for line in predictions if "passkey" in line} == {0.1, 0.3}
 
@@ -666,6 +666,8 @@ def test_evidence_modes_read_the_questions_sentences_within_the_budget(
     compressor = Compressor.salient(tiny_base, 32, 4)
     dataset = passkey(2, 4, count_tokens, lengths=(512,), seed=0)
     modes = ("lloco_evidence", "lora_evidence")
+    with pytest.raises(InvalidArgument, match="need an evidence ratio"):
+        Evaluator(tiny_base, compressor, FinetuneSettings(evidence_ratio=0), EvalOptions(modes=modes))
     options = EvalOptions(modes=modes, train_steps=2, evidence_ratio=2, max_new_tokens=4)
     evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(batch_size=2), options)
     results = {r.mode: r for r in evaluator.run([dataset])}
@@ -706,7 +708,9 @@ def test_lora_none_examples_hold_no_context_and_the_same_rows(
         + 1
         for row in dataset.train.rows
     )
-    options = EvalOptions(train_max_length=longest_qa + 64)  # room for 64 vectors, not 112
+    options = EvalOptions(  # room for 64 vectors, not 112 (no evidence mode: no evidence budget to fit)
+        modes=("lloco", "lora_none", "full_lora"), train_max_length=longest_qa + 64
+    )
     evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(), options)
     contexts = evaluator._compress(tokens)
     built = {

@@ -291,7 +291,7 @@ def test_a_tenant_adapter_trains_over_key_value_summaries(s3: object, tmp_path: 
         and "-salient-" in record["compressor_id"]
     )
     assert sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
-    assert record["evidence_ratio"] == 0  # finetune.evidence_ratio's default: serving reads no evidence
+    assert record["evidence_ratio"] == 32  # finetune.evidence_ratio's default, which serving reads back
 
     finetune = learnable.settings.finetune.model_copy(update={"evidence_ratio": 2})
     with_evidence = LoraFinetune(

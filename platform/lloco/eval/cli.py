@@ -54,10 +54,10 @@ def evaluate(
     modes: Annotated[
         str,
         typer.Option(
-            help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora, and the "
-            "experiment's lloco_evidence and lora_evidence (docs/compressor.md)."
+            help="Comma list of none, truncated, full, compressed, lloco, lora_none, full_lora, "
+            "lloco_evidence, lora_evidence."
         ),
-    ] = "none,truncated,full,compressed,lloco,lora_none,full_lora",
+    ] = "none,truncated,full,compressed,lloco,lora_none,full_lora,lloco_evidence,lora_evidence",
     split: Annotated[
         str,
         typer.Option(
@@ -89,8 +89,12 @@ def evaluate(
     ] = None,
     compress_batch_size: Annotated[int, typer.Option(help="Segments per compressor forward.")] = 16,
     evidence_ratio: Annotated[
-        int, typer.Option(help="Evidence modes: a query's evidence holds at most its documents' tokens / N.")
-    ] = 32,
+        int | None,
+        typer.Option(
+            help="Evidence modes: a query's evidence holds at most its documents' tokens / N (default: the "
+            "settings' finetune.evidence_ratio)."
+        ),
+    ] = None,
     max_new_tokens: Annotated[
         int | None, typer.Option(help="Answer length (default: 32 for QA, 160 for QMSum).")
     ] = None,

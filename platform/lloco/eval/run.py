@@ -14,9 +14,10 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
   is what the summary vectors carry.
 - ``full_lora``: all of the document's tokens, with a LoRA trained on the train rows with full documents
   (cut in the middle to ``train_max_length`` for training).
-- ``lloco_evidence`` (an experiment, not what the platform serves): the summary vectors, then the question's
-  evidence (``lloco.eval.evidence``: the document sentences a BM25 ranking of the question finds, at most
-  the documents' tokens / ``evidence_ratio``), with a LoRA trained in that form.
+- ``lloco_evidence``: the summary vectors, then the question's evidence (``lloco.registry.evidence``: the
+  document sentences a BM25 ranking of the question finds, at most the documents' tokens / the evidence
+  ratio, ``finetune.evidence_ratio`` unless ``evidence_ratio`` says otherwise), with a LoRA trained in that
+  form: what the platform serves to an adapter trained with evidence (its default).
 - ``lora_evidence``: the evidence alone, with a LoRA trained in that form: what the summary vectors add to it.
 
 The LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
@@ -79,16 +80,9 @@ Mode = Literal[
     "lloco_evidence",
     "lora_evidence",
 ]
-DEFAULT_MODES: tuple[Mode, ...] = (
-    "none",
-    "truncated",
-    "full",
-    "compressed",
-    "lloco",
-    "lora_none",
-    "full_lora",
-)
-MODES: tuple[Mode, ...] = (*DEFAULT_MODES, "lloco_evidence", "lora_evidence")
+MODES: tuple[Mode, ...] = (
+    "none", "truncated", "full", "compressed", "lloco", "lora_none", "full_lora", "lloco_evidence", "lora_evidence"
+)  # fmt: skip
 MODE_LABELS: dict[str, str] = {
     "none": "no context",
     "truncated": "truncated to window",
@@ -208,9 +202,7 @@ class EvalOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    modes: tuple[Mode, ...] = Field(
-        DEFAULT_MODES, min_length=1, description="Modes to run; rows keep this order."
-    )
+    modes: tuple[Mode, ...] = Field(MODES, min_length=1, description="Modes to run; rows keep this order.")
     train_steps: int = Field(100, ge=1, description="Optimizer steps of each LoRA mode's adapter.")
     learning_rate: float | None = Field(
         None, gt=0, description="LoRA learning rate; None: settings.finetune."
@@ -235,8 +227,11 @@ class EvalOptions(BaseModel):
         None, ge=1, description="Answer length; None: 32 for QA, 160 for summaries."
     )
     compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
-    evidence_ratio: int = Field(
-        32, ge=1, description="Evidence modes: a query's evidence holds at most its documents' tokens / this."
+    evidence_ratio: int | None = Field(
+        None,
+        ge=1,
+        description="Evidence modes: a query's evidence holds at most its documents' tokens / this; None: "
+        "finetune.evidence_ratio, what tenant adapters train with.",
     )
     perplexity_windows: int = Field(32, ge=1, description="Held-out windows of the perplexity gap.")
     perplexity_segments: int = Field(
@@ -352,6 +347,11 @@ class Evaluator:
         self.deadline = None if options.time_budget_s is None else time.perf_counter() + options.time_budget_s
         self.costs: dict[str, dict[str, float]] = {}
         self.texts: dict[str, str] = {}  # the documents' texts by id, for the evidence modes
+        self.evidence_ratio = options.evidence_ratio or finetune.evidence_ratio
+        if not self.evidence_ratio and EVIDENCE_MODES & set(options.modes):
+            raise InvalidArgument(
+                "the evidence modes need an evidence ratio: finetune.evidence_ratio is 0; give --evidence-ratio"
+            )
 
     def _answer_tokens(self, dataset: EvalDataset) -> int:
         return self.options.max_new_tokens or MAX_NEW_TOKENS[dataset.metric]
@@ -382,7 +382,7 @@ class Evaluator:
         return torch.cat([contexts[doc_id] for doc_id in row.doc_ids])
 
     def _evidence_budget(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
-        return sum(len(tokens[doc_id]) for doc_id in row.doc_ids) // self.options.evidence_ratio
+        return sum(len(tokens[doc_id]) for doc_id in row.doc_ids) // self.evidence_ratio
 
     def evidence(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
         """The row's evidence tokens (``lloco.registry.evidence``) within ``_evidence_budget``, from the texts
