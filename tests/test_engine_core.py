@@ -41,6 +41,7 @@ from lloco.serve.engine_core import (
     QueryStats,
     Residency,
     Resolved,
+    _TenantReads,
 )
 from lloco.serve.fairness import TenantService
 from lloco.serve.text_stream import TextStream
@@ -646,6 +647,11 @@ def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_th
             )  # their text, boundaries joined
             first_segment = dataclasses.replace(asked, segments=(info.segments[:1],))
             _, _, first_stats = await collect(core, first_segment)
+            # a version whose text is no longer stored (new text came after the query was resolved)
+            gone = dataclasses.replace(registry.get_document("handbook"), sha256="0" * 64)
+            reads = _TenantReads("acme", registry.uid, lambda: registry)
+            with pytest.raises(FailedPrecondition, match="changed while the query was read"):
+                core._text_of(reads, gone)
         assert by_segments == answer and segment_stats == dataclasses.replace(
             stats, ttft_s=segment_stats.ttft_s, total_s=segment_stats.total_s, prepare_s=segment_stats.prepare_s,
             queue_s=segment_stats.queue_s, prefill_s=segment_stats.prefill_s,

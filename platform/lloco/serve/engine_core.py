@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import hashlib
 import math
 import time
 import uuid
@@ -640,11 +641,19 @@ class EngineCore:
         return tokens
 
     def _text_of(self, objects: _TenantReads, doc: DocumentInfo) -> str:
-        """The document's text (the version ``doc`` names), read once while it stays in the cache."""
+        """The document's text (the version ``doc`` names), read once while it stays in the cache.
+
+        Raises:
+            FailedPrecondition: the stored text is no longer that version (new text came meanwhile).
+        """
         key = (objects.tenant, objects.uid, doc.doc_id, doc.sha256)
         text = self._document_texts.get(key)
         if text is None:
             text = objects.registry().read_text(doc.doc_id)
+            if hashlib.sha256(text.encode()).hexdigest() != doc.sha256:
+                raise FailedPrecondition(
+                    f"document {doc.doc_id!r} changed while the query was read; ask again"
+                )
             self._document_texts.put(key, text)
         return text
 
