@@ -32,7 +32,7 @@ from lloco.model import (
     load_model,
 )
 from lloco.registry import Registry, Tenants
-from lloco.registry.evidence import evidence_ids
+from lloco.registry.evidence import Evidence
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import (
     EngineCore,
@@ -632,7 +632,7 @@ def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_th
     files = registry.read_adapter_files("support", "v000001")
     registry.publish_adapter("support-evidence", files, train={"evidence_ratio": 4})
     n_tokens = registry.get_document("handbook").tokens
-    evidence = evidence_ids([HANDBOOK], QUESTION, n_tokens // 4, base.tokenizer)
+    evidence = Evidence([HANDBOOK], base.tokenizer).ids(QUESTION, n_tokens // 4)
     assert base.tokenizer.decode(evidence) == "The capital of France is Paris."
 
     async def scenario() -> None:

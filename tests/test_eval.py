@@ -37,7 +37,7 @@ from lloco.finetune.pretrain_eval import gap_closed
 from lloco.model import Compressor, TrainableLora, chat_prompt, load_model
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow, Registry, Tenants
-from lloco.registry.evidence import evidence_text, sentence_spans
+from lloco.registry.evidence import Evidence, sentence_spans
 
 DATA = Path(__file__).resolve().parent / "data" / "qa"  # small subsets of the QA sets (tests/data/README.md)
 ROOT = Path(__file__).resolve().parents[1]
@@ -631,7 +631,7 @@ def test_passkey_train_and_test_share_nothing(count_tokens: object) -> None:
             assert not any(p.fullmatch(fact.statement) for p in other)
 
 
-def test_evidence_is_the_questions_best_sentences_in_document_order_within_budget() -> None:
+def test_evidence_is_the_questions_best_sentences_in_document_order_within_budget(tiny_base: object) -> None:
     text = "Paris is in France.  The Zorbl project started in 1999!\nIts code is 4821. Rome is old?"
     assert [text[a:b] for a, b in sentence_spans(text)] == [
         "Paris is in France.",
@@ -639,23 +639,23 @@ def test_evidence_is_the_questions_best_sentences_in_document_order_within_budge
         "Its code is 4821.",
         "Rome is old?",
     ]
-    words = lambda part: len(part.split())  # noqa: E731
-    assert (
-        evidence_text([text], "When did the Zorbl project start?", 7, words)
-        == "The Zorbl project started in 1999!"
-    )
-    # the budget holds two sentences (6 + 1 and 4 + 1 words): the best one and the best of the rest that fits,
-    # in the text's order; a follow-up query from the first hit finds the second ("code" shares no word)
-    assert evidence_text([text], "Which code has the Zorbl project?", 12, words) == (
-        "The Zorbl project started in 1999! Its code is 4821."
-    )
-    assert evidence_text([text], "Zorbl?", 3, words) == ""  # its sentence does not fit
-    assert evidence_text([text], "unrelated words", 100, words) == ""  # nothing found: no evidence
-    documents = ["Rome is old.", "The Zorbl code is 4821."]  # a query's documents: their sentences, in order
-    assert evidence_text(documents, "Zorbl code?", 100, words) == "The Zorbl code is 4821."
-    assert evidence_text(documents, "Is the Zorbl code as old as Rome?", 100, words) == (
-        "Rome is old. The Zorbl code is 4821."
-    )
+    tokenizer = tiny_base.tokenizer
+    cost = lambda part: len(tokenizer.encode(part, add_special_tokens=False)) + 1  # noqa: E731 - plus a space
+    started, code = cost("The Zorbl project started in 1999!"), cost("Its code is 4821.")
+    evidence = Evidence([text], tokenizer)  # indexed once, asked many questions
+    assert evidence.text("When did the Zorbl project start?", started) == "The Zorbl project started in 1999!"
+    # room for two sentences: the best one and the best of the rest that fits, in the text's order; a
+    # follow-up query from the first hit finds the second ("code" is the only word it shares)
+    both = evidence.text("Which code has the Zorbl project?", started + code)
+    assert both == "The Zorbl project started in 1999! Its code is 4821."
+    ids = evidence.ids("Which code has the Zorbl project?", started + code)
+    assert tokenizer.decode(ids) == both and len(ids) <= started + code
+    assert evidence.text("Zorbl?", started - 1) == ""  # its sentence does not fit
+    assert evidence.text("unrelated words", 1000) == "" and evidence.ids("unrelated words", 1000) == []
+    documents = Evidence(["Rome is old.", "The Zorbl code is 4821."], tokenizer)  # their sentences, in order
+    assert documents.text("Zorbl code?", 1000) == "The Zorbl code is 4821."
+    assert documents.text("Is the Zorbl code as old as Rome?", 1000) == "Rome is old. The Zorbl code is 4821."
+    assert Evidence([""], tokenizer).text("Zorbl?", 1000) == ""  # no sentence at all
 
 
 def test_evidence_modes_read_the_questions_sentences_within_the_budget(

@@ -35,7 +35,7 @@ from lloco.jobs import JobRecord, Jobs, settings_env
 from lloco.model import Compressor, LoraSlots, TrainableLora, chat_prompt, load_model, tiny_llama_dir
 from lloco.model.kv_summary import kv_width
 from lloco.registry import DatasetRow, Registry, Tenants
-from lloco.registry.evidence import evidence_ids
+from lloco.registry.evidence import Evidence
 from lloco.storage import ObjectStore, keys
 from safetensors.torch import load as load_safetensors_bytes
 
@@ -133,7 +133,7 @@ def test_rows_become_context_prefix_prompt_and_answer_with_loss_on_answer_only(w
     ).build(rows[:1])[0]
     text = registry.read_text("doc0")
     budget = len(tokenizer.encode(text, add_special_tokens=False)) // 2
-    evidence = evidence_ids([text], "What country is paris the capital of?", budget, tokenizer)
+    evidence = Evidence([text], tokenizer).ids("What country is paris the capital of?", budget)
     assert evidence and with_evidence.input_ids == evidence + prompt + answer  # between context and prompt
     assert torch.equal(with_evidence.prefix, context)
 

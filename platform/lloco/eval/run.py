@@ -65,7 +65,7 @@ from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow
-from lloco.registry.evidence import evidence_ids
+from lloco.registry.evidence import Evidence
 
 log = get_logger(__name__)
 
@@ -347,6 +347,7 @@ class Evaluator:
         self.deadline = None if options.time_budget_s is None else time.perf_counter() + options.time_budget_s
         self.costs: dict[str, dict[str, float]] = {}
         self.texts: dict[str, str] = {}  # the documents' texts by id, for the evidence modes
+        self._evidence: dict[tuple[str, ...], Evidence] = {}  # per row's documents
         self.evidence_ratio = options.evidence_ratio or finetune.evidence_ratio
         if not self.evidence_ratio and EVIDENCE_MODES & set(options.modes):
             raise InvalidArgument(
@@ -387,8 +388,11 @@ class Evaluator:
     def evidence(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
         """The row's evidence tokens (``lloco.registry.evidence``) within ``_evidence_budget``, from the texts
         of its documents (``self.texts``)."""
-        texts = [self.texts[doc_id] for doc_id in row.doc_ids]
-        return evidence_ids(texts, row.question, self._evidence_budget(row, tokens), self.tokenizer)
+        if row.doc_ids not in self._evidence:
+            self._evidence[row.doc_ids] = Evidence(
+                [self.texts[doc_id] for doc_id in row.doc_ids], self.tokenizer
+            )
+        return self._evidence[row.doc_ids].ids(row.question, self._evidence_budget(row, tokens))
 
     # -- adapters ---------------------------------------------------------------------------------------
 

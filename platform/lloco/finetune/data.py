@@ -19,7 +19,7 @@ from torch import Tensor
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
 from lloco.model import chat_prompt
 from lloco.registry import DatasetRow, Registry
-from lloco.registry.evidence import evidence_ids
+from lloco.registry.evidence import Evidence
 
 Mode = Literal["compressed", "full"]
 DOCUMENT_SEPARATOR = "\n\n"
@@ -119,6 +119,7 @@ class ExampleBuilder:
         self._contexts: dict[str, Tensor] = {}
         self._prefixes: dict[tuple[str, ...], Tensor] = {}
         self._texts: dict[str, str] = {}
+        self._indexed: dict[tuple[str, ...], Evidence] = {}  # per row's documents
         self._documents: dict[str, list[int]] = {}
 
     def build(self, rows: Sequence[tuple[int, DatasetRow]]) -> list[Example]:
@@ -176,8 +177,10 @@ class ExampleBuilder:
     def _evidence(self, line: int, row: DatasetRow) -> list[int]:
         """The row's evidence tokens, within its documents' tokens / ``evidence_ratio``."""
         budget = sum(len(self._tokens(line, doc_id)) for doc_id in row.doc_ids) // self.evidence_ratio
-        texts = [self._text(line, doc_id) for doc_id in row.doc_ids]
-        return evidence_ids(texts, row.question, budget, self.tokenizer)
+        if row.doc_ids not in self._indexed:  # rows naming the same documents share one index
+            texts = [self._text(line, doc_id) for doc_id in row.doc_ids]
+            self._indexed[row.doc_ids] = Evidence(texts, self.tokenizer)
+        return self._indexed[row.doc_ids].ids(row.question, budget)
 
     def _text(self, line: int, doc_id: str) -> str:
         if doc_id not in self._texts:

@@ -11,13 +11,13 @@ compressed context) is its ablation: what the compressed context adds to them.
 
 Sentences are ranked by the retrieval index's own search (``lloco.registry.index``: BM25 over stemmed
 words, then follow-up queries from the best hits, so the second fact of a two-hop question can be found
-through the first), each sentence a row of a throwaway index.
+through the first), each sentence a row of an in-memory index (``Evidence``).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lloco.registry.index import IndexEntry, IndexVersion, SegmentIndex, bm25_index
@@ -41,41 +41,50 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def evidence_text(
-    texts: Sequence[str], question: str, budget: int, count_tokens: Callable[[str], int]
-) -> str:
-    """The sentences of ``texts`` (a query's documents, in order) that ``question`` ranks best, as many as fit
-    ``budget`` tokens (``count_tokens`` of each, plus one for the space that joins them), joined in the
-    documents' order; a sentence longer than what is left is passed over for the next one that fits. ""
-    when none is found."""
-    sentences = [(i, start, end) for i, text in enumerate(texts) for start, end in sentence_spans(text)]
-    if budget <= 0 or not sentences:
-        return ""
-    entries = tuple(
-        IndexEntry(str(i), "", Segment(row, 0, 0, start, end))
-        for row, (i, start, end) in enumerate(sentences)
-    )
-    version = IndexVersion("evidence", "", len(texts), len(sentences), now())
-    index = SegmentIndex(version, entries, bm25_index([texts[i][a:b] for i, a, b in sentences]))
-    chosen: list[int] = []
-    left = budget
-    for hit in index.search(question, len(sentences)):
-        i, start, end = sentences[hit.entry.segment.index]
-        cost = count_tokens(texts[i][start:end]) + 1
-        if cost <= left:
-            chosen.append(hit.entry.segment.index)
-            left -= cost
-        if left <= 1:
-            break
-    return " ".join(texts[i][a:b] for i, a, b in (sentences[row] for row in sorted(chosen)))
+class Evidence:
+    """A query's documents (their texts, in order) split into sentences and indexed once, for any question.
 
+    Building it is the cost (sentence split, token counts, BM25 tokenization and stemming: tens of milliseconds
+    for a 32k-token document on a CPU core); a question then costs one search. Callers keep one per document
+    set (the engine per document versions, finetuning and evaluation per row's documents)."""
 
-def evidence_ids(texts: Sequence[str], question: str, budget: int, tokenizer: Any) -> list[int]:
-    """``evidence_text`` in ``tokenizer``'s ids (counted with it), at most ``budget`` of them: what a query
-    reads between its documents' compressed contexts and its prompt."""
-    count = lambda part: len(tokenizer.encode(part, add_special_tokens=False))  # noqa: E731
-    chosen = evidence_text(texts, question, budget, count)
-    return tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
+    def __init__(self, texts: Sequence[str], tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.chars = sum(map(len, texts))  # what a cache weighs it by
+        self._sentences = [text[a:b] for text in texts for a, b in sentence_spans(text)]
+        self._costs: list[int] = []  # a sentence's tokens + 1 (the space that joins it)
+        self._index = None
+        if self._sentences:
+            counted = tokenizer(self._sentences, add_special_tokens=False)["input_ids"]
+            self._costs = [len(ids) + 1 for ids in counted]
+            entries = tuple(
+                IndexEntry("", "", Segment(row, 0, 0, 0, 0)) for row in range(len(self._sentences))
+            )
+            version = IndexVersion("evidence", "", len(texts), len(self._sentences), now())
+            self._index = SegmentIndex(version, entries, bm25_index(self._sentences))
+
+    def text(self, question: str, budget: int) -> str:
+        """The sentences ``question`` ranks best, as many as fit ``budget`` tokens, joined by spaces in the
+        documents' order; a sentence longer than what is left is passed over for the next one that fits.
+        "" when none is found or fits."""
+        if self._index is None or budget <= 0:
+            return ""
+        chosen: list[int] = []
+        left = budget
+        for hit in self._index.search(question, len(self._sentences)):
+            row = hit.entry.segment.index
+            if self._costs[row] <= left:
+                chosen.append(row)
+                left -= self._costs[row]
+            if left <= 1:
+                break
+        return " ".join(self._sentences[row] for row in sorted(chosen))
+
+    def ids(self, question: str, budget: int) -> list[int]:
+        """``text`` in the tokenizer's ids, at most ``budget`` of them: what a query reads between its
+        documents' compressed contexts and its prompt."""
+        chosen = self.text(question, budget)
+        return self._tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
 
 
 def evidence_ratio(adapter: AdapterVersion | None) -> int:

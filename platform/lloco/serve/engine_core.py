@@ -43,7 +43,7 @@ from lloco.model import (
     chat_prompt,
 )
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
-from lloco.registry.evidence import evidence_ids, evidence_ratio
+from lloco.registry.evidence import Evidence, evidence_ratio
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -56,6 +56,9 @@ log = get_logger(__name__)
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 DOCUMENT_TEXT_CACHE_CHARS = 64 << 20  # document texts kept per replica for evidence (characters)
+EVIDENCE_CACHE_CHARS = (
+    16 << 20
+)  # indexed sentences of queries' document sets kept per replica (their characters)
 RESIDENCY_REPORT_S = 1.0  # what the replica holds is reported at most this often while busy, and when idle
 
 
@@ -254,6 +257,9 @@ class EngineCore:
         self._document_tokens: LruCache[tuple[str, str, str, str], int] = LruCache(4096, lambda _: 1)
         self._document_texts: LruCache[tuple[str, str, str, str], str] = LruCache(
             DOCUMENT_TEXT_CACHE_CHARS, len
+        )
+        self._evidence: LruCache[tuple[Any, ...], Evidence] = LruCache(
+            EVIDENCE_CACHE_CHARS, lambda e: e.chars
         )
         self.scheduler = Scheduler(
             self.generator,
@@ -571,14 +577,8 @@ class EngineCore:
         ratio = evidence_ratio(resolved.adapter)
         evidence: list[int] = []
         if ratio and resolved.documents:
-            texts = [self._text_of(objects, doc) for doc in resolved.documents]
-            if req.segments is not None:  # a corpus query reads the text of the segments it retrieved
-                texts = [
-                    text[start:end]
-                    for text, segments in zip(texts, req.segments, strict=True)
-                    for start, end in _text_spans(segments)
-                ]
-            evidence = evidence_ids(texts, req.question, document_tokens // ratio, self._model.tokenizer)
+            found = self._evidence_of(objects, resolved.documents, req.segments)
+            evidence = found.ids(req.question, document_tokens // ratio)
         prompt_ids = evidence + prompt_ids
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
@@ -639,6 +639,34 @@ class EngineCore:
             tokens = len(self._model.tokenizer(text, add_special_tokens=False)["input_ids"])
             self._document_tokens.put(key, tokens)
         return tokens
+
+    def _evidence_of(
+        self,
+        objects: _TenantReads,
+        documents: tuple[DocumentInfo, ...],
+        segments: tuple[tuple[Segment, ...], ...] | None,
+    ) -> Evidence:
+        """The indexed sentences of a query's documents (of a corpus query's segments, adjacent ones joined),
+        built once per document versions and spans while they stay in the cache."""
+        spans = (
+            [None] * len(documents)
+            if segments is None
+            else [tuple(_text_spans(chosen)) for chosen in segments]
+        )
+        key = (
+            objects.tenant,
+            objects.uid,
+            *((d.doc_id, d.sha256, s) for d, s in zip(documents, spans, strict=True)),
+        )
+        found = self._evidence.get(key)
+        if found is None:
+            texts = []
+            for doc, doc_spans in zip(documents, spans, strict=True):
+                text = self._text_of(objects, doc)
+                texts += [text] if doc_spans is None else [text[start:end] for start, end in doc_spans]
+            found = Evidence(texts, self._model.tokenizer)
+            self._evidence.put(key, found)
+        return found
 
     def _text_of(self, objects: _TenantReads, doc: DocumentInfo) -> str:
         """The document's text (the version ``doc`` names), read once while it stays in the cache.
