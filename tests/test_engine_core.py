@@ -647,6 +647,12 @@ def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_th
             )  # their text, boundaries joined
             first_segment = dataclasses.replace(asked, segments=(info.segments[:1],))
             _, _, first_stats = await collect(core, first_segment)
+            # evidence takes only the room the engine has left: a long answer leaves it none, and fails nothing
+            room = 256 - info.n_vectors - without.prompt_tokens - len(evidence)  # max_seq_len 256
+            _, _, crowded = await collect(
+                core, dataclasses.replace(asked, params=SamplingParams(max_new_tokens=room + 1))
+            )
+            assert crowded.context_tokens == info.n_vectors  # the one evidence sentence no longer fits
             # a version whose text is no longer stored (new text came after the query was resolved)
             gone = dataclasses.replace(registry.get_document("handbook"), sha256="0" * 64)
             reads = _TenantReads("acme", registry.uid, lambda: registry)

@@ -574,16 +574,19 @@ class EngineCore:
                 segment_vectors(v, segments, k) for v, segments in zip(contexts, req.segments, strict=True)
             ]
             document_tokens = sum(s.token_end - s.token_start for segments in req.segments for s in segments)
-        ratio = evidence_ratio(resolved.adapter)
-        evidence: list[int] = []
-        if ratio and resolved.documents:
-            found = self._evidence_of(objects, resolved.documents, req.segments)
-            evidence = found.ids(req.question, document_tokens // ratio)
-        prompt_ids = evidence + prompt_ids
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
-        needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
         limit = self._settings.engine.max_seq_len
+        ratio = evidence_ratio(resolved.adapter)
+        evidence: list[int] = []
+        if (
+            ratio and resolved.documents
+        ):  # within its budget and the room the query leaves (none: no evidence)
+            room = limit - context_tokens - len(prompt_ids) - req.params.max_new_tokens
+            found = self._evidence_of(objects, resolved.documents, req.segments)
+            evidence = found.ids(req.question, min(document_tokens // ratio, room))
+        prompt_ids = evidence + prompt_ids
+        needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
         if needed > limit:
             raise InvalidArgument(
                 f"the query needs {needed} positions (context {context_tokens} + prompt {len(prompt_ids)} "
