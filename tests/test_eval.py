@@ -287,6 +287,14 @@ def test_eval_command_writes_every_mode_of_every_test_set(
     assert ablations["perplexity_gap_closed"] == perplexity["gap_closed"]
     assert [row["test_set"] for row in ablations["lloco_vs_baselines"]] == list(test_sets)
     assert all(list(row) == ABLATION_KEYS_BEFORE_SWEEPS for row in ablations["lloco_vs_baselines"])
+    for row in ablations["evidence"]:  # the default modes include the evidence ones: their own ablation
+        scores_of = {r["mode"]: r["scores"] for r in results if r["test_set"] == row["test_set"]}
+        headline = row["score"]
+        assert row["lloco_evidence"] == scores_of["lloco_evidence"][headline]
+        assert row["summaries_add"] == pytest.approx(
+            scores_of["lloco_evidence"][headline] - scores_of["lora_evidence"][headline]
+        )
+    assert [row["test_set"] for row in ablations["evidence"]] == list(test_sets)
     assert all(list(row) == ["test_set", "mode", "em", "em_by_depth"] for row in ablations["em_by_depth"])
     assert report["options"]["recipes"] is None
     squad_row = ablations["lloco_vs_baselines"][0]
@@ -297,7 +305,8 @@ def test_eval_command_writes_every_mode_of_every_test_set(
         ("passkey-512", mode) for mode in MODES
     ]
     table = (out / "eval.md").read_text()
-    assert table.count("| squad-long |") == len(MODES) + 1  # + its ablation row
+    assert table.count("| squad-long |") == len(MODES) + 2  # + its two ablation rows
+    assert "### Do the summaries add to the evidence?" in table
     assert "LLoCO (compressed + LoRA)" in table and "LoRA, no context" in table
     assert "8.0x" in table  # 512 document tokens read as 4 summary vectors per 32-token segment
     assert "## Ablations" in table and "exact match by depth" in table and "Gap closed" in table

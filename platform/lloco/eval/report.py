@@ -90,14 +90,16 @@ def ablations(results: Sequence[ModeResult], perplexity: dict[str, Any] | None) 
     """The ablation summary: per test set (and recipe, in a sweep) LLoCO, the no-context LoRA and the
     full-context LoRA on the headline score, LLoCO minus the no-context LoRA (points) and LLoCO as a
     percentage of the full-context LoRA (None where a mode did not run or the full-context LoRA scored 0);
-    exact match by depth of every row of a test set that has depths; the perplexity gap closed."""
-    compared = []
+    exact match by depth of every row of a test set that has depths; the perplexity gap closed; and, when the
+    evidence modes ran, what the summaries add to the evidence (``_evidence_compared``)."""
+    compared, evidence = [], []
     for test_set, metric in dict.fromkeys((r.test_set, r.metric) for r in results):
         recipes: list[dict[str, Any]] = []  # a sweep's, in their order; none without a sweep
         for result in results:
             if result.test_set == test_set and result.recipe is not None and result.recipe not in recipes:
                 recipes.append(result.recipe)
         compared += [_compared(results, test_set, metric, recipe) for recipe in recipes or [None]]
+        evidence += [_evidence_compared(results, test_set, metric, recipe) for recipe in recipes or [None]]
     by_depth = [
         _with_recipe(
             {
@@ -112,7 +114,34 @@ def ablations(results: Sequence[ModeResult], perplexity: dict[str, Any] | None) 
         if r.scores_by_depth and not r.skipped
     ]
     closed = perplexity.get("gap_closed") if perplexity else None
-    return {"lloco_vs_baselines": compared, "em_by_depth": by_depth, "perplexity_gap_closed": closed}
+    summary = {"lloco_vs_baselines": compared, "em_by_depth": by_depth, "perplexity_gap_closed": closed}
+    evidence = [
+        row for row in evidence if row["lloco_evidence"] is not None or row["lora_evidence"] is not None
+    ]
+    return {**summary, "evidence": evidence} if evidence else summary
+
+
+def _evidence_compared(
+    results: Sequence[ModeResult], test_set: str, metric: str, recipe: dict[str, Any] | None
+) -> dict[str, Any]:
+    """LLoCO with evidence against the evidence alone (the summaries' part: their difference) and against the
+    no-context and full-context LoRAs, on the headline score."""
+    with_evidence, alone, lora_none, full_lora = (
+        _score(results, test_set, m, recipe)
+        for m in ("lloco_evidence", "lora_evidence", "lora_none", "full_lora")
+    )
+    return _with_recipe(
+        {
+            "test_set": test_set,
+            "score": HEADLINE[metric],
+            "lloco_evidence": with_evidence,
+            "lora_evidence": alone,
+            "lora_none": lora_none,
+            "full_lora": full_lora,
+            "summaries_add": None if with_evidence is None or alone is None else with_evidence - alone,
+        },
+        recipe,
+    )
 
 
 def _compared(
@@ -166,6 +195,38 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
             _cell(row["lloco_pct_of_full_lora"], "{:.0f}%"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    if summary.get("evidence"):
+        columns = [
+            "test set",
+            *recipe_column,
+            "score",
+            "LLoCO + evidence",
+            "evidence alone",
+            "LoRA, no context",
+        ]
+        columns += ["full-context LoRA", "what the summaries add"]
+        lines += [
+            "",
+            "### Do the summaries add to the evidence?",
+            "",
+            "LLoCO with the question's evidence sentences against a LoRA trained on the same evidence alone "
+            "(same rows, steps, seed and initial weights): their difference is what the compressed context adds.",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|---|" + "---|" * len(recipe_column) + "---|---:|---:|---:|---:|---:|",
+        ]
+        for row in summary["evidence"]:
+            cells = [
+                row["test_set"],
+                *([recipe_label(row["recipe"]) if "recipe" in row else ""] if recipe_column else []),
+                _HEADLINE_NAMES[row["score"]],
+                _cell(row["lloco_evidence"]),
+                _cell(row["lora_evidence"]),
+                _cell(row["lora_none"]),
+                _cell(row["full_lora"]),
+                _cell(row["summaries_add"], "{:+.1f}"),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
     if summary["em_by_depth"]:
         depths = [depth_name(depth) for depth in DEPTHS]
         lines += [
