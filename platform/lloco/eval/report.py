@@ -168,11 +168,44 @@ def _cell(value: float | None, form: str = "{:.1f}") -> str:
     return "" if value is None else form.format(value)
 
 
+# An ablation table's score columns: (heading, row key, format of the value).
+_BASELINE_COLUMNS = (
+    ("LLoCO", "lloco", "{:.1f}"),
+    ("LoRA, no context", "lora_none", "{:.1f}"),
+    ("full-context LoRA", "full_lora", "{:.1f}"),
+    ("LLoCO - LoRA no context", "lloco_minus_lora_none", "{:+.1f}"),
+    ("LLoCO / full-context LoRA", "lloco_pct_of_full_lora", "{:.0f}%"),
+)
+_EVIDENCE_COLUMNS = (
+    ("LLoCO + evidence", "lloco_evidence", "{:.1f}"),
+    ("evidence alone", "lora_evidence", "{:.1f}"),
+    ("LoRA, no context", "lora_none", "{:.1f}"),
+    ("full-context LoRA", "full_lora", "{:.1f}"),
+    ("what the summaries add", "summaries_add", "{:+.1f}"),
+)
+
+
+def _score_table(
+    rows: list[dict[str, Any]], recipe_column: list[str], score_columns: tuple[tuple[str, str, str], ...]
+) -> list[str]:
+    """A markdown table of ablation rows: test set, the recipe (a sweep's), the score's name, then
+    ``score_columns`` (heading, row key, format)."""
+    columns = ["test set", *recipe_column, "score", *(heading for heading, _, _ in score_columns)]
+    lines = [
+        "| " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(recipe_column) + "---|" + "---:|" * len(score_columns),
+    ]
+    for row in rows:
+        recipe = [recipe_label(row["recipe"]) if "recipe" in row else ""] if recipe_column else []
+        cells = [row["test_set"], *recipe, _HEADLINE_NAMES[row["score"]]]
+        cells += [_cell(row[key], form) for _, key, form in score_columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None) -> str:
     """The ablations as markdown sections (after the main table); a sweep's have a recipe column."""
     recipe_column = ["recipe"] if any("recipe" in row for row in summary["lloco_vs_baselines"]) else []
-    columns = ["test set", *recipe_column, "score", "LLoCO", "LoRA, no context", "full-context LoRA"]
-    columns += ["LLoCO - LoRA no context", "LLoCO / full-context LoRA"]
     lines = [
         "## Ablations",
         "",
@@ -180,31 +213,9 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
         "seed and initial weights with no context at all (LoRA, no context), and against the full-context "
         "LoRA (F1 for QA, R-gmean for summaries).",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|---|" + "---|" * len(recipe_column) + "---|---:|---:|---:|---:|---:|",
+        *_score_table(summary["lloco_vs_baselines"], recipe_column, _BASELINE_COLUMNS),
     ]
-    for row in summary["lloco_vs_baselines"]:
-        cells = [
-            row["test_set"],
-            *([recipe_label(row["recipe"]) if "recipe" in row else ""] if recipe_column else []),
-            _HEADLINE_NAMES[row["score"]],
-            _cell(row["lloco"]),
-            _cell(row["lora_none"]),
-            _cell(row["full_lora"]),
-            _cell(row["lloco_minus_lora_none"], "{:+.1f}"),
-            _cell(row["lloco_pct_of_full_lora"], "{:.0f}%"),
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
     if summary.get("evidence"):
-        columns = [
-            "test set",
-            *recipe_column,
-            "score",
-            "LLoCO + evidence",
-            "evidence alone",
-            "LoRA, no context",
-        ]
-        columns += ["full-context LoRA", "what the summaries add"]
         lines += [
             "",
             "### Do the summaries add to the evidence?",
@@ -212,21 +223,8 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
             "LLoCO with the question's evidence sentences against a LoRA trained on the same evidence alone "
             "(same rows, steps, seed and initial weights): their difference is what the compressed context adds.",
             "",
-            "| " + " | ".join(columns) + " |",
-            "|---|" + "---|" * len(recipe_column) + "---|---:|---:|---:|---:|---:|",
+            *_score_table(summary["evidence"], recipe_column, _EVIDENCE_COLUMNS),
         ]
-        for row in summary["evidence"]:
-            cells = [
-                row["test_set"],
-                *([recipe_label(row["recipe"]) if "recipe" in row else ""] if recipe_column else []),
-                _HEADLINE_NAMES[row["score"]],
-                _cell(row["lloco_evidence"]),
-                _cell(row["lora_evidence"]),
-                _cell(row["lora_none"]),
-                _cell(row["full_lora"]),
-                _cell(row["summaries_add"], "{:+.1f}"),
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
     if summary["em_by_depth"]:
         depths = [depth_name(depth) for depth in DEPTHS]
         lines += [
