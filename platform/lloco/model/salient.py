@@ -35,17 +35,21 @@ _TIE_BREAK = 1e-3  # a sentence's own tokens by surprisal, without changing the 
 
 
 @cache
+def _token_texts(tokenizer: Any) -> tuple[str, ...]:
+    """Every token's text, decoded once per tokenizer for the tables below."""
+    return tuple(tokenizer.batch_decode([[i] for i in range(len(tokenizer))]))
+
+
+@cache
 def _ends_sentence(tokenizer: Any) -> Tensor:
     """[vocab] bool: the token ends a sentence (its text ends with ., ? or ! or holds a line break)."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return torch.tensor([t.rstrip().endswith(SENTENCE_END) or "\n" in t for t in texts])
+    return torch.tensor([t.rstrip().endswith(SENTENCE_END) or "\n" in t for t in _token_texts(tokenizer)])
 
 
 @cache
 def _names_a_thing(tokenizer: Any) -> Tensor:
     """[vocab] float: 1.0 where the token holds a digit or is a word piece starting with a capital letter."""
-    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-    return torch.tensor([1.0 if _CONTENT.search(t) else 0.0 for t in texts])
+    return torch.tensor([1.0 if _CONTENT.search(t) else 0.0 for t in _token_texts(tokenizer)])
 
 
 def _sentence_mean(values: Tensor, sentence: Tensor, counted: Tensor) -> Tensor:
