@@ -32,7 +32,7 @@ from lloco.model import (
     load_model,
 )
 from lloco.registry import Registry, Tenants
-from lloco.registry.evidence import Evidence
+from lloco.registry.evidence import Evidence, evidence_budget
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import (
     EngineCore,
@@ -624,15 +624,17 @@ def test_a_key_value_compressor_serves_its_contexts_into_the_rows_cache(
 def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_the_context(
     store: object, base: LoadedModel, tenants: dict[str, Registry]
 ) -> None:
-    """An adapter whose train record holds an evidence ratio is served as it was trained: the documents'
-    summaries, then the question's evidence (within the documents' tokens / ratio), then the prompt; the same
-    weights without the record read no evidence. The engine answers what a generator given the same input does."""
+    """An adapter whose train record holds a context ratio is served as it was trained: the documents'
+    summaries, then the question's evidence (in what the summaries leave of the documents' tokens / ratio),
+    then the prompt; the same weights without the record read no evidence. The engine answers what a
+    generator given the same input does."""
     salient = Compressor.salient(base, segment_len=16, k=10)
     registry = tenants["acme"]
     files = registry.read_adapter_files("support", "v000001")
-    registry.publish_adapter("support-evidence", files, train={"evidence_ratio": 4})
+    registry.publish_adapter("support-evidence", files, train={"context_ratio": 1})
     n_tokens = registry.get_document("handbook").tokens
-    evidence = Evidence([HANDBOOK], base.tokenizer).ids(QUESTION, n_tokens // 4)
+    budget = evidence_budget(n_tokens, salient.summary_positions(n_tokens), 1)
+    evidence = Evidence([HANDBOOK], base.tokenizer).ids(QUESTION, budget)
     assert base.tokenizer.decode(evidence) == "The capital of France is Paris."
 
     async def scenario() -> None:
@@ -662,7 +664,7 @@ def test_an_adapter_trained_with_evidence_reads_the_questions_sentences_after_th
             stats, ttft_s=segment_stats.ttft_s, total_s=segment_stats.total_s, prepare_s=segment_stats.prepare_s,
             queue_s=segment_stats.queue_s, prefill_s=segment_stats.prefill_s,
         )  # fmt: skip
-        assert first_stats.context_tokens == 10  # k: its budget, 16 tokens // 4, holds no sentence
+        assert first_stats.context_tokens == 10  # k: its budget, 16 tokens - 10, holds no sentence
         assert stats.context_tokens == info.n_vectors + len(evidence)
         assert without.context_tokens == info.n_vectors and stats.prompt_tokens == without.prompt_tokens
 

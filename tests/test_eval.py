@@ -670,20 +670,22 @@ def test_evidence_is_the_questions_best_sentences_in_document_order_within_budge
 def test_evidence_modes_read_the_questions_sentences_within_the_budget(
     tiny_base: object, count_tokens: object
 ) -> None:
-    """``lora_evidence`` sees the evidence tokens and no summaries, ``lloco_evidence`` the summaries then the
-    same evidence; it holds the asked fact of every passkey document and stays within documents / ratio."""
-    compressor = Compressor.salient(tiny_base, 32, 4)
+    """``lora_evidence`` sees evidence tokens within the whole context budget (documents / ratio) and no
+    summaries; ``lloco_evidence`` the summaries, then evidence in what they leave of that budget. Both hold
+    the asked fact of every passkey document."""
+    compressor = Compressor.salient(tiny_base, 32, 4)  # 8x
     dataset = passkey(2, 4, count_tokens, lengths=(512,), seed=0)
     modes = ("lloco_evidence", "lora_evidence")
-    with pytest.raises(InvalidArgument, match="need an evidence ratio"):
-        Evaluator(tiny_base, compressor, FinetuneSettings(evidence_ratio=0), EvalOptions(modes=modes))
-    options = EvalOptions(modes=modes, train_steps=2, evidence_ratio=2, max_new_tokens=4)
+    with pytest.raises(InvalidArgument, match="need a context ratio"):
+        Evaluator(tiny_base, compressor, FinetuneSettings(context_ratio=0), EvalOptions(modes=modes))
+    options = EvalOptions(modes=modes, train_steps=2, context_ratio=2, max_new_tokens=4)
     evaluator = Evaluator(tiny_base, compressor, FinetuneSettings(batch_size=2), options)
     results = {r.mode: r for r in evaluator.run([dataset])}
     assert set(results) == set(modes) and all(r.skipped is None for r in results.values())
-    summaries = results["lloco_evidence"].context_tokens - results["lora_evidence"].context_tokens
-    assert summaries == 4 * math.ceil(results["lora_evidence"].document_tokens / 32)  # k 4 per 32 tokens
-    assert 0 < results["lora_evidence"].context_tokens <= results["lora_evidence"].document_tokens / 2
+    with_summaries, alone = results["lloco_evidence"], results["lora_evidence"]
+    summaries = 4 * math.ceil(alone.document_tokens / 32)  # k 4 per 32 tokens
+    assert 0 < with_summaries.context_tokens - summaries <= alone.context_tokens <= alone.document_tokens / 2
+    assert with_summaries.context_tokens <= with_summaries.document_tokens / 2  # summaries + evidence
     tokens = evaluator._tokenize(dataset.train.documents)
     contexts = evaluator._compress(tokens)
     tokenizer = tiny_base.tokenizer
@@ -691,14 +693,18 @@ def test_evidence_modes_read_the_questions_sentences_within_the_budget(
         form: evaluator.examples(dataset, form, tokens, contexts)
         for form in ("evidence", "compressed_evidence")
     }
-    for alone, after in zip(built["evidence"], built["compressed_evidence"], strict=True):
-        row = dataset.train.rows[alone.line - 1]
-        evidence = evaluator.evidence(row, tokens)
-        assert 0 < len(evidence) <= len(tokens[row.doc_ids[0]]) // 2
-        assert row.answer in tokenizer.decode(evidence)  # the planted fact's sentence
-        prompt = chat_prompt(tokenizer, dataset.question(row))
-        assert alone.prefix is None and alone.input_ids[: len(evidence) + len(prompt)] == evidence + prompt
-        assert after.input_ids == alone.input_ids and after.prefix_len == contexts[row.doc_ids[0]].shape[0]
+    for alone_example, after in zip(built["evidence"], built["compressed_evidence"], strict=True):
+        row = dataset.train.rows[alone_example.line - 1]
+        document_tokens = len(tokens[row.doc_ids[0]])
+        for example, evidence, budget in (
+            (alone_example, evaluator.evidence(row, tokens, summaries=False), document_tokens // 2),
+            (after, evaluator.evidence(row, tokens, summaries=True), document_tokens // 2 - after.prefix_len),
+        ):
+            assert 0 < len(evidence) <= budget
+            assert row.answer in tokenizer.decode(evidence)  # the planted fact's sentence
+            prompt = chat_prompt(tokenizer, dataset.question(row))
+            assert example.input_ids[: len(evidence) + len(prompt)] == evidence + prompt
+        assert alone_example.prefix is None and after.prefix_len == contexts[row.doc_ids[0]].shape[0]
 
 
 def test_lora_none_examples_hold_no_context_and_the_same_rows(

@@ -129,10 +129,10 @@ def test_rows_become_context_prefix_prompt_and_answer_with_loss_on_answer_only(w
     assert torch.equal(first.prefix, context) and first.prefix is second.prefix  # read once, shared
     assert first.input_ids == prompt + answer and first.answer_len == len(answer)
     with_evidence = ExampleBuilder(
-        registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, eos, evidence_ratio=2
+        registry, tokenizer, "compressed", world.compressor.compressor_id, 1024, eos, context_ratio=1
     ).build(rows[:1])[0]
     text = registry.read_text("doc0")
-    budget = len(tokenizer.encode(text, add_special_tokens=False)) // 2
+    budget = len(tokenizer.encode(text, add_special_tokens=False)) - context.shape[0]  # what summaries leave
     evidence = Evidence([text], tokenizer).ids("What country is paris the capital of?", budget)
     assert evidence and with_evidence.input_ids == evidence + prompt + answer  # between context and prompt
     assert torch.equal(with_evidence.prefix, context)
@@ -291,9 +291,9 @@ def test_a_tenant_adapter_trains_over_key_value_summaries(s3: object, tmp_path: 
         and "-salient-" in record["compressor_id"]
     )
     assert sum(losses[-5:]) / 5 < 0.3 * losses[0], losses
-    assert record["evidence_ratio"] == 32  # finetune.evidence_ratio's default, which serving reads back
+    assert record["context_ratio"] == 8  # finetune.context_ratio's default, which serving reads back
 
-    finetune = learnable.settings.finetune.model_copy(update={"evidence_ratio": 2})
+    finetune = learnable.settings.finetune.model_copy(update={"context_ratio": 1})
     with_evidence = LoraFinetune(
         learnable.settings.model_copy(update={"finetune": finetune}),
         "solo", "caps", "default", "evidence", TrainOptions(max_steps=1, eval_fraction=0.2),
@@ -304,7 +304,7 @@ def test_a_tenant_adapter_trains_over_key_value_summaries(s3: object, tmp_path: 
         len(first.input_ids) > len(plain.input_ids)
         and first.input_ids[-len(plain.input_ids) :] == plain.input_ids
     )
-    assert with_evidence.record(None)["evidence_ratio"] == 2  # what serving reads from the published adapter
+    assert with_evidence.record(None)["context_ratio"] == 1  # what serving reads from the published adapter
     with_evidence.cleanup()
 
 

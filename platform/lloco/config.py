@@ -269,13 +269,13 @@ class FinetuneSettings(_Section):
     batch_size: int = Field(8, ge=1)
     grad_accum: int = Field(1, ge=1)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    evidence_ratio: int = Field(
-        32,
+    context_ratio: int = Field(
+        8,
         ge=0,
         description="Compressed adapters also read the question's evidence (lloco.registry.evidence: the "
-        "documents' sentences BM25 ranks best), at most the documents' tokens / this, before the prompt; "
-        "the adapter records it and serving follows its record. With the default compressor (10.7x) the "
-        "whole context stays near 8x (docs/compressor.md). 0: none.",
+        "documents' sentences BM25 ranks best) before the prompt, in what the summaries leave of the "
+        "documents' tokens / this, so the whole context stays within it; the adapter records it and "
+        "serving follows its record. 0: no evidence.",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers per tenant.")
     gpus_per_worker: float = Field(0.0, ge=0, description="GPU fraction per worker (0 on CPU).")

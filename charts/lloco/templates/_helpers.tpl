@@ -228,7 +228,7 @@ finetune:
   batch_size: {{ int64 $v.jobs.finetune.batchSize }}
   grad_accum: {{ int64 $v.jobs.finetune.gradAccum }}
   warmup_ratio: {{ include "lloco.number" $v.jobs.finetune.warmupRatio }}
-  evidence_ratio: {{ int64 $v.jobs.finetune.evidenceRatio }}
+  context_ratio: {{ int64 $v.jobs.finetune.contextRatio }}
   num_workers: {{ int64 $v.jobs.finetune.numWorkers }}
   gpus_per_worker: {{ include "lloco.number" $v.jobs.finetune.gpusPerWorker }}
   cpus_per_worker: {{ include "lloco.number" $v.jobs.finetune.cpusPerWorker }}

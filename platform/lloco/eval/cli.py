@@ -88,11 +88,11 @@ def evaluate(
         int | None, typer.Option(help="Cut documents to N tokens (small hosts).")
     ] = None,
     compress_batch_size: Annotated[int, typer.Option(help="Segments per compressor forward.")] = 16,
-    evidence_ratio: Annotated[
+    context_ratio: Annotated[
         int | None,
         typer.Option(
-            help="Evidence modes: a query's evidence holds at most its documents' tokens / N (default: the "
-            "settings' finetune.evidence_ratio)."
+            help="Evidence modes: a query's summary vectors and evidence hold at most its documents' tokens / "
+            "N (default: the settings' finetune.context_ratio)."
         ),
     ] = None,
     max_new_tokens: Annotated[
@@ -243,7 +243,7 @@ def evaluate(
             max_document_tokens=max_document_tokens,
             max_new_tokens=max_new_tokens,
             compress_batch_size=compress_batch_size,
-            evidence_ratio=evidence_ratio,
+            context_ratio=context_ratio,
             perplexity_windows=perplexity_windows,
             time_budget_s=time_budget,
             seed=seed,

@@ -15,10 +15,13 @@ Modes (what the decoder sees before ``chat_prompt(question)``; the same base mod
 - ``full_lora``: all of the document's tokens, with a LoRA trained on the train rows with full documents
   (cut in the middle to ``train_max_length`` for training).
 - ``lloco_evidence``: the summary vectors, then the question's evidence (``lloco.registry.evidence``: the
-  document sentences a BM25 ranking of the question finds, at most the documents' tokens / the evidence
-  ratio, ``finetune.evidence_ratio`` unless ``evidence_ratio`` says otherwise), with a LoRA trained in that
-  form: what the platform serves to an adapter trained with evidence (its default).
-- ``lora_evidence``: the evidence alone, with a LoRA trained in that form: what the summary vectors add to it.
+  document sentences a BM25 ranking of the question finds, in what the summary vectors leave of the
+  documents' tokens / the context ratio, ``finetune.context_ratio`` unless ``context_ratio`` says
+  otherwise), with a LoRA trained in that form: what the platform serves to an adapter trained with
+  evidence (its default).
+- ``lora_evidence``: the evidence alone, given the whole context budget (the documents' tokens / the
+  context ratio), with a LoRA trained in that form: retrieval at the same budget, against which the summary
+  vectors must earn their positions.
 
 The LoRA modes train on the same rows (those whose compressed form fits ``train_max_length``), with
 the same steps, hyperparameters, seed and initial weights (a seeded random init, or ``adapter_init``, which
@@ -65,7 +68,7 @@ from lloco.logs import get_logger
 from lloco.model import Compressor, Generator, LoadedModel, LoraSlots, SamplingParams, chat_prompt
 from lloco.model.lora import peft_geometry, read_peft_files
 from lloco.registry import DatasetRow
-from lloco.registry.evidence import Evidence
+from lloco.registry.evidence import Evidence, evidence_budget
 
 log = get_logger(__name__)
 
@@ -227,11 +230,12 @@ class EvalOptions(BaseModel):
         None, ge=1, description="Answer length; None: 32 for QA, 160 for summaries."
     )
     compress_batch_size: int = Field(16, ge=1, description="Segments per compressor forward.")
-    evidence_ratio: int | None = Field(
+    context_ratio: int | None = Field(
         None,
         ge=1,
-        description="Evidence modes: a query's evidence holds at most its documents' tokens / this; None: "
-        "finetune.evidence_ratio, what tenant adapters train with.",
+        description="Evidence modes: a query's summary vectors and evidence hold at most its documents' "
+        "tokens / this (the evidence what the summaries leave); None: finetune.context_ratio, what tenant "
+        "adapters train with.",
     )
     perplexity_windows: int = Field(32, ge=1, description="Held-out windows of the perplexity gap.")
     perplexity_segments: int = Field(
@@ -348,10 +352,10 @@ class Evaluator:
         self.costs: dict[str, dict[str, float]] = {}
         self.texts: dict[str, str] = {}  # the documents' texts by id, for the evidence modes
         self._evidence: dict[tuple[str, ...], Evidence] = {}  # per row's documents
-        self.evidence_ratio = options.evidence_ratio or finetune.evidence_ratio
-        if not self.evidence_ratio and EVIDENCE_MODES & set(options.modes):
+        self.context_ratio = options.context_ratio or finetune.context_ratio
+        if not self.context_ratio and EVIDENCE_MODES & set(options.modes):
             raise InvalidArgument(
-                "the evidence modes need an evidence ratio: finetune.evidence_ratio is 0; give --evidence-ratio"
+                "the evidence modes need a context ratio: finetune.context_ratio is 0; give --context-ratio"
             )
 
     def _answer_tokens(self, dataset: EvalDataset) -> int:
@@ -382,17 +386,20 @@ class Evaluator:
     def _prefix(self, row: DatasetRow, contexts: dict[str, Tensor]) -> Tensor:
         return torch.cat([contexts[doc_id] for doc_id in row.doc_ids])
 
-    def _evidence_budget(self, row: DatasetRow, tokens: dict[str, list[int]]) -> int:
-        return sum(len(tokens[doc_id]) for doc_id in row.doc_ids) // self.evidence_ratio
+    def _evidence_budget(self, row: DatasetRow, tokens: dict[str, list[int]], summaries: bool) -> int:
+        """Evidence tokens beside the row's summary vectors (``summaries``) or alone."""
+        summary_positions = self._summary_vectors(row, tokens) if summaries else 0
+        document_tokens = sum(len(tokens[doc_id]) for doc_id in row.doc_ids)
+        return evidence_budget(document_tokens, summary_positions, self.context_ratio)
 
-    def evidence(self, row: DatasetRow, tokens: dict[str, list[int]]) -> list[int]:
+    def evidence(self, row: DatasetRow, tokens: dict[str, list[int]], summaries: bool) -> list[int]:
         """The row's evidence tokens (``lloco.registry.evidence``) within ``_evidence_budget``, from the texts
         of its documents (``self.texts``)."""
         if row.doc_ids not in self._evidence:
             self._evidence[row.doc_ids] = Evidence(
                 [self.texts[doc_id] for doc_id in row.doc_ids], self.tokenizer
             )
-        return self._evidence[row.doc_ids].ids(row.question, self._evidence_budget(row, tokens))
+        return self._evidence[row.doc_ids].ids(row.question, self._evidence_budget(row, tokens, summaries))
 
     # -- adapters ---------------------------------------------------------------------------------------
 
@@ -412,8 +419,8 @@ class Evaluator:
         context being the summary vectors (``compressed``), nothing (``none``), the document cut in the
         middle to fit (``full``), the summary vectors then the row's evidence tokens
         (``compressed_evidence``) or the evidence alone (``evidence``), from the first ``rows`` train rows
-        (None: all). Every form keeps the same rows: those whose compressed form (with its evidence budget
-        when the run has an evidence mode) fits ``train_max_length`` (``contexts`` need only hold the train
+        (None: all). Every form keeps the same rows: those whose compressed form (or, when the run has an
+        evidence mode, the longer of it and the context budget) fits ``train_max_length`` (``contexts`` need only hold the train
         documents for the compressed forms, ``self.texts`` their texts for the evidence forms).
 
         Raises:
@@ -427,7 +434,10 @@ class Evaluator:
             prompt = chat_prompt(self.tokenizer, dataset.question(row))
             answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
             context = self._summary_vectors(row, tokens)
-            context += self._evidence_budget(row, tokens) if with_evidence else 0
+            if (
+                with_evidence
+            ):  # summaries and the evidence they leave room for, or the whole budget's evidence
+                context = max(context, self._evidence_budget(row, tokens, summaries=False))
             if context + len(prompt) + len(answer) > max_length:
                 continue
             if form == "compressed":
@@ -435,11 +445,13 @@ class Evaluator:
             elif form == "none":
                 examples.append(Example(line, None, prompt + answer, len(answer)))
             elif form == "compressed_evidence":
-                ids = self.evidence(row, tokens) + prompt + answer
+                ids = self.evidence(row, tokens, summaries=True) + prompt + answer
                 examples.append(Example(line, self._prefix(row, contexts), ids, len(answer), kv))
             elif form == "evidence":
                 examples.append(
-                    Example(line, None, self.evidence(row, tokens) + prompt + answer, len(answer))
+                    Example(
+                        line, None, self.evidence(row, tokens, summaries=False) + prompt + answer, len(answer)
+                    )
                 )
             else:
                 document = middle_cut(self._joined(row, tokens), max_length - len(prompt) - len(answer))
@@ -626,7 +638,7 @@ class Evaluator:
         document = self._joined(row, tokens)
         if mode in ("none", "lora_none"):
             return _Request(None, prompt, 0, len(document))
-        evidence = self.evidence(row, tokens) if mode in EVIDENCE_MODES else []
+        evidence = self.evidence(row, tokens, mode in COMPRESSED_MODES) if mode in EVIDENCE_MODES else []
         if mode in COMPRESSED_MODES:
             prefix = self._prefix(row, contexts)
             return _Request(prefix, evidence + prompt, prefix.shape[0] + len(evidence), len(document))

@@ -19,7 +19,7 @@ from torch import Tensor
 from lloco.errors import FailedPrecondition, InvalidArgument, NotFound
 from lloco.model import chat_prompt
 from lloco.registry import DatasetRow, Registry
-from lloco.registry.evidence import Evidence
+from lloco.registry.evidence import Evidence, evidence_budget
 
 Mode = Literal["compressed", "full"]
 DOCUMENT_SEPARATOR = "\n\n"
@@ -94,8 +94,8 @@ class ExampleBuilder:
         max_length: the longest example in positions (prefix + tokens).
         eos_token_id: appended to every answer, so the model learns to stop.
         kv_prefix: the compressor's contexts are key/value summaries (``Example.kv_prefix``).
-        evidence_ratio: compressed mode: the question's evidence, at most the documents' tokens / this,
-            follows the context (0: none).
+        context_ratio: compressed mode: the question's evidence follows the context, in what the context
+            leaves of the documents' tokens / this (``lloco.registry.evidence.evidence_budget``; 0: none).
     """
 
     def __init__(
@@ -107,7 +107,7 @@ class ExampleBuilder:
         max_length: int,
         eos_token_id: int,
         kv_prefix: bool = False,
-        evidence_ratio: int = 0,
+        context_ratio: int = 0,
     ) -> None:
         if mode not in ("compressed", "full"):
             raise InvalidArgument(f"finetune mode must be 'compressed' or 'full', got {mode!r}")
@@ -115,7 +115,7 @@ class ExampleBuilder:
             raise InvalidArgument("compressed finetuning needs a compressor id")
         self.registry, self.tokenizer, self.mode = registry, tokenizer, mode
         self.compressor_id, self.max_length, self.eos_token_id = compressor_id, max_length, eos_token_id
-        self.kv_prefix, self.evidence_ratio = kv_prefix, evidence_ratio
+        self.kv_prefix, self.context_ratio = kv_prefix, context_ratio
         self._contexts: dict[str, Tensor] = {}
         self._prefixes: dict[tuple[str, ...], Tensor] = {}
         self._texts: dict[str, str] = {}
@@ -135,7 +135,7 @@ class ExampleBuilder:
         answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos_token_id]
         if self.mode == "compressed":
             prefix = self._prefix(line, row.doc_ids)
-            evidence = self._evidence(line, row) if self.evidence_ratio else []
+            evidence = self._evidence(line, row, prefix.shape[0]) if self.context_ratio else []
             example = Example(line, prefix, evidence + prompt + answer, len(answer), self.kv_prefix)
             if example.length > self.max_length:
                 raise InvalidArgument(
@@ -174,9 +174,10 @@ class ExampleBuilder:
             self._contexts[doc_id] = vectors
         return self._contexts[doc_id]
 
-    def _evidence(self, line: int, row: DatasetRow) -> list[int]:
-        """The row's evidence tokens, within its documents' tokens / ``evidence_ratio``."""
-        budget = sum(len(self._tokens(line, doc_id)) for doc_id in row.doc_ids) // self.evidence_ratio
+    def _evidence(self, line: int, row: DatasetRow, context_positions: int) -> list[int]:
+        """The row's evidence tokens, in what its context leaves of its documents' tokens / ``context_ratio``."""
+        document_tokens = sum(len(self._tokens(line, doc_id)) for doc_id in row.doc_ids)
+        budget = evidence_budget(document_tokens, context_positions, self.context_ratio)
         if row.doc_ids not in self._indexed:  # rows naming the same documents share one index
             texts = [self._text(line, doc_id) for doc_id in row.doc_ids]
             self._indexed[row.doc_ids] = Evidence(texts, self.tokenizer)

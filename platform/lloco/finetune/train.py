@@ -123,7 +123,7 @@ class LoraFinetune:
         )
         self.model_id, self.tokenizer = base.model_id, base.tokenizer
         self.compressor_id = None
-        self.evidence_ratio = hp.evidence_ratio if self.options.mode == "compressed" else 0
+        self.context_ratio = hp.context_ratio if self.options.mode == "compressed" else 0
         reader = None
         kv_prefix = False
         if self.options.mode == "compressed":
@@ -147,7 +147,7 @@ class LoraFinetune:
             self.options.max_length or base.config.max_position_embeddings,
             eos,
             kv_prefix,
-            self.evidence_ratio,
+            self.context_ratio,
         )
         train_rows, eval_rows = split_rows(rows, self.options.eval_fraction, self.options.seed)
         self.train_examples = builder.build(train_rows)
@@ -294,7 +294,7 @@ class LoraFinetune:
             "mode": self.options.mode,
             "base_model": self.model_id,
             "compressor_id": self.compressor_id,
-            "evidence_ratio": self.evidence_ratio,
+            "context_ratio": self.context_ratio,
             "train_rows": len(self.train_examples),
             "eval_rows": len(self.eval_examples),
             "steps": self.step,

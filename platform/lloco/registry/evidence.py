@@ -2,10 +2,11 @@
 
 The salient-sentence compressor chooses what to keep before any question is known, and no rule of that kind
 kept more SQuAD answers than random sentences did (docs/compressor.md). Evidence is the query-aware half:
-beside the compressed context, the decoder reads the few sentences the question points at, within a token
-budget (the documents' tokens / an evidence ratio) that keeps the whole context at the compression ratio
-asked for. An adapter is trained with it or not (``finetune.evidence_ratio``, recorded in the adapter's
-train record) and serving follows that record, so a query reads what its adapter learned to read.
+beside the compressed context, the decoder reads the few sentences the question points at, in what the
+summaries leave of the context budget (the documents' tokens / a context ratio), so that summaries and
+evidence together stay at the compression ratio asked for (``evidence_budget``). An adapter is trained with
+it or not (``finetune.context_ratio``, recorded in the adapter's train record) and serving follows that
+record, so a query reads what its adapter learned to read.
 ``lloco eval``'s ``lloco_evidence`` mode measures it, and ``lora_evidence`` (the same sentences, no
 compressed context) is its ablation: what the compressed context adds to them.
 
@@ -87,9 +88,15 @@ class Evidence:
         return self._tokenizer.encode(chosen, add_special_tokens=False)[:budget] if chosen else []
 
 
-def evidence_ratio(adapter: AdapterVersion | None) -> int:
-    """The evidence ratio ``adapter`` was trained with (its record's ``evidence_ratio``, which finetuning
-    writes from ``finetune.evidence_ratio``): its queries read evidence within their documents' tokens / it.
-    0 for none, no adapter, or an adapter trained elsewhere (imported: no such record)."""
-    value = adapter.train.get("evidence_ratio", 0) if adapter is not None else 0
+def evidence_budget(document_tokens: int, summary_positions: int, context_ratio: int) -> int:
+    """Evidence tokens a query may read: what its ``summary_positions`` leave of the context budget,
+    ``document_tokens // context_ratio`` (0 when the summaries fill it, or ``context_ratio`` is 0)."""
+    return max(0, document_tokens // context_ratio - summary_positions) if context_ratio > 0 else 0
+
+
+def context_ratio(adapter: AdapterVersion | None) -> int:
+    """The context ratio ``adapter`` was trained with (its record's ``context_ratio``, which finetuning
+    writes from ``finetune.context_ratio``): its queries read evidence within ``evidence_budget``. 0 for
+    none, no adapter, or an adapter trained elsewhere (imported: no such record)."""
+    value = adapter.train.get("context_ratio", 0) if adapter is not None else 0
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0

@@ -43,7 +43,7 @@ from lloco.model import (
     chat_prompt,
 )
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
-from lloco.registry.evidence import Evidence, evidence_ratio
+from lloco.registry.evidence import Evidence, context_ratio, evidence_budget
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
@@ -577,14 +577,12 @@ class EngineCore:
         prefix = torch.cat(contexts) if contexts else None
         context_tokens = 0 if prefix is None else prefix.shape[0]
         limit = self._settings.engine.max_seq_len
-        ratio = evidence_ratio(resolved.adapter)
+        budget = evidence_budget(document_tokens, context_tokens, context_ratio(resolved.adapter))
         evidence: list[int] = []
-        if (
-            ratio and resolved.documents
-        ):  # within its budget and the room the query leaves (none: no evidence)
+        if budget and resolved.documents:  # within the budget and the room the query leaves
             room = limit - context_tokens - len(prompt_ids) - req.params.max_new_tokens
             found = self._evidence_of(objects, resolved.documents, req.segments)
-            evidence = found.ids(req.question, min(document_tokens // ratio, room))
+            evidence = found.ids(req.question, min(budget, room))
         prompt_ids = evidence + prompt_ids
         needed = context_tokens + len(prompt_ids) + req.params.max_new_tokens
         if needed > limit:
