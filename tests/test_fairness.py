@@ -212,6 +212,27 @@ def test_queue_order_bookkeeping_and_settings() -> None:
         FairQueue(0.0, 0.0, {})
 
 
+def test_row_shares_and_a_preempted_request_back_at_the_front() -> None:
+    queue: FairQueue[str] = FairQueue(1.0, 2.0, {"b": 3.0})
+    assert queue.row_share("a", 8) == 8.0  # alone: every row
+    for item in ("a1", "a2", "a3"):
+        queue.push("a", item)
+    queue.admit("a", 10)
+    queue.admit("a", 10)
+    queue.push("b", "b1")  # lifted to a's counter, 20
+    assert queue.row_share("a", 8) == 2.0 and queue.row_share("b", 8) == 6.0  # split by weight
+    assert queue.row_share("c", 8) == 8 / 5  # a tenant about to wait counts itself in
+    assert queue.next_below_share(8) == "b"  # a runs 2 rows: its share
+    queue.generated("b", 3)  # b's counter 22 passes a's 20
+    assert queue.next_below_share(16) == "a" and queue.next_below_share(8) == "b"
+    queue.preempt("a", "a1")
+    assert queue.head("a") == "a1" and len(queue) == 3 and queue.next_below_share(8) == "a"
+    assert queue.service("a") == TenantService(
+        waiting=2, running=1, input_tokens=20, virtual_tokens=20.0, preemptions=1
+    )
+    assert queue.take_changes()["a"].preemptions == 1
+
+
 def test_admission_does_not_slow_down_with_tenants_gone_idle() -> None:
     """An engine that served thousands of tenants keeps their counters; admitting the few now sending must
     look at those few (backlogged or running), not at every tenant ever seen (a thousand adapters'

@@ -11,6 +11,7 @@ from lloco.model import (
     GenerationRequest,
     Generator,
     LoraSlots,
+    Resume,
     SamplingParams,
     chat_prompt,
     generate,
@@ -201,6 +202,78 @@ def test_cancel_and_join_mid_stream_leave_other_rows_exact(base, slots) -> None:
     for request_id in ("r0", "r2", "r3"):
         assert tokens[request_id] == alone[request_id], request_id
     assert 0 < len(tokens["r1"]) < len(alone["r1"]) and tokens["r1"] == alone["r1"][: len(tokens["r1"])]
+
+
+def test_a_preempted_request_resumed_emits_exactly_what_it_would_have(base, slots) -> None:
+    """Rows preempted mid-stream (a chained decode step in flight) and resumed later in other rows, beside
+    other rows: every request's tokens, joined across the cut, are the ones it emits alone (greedy, and
+    sampled with its own or the generator's seed), neither repeated nor lost."""
+    named = dict((f"r{i}", r) for i, r in enumerate(requests(base)))
+    unseeded = named["r4"]
+    named["r4"] = GenerationRequest(unseeded.prompt_ids, None, 0, SamplingParams(7, temperature=1.3))
+    gen = Generator(base.model, slots, max_batch=3, max_seq_len=64, eos_token_ids=())
+    tokens: dict[str, list[int]] = {request_id: [] for request_id in named}
+    resumes: dict[str, Resume] = {}
+    waiting = list(named)
+    victims = {2: "r1", 4: "r3", 6: "r4"}  # r3 and r4 joined in the rows their predecessor left
+    steps = 0
+    while gen.active() or waiting:
+        if steps in victims:
+            victim = victims[steps]
+            resumes[victim] = gen.preempt(victim)
+            assert list(resumes[victim].generated) == tokens[victim] and tokens[victim]
+            waiting.append(victim)
+        while waiting and gen.free_rows():
+            request_id = waiting.pop(0)
+            r = named[request_id]
+            gen.add(
+                request_id, r.prefix_embeds, r.prompt_ids, r.slot, r.params, resume=resumes.get(request_id)
+            )
+        for out in gen.step():
+            tokens[out.request_id].append(out.token_id)
+        steps += 1
+    for request_id, r in named.items():
+        params = r.params
+        if params.temperature > 0 and params.seed is None:  # the seed the generator drew, kept on resume
+            params = SamplingParams(params.max_new_tokens, params.temperature, seed=resumes[request_id].seed)
+        alone = Generator(base.model, slots, 1, 64, eos_token_ids=())
+        request = GenerationRequest(r.prompt_ids, r.prefix_embeds, r.slot, params)
+        assert tokens[request_id] == run_tokens(alone, [(request_id, request)])[request_id], request_id
+
+
+def test_a_resumed_request_stops_where_it_would_have(base) -> None:
+    """Stop strings spanning the cut and max_new_tokens count the tokens emitted before a preemption."""
+    ids = chat_prompt(base.tokenizer, "What is the capital of France?")
+    free = run_tokens(
+        Generator(base.model, None, 1, 64, eos_token_ids=()),
+        [("q", GenerationRequest(ids, params=SamplingParams(20)))],
+    )["q"]
+    cut = 6
+    before = base.tokenizer.decode(free[:cut], skip_special_tokens=True)
+    full = base.tokenizer.decode(free, skip_special_tokens=True)
+    stop = full[len(before) - 2 : len(before) + 2]
+    assert stop not in before and stop in full  # it can only be found after the cut
+    for params in (SamplingParams(20, stop=(stop,)), SamplingParams(cut + 3)):
+        gen = Generator(base.model, None, 2, 64, tokenizer=base.tokenizer, eos_token_ids=())
+        gen.add("q", None, ids, params=params)
+        outs = []
+        while len(outs) < cut:
+            outs += gen.step()
+        resume = gen.preempt("q")
+        assert list(resume.generated) == [o.token_id for o in outs] and gen.active() == 0
+        gen.add("q", None, ids, params=params, resume=resume)
+        while gen.active():
+            outs += gen.step()
+        plain = Generator(base.model, None, 2, 64, tokenizer=base.tokenizer, eos_token_ids=())
+        plain.add("q", None, ids, params=params)
+        expected = []
+        while plain.active():
+            expected += plain.step()
+        assert outs == expected and len(outs) > cut
+    with pytest.raises(FailedPrecondition):
+        gen.preempt("q")  # finished
+    with pytest.raises(InvalidArgument, match="fewer than"):
+        gen.add("q", None, ids, params=SamplingParams(3), resume=Resume((1, 2, 3), 0))
 
 
 @pytest.mark.skipif(not fused_decode.available(), reason="triton is not installed")

@@ -165,6 +165,17 @@ class EngineSettings(_Section):
         description="Fair admission between tenants: the virtual-token cost of one generated token, charged "
         "as it is generated (a decode step costs more per token than prefill).",
     )
+    fair_preemption: bool = Field(
+        False,
+        description="Fair admission between tenants: when no row is free and a tenant with a query waiting "
+        "holds fewer rows than its share (the rows split by weight among the tenants with queries waiting "
+        "or running), take one row an engine step from the tenant furthest above its share, if it holds "
+        "more than its share + 1: that query goes back to the front of its tenant's queue and, admitted "
+        "again, recomputes its context, prompt and tokens so far, then streams on (a pause, no token "
+        "repeated). Counters alone only order free rows, so a tenant that took every row while the others "
+        "were idle keeps them until its queries end. Off by default until a GPU run shows it lowers the "
+        "other tenants' TTFT (docs/benchmarks, scheduling; `lloco.bench.scheduling` compares on and off).",
+    )
     tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
         description="Fair admission between tenants: a tenant's share while several have queries waiting "

@@ -14,7 +14,9 @@
     then one tenant at ten times that rate: the other tenants' TTFT p50/p99 in both runs and the ratio of
     their p99; then every tenant saturating the engine (closed loop, the heavy tenant with ten times the
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
-    others' mean. Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a
+    others' mean. The ten-times and saturated runs go twice on the same engine, without row preemption
+    (``engine.fair_preemption`` off: the main figures) and with it (``preemption``: the same figures and
+    the rows taken back), so the comparison is within one run. Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a
     SeaweedFS on loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
 """
 
@@ -276,13 +278,27 @@ async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dic
         capacity = await _capacity(core, tenants, plan)
         rate = plan.load * capacity / plan.tenants
         even = await _open_loop(core, dict.fromkeys(tenants, rate), plan)
-        flood = await _open_loop(core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan)
-        saturated = await _closed_loop(core, tenants, heavy, plan, engine)
+        runs = {}
+        for preemption in (False, True):
+            core.scheduler.preemption = preemption
+            before = core.scheduler.preemptions
+            flood = await _open_loop(
+                core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan
+            )
+            flood_preemptions = core.scheduler.preemptions - before
+            runs[preemption] = (
+                flood,
+                flood_preemptions,
+                await _closed_loop(core, tenants, heavy, plan, engine),
+            )
+            runs[preemption] += (core.scheduler.preemptions - before - flood_preemptions,)
     finally:
         await core.stop()
         delete_tenants(store, tenants)
     even_others = _ttft(even, others)
+    flood, _, saturated, _ = runs[False]
     flood_others = _ttft(flood, others)
+    trial, trial_preemptions, trial_saturated, saturated_preemptions = runs[True]
     result = {
         "plan": asdict(plan),
         "context_vectors": n_vectors,
@@ -292,11 +308,22 @@ async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dic
         "heavy_10x": {"others": flood_others, "heavy": _ttft(flood, [heavy])},
         "others_ttft_p99_ratio": flood_others["p99_ms"] / even_others["p99_ms"],
         "saturated": saturated,
+        "preemption": {
+            "heavy_10x": {"others": _ttft(trial, others), "heavy": _ttft(trial, [heavy])},
+            "heavy_10x_preemptions": trial_preemptions,
+            "others_ttft_p99_ratio": _ttft(trial, others)["p99_ms"] / even_others["p99_ms"],
+            "saturated": trial_saturated,
+            "saturated_preemptions": saturated_preemptions,
+        },
     }
+    trial_result = result["preemption"]
     print(
         f"(f) {plan.tenants} tenants, {rate:.2f} q/s each: others' TTFT p99 {even_others['p99_ms']:.0f} ms, "
         f"with one at {HEAVY_RATE}x {flood_others['p99_ms']:.0f} ms ({result['others_ttft_p99_ratio']:.2f}x); "
-        f"saturated: heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean",
+        f"saturated: heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean; with preemption "
+        f"{trial_result['heavy_10x']['others']['p99_ms']:.0f} ms ({trial_result['others_ttft_p99_ratio']:.2f}x, "
+        f"{trial_preemptions} rows taken back), saturated {trial_saturated['heavy_vs_others']:.2f}x "
+        f"({saturated_preemptions} taken back)",
         flush=True,
     )
     return result
@@ -402,6 +429,14 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio <= GOAL_OTHERS_TTFT_P99_RATIO,
             }
         )
+        preempted = fairness["preemption"]["others_ttft_p99_ratio"]
+        goals.append(
+            {
+                "goal": "the same with row preemption (engine.fair_preemption) <= 1.5x (issue 19)",
+                "value": f"{preempted:.2f}x",
+                "met": preempted <= GOAL_OTHERS_TTFT_P99_RATIO,
+            }
+        )
         share = fairness["saturated"]["heavy_vs_others"]
         goals.append(
             {
@@ -458,12 +493,22 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
                 f"| {label} | {o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | "
                 f"{h['p50_ms']:.0f} |"
             )
-        saturated = fairness["saturated"]
+        trial = fairness["preemption"]
+        o, h = trial["heavy_10x"]["others"], trial["heavy_10x"]["heavy"]
+        lines.append(
+            f"| one at {HEAVY_RATE}x, row preemption on ({trial['heavy_10x_preemptions']} rows taken back) | "
+            f"{o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | {h['p50_ms']:.0f} |"
+        )
+        saturated, trial_saturated = fairness["saturated"], trial["saturated"]
         lines += [
             "",
-            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x. Saturated (closed loop, "
-            f"clients per tenant {sorted(set(saturated['clients'].values()))}): the heavy tenant's weighted "
-            f"service is {saturated['heavy_vs_others']:.2f}x the others' mean.",
+            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x without row preemption, "
+            f"{trial['others_ttft_p99_ratio']:.2f}x with it. Saturated (closed loop, clients per tenant "
+            f"{sorted(set(saturated['clients'].values()))}): the heavy tenant's weighted service is "
+            f"{saturated['heavy_vs_others']:.2f}x the others' mean ({sum(saturated['served'].values()):,.0f} "
+            f"weighted tokens in all) without, {trial_saturated['heavy_vs_others']:.2f}x "
+            f"({sum(trial_saturated['served'].values()):,.0f}; {trial['saturated_preemptions']} rows taken back) "
+            "with it.",
             "",
         ]
     return lines

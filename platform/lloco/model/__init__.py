@@ -8,6 +8,7 @@ from lloco.model.config import LlamaConfig
 from lloco.model.generate import (
     GenerationRequest,
     Generator,
+    Resume,
     SamplingParams,
     StepOutput,
     generate,
@@ -35,6 +36,7 @@ __all__ = [
     "LoraBatch",
     "LoraFit",
     "LoraSlots",
+    "Resume",
     "SamplingParams",
     "StepOutput",
     "TrainableLora",

@@ -59,6 +59,7 @@ from lloco.model.sampling import SampleMode, SamplingParams, gumbel_noise, sampl
 __all__ = [
     "GenerationRequest",
     "Generator",
+    "Resume",
     "SamplingParams",
     "StepOutput",
     "generate",
@@ -94,6 +95,15 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """Where a preempted request stopped (``Generator.preempt``), to go on from with ``Generator.add``: the
+    tokens it had emitted and the seed its sampling noise was keyed by."""
+
+    generated: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
 class _Launch:
     """A decode step on the device whose tokens the host has not read yet."""
 
@@ -116,7 +126,13 @@ class _Row:
     prefix_len: int  # positions before the prompt (embeddings or key/value summaries)
     kv: Tensor | None = None  # key/value summaries [P, kv_width] until written into the cache
     position: int = 0  # where the next fed token sits (= tokens in the cache)
+    # emitted tokens; a resumed row starts with those it had emitted before, also at the end of its prompt
     generated: list[int] = field(default_factory=list)
+
+    @property
+    def decoding(self) -> bool:
+        """Its whole input is in the cache (a resumed row has generated tokens before that)."""
+        return self.position >= self.input_len
 
     def input_embeds(self, model: Llama, start: int, end: int) -> Tensor:
         """Embeddings [end - start, D] of input positions [start, end): prefix vectors, then prompt tokens."""
@@ -277,6 +293,7 @@ class Generator:
         slot: int = -1,
         params: SamplingParams | None = None,
         prefix_kv: Tensor | None = None,
+        resume: Resume | None = None,
     ) -> None:
         """Queue a request; it is prefilled at the next ``step``.
 
@@ -288,6 +305,10 @@ class Generator:
             prompt_ids: prompt token ids.
             slot: LoRA slot, -1 for the base model.
             params: sampling parameters (default greedy, 256 tokens).
+            resume: a preempted request going on (``preempt``), with the same other arguments: the tokens
+                it had emitted are prefilled after the prompt and count as generated, so stop strings and
+                ``max_new_tokens`` apply across the cut and it emits what it would have without it (its
+                seed kept; greedy rows token for token, up to the numerics of prefill against decode).
         Raises:
             AlreadyExists: the id is running. ResourceExhausted: no free row.
             InvalidArgument: empty input, too long for max_seq_len, bad slot, token ids or prefix shape.
@@ -296,7 +317,10 @@ class Generator:
         if request_id in self._rows:
             raise AlreadyExists(f"request {request_id!r} is already running")
         vocab = self.model.config.vocab_size
-        prompt = [int(t) for t in prompt_ids]
+        generated = list(resume.generated) if resume is not None else []
+        if len(generated) >= params.max_new_tokens:
+            raise InvalidArgument(f"a resumed request must have fewer than {params.max_new_tokens} tokens")
+        prompt = [int(t) for t in prompt_ids] + generated
         if any(not 0 <= t < vocab for t in prompt):
             raise InvalidArgument(f"prompt token ids must be in [0, {vocab})")
         if prefix_embeds is not None:
@@ -327,12 +351,14 @@ class Generator:
             prefix_len + len(prompt),
             prefix_len,
             prefix_kv,
+            generated=generated,
         )
-        if row.input_len == 0:
+        input_len = row.input_len - len(generated)
+        if input_len == 0:
             raise InvalidArgument("a request needs prefix embeddings or prompt tokens")
-        if row.input_len + params.max_new_tokens > self.max_seq_len:
+        if input_len + params.max_new_tokens > self.max_seq_len:
             raise InvalidArgument(
-                f"{row.input_len} input + {params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}"
+                f"{input_len} input + {params.max_new_tokens} new tokens exceed max_seq_len {self.max_seq_len}"
             )
         if slot != -1 and (self.lora is None or not 0 <= slot < self.lora.n_slots):
             raise InvalidArgument(f"LoRA slot {slot} does not exist")
@@ -341,18 +367,38 @@ class Generator:
         if not self._free:
             raise ResourceExhausted(f"all {self.max_batch} rows are busy")
         row.index = heapq.heappop(self._free)
-        row.seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
+        if resume is not None:
+            row.seed = resume.seed
+        else:
+            row.seed = params.seed if params.seed is not None else self._seeds.getrandbits(62)
         self._rows[request_id] = row
         self._pending.append(row)
 
     def cancel(self, request_id: str) -> None:
         """Stop a request and free its row; finished or unknown ids are ignored."""
+        self._drop(request_id)
+
+    def preempt(self, request_id: str) -> Resume:
+        """Stop a running request and free its row, returning where it stopped: ``add`` with ``resume``
+        goes on from there, recomputing its keys. The token of a decode step in flight for it is dropped
+        unread (never emitted), so it goes on right after the last token it emitted.
+
+        Raises:
+            FailedPrecondition: the request is not running (finished or unknown).
+        """
+        row = self._drop(request_id)
+        if row is None:
+            raise FailedPrecondition(f"request {request_id!r} is not running")
+        return Resume(tuple(row.generated), row.seed)
+
+    def _drop(self, request_id: str) -> _Row | None:
         row = self._rows.pop(request_id, None)
         if row is None:
-            return
+            return None
         if row in self._pending:
             self._pending.remove(row)
         heapq.heappush(self._free, row.index)
+        return row
 
     def active(self) -> int:
         """Requests queued or decoding."""
@@ -383,7 +429,7 @@ class Generator:
         if previous is not None:
             outputs += self._read(previous)
         if self._launched is None:
-            decoding = [row for row in self._rows.values() if row.generated]
+            decoding = [row for row in self._rows.values() if row.decoding]
             if decoding:
                 self._launched = self._launch(decoding, chained=False)
             chunks = self._prefill_chunks()
@@ -413,7 +459,7 @@ class Generator:
             return False
         if any(len(row.generated) + 1 >= row.params.max_new_tokens for row in launch.rows):
             return False
-        return sum(1 for row in self._rows.values() if row.generated) == len(launch.rows)
+        return sum(1 for row in self._rows.values() if row.decoding) == len(launch.rows)
 
     def _prefill_chunks(self) -> list[_Chunk]:
         """This step's prefill work: the queued rows' next input positions, in the order the rows were

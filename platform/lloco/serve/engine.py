@@ -138,6 +138,12 @@ class PrometheusObserver(EngineObserver):
             "Tokens served to a tenant: input positions admitted (kind input), tokens generated (output).",
             tag_keys=("tenant", "kind"),
         )
+        self.tenant_preemptions = metrics.Counter(
+            "lloco_engine_tenant_preemptions",
+            "A tenant's queries taken out of their row for another tenant below its share "
+            "(engine.fair_preemption); each recomputes its input and tokens so far when admitted again.",
+            tag_keys=("tenant",),
+        )
         self.adapter_queries = metrics.Counter(
             "lloco_engine_adapter_queries",
             "Finished queries per adapter (adapter none: no adapter of the tenant's; _other: past the "
@@ -220,13 +226,14 @@ class PrometheusObserver(EngineObserver):
         self.tenant_running.set(service.running, tags=tags)
         self.tenant_counter.set(service.virtual_tokens, tags=tags)
         before = self._served.get(tenant, TenantService())
-        for kind, now, then in (
-            ("input", service.input_tokens, before.input_tokens),
-            ("output", service.output_tokens, before.output_tokens),
+        for counter, kind, now, then in (
+            (self.tenant_tokens, "input", service.input_tokens, before.input_tokens),
+            (self.tenant_tokens, "output", service.output_tokens, before.output_tokens),
+            (self.tenant_preemptions, None, service.preemptions, before.preemptions),
         ):
             served = now - then if now >= then else now  # a forgotten tenant's service restarts at 0
             if served:
-                self.tenant_tokens.inc(served, tags={"tenant": tenant, "kind": kind})
+                counter.inc(served, tags={"tenant": tenant} | ({"kind": kind} if kind else {}))
         self._served[tenant] = service
 
 

@@ -10,6 +10,9 @@ other backlogged tenants (when none is backlogged: among the tenants with reques
 earns no credit it could later spend holding the engine while the others wait. While several tenants are
 backlogged their counters stay close: one sending ten times the others' rate gets about the same weighted
 service as each of them (its weight's share), and whatever capacity they leave.
+
+Counters order admission only; a scheduler that takes rows back (``preempt``) compares tenants' rows with
+their ``row_share``: the rows split by weight among the tenants waiting or running.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class TenantService:
     input_tokens: int = 0  # input positions admitted (context vectors + prompt tokens)
     output_tokens: int = 0  # tokens generated
     virtual_tokens: float = 0.0  # the counter: weighted tokens served, after lifts
+    preemptions: int = 0  # requests of it taken out of their row and queued again
 
 
 @dataclass
@@ -139,6 +143,27 @@ class FairQueue(Generic[T]):
         self._count(tenant, state, waiting=-1, running=1, input_tokens=input_tokens)
         return item
 
+    def preempt(self, tenant: str, item: T) -> None:
+        """A running item of the tenant leaves its row and goes back to the front of its queue, to be
+        admitted before the tenant's other waiting items. No lift: the tenant was being served, not idle;
+        for ties it counts as arriving now."""
+        state = self._tenants[tenant]
+        state.queue.appendleft((next(self._arrivals), item))
+        self._count(tenant, state, waiting=1, running=-1, preemptions=1)
+
+    def next_below_share(self, rows: int) -> str | None:
+        """``next_tenant`` among the backlogged tenants running fewer requests than their ``row_share``."""
+        at_share = {
+            t for t in self._backlogged if self._tenants[t].service.running >= self.row_share(t, rows)
+        }
+        return self.next_tenant(at_share)
+
+    def row_share(self, tenant: str, rows: int) -> float:
+        """The tenant's share of ``rows``: split by weight among the tenants waiting or running, itself
+        included."""
+        sharing = self._backlogged | self._serving | {tenant}
+        return rows * self._weight(tenant) / sum(self._weight(t) for t in sharing)
+
     def generated(self, tenant: str, tokens: int = 1) -> None:
         """Charge a running tenant for tokens generated for it."""
         self._count(tenant, self._tenants[tenant], output_tokens=tokens)
@@ -169,6 +194,9 @@ class FairQueue(Generic[T]):
         self._touched.discard(tenant)
         return True
 
+    def _weight(self, tenant: str) -> float:
+        return self._weights.get(tenant, 1.0)
+
     def _lift_floor(self, tenant: str) -> float | None:
         """The lowest counter of the other backlogged tenants, else of the others running requests."""
         for active in (self._backlogged - {tenant}, self._serving - {tenant}):
@@ -184,6 +212,7 @@ class FairQueue(Generic[T]):
         running: int = 0,
         input_tokens: int = 0,
         output_tokens: int = 0,
+        preemptions: int = 0,
     ) -> None:
         old = state.service
         cost = input_tokens * self._input_cost + output_tokens * self._output_cost
@@ -192,7 +221,8 @@ class FairQueue(Generic[T]):
             running=old.running + running,
             input_tokens=old.input_tokens + input_tokens,
             output_tokens=old.output_tokens + output_tokens,
-            virtual_tokens=old.virtual_tokens + cost / self._weights.get(tenant, 1.0),
+            virtual_tokens=old.virtual_tokens + cost / self._weight(tenant),
+            preemptions=old.preemptions + preemptions,
         )
         self._waiting += waiting
         self._touched.add(tenant)

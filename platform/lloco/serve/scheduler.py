@@ -11,6 +11,19 @@ the event loop stays free to accept and stream requests.
 Waiting requests are queued per tenant and admitted in the order of the tenants' virtual token counters
 (`lloco.serve.fairness`): when rows are scarce, a tenant flooding the engine gets its share, not the
 batch. Counters are charged for a request's input when it is admitted and for each token it generates.
+
+Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps
+them until its requests finish, often together. With `preemption` on, a tenant with a request waiting and
+fewer rows than its share (the rows split by weight among the tenants waiting or running) takes one back
+when no row is free, from the tenant furthest above its share if that one holds more than its share + 1
+(the + 1 keeps rows from moving back and forth among backlogged tenants whose shares do not divide the
+rows): at most one row an iteration, the victim's row that holds the fewest positions (the least work to
+redo). The victim goes back to the front of its tenant's queue with the `Resume` the generator gives
+(the tokens it emitted and its seed) and, admitted again, prefills its context, prompt and those tokens
+and goes on: its stream only pauses (no token repeated or lost; stops and max_new_tokens count across the
+cut; TTFT and its first admission time are kept). Its adapter slot is unpinned when it leaves the row and
+acquired again like any request's. Nobody's counter pays for the recompute: the victim was charged for its
+input and its tokens once, and the scheduler, not the victim, chose to redo them.
 """
 
 from __future__ import annotations
@@ -25,7 +38,7 @@ import torch
 
 from lloco.errors import Cancelled, Internal, LlocoError, ResourceExhausted
 from lloco.logs import get_logger
-from lloco.model import Generator, LoraAdapter, LoraSlots, SamplingParams, StepOutput
+from lloco.model import Generator, LoraAdapter, LoraSlots, Resume, SamplingParams, StepOutput
 from lloco.serve.caches import AdapterKey, SlotGrant, SlotManager
 from lloco.serve.fairness import FairQueue, TenantService
 
@@ -60,6 +73,8 @@ class ScheduledRequest:
     prefix_kv: torch.Tensor | None = None
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     grant: SlotGrant | None = None
+    emitted: int = 0  # tokens delivered
+    resume: Resume | None = None  # where it stopped when preempted (set by the worker thread)
     # perf_counter times of its way through the scheduler (0.0: not yet): queued, given a row, first token out
     submitted_at: float = 0.0
     admitted_at: float = 0.0
@@ -70,6 +85,11 @@ class ScheduledRequest:
         """Input positions: context positions + prompt tokens."""
         prefixes = (self.prefix_embeds, self.prefix_kv)
         return sum(p.shape[0] for p in prefixes if p is not None) + len(self.prompt_ids)
+
+    @property
+    def positions(self) -> int:
+        """Positions its row holds once prefilled: what preempting it throws away."""
+        return self.input_tokens + self.emitted
 
 
 @dataclass
@@ -84,6 +104,7 @@ class _Iteration:
 
     jobs: list[_Job]
     cancels: list[str]
+    preempts: list[ScheduledRequest]
     admissions: list[ScheduledRequest]
     job_results: list[tuple[_Job, Any, BaseException | None]] = field(default_factory=list)
     rejected: list[tuple[ScheduledRequest, BaseException]] = field(default_factory=list)
@@ -100,6 +121,8 @@ class Scheduler:
         max_batch: rows (requests running at once).
         max_waiting: requests queued at most, all tenants; more are refused (ResourceExhausted).
         queue: the per-tenant queues and their counters (costs and weights from settings).
+        preemption: take rows back for tenants below their share (the module's docstring); an attribute
+            of the same name turns it on and off while running (the scheduling benchmark compares both).
         on_slot_load: an adapter was copied into a slot.
         on_iteration: (requests waiting, requests running) after each iteration.
         on_tenants: the service of the tenants whose queue or service changed, at most every
@@ -114,6 +137,7 @@ class Scheduler:
         max_batch: int,
         max_waiting: int,
         queue: FairQueue[ScheduledRequest],
+        preemption: bool = False,
         on_slot_load: Callable[[AdapterKey], None] = lambda key: None,
         on_iteration: Callable[[int, int], None] = lambda waiting, active: None,
         on_tenants: Callable[[dict[str, TenantService]], None] = lambda services: None,
@@ -127,6 +151,7 @@ class Scheduler:
         self._on_iteration = on_iteration
         self._on_tenants = on_tenants
         self._queue = queue
+        self.preemption = preemption
         self._waiting: dict[str, ScheduledRequest] = {}  # by request id, for cancellation
         self._reported_at = 0.0
         self._running: dict[str, ScheduledRequest] = {}
@@ -137,6 +162,7 @@ class Scheduler:
         self._stopping = False
         self.steps = 0
         self.generated_tokens = 0
+        self.preemptions = 0
 
     async def start(self) -> None:
         if self._task is None:
@@ -202,7 +228,8 @@ class Scheduler:
         self._wake.set()
 
     def cancel(self, request_id: str) -> None:
-        """Drop a request: at once when still waiting, at the next step when it holds a row."""
+        """Drop a request: at once when still waiting (also when queued again after a preemption: it holds
+        no row or slot then), at the next step when it holds a row."""
         request = self._waiting.pop(request_id, None)
         if request is not None:
             self._queue.remove(request.tenant, request)
@@ -256,7 +283,9 @@ class Scheduler:
                 self._wake.clear()
                 continue
             self._wake.clear()
-            iteration = _Iteration(self._jobs, self._take_cancels(), self._admit())
+            cancels = self._take_cancels()
+            preempts, admissions = self._preempt()
+            iteration = _Iteration(self._jobs, cancels, preempts, admissions + self._admit())
             self._jobs = []
             await asyncio.to_thread(self._iterate, iteration)
             self._deliver(iteration)
@@ -302,13 +331,57 @@ class Scheduler:
                 if slot_blocked:
                     skipped.add(tenant)
                     continue
-            self._queue.admit(tenant, request.input_tokens)
-            request.admitted_at = time.perf_counter()
-            del self._waiting[request.request_id]
+            self._start(tenant, request)
             admitted.append(request)
-            self._running[request.request_id] = request
             free_rows -= 1
         return admitted
+
+    def _start(self, tenant: str, request: ScheduledRequest) -> None:
+        """Move the tenant's head ``request`` from waiting to running; a resumed one is not charged again."""
+        self._queue.admit(tenant, request.input_tokens if request.resume is None else 0)
+        request.admitted_at = request.admitted_at or time.perf_counter()
+        del self._waiting[request.request_id]
+        self._running[request.request_id] = request
+
+    def _preempt(self) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
+        """When no row is free: the preempted request and the one admitted into its row (at most one
+        each), or nothing (the module's docstring has the rule).
+
+        The waiting tenant's adapter must find a slot while the victim still pins its own: a row taken back
+        for a request that then waits for a slot would be recomputed for nothing.
+        """
+        if not self.preemption or len(self._running) < self._max_batch:
+            return [], []
+        tenant = self._queue.next_below_share(self._max_batch)
+        victim = self._victim() if tenant is not None else None
+        if tenant is None or victim is None:
+            return [], []
+        request = self._queue.head(tenant)
+        if request.adapter is not None:
+            request.grant = self.slots.acquire(request.adapter)
+            if request.grant is None:
+                return [], []
+        del self._running[victim.request_id]
+        self._release(victim)
+        self._queue.preempt(victim.tenant, victim)
+        self._waiting[victim.request_id] = victim
+        self.preemptions += 1
+        self._start(tenant, request)
+        return [victim], [request]
+
+    def _victim(self) -> ScheduledRequest | None:
+        """The row holding the fewest positions of the tenant furthest above its share, if it holds more
+        than its share + 1 rows."""
+        excess: dict[str, float] = {}
+        for request in self._running.values():
+            if request.tenant not in excess:
+                running = self._queue.service(request.tenant).running
+                excess[request.tenant] = running - self._queue.row_share(request.tenant, self._max_batch)
+        tenant = max(excess, key=excess.__getitem__, default=None)
+        if tenant is None or excess[tenant] <= 1:
+            return None
+        rows = [request for request in self._running.values() if request.tenant == tenant]
+        return min(rows, key=lambda request: request.positions)
 
     def _iterate(self, it: _Iteration) -> None:
         """The worker-thread half: the only code that touches the model."""
@@ -317,6 +390,10 @@ class Scheduler:
                 it.job_results.append((job, job.fn(), None))
             except Exception as exc:
                 it.job_results.append((job, None, exc))
+        # a victim the generator does not run is a scheduler bug: raised, it takes the crash path (every
+        # stream ends with an error) rather than restart the victim's stream from its first token
+        for request in it.preempts:
+            request.resume = self._generator.preempt(request.request_id)
         try:
             for rid in it.cancels:
                 self._generator.cancel(rid)
@@ -345,6 +422,7 @@ class Scheduler:
                     slot,
                     request.params,
                     request.prefix_kv,
+                    request.resume,
                 )
             except Exception as exc:
                 it.rejected.append((request, exc))
@@ -380,6 +458,7 @@ class Scheduler:
             if request is None:
                 continue
             self.generated_tokens += 1
+            request.emitted += 1
             self._queue.generated(request.tenant)
             request.first_token_at = request.first_token_at or time.perf_counter()
             request.events.put_nowait(TokenEvent(out.token_id, out.finished, out.reason))
@@ -390,6 +469,10 @@ class Scheduler:
     def _finish(self, request: ScheduledRequest) -> None:
         """A running request left its row (finished, cancelled, rejected or failed)."""
         self._queue.finished(request.tenant)
+        self._release(request)
+
+    def _release(self, request: ScheduledRequest) -> None:
+        """Unpin the slot of a request leaving its row, if it holds one."""
         if request.grant is not None:
             self._finish_grant(request.grant)
             request.grant = None
