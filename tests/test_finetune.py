@@ -136,6 +136,11 @@ def test_rows_become_context_prefix_prompt_and_answer_with_loss_on_answer_only(w
     evidence = Evidence([text], tokenizer).ids("What country is paris the capital of?", budget)
     assert evidence and with_evidence.input_ids == evidence + prompt + answer  # between context and prompt
     assert torch.equal(with_evidence.prefix, context)
+    longest = context.shape[0] + len(prompt) + len(answer) + len(evidence) - 1  # one position short of it
+    tight = ExampleBuilder(
+        registry, tokenizer, "compressed", world.compressor.compressor_id, longest, eos, context_ratio=1
+    ).build(rows[:1])[0]  # evidence takes only the room the example leaves, as serving's does: no error
+    assert tight.length <= longest and tight.input_ids[-len(prompt + answer) :] == prompt + answer
 
     embed = world.compressor.base.model.embed
     batch = collate([first, second], embed, "cpu")

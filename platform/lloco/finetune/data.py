@@ -135,7 +135,8 @@ class ExampleBuilder:
         answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos_token_id]
         if self.mode == "compressed":
             prefix = self._prefix(line, row.doc_ids)
-            evidence = self._evidence(line, row, prefix.shape[0]) if self.context_ratio else []
+            room = self.max_length - prefix.shape[0] - len(prompt) - len(answer)
+            evidence = self._evidence(line, row, prefix.shape[0], room) if self.context_ratio else []
             example = Example(line, prefix, evidence + prompt + answer, len(answer), self.kv_prefix)
             if example.length > self.max_length:
                 raise InvalidArgument(
@@ -174,10 +175,11 @@ class ExampleBuilder:
             self._contexts[doc_id] = vectors
         return self._contexts[doc_id]
 
-    def _evidence(self, line: int, row: DatasetRow, context_positions: int) -> list[int]:
-        """The row's evidence tokens, in what its context leaves of its documents' tokens / ``context_ratio``."""
+    def _evidence(self, line: int, row: DatasetRow, context_positions: int, room: int) -> list[int]:
+        """The row's evidence tokens, in what its context leaves of its documents' tokens / ``context_ratio``
+        and within the ``room`` the example leaves (as serving gives evidence only the room a query leaves)."""
         document_tokens = sum(len(self._tokens(line, doc_id)) for doc_id in row.doc_ids)
-        budget = evidence_budget(document_tokens, context_positions, self.context_ratio)
+        budget = min(evidence_budget(document_tokens, context_positions, self.context_ratio), room)
         if row.doc_ids not in self._indexed:  # rows naming the same documents share one index
             texts = [self._text(line, doc_id) for doc_id in row.doc_ids]
             self._indexed[row.doc_ids] = Evidence(texts, self.tokenizer)
