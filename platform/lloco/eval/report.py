@@ -220,8 +220,9 @@ def ablation_markdown(summary: dict[str, Any], perplexity: dict[str, Any] | None
             "",
             "### Do the summaries add to the evidence?",
             "",
-            "LLoCO with the question's evidence sentences against a LoRA trained on the same evidence alone "
-            "(same rows, steps, seed and initial weights): their difference is what the compressed context adds.",
+            "LLoCO with the question's evidence sentences (in what the summaries leave of the context budget) "
+            "against a LoRA trained on evidence alone given the whole budget (same rows, steps, seed and initial "
+            "weights): their difference is what the compressed context adds over retrieval at the same budget.",
             "",
             *_score_table(summary["evidence"], recipe_column, _EVIDENCE_COLUMNS),
         ]
