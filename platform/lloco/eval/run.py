@@ -420,8 +420,9 @@ class Evaluator:
         middle to fit (``full``), the summary vectors then the row's evidence tokens
         (``compressed_evidence``) or the evidence alone (``evidence``), from the first ``rows`` train rows
         (None: all). Every form keeps the same rows: those whose compressed form (or, when the run has an
-        evidence mode, the longer of it and the context budget) fits ``train_max_length`` (``contexts`` need only hold the train
-        documents for the compressed forms, ``self.texts`` their texts for the evidence forms).
+        evidence mode, the longer of it and the context budget) fits ``train_max_length`` (``contexts`` need
+        only hold the train documents for the compressed forms, ``self.texts`` their texts for the evidence
+        forms).
 
         Raises:
             InvalidArgument: no train row fits.
@@ -434,9 +435,8 @@ class Evaluator:
             prompt = chat_prompt(self.tokenizer, dataset.question(row))
             answer = [*self.tokenizer.encode(row.answer, add_special_tokens=False), self.eos]
             context = self._summary_vectors(row, tokens)
-            if (
-                with_evidence
-            ):  # summaries and the evidence they leave room for, or the whole budget's evidence
+            # the evidence forms: summaries and the evidence they leave room for, or the whole budget's evidence
+            if with_evidence:
                 context = max(context, self._evidence_budget(row, tokens, summaries=False))
             if context + len(prompt) + len(answer) > max_length:
                 continue
