@@ -233,7 +233,9 @@ def test_finetuning_after_key_value_summaries_scores_the_answer_as_after_the_tex
     (alone, grads_alone) = loss_and_grads([[example] for example in summarized])
     assert torch.allclose(together, alone, rtol=1e-5)
     for a, b in zip(grads_together, grads_alone, strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        # rounding, not masking: the batched forward sums in another order (BLAS blocking follows the shapes
+        # and the CPU), so elements near zero differ by ~1e-6 of the largest; a masking error moves them by far more
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     with pytest.raises(InvalidArgument, match="mixes"):
         collate(
             [summarized[0], Example(9, model.embed(torch.tensor(rows[0][0])), rows[0][1], 4)],

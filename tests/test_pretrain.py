@@ -209,7 +209,9 @@ def test_decodes_batched_in_one_forward_give_the_losses_and_gradients_of_one_for
     )
     assert len(batched) == len(separate) > 2  # summaries, scale, encoder and reader LoRAs
     for a, b in zip(batched, separate, strict=True):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+        # rounding, not masking: the batched forward sums in another order (BLAS blocking follows the shapes
+        # and the CPU), so elements near zero differ by ~1e-6 of the largest; a masking error moves them by far more
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_pretraining_needs_held_out_documents_long_enough_to_score(
