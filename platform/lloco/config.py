@@ -173,8 +173,9 @@ class EngineSettings(_Section):
         "more than its share + 1: that query goes back to the front of its tenant's queue and, admitted "
         "again, recomputes its context, prompt and tokens so far, then streams on (a pause, no token "
         "repeated). Counters alone only order free rows, so a tenant that took every row while the others "
-        "were idle keeps them until its queries end. Off by default until a GPU run shows it lowers the "
-        "other tenants' TTFT (docs/benchmarks, scheduling; `lloco.bench.scheduling` compares on and off).",
+        "were idle keeps them until its queries end. Off by default: on an H100 it made the other tenants' "
+        "TTFT p99 worse, not better (docs/benchmarks/scheduling-preemption-h100-*; `lloco.bench.scheduling` "
+        "compares on and off).",
     )
     tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
