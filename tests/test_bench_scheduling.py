@@ -10,6 +10,7 @@ import pytest
 import torch
 from lloco.bench import scheduling
 from lloco.bench.common import GEOMETRIES, random_llama
+from lloco.bench.workload import TTFT_PARTS
 from lloco.model import LlamaConfig
 
 
@@ -49,6 +50,9 @@ def test_fairness_section_runs_every_scenario(model, store) -> None:
     result = scheduling.bench_fairness(model, store, plan)
     assert result["context_vectors"] == 16 and result["capacity_queries_per_s"] > 0
     assert result["even"]["others"]["queries"] > 0 and result["heavy_10x"]["heavy"]["queries"] > 0
+    slowest = result["heavy_10x"]["others"]["slowest"]  # where the slowest TTFTs went, by the engine
+    parts = sum(slowest[f"{part}_ms"] for part in TTFT_PARTS)
+    assert slowest["queries"] >= 1 and 0 < parts <= slowest["ttft_ms"] * 1.01
     saturated = result["saturated"]
     assert sorted(saturated["clients"].values()) == [2, 20] and all(
         v > 0 for v in saturated["served"].values()
@@ -58,7 +62,8 @@ def test_fairness_section_runs_every_scenario(model, store) -> None:
     assert all(v > 0 for v in trial["saturated"]["served"].values())
     goals = scheduling.evaluate_goals({"fairness": result})
     assert len(goals) == 3 and all(isinstance(g["met"], bool) for g in goals)
-    assert "(f) Fairness" in "\n".join(scheduling.render_markdown({"fairness": result}))
+    report = "\n".join(scheduling.render_markdown({"fairness": result}))
+    assert "(f) Fairness" in report and "Where the others' slowest 1% of TTFTs went" in report
     assert list(store.list_keys("tenants/")) == []  # its tenants are deleted again
 
 

@@ -16,8 +16,10 @@
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
     others' mean. The ten-times and saturated runs go twice on the same engine, without row preemption
     (``engine.fair_preemption`` off: the main figures) and with it (``preemption``: the same figures and
-    the rows taken back), so the comparison is within one run. Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a
-    SeaweedFS on loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
+    the rows taken back), so the comparison is within one run. For the others' slowest 1% of TTFTs each
+    run also reports the engine's account of where the time went (prepare, queue for a row, prefill).
+    Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a SeaweedFS on
+    loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from lloco.bench.common import (
 )
 from lloco.bench.report import run_section, write_report, write_unfinished
 from lloco.bench.workload import (
+    TTFT_PARTS,
     QuerySample,
     delete_tenants,
     engine_query,
@@ -347,10 +350,21 @@ async def _capacity(core: Any, tenants: list[str], plan: SchedulingPlan) -> floa
     return plan.rows / wall
 
 
-async def _open_loop(core: Any, rates: dict[str, float], plan: SchedulingPlan) -> dict[str, list[float]]:
+@dataclass(frozen=True)
+class _Run:
+    """One open-loop run: TTFTs by tenant (seconds), and the queries that ended."""
+
+    ttfts: dict[str, list[float]]
+    ended: list[QuerySample]
+
+
+SLOWEST_FRACTION = 0.01  # the others' slowest queries whose TTFT parts are reported: their p99's tail
+
+
+async def _open_loop(core: Any, rates: dict[str, float], plan: SchedulingPlan) -> _Run:
     """Poisson arrivals per tenant for ``plan.seconds``; queries still running a run-length later are
     cancelled. Returns each tenant's TTFTs in seconds (queries cancelled before their first token have
-    none)."""
+    none) and the samples of the queries that ended (with the engine's account of their TTFT)."""
     ttfts: dict[str, list[float]] = {tenant: [] for tenant in rates}
     asks: list[asyncio.Task[QuerySample]] = []
 
@@ -369,15 +383,33 @@ async def _open_loop(core: Any, rates: dict[str, float], plan: SchedulingPlan) -
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
-    return ttfts
+    ended = [task.result() for task in asks if task.done() and not task.cancelled() and not task.exception()]
+    return _Run(ttfts, ended)
 
 
-def _ttft(ttfts: dict[str, list[float]], tenants: list[str]) -> dict[str, Any]:
-    answered = [ttft * 1e3 for tenant in tenants for ttft in ttfts[tenant]]
+def _ttft(run: _Run, tenants: list[str]) -> dict[str, Any]:
+    """The tenants' TTFT p50/p99 (ms), and where the slowest 1% (at least 3) of their ended queries' TTFT
+    went by the engine's account (mean ms of `TTFT_PARTS`: before the queue, in it, admitted to first
+    token): what the scheduler would have to change to lower the p99."""
+    answered = [ttft * 1e3 for tenant in tenants for ttft in run.ttfts[tenant]]
+    timed = sorted(
+        (s for s in run.ended if s.tenant in tenants and s.ttft_s is not None and s.ttft_parts),
+        key=lambda s: s.ttft_s or 0.0,
+        reverse=True,
+    )
+    slowest = timed[: max(3, math.ceil(SLOWEST_FRACTION * len(timed)))]
     return {
         "queries": len(answered),
         "p50_ms": percentile(answered, 50),
         "p99_ms": percentile(answered, 99),
+        "slowest": {
+            "queries": len(slowest),
+            "ttft_ms": statistics.mean(s.ttft_s * 1e3 for s in slowest) if slowest else math.nan,
+        }
+        | {
+            f"{part}_ms": statistics.mean(s.ttft_parts[part] * 1e3 for s in slowest) if slowest else math.nan
+            for part in TTFT_PARTS
+        },
     }
 
 
@@ -499,6 +531,26 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             f"| one at {HEAVY_RATE}x, row preemption on ({trial['heavy_10x_preemptions']} rows taken back) | "
             f"{o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | {h['p50_ms']:.0f} |"
         )
+        lines += [
+            "",
+            "Where the others' slowest 1% of TTFTs went (the engine's account, mean ms: prepare = before the "
+            "fair queue, queue = waiting for a row, prefill = admitted to first token):",
+            "",
+            "| run | queries | TTFT | prepare | queue | prefill |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, others in (
+            ("every tenant at the same rate", fairness["even"]["others"]),
+            (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]["others"]),
+            (f"one at {HEAVY_RATE}x, row preemption on", trial["heavy_10x"]["others"]),
+        ):
+            slow = others.get("slowest")
+            if slow:  # records made before the breakdown lack it
+                lines.append(
+                    f"| {label} | {slow['queries']} | {slow['ttft_ms']:.0f} | "
+                    + " | ".join(f"{slow[f'{part}_ms']:.0f}" for part in TTFT_PARTS)
+                    + " |"
+                )
         saturated, trial_saturated = fairness["saturated"], trial["saturated"]
         lines += [
             "",
