@@ -11,6 +11,7 @@ without bound, and without the lift a returning tenant holds every row until its
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from lloco.errors import InvalidArgument
-from lloco.serve.fairness import FairQueue, TenantService
+from lloco.serve.fairness import FairQueue, TenantLimiter, TenantService
 
 INPUT_COST, OUTPUT_COST = 1.0, 2.0
 
@@ -258,3 +259,32 @@ def test_admission_does_not_slow_down_with_tenants_gone_idle() -> None:
     few = min(admissions_s(0) for _ in range(3))
     many = min(admissions_s(20_000) for _ in range(3))
     assert many < 10 * few + 0.01, (few, many)  # scanning 20,000 tenants per admission: ~100x slower
+
+
+def test_the_limiter_lets_other_tenants_in_while_one_tenant_waits_for_its_own() -> None:
+    """A burst of one tenant holds at most ``limit`` places; another tenant's task enters at once, and a
+    tenant's gate is dropped when its last task leaves (a thousand tenants leave nothing behind)."""
+
+    async def scenario() -> None:
+        limiter = TenantLimiter(2)
+        release = asyncio.Event()
+        inside: list[str] = []
+
+        async def task(tenant: str) -> None:
+            async with limiter.hold(tenant):
+                inside.append(tenant)
+                await release.wait()
+
+        burst = [asyncio.create_task(task("heavy")) for _ in range(5)]
+        await asyncio.sleep(0)
+        light = asyncio.create_task(task("light"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert inside == ["heavy", "heavy", "light"] and len(limiter) == 2
+        release.set()
+        await asyncio.gather(*burst, light)
+        assert inside.count("heavy") == 5 and len(limiter) == 0
+
+    asyncio.run(scenario())
+    with pytest.raises(InvalidArgument):
+        TenantLimiter(0)

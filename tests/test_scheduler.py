@@ -230,3 +230,27 @@ def test_a_request_cancelled_while_queued_again_after_preemption_ends_cleanly(
         await sched.stop()
 
     run(scenario)
+
+
+def test_steps_run_on_the_schedulers_own_thread_while_the_shared_pool_is_full(base: LoadedModel) -> None:
+    """The model runs on one thread of the scheduler's own: with the event loop's shared worker threads all
+    blocked (as by a burst of queries being prepared), requests still get their tokens."""
+
+    async def scenario() -> None:
+        sched = scheduler(base, 2, preemption=False)
+        await sched.start()
+        gate = threading.Event()
+        blockers = [asyncio.create_task(asyncio.to_thread(gate.wait)) for _ in range(64)]
+        try:
+            name = lambda: threading.current_thread().name  # noqa: E731
+            names = {await asyncio.wait_for(sched.run_exclusive(name), 60) for _ in range(3)}
+            request = query(base, "acme", 0, 3)
+            sched.submit(request)
+            assert len(await asyncio.wait_for(tokens_of(request), 60)) == 3
+        finally:
+            gate.set()
+            await asyncio.gather(*blockers)
+            await sched.stop()
+        assert len(names) == 1 and names.pop().startswith("lloco-engine")
+
+    run(scenario)

@@ -45,7 +45,7 @@ from lloco.model import (
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
 from lloco.registry.evidence import Evidence, context_ratio, evidence_budget
 from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
-from lloco.serve.fairness import FairQueue, TenantService
+from lloco.serve.fairness import FairQueue, TenantLimiter, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
 from lloco.serve.text_stream import TextStream
 from lloco.storage import ObjectStore
@@ -54,6 +54,9 @@ log = get_logger(__name__)
 
 # Generator reasons -> the API's: an EOS token and a stop string both mean the answer ended.
 _FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "cancelled"}
+# queries of one tenant prepared at once in the event loop's shared worker threads (min(32, cores + 4)): a
+# tenant's burst waits behind its own queries, not in front of the other tenants' (lloco.serve.fairness)
+PREPARES_PER_TENANT = 4
 READER_ADAPTER = "reader"  # the slot key name of the compressor's reader (tenant "": no tenant owns it)
 DOCUMENT_TEXT_CACHE_CHARS = 64 << 20  # document texts kept per replica for evidence (characters)
 EVIDENCE_CACHE_CHARS = (
@@ -273,6 +276,7 @@ class EngineCore:
             on_iteration=self._scheduled,
             on_tenants=self._report_tenants,
         )
+        self._preparing = TenantLimiter(PREPARES_PER_TENANT)
         self.requests = 0
         self._residency_at = float("-inf")
 
@@ -317,7 +321,8 @@ class EngineCore:
         """
         started = time.perf_counter()
         self.requests += 1
-        prepared = await asyncio.to_thread(self._prepare, req)
+        async with self._preparing.hold(req.tenant):
+            prepared = await asyncio.to_thread(self._prepare, req)
         prepared_at = time.perf_counter()
         scheduled = ScheduledRequest(
             request_id=f"{req.request_id}:{uuid.uuid4().hex[:8]}",

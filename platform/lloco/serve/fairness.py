@@ -13,12 +13,18 @@ service as each of them (its weight's share), and whatever capacity they leave.
 
 Counters order admission only; a scheduler that takes rows back (``preempt``) compares tenants' rows with
 their ``row_share``: the rows split by weight among the tenants waiting or running.
+
+Before a query reaches the queue it is prepared (store reads on cache misses, tokenization, evidence) in
+worker threads every tenant shares; ``TenantLimiter`` keeps one tenant's burst from taking all of them, so
+the others' queries are not prepared only after the whole burst (first in, first out).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from itertools import count
 from typing import Generic, TypeVar
@@ -234,3 +240,43 @@ class FairQueue(Generic[T]):
             self._serving.add(tenant)
         else:
             self._serving.discard(tenant)
+
+
+@dataclass
+class _Gate:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # tasks holding or waiting for the semaphore
+
+
+class TenantLimiter:
+    """At most ``limit`` tasks of one tenant at once in a shared resource; the others of that tenant wait
+    for their own tenant's tasks, not in front of every other tenant's.
+
+    Raises:
+        InvalidArgument: a limit below 1.
+    """
+
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise InvalidArgument(f"the per-tenant limit must be >= 1, got {limit}")
+        self._limit = limit
+        self._gates: dict[str, _Gate] = {}  # tenants with tasks holding or waiting; dropped when none
+
+    def __len__(self) -> int:
+        """Tenants with tasks holding or waiting."""
+        return len(self._gates)
+
+    @asynccontextmanager
+    async def hold(self, tenant: str) -> AsyncIterator[None]:
+        """Wait until fewer than ``limit`` of the tenant's tasks hold it, and hold it for the block."""
+        gate = self._gates.get(tenant)
+        if gate is None:
+            gate = self._gates[tenant] = _Gate(asyncio.Semaphore(self._limit))
+        gate.users += 1
+        try:
+            async with gate.semaphore:
+                yield
+        finally:
+            gate.users -= 1
+            if not gate.users:
+                del self._gates[tenant]

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -159,6 +160,9 @@ class Scheduler:
         self._jobs: list[_Job] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # the model's thread, its own: in the event loop's shared pool (asyncio.to_thread) a step would
+        # queue behind whatever else waits there, such as the preparation of a burst of queries
+        self._worker: ThreadPoolExecutor | None = None
         self._stopping = False
         self.steps = 0
         self.generated_tokens = 0
@@ -166,6 +170,7 @@ class Scheduler:
 
     async def start(self) -> None:
         if self._task is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lloco-engine")
             self._task = asyncio.create_task(self._run(), name="lloco-scheduler")
 
     async def stop(self) -> None:
@@ -177,6 +182,9 @@ class Scheduler:
         await self._task
         self._task = None
         self._stopping = False
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         for rid, request in self._running.items():
             self._generator.cancel(rid)
             self._finish(request)
@@ -287,7 +295,7 @@ class Scheduler:
             preempts, admissions = self._preempt()
             iteration = _Iteration(self._jobs, cancels, preempts, admissions + self._admit())
             self._jobs = []
-            await asyncio.to_thread(self._iterate, iteration)
+            await asyncio.get_running_loop().run_in_executor(self._worker, self._iterate, iteration)
             self._deliver(iteration)
             self._on_iteration(len(self._waiting), len(self._running))
             self._report_tenants()
