@@ -21,6 +21,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s, so a finished trainer's fit() returned up to 2 s after its
+# last step; every Ray node the tests start (ray_local, `ray start`, `lloco up`, job drivers) inherits this.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 if "TRITON_INTERPRET" not in os.environ:  # the decode kernels run on CPU tensors in Triton's interpreter
     import torch
 

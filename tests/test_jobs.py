@@ -28,6 +28,7 @@ from lloco.storage import EmbeddedS3, ObjectStore, keys
 
 REPO = Path(__file__).parents[1]
 NO_RAY = "http://127.0.0.1:9"  # nothing listens there: Ray's job server cannot be asked
+POLL_S = 0.25  # GetJob is one loopback call: poll often, so the test waits for a state, not for the poll
 
 
 def test_a_job_records_itself_and_a_cancelled_record_stays_cancelled(store: ObjectStore) -> None:
@@ -120,7 +121,7 @@ def wait_for(client: LlocoClient, job_id: str, states: set[int], timeout_s: floa
     deadline = time.monotonic() + timeout_s
     while (job := client.get_job(job_id)).state not in states:
         assert time.monotonic() < deadline, job
-        time.sleep(1)
+        time.sleep(POLL_S)
     return job
 
 
@@ -170,7 +171,7 @@ def test_jobs_answer_after_lloco_up_restarts(
         queued = client.compress(["notes"])
         assert queued.kind == lloco_pb2.JOB_KIND_COMPRESS and queued.state == lloco_pb2.JOB_STATE_QUEUED
         compress_id = queued.name.rsplit("/", 1)[-1]
-        compressed = client.wait_job(compress_id, timeout_s=300, poll_s=1)
+        compressed = client.wait_job(compress_id, timeout_s=300, poll_s=POLL_S)
         assert compressed.state == lloco_pb2.JOB_STATE_SUCCEEDED, compressed
         assert list(compressed.compress_result.compressed_documents) == ["tenants/demo/documents/notes"]
         assert compressed.start_time.ToDatetime() <= compressed.end_time.ToDatetime()

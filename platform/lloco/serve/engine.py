@@ -21,6 +21,7 @@ from lloco.errors import Unavailable
 from lloco.logs import get_logger
 from lloco.model import LoraFit, load_compressor, load_model
 from lloco.registry import ContextInfo
+from lloco.serve import DRAIN_POLL_S
 from lloco.serve.caches import ContextTier
 from lloco.serve.engine_core import (
     EngineCore,
@@ -269,7 +270,7 @@ class StreamPacer:
             self.open -= 1
 
 
-@serve.deployment
+@serve.deployment(graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
 class EngineDeployment:
     """One base model per replica serving every tenant; see `EngineCore`."""
 

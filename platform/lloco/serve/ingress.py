@@ -38,7 +38,7 @@ from lloco.errors import (
 from lloco.jobs import JobRecord, Jobs
 from lloco.logs import get_logger
 from lloco.registry import Registry, Tenants, document_text, pages
-from lloco.serve import replies
+from lloco.serve import DRAIN_POLL_S, replies
 from lloco.serve.adapter_import import AdapterImports
 from lloco.serve.compression import EdgeCompression
 from lloco.serve.documents import EdgeDocuments
@@ -60,7 +60,7 @@ HEALTH_WATCH_MAX_S = 30.0
 SHUTDOWN_GRACE_S = 5.0
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.1})
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, graceful_shutdown_wait_loop_s=DRAIN_POLL_S)
 class Ingress:
     """Authenticates, validates and limits every call, then serves it from the registry, the engine or the
     jobs module."""
