@@ -227,6 +227,46 @@ def test_waiting_tenants_take_rows_back_in_one_iteration_until_the_rows_are_leve
     run(scenario)
 
 
+def test_a_tenant_that_took_a_row_in_an_iteration_loses_none_in_it(base: LoadedModel) -> None:
+    """Six rows: acme four, globex two. Initech, served earlier (a counter above the others'), and globex ask
+    at once; globex goes first and takes one of acme's rows (three each). Initech then takes one of acme's:
+    globex, tied with acme, just took a row, which is not in the model yet and must not be taken back (the
+    generator would refuse it and the engine stop). Four rounds with other names, as a tie between tenants
+    could otherwise fall either way."""
+
+    async def scenario(round_: int) -> None:
+        acme, globex, initech = (f"{name}-{round_}" for name in ("acme", "globex", "initech"))
+        sched = scheduler(base, max_batch=6, preemption=True)
+        await sched.start()
+        earlier = [query(base, initech, i, 60) for i in range(2)]
+        for request in earlier:
+            sched.submit(request)
+        await asyncio.gather(*(tokens_of(request) for request in earlier))
+        running = [query(base, acme, i, 40) for i in range(4)] + [
+            query(base, globex, i, 40) for i in range(2)
+        ]
+        for request in running:
+            sched.submit(request)
+        await until(lambda: all(request.emitted >= 3 for request in running))
+        assert sched.service(initech).virtual_tokens > sched.service(globex).virtual_tokens
+        late = [query(base, globex, 9, 4), query(base, initech, 9, 4)]
+
+        def submit_both() -> None:
+            for request in late:
+                sched.submit(request)
+
+        await paused(sched, submit_both)
+        results = await asyncio.gather(*(tokens_of(request) for request in [*running, *late]))
+        assert sched.alive
+        await sched.stop()
+        assert [len(tokens) for tokens in results] == [40] * 6 + [4, 4]
+        assert sched.preemptions == 2 and sched.service(acme).preemptions == 2
+        assert sched.service(globex).preemptions == 0
+
+    for round_ in range(4):  # bounded: a crashed engine would leave streams waiting
+        run(lambda round_=round_: asyncio.wait_for(scenario(round_), 60))
+
+
 def test_a_request_cancelled_while_queued_again_after_preemption_ends_cleanly(
     base: LoadedModel, adapter: LoraAdapter
 ) -> None:

@@ -369,11 +369,14 @@ class Scheduler:
         if not self.preemption:
             return victims, admitted
         passed: set[str] = set()  # tenants no row can move to
+        takers: set[str] = set()  # tenants that took a row in this iteration: never holders in it (their new
+        # rows are not in the generator yet, and taking an older one back would only redo its work)
         while len(self._running) >= self._max_batch:
             tenant = self._queue.next_tenant(passed)
-            if tenant is None:
+            holders = {request.tenant for request in self._running.values()} - takers
+            if tenant is None or not holders:
                 break
-            holder = max(self._running_tenants(), key=self._queue.rows_per_weight)
+            holder = max(holders, key=self._queue.rows_per_weight)
             if not self._queue.takes_row_from(tenant, holder):
                 passed.add(tenant)
                 continue
@@ -389,12 +392,10 @@ class Scheduler:
             self._waiting[victim.request_id] = victim
             self.preemptions += 1
             self._start(tenant, request)
+            takers.add(tenant)
             victims.append(victim)
             admitted.append(request)
         return victims, admitted
-
-    def _running_tenants(self) -> set[str]:
-        return {request.tenant for request in self._running.values()}
 
     def _iterate(self, it: _Iteration) -> None:
         """The worker-thread half: the only code that touches the model."""
