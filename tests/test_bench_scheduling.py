@@ -57,17 +57,11 @@ def test_fairness_section_runs_every_scenario(model, store) -> None:
     assert sorted(saturated["clients"].values()) == [2, 20] and all(
         v > 0 for v in saturated["served"].values()
     )
-    # the ten-times and saturated runs again: rows taken back, then also with row slack
-    trials = result["trials"]
-    assert [(t["preemption"], t["row_slack"]) for t in trials] == [
-        (True, 0.0),
-        (True, scheduling.ROW_SLACK_TRIED),
-    ]
-    for trial in trials:
-        assert trial["heavy_10x"]["others"]["queries"] > 0 and trial["saturated_preemptions"] >= 0
-        assert all(v > 0 for v in trial["saturated"]["served"].values())
+    trial = result["preemption"]  # the ten-times and saturated runs again, rows taken back
+    assert trial["heavy_10x"]["others"]["queries"] > 0 and trial["saturated_preemptions"] >= 0
+    assert all(v > 0 for v in trial["saturated"]["served"].values())
     goals = scheduling.evaluate_goals({"fairness": result})
-    assert len(goals) == 4 and all(isinstance(g["met"], bool) for g in goals)
+    assert len(goals) == 3 and all(isinstance(g["met"], bool) for g in goals)
     report = "\n".join(scheduling.render_markdown({"fairness": result}))
     assert "(f) Fairness" in report and "Where the others' slowest 1% of TTFTs went" in report
     assert list(store.list_keys("tenants/")) == []  # its tenants are deleted again

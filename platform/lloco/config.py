@@ -167,22 +167,15 @@ class EngineSettings(_Section):
     )
     fair_preemption: bool = Field(
         False,
-        description="Fair admission between tenants: when no row is free, the tenants with a query waiting, "
-        "in admission order, take rows back from the tenant holding the most rows (per weight) while it "
-        "still holds at least as many as the taker after the move: that query goes back to the front of "
-        "its tenant's queue and, admitted again, recomputes its context, prompt and tokens so far, then "
-        "streams on (a pause, no token repeated). Without it a tenant that took every row while the others "
-        "were idle keeps them until its queries end (`lloco.bench.scheduling` compares on and off; "
-        "docs/benchmarks has the figures).",
-    )
-    fair_row_slack: float = Field(
-        0.0,
-        ge=0,
-        description="Fair admission between tenants, in virtual tokens: a tenant whose counter is at most "
-        "this much above the lowest waiting one's goes before tenants holding more than one row (per "
-        "weight) more than it, so a tenant holding most rows does not win every free row on its counter. "
-        "0: the counters alone order admission (S-LoRA's VTC). The service any tenant can get beyond a "
-        "backlogged one grows by this much.",
+        description="Fair admission between tenants: when no row is free and a tenant with a query waiting "
+        "holds fewer rows than its share (the rows split by weight among the tenants with queries waiting "
+        "or running), take one row an engine step from the tenant furthest above its share, if it holds "
+        "more than its share + 1: that query goes back to the front of its tenant's queue and, admitted "
+        "again, recomputes its context, prompt and tokens so far, then streams on (a pause, no token "
+        "repeated). Counters alone only order free rows, so a tenant that took every row while the others "
+        "were idle keeps them until its queries end. Off by default: on an H100 it made the other tenants' "
+        "TTFT p99 worse, not better (docs/benchmarks/scheduling-preemption-h100-*; `lloco.bench.scheduling` "
+        "compares on and off).",
     )
     tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,

@@ -197,7 +197,6 @@ engine:
   input_token_cost: {{ include "lloco.number" $v.engine.inputTokenCost }}
   output_token_cost: {{ include "lloco.number" $v.engine.outputTokenCost }}
   fair_preemption: {{ $v.engine.fairPreemption }}
-  fair_row_slack: {{ include "lloco.number" $v.engine.fairRowSlack }}
   tenant_weights: {{ $v.engine.tenantWeights | toJson }}
 serve:
   host: {{ $v.serve.host | quote }}

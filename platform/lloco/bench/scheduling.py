@@ -14,10 +14,9 @@
     then one tenant at ten times that rate: the other tenants' TTFT p50/p99 in both runs and the ratio of
     their p99; then every tenant saturating the engine (closed loop, the heavy tenant with ten times the
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
-    others' mean. The ten-times and saturated runs go three times on the same engine: with the counters
-    alone (row preemption off, no row slack: the main figures), then with row preemption
-    (``engine.fair_preemption``), then with preemption and ``ROW_SLACK_TRIED`` of row slack
-    (``engine.fair_row_slack``): each trial's figures and the rows taken back, compared within one run. For the others' slowest 1% of TTFTs each
+    others' mean. The ten-times and saturated runs go twice on the same engine, without row preemption
+    (``engine.fair_preemption`` off: the main figures) and with it (``preemption``: the same figures and
+    the rows taken back), so the comparison is within one run. For the others' slowest 1% of TTFTs each
     run also reports the engine's account of where the time went (prepare, queue for a row, prefill).
     Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a SeaweedFS on
     loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
@@ -72,10 +71,6 @@ GOAL_OTHERS_TTFT_P99_RATIO = 1.5  # issue 19: others' p99 TTFT with a 10x-rate t
 # over the others' mean, with room for the counters' bounded lag (a few requests' cost over a run)
 GOAL_HEAVY_SHARE = 1.1
 HEAVY_RATE = 10
-# the row slack of the third trial, in virtual tokens: one request of a 2,048-position input and 1,024
-# tokens of answer at the default costs (1 per input position, 2 per token)
-ROW_SLACK_TRIED = 4096.0
-TRIALS = (("row preemption", True, 0.0), ("row preemption + row slack", True, ROW_SLACK_TRIED))
 
 
 @dataclass(frozen=True)
@@ -286,25 +281,27 @@ async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dic
         capacity = await _capacity(core, tenants, plan)
         rate = plan.load * capacity / plan.tenants
         even = await _open_loop(core, dict.fromkeys(tenants, rate), plan)
-        runs = []
-        for preemption, row_slack in ((False, 0.0), *((on, slack) for _, on, slack in TRIALS)):
+        runs = {}
+        for preemption in (False, True):
             core.scheduler.preemption = preemption
-            core.scheduler.queue.row_slack = row_slack
             before = core.scheduler.preemptions
             flood = await _open_loop(
                 core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan
             )
             flood_preemptions = core.scheduler.preemptions - before
-            saturated = await _closed_loop(core, tenants, heavy, plan, engine)
-            runs.append(
-                (flood, flood_preemptions, saturated, core.scheduler.preemptions - before - flood_preemptions)
+            runs[preemption] = (
+                flood,
+                flood_preemptions,
+                await _closed_loop(core, tenants, heavy, plan, engine),
             )
+            runs[preemption] += (core.scheduler.preemptions - before - flood_preemptions,)
     finally:
         await core.stop()
         delete_tenants(store, tenants)
     even_others = _ttft(even, others)
-    (flood, _, saturated, _), *trial_runs = runs
+    flood, _, saturated, _ = runs[False]
     flood_others = _ttft(flood, others)
+    trial, trial_preemptions, trial_saturated, saturated_preemptions = runs[True]
     result = {
         "plan": asdict(plan),
         "context_vectors": n_vectors,
@@ -314,35 +311,22 @@ async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dic
         "heavy_10x": {"others": flood_others, "heavy": _ttft(flood, [heavy])},
         "others_ttft_p99_ratio": flood_others["p99_ms"] / even_others["p99_ms"],
         "saturated": saturated,
-        "trials": [
-            {
-                "name": name,
-                "preemption": preemption,
-                "row_slack": row_slack,
-                "heavy_10x": {"others": _ttft(trial, others), "heavy": _ttft(trial, [heavy])},
-                "heavy_10x_preemptions": trial_preemptions,
-                "others_ttft_p99_ratio": _ttft(trial, others)["p99_ms"] / even_others["p99_ms"],
-                "saturated": trial_saturated,
-                "saturated_preemptions": saturated_preemptions,
-            }
-            for (name, preemption, row_slack), (
-                trial,
-                trial_preemptions,
-                trial_saturated,
-                saturated_preemptions,
-            ) in zip(TRIALS, trial_runs, strict=True)
-        ],
+        "preemption": {
+            "heavy_10x": {"others": _ttft(trial, others), "heavy": _ttft(trial, [heavy])},
+            "heavy_10x_preemptions": trial_preemptions,
+            "others_ttft_p99_ratio": _ttft(trial, others)["p99_ms"] / even_others["p99_ms"],
+            "saturated": trial_saturated,
+            "saturated_preemptions": saturated_preemptions,
+        },
     }
+    trial_result = result["preemption"]
     print(
         f"(f) {plan.tenants} tenants, {rate:.2f} q/s each: others' TTFT p99 {even_others['p99_ms']:.0f} ms, "
         f"with one at {HEAVY_RATE}x {flood_others['p99_ms']:.0f} ms ({result['others_ttft_p99_ratio']:.2f}x); "
-        f"saturated: heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean; "
-        + "; ".join(
-            f"{t['name']}: {t['heavy_10x']['others']['p99_ms']:.0f} ms ({t['others_ttft_p99_ratio']:.2f}x, "
-            f"{t['heavy_10x_preemptions']} rows taken back), saturated {t['saturated']['heavy_vs_others']:.2f}x "
-            f"({t['saturated_preemptions']} taken back)"
-            for t in result["trials"]
-        ),
+        f"saturated: heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean; with preemption "
+        f"{trial_result['heavy_10x']['others']['p99_ms']:.0f} ms ({trial_result['others_ttft_p99_ratio']:.2f}x, "
+        f"{trial_preemptions} rows taken back), saturated {trial_saturated['heavy_vs_others']:.2f}x "
+        f"({saturated_preemptions} taken back)",
         flush=True,
     )
     return result
@@ -477,16 +461,14 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio <= GOAL_OTHERS_TTFT_P99_RATIO,
             }
         )
-        for trial in fairness["trials"]:
-            preempted = trial["others_ttft_p99_ratio"]
-            goals.append(
-                {
-                    "goal": f"the same with {trial['name']} (engine.fair_preemption, engine.fair_row_slack "
-                    f"{trial['row_slack']:g}) <= 1.5x (issue 19)",
-                    "value": f"{preempted:.2f}x",
-                    "met": preempted <= GOAL_OTHERS_TTFT_P99_RATIO,
-                }
-            )
+        preempted = fairness["preemption"]["others_ttft_p99_ratio"]
+        goals.append(
+            {
+                "goal": "the same with row preemption (engine.fair_preemption) <= 1.5x (issue 19)",
+                "value": f"{preempted:.2f}x",
+                "met": preempted <= GOAL_OTHERS_TTFT_P99_RATIO,
+            }
+        )
         share = fairness["saturated"]["heavy_vs_others"]
         goals.append(
             {
@@ -543,12 +525,12 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
                 f"| {label} | {o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | "
                 f"{h['p50_ms']:.0f} |"
             )
-        for trial in fairness["trials"]:
-            o, h = trial["heavy_10x"]["others"], trial["heavy_10x"]["heavy"]
-            lines.append(
-                f"| one at {HEAVY_RATE}x, {trial['name']} ({trial['heavy_10x_preemptions']} rows taken back) | "
-                f"{o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | {h['p50_ms']:.0f} |"
-            )
+        trial = fairness["preemption"]
+        o, h = trial["heavy_10x"]["others"], trial["heavy_10x"]["heavy"]
+        lines.append(
+            f"| one at {HEAVY_RATE}x, row preemption on ({trial['heavy_10x_preemptions']} rows taken back) | "
+            f"{o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | {h['p50_ms']:.0f} |"
+        )
         lines += [
             "",
             "Where the others' slowest 1% of TTFTs went (the engine's account, mean ms: prepare = before the "
@@ -560,7 +542,7 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
         for label, others in (
             ("every tenant at the same rate", fairness["even"]["others"]),
             (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]["others"]),
-            *((f"one at {HEAVY_RATE}x, {t['name']}", t["heavy_10x"]["others"]) for t in fairness["trials"]),
+            (f"one at {HEAVY_RATE}x, row preemption on", trial["heavy_10x"]["others"]),
         ):
             slow = others.get("slowest")
             if slow:  # records made before the breakdown lack it
@@ -569,20 +551,16 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
                     + " | ".join(f"{slow[f'{part}_ms']:.0f}" for part in TTFT_PARTS)
                     + " |"
                 )
-        saturated = fairness["saturated"]
+        saturated, trial_saturated = fairness["saturated"], trial["saturated"]
         lines += [
             "",
-            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x with the counters alone, "
-            + ", ".join(f"{t['others_ttft_p99_ratio']:.2f}x with {t['name']}" for t in fairness["trials"])
-            + f". Saturated (closed loop, clients per tenant {sorted(set(saturated['clients'].values()))}): "
-            f"the heavy tenant's weighted service is {saturated['heavy_vs_others']:.2f}x the others' mean "
-            f"({sum(saturated['served'].values()):,.0f} weighted tokens in all) with the counters alone, "
-            + ", ".join(
-                f"{t['saturated']['heavy_vs_others']:.2f}x ({sum(t['saturated']['served'].values()):,.0f}; "
-                f"{t['saturated_preemptions']} rows taken back) with {t['name']}"
-                for t in fairness["trials"]
-            )
-            + ".",
+            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x without row preemption, "
+            f"{trial['others_ttft_p99_ratio']:.2f}x with it. Saturated (closed loop, clients per tenant "
+            f"{sorted(set(saturated['clients'].values()))}): the heavy tenant's weighted service is "
+            f"{saturated['heavy_vs_others']:.2f}x the others' mean ({sum(saturated['served'].values()):,.0f} "
+            f"weighted tokens in all) without, {trial_saturated['heavy_vs_others']:.2f}x "
+            f"({sum(trial_saturated['served'].values()):,.0f}; {trial['saturated_preemptions']} rows taken back) "
+            "with it.",
             "",
         ]
     return lines

@@ -141,7 +141,7 @@ class PrometheusObserver(EngineObserver):
         )
         self.tenant_preemptions = metrics.Counter(
             "lloco_engine_tenant_preemptions",
-            "A tenant's queries taken out of their row for a waiting tenant holding fewer rows "
+            "A tenant's queries taken out of their row for another tenant below its share "
             "(engine.fair_preemption); each recomputes its input and tokens so far when admitted again.",
             tag_keys=("tenant",),
         )

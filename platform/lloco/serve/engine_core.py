@@ -270,12 +270,7 @@ class EngineCore:
             SlotManager(settings.lora.gpu_slots),
             max_batch=engine.max_batch_size,
             max_waiting=settings.serve.max_ongoing_requests,
-            queue=FairQueue(
-                engine.input_token_cost,
-                engine.output_token_cost,
-                engine.tenant_weights,
-                engine.fair_row_slack,
-            ),
+            queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
             preemption=engine.fair_preemption,
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
             on_iteration=self._scheduled,

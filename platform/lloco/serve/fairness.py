@@ -3,24 +3,16 @@ Language Models", OSDI 2024).
 
 Every tenant has a counter of the service it has received, in weighted tokens: each input position it is
 admitted with (compressed-context vectors and prompt tokens) costs ``input_cost``, each token generated for
-it ``output_cost``, both divided by the tenant's weight. Requests wait in one FIFO queue per tenant. A tenant
-that had nothing waiting is lifted, when it sends again, to the lowest counter among the other backlogged
-tenants (when none is backlogged: among the tenants with requests running), so idle time earns no credit it
-could later spend holding the engine while the others wait.
+it ``output_cost``, both divided by the tenant's weight. Requests wait in one FIFO queue per tenant; when a
+row frees, the next request comes from the backlogged tenant (one with requests waiting) whose counter is
+lowest. A tenant that had nothing waiting is lifted, when it sends again, to the lowest counter among the
+other backlogged tenants (when none is backlogged: among the tenants with requests running), so idle time
+earns no credit it could later spend holding the engine while the others wait. While several tenants are
+backlogged their counters stay close: one sending ten times the others' rate gets about the same weighted
+service as each of them (its weight's share), and whatever capacity they leave.
 
-Rows are what a waiting query needs, so a free row goes to a backlogged tenant (one with requests waiting)
-holding the fewest rows per weight, or at most one more; among those, to the lowest counter. Counters alone
-(plain VTC) would give the row to a tenant holding most of the batch whenever its counter is lowest, and a
-tenant sending ten times the others' rate holds most of the batch while the others are idle, with a counter
-level with theirs (they are lifted to it): their next query then waits behind its queries for rows. Here a
-tenant more than one row ahead gets no new row while a tenant behind it waits (it keeps the rows it holds
-until its queries end, or until they are taken back, below), and the counters decide among the tenants
-level on rows, so while several tenants are backlogged their weighted service stays within a bound of each
-other's (tests/test_fairness.py).
-
-A scheduler that takes rows back (``preempt``) uses the same order: the tenant next in line takes a row
-from the tenant holding the most rows per weight when, after the move, that one still holds at least as
-many (``takes_row_from``), so a row never moves back and forth.
+Counters order admission only; a scheduler that takes rows back (``preempt``) compares tenants' rows with
+their ``row_share``: the rows split by weight among the tenants waiting or running.
 
 Before a query reaches the queue it is prepared (store reads on cache misses, tokenization, evidence) in
 worker threads every tenant shares; ``TenantLimiter`` keeps one tenant's burst from taking all of them, so
@@ -40,8 +32,6 @@ from typing import Generic, TypeVar
 from lloco.errors import InvalidArgument
 
 T = TypeVar("T")
-
-_EPS = 1e-9  # rows per weight are compared as floats (weights such as 0.3)
 
 
 @dataclass(frozen=True)
@@ -63,22 +53,18 @@ class _Tenant(Generic[T]):
 
 
 class FairQueue(Generic[T]):
-    """Per-tenant FIFO queues, admitted to rows kept level among tenants and then by virtual token counters.
+    """Per-tenant FIFO queues, admitted in the order of the tenants' virtual token counters.
 
     Args:
         input_cost: counter cost of one admitted input position.
         output_cost: counter cost of one generated token.
         weights: tenant -> share (default 1); a tenant of weight 2 is served twice the tokens of a tenant
             of weight 1 while both are backlogged.
-        row_slack: how far above the lowest counter a tenant behind on rows still goes first (0: counters
-            alone); an attribute, settable while running (the scheduling benchmark compares settings).
     Raises:
-        InvalidArgument: a negative cost or slack, both costs zero, or a weight that is not positive.
+        InvalidArgument: a negative cost, both costs zero, or a weight that is not positive.
     """
 
-    def __init__(
-        self, input_cost: float, output_cost: float, weights: Mapping[str, float], row_slack: float = 0.0
-    ) -> None:
+    def __init__(self, input_cost: float, output_cost: float, weights: Mapping[str, float]) -> None:
         if input_cost < 0 or output_cost < 0 or input_cost + output_cost == 0:
             raise InvalidArgument(
                 f"token costs must be >= 0 and not both 0, got input {input_cost}, output {output_cost}"
@@ -86,10 +72,7 @@ class FairQueue(Generic[T]):
         bad = {tenant: weight for tenant, weight in weights.items() if not weight > 0}
         if bad:
             raise InvalidArgument(f"tenant weights must be > 0, got {bad}")
-        if row_slack < 0:
-            raise InvalidArgument(f"the row slack must be >= 0, got {row_slack}")
         self._input_cost, self._output_cost = input_cost, output_cost
-        self.row_slack = row_slack
         self._weights = dict(weights)
         self._tenants: dict[str, _Tenant[T]] = {}
         # the tenants with requests waiting, and with requests running: admission looks at these only, so
@@ -144,22 +127,12 @@ class FairQueue(Generic[T]):
             self._count(tenant, state, waiting=-dropped)
 
     def next_tenant(self, skip: set[str] = frozenset()) -> str | None:
-        """The backlogged tenant (outside ``skip``) next in line for a row. Of those whose counter is at
-        most ``row_slack`` above the lowest, the ones holding the fewest rows per weight or at most one row
-        more; of these, the lowest counter. Ties (a returning tenant lifted to the lowest counter) go to the
-        tenant with fewer requests running, then to the oldest head."""
-        candidates = self._backlogged - skip
-        if not candidates:
-            return None
-        lowest = min(self._tenants[t].service.virtual_tokens for t in candidates)
-        level = [t for t in candidates if self._tenants[t].service.virtual_tokens <= lowest + self.row_slack]
-        fewest = min(self.rows_per_weight(t) for t in level)
+        """The backlogged tenant (outside ``skip``) with the lowest counter. Ties (a returning tenant lifted
+        to the lowest counter) go to the tenant with fewer requests running, then to the oldest head."""
         best: tuple[float, int, int] | None = None
         chosen = None
-        for tenant in level:
+        for tenant in self._backlogged - skip:
             state = self._tenants[tenant]
-            if state.service.running - 1 > fewest * self._weight(tenant) + _EPS:
-                continue  # more than one row ahead of the fewest: the others first
             key = (state.service.virtual_tokens, state.service.running, state.queue[0][0])
             if best is None or key < best:
                 best, chosen = key, tenant
@@ -184,16 +157,18 @@ class FairQueue(Generic[T]):
         state.queue.appendleft((next(self._arrivals), item))
         self._count(tenant, state, waiting=1, running=-1, preemptions=1)
 
-    def rows_per_weight(self, tenant: str) -> float:
-        """The tenant's requests running over its weight: what the order of ``next_tenant`` levels."""
-        return self.service(tenant).running / self._weight(tenant)
+    def next_below_share(self, rows: int) -> str | None:
+        """``next_tenant`` among the backlogged tenants running fewer requests than their ``row_share``."""
+        at_share = {
+            t for t in self._backlogged if self._tenants[t].service.running >= self.row_share(t, rows)
+        }
+        return self.next_tenant(at_share)
 
-    def takes_row_from(self, tenant: str, holder: str) -> bool:
-        """Whether ``tenant`` may take one of ``holder``'s rows: after the move ``holder`` still holds at
-        least as many rows per weight as ``tenant`` (so the row cannot move back at once)."""
-        after_holder = (self.service(holder).running - 1) / self._weight(holder)
-        after_tenant = (self.service(tenant).running + 1) / self._weight(tenant)
-        return tenant != holder and after_holder >= after_tenant - _EPS
+    def row_share(self, tenant: str, rows: int) -> float:
+        """The tenant's share of ``rows``: split by weight among the tenants waiting or running, itself
+        included."""
+        sharing = self._backlogged | self._serving | {tenant}
+        return rows * self._weight(tenant) / sum(self._weight(t) for t in sharing)
 
     def generated(self, tenant: str, tokens: int = 1) -> None:
         """Charge a running tenant for tokens generated for it."""

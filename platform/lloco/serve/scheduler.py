@@ -8,23 +8,22 @@ the next decode step launched, the step's chunks of prefill).
 Only that thread touches the model, so a step never overlaps another step, a slot load or a job, while
 the event loop stays free to accept and stream requests.
 
-Waiting requests are queued per tenant and admitted in the order `lloco.serve.fairness` keeps (virtual
-token counters; with ``row_slack``, a tenant behind on rows first): when rows are scarce, a tenant flooding
-the engine gets its share, not the batch. Counters are charged for a request's input when it is admitted and
-for each token it generates.
+Waiting requests are queued per tenant and admitted in the order of the tenants' virtual token counters
+(`lloco.serve.fairness`): when rows are scarce, a tenant flooding the engine gets its share, not the
+batch. Counters are charged for a request's input when it is admitted and for each token it generates.
 
-That order only decides who gets a free row; a tenant that took every row while the others were idle keeps
-them until its requests finish, and the others' next queries wait for one to end. With `preemption` on,
-when no row is free, the waiting tenants in that same order take rows back, each from the tenant holding the
-most rows per weight, when that one still holds at least as many rows per weight after the move
-(`FairQueue.takes_row_from`: a row never moves back and forth); as many rows an iteration as the rule
-allows, each the holder's row that holds the fewest positions (the least work to redo). The victim goes back
-to the front of its tenant's queue with the `Resume` the generator gives (the tokens it emitted and its
-seed) and, admitted again, prefills its context, prompt and those tokens and goes on: its stream only pauses
-(no token repeated or lost; stops and max_new_tokens count across the cut; TTFT and its first admission time
-are kept). Its adapter slot is unpinned when it leaves the row and acquired again like any request's.
-Nobody's counter pays for the recompute: the victim was charged for its input and its tokens once, and the
-scheduler, not the victim, chose to redo them.
+Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps
+them until its requests finish, often together. With `preemption` on, a tenant with a request waiting and
+fewer rows than its share (the rows split by weight among the tenants waiting or running) takes one back
+when no row is free, from the tenant furthest above its share if that one holds more than its share + 1
+(the + 1 keeps rows from moving back and forth among backlogged tenants whose shares do not divide the
+rows): at most one row an iteration, the victim's row that holds the fewest positions (the least work to
+redo). The victim goes back to the front of its tenant's queue with the `Resume` the generator gives
+(the tokens it emitted and its seed) and, admitted again, prefills its context, prompt and those tokens
+and goes on: its stream only pauses (no token repeated or lost; stops and max_new_tokens count across the
+cut; TTFT and its first admission time are kept). Its adapter slot is unpinned when it leaves the row and
+acquired again like any request's. Nobody's counter pays for the recompute: the victim was charged for its
+input and its tokens once, and the scheduler, not the victim, chose to redo them.
 """
 
 from __future__ import annotations
@@ -123,8 +122,8 @@ class Scheduler:
         max_batch: rows (requests running at once).
         max_waiting: requests queued at most, all tenants; more are refused (ResourceExhausted).
         queue: the per-tenant queues and their counters (costs and weights from settings).
-        preemption: take rows back for waiting tenants (the module's docstring); an attribute of the
-            same name turns it on and off while running (the scheduling benchmark compares both).
+        preemption: take rows back for tenants below their share (the module's docstring); an attribute
+            of the same name turns it on and off while running (the scheduling benchmark compares both).
         on_slot_load: an adapter was copied into a slot.
         on_iteration: (requests waiting, requests running) after each iteration.
         on_tenants: the service of the tenants whose queue or service changed, at most every
@@ -198,11 +197,6 @@ class Scheduler:
         for job in self._jobs:
             job.done.set_exception(Cancelled("the engine is shutting down"))
         self._jobs.clear()
-
-    @property
-    def queue(self) -> FairQueue[ScheduledRequest]:
-        """The per-tenant queues and counters (the scheduling benchmark sets its ``row_slack``)."""
-        return self._queue
 
     @property
     def alive(self) -> bool:
@@ -358,44 +352,44 @@ class Scheduler:
         self._running[request.request_id] = request
 
     def _preempt(self) -> tuple[list[ScheduledRequest], list[ScheduledRequest]]:
-        """When no row is free: the preempted requests and those admitted into their rows (the module's
-        docstring has the rule).
+        """When no row is free: the preempted request and the one admitted into its row (at most one
+        each), or nothing (the module's docstring has the rule).
 
-        A waiting tenant's adapter must find a slot while the victim still pins its own: a row taken back
+        The waiting tenant's adapter must find a slot while the victim still pins its own: a row taken back
         for a request that then waits for a slot would be recomputed for nothing.
         """
-        victims: list[ScheduledRequest] = []
-        admitted: list[ScheduledRequest] = []
-        if not self.preemption:
-            return victims, admitted
-        passed: set[str] = set()  # tenants no row can move to
-        takers: set[str] = set()  # tenants that took a row in this iteration: never holders in it (their new
-        # rows are not in the generator yet, and taking an older one back would only redo its work)
-        while len(self._running) >= self._max_batch:
-            tenant = self._queue.next_tenant(passed)
-            holders = {request.tenant for request in self._running.values()} - takers
-            if tenant is None or not holders:
-                break
-            holder = max(holders, key=self._queue.rows_per_weight)
-            if not self._queue.takes_row_from(tenant, holder):
-                passed.add(tenant)
-                continue
-            request = self._queue.head(tenant)
-            if request.adapter is not None:
-                request.grant = self.slots.acquire(request.adapter)
-                if request.grant is None:
-                    break
-            victim = min((r for r in self._running.values() if r.tenant == holder), key=lambda r: r.positions)
-            del self._running[victim.request_id]
-            self._release(victim)
-            self._queue.preempt(holder, victim)
-            self._waiting[victim.request_id] = victim
-            self.preemptions += 1
-            self._start(tenant, request)
-            takers.add(tenant)
-            victims.append(victim)
-            admitted.append(request)
-        return victims, admitted
+        if not self.preemption or len(self._running) < self._max_batch:
+            return [], []
+        tenant = self._queue.next_below_share(self._max_batch)
+        victim = self._victim() if tenant is not None else None
+        if tenant is None or victim is None:
+            return [], []
+        request = self._queue.head(tenant)
+        if request.adapter is not None:
+            request.grant = self.slots.acquire(request.adapter)
+            if request.grant is None:
+                return [], []
+        del self._running[victim.request_id]
+        self._release(victim)
+        self._queue.preempt(victim.tenant, victim)
+        self._waiting[victim.request_id] = victim
+        self.preemptions += 1
+        self._start(tenant, request)
+        return [victim], [request]
+
+    def _victim(self) -> ScheduledRequest | None:
+        """The row holding the fewest positions of the tenant furthest above its share, if it holds more
+        than its share + 1 rows."""
+        excess: dict[str, float] = {}
+        for request in self._running.values():
+            if request.tenant not in excess:
+                running = self._queue.service(request.tenant).running
+                excess[request.tenant] = running - self._queue.row_share(request.tenant, self._max_batch)
+        tenant = max(excess, key=excess.__getitem__, default=None)
+        if tenant is None or excess[tenant] <= 1:
+            return None
+        rows = [request for request in self._running.values() if request.tenant == tenant]
+        return min(rows, key=lambda request: request.positions)
 
     def _iterate(self, it: _Iteration) -> None:
         """The worker-thread half: the only code that touches the model."""
