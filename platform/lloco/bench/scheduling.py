@@ -544,13 +544,12 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]["others"]),
             (f"one at {HEAVY_RATE}x, row preemption on", trial["heavy_10x"]["others"]),
         ):
-            slow = others.get("slowest")
-            if slow:  # records made before the breakdown lack it
-                lines.append(
-                    f"| {label} | {slow['queries']} | {slow['ttft_ms']:.0f} | "
-                    + " | ".join(f"{slow[f'{part}_ms']:.0f}" for part in TTFT_PARTS)
-                    + " |"
-                )
+            slow = others["slowest"]
+            lines.append(
+                f"| {label} | {slow['queries']} | {slow['ttft_ms']:.0f} | "
+                + " | ".join(f"{slow[f'{part}_ms']:.0f}" for part in TTFT_PARTS)
+                + " |"
+            )
         saturated, trial_saturated = fairness["saturated"], trial["saturated"]
         lines += [
             "",
