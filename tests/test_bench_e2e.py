@@ -54,16 +54,20 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     assert "server_ttft_p50_steady_ms" not in load["engine"]
     assert load["engine"]["graph_captures"]["load"] == [0, 0]  # no CUDA graphs on the CPU
     assert load["engine"]["start_s"] > 0
-    # the engine's own account of its TTFT (gRPC replies do not carry it); per query: test_engine_core
-    parts = load["engine"]["ttft_parts_steady_ms"]
-    assert (
-        set(parts) == {"prepare", "queue", "prefill", "ttft"} and "ttft_parts_steady_ms" not in load["grpc"]
-    )
-    assert all(0 <= parts[name]["p50"] <= parts[name]["p99"] for name in parts)
+    # the engine's own account of its TTFT, on both paths (gRPC replies carry it in their stats); per query:
+    # test_engine_core
+    for path in ("grpc", "engine"):
+        parts = load[path]["ttft_parts_steady_ms"]
+        assert set(parts) == {"prepare", "queue", "prefill", "ttft"}
+        assert all(0 <= parts[name]["p50"] <= parts[name]["p99"] for name in parts)
+        assert single[path]["ttft_parts_ms"]["prefill"] > 0
+    # the engine's parts fit in the server's TTFT, which fits in the client's
+    assert sum(single["grpc"]["ttft_parts_ms"].values()) <= single["grpc"]["server_ttft_ms"]
     assert [g["goal"].split(" ")[0] for g in result["goals"]] == ["gRPC", "end", "tokens/s", "TTFT"]
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table
-    assert "| | prepare | queue | prefill | ttft |" in table
+    assert table.count("| | prepare | queue | prefill | ttft |") == 2
+    assert "Where the gRPC query's TTFT went (the engine's clock, medians): prepare " in table
     assert "The gRPC path's TTFT at the server" in table
 
 

@@ -214,6 +214,10 @@ def test_two_tenants_in_one_batch_match_the_engine_alone(
         assert last.stats.document_tokens == stats.document_tokens > stats.context_tokens
         assert last.stats.generated_tokens == len(tokens)
         assert last.stats.time_to_first_token.ToNanoseconds() <= last.stats.total_time.ToNanoseconds()
+        # where the TTFT went at the engine: within the server's TTFT, which also holds the hops to the engine
+        parts = (last.stats.prepare_time, last.stats.queue_time, last.stats.prefill_time)
+        assert last.stats.prefill_time.ToNanoseconds() > 0
+        assert sum(p.ToNanoseconds() for p in parts) <= last.stats.time_to_first_token.ToNanoseconds()
     assert base_only[0] != alone[0][0], "the adapter must change the answer, or this test proves nothing"
     assert again.answer and again.stats.generated_tokens == len(served["acme"][0])
 

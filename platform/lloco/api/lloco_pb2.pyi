@@ -302,7 +302,7 @@ class Citation(_message.Message):
     def __init__(self, document: _Optional[str] = ..., segment: _Optional[int] = ..., token_start: _Optional[int] = ..., token_end: _Optional[int] = ..., char_start: _Optional[int] = ..., char_end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class QueryStats(_message.Message):
-    __slots__ = ("prompt_tokens", "context_tokens", "document_tokens", "generated_tokens", "adapter_version", "time_to_first_token", "total_time")
+    __slots__ = ("prompt_tokens", "context_tokens", "document_tokens", "generated_tokens", "adapter_version", "time_to_first_token", "total_time", "prepare_time", "queue_time", "prefill_time")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +310,9 @@ class QueryStats(_message.Message):
     ADAPTER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TIME_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_TIME_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_TIME_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TIME_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     context_tokens: int
     document_tokens: int
@@ -317,7 +320,10 @@ class QueryStats(_message.Message):
     adapter_version: str
     time_to_first_token: _duration_pb2.Duration
     total_time: _duration_pb2.Duration
-    def __init__(self, prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., document_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., adapter_version: _Optional[str] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    prepare_time: _duration_pb2.Duration
+    queue_time: _duration_pb2.Duration
+    prefill_time: _duration_pb2.Duration
+    def __init__(self, prompt_tokens: _Optional[int] = ..., context_tokens: _Optional[int] = ..., document_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., adapter_version: _Optional[str] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., total_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prepare_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., queue_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prefill_time: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class QueryResponse(_message.Message):
     __slots__ = ("answer", "finish_reason", "stats", "citations")

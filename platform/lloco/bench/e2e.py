@@ -52,6 +52,7 @@ from lloco.bench.common import (
 )
 from lloco.bench.report import write_report
 from lloco.bench.workload import (
+    TTFT_PARTS,
     TTFT_PARTS_LEGEND,
     QuerySample,
     engine_query,
@@ -197,7 +198,7 @@ def create_tenants(stack: Any, plan: E2EPlan, tokenizer: Any, config: Any) -> li
 def grpc_query(client: Any, tenant: str, doc_id: str, number: int, new_tokens: int) -> QuerySample:
     """One streamed query through the public API, timed by the client."""
     started = time.perf_counter()
-    first, tokens, server_ttft = None, 0, None
+    first, tokens, server_ttft, parts = None, 0, None, None
     for message in client.query_stream(
         QUESTION.format(n=number), [doc_id], adapter="default", max_new_tokens=new_tokens
     ):
@@ -205,8 +206,10 @@ def grpc_query(client: Any, tenant: str, doc_id: str, number: int, new_tokens: i
             first = time.perf_counter() - started
         tokens += len(message.token_ids)
         if message.HasField("stats"):  # the last message
-            server_ttft = message.stats.time_to_first_token.ToTimedelta().total_seconds()
-    return QuerySample(tenant, first, time.perf_counter() - started, tokens, server_ttft_s=server_ttft)
+            stats = message.stats
+            server_ttft = stats.time_to_first_token.ToNanoseconds() / 1e9
+            parts = {part: getattr(stats, f"{part}_time").ToNanoseconds() / 1e9 for part in TTFT_PARTS}
+    return QuerySample(tenant, first, time.perf_counter() - started, tokens, parts, server_ttft)
 
 
 def grpc_single(stack: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
@@ -413,11 +416,20 @@ def full_document(base: Any, tenant: Tenant, plan: E2EPlan) -> dict[str, float]:
 
 def _single(runs: list[QuerySample]) -> dict[str, float]:
     at_server = [r.server_ttft_s for r in runs if r.server_ttft_s is not None]
-    return {
-        "ttft_ms": statistics.median(r.ttft_s or r.latency_s for r in runs) * 1e3,
-        "total_ms": statistics.median(r.latency_s for r in runs) * 1e3,
-        "tokens": statistics.median(r.tokens for r in runs),
-    } | ({"server_ttft_ms": statistics.median(at_server) * 1e3} if at_server else {})
+    parts = [r.ttft_parts for r in runs if r.ttft_parts is not None]
+    return (
+        {
+            "ttft_ms": statistics.median(r.ttft_s or r.latency_s for r in runs) * 1e3,
+            "total_ms": statistics.median(r.latency_s for r in runs) * 1e3,
+            "tokens": statistics.median(r.tokens for r in runs),
+        }
+        | ({"server_ttft_ms": statistics.median(at_server) * 1e3} if at_server else {})
+        | (
+            {"ttft_parts_ms": {p: statistics.median(r[p] for r in parts) * 1e3 for p in TTFT_PARTS}}
+            if parts
+            else {}
+        )
+    )
 
 
 def _load(samples: list[tuple[int, QuerySample]], wall: float, tenants: list[Tenant]) -> dict[str, Any]:
@@ -528,6 +540,14 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"The gRPC query's TTFT at the server (the reply's stats, the Ingress's clock): "
                 f"{single['grpc']['server_ttft_ms']:.1f} ms.",
             ]
+        for label, key in (("the gRPC query's", "grpc"), ("EngineCore alone's", "engine")):
+            if parts := single.get(key, {}).get("ttft_parts_ms"):
+                lines += [
+                    "",
+                    f"Where {label} TTFT went (the engine's clock, medians): "
+                    + ", ".join(f"{name} {value:.1f} ms" for name, value in parts.items())
+                    + ".",
+                ]
         lines.append("")
     load = result.get("load", {})
     if load:
@@ -568,15 +588,16 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"during the load {captures['load'][0]:.0f} ({captures['load'][1]:.1f} s); "
                 f"EngineCore's start (warm-up and graphs captured ahead) took {load['engine']['start_s']:.1f} s.",
             ]
-        parts = load.get("engine", {}).get("ttft_parts_steady_ms")
-        if parts:
-            lines += [
-                "",
-                f"Where EngineCore alone's TTFT went after each client's first query (its own clock, ms; "
-                f"{TTFT_PARTS_LEGEND}):",
-                "",
-                *ttft_parts_table(parts),
-            ]
+        for label, key in (("the gRPC path's", "grpc"), ("EngineCore alone's", "engine")):
+            parts = load.get(key, {}).get("ttft_parts_steady_ms")
+            if parts:
+                lines += [
+                    "",
+                    f"Where {label} TTFT went after each client's first query (the engine's clock, ms; "
+                    f"{TTFT_PARTS_LEGEND}; ttft is the client's):",
+                    "",
+                    *ttft_parts_table(parts),
+                ]
         paths = [key for key in ("grpc", "engine") if key in load]
         lines += [
             "",

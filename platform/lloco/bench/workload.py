@@ -109,8 +109,8 @@ class QuerySample:
     ttft_s: float | None  # None: no token came (cancelled before its first)
     latency_s: float
     tokens: int
-    # the engine's own account of where the TTFT went (QueryStats: prepare_s, queue_s, prefill_s); None
-    # when the client did not get it (gRPC)
+    # the engine's own account of where the TTFT went (QueryStats: prepare_s, queue_s, prefill_s; through gRPC
+    # the reply's stats.prepare_time, queue_time, prefill_time); None when the client did not get it
     ttft_parts: dict[str, float] | None = None
     # the TTFT on the server's clock, from the request's arrival (a gRPC reply's stats.time_to_first_token);
     # the client's TTFT less it is the call's way in and the token's way out, client included

@@ -155,6 +155,9 @@ def stats_reply(tenant: str, adapter: str | None, stats: QueryStats, clock: Cloc
         adapter_version=version_name(tenant, adapter, version) if adapter and version else "",
         time_to_first_token=duration((clock.first_token or done) - clock.arrived),
         total_time=duration(done - clock.arrived),
+        prepare_time=duration(stats.prepare_s),
+        queue_time=duration(stats.queue_s),
+        prefill_time=duration(stats.prefill_s),
     )
 
 
