@@ -142,8 +142,21 @@ class _Row:
             parts.append(self.prefix[start : min(end, prefix_len)])
         if end > prefix_len:
             ids = self.prompt_ids[max(start, prefix_len) - prefix_len : end - prefix_len]
-            parts.append(model.embed(torch.tensor(ids, device=model.device)))
+            parts.append(model.embed(_on_device(ids, torch.int64, model.device)))
         return torch.cat(parts)
+
+
+def _on_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small host list as a tensor on ``device``, without waiting for the work queued there.
+
+    A copy from pageable memory synchronizes the stream: a step's prefill, queued after its decode launch,
+    would wait for that decode to finish before launching its first kernel, and the GPU would then idle
+    while the host launches the prefill. From page-locked memory the copy is queued like a kernel (the
+    host allocator keeps the buffer until the copy has run).
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 @dataclass(frozen=True)
@@ -530,8 +543,8 @@ class Generator:
         params = [row.params for row in rows]
         tokens = sample(
             logits[self._long_tensor(complete)],
-            torch.tensor([p.temperature for p in params], device=self.device),
-            torch.tensor([p.top_p for p in params], device=self.device),
+            _on_device([p.temperature for p in params], torch.float32, self.device),
+            _on_device([p.top_p for p in params], torch.float32, self.device),
             self._long_tensor([row.seed for row in rows]),
             self._long_tensor([row.input_len for row in rows]),
             self._mode(params),
@@ -700,7 +713,7 @@ class Generator:
         return graph
 
     def _long_tensor(self, values: list[int]) -> Tensor:
-        return torch.tensor(values, dtype=torch.int64, device=self.device)
+        return _on_device(values, torch.int64, self.device)
 
     @staticmethod
     def _mode(params: list[SamplingParams]) -> SampleMode:
