@@ -136,6 +136,7 @@ class RecordingServicer(lloco_pb2_grpc.LlocoServiceServicer):
             adapter_version=request.adapter,
         )
         stats.time_to_first_token.FromMilliseconds(12)
+        stats.queue_time.FromMilliseconds(5)
         stats.total_time.FromMilliseconds(1500)
         yield lloco_pb2.QueryStreamResponse(finish_reason=lloco_pb2.FINISH_REASON_STOP, stats=stats)
 
@@ -262,7 +263,7 @@ def test_cli_ingest_docs_and_query(server: tuple[RecordingServicer, str]) -> Non
     assert answered.stdout == "why not now \n"
     assert answered.stderr.strip() == (
         "[stop] prompt 3, context 10 (from 300 document tokens, 30.0x), generated 3; "
-        "adapter tenants/acme/adapters/default; ttft 12 ms, total 1.50 s"
+        "adapter tenants/acme/adapters/default; ttft 12 ms (queued 5 ms), total 1.50 s"
     )
     assert servicer.calls("QueryStream")[0].documents == ["tenants/acme/documents/notes"]
 

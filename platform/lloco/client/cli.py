@@ -162,9 +162,11 @@ def stats_line(finish_reason: int, stats: lloco_pb2.QueryStats) -> str:
     ttft_ms = stats.time_to_first_token.ToMilliseconds()
     total_s = stats.total_time.ToMilliseconds() / 1000
     adapter = stats.adapter_version or "none"
+    # the part of the TTFT spent waiting for a decode row: what a busy server (or a tenant's fair share) costs
+    queued_ms = stats.queue_time.ToMilliseconds()
     return (
         f"[{reason}] prompt {stats.prompt_tokens}, {context}, generated {stats.generated_tokens}; "
-        f"adapter {adapter}; ttft {ttft_ms} ms, total {total_s:.2f} s"
+        f"adapter {adapter}; ttft {ttft_ms} ms (queued {queued_ms} ms), total {total_s:.2f} s"
     )
 
 
