@@ -73,6 +73,7 @@ def test_one_gpu_runs_the_n_side_on_halves_and_cpu_runs_at_least_two_actors() ->
         choose_sizes(parse_args(["--out", "x", "--tiny", "--rows", "5", "--train-batch", "2"]))
 
 
+@pytest.mark.slow
 def test_tiny_run_records_every_figure_and_publishes_both_adapters(
     tmp_path: Path, ray_local: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -184,6 +184,7 @@ def count_contexts(store: ObjectStore, tenants: list[str]) -> int:
     return sum(len(list(store.list_keys(keys.contexts_prefix(t)))) for t in tenants)
 
 
+@pytest.mark.slow
 def test_job_killed_halfway_then_rerun_finishes_exactly_once(
     store: ObjectStore,
     ray_local: None,
@@ -369,6 +370,7 @@ def test_benchmark_runs_tiny_on_cpu(ray_local: None, tmp_path: Path) -> None:
 RAY_LINES = re.compile(r"raylet|Running Dataset|Dataset dataset_|core_worker|INFO|\"level\": \"info\"")
 
 
+@pytest.mark.slow
 def test_compress_command_keeps_rays_output_in_a_log_file_unless_verbose(
     store: ObjectStore, ray_local: None, compressor_dirs: tuple[Path, Path], tmp_path: Path
 ) -> None:

@@ -436,6 +436,7 @@ def resumed_job(
     return KilledAndResumed(job_id, records, killed, first_log.read_text())
 
 
+@pytest.mark.slow
 def test_killed_job_resumes_from_its_last_checkpoints_and_finishes(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
@@ -452,6 +453,7 @@ def test_killed_job_resumes_from_its_last_checkpoints_and_finishes(
     assert "resumed from checkpoint" not in resumed_job.first_log
 
 
+@pytest.mark.slow
 def test_two_tenants_train_concurrently_and_publish_versions(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
@@ -468,6 +470,7 @@ def test_two_tenants_train_concurrently_and_publish_versions(
     assert a["started_at"] < b["finished_at"] and b["started_at"] < a["finished_at"]
 
 
+@pytest.mark.slow
 def test_a_failing_tenant_is_reported_alone_and_fails_the_job(
     world: World, resumed_job: KilledAndResumed
 ) -> None:
@@ -483,6 +486,7 @@ def test_a_failing_tenant_is_reported_alone_and_fails_the_job(
     )
 
 
+@pytest.mark.slow
 def test_job_api_errors(world: World, ray_head: RayHead, resumed_job: KilledAndResumed) -> None:
     jobs = Jobs(world.settings, world.store, ray_head.job_server)
     with pytest.raises(AlreadyExists):
@@ -498,6 +502,7 @@ def test_job_api_errors(world: World, ray_head: RayHead, resumed_job: KilledAndR
     assert [r.job_id for r in listed] == [resumed_job.job_id] and token == ""
 
 
+@pytest.mark.slow
 def test_published_adapter_loads_in_vanilla_peft_and_in_the_engine_with_equal_logits(
     world: World, resumed_job: KilledAndResumed, tmp_path: Path
 ) -> None:

@@ -771,6 +771,7 @@ def stored_under(stack: EmbeddedStack, prefix: str) -> dict[str, bytes]:
     return {key: stack.store.get_bytes(key) for key in stack.store.list_keys(prefix)}
 
 
+@pytest.mark.slow
 def test_no_byte_of_one_tenant_reaches_another(stack: EmbeddedStack, planted: Planted) -> None:
     """10,000 generated names and URIs from beta across every RPC: nothing of alpha's is returned to beta,
     copied for it, or changed."""
