@@ -54,6 +54,12 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     assert "server_ttft_p50_steady_ms" not in load["engine"]
     assert load["engine"]["graph_captures"]["load"] == [0, 0]  # no CUDA graphs on the CPU
     assert load["engine"]["start_s"] > 0
+    for path in ("grpc", "engine"):  # every query admitted once, at most a batch of rows an iteration
+        steps = load[path]["scheduler"]
+        assert steps["iterations_per_s"] > 0 and 0 < steps["admitting_share"] <= 1
+        assert 1 <= steps["rows_per_admitting_iteration"] <= e2e.PLANS["tiny"].max_batch
+        assert steps["worker_ms_admitting"] > 0 and steps["worker_ms_other"] >= 0 and steps["gap_ms"] >= 0
+        assert 0 < steps["worker_share"] + steps["gap_share"] <= 1
     # the engine's own account of its TTFT, on both paths (gRPC replies carry it in their stats); per query:
     # test_engine_core
     for path in ("grpc", "engine"):
@@ -67,6 +73,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     table = (out / "e2e-tiny.md").read_text()
     assert "| gRPC (compressed context) |" in table and "| EngineCore alone |" in table
     assert table.count("| | prepare | queue | prefill | ttft |") == 2
+    assert "| path | iterations/s | admitting |" in table and table.count("% |") >= 2
     assert "Where the gRPC query's TTFT went (the engine's clock, medians): prepare " in table
     assert "The gRPC path's TTFT at the server" in table
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -252,5 +253,33 @@ def test_steps_run_on_the_schedulers_own_thread_while_the_shared_pool_is_full(ba
             await asyncio.gather(*blockers)
             await sched.stop()
         assert len(names) == 1 and names.pop().startswith("lloco-engine")
+
+    run(scenario)
+
+
+def test_loop_times_count_admissions_and_the_event_loops_gaps(base: LoadedModel) -> None:
+    """Three requests meet one iteration with two rows: two are admitted together, the third when a row
+    frees. While rows decode, the event loop is blocked for 0.3 s: the next iteration waits for it, and
+    that wait is counted as a gap, not as the worker's time."""
+
+    async def scenario() -> None:
+        sched = scheduler(base, 2, preemption=False)
+        await sched.start()
+        began = time.perf_counter()
+        try:
+            requests = [query(base, "acme", n, 12) for n in range(3)]
+            await paused(sched, lambda: [sched.submit(request) for request in requests])
+            await until(lambda: sched.steps >= 2)
+            time.sleep(0.3)  # the point: the event loop busy with something else
+            answers = await asyncio.wait_for(asyncio.gather(*map(tokens_of, requests)), 60)
+            assert [len(answer) for answer in answers] == [12, 12, 12]
+        finally:
+            await sched.stop()
+        wall = time.perf_counter() - began
+        times = sched.loop_times
+        assert times.admitted_rows == 3 and times.admitting_iterations == 2
+        assert times.iterations > sched.steps >= 24  # and the paused() job's iteration
+        assert times.worker_s > times.admitting_worker_s > 0
+        assert times.gap_s >= 0.29 and times.gap_s + times.worker_s <= wall
 
     run(scenario)

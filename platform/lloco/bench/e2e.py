@@ -17,7 +17,9 @@ LoRA published to the tenant's registry (not finetuned: speed does not depend on
   to back over their tenant's document and adapter, all starting at the same instant; the same requests
   then go to the ``EngineCore`` alone with the same concurrency. TTFT and latency p50/p99, TTFT also without
   each client's first query (the simultaneous start queues C prefills behind each other), generated
-  tokens/s, queries/s and each tenant's share of the generated tokens, for both.
+  tokens/s, queries/s and each tenant's share of the generated tokens, for both; and for both, the engine
+  scheduler's iterations over the load (``LoopTimes``: rows per admitting iteration, the worker thread's
+  time per iteration, the event loop's gap before the next one).
 
 TTFT is measured by the client: from the call to the first message carrying a token. Results: JSON and
 markdown under --out, with issue 19's goals.
@@ -71,6 +73,15 @@ GOAL_TTFT_VS_ENGINE = 1.3  # gRPC TTFT over the engine-only TTFT, at most
 GOAL_VS_FULL = 6.0  # full document end to end over gRPC end to end, at least
 GOAL_THROUGHPUT = 0.8  # gRPC tokens/s over the engine-only tokens/s under the same load, at least
 GOAL_TTFT_P99_MS = 500.0  # under load, at most
+# lloco.serve.scheduler.LoopTimes' fields, each in the engine's metrics as scheduler_<name>
+SCHEDULER_COUNTERS = (
+    "iterations",
+    "admitting_iterations",
+    "admitted_rows",
+    "worker_s",
+    "admitting_worker_s",
+    "gap_s",
+)
 
 
 @dataclass(frozen=True)
@@ -254,6 +265,7 @@ def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any
     threads = [threading.Thread(target=client_thread, args=(i,), daemon=True) for i in range(plan.clients)]
     for thread in threads:
         thread.start()
+    before = replica_metrics()
     barrier.wait()
     started = time.perf_counter()
     for thread in threads:
@@ -261,7 +273,10 @@ def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any
     wall = time.perf_counter() - started
     if errors:
         raise errors[0]
-    return _load(samples, wall, tenants) | {"cold_ttft": ttft_summary(cold)}
+    return _load(samples, wall, tenants) | {
+        "cold_ttft": ttft_summary(cold),
+        "scheduler": scheduler_summary(before, replica_metrics(), wall),
+    }
 
 
 # -- the same requests on the engine alone ---------------------------------------------------------------------------
@@ -336,9 +351,11 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
                 sample = await engine_query(core, request(tenant, "doc", index * 1000 + n))
                 samples.append((n, sample))
 
+        before = core.metrics()
         started = time.perf_counter()
         await asyncio.gather(*(client(i) for i in range(plan.clients)))
         wall = time.perf_counter() - started
+        scheduler = scheduler_summary(before, core.metrics(), wall)
     finally:
         await core.stop()
     captures = {  # decode shapes captured as CUDA graphs on first use in each phase: (count, host seconds)
@@ -349,6 +366,7 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         "cold_ttft": ttft_summary(cold),
         "graph_captures": captures,
         "start_s": start_s,
+        "scheduler": scheduler,
     }
     return {"single": _single(single), "load": load}
 
@@ -374,6 +392,33 @@ def wait_for_device_memory(device: torch.device, timeout_s: float = 60.0) -> Non
 def _captures(core: Any) -> tuple[float, float]:
     metrics = core.metrics()
     return metrics["decode_graph_captures"], metrics["decode_graph_capture_seconds"]
+
+
+def replica_metrics() -> dict[str, float]:
+    """The engine replica's metrics (its `health()`), read by the driver through a Serve handle."""
+    from ray import serve
+
+    from lloco.serve.local import APP_NAME
+
+    return serve.get_deployment_handle("EngineDeployment", app_name=APP_NAME).health.remote().result()
+
+
+def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
+    """The engine scheduler's iterations during the load, from its `LoopTimes` in the metrics read before and
+    after: how often it stepped, how many rows an admitting iteration took in, the worker thread's time per
+    iteration (admitting or not) and the event loop's gap between iterations while work waited."""
+    d = {name: after[f"scheduler_{name}"] - before[f"scheduler_{name}"] for name in SCHEDULER_COUNTERS}
+    plain = d["iterations"] - d["admitting_iterations"]
+    return {
+        "iterations_per_s": d["iterations"] / wall,
+        "admitting_share": d["admitting_iterations"] / max(d["iterations"], 1),
+        "rows_per_admitting_iteration": d["admitted_rows"] / max(d["admitting_iterations"], 1),
+        "worker_ms_admitting": 1e3 * d["admitting_worker_s"] / max(d["admitting_iterations"], 1),
+        "worker_ms_other": 1e3 * (d["worker_s"] - d["admitting_worker_s"]) / max(plain, 1),
+        "gap_ms": 1e3 * d["gap_s"] / max(d["iterations"], 1),
+        "worker_share": d["worker_s"] / wall,
+        "gap_share": d["gap_s"] / wall,
+    }
 
 
 @torch.no_grad()
@@ -588,6 +633,28 @@ def render_markdown(result: dict[str, Any]) -> str:
                 f"during the load {captures['load'][0]:.0f} ({captures['load'][1]:.1f} s); "
                 f"EngineCore's start (warm-up and graphs captured ahead) took {load['engine']['start_s']:.1f} s.",
             ]
+        steps = {
+            key: load[key]["scheduler"] for key in ("grpc", "engine") if "scheduler" in load.get(key, {})
+        }
+        if steps:
+            lines += [
+                "",
+                "The engine's scheduler during the load (its iterations: the worker thread's time, those admitting "
+                "rows apart, and the gap to the next iteration while work waited, which the event loop spends "
+                "delivering tokens and running its other coroutines):",
+                "",
+                "| path | iterations/s | admitting | rows per admitting iteration | worker ms admitting / other | "
+                "gap ms per iteration | worker / gap share of the wall |",
+                "|---|---:|---:|---:|---:|---:|---:|",
+            ]
+            for label, key in (("gRPC", "grpc"), ("EngineCore alone", "engine")):
+                if r := steps.get(key):
+                    lines.append(
+                        f"| {label} | {r['iterations_per_s']:.1f} | {r['admitting_share']:.0%} | "
+                        f"{r['rows_per_admitting_iteration']:.2f} | {r['worker_ms_admitting']:.1f} / "
+                        f"{r['worker_ms_other']:.1f} | {r['gap_ms']:.2f} | {r['worker_share']:.0%} / "
+                        f"{r['gap_share']:.0%} |"
+                    )
         for label, key in (("the gRPC path's", "grpc"), ("EngineCore alone's", "engine")):
             parts = load.get(key, {}).get("ttft_parts_steady_ms")
             if parts:

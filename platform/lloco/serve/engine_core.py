@@ -486,6 +486,10 @@ class EngineCore:
             "generated_tokens": self.scheduler.generated_tokens,
             "steps": self.scheduler.steps,
             "preemptions": self.scheduler.preemptions,
+            **{
+                f"scheduler_{name}": value
+                for name, value in dataclasses.asdict(self.scheduler.loop_times).items()
+            },
             "context_cache_gpu_hits": self.contexts.gpu.hits,
             "context_cache_cpu_hits": self.contexts.cpu.hits,
             "context_cache_s3_loads": self.contexts.s3_loads,

@@ -94,6 +94,21 @@ class ScheduledRequest:
 
 
 @dataclass
+class LoopTimes:
+    """Where the scheduler's busy time went, totals since it started: the worker thread's iterations (those
+    that admitted rows apart: they run the rows' prefill) and the gaps between one iteration's end and the
+    next one's start while work was waiting, which the event loop spends delivering the tokens and running
+    its other coroutines (streams, preparation) before the next iteration is handed over."""
+
+    iterations: int = 0
+    admitting_iterations: int = 0
+    admitted_rows: int = 0
+    worker_s: float = 0.0
+    admitting_worker_s: float = 0.0
+    gap_s: float = 0.0
+
+
+@dataclass
 class _Job:
     fn: Callable[[], Any]
     done: asyncio.Future[Any]
@@ -112,6 +127,8 @@ class _Iteration:
     loaded: list[AdapterKey] = field(default_factory=list)
     outputs: list[StepOutput] = field(default_factory=list)
     step_error: Exception | None = None
+    began: float = 0.0  # the worker's clock (perf_counter)
+    ended: float = 0.0
 
 
 class Scheduler:
@@ -167,6 +184,7 @@ class Scheduler:
         self.steps = 0
         self.generated_tokens = 0
         self.preemptions = 0
+        self.loop_times = LoopTimes()
 
     async def start(self) -> None:
         if self._task is None:
@@ -285,8 +303,10 @@ class Scheduler:
                 job.done.set_exception(_internal(exc))
 
     async def _loop(self) -> None:
+        last_end: float | None = None  # the previous iteration's end, if work has waited ever since
         while not self._stopping:
             if not (self._jobs or self._cancelled or self._waiting or self._running):
+                last_end = None
                 await self._wake.wait()
                 self._wake.clear()
                 continue
@@ -296,9 +316,22 @@ class Scheduler:
             iteration = _Iteration(self._jobs, cancels, preempts, admissions + self._admit())
             self._jobs = []
             await asyncio.get_running_loop().run_in_executor(self._worker, self._iterate, iteration)
+            self._time(iteration, last_end)
+            last_end = iteration.ended
             self._deliver(iteration)
             self._on_iteration(len(self._waiting), len(self._running))
             self._report_tenants()
+
+    def _time(self, it: _Iteration, last_end: float | None) -> None:
+        times, worker = self.loop_times, it.ended - it.began
+        times.iterations += 1
+        times.worker_s += worker
+        if it.admissions:
+            times.admitting_iterations += 1
+            times.admitted_rows += len(it.admissions)
+            times.admitting_worker_s += worker
+        if last_end is not None:
+            times.gap_s += it.began - last_end
 
     def _report_tenants(self) -> None:
         now = time.monotonic()
@@ -393,6 +426,13 @@ class Scheduler:
 
     def _iterate(self, it: _Iteration) -> None:
         """The worker-thread half: the only code that touches the model."""
+        it.began = time.perf_counter()
+        try:
+            self._run_iteration(it)
+        finally:
+            it.ended = time.perf_counter()
+
+    def _run_iteration(self, it: _Iteration) -> None:
         for job in it.jobs:
             try:
                 it.job_results.append((job, job.fn(), None))
