@@ -31,13 +31,6 @@ if "TRITON_INTERPRET" not in os.environ:  # the decode kernels run on CPU tensor
         os.environ["TRITON_INTERPRET"] = "1"
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Modules holding a slow test run first, in file order: the suite runs on two xdist workers, one module
-    at a time each (pyproject's addopts), and a long module left for the end would run alone."""
-    slow = {item.module for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.module not in slow)
-
-
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A running SeaweedFS S3 server for the whole session."""
