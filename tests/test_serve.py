@@ -694,6 +694,36 @@ def test_lloco_up_refuses_a_taken_port_without_a_traceback(stack: EmbeddedStack,
     assert not (tmp_path / "s3").exists(), "nothing may start when the port is taken"
 
 
+@pytest.mark.slow
+def test_lloco_up_says_why_the_app_did_not_start(compressor_dir: Path, tmp_path: Path) -> None:
+    """A replica whose constructor fails (here: a model directory that does not exist) is reported by its
+    own error, not by Serve's traceback naming the deployment; S3 and Ray are stopped again."""
+    from lloco.ports import free_port
+
+    missing = tmp_path / "no-such-model"
+    config = tmp_path / "lloco.yaml"
+    settings = {
+        "model": {"base_model": str(missing), "compressor": str(compressor_dir), "dtype": "float32"},
+        "serve": {"http_port": None},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    command = [sys.executable, "-m", "lloco.cli", "up", "--config", str(config), "--port", str(free_port())]
+    result = subprocess.run(
+        [*command, "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert result.returncode == 1
+    assert (
+        f"error: the lloco app did not start: lloco.errors.NotFound: model spec '{missing}'" in result.stderr
+    )
+    assert "Traceback" not in result.stderr + result.stdout
+    running = subprocess.run(["pgrep", "-f", str(tmp_path / "data")], capture_output=True, text=True).stdout
+    assert running.strip() == ""
+
+
 def test_lloco_up_refuses_when_rays_job_agent_port_is_taken(tmp_path: Path) -> None:
     """Another Ray node on the machine holds the dashboard agent's port: `lloco up` would start but run no job."""
     from lloco.ports import port_in_use

@@ -38,6 +38,19 @@ HEALTH_TIMEOUT_S = 60.0
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
+def _deploy_failure() -> str:
+    """The last line of the first failed deployment's status message: a replica constructor's traceback
+    ends with its exception (a model spec that names nothing, a compressor that does not fit the model)."""
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    for deployment in app.deployments.values() if app else ():
+        lines = [line.strip() for line in deployment.message.splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return ""
+
+
 def health_status(target: str, timeout_s: float = 5.0, ca_file: Path | None = None) -> str:
     """The grpc.health.v1 status name the server at ``target`` reports (e.g. "SERVING"); over TLS,
     trusting ``ca_file`` (PEM), when one is given."""
@@ -182,7 +195,10 @@ class EmbeddedStack:
         # No Serve proxies: the Ingress replica runs the API's gRPC server itself (lloco.serve.server).
         serve.start(proxy_location=ProxyLocation.Disabled)
         self._serve_started = True
-        self._ingress = serve.run(build_app(self.settings), name=APP_NAME, route_prefix=None)
+        try:
+            self._ingress = serve.run(build_app(self.settings), name=APP_NAME, route_prefix=None)
+        except RuntimeError as error:  # Serve's error names the deployment that failed, not why
+            raise FailedPrecondition(f"the lloco app did not start: {_deploy_failure() or error}") from None
 
     def _wait_serving(self) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
