@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,15 +73,6 @@ GOAL_TTFT_VS_ENGINE = 1.3  # gRPC TTFT over the engine-only TTFT, at most
 GOAL_VS_FULL = 6.0  # full document end to end over gRPC end to end, at least
 GOAL_THROUGHPUT = 0.8  # gRPC tokens/s over the engine-only tokens/s under the same load, at least
 GOAL_TTFT_P99_MS = 500.0  # under load, at most
-# lloco.serve.scheduler.LoopTimes' fields, each in the engine's metrics as scheduler_<name>
-SCHEDULER_COUNTERS = (
-    "iterations",
-    "admitting_iterations",
-    "admitted_rows",
-    "worker_s",
-    "admitting_worker_s",
-    "gap_s",
-)
 
 
 @dataclass(frozen=True)
@@ -407,7 +398,10 @@ def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: f
     """The engine scheduler's iterations during the load, from its `LoopTimes` in the metrics read before and
     after: how often it stepped, how many rows an admitting iteration took in, the worker thread's time per
     iteration (admitting or not) and the event loop's gap between iterations while work waited."""
-    d = {name: after[f"scheduler_{name}"] - before[f"scheduler_{name}"] for name in SCHEDULER_COUNTERS}
+    from lloco.serve.scheduler import LoopTimes
+
+    names = [counter.name for counter in fields(LoopTimes)]
+    d = {name: after[f"scheduler_{name}"] - before[f"scheduler_{name}"] for name in names}
     plain = d["iterations"] - d["admitting_iterations"]
     return {
         "iterations_per_s": d["iterations"] / wall,
