@@ -28,7 +28,10 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
 
     monkeypatch.setattr(e2e, "full_document", full_document)
     out = tmp_path / "bench"
-    result = e2e.main(["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3"])
+    grouped = ["--set", "engine.admission_rows=2", "--set", "engine.admission_wait_ms=5"]
+    result = e2e.main(
+        ["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3", *grouped]
+    )
     assert engines_alive == [0]
 
     assert json.loads((out / "e2e-tiny.json").read_text()) == json.loads(json.dumps(result, default=str))
@@ -76,6 +79,27 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     assert "| path | iterations/s | admitting |" in table and table.count("% |") >= 2
     assert "Where the gRPC query's TTFT went (the engine's clock, medians): prepare " in table
     assert "The gRPC path's TTFT at the server" in table
+    assert result["admission"] == {"rows": 2, "wait_ms": 5.0} and "in groups of 2 or after 5 ms" in table
+
+
+def test_set_names_a_setting_or_is_refused(tmp_path: Path) -> None:
+    from lloco.config import Settings
+
+    settings = Settings(data_dir=tmp_path)
+    changed = e2e.with_assignments(settings, ["engine.admission_rows=4", "serve.http_port=null"])
+    assert changed.engine.admission_rows == 4 and changed.serve.http_port is None
+    assert changed.model_dump() == settings.model_dump() | {
+        "engine": settings.engine.model_dump() | {"admission_rows": 4},
+        "serve": settings.serve.model_dump() | {"http_port": None},
+    }
+    for wrong in (
+        "engine.no_such_field=1",
+        "engine.admission_rows",
+        "nothing=1",
+        "engine.max_batch_size.x=1",
+    ):
+        with pytest.raises(ValueError, match="names no setting"):
+            e2e.with_assignments(settings, [wrong])
 
 
 def test_a_run_cut_short_reports_what_it_measured() -> None:

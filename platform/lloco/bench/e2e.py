@@ -38,9 +38,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml
 
 from lloco.bench.checkpoint import LLAMA2_7B, document_text, write_random_llama
 from lloco.bench.common import (
@@ -65,6 +66,9 @@ from lloco.bench.workload import (
     ttft_parts_table,
     ttft_summary,
 )
+
+if TYPE_CHECKING:
+    from lloco.config import Settings
 
 ADMIN_KEY = "bench-e2e-admin"
 QUESTION = "What does the document say about the river, question {n}?"
@@ -552,7 +556,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"(S={plan['segment_len']}, k={plan['k']}) and its own adapter (a random rank-{plan['rank']} LoRA, "
         "published, not finetuned); greedy, "
         f"{plan['new_tokens']} new tokens per query; the engine streams at most "
-        f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s).",
+        f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s) and admits waiting "
+        f"queries {admission_words(result.get('admission'))}.",
         "",
     ]
     single = result.get("single", {})
@@ -682,7 +687,7 @@ def measure(
     device: torch.device,
     result: dict[str, Any],
     started: float,
-    stream_messages_per_s: float | None,
+    assignments: list[str],
 ) -> None:
     """Fill ``result`` section by section, so that a run cut short keeps what it measured."""
     from lloco.serve.local import EmbeddedStack
@@ -693,11 +698,12 @@ def measure(
     progress("writing the weights")
     model_dir, compressor_dir, base = prepare_model(out, plan, device)
     free_memory()  # what writing the weights left cached, before the engine replica claims its memory
-    settings = stack_settings(out, plan, model_dir, compressor_dir, device)
-    if stream_messages_per_s is not None:
-        serve = settings.serve.model_copy(update={"stream_messages_per_s": stream_messages_per_s})
-        settings = settings.model_copy(update={"serve": serve})
+    settings = with_assignments(stack_settings(out, plan, model_dir, compressor_dir, device), assignments)
     result["stream_messages_per_s"] = settings.serve.stream_messages_per_s
+    result["admission"] = {
+        "rows": settings.engine.admission_rows,
+        "wait_ms": settings.engine.admission_wait_ms,
+    }
     progress("starting the stack")
     single: dict[str, Any] = result.setdefault("single", {})
     load: dict[str, Any] = result.setdefault("load", {})
@@ -720,6 +726,31 @@ def measure(
     progress("done")
 
 
+def admission_words(admission: dict[str, float] | None) -> str:
+    if not admission or admission["rows"] <= 1:
+        return "at the next step (engine.admission_rows 1)"
+    return (
+        f"in groups of {admission['rows']} or after {admission['wait_ms']:g} ms "
+        "(engine.admission_rows, engine.admission_wait_ms)"
+    )
+
+
+def with_assignments(settings: Settings, assignments: list[str]) -> Settings:
+    """``settings`` with each "section.field=value" of ``--set`` applied (the value read as YAML), validated
+    again."""
+    data = settings.model_dump()
+    for assignment in assignments:
+        path, equals, value = assignment.partition("=")
+        *sections, name = path.split(".")
+        node = data
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if not equals or not isinstance(node, dict) or name not in node:
+            raise ValueError(f"--set {assignment!r} names no setting (expected SECTION.FIELD=VALUE)")
+        node[name] = yaml.safe_load(value)
+    return type(settings).model_validate(data)
+
+
 def _stop(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
@@ -735,10 +766,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--queries", type=int, default=None, help="queries per client")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument(
-        "--stream-messages-per-s",
-        type=float,
-        default=None,
-        help="the engine's serve.stream_messages_per_s (default: the setting's default)",
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="a lloco setting for both paths, e.g. engine.admission_rows=4 (the value read as YAML; repeatable)",
     )
     parser.add_argument("--name", default=None, help="output file stem (default e2e-h200 / e2e-tiny)")
     args = parser.parse_args(argv)
@@ -762,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     signal.signal(signal.SIGTERM, _stop)  # a host call's `timeout` ends it: still write what was measured
     try:
-        measure(out, plan, device, result, started, args.stream_messages_per_s)
+        measure(out, plan, device, result, started, args.set)
     except (Exception, KeyboardInterrupt) as error:  # noqa: BLE001 - reported with what was measured
         result["errors"].append(f"{type(error).__name__}: {error}")
     free_memory()
