@@ -28,9 +28,9 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
 
     monkeypatch.setattr(e2e, "full_document", full_document)
     out = tmp_path / "bench"
-    grouped = ["--set", "engine.admission_rows=2", "--set", "engine.admission_wait_ms=5"]
+    paced = ["--set", "serve.stream_messages_per_s=500"]
     result = e2e.main(
-        ["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3", *grouped]
+        ["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3", *paced]
     )
     assert engines_alive == [0]
 
@@ -79,22 +79,22 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
     assert "| path | iterations/s | admitting |" in table and table.count("% |") >= 2
     assert "Where the gRPC query's TTFT went (the engine's clock, medians): prepare " in table
     assert "The gRPC path's TTFT at the server" in table
-    assert result["admission"] == {"rows": 2, "wait_ms": 5.0} and "in groups of 2 or after 5 ms" in table
+    assert result["stream_messages_per_s"] == 500 and "at most 500.0 messages/s" in table
 
 
 def test_set_names_a_setting_or_is_refused(tmp_path: Path) -> None:
     from lloco.config import Settings
 
     settings = Settings(data_dir=tmp_path)
-    changed = e2e.with_assignments(settings, ["engine.admission_rows=4", "serve.http_port=null"])
-    assert changed.engine.admission_rows == 4 and changed.serve.http_port is None
+    changed = e2e.with_assignments(settings, ["engine.prefill_chunk_tokens=4096", "serve.http_port=null"])
+    assert changed.engine.prefill_chunk_tokens == 4096 and changed.serve.http_port is None
     assert changed.model_dump() == settings.model_dump() | {
-        "engine": settings.engine.model_dump() | {"admission_rows": 4},
+        "engine": settings.engine.model_dump() | {"prefill_chunk_tokens": 4096},
         "serve": settings.serve.model_dump() | {"http_port": None},
     }
     for wrong in (
         "engine.no_such_field=1",
-        "engine.admission_rows",
+        "engine.prefill_chunk_tokens",
         "nothing=1",
         "engine.max_batch_size.x=1",
     ):

@@ -54,11 +54,9 @@ def adapter(base: LoadedModel) -> LoraAdapter:
     return LoraSlots(base.config, n_slots=2, max_rank=8).prepare(files)
 
 
-def scheduler(base: LoadedModel, max_batch: int, preemption: bool, max_seq_len: int = 160) -> Scheduler:
+def scheduler(base: LoadedModel, max_batch: int, preemption: bool) -> Scheduler:
     lora = LoraSlots(base.config, n_slots=2, max_rank=8)
-    generator = Generator(
-        base.model, lora, max_batch, max_seq_len, tokenizer=base.tokenizer, eos_token_ids=()
-    )
+    generator = Generator(base.model, lora, max_batch, 160, tokenizer=base.tokenizer, eos_token_ids=())
     return Scheduler(
         generator, lora, SlotManager(2), max_batch, 64, FairQueue(1.0, 2.0, {}), preemption=preemption
     )
@@ -283,43 +281,5 @@ def test_loop_times_count_admissions_and_the_event_loops_gaps(base: LoadedModel)
         assert times.iterations > sched.steps >= 24  # and the paused() job's iteration
         assert times.worker_s > times.admitting_worker_s > 0
         assert times.gap_s >= 0.29 and times.gap_s + times.worker_s <= wall
-
-    run(scenario)
-
-
-def test_admissions_wait_for_a_group_while_rows_decode(base: LoadedModel) -> None:
-    """With a row decoding (a long answer, cancelled at the end) and admission_rows 3, two waiting requests
-    are held until a third joins them, then all three are admitted in one iteration; one alone is admitted
-    once it has waited admission_wait_s."""
-
-    async def scenario() -> None:
-        sched = scheduler(base, 4, preemption=False, max_seq_len=1024)
-        sched.admission_rows, sched.admission_wait_s = 3, 60.0
-        await sched.start()
-        try:
-            long = query(base, "acme", 0, 900)
-            sched.submit(long)
-            await until(lambda: sched.active() == 1 and sched.steps >= 2)
-            pair = [query(base, "globex", n, 4) for n in (1, 2)]
-            await paused(sched, lambda: [sched.submit(request) for request in pair])
-            steps = sched.steps
-            await until(lambda: sched.steps >= steps + 5)
-            assert sched.waiting() == 2 and sched.loop_times.admitting_iterations == 1
-            third = query(base, "globex", 3, 4)
-            sched.submit(third)
-            answers = await asyncio.wait_for(asyncio.gather(*map(tokens_of, [*pair, third])), 60)
-            assert [len(answer) for answer in answers] == [4, 4, 4]
-            assert sched.loop_times.admitting_iterations == 2 and sched.loop_times.admitted_rows == 4
-
-            sched.admission_wait_s = 0.2
-            alone = query(base, "initech", 4, 4)
-            submitted = time.perf_counter()
-            sched.submit(alone)
-            await until(lambda: sched.waiting() == 0)
-            assert time.perf_counter() - submitted >= 0.2 and sched.active() == 2
-            assert len(await asyncio.wait_for(tokens_of(alone), 60)) == 4
-            assert sched.loop_times.admitting_iterations == 3 and sched.active() == 1
-        finally:
-            await sched.stop()
 
     run(scenario)

@@ -153,21 +153,6 @@ class EngineSettings(_Section):
         "token by one chunk's time per step instead of by the whole burst. Larger chunks bring the first "
         "token of long inputs sooner and stall decoding longer. None: each new request is prefilled whole.",
     )
-    admission_rows: int = Field(
-        1,
-        ge=1,
-        description="While requests are decoding, admit waiting ones once this many can start together (as "
-        "many waiting and as many rows free) or once the oldest has waited `admission_wait_ms`; with nothing "
-        "decoding, at once. A step that admits runs a prefill beside the decode, and most of its cost is "
-        "host time that one row or several pay alike, so rows admitted together share it "
-        "(docs/benchmarks/prefill-admissions-h100.md). 1: every request at the next step.",
-    )
-    admission_wait_ms: float = Field(
-        0.0,
-        ge=0,
-        description="The longest a waiting request is held back for others to join its admission (see "
-        "`admission_rows`).",
-    )
     input_token_cost: float = Field(
         1.0,
         ge=0,

@@ -194,8 +194,6 @@ engine:
   compile: {{ $v.engine.compile }}
   capture_decode_modes: {{ $v.engine.captureDecodeModes | toJson }}
   prefill_chunk_tokens: {{ if $v.engine.prefillChunkTokens }}{{ int64 $v.engine.prefillChunkTokens }}{{ else }}null{{ end }}
-  admission_rows: {{ int64 $v.engine.admissionRows }}
-  admission_wait_ms: {{ include "lloco.number" $v.engine.admissionWaitMs }}
   input_token_cost: {{ include "lloco.number" $v.engine.inputTokenCost }}
   output_token_cost: {{ include "lloco.number" $v.engine.outputTokenCost }}
   fair_preemption: {{ $v.engine.fairPreemption }}

@@ -556,8 +556,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"(S={plan['segment_len']}, k={plan['k']}) and its own adapter (a random rank-{plan['rank']} LoRA, "
         "published, not finetuned); greedy, "
         f"{plan['new_tokens']} new tokens per query; the engine streams at most "
-        f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s) and admits waiting "
-        f"queries {admission_words(result.get('admission'))}.",
+        f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s).",
         "",
     ]
     single = result.get("single", {})
@@ -700,10 +699,6 @@ def measure(
     free_memory()  # what writing the weights left cached, before the engine replica claims its memory
     settings = with_assignments(stack_settings(out, plan, model_dir, compressor_dir, device), assignments)
     result["stream_messages_per_s"] = settings.serve.stream_messages_per_s
-    result["admission"] = {
-        "rows": settings.engine.admission_rows,
-        "wait_ms": settings.engine.admission_wait_ms,
-    }
     progress("starting the stack")
     single: dict[str, Any] = result.setdefault("single", {})
     load: dict[str, Any] = result.setdefault("load", {})
@@ -724,15 +719,6 @@ def measure(
     free_memory()  # the engine alone's KV cache (a reference cycle keeps it until a collection)
     single["full_document"] = full_document(base, tenants[0], plan)  # the stack's GPU work is done
     progress("done")
-
-
-def admission_words(admission: dict[str, float] | None) -> str:
-    if not admission or admission["rows"] <= 1:
-        return "at the next step (engine.admission_rows 1)"
-    return (
-        f"in groups of {admission['rows']} or after {admission['wait_ms']:g} ms "
-        "(engine.admission_rows, engine.admission_wait_ms)"
-    )
 
 
 def with_assignments(settings: Settings, assignments: list[str]) -> Settings:
@@ -770,7 +756,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="a lloco setting for both paths, e.g. engine.admission_rows=4 (the value read as YAML; repeatable)",
+        help="a lloco setting for both paths, e.g. engine.prefill_chunk_tokens=4096 (the value read as YAML; repeatable)",
     )
     parser.add_argument("--name", default=None, help="output file stem (default e2e-h200 / e2e-tiny)")
     args = parser.parse_args(argv)

@@ -272,8 +272,6 @@ class EngineCore:
             max_waiting=settings.serve.max_ongoing_requests,
             queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
             preemption=engine.fair_preemption,
-            admission_rows=engine.admission_rows,
-            admission_wait_s=engine.admission_wait_ms / 1e3,
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
             on_iteration=self._scheduled,
             on_tenants=self._report_tenants,

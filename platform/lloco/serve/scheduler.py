@@ -141,10 +141,6 @@ class Scheduler:
         queue: the per-tenant queues and their counters (costs and weights from settings).
         preemption: take rows back for tenants below their share (the module's docstring); an attribute
             of the same name turns it on and off while running (the scheduling benchmark compares both).
-        admission_rows, admission_wait_s: while rows decode, waiting requests are admitted once this many
-            can start together (as many waiting and as many rows free) or once the oldest has waited this
-            long; with no row decoding, at once. A step that admits runs a prefill whose host time is
-            mostly the same for one row or several, so rows admitted together share it. 1: no grouping.
         on_slot_load: an adapter was copied into a slot.
         on_iteration: (requests waiting, requests running) after each iteration.
         on_tenants: the service of the tenants whose queue or service changed, at most every
@@ -160,8 +156,6 @@ class Scheduler:
         max_waiting: int,
         queue: FairQueue[ScheduledRequest],
         preemption: bool = False,
-        admission_rows: int = 1,
-        admission_wait_s: float = 0.0,
         on_slot_load: Callable[[AdapterKey], None] = lambda key: None,
         on_iteration: Callable[[int, int], None] = lambda waiting, active: None,
         on_tenants: Callable[[dict[str, TenantService]], None] = lambda services: None,
@@ -176,8 +170,6 @@ class Scheduler:
         self._on_tenants = on_tenants
         self._queue = queue
         self.preemption = preemption
-        self.admission_rows = admission_rows
-        self.admission_wait_s = admission_wait_s
         self._waiting: dict[str, ScheduledRequest] = {}  # by request id, for cancellation
         self._reported_at = 0.0
         self._running: dict[str, ScheduledRequest] = {}
@@ -321,9 +313,7 @@ class Scheduler:
             self._wake.clear()
             cancels = self._take_cancels()
             preempts, admissions = self._preempt()
-            if self._admission_due():
-                admissions += self._admit()
-            iteration = _Iteration(self._jobs, cancels, preempts, admissions)
+            iteration = _Iteration(self._jobs, cancels, preempts, admissions + self._admit())
             self._jobs = []
             await asyncio.get_running_loop().run_in_executor(self._worker, self._iterate, iteration)
             self._time(iteration, last_end)
@@ -358,15 +348,6 @@ class Scheduler:
         for rid in cancels:
             self._finish(self._running.pop(rid))
         return cancels
-
-    def _admission_due(self) -> bool:
-        """Whether this iteration admits waiting requests (the grouping rule in the class docstring)."""
-        if self.admission_rows <= 1 or not self._running or not self._waiting:
-            return True
-        if min(len(self._waiting), self._max_batch - len(self._running)) >= self.admission_rows:
-            return True
-        oldest = min(request.submitted_at for request in self._waiting.values())
-        return time.perf_counter() - oldest >= self.admission_wait_s
 
     def _admit(self) -> list[ScheduledRequest]:
         """Waiting requests for the free rows: each the oldest of the backlogged tenant with the lowest
