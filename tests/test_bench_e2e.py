@@ -61,6 +61,11 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
         steps = load[path]["scheduler"]
         assert steps["iterations_per_s"] > 0 and 0 < steps["admitting_share"] <= 1
         assert 1 <= steps["rows_per_admitting_iteration"] <= e2e.PLANS["tiny"].max_batch
+        assert (
+            steps["rows_per_admitting_iteration"]
+            <= steps["rows_admitted_with"]
+            <= e2e.PLANS["tiny"].max_batch
+        )
         assert steps["worker_ms_admitting"] > 0 and steps["worker_ms_other"] >= 0 and steps["gap_ms"] >= 0
         assert 0 < steps["worker_share"] + steps["gap_share"] <= 1
     # the engine's own account of its TTFT, on both paths (gRPC replies carry it in their stats); per query:

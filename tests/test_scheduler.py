@@ -278,6 +278,7 @@ def test_loop_times_count_admissions_and_the_event_loops_gaps(base: LoadedModel)
         wall = time.perf_counter() - began
         times = sched.loop_times
         assert times.admitted_rows == 3 and times.admitting_iterations == 2
+        assert times.admitted_rows_squared == 2**2 + 1**2
         assert times.iterations > sched.steps >= 24  # and the paused() job's iteration
         assert times.worker_s > times.admitting_worker_s > 0
         assert times.gap_s >= 0.29 and times.gap_s + times.worker_s <= wall

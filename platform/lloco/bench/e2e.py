@@ -18,8 +18,9 @@ LoRA published to the tenant's registry (not finetuned: speed does not depend on
   then go to the ``EngineCore`` alone with the same concurrency. TTFT and latency p50/p99, TTFT also without
   each client's first query (the simultaneous start queues C prefills behind each other), generated
   tokens/s, queries/s and each tenant's share of the generated tokens, for both; and for both, the engine
-  scheduler's iterations over the load (``LoopTimes``: rows per admitting iteration, the worker thread's
-  time per iteration, the event loop's gap before the next one).
+  scheduler's iterations over the load (``LoopTimes``: rows per admitting iteration, averaged over the
+  iterations and over the rows (the group an admitted row came in with: waves weigh by their size), the
+  worker thread's time per iteration, the event loop's gap before the next one).
 
 TTFT is measured by the client: from the call to the first message carrying a token. Results: JSON and
 markdown under --out, with issue 19's goals.
@@ -400,8 +401,9 @@ def replica_metrics() -> dict[str, float]:
 
 def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: float) -> dict[str, float]:
     """The engine scheduler's iterations during the load, from its `LoopTimes` in the metrics read before and
-    after: how often it stepped, how many rows an admitting iteration took in, the worker thread's time per
-    iteration (admitting or not) and the event loop's gap between iterations while work waited."""
+    after: how often it stepped, how many rows an admitting iteration took in (per iteration, and per row:
+    the size of the group a row was admitted with, where a few large waves show), the worker thread's time
+    per iteration (admitting or not) and the event loop's gap between iterations while work waited."""
     from lloco.serve.scheduler import LoopTimes
 
     names = [counter.name for counter in fields(LoopTimes)]
@@ -411,6 +413,7 @@ def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: f
         "iterations_per_s": d["iterations"] / wall,
         "admitting_share": d["admitting_iterations"] / max(d["iterations"], 1),
         "rows_per_admitting_iteration": d["admitted_rows"] / max(d["admitting_iterations"], 1),
+        "rows_admitted_with": d["admitted_rows_squared"] / max(d["admitted_rows"], 1),
         "worker_ms_admitting": 1e3 * d["admitting_worker_s"] / max(d["admitting_iterations"], 1),
         "worker_ms_other": 1e3 * (d["worker_s"] - d["admitting_worker_s"]) / max(plain, 1),
         "gap_ms": 1e3 * d["gap_s"] / max(d["iterations"], 1),
@@ -641,15 +644,16 @@ def render_markdown(result: dict[str, Any]) -> str:
                 "rows apart, and the gap to the next iteration while work waited, which the event loop spends "
                 "delivering tokens and running its other coroutines):",
                 "",
-                "| path | iterations/s | admitting | rows per admitting iteration | worker ms admitting / other | "
-                "gap ms per iteration | worker / gap share of the wall |",
+                "| path | iterations/s | admitting | rows per admitting iteration (mean over rows) | "
+                "worker ms admitting / other | gap ms per iteration | worker / gap share of the wall |",
                 "|---|---:|---:|---:|---:|---:|---:|",
             ]
             for label, key in (("gRPC", "grpc"), ("EngineCore alone", "engine")):
                 if r := steps.get(key):
                     lines.append(
                         f"| {label} | {r['iterations_per_s']:.1f} | {r['admitting_share']:.0%} | "
-                        f"{r['rows_per_admitting_iteration']:.2f} | {r['worker_ms_admitting']:.1f} / "
+                        f"{r['rows_per_admitting_iteration']:.2f} ({r['rows_admitted_with']:.1f}) | "
+                        f"{r['worker_ms_admitting']:.1f} / "
                         f"{r['worker_ms_other']:.1f} | {r['gap_ms']:.2f} | {r['worker_share']:.0%} / "
                         f"{r['gap_share']:.0%} |"
                     )

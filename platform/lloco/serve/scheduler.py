@@ -103,6 +103,9 @@ class LoopTimes:
     iterations: int = 0
     admitting_iterations: int = 0
     admitted_rows: int = 0
+    admitted_rows_squared: int = (
+        0  # over admitting iterations: with admitted_rows, the group a row came in with
+    )
     worker_s: float = 0.0
     admitting_worker_s: float = 0.0
     gap_s: float = 0.0
@@ -329,6 +332,7 @@ class Scheduler:
         if it.admissions:
             times.admitting_iterations += 1
             times.admitted_rows += len(it.admissions)
+            times.admitted_rows_squared += len(it.admissions) ** 2
             times.admitting_worker_s += worker
         if last_end is not None:
             times.gap_s += it.began - last_end
