@@ -28,7 +28,7 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
 
     monkeypatch.setattr(e2e, "full_document", full_document)
     out = tmp_path / "bench"
-    paced = ["--set", "serve.stream_messages_per_s=500"]
+    paced = ["--set", "serve.stream_messages_per_s=500", "--varied-lengths"]
     result = e2e.main(
         ["--out", str(out), "--tiny", "--clients", "2", "--queries", "2", "--new-tokens", "3", *paced]
     )
@@ -42,6 +42,10 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
         assert 0 < path["ttft_ms"] <= path["total_ms"] and path["tokens"] == 3
     assert 0 < single["grpc"]["server_ttft_ms"] <= single["grpc"]["ttft_ms"]
     assert single["full_document"]["prompt_tokens"] > e2e.PLANS["tiny"].long_doc_tokens * 0.9
+    # --varied-lengths: the load's queries ask for 1-4 tokens, the same sequence on both paths
+    plan = e2e.E2EPlan(**result["plan"])
+    asked = [e2e.load_new_tokens(plan, client * 1000 + n) for client in (0, 1) for n in (0, 1)]
+    assert plan.varied_lengths and all(1 <= tokens <= 4 for tokens in asked) and len(set(asked)) > 1
     for path in ("grpc", "engine"):
         run = load[path]
         assert run["queries"] == 2 * 2 and run["tokens_per_s"] > 0  # the same requests on both paths
@@ -49,7 +53,8 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
         assert 0 < run["ttft_p50_steady_ms"] <= run["ttft_p99_steady_ms"] <= run["ttft_p99_ms"]
         assert 0 < run["cold_ttft"]["p50_ms"] <= run["cold_ttft"]["max_ms"]  # one warm-up query per tenant
         shares = run["tenants"]
-        assert len(shares) == 2 and all(row["queries"] == 2 and row["tokens"] == 6 for row in shares.values())
+        assert len(shares) == 2 and all(row["queries"] == 2 for row in shares.values())
+        assert sorted(row["tokens"] for row in shares.values()) == sorted([sum(asked[:2]), sum(asked[2:])])
         assert sum(row["share"] for row in shares.values()) == pytest.approx(1.0)
     # the server's clock (the replies' stats) starts after the client's and stops before it
     grpc_load = load["grpc"]

@@ -14,7 +14,9 @@ LoRA published to the tenant's registry (not finetuned: speed does not depend on
   the prompt on a batch-1 ``Generator`` of the same weights: TTFT and end to end, medians after a warm-up;
 - load: each tenant's first query (cold: adapter and context loaded; its TTFT reported apart), then C
   streaming clients (threads, one channel each; client j acts for tenant j mod T) each send Q queries back
-  to back over their tenant's document and adapter, all starting at the same instant; the same requests
+  to back over their tenant's document and adapter (``new_tokens`` each, or with ``--varied-lengths`` a
+  length drawn per query around it, since equal lengths let the closed loop fall into waves), all starting
+  at the same instant; the same requests
   then go to the ``EngineCore`` alone with the same concurrency. TTFT and latency p50/p99, TTFT also without
   each client's first query (the simultaneous start queues C prefills behind each other), generated
   tokens/s, queries/s and each tenant's share of the generated tokens, for both; and for both, the engine
@@ -66,6 +68,8 @@ from lloco.bench.workload import (
     ttft_parts_summary,
     ttft_parts_table,
     ttft_summary,
+    varied_new_tokens,
+    varied_new_tokens_range,
 )
 
 if TYPE_CHECKING:
@@ -96,6 +100,16 @@ class E2EPlan:
     rank: int
     repeats: int
     max_batch: int
+    varied_lengths: bool = False  # the load's queries: new_tokens each, or varied_new_tokens around it
+
+
+def load_new_tokens(plan: E2EPlan, number: int) -> int:
+    """Load query ``number``'s length (the same on both paths)."""
+    return varied_new_tokens(number, plan.new_tokens) if plan.varied_lengths else plan.new_tokens
+
+
+def longest_new_tokens(plan: E2EPlan) -> int:
+    return varied_new_tokens_range(plan.new_tokens)[1] if plan.varied_lengths else plan.new_tokens
 
 
 PLANS = {
@@ -149,13 +163,13 @@ def stack_settings(
         limits=LimitSettings(
             max_document_bytes=64 * 2**20,
             max_inflight_requests=plan.clients,
-            max_new_tokens=plan.new_tokens,
+            max_new_tokens=longest_new_tokens(plan),
             online_compress_max_tokens=2 * plan.long_doc_tokens,
         ),
         lora=LoraSettings(max_rank=plan.rank, gpu_slots=plan.tenants, cpu_adapters=2 * plan.tenants),
         engine=EngineSettings(
             max_batch_size=plan.max_batch,
-            max_seq_len=math.ceil((vectors + 256 + plan.new_tokens) / 128) * 128,
+            max_seq_len=math.ceil((vectors + 256 + longest_new_tokens(plan)) / 128) * 128,
         ),
         serve=ServeSettings(
             grpc_port=free_port(),
@@ -251,7 +265,8 @@ def grpc_load(stack: Any, tenants: list[Tenant], plan: E2EPlan) -> dict[str, Any
                 _ = client.names  # resolve the caller once, before the clock starts
                 barrier.wait()
                 for n in range(plan.queries_per_client):
-                    sample = grpc_query(client, tenant.name, "doc", index * 1000 + n, plan.new_tokens)
+                    number = index * 1000 + n
+                    sample = grpc_query(client, tenant.name, "doc", number, load_new_tokens(plan, number))
                     with lock:
                         samples.append((n, sample))
         except BaseException as error:  # noqa: BLE001 - reported after the run
@@ -298,7 +313,7 @@ def engine_requests(
     tenant: Tenant,
     doc_id: str,
     number: int,
-    plan: E2EPlan,
+    new_tokens: int,
     records: dict[tuple[str, str], Any],
     tokenizer: Any,
 ) -> Any:
@@ -311,7 +326,7 @@ def engine_requests(
         tenant.name,
         (doc_id,),
         question,
-        plan.new_tokens,
+        new_tokens,
         records[tenant.name, doc_id],
         tuple(chat_prompt(tokenizer, question)),
     )
@@ -329,8 +344,8 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
     start_s = time.perf_counter() - began
     records = edge_records(stack.store, tenants)
 
-    def request(tenant: Tenant, doc_id: str, number: int) -> Any:
-        return engine_requests(tenant, doc_id, number, plan, records, base.tokenizer)
+    def request(tenant: Tenant, doc_id: str, number: int, new_tokens: int = plan.new_tokens) -> Any:
+        return engine_requests(tenant, doc_id, number, new_tokens, records, base.tokenizer)
 
     try:
         owner = tenants[0]
@@ -344,7 +359,10 @@ async def engine_alone(stack: Any, base: Any, tenants: list[Tenant], plan: E2EPl
         async def client(index: int) -> None:
             tenant = tenants[index % len(tenants)]
             for n in range(plan.queries_per_client):
-                sample = await engine_query(core, request(tenant, "doc", index * 1000 + n))
+                number = index * 1000 + n
+                sample = await engine_query(
+                    core, request(tenant, "doc", number, load_new_tokens(plan, number))
+                )
                 samples.append((n, sample))
 
         before = core.metrics()
@@ -548,6 +566,16 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
+def lengths_words(plan: dict[str, Any]) -> str:
+    if not plan.get("varied_lengths"):
+        return f"{plan['new_tokens']} new tokens per query"
+    shortest, longest = varied_new_tokens_range(plan["new_tokens"])
+    return (
+        f"{plan['new_tokens']} new tokens per single query, {shortest}-{longest} per load query (uniform, the "
+        "same sequence on both paths)"
+    )
+
+
 def render_markdown(result: dict[str, Any]) -> str:
     plan = result["plan"]
     lines = [
@@ -558,7 +586,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"{plan['tenants']} tenants, each with a {plan['doc_tokens']}-token document compressed at ingest "
         f"(S={plan['segment_len']}, k={plan['k']}) and its own adapter (a random rank-{plan['rank']} LoRA, "
         "published, not finetuned); greedy, "
-        f"{plan['new_tokens']} new tokens per query; the engine streams at most "
+        f"{lengths_words(plan)}; the engine streams at most "
         f"{result.get('stream_messages_per_s')} messages/s (serve.stream_messages_per_s).",
         "",
     ]
@@ -756,6 +784,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--queries", type=int, default=None, help="queries per client")
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument(
+        "--varied-lengths",
+        action="store_true",
+        help="the load's queries ask for new-tokens/2 to 3 new-tokens/2 tokens (uniform, the same sequence on "
+        "both paths) instead of new-tokens each",
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -770,6 +804,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         clients=args.clients,
         queries_per_client=args.queries,
         new_tokens=args.new_tokens,
+        varied_lengths=args.varied_lengths or None,
     )
     plan = replace(plan, **{k: v for k, v in overrides.items() if v is not None})
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")

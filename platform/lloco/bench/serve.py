@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import itertools
 import math
-import random
 import statistics
 import tempfile
 import time
@@ -85,6 +84,8 @@ from lloco.bench.workload import (
     random_engine_parts,
     ttft_parts_table,
     ttft_summary,
+    varied_new_tokens,
+    varied_new_tokens_range,
 )
 from lloco.config import EngineSettings
 from lloco.errors import Internal, ResourceExhausted
@@ -476,7 +477,7 @@ async def _bench_adapter_churn(model: Llama, store: Any, plan: Plan) -> dict[str
     loaded, compressor = random_engine_parts(model, plan.segment_len, plan.k)
     prompt_ids = tuple(chat_prompt(loaded.tokenizer, CHURN_QUESTION))
     n_vectors = compressed_length(plan.churn_doc_tokens, plan.segment_len, plan.k)
-    longest = churn_new_tokens_range(plan.new_tokens)[1]
+    longest = varied_new_tokens_range(plan.new_tokens)[1]
     context_bytes = n_adapters * n_vectors * config.dim * 4  # every tenant's context, fp32 at most
     settings = Settings(
         engine=EngineSettings(
@@ -524,7 +525,7 @@ async def _bench_adapter_churn(model: Llama, store: Any, plan: Plan) -> dict[str
         "host_memory_available_gib": available / 2**30,
         "context_vectors": n_vectors,
         "new_tokens": plan.new_tokens,
-        "new_tokens_range": churn_new_tokens_range(plan.new_tokens),
+        "new_tokens_range": varied_new_tokens_range(plan.new_tokens),
         "plant_s": plant_s,
         "resident": resident,
         "churn": churn,
@@ -565,7 +566,7 @@ async def _adapter_run(
     before, evicted = core.metrics(), core.residency().adapter_evictions_cpu
     samples, wall = await _closed_loop(
         core,
-        lambda n: request(n, churn_new_tokens(n, plan.new_tokens)),
+        lambda n: request(n, varied_new_tokens(n, plan.new_tokens)),
         plan.churn_batch,
         seconds=plan.churn_seconds,
     )
@@ -584,19 +585,6 @@ async def _adapter_run(
         "store_loads": int(after["adapter_s3_loads"] - before["adapter_s3_loads"]),
         "cpu_tier_evictions": core.residency().adapter_evictions_cpu - evicted,
     }
-
-
-def churn_new_tokens_range(mean: int) -> tuple[int, int]:
-    """The shortest and longest query of section (g): mean/2 and 3 mean/2 new tokens."""
-    return max(1, mean // 2), mean + mean // 2
-
-
-def churn_new_tokens(number: int, mean: int) -> int:
-    """Query ``number``'s length: uniform in ``churn_new_tokens_range(mean)``, the same sequence in both runs.
-    Equal lengths would let a closed loop fall into waves (every row admitted in one prefill, then decoding
-    together), a lockstep that either run may keep or lose by chance, and that decides its throughput more
-    than adapters do."""
-    return random.Random(number).randint(*churn_new_tokens_range(mean))
 
 
 async def _closed_loop(

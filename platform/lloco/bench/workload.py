@@ -4,6 +4,7 @@ and an adapter each), timed queries and their summaries (throughput, percentiles
 from __future__ import annotations
 
 import math
+import random
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -229,3 +230,16 @@ def tenant_shares(samples: Sequence[QuerySample], tenants: Sequence[str]) -> dic
         tokens = sum(s.tokens for s in mine)
         shares[tenant] = {"queries": len(mine), "tokens": tokens, "share": tokens / total}
     return shares
+
+
+def varied_new_tokens_range(mean: int) -> tuple[int, int]:
+    """The shortest and longest query of a load with varied lengths: mean/2 and 3 mean/2 new tokens."""
+    return max(1, mean // 2), mean + mean // 2
+
+
+def varied_new_tokens(number: int, mean: int) -> int:
+    """Query ``number``'s length: uniform in ``varied_new_tokens_range(mean)``, the same sequence wherever it
+    is asked. Equal lengths let a closed loop fall into waves (rows admitted together decode together, finish
+    together, and their clients' next queries arrive together), a lockstep that one run may keep and another
+    lose by chance."""
+    return random.Random(number).randint(*varied_new_tokens_range(mean))
