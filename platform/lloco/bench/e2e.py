@@ -16,13 +16,13 @@ LoRA published to the tenant's registry (not finetuned: speed does not depend on
   streaming clients (threads, one channel each; client j acts for tenant j mod T) each send Q queries back
   to back over their tenant's document and adapter (``new_tokens`` each, or with ``--varied-lengths`` a
   length drawn per query around it, since equal lengths let the closed loop fall into waves), all starting
-  at the same instant; the same requests
-  then go to the ``EngineCore`` alone with the same concurrency. TTFT and latency p50/p99, TTFT also without
-  each client's first query (the simultaneous start queues C prefills behind each other), generated
-  tokens/s, queries/s and each tenant's share of the generated tokens, for both; and for both, the engine
-  scheduler's iterations over the load (``LoopTimes``: rows per admitting iteration, averaged over the
-  iterations and over the rows (the group an admitted row came in with: waves weigh by their size), the
-  worker thread's time per iteration, the event loop's gap before the next one).
+  at the same instant; the same requests then go to the ``EngineCore`` alone with the same concurrency.
+  TTFT and latency p50/p99, TTFT also without each client's first query (the simultaneous start queues C
+  prefills behind each other), generated tokens/s, queries/s and each tenant's share of the generated
+  tokens, for both; and for both, the engine scheduler's iterations over the load (``LoopTimes``: rows
+  per admitting iteration, averaged over the iterations and over the rows (the group an admitted row came
+  in with: waves weigh by their size), the worker thread's time per iteration, the event loop's gap before
+  the next one).
 
 TTFT is measured by the client: from the call to the first message carrying a token. Results: JSON and
 markdown under --out, with issue 19's goals.
