@@ -794,7 +794,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="append",
         default=[],
         metavar="SECTION.FIELD=VALUE",
-        help="a lloco setting for both paths, e.g. engine.prefill_chunk_tokens=4096 (the value read as YAML; repeatable)",
+        help="a lloco setting for both paths, e.g. engine.prefill_chunk_tokens=4096 (the value read as YAML; "
+        "repeatable)",
     )
     parser.add_argument("--name", default=None, help="output file stem (default e2e-h200 / e2e-tiny)")
     args = parser.parse_args(argv)

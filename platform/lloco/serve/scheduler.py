@@ -103,9 +103,8 @@ class LoopTimes:
     iterations: int = 0
     admitting_iterations: int = 0
     admitted_rows: int = 0
-    admitted_rows_squared: int = (
-        0  # over admitting iterations: with admitted_rows, the group a row came in with
-    )
+    # each admitting iteration's rows squared, summed: over admitted_rows, the group a row came in with
+    admitted_rows_squared: int = 0
     worker_s: float = 0.0
     admitting_worker_s: float = 0.0
     gap_s: float = 0.0
