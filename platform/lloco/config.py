@@ -165,6 +165,15 @@ class EngineSettings(_Section):
         description="Fair admission between tenants: the virtual-token cost of one generated token, charged "
         "as it is generated (a decode step costs more per token than prefill).",
     )
+    fair_reserved_rows: int = Field(
+        0,
+        ge=0,
+        description="Fair admission between tenants: a tenant already holding its share of the rows (the rows "
+        "split by weight among the tenants with queries waiting or running) does not take the last this many "
+        "free rows, which stay free for a tenant below its share: a query of a light tenant then starts at "
+        "once instead of waiting for a busy tenant's queries to end. Costs at most this many idle rows while "
+        "only tenants at their share wait; a tenant alone gets every row. 0: counters alone.",
+    )
     fair_preemption: bool = Field(
         False,
         description="Fair admission between tenants: when no row is free and a tenant with a query waiting "
