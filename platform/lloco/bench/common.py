@@ -278,11 +278,15 @@ def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def padded_tokenizer(vocab_size: int) -> Any:
-    """The tiny test tokenizer with placeholder tokens up to ``vocab_size``, so every model id decodes."""
+    """The tiny test tokenizer with placeholder tokens up to ``vocab_size``, so every model id decodes, and
+    without an end-of-sequence token: random weights would end some tenants' queries at their first token
+    (a CPU run of the fairness section had one tenant's end at once), and a load would not be the one the
+    bench states. The chat template still writes its turn ends."""
     from lloco.model.tiny import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     tokenizer.add_tokens([f"<t{i}>" for i in range(len(tokenizer), vocab_size)])
+    tokenizer.eos_token = None
     return tokenizer
 
 

@@ -14,11 +14,11 @@ batch. Counters are charged for a request's input when it is admitted and for ea
 
 Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps
 them until its requests finish, often together, and a query of another tenant arriving then waits for them.
-With `reserved_rows` N, a tenant already holding its share of the rows (the rows split by weight among the
-tenants waiting or running) does not take the last N free rows: they stay free for a tenant below its share,
-whose query then starts at once instead of after a busy tenant's. Rows may stay idle while only tenants at
-their share wait (at most N); a tenant alone holds every row (its share), and tenants sharing the engine
-evenly fill it. With `preemption` on, a tenant with a request waiting and
+With `reserved_rows` N, the last N free rows are kept for tenants behind: one below its share of the rows (the
+rows split by weight among the tenants waiting or running) whose counter is within its next request's cost
+of the lowest (`FairQueue.may_take_reserved`); a light tenant's query then starts at once instead of after a
+busy tenant's. Rows may stay idle while no waiting tenant qualifies (at most N); a tenant alone holds every
+row (its share), and tenants sharing the engine evenly fill it. With `preemption` on, a tenant with a request waiting and
 fewer rows than its share (the rows split by weight among the tenants waiting or running) takes one back
 when no row is free, from the tenant furthest above its share if that one holds more than its share + 1
 (the + 1 keeps rows from moving back and forth among backlogged tenants whose shares do not divide the
@@ -146,8 +146,7 @@ class Scheduler:
         max_batch: rows (requests running at once).
         max_waiting: requests queued at most, all tenants; more are refused (ResourceExhausted).
         queue: the per-tenant queues and their counters (costs and weights from settings).
-        reserved_rows: free rows a tenant at or above its share of the rows does not take (the module's
-            docstring); an attribute of the same name changes it while running (the scheduling benchmark
+        reserved_rows: free rows kept for tenants behind on rows and service (the module's docstring); an attribute of the same name changes it while running (the scheduling benchmark
             compares settings on one engine).
         preemption: take rows back for tenants below their share (the module's docstring); an attribute
             of the same name turns it on and off while running.
@@ -364,8 +363,8 @@ class Scheduler:
 
     def _admit(self) -> list[ScheduledRequest]:
         """Waiting requests for the free rows: each the oldest of the backlogged tenant with the lowest
-        counter (FIFO within a tenant) that can get a slot, and of one below its share of the rows for the
-        last ``reserved_rows`` free ones; the rest keep their place.
+        counter (FIFO within a tenant) that can get a slot, and for the last ``reserved_rows`` free ones of a
+        tenant behind (``FairQueue.may_take_reserved``); the rest keep their place.
 
         Once a request waits for a slot, adapter requests of the other tenants wait too (base-model ones
         still join): otherwise a steady flow on resident adapters could keep every slot pinned forever.
@@ -378,10 +377,12 @@ class Scheduler:
             tenant = self._queue.next_tenant(skipped)
             if tenant is None:
                 break
-            if free_rows <= self.reserved_rows and self._at_share(tenant):
+            request = self._queue.head(tenant)
+            if free_rows <= self.reserved_rows and not self._queue.may_take_reserved(
+                tenant, self._max_batch, request.input_tokens, request.params.max_new_tokens
+            ):
                 skipped.add(tenant)
                 continue
-            request = self._queue.head(tenant)
             if request.adapter is not None:
                 if not slot_blocked:
                     request.grant = self.slots.acquire(request.adapter)
@@ -393,9 +394,6 @@ class Scheduler:
             admitted.append(request)
             free_rows -= 1
         return admitted
-
-    def _at_share(self, tenant: str) -> bool:
-        return self._queue.service(tenant).running >= self._queue.row_share(tenant, self._max_batch)
 
     def _start(self, tenant: str, request: ScheduledRequest) -> None:
         """Move the tenant's head ``request`` from waiting to running; a resumed one is not charged again."""
