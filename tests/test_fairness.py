@@ -246,6 +246,34 @@ def test_queue_order_bookkeeping_and_settings() -> None:
         FairQueue(0.0, 0.0, {})
 
 
+def test_reserved_rows_go_to_tenants_behind_on_rows_and_service() -> None:
+    """16 rows, four tenants (shares of 4): "heavy" holds 8, "bunched" 5, "other" 2, "idle" 1 and all four
+    have a request waiting. "bunched" is above its share but not the one holding the rows: it may take one;
+    "heavy" may not; "other" and "idle" may while their counters stay within a request's cost of the
+    lowest, and not once they are further ahead."""
+    queue: FairQueue[str] = FairQueue(1.0, 2.0, {})
+    for tenant, running in {"heavy": 8, "bunched": 5, "other": 2, "idle": 1}.items():
+        for i in range(running + 1):
+            queue.push(tenant, f"{tenant}{i}")
+        for _ in range(running):
+            queue.admit(tenant, 0)
+    assert [queue.may_take_reserved(t, 16, 10, 10) for t in ("heavy", "bunched", "other", "idle")] == [
+        False,
+        True,
+        True,
+        True,
+    ]
+    queue.generated("other", 16)  # 32 ahead of the others: more than a 10 + 2 x 10 request costs
+    assert not queue.may_take_reserved("other", 16, 10, 10) and queue.may_take_reserved("other", 16, 12, 10)
+    rival: FairQueue[str] = FairQueue(1.0, 2.0, {})  # two tenants far above their shares, one row apart
+    for tenant, running in {"a": 7, "b": 8, "c": 1}.items():
+        for i in range(running + 1):
+            rival.push(tenant, f"{tenant}{i}")
+        for _ in range(running):
+            rival.admit(tenant, 0)
+    assert [rival.may_take_reserved(t, 16, 10, 10) for t in ("a", "b", "c")] == [False, False, True]
+
+
 def test_row_shares_and_a_preempted_request_back_at_the_front() -> None:
     queue: FairQueue[str] = FairQueue(1.0, 2.0, {"b": 3.0})
     assert queue.row_share("a", 8) == 8.0  # alone: every row

@@ -168,11 +168,12 @@ class EngineSettings(_Section):
     fair_reserved_rows: int = Field(
         0,
         ge=0,
-        description="Fair admission between tenants: a tenant already holding its share of the rows (the rows "
-        "split by weight among the tenants with queries waiting or running) does not take the last this many "
-        "free rows, which stay free for a tenant below its share: a query of a light tenant then starts at "
-        "once instead of waiting for a busy tenant's queries to end. Costs at most this many idle rows while "
-        "only tenants at their share wait; a tenant alone gets every row. 0: counters alone.",
+        description="Fair admission between tenants: the last this many free rows are kept for a tenant behind: "
+        "one holding fewer rows than its share (the rows split by weight among the tenants with queries waiting "
+        "or running), or at least a row less above it than the tenant furthest above, whose counter is within "
+        "its next query's cost of the lowest. A query of a light tenant "
+        "then starts at once instead of waiting for a busy tenant's queries to end. Costs at most this many "
+        "idle rows while no waiting tenant is behind; a tenant alone gets every row. 0: counters alone.",
     )
     fair_preemption: bool = Field(
         False,

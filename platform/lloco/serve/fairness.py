@@ -166,13 +166,19 @@ class FairQueue(Generic[T]):
         return self.next_tenant(at_share)
 
     def may_take_reserved(self, tenant: str, rows: int, input_tokens: int, output_tokens: int) -> bool:
-        """Whether a backlogged tenant may take one of the rows kept for tenants behind: it runs fewer
-        requests than its ``row_share`` and its counter is at most the cost of its next request
-        (``input_tokens`` and up to ``output_tokens``) above the lowest backlogged counter. Rows alone would
-        let a tenant of short requests, never holding many rows, take them at any counter and pull ahead
-        without bound; the cost keeps its lead within one request, as in counter order."""
+        """Whether a backlogged tenant may take one of the rows kept for tenants behind: behind on rows
+        (it runs fewer requests than its ``row_share``, or its excess over its share is at least one row
+        below the largest other tenant's: a light tenant whose arrivals bunch up is not the one holding the
+        rows) and on service (its counter is at most the cost of its next request, ``input_tokens`` and up to
+        ``output_tokens``, above the lowest backlogged counter). Rows alone would let a tenant of short
+        requests, never holding many rows, take them at any counter and pull ahead without bound; the cost
+        keeps its lead within one request, as in counter order."""
         state = self._tenants[tenant]
-        if state.service.running >= self.row_share(tenant, rows):
+        sharing = self._backlogged | self._serving | {tenant}
+        per_weight = rows / sum(self._weight(t) for t in sharing)
+        excess = {t: self._tenants[t].service.running - per_weight * self._weight(t) for t in sharing}
+        mine = excess.pop(tenant)
+        if mine >= 0 and not (excess and mine + 1 < max(excess.values())):
             return False
         lowest = min(self._tenants[t].service.virtual_tokens for t in self._backlogged)
         cost = (input_tokens * self._input_cost + output_tokens * self._output_cost) / self._weight(tenant)

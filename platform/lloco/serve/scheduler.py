@@ -15,8 +15,8 @@ batch. Counters are charged for a request's input when it is admitted and for ea
 Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps
 them until its requests finish, often together, and a query of another tenant arriving then waits for them.
 With `reserved_rows` N, the last N free rows are kept for tenants behind: one below its share of the rows (the
-rows split by weight among the tenants waiting or running) whose counter is within its next request's cost
-of the lowest (`FairQueue.may_take_reserved`); a light tenant's query then starts at once instead of after a
+rows split by weight among the tenants waiting or running), or at least a row less above it than the tenant
+furthest above, whose counter is within its next request's cost of the lowest (`FairQueue.may_take_reserved`); a light tenant's query then starts at once instead of after a
 busy tenant's. Rows may stay idle while no waiting tenant qualifies (at most N); a tenant alone holds every
 row (its share), and tenants sharing the engine evenly fill it. With `preemption` on, a tenant with a request waiting and
 fewer rows than its share (the rows split by weight among the tenants waiting or running) takes one back
