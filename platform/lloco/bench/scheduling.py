@@ -14,10 +14,11 @@
     then one tenant at ten times that rate: the other tenants' TTFT p50/p99 in both runs and the ratio of
     their p99; then every tenant saturating the engine (closed loop, the heavy tenant with ten times the
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
-    others' mean. The ten-times and saturated runs go twice on the same engine, without row preemption
-    (``engine.fair_preemption`` off: the main figures) and with it (``preemption``: the same figures and
-    the rows taken back), so the comparison is within one run. For the others' slowest 1% of TTFTs each
-    run also reports the engine's account of where the time went (prepare, queue for a row, prefill).
+    others' mean. The ten-times and saturated runs go first with counters alone (the main figures), then
+    again on the same engine for each ``--reserved-rows`` N (``engine.fair_reserved_rows``: the last N free
+    rows kept for tenants below their share), so the comparison is within one run. For the others' slowest
+    1% of TTFTs each run also reports the engine's account of where the time went (prepare, queue for a
+    row, prefill).
     Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a SeaweedFS on
     loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
 """
@@ -240,11 +241,15 @@ def _timed_step(gen: Generator) -> tuple[float, list]:
 # -- (f) per-tenant fairness -----------------------------------------------------------------------------------
 
 
-def bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
-    return asyncio.run(_bench_fairness(model, store, plan))
+def bench_fairness(
+    model: Llama, store: Any, plan: SchedulingPlan, reserved_rows: tuple[int, ...] = ()
+) -> dict[str, Any]:
+    return asyncio.run(_bench_fairness(model, store, plan, reserved_rows))
 
 
-async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
+async def _bench_fairness(
+    model: Llama, store: Any, plan: SchedulingPlan, reserved_rows: tuple[int, ...]
+) -> dict[str, Any]:
     from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
     from lloco.serve.engine_core import EngineCore
 
@@ -281,56 +286,52 @@ async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dic
         capacity = await _capacity(core, tenants, plan)
         rate = plan.load * capacity / plan.tenants
         even = await _open_loop(core, dict.fromkeys(tenants, rate), plan)
-        runs = {}
-        for preemption in (False, True):
-            core.scheduler.preemption = preemption
-            before = core.scheduler.preemptions
+        runs = []
+        for reserve in (0, *reserved_rows):
+            core.scheduler.reserved_rows, core.scheduler.preemption = reserve, False
             flood = await _open_loop(
                 core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan
             )
-            flood_preemptions = core.scheduler.preemptions - before
-            runs[preemption] = (
-                flood,
-                flood_preemptions,
-                await _closed_loop(core, tenants, heavy, plan, engine),
-            )
-            runs[preemption] += (core.scheduler.preemptions - before - flood_preemptions,)
+            runs.append((reserve, flood, await _closed_loop(core, tenants, heavy, plan, engine)))
     finally:
         await core.stop()
         delete_tenants(store, tenants)
     even_others = _ttft(even, others)
-    flood, _, saturated, _ = runs[False]
-    flood_others = _ttft(flood, others)
-    trial, trial_preemptions, trial_saturated, saturated_preemptions = runs[True]
+    trials = [
+        {
+            "reserved_rows": reserve,
+            "heavy_10x": {"others": _ttft(flood, others), "heavy": _ttft(flood, [heavy])},
+            "others_ttft_p99_ratio": _ttft(flood, others)["p99_ms"] / even_others["p99_ms"],
+            "saturated": saturated,
+        }
+        for reserve, flood, saturated in runs
+    ]
+    counters = trials[0]
     result = {
         "plan": asdict(plan),
         "context_vectors": n_vectors,
         "capacity_queries_per_s": capacity,
         "rate_per_tenant": rate,
         "even": {"others": even_others, "heavy": _ttft(even, [heavy])},
-        "heavy_10x": {"others": flood_others, "heavy": _ttft(flood, [heavy])},
-        "others_ttft_p99_ratio": flood_others["p99_ms"] / even_others["p99_ms"],
-        "saturated": saturated,
+        "heavy_10x": counters["heavy_10x"],
+        "others_ttft_p99_ratio": counters["others_ttft_p99_ratio"],
+        "saturated": counters["saturated"],
+        "reserved": trials[1:],
         # open-loop queries that ended before their new_tokens (the load would not be the one stated)
         "queries_cut_short": sum(
-            sample.tokens < plan.new_tokens for run in (even, flood, trial) for sample in run.ended
+            sample.tokens < plan.new_tokens
+            for run in (even, *(flood for _, flood, _ in runs))
+            for sample in run.ended
         ),
-        "preemption": {
-            "heavy_10x": {"others": _ttft(trial, others), "heavy": _ttft(trial, [heavy])},
-            "heavy_10x_preemptions": trial_preemptions,
-            "others_ttft_p99_ratio": _ttft(trial, others)["p99_ms"] / even_others["p99_ms"],
-            "saturated": trial_saturated,
-            "saturated_preemptions": saturated_preemptions,
-        },
     }
-    trial_result = result["preemption"]
     print(
-        f"(f) {plan.tenants} tenants, {rate:.2f} q/s each: others' TTFT p99 {even_others['p99_ms']:.0f} ms, "
-        f"with one at {HEAVY_RATE}x {flood_others['p99_ms']:.0f} ms ({result['others_ttft_p99_ratio']:.2f}x); "
-        f"saturated: heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean; with preemption "
-        f"{trial_result['heavy_10x']['others']['p99_ms']:.0f} ms ({trial_result['others_ttft_p99_ratio']:.2f}x, "
-        f"{trial_preemptions} rows taken back), saturated {trial_saturated['heavy_vs_others']:.2f}x "
-        f"({saturated_preemptions} taken back)",
+        f"(f) {plan.tenants} tenants, {rate:.2f} q/s each: others' TTFT p99 {even_others['p99_ms']:.0f} ms; "
+        + "; ".join(
+            f"one at {HEAVY_RATE}x, {t['reserved_rows']} rows reserved: "
+            f"{t['heavy_10x']['others']['p99_ms']:.0f} ms ({t['others_ttft_p99_ratio']:.2f}x), "
+            f"saturated heavy's service {t['saturated']['heavy_vs_others']:.2f}x the others' mean"
+            for t in trials
+        ),
         flush=True,
     )
     return result
@@ -465,14 +466,16 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio <= GOAL_OTHERS_TTFT_P99_RATIO,
             }
         )
-        preempted = fairness["preemption"]["others_ttft_p99_ratio"]
-        goals.append(
-            {
-                "goal": "the same with row preemption (engine.fair_preemption) <= 1.5x (issue 19)",
-                "value": f"{preempted:.2f}x",
-                "met": preempted <= GOAL_OTHERS_TTFT_P99_RATIO,
-            }
-        )
+        for trial in fairness["reserved"]:
+            reserved = trial["others_ttft_p99_ratio"]
+            goals.append(
+                {
+                    "goal": f"the same with {trial['reserved_rows']} rows reserved for tenants below their "
+                    "share (engine.fair_reserved_rows) <= 1.5x (issue 19)",
+                    "value": f"{reserved:.2f}x",
+                    "met": reserved <= GOAL_OTHERS_TTFT_P99_RATIO,
+                }
+            )
         share = fairness["saturated"]["heavy_vs_others"]
         goals.append(
             {
@@ -523,18 +526,20 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             "| heavy's TTFT p50 ms |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for label, key in (("every tenant at the same rate", "even"), (f"one at {HEAVY_RATE}x", "heavy_10x")):
-            o, h = fairness[key]["others"], fairness[key]["heavy"]
+        runs = [
+            ("every tenant at the same rate", fairness["even"]),
+            (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]),
+        ]
+        runs += [
+            (f"one at {HEAVY_RATE}x, {t['reserved_rows']} rows reserved", t["heavy_10x"])
+            for t in fairness["reserved"]
+        ]
+        for label, run in runs:
+            o, h = run["others"], run["heavy"]
             lines.append(
                 f"| {label} | {o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | "
                 f"{h['p50_ms']:.0f} |"
             )
-        trial = fairness["preemption"]
-        o, h = trial["heavy_10x"]["others"], trial["heavy_10x"]["heavy"]
-        lines.append(
-            f"| one at {HEAVY_RATE}x, row preemption on ({trial['heavy_10x_preemptions']} rows taken back) | "
-            f"{o['queries']} | {o['p50_ms']:.0f} | {o['p99_ms']:.0f} | {h['queries']} | {h['p50_ms']:.0f} |"
-        )
         lines += [
             "",
             "Where the others' slowest 1% of TTFTs went (the engine's account, mean ms: prepare = before the "
@@ -543,27 +548,29 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             "| run | queries | TTFT | prepare | queue | prefill |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for label, others in (
-            ("every tenant at the same rate", fairness["even"]["others"]),
-            (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]["others"]),
-            (f"one at {HEAVY_RATE}x, row preemption on", trial["heavy_10x"]["others"]),
-        ):
-            slow = others["slowest"]
+        for label, run in runs:
+            slow = run["others"]["slowest"]
             lines.append(
                 f"| {label} | {slow['queries']} | {slow['ttft_ms']:.0f} | "
                 + " | ".join(f"{slow[f'{part}_ms']:.0f}" for part in TTFT_PARTS)
                 + " |"
             )
-        saturated, trial_saturated = fairness["saturated"], trial["saturated"]
+        saturated = fairness["saturated"]
         lines += [
             "",
-            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x without row preemption, "
-            f"{trial['others_ttft_p99_ratio']:.2f}x with it. Saturated (closed loop, clients per tenant "
-            f"{sorted(set(saturated['clients'].values()))}): the heavy tenant's weighted service is "
-            f"{saturated['heavy_vs_others']:.2f}x the others' mean ({sum(saturated['served'].values()):,.0f} "
-            f"weighted tokens in all) without, {trial_saturated['heavy_vs_others']:.2f}x "
-            f"({sum(trial_saturated['served'].values()):,.0f}; {trial['saturated_preemptions']} rows taken back) "
-            "with it.",
+            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x with counters alone"
+            + "".join(
+                f", {t['others_ttft_p99_ratio']:.2f}x with {t['reserved_rows']} rows reserved"
+                for t in fairness["reserved"]
+            )
+            + f". Saturated (closed loop, clients per tenant {sorted(set(saturated['clients'].values()))}): the "
+            "heavy tenant's weighted service over the others' mean (weighted tokens in all) "
+            + ", ".join(
+                f"{t['saturated']['heavy_vs_others']:.2f}x ({sum(t['saturated']['served'].values()):,.0f}) "
+                f"with {t['reserved_rows']} rows reserved"
+                for t in [{"reserved_rows": 0, "saturated": saturated}, *fairness["reserved"]]
+            )
+            + ".",
             "",
         ]
     return lines
@@ -589,6 +596,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", default="prefill_burst,fairness")
     parser.add_argument("--seconds", type=float, default=None, help="length of each fairness run")
     parser.add_argument(
+        "--reserved-rows",
+        default="4",
+        help="comma-separated engine.fair_reserved_rows values the fairness section also runs with ('' none)",
+    )
+    parser.add_argument(
         "--name", default=None, help="output file stem (default scheduling-h200 / scheduling-tiny)"
     )
     args = parser.parse_args(argv)
@@ -598,6 +610,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sections = set(args.sections.split(","))
+    reserved_rows = tuple(int(n) for n in args.reserved_rows.split(",") if n)
     started = time.time()
     result: dict[str, Any] = run_info("lloco.bench.scheduling", argv, device) | {
         "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -620,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="lloco-bench-scheduling-") as root:
             try:
                 with object_store(args.s3_endpoint, Path(root)) as store:
-                    section("fairness", lambda: bench_fairness(model, store, plan))
+                    section("fairness", lambda: bench_fairness(model, store, plan, reserved_rows))
             except Exception as error:  # noqa: BLE001 - no store: the section is reported as an error
                 result["errors"].append(f"store: {type(error).__name__}: {error}")
     result["goals"] = evaluate_goals(result)
