@@ -185,8 +185,8 @@ class EngineSettings(_Section):
         "again, recomputes its context, prompt and tokens so far, then streams on (a pause, no token "
         "repeated). Counters alone only order free rows, so a tenant that took every row while the others "
         "were idle keeps them until its queries end. Off by default: on an H100 it made the other tenants' "
-        "TTFT p99 worse, not better (docs/benchmarks/scheduling-preemption-h100-*; `lloco.bench.scheduling` "
-        "compares on and off).",
+        "TTFT p99 worse, not better, in every GPU run (docs/benchmarks/scheduling-preemption-h100-*, "
+        "scheduling-trials-h100).",
     )
     tenant_weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
