@@ -174,8 +174,7 @@ class FairQueue(Generic[T]):
         requests, never holding many rows, take them at any counter and pull ahead without bound; the cost
         keeps its lead within one request, as in counter order."""
         state = self._tenants[tenant]
-        sharing = self._backlogged | self._serving | {tenant}
-        per_weight = rows / sum(self._weight(t) for t in sharing)
+        sharing, per_weight = self._rows_per_weight(tenant, rows)
         excess = {t: self._tenants[t].service.running - per_weight * self._weight(t) for t in sharing}
         mine = excess.pop(tenant)
         if mine >= 0 and not (excess and mine + 1 < max(excess.values())):
@@ -187,8 +186,13 @@ class FairQueue(Generic[T]):
     def row_share(self, tenant: str, rows: int) -> float:
         """The tenant's share of ``rows``: split by weight among the tenants waiting or running, itself
         included."""
+        return self._rows_per_weight(tenant, rows)[1] * self._weight(tenant)
+
+    def _rows_per_weight(self, tenant: str, rows: int) -> tuple[set[str], float]:
+        """The tenants sharing ``rows`` (those waiting or running, and ``tenant``) and the rows per unit of
+        weight among them."""
         sharing = self._backlogged | self._serving | {tenant}
-        return rows * self._weight(tenant) / sum(self._weight(t) for t in sharing)
+        return sharing, rows / sum(self._weight(t) for t in sharing)
 
     def generated(self, tenant: str, tokens: int = 1) -> None:
         """Charge a running tenant for tokens generated for it."""
