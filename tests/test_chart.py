@@ -1217,7 +1217,7 @@ def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 SETTINGS_CHANGES = (
     "limits.maxNewTokens=1024,limits.maxDocumentBytes=8388608,limits.maxInflightRequests=8,"
     "engine.maxBatchSize=64,engine.maxSeqLen=8192,engine.contextCacheGpuBytes=4294967296,engine.compile=false,"
-    "engine.prefillChunkTokens=512,engine.outputTokenCost=3.5,engine.fairReservedRows=4,engine.fairPreemption=true,"
+    "engine.prefillChunkTokens=512,engine.outputTokenCost=3.5,engine.fairPreemption=true,"
     "engine.tenantWeights.acme=2,"
     "serve.edgeCache.authTtlSeconds=5,serve.edgeCache.metadataTtlSeconds=0,limits.maxNamesPerCall=50,"
     "lora.gpuSlots=16,lora.cpuAdapters=256,lora.maxRank=32,"

@@ -7,8 +7,6 @@ weighted tokens than g over any interval, C being the largest weighted cost of o
 every row with requests admitted just before g's turn, and gain as much again from its in-flight ones).
 Without counters (first come, first served) a tenant sending ten times the others' rate pulls ahead
 without bound, and without the lift a returning tenant holds every row until its counter catches up.
-Rows kept for tenants behind (``may_take_reserved``, the scheduler's ``reserved_rows``) admit a tenant up to
-one request's cost above the lowest counter, so the bound grows by one C.
 """
 
 from __future__ import annotations
@@ -52,24 +50,16 @@ def simulate(
     steps: int,
     arrivals: Callable[[int], list[Request]],
     weights: dict[str, float],
-    reserved: int = 0,
 ) -> Trace:
-    """Each step: arrivals join, free rows take requests in the queue's order (the last ``reserved`` only
-    for a tenant that ``may_take_reserved``), every running request generates one token, finished ones
-    leave their rows (the Scheduler's loop, without slots)."""
+    """Each step: arrivals join, free rows take requests in the queue's order, every running request
+    generates one token, finished ones leave their rows (the Scheduler's loop, without slots)."""
     running: list[list] = []  # [request, tokens left]
     trace = Trace([], [])
     for step in range(steps):
         for request in arrivals(step):
             queue.push(request.tenant, request)
-        skipped: set[str] = set()
-        while len(running) < rows and (tenant := queue.next_tenant(skipped)) is not None:
+        while len(running) < rows and (tenant := queue.next_tenant()) is not None:
             request = queue.head(tenant)
-            if rows - len(running) <= reserved and not queue.may_take_reserved(
-                tenant, rows, request.input_tokens, request.output_tokens
-            ):
-                skipped.add(tenant)
-                continue
             queue.admit(tenant, request.input_tokens)
             running.append([request, request.output_tokens])
         trace.backlogged.append({t for t in weights if queue.service(t).waiting})
@@ -97,8 +87,8 @@ def max_lead(trace: Trace, f: str, g: str) -> float:
     return lead
 
 
-def bound(rows: int, max_input: int, max_output: int, weight: float = 1.0, reserved: int = 0) -> float:
-    return (2 * rows + (reserved > 0)) * (INPUT_COST * max_input + OUTPUT_COST * max_output) / weight
+def bound(rows: int, max_input: int, max_output: int, weight: float = 1.0) -> float:
+    return 2 * rows * (INPUT_COST * max_input + OUTPUT_COST * max_output) / weight
 
 
 sizes = st.tuples(st.integers(1, 40), st.integers(1, 12))  # (input, output) tokens of a request
@@ -111,10 +101,9 @@ sizes = st.tuples(st.integers(1, 40), st.integers(1, 12))  # (input, output) tok
     heavy_sizes=st.lists(sizes, min_size=1, max_size=5),
     light_sizes=st.lists(sizes, min_size=1, max_size=5),
     period=st.integers(1, 4),
-    reserved=st.integers(0, 2),
 )
 def test_a_tenant_sending_ten_times_the_rate_gets_no_more_than_its_share(
-    rows: int, light: int, heavy_sizes: list, light_sizes: list, period: int, reserved: int
+    rows: int, light: int, heavy_sizes: list, light_sizes: list, period: int
 ) -> None:
     tenants = ["heavy", *(f"light{i}" for i in range(light))]
 
@@ -126,29 +115,10 @@ def test_a_tenant_sending_ten_times_the_rate_gets_no_more_than_its_share(
         return burst + [Request(t, *light_sizes[n % len(light_sizes)]) for t in tenants[1:]]
 
     queue: FairQueue[Request] = FairQueue(INPUT_COST, OUTPUT_COST, {})
-    trace = simulate(queue, rows, 300, arrivals, dict.fromkeys(tenants, 1.0), reserved)
-    limit = bound(rows, 40, 12, reserved=reserved)
+    trace = simulate(queue, rows, 300, arrivals, dict.fromkeys(tenants, 1.0))
+    limit = bound(rows, 40, 12)
     for g in tenants[1:]:
         assert max_lead(trace, "heavy", g) <= limit, g
-
-
-@settings(max_examples=40, deadline=None)
-@given(rows=st.integers(2, 6), reserved=st.integers(1, 3), short_input=st.integers(1, 40))
-def test_a_tenant_of_short_requests_gets_no_more_from_the_reserved_rows(
-    rows: int, reserved: int, short_input: int
-) -> None:
-    """Both tenants backlogged throughout; "short"'s requests end after one token, so it never holds its
-    share of the rows and always qualifies on rows alone: its counter keeps it within the bound."""
-    sizes = {"short": (short_input, 1), "long": (1, 12)}
-
-    def arrivals(step: int) -> list[Request]:
-        return [Request(t, *size) for t, size in sizes.items() for _ in range(4 * 400)] if step == 0 else []
-
-    queue: FairQueue[Request] = FairQueue(INPUT_COST, OUTPUT_COST, {})
-    trace = simulate(queue, rows, 400, arrivals, dict.fromkeys(sizes, 1.0), reserved)
-    limit = bound(rows, short_input, 12, reserved=reserved)
-    assert max_lead(trace, "short", "long") <= limit
-    assert max_lead(trace, "long", "short") <= limit
 
 
 @settings(max_examples=40, deadline=None)
@@ -184,11 +154,8 @@ def test_a_returning_tenant_starts_at_the_backlogged_minimum_and_starves_no_one(
     rows=st.integers(1, 4),
     weights=st.lists(st.sampled_from([0.5, 1.0, 2.0, 3.0]), min_size=2, max_size=4),
     size=sizes,
-    reserved=st.integers(0, 2),
 )
-def test_service_follows_the_weights(
-    rows: int, weights: list[float], size: tuple[int, int], reserved: int
-) -> None:
+def test_service_follows_the_weights(rows: int, weights: list[float], size: tuple[int, int]) -> None:
     """Every tenant backlogged throughout: weighted service stays within the bound of each other's."""
     tenants = {f"t{i}": w for i, w in enumerate(weights)}
 
@@ -196,8 +163,8 @@ def test_service_follows_the_weights(
         return [Request(t, *size) for t in tenants for _ in range(4 * 900)] if step == 0 else []
 
     queue: FairQueue[Request] = FairQueue(INPUT_COST, OUTPUT_COST, tenants)
-    trace = simulate(queue, rows, 900, arrivals, tenants, reserved)
-    limit = bound(rows, *size, weight=min(weights), reserved=reserved)
+    trace = simulate(queue, rows, 900, arrivals, tenants)
+    limit = bound(rows, *size, weight=min(weights))
     for served, backlogged in zip(trace.served, trace.backlogged, strict=True):
         assert backlogged == set(tenants)
         assert max(served.values()) - min(served.values()) <= limit
@@ -244,34 +211,6 @@ def test_queue_order_bookkeeping_and_settings() -> None:
         FairQueue(1.0, 2.0, {"a": 0.0})
     with pytest.raises(InvalidArgument, match="costs"):
         FairQueue(0.0, 0.0, {})
-
-
-def test_reserved_rows_go_to_tenants_behind_on_rows_and_service() -> None:
-    """16 rows, four tenants (shares of 4): "heavy" holds 8, "bunched" 5, "other" 2, "idle" 1 and all four
-    have a request waiting. "bunched" is above its share but not the one holding the rows: it may take one;
-    "heavy" may not; "other" and "idle" may while their counters stay within a request's cost of the
-    lowest, and not once they are further ahead."""
-    queue: FairQueue[str] = FairQueue(1.0, 2.0, {})
-    for tenant, running in {"heavy": 8, "bunched": 5, "other": 2, "idle": 1}.items():
-        for i in range(running + 1):
-            queue.push(tenant, f"{tenant}{i}")
-        for _ in range(running):
-            queue.admit(tenant, 0)
-    assert [queue.may_take_reserved(t, 16, 10, 10) for t in ("heavy", "bunched", "other", "idle")] == [
-        False,
-        True,
-        True,
-        True,
-    ]
-    queue.generated("other", 16)  # 32 ahead of the others: more than a 10 + 2 x 10 request costs
-    assert not queue.may_take_reserved("other", 16, 10, 10) and queue.may_take_reserved("other", 16, 12, 10)
-    rival: FairQueue[str] = FairQueue(1.0, 2.0, {})  # two tenants far above their shares, one row apart
-    for tenant, running in {"a": 7, "b": 8, "c": 1}.items():
-        for i in range(running + 1):
-            rival.push(tenant, f"{tenant}{i}")
-        for _ in range(running):
-            rival.admit(tenant, 0)
-    assert [rival.may_take_reserved(t, 16, 10, 10) for t in ("a", "b", "c")] == [False, False, True]
 
 
 def test_row_shares_and_a_preempted_request_back_at_the_front() -> None:

@@ -1,5 +1,4 @@
-"""The scheduler's reserved rows and preemption by recompute, driven directly on the tiny model (no store, no
-compressor)."""
+"""The scheduler's preemption by recompute, driven directly on the tiny model (no store, no compressor)."""
 
 from __future__ import annotations
 
@@ -55,14 +54,11 @@ def adapter(base: LoadedModel) -> LoraAdapter:
     return LoraSlots(base.config, n_slots=2, max_rank=8).prepare(files)
 
 
-def scheduler(
-    base: LoadedModel, max_batch: int, preemption: bool = False, reserved_rows: int = 0
-) -> Scheduler:
+def scheduler(base: LoadedModel, max_batch: int, preemption: bool) -> Scheduler:
     lora = LoraSlots(base.config, n_slots=2, max_rank=8)
     generator = Generator(base.model, lora, max_batch, 160, tokenizer=base.tokenizer, eos_token_ids=())
-    queue: FairQueue[ScheduledRequest] = FairQueue(1.0, 2.0, {})
     return Scheduler(
-        generator, lora, SlotManager(2), max_batch, 64, queue, reserved_rows, preemption=preemption
+        generator, lora, SlotManager(2), max_batch, 64, FairQueue(1.0, 2.0, {}), preemption=preemption
     )
 
 
@@ -232,58 +228,6 @@ def test_a_request_cancelled_while_queued_again_after_preemption_ends_cleanly(
         service = sched.service("acme")
         assert service.running == service.waiting == 0 and service.preemptions == 1
         assert sched.forget("acme")  # nothing of acme in flight
-        await sched.stop()
-
-    run(scenario)
-
-
-@pytest.mark.parametrize("reserved_rows", [0, 2])
-def test_rows_reserved_for_tenants_below_their_share_start_a_late_query_at_once(
-    base: LoadedModel, reserved_rows: int
-) -> None:
-    """Four rows: globex runs one long query, acme sends five (shares of 2). With two rows reserved acme
-    takes two rows (the second one of the last two free, being below its share), not a third; globex's
-    next query starts in the next iteration, before any running query ends, and acme's other queries all
-    finish later. Without, acme takes every free row and globex's query waits for one to end."""
-
-    async def scenario() -> None:
-        sched = scheduler(base, max_batch=4, reserved_rows=reserved_rows)
-        await sched.start()
-        first = query(base, "globex", 0, 30)
-        sched.submit(first)
-        await until(lambda: first.emitted >= 1)
-        acme = [query(base, "acme", i, 30) for i in range(5)]
-        for request in acme:
-            sched.submit(request)
-        await until(lambda: sum(request.emitted >= 1 for request in acme) >= (2 if reserved_rows else 3))
-        assert sched.active() == (3 if reserved_rows else 4)
-        late = query(base, "globex", 1, 3)
-        finished: list[str] = []
-
-        async def stream(request: ScheduledRequest) -> int:
-            tokens = await tokens_of(request)
-            finished.append(request.request_id)
-            return len(tokens)
-
-        await paused(sched, lambda: sched.submit(late))
-        lengths = await asyncio.gather(*(stream(request) for request in [first, *acme, late]))
-        await sched.stop()
-        assert lengths == [30] * 6 + [3]
-        assert (finished[0] == "globex-1") is bool(reserved_rows), finished
-
-    run(scenario)
-
-
-def test_a_tenant_alone_takes_every_row_whatever_is_reserved(base: LoadedModel) -> None:
-    async def scenario() -> None:
-        sched = scheduler(base, max_batch=4, reserved_rows=2)
-        await sched.start()
-        acme = [query(base, "acme", i, 12) for i in range(4)]
-        for request in acme:
-            sched.submit(request)
-        await until(lambda: all(request.emitted >= 1 for request in acme))
-        assert sched.active() == 4
-        await asyncio.gather(*(tokens_of(request) for request in acme))
         await sched.stop()
 
     run(scenario)

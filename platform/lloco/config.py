@@ -165,17 +165,6 @@ class EngineSettings(_Section):
         description="Fair admission between tenants: the virtual-token cost of one generated token, charged "
         "as it is generated (a decode step costs more per token than prefill).",
     )
-    fair_reserved_rows: int = Field(
-        0,
-        ge=0,
-        description="Fair admission between tenants: the last this many free rows are kept for a tenant behind: "
-        "one holding fewer rows than its share (the rows split by weight among the tenants with queries waiting "
-        "or running), or at least a row less above it than the tenant furthest above, whose counter is within "
-        "its next query's cost of the lowest. A query of a light tenant then starts at once instead of waiting "
-        "for a busy tenant's queries to end. Costs at most this many idle rows while no waiting tenant is "
-        "behind; a tenant alone gets every row. 0 (the default): counters alone, until a GPU run of "
-        "`lloco.bench.scheduling` shows a gain (docs/benchmarks/scheduling-reserved-cpu.md).",
-    )
     fair_preemption: bool = Field(
         False,
         description="Fair admission between tenants: when no row is free and a tenant with a query waiting "

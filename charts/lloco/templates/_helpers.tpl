@@ -196,7 +196,6 @@ engine:
   prefill_chunk_tokens: {{ if $v.engine.prefillChunkTokens }}{{ int64 $v.engine.prefillChunkTokens }}{{ else }}null{{ end }}
   input_token_cost: {{ include "lloco.number" $v.engine.inputTokenCost }}
   output_token_cost: {{ include "lloco.number" $v.engine.outputTokenCost }}
-  fair_reserved_rows: {{ int64 $v.engine.fairReservedRows }}
   fair_preemption: {{ $v.engine.fairPreemption }}
   tenant_weights: {{ $v.engine.tenantWeights | toJson }}
 serve:

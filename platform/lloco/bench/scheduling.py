@@ -14,11 +14,8 @@
     then one tenant at ten times that rate: the other tenants' TTFT p50/p99 in both runs and the ratio of
     their p99; then every tenant saturating the engine (closed loop, the heavy tenant with ten times the
     clients): each tenant's weighted service (input + 2 x output tokens), the heavy one's against the
-    others' mean. The ten-times and saturated runs go first with counters alone (the main figures), then
-    again on the same engine for each ``--reserved-rows`` N (``engine.fair_reserved_rows``: the last N free
-    rows kept for tenants behind on rows and service), so the comparison is within one run. For the
-    others' slowest 1% of TTFTs each run also reports the engine's account of where the time went (prepare,
-    queue for a row, prefill).
+    others' mean. For the others' slowest 1% of TTFTs each run also reports the engine's account of where
+    the time went (prepare, queue for a row, prefill).
     Contexts have the paper's geometry (S=1536, k=50; tiny: S=128, k=8). The store is a SeaweedFS on
     loopback, or the S3 at ``--s3-endpoint``. JSON and markdown go to --out.
 """
@@ -241,15 +238,11 @@ def _timed_step(gen: Generator) -> tuple[float, list]:
 # -- (f) per-tenant fairness -----------------------------------------------------------------------------------
 
 
-def bench_fairness(
-    model: Llama, store: Any, plan: SchedulingPlan, reserved_rows: tuple[int, ...] = ()
-) -> dict[str, Any]:
-    return asyncio.run(_bench_fairness(model, store, plan, reserved_rows))
+def bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
+    return asyncio.run(_bench_fairness(model, store, plan))
 
 
-async def _bench_fairness(
-    model: Llama, store: Any, plan: SchedulingPlan, reserved_rows: tuple[int, ...]
-) -> dict[str, Any]:
+async def _bench_fairness(model: Llama, store: Any, plan: SchedulingPlan) -> dict[str, Any]:
     from lloco.config import EngineSettings, LoraSettings, ServeSettings, Settings
     from lloco.serve.engine_core import EngineCore
 
@@ -286,52 +279,30 @@ async def _bench_fairness(
         capacity = await _capacity(core, tenants, plan)
         rate = plan.load * capacity / plan.tenants
         even = await _open_loop(core, dict.fromkeys(tenants, rate), plan)
-        runs = []
-        for reserve in (0, *reserved_rows):
-            core.scheduler.reserved_rows = reserve
-            flood = await _open_loop(
-                core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan
-            )
-            runs.append((reserve, flood, await _closed_loop(core, tenants, heavy, plan, engine)))
+        flood = await _open_loop(core, {t: rate * (HEAVY_RATE if t == heavy else 1) for t in tenants}, plan)
+        saturated = await _closed_loop(core, tenants, heavy, plan, engine)
     finally:
         await core.stop()
         delete_tenants(store, tenants)
-    even_others = _ttft(even, others)
-    trials = [
-        {
-            "reserved_rows": reserve,
-            "heavy_10x": {"others": _ttft(flood, others), "heavy": _ttft(flood, [heavy])},
-            "others_ttft_p99_ratio": _ttft(flood, others)["p99_ms"] / even_others["p99_ms"],
-            "saturated": saturated,
-        }
-        for reserve, flood, saturated in runs
-    ]
-    counters = trials[0]
+    even_others, flood_others = _ttft(even, others), _ttft(flood, others)
     result = {
         "plan": asdict(plan),
         "context_vectors": n_vectors,
         "capacity_queries_per_s": capacity,
         "rate_per_tenant": rate,
         "even": {"others": even_others, "heavy": _ttft(even, [heavy])},
-        "heavy_10x": counters["heavy_10x"],
-        "others_ttft_p99_ratio": counters["others_ttft_p99_ratio"],
-        "saturated": counters["saturated"],
-        "reserved": trials[1:],
+        "heavy_10x": {"others": flood_others, "heavy": _ttft(flood, [heavy])},
+        "others_ttft_p99_ratio": flood_others["p99_ms"] / even_others["p99_ms"],
+        "saturated": saturated,
         # open-loop queries that ended before their new_tokens (the load would not be the one stated)
         "queries_cut_short": sum(
-            sample.tokens < plan.new_tokens
-            for run in (even, *(flood for _, flood, _ in runs))
-            for sample in run.ended
+            sample.tokens < plan.new_tokens for run in (even, flood) for sample in run.ended
         ),
     }
     print(
         f"(f) {plan.tenants} tenants, {rate:.2f} q/s each: others' TTFT p99 {even_others['p99_ms']:.0f} ms; "
-        + "; ".join(
-            f"one at {HEAVY_RATE}x, {t['reserved_rows']} rows reserved: "
-            f"{t['heavy_10x']['others']['p99_ms']:.0f} ms ({t['others_ttft_p99_ratio']:.2f}x), "
-            f"saturated heavy's service {t['saturated']['heavy_vs_others']:.2f}x the others' mean"
-            for t in trials
-        ),
+        f"one at {HEAVY_RATE}x: {flood_others['p99_ms']:.0f} ms ({result['others_ttft_p99_ratio']:.2f}x); "
+        f"saturated heavy's service {saturated['heavy_vs_others']:.2f}x the others' mean",
         flush=True,
     )
     return result
@@ -466,16 +437,6 @@ def evaluate_goals(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "met": ratio <= GOAL_OTHERS_TTFT_P99_RATIO,
             }
         )
-        for trial in fairness["reserved"]:
-            reserved = trial["others_ttft_p99_ratio"]
-            goals.append(
-                {
-                    "goal": f"the same with {trial['reserved_rows']} rows reserved for tenants behind "
-                    "(engine.fair_reserved_rows) <= 1.5x (issue 19)",
-                    "value": f"{reserved:.2f}x",
-                    "met": reserved <= GOAL_OTHERS_TTFT_P99_RATIO,
-                }
-            )
         share = fairness["saturated"]["heavy_vs_others"]
         goals.append(
             {
@@ -530,10 +491,6 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
             ("every tenant at the same rate", fairness["even"]),
             (f"one at {HEAVY_RATE}x", fairness["heavy_10x"]),
         ]
-        runs += [
-            (f"one at {HEAVY_RATE}x, {t['reserved_rows']} rows reserved", t["heavy_10x"])
-            for t in fairness["reserved"]
-        ]
         for label, run in runs:
             o, h = run["others"], run["heavy"]
             lines.append(
@@ -558,19 +515,10 @@ def render_markdown(result: dict[str, Any]) -> list[str]:
         saturated = fairness["saturated"]
         lines += [
             "",
-            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x with counters alone"
-            + "".join(
-                f", {t['others_ttft_p99_ratio']:.2f}x with {t['reserved_rows']} rows reserved"
-                for t in fairness["reserved"]
-            )
-            + f". Saturated (closed loop, clients per tenant {sorted(set(saturated['clients'].values()))}): the "
-            "heavy tenant's weighted service over the others' mean (weighted tokens in all) "
-            + ", ".join(
-                f"{t['saturated']['heavy_vs_others']:.2f}x ({sum(t['saturated']['served'].values()):,.0f}) "
-                f"with {t['reserved_rows']} rows reserved"
-                for t in [{"reserved_rows": 0, "saturated": saturated}, *fairness["reserved"]]
-            )
-            + ".",
+            f"Others' TTFT p99 ratio: {fairness['others_ttft_p99_ratio']:.2f}x. Saturated (closed loop, clients "
+            f"per tenant {sorted(set(saturated['clients'].values()))}): the heavy tenant's weighted service over "
+            f"the others' mean {saturated['heavy_vs_others']:.2f}x (weighted tokens in all "
+            f"{sum(saturated['served'].values()):,.0f}).",
             "",
         ]
     return lines
@@ -596,11 +544,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--sections", default="prefill_burst,fairness")
     parser.add_argument("--seconds", type=float, default=None, help="length of each fairness run")
     parser.add_argument(
-        "--reserved-rows",
-        default="4",
-        help="comma-separated engine.fair_reserved_rows values the fairness section also runs with ('' none)",
-    )
-    parser.add_argument(
         "--name", default=None, help="output file stem (default scheduling-h200 / scheduling-tiny)"
     )
     args = parser.parse_args(argv)
@@ -610,7 +553,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     sections = set(args.sections.split(","))
-    reserved_rows = tuple(int(n) for n in args.reserved_rows.split(",") if n)
     started = time.time()
     result: dict[str, Any] = run_info("lloco.bench.scheduling", argv, device) | {
         "dtype": "bf16" if dtype == torch.bfloat16 else "fp32",
@@ -633,7 +575,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with tempfile.TemporaryDirectory(prefix="lloco-bench-scheduling-") as root:
             try:
                 with object_store(args.s3_endpoint, Path(root)) as store:
-                    section("fairness", lambda: bench_fairness(model, store, plan, reserved_rows))
+                    section("fairness", lambda: bench_fairness(model, store, plan))
             except Exception as error:  # noqa: BLE001 - no store: the section is reported as an error
                 result["errors"].append(f"store: {type(error).__name__}: {error}")
     result["goals"] = evaluate_goals(result)

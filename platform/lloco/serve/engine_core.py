@@ -271,7 +271,6 @@ class EngineCore:
             max_batch=engine.max_batch_size,
             max_waiting=settings.serve.max_ongoing_requests,
             queue=FairQueue(engine.input_token_cost, engine.output_token_cost, engine.tenant_weights),
-            reserved_rows=engine.fair_reserved_rows,
             preemption=engine.fair_preemption,
             on_slot_load=lambda key: self._observer.adapter_loaded(key.tenant, "gpu"),
             on_iteration=self._scheduled,

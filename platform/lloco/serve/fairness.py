@@ -11,9 +11,8 @@ earns no credit it could later spend holding the engine while the others wait. W
 backlogged their counters stay close: one sending ten times the others' rate gets about the same weighted
 service as each of them (its weight's share), and whatever capacity they leave.
 
-Counters order admission; a scheduler that keeps its last free rows for tenants behind
-(``may_take_reserved``) or takes rows back (``preempt``) compares tenants' rows with their ``row_share``: the
-rows split by weight among the tenants waiting or running.
+Counters order admission only; a scheduler that takes rows back (``preempt``) compares tenants' rows with
+their ``row_share``: the rows split by weight among the tenants waiting or running.
 
 Before a query reaches the queue it is prepared (store reads on cache misses, tokenization, evidence) in
 worker threads every tenant shares; ``TenantLimiter`` keeps one tenant's burst from taking all of them, so
@@ -165,34 +164,11 @@ class FairQueue(Generic[T]):
         }
         return self.next_tenant(at_share)
 
-    def may_take_reserved(self, tenant: str, rows: int, input_tokens: int, output_tokens: int) -> bool:
-        """Whether a backlogged tenant may take one of the rows kept for tenants behind: behind on rows
-        (it runs fewer requests than its ``row_share``, or its excess over its share is at least one row
-        below the largest other tenant's: a light tenant whose arrivals bunch up is not the one holding the
-        rows) and on service (its counter is at most the cost of its next request, ``input_tokens`` and up to
-        ``output_tokens``, above the lowest backlogged counter). Rows alone would let a tenant of short
-        requests, never holding many rows, take them at any counter and pull ahead without bound; the cost
-        keeps its lead within one request, as in counter order."""
-        state = self._tenants[tenant]
-        sharing, per_weight = self._rows_per_weight(tenant, rows)
-        excess = {t: self._tenants[t].service.running - per_weight * self._weight(t) for t in sharing}
-        mine = excess.pop(tenant)
-        if mine >= 0 and not (excess and mine + 1 < max(excess.values())):
-            return False
-        lowest = min(self._tenants[t].service.virtual_tokens for t in self._backlogged)
-        cost = (input_tokens * self._input_cost + output_tokens * self._output_cost) / self._weight(tenant)
-        return state.service.virtual_tokens <= lowest + cost
-
     def row_share(self, tenant: str, rows: int) -> float:
         """The tenant's share of ``rows``: split by weight among the tenants waiting or running, itself
         included."""
-        return self._rows_per_weight(tenant, rows)[1] * self._weight(tenant)
-
-    def _rows_per_weight(self, tenant: str, rows: int) -> tuple[set[str], float]:
-        """The tenants sharing ``rows`` (those waiting or running, and ``tenant``) and the rows per unit of
-        weight among them."""
         sharing = self._backlogged | self._serving | {tenant}
-        return sharing, rows / sum(self._weight(t) for t in sharing)
+        return rows * self._weight(tenant) / sum(self._weight(t) for t in sharing)
 
     def generated(self, tenant: str, tokens: int = 1) -> None:
         """Charge a running tenant for tokens generated for it."""

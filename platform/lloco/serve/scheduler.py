@@ -12,23 +12,18 @@ Waiting requests are queued per tenant and admitted in the order of the tenants'
 (`lloco.serve.fairness`): when rows are scarce, a tenant flooding the engine gets its share, not the
 batch. Counters are charged for a request's input when it is admitted and for each token it generates.
 
-Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps them
-until its requests finish, often together, and a query of another tenant arriving then waits for them. With
-`reserved_rows` N, the last N free rows are kept for tenants behind: one below its share of the rows (the rows
-split by weight among the tenants waiting or running), or at least a row less above it than the tenant
-furthest above, whose counter is within its next request's cost of the lowest (`FairQueue.may_take_reserved`);
-a light tenant's query then starts at once instead of after a busy tenant's. Rows may stay idle while no
-waiting tenant qualifies (at most N); a tenant alone holds every row (its share), and tenants sharing the
-engine evenly fill it. With `preemption` on, a tenant with a request waiting and fewer rows than its share
-takes one back when no row is free, from the tenant furthest above its share if that one holds more than its
-share + 1 (the + 1 keeps rows from moving back and forth among backlogged tenants whose shares do not divide
-the rows): at most one row an iteration, the victim's row that holds the fewest positions (the least work to
-redo). The victim goes back to the front of its tenant's queue with the `Resume` the generator gives (the
-tokens it emitted and its seed) and, admitted again, prefills its context, prompt and those tokens and goes
-on: its stream only pauses (no token repeated or lost; stops and max_new_tokens count across the cut; TTFT and
-its first admission time are kept). Its adapter slot is unpinned when it leaves the row and acquired again
-like any request's. Nobody's counter pays for the recompute: the victim was charged for its input and its
-tokens once, and the scheduler, not the victim, chose to redo them.
+Counters only decide who gets a free row; a tenant that took every row while the others were idle keeps
+them until its requests finish, often together. With `preemption` on, a tenant with a request waiting and
+fewer rows than its share (the rows split by weight among the tenants waiting or running) takes one back
+when no row is free, from the tenant furthest above its share if that one holds more than its share + 1
+(the + 1 keeps rows from moving back and forth among backlogged tenants whose shares do not divide the
+rows): at most one row an iteration, the victim's row that holds the fewest positions (the least work to
+redo). The victim goes back to the front of its tenant's queue with the `Resume` the generator gives
+(the tokens it emitted and its seed) and, admitted again, prefills its context, prompt and those tokens
+and goes on: its stream only pauses (no token repeated or lost; stops and max_new_tokens count across the
+cut; TTFT and its first admission time are kept). Its adapter slot is unpinned when it leaves the row and
+acquired again like any request's. Nobody's counter pays for the recompute: the victim was charged for its
+input and its tokens once, and the scheduler, not the victim, chose to redo them.
 """
 
 from __future__ import annotations
@@ -146,11 +141,7 @@ class Scheduler:
         max_batch: rows (requests running at once).
         max_waiting: requests queued at most, all tenants; more are refused (ResourceExhausted).
         queue: the per-tenant queues and their counters (costs and weights from settings).
-        reserved_rows: free rows kept for tenants behind on rows and service (the module's docstring); an
-            attribute of the same name changes it while running (the scheduling benchmark compares settings
-            on one engine).
-        preemption: take rows back for tenants below their share (the module's docstring); an attribute
-            of the same name turns it on and off while running.
+        preemption: take rows back for tenants below their share (the module's docstring).
         on_slot_load: an adapter was copied into a slot.
         on_iteration: (requests waiting, requests running) after each iteration.
         on_tenants: the service of the tenants whose queue or service changed, at most every
@@ -165,7 +156,6 @@ class Scheduler:
         max_batch: int,
         max_waiting: int,
         queue: FairQueue[ScheduledRequest],
-        reserved_rows: int = 0,
         preemption: bool = False,
         on_slot_load: Callable[[AdapterKey], None] = lambda key: None,
         on_iteration: Callable[[int, int], None] = lambda waiting, active: None,
@@ -180,7 +170,6 @@ class Scheduler:
         self._on_iteration = on_iteration
         self._on_tenants = on_tenants
         self._queue = queue
-        self.reserved_rows = reserved_rows
         self.preemption = preemption
         self._waiting: dict[str, ScheduledRequest] = {}  # by request id, for cancellation
         self._reported_at = 0.0
@@ -364,8 +353,7 @@ class Scheduler:
 
     def _admit(self) -> list[ScheduledRequest]:
         """Waiting requests for the free rows: each the oldest of the backlogged tenant with the lowest
-        counter (FIFO within a tenant) that can get a slot, and for the last ``reserved_rows`` free ones of a
-        tenant behind (``FairQueue.may_take_reserved``); the rest keep their place.
+        counter (FIFO within a tenant) that can get a slot; the rest keep their place.
 
         Once a request waits for a slot, adapter requests of the other tenants wait too (base-model ones
         still join): otherwise a steady flow on resident adapters could keep every slot pinned forever.
@@ -379,11 +367,6 @@ class Scheduler:
             if tenant is None:
                 break
             request = self._queue.head(tenant)
-            if free_rows <= self.reserved_rows and not self._queue.may_take_reserved(
-                tenant, self._max_batch, request.input_tokens, request.params.max_new_tokens
-            ):
-                skipped.add(tenant)
-                continue
             if request.adapter is not None:
                 if not slot_blocked:
                     request.grant = self.slots.acquire(request.adapter)
