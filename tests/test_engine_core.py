@@ -752,6 +752,57 @@ def test_chunked_prefill_answers_what_whole_prefill_does(
     run(scenario)
 
 
+def test_a_context_queried_again_with_the_same_adapter_version_is_not_prefilled_again(
+    store: object, base: LoadedModel, compressor: Compressor, tenants: dict[str, Registry]
+) -> None:
+    """The prefix cache is keyed by tenant, document text, compressor and adapter version: the second query
+    of acme's handbook with its adapter hits and answers what the first did (the first another question
+    later, too); the base model, another tenant, a new adapter version and a changed document each miss, and
+    every answer equals the one of an engine without the cache."""
+    registry = tenants["acme"]
+    asks = [
+        request("acme", ("handbook",), "support"),
+        request("acme", ("handbook",), "support"),  # hit
+        request("acme", ("handbook",), "support", question="Where is the old house?"),  # hit
+        request("acme", ("handbook",), None),  # miss: no adapter
+        request("globex", ("report",), "sales"),  # miss: another tenant's context
+    ]
+
+    def config(prefix_cache_bytes: int) -> Settings:
+        plain = settings()
+        return plain.model_copy(
+            update={"engine": plain.engine.model_copy(update={"prefix_cache_bytes": prefix_cache_bytes})}
+        )
+
+    async def scenario() -> None:
+        async with (
+            engine(store, base, compressor, config(2**20)) as core,
+            engine(store, base, compressor, config(0)) as plain,
+        ):
+            await core.compress("acme", ["handbook"])
+            await core.compress("globex", ["report"])
+
+            async def both(req: EngineRequest) -> list[int]:
+                ids = (await collect(core, req))[0]
+                assert ids == (await collect(plain, req))[0], req
+                return ids
+
+            answers = [await both(req) for req in asks]
+            registry.publish_adapter("support", random_adapter(base.config, 9), train={"seed": 9})
+            answers.append(await both(asks[0]))  # miss: the new version's keys and values differ
+            changed = HANDBOOK + " It rains."
+            tokens = len(base.tokenizer(changed, add_special_tokens=False)["input_ids"])
+            registry.ingest_document("handbook", changed.encode(), max_bytes=10_000, tokens=tokens)
+            await core.compress("acme", ["handbook"])
+            answers.append(await both(asks[0]))  # miss: another text, another context
+            metrics = core.metrics()
+            assert (metrics["prefix_cache_hits"], metrics["prefix_cache_misses"]) == (2, 5)
+            assert 0 < metrics["prefix_cache_bytes"] <= 2**20 and plain.metrics()["prefix_cache_bytes"] == 0
+            assert answers[1] == answers[0] and answers[5] != answers[0]
+
+    run(scenario)
+
+
 def s3_requests(s3: object, bucket: str) -> int:
     """Requests for ``bucket`` the server has answered so far (its own Prometheus counter), whoever sent them."""
     import urllib.request

@@ -333,6 +333,45 @@ def test_chunked_prefill_generates_what_unchunked_prefill_does(base, slots, chun
     assert together == alone
 
 
+def test_a_cached_prefix_is_not_prefilled_again_and_generates_what_its_prefill_does(base, slots) -> None:
+    """Three rows share one prefix: the first prefills it and keeps its keys and values, the second (same
+    adapter, another question) takes them from the cache and prefills its prompt alone, the third (another
+    adapter: another key) prefills it again. With a budget of one prompt's positions a step the hit gets its
+    first token in its first step, a miss does not; each row generates what it does alone, uncached."""
+    from lloco.serve.caches import LruCache, tensor_bytes
+
+    prefix = long_request(base, 30, "unused", 1, SamplingParams()).prefix_embeds
+    questions = [("Which river is long?", 1), ("Where is the old house?", 1), ("Which river is long?", 0)]
+    reqs = [
+        GenerationRequest(chat_prompt(base.tokenizer, q), prefix, slot, SamplingParams(10))
+        for q, slot in questions
+    ]
+    alone = [run_tokens(Generator(base.model, slots, 1, 96, eos_token_ids=()), [("r", r)])["r"] for r in reqs]
+    budget = max(len(r.prompt_ids) for r in reqs)
+    cache: LruCache = LruCache(2**20, tensor_bytes)
+    gen = Generator(
+        base.model, slots, 2, 96, eos_token_ids=(), prefill_chunk_tokens=budget, prefix_cache=cache
+    )
+    steps_to_first = []
+    for i, r in enumerate(reqs):
+        gen.add(f"r{i}", r.prefix_embeds, r.prompt_ids, r.slot, r.params, prefix_key=("doc", r.slot))
+        tokens: list[int] = []
+        steps, first = 0, None
+        while gen.active():
+            steps += 1
+            tokens += [out.token_id for out in gen.step()]
+            first = first or (steps if tokens else None)
+        steps_to_first.append(first)
+        assert tokens == alone[i], i
+    assert steps_to_first == [
+        -(-(30 + len(r.prompt_ids)) // budget) if i != 1 else 1 for i, r in enumerate(reqs)
+    ]
+    assert min(steps_to_first[0], steps_to_first[2]) > 1
+    assert (cache.hits, cache.misses, len(cache)) == (1, 2, 2)
+    config = base.config
+    assert cache.used == 2 * config.n_layers * 2 * config.n_kv_heads * 30 * config.head_dim * 4
+
+
 def test_a_row_prefilled_in_chunks_below_decoding_rows_keeps_its_keys(base, slots) -> None:
     """Decode steps cover every cache row below the highest decoding one; a row part-way through its
     prefill there (a freed row taken by a long input) must not have its cached keys overwritten."""

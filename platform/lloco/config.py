@@ -131,6 +131,14 @@ class EngineSettings(_Section):
         2 * 2**30, ge=0, description="Accelerator tier of the context cache."
     )
     context_cache_cpu_bytes: int = Field(8 * 2**30, ge=0, description="Host tier of the context cache.")
+    prefix_cache_bytes: int = Field(
+        2 * 2**30,
+        ge=0,
+        description="Accelerator memory for the keys and values of compressed contexts already prefilled, by "
+        "document(s) and adapter version: a context queried again with the same adapter skips its prefill and "
+        "only the prompt is prefilled (contexts of embedding compressors; key/value summaries need no prefill). "
+        "0 turns it off.",
+    )
     compile: bool = Field(
         True,
         description="On CUDA, compile the decode step's layer function with torch.compile: faster decode "

@@ -191,6 +191,7 @@ engine:
   max_seq_len: {{ int64 $v.engine.maxSeqLen }}
   context_cache_gpu_bytes: {{ int64 $v.engine.contextCacheGpuBytes }}
   context_cache_cpu_bytes: {{ int64 $v.engine.contextCacheCpuBytes }}
+  prefix_cache_bytes: {{ int64 $v.engine.prefixCacheBytes }}
   compile: {{ $v.engine.compile }}
   capture_decode_modes: {{ $v.engine.captureDecodeModes | toJson }}
   prefill_chunk_tokens: {{ if $v.engine.prefillChunkTokens }}{{ int64 $v.engine.prefillChunkTokens }}{{ else }}null{{ end }}

@@ -170,6 +170,9 @@ def stack_settings(
         engine=EngineSettings(
             max_batch_size=plan.max_batch,
             max_seq_len=math.ceil((vectors + 256 + longest_new_tokens(plan)) / 128) * 128,
+            # every query prefills its context, as the full-document baseline does and as the goals were set;
+            # `--set engine.prefix_cache_bytes=N` measures the prefix cache (the single query then hits too)
+            prefix_cache_bytes=0,
         ),
         serve=ServeSettings(
             grpc_port=free_port(),

@@ -26,6 +26,12 @@ A compressed context comes as prefix embeddings (read through every layer like p
 key/value-summary compressor (``lloco.model.kv_summary``), as every layer's keys and values
 (``prefix_kv``): those are written straight into the row's cache (keys rotated to positions 0..P-1) when
 the row's prefill begins, and only the prompt is prefilled, after them.
+
+Prefix embeddings of a context queried again need not be prefilled again: their keys and values depend only
+on the embeddings and the row's adapter, not on the prompt after them. With a ``prefix_cache`` and a
+``prefix_key`` naming both, a row leaves its prefix's keys and values there once prefilled, and a later row
+of the same key has them written into its cache row (as key/value summaries are) and prefills its prompt
+alone. A tenant's repeated queries over one document then cost a prompt's prefill, not the context's.
 """
 
 from __future__ import annotations
@@ -36,9 +42,9 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -94,6 +100,15 @@ class GenerationRequest:
     prefix_kv: Tensor | None = None
 
 
+class PrefixCache(Protocol):
+    """Where a ``Generator`` keeps prefill results of prefix embeddings: ``[layers, 2, kv_heads, P,
+    head_dim]`` keys (rotated to positions 0..P-1) and values, by the caller's key. The caller bounds it."""
+
+    def get(self, key: Hashable) -> Tensor | None: ...
+
+    def put(self, key: Hashable, value: Tensor) -> object: ...
+
+
 @dataclass(frozen=True)
 class Resume:
     """Where a preempted request stopped (``Generator.preempt``), to go on from with ``Generator.add``: the
@@ -125,6 +140,8 @@ class _Row:
     input_len: int  # prefix + prompt
     prefix_len: int  # positions before the prompt (embeddings or key/value summaries)
     kv: Tensor | None = None  # key/value summaries [P, kv_width] until written into the cache
+    cached: Tensor | None = None  # its prefix's keys and values from the prefix cache, until written
+    keep_as: Hashable | None = None  # the prefix cache's key for its prefix, until its prefill kept them
     position: int = 0  # where the next fed token sits (= tokens in the cache)
     # emitted tokens; a resumed row starts with those it had emitted before, also at the end of its prompt
     generated: list[int] = field(default_factory=list)
@@ -213,6 +230,8 @@ class Generator:
             were added; a longer input is prefilled in chunks over several steps, each beside the step's
             decode of the other rows (chunked prefill). None: every queued row is prefilled whole in the
             step after it was added.
+        prefix_cache: prefix embeddings' keys and values by ``add``'s ``prefix_key`` (the module's
+            docstring), or None: every prefix is prefilled.
     """
 
     def __init__(
@@ -232,6 +251,7 @@ class Generator:
         max_prefill_tokens: int = 16384,
         kv_bucket: int = 128,
         prefill_chunk_tokens: int | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.device = resolve_device(device if device is not None else model.device)
         self.dtype = dtype or model.dtype
@@ -253,6 +273,7 @@ class Generator:
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.max_prefill_tokens, self.kv_bucket = max_prefill_tokens, kv_bucket
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.prefix_cache = prefix_cache
         eos = set(model.config.eos_token_ids) if eos_token_ids is None else set(eos_token_ids)
         if eos_token_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
             eos.add(tokenizer.eos_token_id)
@@ -307,6 +328,7 @@ class Generator:
         params: SamplingParams | None = None,
         prefix_kv: Tensor | None = None,
         resume: Resume | None = None,
+        prefix_key: Hashable | None = None,
     ) -> None:
         """Queue a request; it is prefilled at the next ``step``.
 
@@ -322,6 +344,9 @@ class Generator:
                 it had emitted are prefilled after the prompt and count as generated, so stop strings and
                 ``max_new_tokens`` apply across the cut and it emits what it would have without it (its
                 seed kept; greedy rows token for token, up to the numerics of prefill against decode).
+            prefix_key: names ``prefix_embeds`` and the adapter in ``slot`` for the prefix cache (they must
+                be the same whenever the key is): a hit skips the prefix's prefill, a miss keeps its keys
+                and values. Ignored without a prefix cache, prefix embeddings or prompt tokens.
         Raises:
             AlreadyExists: the id is running. ResourceExhausted: no free row.
             InvalidArgument: empty input, too long for max_seq_len, bad slot, token ids or prefix shape.
@@ -379,6 +404,12 @@ class Generator:
             raise InvalidArgument("stop strings need a generator with a tokenizer")
         if not self._free:
             raise ResourceExhausted(f"all {self.max_batch} rows are busy")
+        if prefix_key is not None and prefix_embeds is not None and prompt and self.prefix_cache is not None:
+            row.cached = self.prefix_cache.get(prefix_key)
+            if row.cached is None:
+                row.keep_as = prefix_key
+            else:
+                row.prefix = None  # its keys and values come from the cache
         row.index = heapq.heappop(self._free)
         if resume is not None:
             row.seed = resume.seed
@@ -435,7 +466,7 @@ class Generator:
         per step.
         """
         outputs: list[StepOutput] = []
-        self._place_key_value_prefixes()
+        self._place_prefixes()
         previous, self._launched = self._launched, None
         if previous is not None and self._can_chain(previous):
             self._launched = self._launch(previous.rows, chained=True)
@@ -450,20 +481,38 @@ class Generator:
                 outputs += self._prefill(self._take_forward(chunks))
         return outputs
 
-    def _place_key_value_prefixes(self) -> None:
-        """Write queued rows' key/value summaries into their cache rows; their prefill starts after them.
+    def _place_prefixes(self) -> None:
+        """Write queued rows' key/value summaries, or their prefixes' cached keys and values, into their
+        cache rows; their prefill starts after them.
 
         Runs before this step's decode launch, so that launch's inputs put such a row's padding key at its
-        first prompt position (overwritten by its prefill), not inside the summaries; launches already on
-        the device ran earlier on the stream.
+        first prompt position (overwritten by its prefill), not inside the prefix; launches already on the
+        device ran earlier on the stream.
         """
         for row in self._pending:
-            if row.kv is None:
+            if row.kv is not None:
+                for layer, (keys, values) in enumerate(rotated_prefix(self.model, row.kv)):
+                    self.cache.k[layer][row.index, :, : row.prefix_len] = keys
+                    self.cache.v[layer][row.index, :, : row.prefix_len] = values
+            elif row.cached is not None:
+                for layer, (keys, values) in enumerate(row.cached):
+                    self.cache.k[layer][row.index, :, : row.prefix_len] = keys
+                    self.cache.v[layer][row.index, :, : row.prefix_len] = values
+            else:
                 continue
-            for layer, (keys, values) in enumerate(rotated_prefix(self.model, row.kv)):
-                self.cache.k[layer][row.index, :, : row.prefix_len] = keys
-                self.cache.v[layer][row.index, :, : row.prefix_len] = values
-            row.position, row.kv = row.prefix_len, None
+            row.position, row.kv, row.cached = row.prefix_len, None, None
+
+    def _keep_prefix(self, row: _Row) -> None:
+        """Put the keys and values of the row's prefix, just prefilled, into the prefix cache."""
+        end = row.prefix_len
+        kept = torch.stack(
+            [
+                torch.stack((k[row.index, :, :end], v[row.index, :, :end]))
+                for k, v in zip(self.cache.k, self.cache.v, strict=True)
+            ]
+        )
+        self.prefix_cache.put(row.keep_as, kept)
+        row.keep_as = None
 
     def _can_chain(self, launch: _Launch) -> bool:
         """No request queued, the launch's rows are exactly the running decoding rows, and none of them
@@ -532,6 +581,8 @@ class Generator:
         complete = []
         for i, chunk in enumerate(chunks):
             chunk.row.position += chunk.length
+            if chunk.row.keep_as is not None and chunk.row.position >= chunk.row.prefix_len:
+                self._keep_prefix(chunk.row)
             if chunk.row.position == chunk.row.input_len:
                 complete.append(i)
         if not complete:

@@ -169,6 +169,10 @@ class ContextKey:
     source_sha: str
 
 
+def context_key(registry: TenantObjects, doc: DocumentInfo, compressor_id: str) -> ContextKey:
+    return ContextKey(registry.tenant, registry.uid, doc.doc_id, compressor_id, doc.sha256)
+
+
 class ContextCache:
     """Compressed contexts: a GPU tier holding them ready for the decoder (device, model dtype) and a
     CPU tier holding them as stored; both LRU and bounded in bytes; misses read S3.
@@ -190,7 +194,7 @@ class ContextCache:
         Raises:
             FailedPrecondition: the document has no context for this compressor, or only a stale one.
         """
-        key = ContextKey(registry.tenant, registry.uid, doc.doc_id, compressor_id, doc.sha256)
+        key = context_key(registry, doc, compressor_id)
         ready = self.gpu.get(key)
         if ready is not None:
             return ready, "gpu"

@@ -22,7 +22,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,7 +44,16 @@ from lloco.model import (
 )
 from lloco.registry import AdapterVersion, ContextInfo, DocumentInfo, Registry, Segment, segment_rows
 from lloco.registry.evidence import Evidence, context_ratio, evidence_budget
-from lloco.serve.caches import AdapterCache, AdapterKey, ContextCache, ContextTier, LruCache, SlotManager
+from lloco.serve.caches import (
+    AdapterCache,
+    AdapterKey,
+    ContextCache,
+    ContextTier,
+    LruCache,
+    SlotManager,
+    context_key,
+    tensor_bytes,
+)
 from lloco.serve.fairness import FairQueue, TenantLimiter, TenantService
 from lloco.serve.scheduler import ScheduledRequest, Scheduler
 from lloco.serve.text_stream import TextStream
@@ -211,6 +220,7 @@ class _Prepared:
     document_tokens: int
     adapter: AdapterKey | None
     adapter_weights: LoraAdapter | None
+    prefix_key: Hashable | None  # the contexts (and segments) with the adapter: the generator's prefix cache
 
 
 class EngineCore:
@@ -241,6 +251,9 @@ class EngineCore:
             self.device,
             self.dtype,
         )
+        # keys and values of prefix embeddings prefilled before, by contexts and adapter (none for key/value
+        # summaries: those go into the cache without a prefill)
+        self.prefixes: LruCache[Hashable, torch.Tensor] = LruCache(engine.prefix_cache_bytes, tensor_bytes)
         self.generator = Generator(
             model.model,
             self.lora,
@@ -251,6 +264,7 @@ class EngineCore:
             model.tokenizer,
             compile=engine.compile and self.device.type == "cuda",
             prefill_chunk_tokens=engine.prefill_chunk_tokens,
+            prefix_cache=self.prefixes,
         )
         self.contexts = ContextCache(
             engine.context_cache_gpu_bytes, engine.context_cache_cpu_bytes, self.device, self.dtype
@@ -334,6 +348,7 @@ class EngineCore:
             params=dataclasses.replace(req.params, stop=()),
             adapter=prepared.adapter,
             adapter_weights=prepared.adapter_weights,
+            prefix_key=prepared.prefix_key,
         )
         self.scheduler.submit(scheduled)
         text = TextStream(self._model.tokenizer, req.params.stop)
@@ -497,6 +512,10 @@ class EngineCore:
             "context_cache_cpu_bytes": self.contexts.cpu.used,
             "context_cache_gpu_evictions": self.contexts.gpu.evictions,
             "context_cache_cpu_evictions": self.contexts.cpu.evictions,
+            "prefix_cache_hits": self.prefixes.hits,
+            "prefix_cache_misses": self.prefixes.misses,
+            "prefix_cache_bytes": self.prefixes.used,
+            "prefix_cache_evictions": self.prefixes.evictions,
             "adapter_cpu_hits": self.adapters.tier.hits,
             "adapter_s3_loads": self.adapters.s3_loads,
             "adapter_s3_read_seconds": self.adapters.read_s,
@@ -568,7 +587,9 @@ class EngineCore:
                 self._reader
             )  # no adapter of its own: the compressor's reader reads the context
         contexts = []
+        context_keys = []
         for doc in resolved.documents:
+            context_keys.append(context_key(objects, doc, self.compressor_id))
             vectors, tier = self.contexts.get(objects, doc, self.compressor_id)
             self._observer.context_lookup(req.tenant, tier)
             contexts.append(vectors)
@@ -602,7 +623,11 @@ class EngineCore:
                 f"+ max_new_tokens {req.params.max_new_tokens}) but the engine holds {limit}; "
                 "attach fewer documents, shorten the question or ask for fewer new tokens"
             )
-        return _Prepared(prefix, prompt_ids, len(evidence), document_tokens, adapter, weights)
+        segments = (
+            None if req.segments is None else tuple(tuple(s.index for s in doc) for doc in req.segments)
+        )
+        prefix_key = (tuple(context_keys), segments, adapter) if context_keys else None
+        return _Prepared(prefix, prompt_ids, len(evidence), document_tokens, adapter, weights, prefix_key)
 
     def _registry_reader(self, tenant: str, uid: str) -> Callable[[], Registry]:
         """The tenant's registry, opened on first use (a cache miss) and only if the tenant is still the

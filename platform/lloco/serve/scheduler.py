@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -72,6 +72,8 @@ class ScheduledRequest:
     adapter: AdapterKey | None = None
     adapter_weights: LoraAdapter | None = None
     prefix_kv: torch.Tensor | None = None
+    # names the prefix embeddings and the adapter for the generator's prefix cache (None: not cached)
+    prefix_key: Hashable | None = None
     events: asyncio.Queue[TokenEvent | BaseException] = field(default_factory=asyncio.Queue)
     grant: SlotGrant | None = None
     emitted: int = 0  # tokens delivered
@@ -473,6 +475,7 @@ class Scheduler:
                     request.params,
                     request.prefix_kv,
                     request.resume,
+                    request.prefix_key,
                 )
             except Exception as exc:
                 it.rejected.append((request, exc))
