@@ -503,16 +503,21 @@ class Generator:
             row.position, row.kv, row.cached = row.prefix_len, None, None
 
     def _keep_prefix(self, row: _Row) -> None:
-        """Put the keys and values of the row's prefix, just prefilled, into the prefix cache."""
+        """Put the keys and values of the row's prefix, just prefilled, into the prefix cache; when the device
+        has no room for the copy beside the KV cache the prefix is not kept (the cache saves work, it is
+        never needed)."""
         end = row.prefix_len
-        kept = torch.stack(
-            [
-                torch.stack((k[row.index, :, :end], v[row.index, :, :end]))
-                for k, v in zip(self.cache.k, self.cache.v, strict=True)
-            ]
-        )
-        self.prefix_cache.put(row.keep_as, kept)
-        row.keep_as = None
+        key, row.keep_as = row.keep_as, None
+        try:
+            kept = torch.stack(
+                [
+                    torch.stack((k[row.index, :, :end], v[row.index, :, :end]))
+                    for k, v in zip(self.cache.k, self.cache.v, strict=True)
+                ]
+            )
+        except torch.OutOfMemoryError:
+            return
+        self.prefix_cache.put(key, kept)
 
     def _can_chain(self, launch: _Launch) -> bool:
         """No request queued, the launch's rows are exactly the running decoding rows, and none of them
