@@ -799,6 +799,10 @@ def test_a_context_queried_again_with_the_same_adapter_version_is_not_prefilled_
             assert (metrics["prefix_cache_hits"], metrics["prefix_cache_misses"]) == (2, 5)
             assert 0 < metrics["prefix_cache_bytes"] <= 2**20 and plain.metrics()["prefix_cache_bytes"] == 0
             assert answers[1] == answers[0] and answers[5] != answers[0]
+            await core.forget_tenant("acme")  # a deleted tenant's entries go at once; globex's stays
+            assert 0 < core.metrics()["prefix_cache_bytes"] < metrics["prefix_cache_bytes"]
+            await core.forget_tenant("globex")
+            assert core.metrics()["prefix_cache_bytes"] == 0
 
     run(scenario)
 

@@ -169,6 +169,21 @@ class ContextKey:
     source_sha: str
 
 
+@dataclass(frozen=True)
+class PrefixKey:
+    """The keys and values a query's summary embeddings leave in the generator's prefix cache depend on its
+    contexts (which documents, which of their segments) and on the adapter that read them, so a new
+    adapter version or document text is another key (nothing to invalidate)."""
+
+    contexts: tuple[ContextKey, ...]  # one tenant's
+    segments: tuple[tuple[int, ...], ...] | None  # per context, the segments taken (None: whole contexts)
+    adapter: AdapterKey | None
+
+    @property
+    def tenant(self) -> str:
+        return self.contexts[0].tenant
+
+
 def context_key(registry: TenantObjects, doc: DocumentInfo, compressor_id: str) -> ContextKey:
     return ContextKey(registry.tenant, registry.uid, doc.doc_id, compressor_id, doc.sha256)
 

@@ -22,7 +22,7 @@ import hashlib
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Hashable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from lloco.serve.caches import (
     ContextCache,
     ContextTier,
     LruCache,
+    PrefixKey,
     SlotManager,
     context_key,
     tensor_bytes,
@@ -220,7 +221,7 @@ class _Prepared:
     document_tokens: int
     adapter: AdapterKey | None
     adapter_weights: LoraAdapter | None
-    prefix_key: Hashable | None  # the contexts (and segments) with the adapter: the generator's prefix cache
+    prefix_key: PrefixKey | None  # the generator's prefix cache
 
 
 class EngineCore:
@@ -253,7 +254,7 @@ class EngineCore:
         )
         # keys and values of prefix embeddings prefilled before, by contexts and adapter (none for key/value
         # summaries: those go into the cache without a prefill)
-        self.prefixes: LruCache[Hashable, torch.Tensor] = LruCache(engine.prefix_cache_bytes, tensor_bytes)
+        self.prefixes: LruCache[PrefixKey, torch.Tensor] = LruCache(engine.prefix_cache_bytes, tensor_bytes)
         self.generator = Generator(
             model.model,
             self.lora,
@@ -474,8 +475,8 @@ class EngineCore:
         return key.version
 
     async def forget_tenant(self, tenant: str) -> int:
-        """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, adapters
-        and token counts, the adapter slots no running row uses (zeroed), and its fairness counter unless
+        """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, their
+        prefilled keys and values, adapters and token counts, the adapter slots no running row uses (zeroed), and its fairness counter unless
         requests of it are still in flight. Returns the entries dropped.
 
         Entries are keyed by the tenant's creation uid too, so a re-created tenant of the same name never
@@ -483,6 +484,7 @@ class EngineCore:
         """
         mine = lambda key: key.tenant == tenant  # noqa: E731 - one predicate for every cache
         dropped = self.contexts.gpu.drop(mine) + self.contexts.cpu.drop(mine) + self.adapters.tier.drop(mine)
+        dropped += self.prefixes.drop(mine)
         dropped += self._document_tokens.drop(lambda key: key[0] == tenant)
         dropped += self.scheduler.forget(tenant)
         for slot in self.scheduler.slots.forget_where(mine):
@@ -626,7 +628,7 @@ class EngineCore:
         segments = (
             None if req.segments is None else tuple(tuple(s.index for s in doc) for doc in req.segments)
         )
-        prefix_key = (tuple(context_keys), segments, adapter) if context_keys else None
+        prefix_key = PrefixKey(tuple(context_keys), segments, adapter) if context_keys else None
         return _Prepared(prefix, prompt_ids, len(evidence), document_tokens, adapter, weights, prefix_key)
 
     def _registry_reader(self, tenant: str, uid: str) -> Callable[[], Registry]:
