@@ -491,15 +491,14 @@ class Generator:
         """
         for row in self._pending:
             if row.kv is not None:
-                for layer, (keys, values) in enumerate(rotated_prefix(self.model, row.kv)):
-                    self.cache.k[layer][row.index, :, : row.prefix_len] = keys
-                    self.cache.v[layer][row.index, :, : row.prefix_len] = values
+                layers = rotated_prefix(self.model, row.kv)
             elif row.cached is not None:
-                for layer, (keys, values) in enumerate(row.cached):
-                    self.cache.k[layer][row.index, :, : row.prefix_len] = keys
-                    self.cache.v[layer][row.index, :, : row.prefix_len] = values
+                layers = row.cached
             else:
                 continue
+            for layer, (keys, values) in enumerate(layers):
+                self.cache.k[layer][row.index, :, : row.prefix_len] = keys
+                self.cache.v[layer][row.index, :, : row.prefix_len] = values
             row.position, row.kv, row.cached = row.prefix_len, None, None
 
     def _keep_prefix(self, row: _Row) -> None:
