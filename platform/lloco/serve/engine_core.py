@@ -476,8 +476,9 @@ class EngineCore:
 
     async def forget_tenant(self, tenant: str) -> int:
         """Drop everything this engine holds of ``tenant`` (a deleted tenant): cached contexts, their
-        prefilled keys and values, adapters and token counts, the adapter slots no running row uses (zeroed), and its fairness counter unless
-        requests of it are still in flight. Returns the entries dropped.
+        prefilled keys and values, adapters and token counts, the adapter slots no running row uses
+        (zeroed), and its fairness counter unless requests of it are still in flight. Returns the entries
+        dropped.
 
         Entries are keyed by the tenant's creation uid too, so a re-created tenant of the same name never
         reads them even before this runs; this frees the memory at once.
@@ -626,7 +627,7 @@ class EngineCore:
                 "attach fewer documents, shorten the question or ask for fewer new tokens"
             )
         segments = (
-            None if req.segments is None else tuple(tuple(s.index for s in doc) for doc in req.segments)
+            None if req.segments is None else tuple(tuple(s.index for s in taken) for taken in req.segments)
         )
         prefix_key = PrefixKey(tuple(context_keys), segments, adapter) if context_keys else None
         return _Prepared(prefix, prompt_ids, len(evidence), document_tokens, adapter, weights, prefix_key)
