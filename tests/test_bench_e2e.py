@@ -73,6 +73,8 @@ def test_tiny_run_measures_grpc_beside_the_engine_alone(
         )
         assert steps["worker_ms_admitting"] > 0 and steps["worker_ms_other"] >= 0 and steps["gap_ms"] >= 0
         assert 0 < steps["worker_share"] + steps["gap_share"] <= 1
+        # bench.e2e prefills every context (its prefix cache is off): every load query missed
+        assert steps["prefix_cache_hits"] == 0 < steps["prefix_cache_misses"], path
     # the engine's own account of its TTFT, on both paths (gRPC replies carry it in their stats); per query:
     # test_engine_core
     for path in ("grpc", "engine"):

@@ -424,7 +424,8 @@ def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: f
     """The engine scheduler's iterations during the load, from its `LoopTimes` in the metrics read before and
     after: how often it stepped, how many rows an admitting iteration took in (per iteration, and per row:
     the size of the group a row was admitted with, where a few large waves show), the worker thread's time
-    per iteration (admitting or not) and the event loop's gap between iterations while work waited."""
+    per iteration (admitting or not), the event loop's gap between iterations while work waited, and the
+    prefix cache's hits and misses (contexts whose prefill was skipped or done)."""
     from lloco.serve.scheduler import LoopTimes
 
     names = [counter.name for counter in fields(LoopTimes)]
@@ -440,6 +441,10 @@ def scheduler_summary(before: dict[str, float], after: dict[str, float], wall: f
         "gap_ms": 1e3 * d["gap_s"] / max(d["iterations"], 1),
         "worker_share": d["worker_s"] / wall,
         "gap_share": d["gap_s"] / wall,
+        **{
+            f"prefix_cache_{n}": after[f"prefix_cache_{n}"] - before[f"prefix_cache_{n}"]
+            for n in ("hits", "misses")
+        },
     }
 
 
@@ -676,8 +681,9 @@ def render_markdown(result: dict[str, Any]) -> str:
                 "delivering tokens and running its other coroutines):",
                 "",
                 "| path | iterations/s | admitting | rows per admitting iteration (mean over rows) | "
-                "worker ms admitting / other | gap ms per iteration | worker / gap share of the wall |",
-                "|---|---:|---:|---:|---:|---:|---:|",
+                "worker ms admitting / other | gap ms per iteration | worker / gap share of the wall | "
+                "prefix cache hits / misses |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|",
             ]
             for label, key in (("gRPC", "grpc"), ("EngineCore alone", "engine")):
                 if r := steps.get(key):
@@ -686,7 +692,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                         f"{r['rows_per_admitting_iteration']:.2f} ({r['rows_admitted_with']:.1f}) | "
                         f"{r['worker_ms_admitting']:.1f} / "
                         f"{r['worker_ms_other']:.1f} | {r['gap_ms']:.2f} | {r['worker_share']:.0%} / "
-                        f"{r['gap_share']:.0%} |"
+                        f"{r['gap_share']:.0%} | {r['prefix_cache_hits']:.0f} / {r['prefix_cache_misses']:.0f} |"
                     )
         for label, key in (("the gRPC path's", "grpc"), ("EngineCore alone's", "engine")):
             parts = load.get(key, {}).get("ttft_parts_steady_ms")
