@@ -137,7 +137,8 @@ class EngineSettings(_Section):
         description="Accelerator memory for the keys and values of compressed contexts already prefilled, by "
         "document(s) and adapter version: a context queried again with the same adapter skips its prefill and "
         "only the prompt is prefilled (contexts of embedding compressors; key/value summaries need no prefill). "
-        "0 turns it off.",
+        "Taken as entries fill it, on top of the KV cache (max_batch_size x max_seq_len positions); an entry "
+        "that finds no free device memory is not kept. 0 turns it off.",
     )
     compile: bool = Field(
         True,
