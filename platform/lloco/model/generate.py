@@ -507,15 +507,14 @@ class Generator:
         never needed)."""
         end = row.prefix_len
         key, row.keep_as = row.keep_as, None
-        try:
-            kept = torch.stack(
-                [
-                    torch.stack((k[row.index, :, :end], v[row.index, :, :end]))
-                    for k, v in zip(self.cache.k, self.cache.v, strict=True)
-                ]
-            )
+        keys = self.cache.k[0]
+        try:  # one allocation, the entry's size (stacking per layer would hold each layer twice)
+            kept = keys.new_empty((len(self.cache.k), 2, keys.shape[1], end, keys.shape[3]))
         except torch.OutOfMemoryError:
             return
+        for layer, (k, v) in enumerate(zip(self.cache.k, self.cache.v, strict=True)):
+            kept[layer, 0] = k[row.index, :, :end]
+            kept[layer, 1] = v[row.index, :, :end]
         self.prefix_cache.put(key, kept)
 
     def _can_chain(self, launch: _Launch) -> bool:
